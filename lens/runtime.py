@@ -1,0 +1,235 @@
+"""Build a ready-to-run model from a :class:`~lens.config.ModelConfig`.
+
+``load_model`` resolves the device and backend, checksums the weights, and
+either opens the cached ONNX export (a warm start that never imports torch or
+timm) or builds the timm model, loads the weights strictly and, for the ONNX
+backend, exports once under a file lock so concurrent replicas never re-export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends import ONNX_OPSET, Backend, OnnxBackend, TorchBackend, export_onnx, heads_module
+from .config import ModelConfig
+from .errors import ConfigError, WeightsError
+from .labels import default_labels, read_labels
+from .preprocess import PreprocessConfig
+from .weights import (
+    WeightsRef,
+    atomic_write_bytes,
+    classifier_shape,
+    load_into,
+    map_by_order,
+    read_state_dict,
+    resolve_weights,
+)
+
+__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_backend", "onnx_cache_paths"]
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the exported graph's contract changes, to invalidate old cache entries.
+ONNX_FORMAT = 1
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, and everything needed to describe it."""
+
+    name: str
+    weights: WeightsRef
+    num_classes: int
+    labels: list[str]
+    preprocess: PreprocessConfig
+    embed_dim: int
+    backend: Backend
+    load_seconds: float = 0.0
+    onnx_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        return {
+            "model": self.name,
+            "weights": self.weights.source,
+            "weights_sha256": self.weights.sha256,
+            "num_classes": self.num_classes,
+            "embed_dim": self.embed_dim,
+            "preprocess": self.preprocess.to_dict(),
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "precision": getattr(self.backend, "precision", "fp32"),
+        }
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a usable GPU is visible, else ``cpu``; checks explicit CUDA requests."""
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        # Cheap checks first, so CPU-only hosts never import torch just to learn there is no GPU.
+        if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+            return "cpu"
+        if not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()):
+            return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        if device == "auto":
+            return "cpu"
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here")
+    if device == "auto":
+        return "cuda"
+    idx = int(device.split(":")[1]) if ":" in device else 0
+    if idx >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    if backend == "auto":
+        return "onnx" if device == "cpu" else "torch"
+    if backend == "onnx" and device != "cpu":
+        raise ConfigError("the onnx backend runs ONNX Runtime on CPU; use backend torch (or auto) on CUDA")
+    return backend
+
+
+def onnx_cache_paths(cfg: ModelConfig, weights: WeightsRef) -> tuple[Path, Path]:
+    """(model.onnx, meta.json) for this model name, weights checksum, input size and head."""
+    size = cfg.input_size or "default"
+    nc = cfg.num_classes or "ckpt"
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name)
+    stem = f"{safe}-{size}-{nc}-{weights.sha256[:16]}-f{ONNX_FORMAT}o{ONNX_OPSET}"
+    root = Path(cfg.cache_dir) / "onnx"
+    return root / f"{stem}.onnx", root / f"{stem}.json"
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    backend_name = resolve_backend(cfg.backend, device)
+    try:
+        weights = resolve_weights(cfg.name, cfg.weights, Path(cfg.cache_dir))
+    except WeightsError:
+        from .models import check_model_name
+
+        check_model_name(cfg.name)  # an unknown name is the clearer error
+        raise
+
+    if backend_name == "onnx":
+        onnx_path, meta_path = onnx_cache_paths(cfg, weights)
+        meta = _read_meta(meta_path, onnx_path)
+        if meta is None:
+            from filelock import FileLock
+
+            with FileLock(str(onnx_path) + ".lock", timeout=600):
+                meta = _read_meta(meta_path, onnx_path)  # another process may have exported meanwhile
+                if meta is None:
+                    model, pp, num_classes, labels = _build_torch(cfg, weights)
+                    te = time.perf_counter()
+                    export_onnx(model, onnx_path, pp.input_size)
+                    meta = {
+                        "format": ONNX_FORMAT,
+                        "model": cfg.name,
+                        "weights_sha256": weights.sha256,
+                        "num_classes": num_classes,
+                        "embed_dim": int(model.num_features),
+                        "preprocess": pp.to_dict(),
+                        "labels": labels,
+                    }
+                    atomic_write_bytes(meta_path, json.dumps(meta).encode())
+                    logger.info("exported %s to ONNX in %.1fs: %s", cfg.name, time.perf_counter() - te, onnx_path)
+        backend: Backend = OnnxBackend(onnx_path, num_threads=cfg.num_threads)
+        num_classes = int(meta["num_classes"])
+        labels = read_labels(cfg.labels, num_classes) if cfg.labels else list(meta["labels"])
+        loaded = LoadedModel(
+            name=cfg.name,
+            weights=weights,
+            num_classes=num_classes,
+            labels=labels,
+            preprocess=PreprocessConfig.from_dict(meta["preprocess"]),
+            embed_dim=int(meta["embed_dim"]),
+            backend=backend,
+            onnx_path=onnx_path,
+        )
+    else:
+        model, pp, num_classes, labels = _build_torch(cfg, weights)
+        backend = TorchBackend(heads_module(model), device=device, precision=cfg.precision,
+                               num_threads=cfg.num_threads)
+        loaded = LoadedModel(
+            name=cfg.name,
+            weights=weights,
+            num_classes=num_classes,
+            labels=labels,
+            preprocess=pp,
+            embed_dim=int(model.num_features),
+            backend=backend,
+        )
+    loaded.load_seconds = time.perf_counter() - t0
+    logger.info("loaded %s (%s on %s) in %.2fs", cfg.name, loaded.backend.name, loaded.backend.device,
+                loaded.load_seconds)
+    return loaded
+
+
+def _read_meta(meta_path: Path, onnx_path: Path) -> dict | None:
+    if not (meta_path.is_file() and onnx_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        logger.warning("ignoring unreadable ONNX cache metadata %s", meta_path)
+        return None
+    return meta if meta.get("format") == ONNX_FORMAT else None
+
+
+def _build_torch(cfg: ModelConfig, weights: WeightsRef):
+    """Create the timm model, load weights strictly, and resolve its preprocessing and labels."""
+    import timm
+    import torch
+    from timm.data import resolve_data_config
+
+    from .models import check_model_name
+
+    check_model_name(cfg.name)
+    sd = None
+    num_classes = cfg.num_classes
+    if weights.path is not None:
+        sd = read_state_dict(weights.path)
+        if not weights.embedded:
+            found = classifier_shape(sd)
+            if num_classes is None:
+                num_classes = found
+            elif found is not None and found != num_classes:
+                raise WeightsError(
+                    f"checkpoint {weights.source} has a {found}-class classifier but num_classes={num_classes}"
+                )
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if weights.path is None:
+        torch.manual_seed(0)  # 'random' weights are a seeded init, so every replica agrees
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm raises various errors for bad kwargs
+        raise ConfigError(f"cannot create {cfg.name} with {kwargs}: {e}") from e
+    if sd is not None:
+        if weights.embedded:
+            sd = map_by_order(sd, model.state_dict(), weights.source)
+        load_into(model, sd, weights.source)
+    model.eval()
+    num_classes = int(model.num_classes)
+    if num_classes <= 0:
+        raise WeightsError(f"{cfg.name} has no classifier head (num_classes={num_classes}); Lens needs one to tag")
+
+    data_cfg = resolve_data_config(model=model)
+    if cfg.input_size is not None:
+        data_cfg["input_size"] = (3, cfg.input_size, cfg.input_size)
+    pp = PreprocessConfig.from_dict(data_cfg)
+    labels = read_labels(cfg.labels, num_classes) if cfg.labels else default_labels(num_classes)
+    return model, pp, num_classes, labels
