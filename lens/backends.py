@@ -56,7 +56,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, module: "torch.nn.Module", device: str = "cpu", precision: str = "auto",
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, channels_last: bool = True) -> None:
         import torch
 
         self.device = device
@@ -70,14 +70,19 @@ class TorchBackend:
         self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
         if num_threads and not self._cuda:
             torch.set_num_threads(num_threads)
-        self._module = module.to(device).to(memory_format=torch.channels_last).eval()
+        self._channels_last = channels_last
+        module = module.to(device)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self._module = module.eval()
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if self._cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self._dtype is not None:
                 with torch.autocast(device_type="cuda", dtype=self._dtype):

@@ -101,9 +101,9 @@ class Preprocessor:
         self._resample = _INTERPOLATION[cfg.interpolation]
         mean = np.asarray(cfg.mean, dtype=np.float32)
         std = np.asarray(cfg.std, dtype=np.float32)
-        # (x / 255 - mean) / std == x * scale + bias
-        self._scale = (1.0 / (255.0 * std)).reshape(1, 1, 3)
-        self._bias = (-mean / std).reshape(1, 1, 3)
+        # (x / 255 - mean) / std == x * scale + bias, per channel, broadcast over (C, H, W)
+        self._scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+        self._bias = (-mean / std).reshape(3, 1, 1)
 
     def decode(self, data: bytes) -> Image.Image:
         """Safe decode (see :func:`lens.decode.decode_image`), JPEG draft sized for this model."""
@@ -124,15 +124,22 @@ class Preprocessor:
                 nw, nh = int(scale * w / h), scale
         else:
             nh, nw = scale
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), self._resample)
         if self.cfg.crop_mode == "border":
             raise NotImplementedError("crop_mode='border' is not used by any EfficientNet config")
-        # torchvision CenterCrop: pad if smaller, then crop around the centre
-        if nw < tw or nh < th:
+        if nw < w and nh < h and nw >= tw and nh >= th:
+            # Downscaling: resize only the region the crop keeps. Same sample positions and filter
+            # taps as resizing everything and then cropping, for a fraction of the work.
+            top = int(round((nh - th) / 2.0))  # torchvision CenterCrop offsets, in resized coordinates
+            left = int(round((nw - tw) / 2.0))
+            sx, sy = w / nw, h / nh
+            return img.resize((tw, th), self._resample, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), self._resample)
+        if nw < tw or nh < th:  # smaller than the crop: pad around the centre, as CenterCrop does
             canvas = Image.new("RGB", (max(nw, tw), max(nh, th)))
-            canvas.paste(img, ((max(nw, tw) - nw) // 2, (max(nh, th) - nh) // 2))
-            img, (nw, nh) = canvas, canvas.size
+            canvas.paste(img, ((canvas.width - nw) // 2, (canvas.height - nh) // 2))
+            img = canvas
+            nw, nh = canvas.size
         top = int(round((nh - th) / 2.0))
         left = int(round((nw - tw) / 2.0))
         return img.crop((left, top, left + tw, top + th))
@@ -141,9 +148,11 @@ class Preprocessor:
         """Normalise an RGB image of the model's input size to ``float32`` (3, H, W)."""
         if img.mode != "RGB":
             img = img.convert("RGB")
-        hwc = np.asarray(img, dtype=np.float32)
-        hwc = hwc * self._scale + self._bias
-        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+        chw = np.asarray(img).transpose(2, 0, 1)  # a uint8 view; the one float pass below writes CHW
+        out = np.empty(chw.shape, dtype=np.float32)
+        np.multiply(chw, self._scale, out=out, casting="unsafe")
+        out += self._bias
+        return out
 
     def __call__(self, item: "bytes | Image.Image | np.ndarray") -> np.ndarray:
         """Bytes (decoded safely), a PIL image, or an HWC uint8 array -> (3, H, W) float32."""

@@ -19,6 +19,16 @@ def timm_reference(cfg: PreprocessConfig, img: Image.Image) -> np.ndarray:
     return create_transform(**cfg.to_dict()).__call__(img.convert("RGB")).numpy()
 
 
+def assert_matches_timm(ours: np.ndarray, ref: np.ndarray, cfg: PreprocessConfig) -> None:
+    """Lens resizes only the region the crop keeps (same taps, different float rounding), so a rare
+    pixel may land one or two 8-bit levels away from timm's; everything else is identical."""
+    assert ours.shape == ref.shape == tuple(cfg.input_size) and ours.dtype == np.float32
+    level = 1.0 / 255.0 / min(cfg.std)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 2 * level + 1e-5
+    assert (diff > 1e-5).mean() < 0.005
+
+
 @pytest.mark.parametrize(
     "name",
     ["tf_efficientnet_lite0", "efficientnet_b0", "tf_efficientnet_b3", "efficientnetv2_s", "tf_efficientnet_lite4",
@@ -33,11 +43,7 @@ def test_config_comes_from_the_models_pretrained_config(name, photos):
     cfg = PreprocessConfig.from_dict(data_cfg)
     assert cfg.to_dict() == {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()}
     img = Image.open(io.BytesIO(photos["rocket.jpg"]))
-    ours = Preprocessor(cfg)(img)
-    ref = timm_reference(cfg, img)
-    assert ours.shape == ref.shape == tuple(cfg.input_size)
-    assert ours.dtype == np.float32
-    assert np.abs(ours - ref).max() < 1e-5
+    assert_matches_timm(Preprocessor(cfg)(img), timm_reference(cfg, img), cfg)
 
 
 @pytest.mark.slow
@@ -75,9 +81,7 @@ def test_draft_decoding_keeps_top1_on_a_1mp_jpeg(lite0_torch, photos):
 def test_small_images_are_upscaled_then_cropped(rng):
     cfg = PreprocessConfig((3, 32, 32), "bilinear", (0.5,) * 3, (0.5,) * 3, 0.875)
     img = Image.fromarray(rng.integers(0, 256, (10, 20, 3), dtype=np.uint8))
-    out = Preprocessor(cfg)(img)
-    assert out.shape == (3, 32, 32)
-    assert np.abs(out - timm_reference(cfg, img)).max() < 1e-5
+    assert np.abs(Preprocessor(cfg)(img) - timm_reference(cfg, img)).max() < 1e-5  # upscaling is exact
 
 
 def test_array_and_pil_inputs_agree_with_bytes(rng):
