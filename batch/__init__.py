@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Offline bulk embedding on Ray Data (built on :mod:`lens.predictor`)."""

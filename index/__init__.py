@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Visual similarity search with FAISS over Lens embeddings."""

@@ -23,26 +23,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "default: the embedded Lite0 ImageNet weights")
     g.add_argument("--num-classes", type=int, default=None, help="classifier size of a fine-tuned checkpoint")
     g.add_argument("--labels", default=None, help="label names file for a custom head (one per line or JSON)")
-    g.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="auto: ONNX Runtime on CPU, torch on GPU")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
+                   help="auto (default): ONNX Runtime on CPU, torch on GPU")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML with `model:` and `decode:` sections (see infra/lens.yaml); flags override it")
 
 
-def model_config_from_args(args: argparse.Namespace):
-    from .config import ModelConfig, validate
+_MODEL_FLAGS = {"name": "model", "weights": "weights", "num_classes": "num_classes", "labels": "labels",
+                "backend": "backend", "device": "device", "num_threads": "threads", "max_batch_size": "batch_size"}
 
-    data = {
-        "backend": args.backend,
-        "device": args.device,
-    }
-    for key, attr in (("name", "model"), ("weights", "weights"), ("num_classes", "num_classes"),
-                      ("labels", "labels"), ("num_threads", "threads")):
+
+def configs_from_args(args: argparse.Namespace):
+    """(ModelConfig, DecodeConfig) from ``--config FILE`` (if given) with command-line flags on top."""
+    import yaml
+
+    from .config import DecodeConfig, ModelConfig, validate
+
+    data: dict = {}
+    where = "command line"
+    if args.config:
+        where = f"{args.config} and the command line"
+        try:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        except OSError as e:
+            raise LensError(f"cannot read config file {args.config}: {e.strerror or e}", code="usage") from e
+        except yaml.YAMLError as e:
+            raise LensError(f"config file {args.config} is not valid YAML: {e}", code="usage") from e
+        if not isinstance(data, dict):
+            raise LensError(f"config file {args.config} must be a mapping with model:/decode: sections",
+                            code="usage")
+    model = dict(data.get("model") or {})
+    for key, attr in _MODEL_FLAGS.items():
         if getattr(args, attr, None) is not None:
-            data[key] = getattr(args, attr)
-    if getattr(args, "batch_size", None) is not None:
-        data["max_batch_size"] = args.batch_size
-    return validate(ModelConfig, data, where="command line")
+            model[key] = getattr(args, attr)
+    return validate(ModelConfig, model, where=where), validate(DecodeConfig, data.get("decode") or {}, where=where)
 
 
 def _read_limited(path: Path, limit: int) -> bytes:
@@ -59,8 +75,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
         paths += sample_paths()
     if not paths:
         raise LensError("no images given: pass IMAGE paths or --samples", code="usage")
-    cfg = model_config_from_args(args)
-    predictor = Predictor.from_config(cfg, default_top_k=args.top_k)
+    model_cfg, decode_cfg = configs_from_args(args)
+    predictor = Predictor.from_config(model_cfg, decode_cfg, default_top_k=args.top_k)
     limit = predictor.preprocessor.limits.max_bytes
     failures = 0
     out = sys.stdout

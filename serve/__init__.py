@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Online and event-driven tagging on Ray Serve (built on :mod:`lens.predictor`)."""

@@ -61,3 +61,28 @@ def test_models_lists_the_family_and_where_weights_are():
     assert rows["tf_efficientnet_lite0"]["weights_here"] is True
     assert rows["efficientnet_b0"]["weights_here"] is False
     assert "resnet50" not in rows
+
+
+def test_config_file_with_flag_override(tmp_path, lite0_onnx):
+    from lens.samples import sample_path
+
+    cfg = tmp_path / "lens.yaml"
+    cfg.write_text("model:\n  backend: onnx\ndecode:\n  max_bytes: 1000\n")
+    r = lens("tag", str(sample_path("coffee.png")), "--config", str(cfg))
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["status"] == 413  # the decode section applied
+    cfg.write_text("model:\n  backend: onnx\n  max_batch_size: 0\n")
+    r = lens("tag", "x.png", "--config", str(cfg))
+    assert r.returncode == 2 and "max_batch_size" in r.stderr
+
+
+def test_shipped_config_validates():
+    from pathlib import Path
+
+    import yaml
+
+    from lens.config import DecodeConfig, ModelConfig
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "infra" / "lens.yaml").read_text())
+    assert ModelConfig.model_validate(data["model"]) == ModelConfig(cache_dir=ModelConfig().cache_dir)
+    assert DecodeConfig.model_validate(data["decode"]) == DecodeConfig()

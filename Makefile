@@ -1,0 +1,30 @@
+# Lens: one command to set up and run the main job, one to set up and run the tests.
+#   make demo    create .venv, install Lens, tag the bundled real photos with the embedded model
+#   make test    create .venv, install Lens with its dev extras, run the test suite
+#   make bench   run the benchmarks under scripts/ (JSON summaries on stdout)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lens-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lens tag --samples --top-k 3
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
