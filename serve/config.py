@@ -1,0 +1,83 @@
+"""Typed arguments of the Lens Serve application (the ``args:`` of a Serve config YAML)."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from lens.config import DecodeConfig, ModelConfig, StrictModel
+
+__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs"]
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+class BatchingConfig(StrictModel):
+    """Live knobs of a model pool, sent as the deployment's ``user_config`` and applied in ``reconfigure``."""
+
+    max_batch_size: PositiveInt = Field(16, le=512, description="largest batch the model sees")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0, description="how long a batch waits to fill")
+
+
+class PoolConfig(StrictModel):
+    """One model deployment: a pool of replicas on one kind of device."""
+
+    name: str = Field("Tagger", description="Serve deployment name (what `deployments:` overrides refer to)")
+    model: ModelConfig = ModelConfig()
+    decode: DecodeConfig = DecodeConfig()
+    batching: BatchingConfig = BatchingConfig()
+    decode_threads: PositiveInt | None = Field(
+        None, description="threads that decode+preprocess while the model runs; None = the replica's num_cpus"
+    )
+    warmup_batch_sizes: tuple[PositiveInt, ...] = Field((1,), description="dummy batches run before taking traffic")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (ONNX Runtime threads follow it)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
+
+    @model_validator(mode="after")
+    def _device_matches_resources(self) -> "PoolConfig":
+        on_gpu = self.model.device.startswith("cuda")
+        if on_gpu and self.num_gpus <= 0:
+            raise ValueError(f"pool {self.name}: device {self.model.device} needs num_gpus > 0")
+        if self.num_gpus > 0 and self.model.device == "cpu":
+            raise ValueError(f"pool {self.name}: num_gpus={self.num_gpus} with device cpu wastes the GPU")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"pool name must match {_NAME.pattern}, got {v!r}")
+        return v
+
+
+class ApiConfig(StrictModel):
+    """HTTP behaviour of the ingress."""
+
+    max_body_bytes: PositiveInt = Field(20 * 1024 * 1024, description="largest request body (413 above)")
+    max_batch_body_bytes: PositiveInt = Field(64 * 1024 * 1024, description="largest /v1/tag:batch body")
+    max_batch_items: PositiveInt = Field(64, description="most images in one /v1/tag:batch request")
+    request_timeout_s: PositiveFloat = Field(30.0, description="a request still waiting after this gets 504")
+    retry_after_s: PositiveInt = Field(1, description="Retry-After sent with 503 when the queue is full")
+    default_top_k: PositiveInt = 5
+    max_top_k: PositiveInt = 100
+    api_keys_env: str | None = Field("LENS_API_KEYS", description="env var with comma-separated API keys")
+    api_keys_file: str | None = Field(None, description="file with one API key per line")
+
+
+class AppArgs(StrictModel):
+    """Everything ``serve.app:build_app`` takes. Pools are tried in order; a full pool overflows to the next."""
+
+    pools: tuple[PoolConfig, ...] = (PoolConfig(),)
+    api: ApiConfig = ApiConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppArgs":
+        names = [p.name for p in self.pools]
+        if not names:
+            raise ValueError("at least one model pool is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+        if "LensIngress" in names:
+            raise ValueError("LensIngress is the ingress deployment's name; choose another pool name")
+        return self

@@ -1,0 +1,42 @@
+"""Operator metrics, exported on Ray's Prometheus endpoint through ``ray.serve.metrics``."""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+__all__ = ["IngressMetrics", "TaggerMetrics"]
+
+_LATENCY_MS = [1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000]
+_STAGE_MS = [0.5, 1, 2, 3, 5, 8, 12, 20, 35, 50, 75, 100, 200, 500, 1000, 5000]
+_BATCH = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256]
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.latency = Histogram(
+            "lens_request_latency_ms", description="End-to-end request latency at the ingress.",
+            boundaries=_LATENCY_MS, tag_keys=("route", "status"),
+        )
+        self.errors = Counter(
+            "lens_request_errors_total", description="Requests that ended in an error, by kind.",
+            tag_keys=("route", "kind"),
+        )
+
+
+class TaggerMetrics:
+    """Per-replica metrics; Ray Serve adds the ``deployment`` (= pool), ``replica`` and ``application`` tags."""
+
+    def __init__(self) -> None:
+        self.batch_size = Histogram("lens_batch_size", description="Images per model call.", boundaries=_BATCH)
+        self.queue_wait = Histogram(
+            "lens_queue_wait_ms", description="Time a prepared image waits for its batch to start.",
+            boundaries=_STAGE_MS)
+        self.decode = Histogram("lens_decode_ms", description="Decode + preprocess time per image.",
+                                boundaries=_STAGE_MS)
+        self.model = Histogram("lens_model_ms", description="Model time per batch.", boundaries=_STAGE_MS)
+        self.errors = Counter("lens_image_errors_total", description="Images rejected by the model pool, by kind.",
+                              tag_keys=("kind",))
+        self.cold_start = Gauge("lens_replica_cold_start_seconds",
+                                description="Construct + load + warm-up time of a replica.")
+        self.in_flight = Gauge("lens_replica_in_flight",
+                               description="Requests inside this replica (decoding or waiting for a batch).")

@@ -1,0 +1,150 @@
+"""The model deployment: a pool of replicas that wrap the predictor core.
+
+Each request's image is decoded and preprocessed on a thread pool as soon as it
+arrives, so decoding overlaps the model; prepared arrays are gathered by
+``@serve.batch`` and run on the model in one call on a dedicated thread, so the
+event loop keeps accepting and decoding while the model is busy. The constructor
+loads the model and warms it up, so a replica is healthy only once it is warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from ray import serve
+
+from lens.config import validate
+from lens.predictor import ItemError, Predictor, top_k_tags
+
+from .config import BatchingConfig, PoolConfig
+from .metrics import TaggerMetrics
+
+__all__ = ["Tagger"]
+
+logger = logging.getLogger("lens.serve.tagger")
+
+
+def _assigned_cpus() -> int:
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no assignment
+        cpus = 0
+    return max(1, int(round(cpus))) if cpus else max(1, min(os.cpu_count() or 1, 2))
+
+
+def _max_ongoing_requests() -> int | None:
+    try:
+        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+    except Exception:  # noqa: BLE001 - the field is Serve-internal; skip the check if it moves
+        return None
+
+
+@serve.deployment(
+    name="Tagger",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=20,
+    ray_actor_options={"num_cpus": 1},
+)
+class Tagger:
+    def __init__(self, pool: dict) -> None:
+        t0 = time.perf_counter()
+        cfg = validate(PoolConfig, pool, where="Tagger args")
+        cpus = _assigned_cpus()
+        model_cfg = cfg.model
+        if model_cfg.num_threads is None:  # match ONNX Runtime / torch threads to this replica's num_cpus
+            model_cfg = model_cfg.model_copy(update={"num_threads": cpus})
+        self.cfg = cfg
+        self.predictor = Predictor.from_config(model_cfg, cfg.decode)
+        self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or cpus, thread_name_prefix="lens-decode")
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="lens-model")
+        for bs in cfg.warmup_batch_sizes:
+            self.predictor.warmup(bs)
+        self.metrics = TaggerMetrics()
+        self._in_flight = 0
+        self._batches = self._images = self._max_batch_seen = 0
+        self.reconfigure(cfg.batching.model_dump())
+        self.cold_start_s = time.perf_counter() - t0
+        self.metrics.cold_start.set(self.cold_start_s)
+        info = self.predictor.info()
+        logger.info("replica of %s ready in %.2fs: %s on %s (%s), %d CPU(s)", cfg.name, self.cold_start_s,
+                    info["model"], info["device"], info["backend"], cpus)
+
+    # -- live knobs --------------------------------------------------------------------------
+    def reconfigure(self, user_config: dict) -> None:
+        batching = validate(BatchingConfig, user_config or {}, where="user_config")
+        limit = _max_ongoing_requests()
+        if limit is not None and batching.max_batch_size > limit:
+            raise ValueError(
+                f"max_batch_size ({batching.max_batch_size}) must be <= max_ongoing_requests ({limit}), "
+                "or batches can never fill"
+            )
+        self._run_batch.set_max_batch_size(batching.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.predictor.max_batch_size = batching.max_batch_size
+        self.batching = batching
+        logger.info("batching: max_batch_size=%d batch_wait_timeout_s=%s", batching.max_batch_size,
+                    batching.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        if not self.predictor.warmed_up:
+            raise RuntimeError("model not warmed up")
+
+    # -- requests ----------------------------------------------------------------------------
+    def info(self) -> dict:
+        return self.predictor.info() | {
+            "pool": self.cfg.name,
+            "cold_start_s": round(self.cold_start_s, 3),
+            "batching": self.batching.model_dump(),
+        }
+
+    async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False) -> dict:
+        """Tag one image. Returns ``{"tags": [...], ["embedding": ndarray]}`` or an error dict."""
+        self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            prepared = (await loop.run_in_executor(self._decode_pool, self.predictor.prepare_many, [data]))[0]
+            self.metrics.decode.observe((time.perf_counter() - t0) * 1000)
+            if isinstance(prepared, ItemError):
+                self.metrics.errors.inc(tags={"kind": prepared.code})
+                return prepared.to_dict()
+            logits, emb = await self._run_batch((prepared, time.perf_counter()))
+            out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], self.predictor.model.labels,
+                                                                  top_k)[0]]}
+            if embedding:
+                out["embedding"] = emb
+            return out
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _run_batch(self, items: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        start = time.perf_counter()
+        for _, enqueued in items:
+            self.metrics.queue_wait.observe((start - enqueued) * 1000)
+        self.metrics.batch_size.observe(len(items))
+        self._batches += 1
+        self._images += len(items)
+        self._max_batch_seen = max(self._max_batch_seen, len(items))
+        batch = np.stack([arr for arr, _ in items])
+        loop = asyncio.get_running_loop()
+        logits, emb = await loop.run_in_executor(self._model_thread, self.predictor.infer, batch)
+        self.metrics.model.observe((time.perf_counter() - start) * 1000)
+        return list(zip(logits, emb))
+
+    def stats(self) -> dict:
+        """Counters of this replica since start (also in the Prometheus metrics): for tests and debugging."""
+        return {"pid": os.getpid(), "batches": self._batches, "images": self._images,
+                "max_batch_seen": self._max_batch_seen, "batching": self.batching.model_dump()}
