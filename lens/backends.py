@@ -99,7 +99,7 @@ class OnnxBackend:
     device = "cpu"
     precision = "fp32"
 
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None, spin: bool = False) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -107,6 +107,10 @@ class OnnxBackend:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = int(num_threads or 0)  # 0 = one per physical core
         so.inter_op_num_threads = 1
+        if not spin:
+            # Idle intra-op threads sleep instead of busy-waiting: on a shared host (a Serve replica beside
+            # its proxy, decode threads and other replicas) spinning steals the cores the rest needs.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self._session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name

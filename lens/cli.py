@@ -125,6 +125,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.run import run
+
+    run(args.config, host=args.host, port=args.port, address=args.address, proxy=args.proxy,
+        metrics_port=args.metrics_port or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lens", description="EfficientNet tagging, embedding and search on Ray")
     parser.add_argument("--version", action="version", version=f"lens {__version__}")
@@ -139,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", action="store_true", help="include the L2-normalised embedding")
     _add_model_args(p)
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("serve", help="run the online tagging service (a Ray Serve config) until Ctrl-C")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="Serve config YAML (e.g. infra/serve-cpu.yaml); default: one CPU pool on 127.0.0.1:8000")
+    p.add_argument("--host", default=None, help="override http_options.host")
+    p.add_argument("--port", type=int, default=None, help="override http_options.port")
+    p.add_argument("--address", default=None, help="existing Ray cluster (default: start a local one)")
+    p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
+                   help="Ray Serve's HAProxy mode (default, far less CPU per request) or its Python proxy")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
+                   "(0 = Ray picks one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list supported models and which have weights here")
     p.add_argument("--json", action="store_true", help="one JSON object per model")

@@ -6,28 +6,31 @@ from ray.serve import Application
 
 from lens.config import validate
 
-from .config import AppArgs
-from .ingress import LensIngress
-from .tagger import Tagger
+from .config import AppArgs, PoolConfig
+from .deployments import LensIngress, Tagger, TaggerIngress
 
 __all__ = ["build_app"]
 
 
-def build_app(args: dict | None = None) -> Application:
-    """Validate ``args`` (see :class:`serve.config.AppArgs`) and bind the ingress to its model pools.
+def _options(pool: PoolConfig) -> dict:
+    actor = {"num_cpus": pool.num_cpus}
+    if pool.num_gpus:
+        actor["num_gpus"] = pool.num_gpus
+    return {"name": pool.name, "ray_actor_options": actor, "user_config": pool.batching.model_dump()}
 
-    Every pool is a ``Tagger`` deployment named after the pool; the Serve config's
-    ``deployments:`` section can override its replicas, autoscaling and ``user_config``.
+
+def build_app(args: dict | None = None) -> Application:
+    """Validate ``args`` (see :class:`serve.config.AppArgs`) and bind the deployments.
+
+    One pool: a single ``TaggerIngress`` deployment serves HTTP and runs the model.
+    Several pools: a ``LensIngress`` router in front of one ``Tagger`` deployment per pool.
+    Deployments are named after their pools, so the Serve config's ``deployments:``
+    section can override replicas, autoscaling and ``user_config`` by name.
     """
     cfg = validate(AppArgs, args or {}, where="application args")
-    pools = {}
-    for pool in cfg.pools:
-        actor = {"num_cpus": pool.num_cpus}
-        if pool.num_gpus:
-            actor["num_gpus"] = pool.num_gpus
-        pools[pool.name] = Tagger.options(
-            name=pool.name,
-            ray_actor_options=actor,
-            user_config=pool.batching.model_dump(),
-        ).bind(pool.model_dump(mode="json"))
-    return LensIngress.bind(cfg.api.model_dump(mode="json"), pools)
+    api = cfg.api.model_dump(mode="json")
+    if len(cfg.pools) == 1:
+        (pool,) = cfg.pools
+        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api)
+    pools = {p.name: Tagger.options(**_options(p)).bind(p.model_dump(mode="json")) for p in cfg.pools}
+    return LensIngress.bind(api, pools)

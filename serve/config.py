@@ -16,8 +16,14 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 class BatchingConfig(StrictModel):
     """Live knobs of a model pool, sent as the deployment's ``user_config`` and applied in ``reconfigure``."""
 
+    max_pending: PositiveInt = Field(
+        48, description="images a replica holds (decoding or waiting for the model) before answering 503"
+    )
     max_batch_size: PositiveInt = Field(16, le=512, description="largest batch the model sees")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0.0, le=5.0,
+        description="how long a batch waits to fill; 0 = run what has queued while the model was busy",
+    )
 
 
 class PoolConfig(StrictModel):
@@ -79,5 +85,5 @@ class AppArgs(StrictModel):
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
         if "LensIngress" in names:
-            raise ValueError("LensIngress is the ingress deployment's name; choose another pool name")
+            raise ValueError("LensIngress is the router deployment's name; choose another pool name")
         return self

@@ -1,4 +1,4 @@
-"""The model deployment: a pool of replicas that wrap the predictor core.
+"""The model pool's replica logic, wrapping the predictor core (see :mod:`serve.deployments`).
 
 Each request's image is decoded and preprocessed on a thread pool as soon as it
 arrives, so decoding overlaps the model; prepared arrays are gathered by
@@ -24,9 +24,9 @@ from lens.predictor import ItemError, Predictor, top_k_tags
 from .config import BatchingConfig, PoolConfig
 from .metrics import TaggerMetrics
 
-__all__ = ["Tagger"]
+__all__ = ["TaggerCore"]
 
-logger = logging.getLogger("lens.serve.tagger")
+logger = logging.getLogger("lens.serve")
 
 
 def _assigned_cpus() -> int:
@@ -46,16 +46,9 @@ def _max_ongoing_requests() -> int | None:
         return None
 
 
-@serve.deployment(
-    name="Tagger",
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    health_check_period_s=5,
-    health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=20,
-    ray_actor_options={"num_cpus": 1},
-)
-class Tagger:
+class TaggerCore:
+    """Loads and warms the model in the constructor, so a replica is healthy only once it is warm."""
+
     def __init__(self, pool: dict) -> None:
         t0 = time.perf_counter()
         cfg = validate(PoolConfig, pool, where="Tagger args")
@@ -72,6 +65,7 @@ class Tagger:
         self.metrics = TaggerMetrics()
         self._in_flight = 0
         self._batches = self._images = self._max_batch_seen = 0
+        self._recycle_reason: str | None = None
         self.reconfigure(cfg.batching.model_dump())
         self.cold_start_s = time.perf_counter() - t0
         self.metrics.cold_start.set(self.cold_start_s)
@@ -88,6 +82,9 @@ class Tagger:
                 f"max_batch_size ({batching.max_batch_size}) must be <= max_ongoing_requests ({limit}), "
                 "or batches can never fill"
             )
+        if batching.max_batch_size > batching.max_pending:
+            raise ValueError(f"max_batch_size ({batching.max_batch_size}) must be <= max_pending "
+                             f"({batching.max_pending}), or batches can never fill")
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.predictor.max_batch_size = batching.max_batch_size
@@ -98,6 +95,14 @@ class Tagger:
     def check_health(self) -> None:
         if not self.predictor.warmed_up:
             raise RuntimeError("model not warmed up")
+        if self._recycle_reason:
+            raise RuntimeError(f"replica marked for replacement: {self._recycle_reason}")
+
+    def recycle(self, reason: str = "operator request") -> dict:
+        """Fail the next health check so Serve replaces this replica (after draining it)."""
+        logger.warning("replica %s marked for replacement: %s", os.getpid(), reason)
+        self._recycle_reason = reason
+        return {"pid": os.getpid(), "recycling": True}
 
     # -- requests ----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -109,6 +114,10 @@ class Tagger:
 
     async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False) -> dict:
         """Tag one image. Returns ``{"tags": [...], ["embedding": ndarray]}`` or an error dict."""
+        if self._in_flight >= self.batching.max_pending:
+            self.metrics.errors.inc(tags={"kind": "overloaded"})
+            return {"error": "overloaded", "status": 503,
+                    "message": f"replica is at max_pending={self.batching.max_pending} images; retry later"}
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         try:

@@ -1,0 +1,95 @@
+"""The Ray Serve deployments of the Lens app.
+
+* :class:`TaggerIngress`: HTTP API and model in one replica. Serve's proxy reaches
+  the model in one hop; this is the default (one pool).
+* :class:`Tagger`: a model pool reached by handle (from :class:`LensIngress`, the
+  event consumer, or search).
+* :class:`LensIngress`: HTTP API in front of several pools (say GPU first, CPU as
+  overflow); a pool at its queue limit passes the request to the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from .core import TaggerCore
+from .http_api import HttpApi, Overloaded, new_fastapi
+
+__all__ = ["Tagger", "TaggerIngress", "LensIngress"]
+
+logger = logging.getLogger("lens.serve")
+
+# Model replicas: batches fill only if max_ongoing_requests >= max_batch_size (checked in reconfigure).
+_MODEL_OPTIONS = dict(
+    max_ongoing_requests=64,
+    max_queued_requests=128,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=20,
+    ray_actor_options={"num_cpus": 1},
+    # A log line per request costs more CPU than the HTTP handling itself on small hosts;
+    # latency and status are in the metrics. Turn it on in the Serve config if wanted.
+    logging_config={"enable_access_log": False},
+)
+
+
+@serve.deployment(name="Tagger", **_MODEL_OPTIONS)
+class Tagger(TaggerCore):
+    pass
+
+
+@serve.deployment(name="Tagger", **_MODEL_OPTIONS)
+@serve.ingress(new_fastapi())
+class TaggerIngress(TaggerCore, HttpApi):
+    def __init__(self, pool: dict, api_config: dict) -> None:
+        TaggerCore.__init__(self, pool)
+        self._init_http(api_config)
+
+    async def _dispatch(self, method: str, args: tuple, pool: str | None) -> Any:
+        fn = getattr(self, method)
+        return await fn(*args) if asyncio.iscoroutinefunction(fn) else fn(*args)
+
+    async def _infos(self) -> list:
+        return [self.info()]
+
+    def _pool_names(self) -> list:
+        return [self.cfg.name]
+
+
+@serve.deployment(
+    name="LensIngress",
+    max_ongoing_requests=256,
+    max_queued_requests=512,
+    ray_actor_options={"num_cpus": 0},
+    logging_config={"enable_access_log": False},
+)
+@serve.ingress(new_fastapi())
+class LensIngress(HttpApi):
+    def __init__(self, api_config: dict, pools: dict[str, DeploymentHandle]) -> None:
+        self._init_http(api_config)
+        self.pools = pools  # ordered: the first pool with room gets the request
+        logger.info("ingress ready: pools=%s auth=%s", list(pools), "on" if self.keys.enabled else "off")
+
+    async def _dispatch(self, method: str, args: tuple, pool: str | None) -> Any:
+        names = [pool] if pool else list(self.pools)
+        for name in names:
+            try:
+                result = await getattr(self.pools[name], method).remote(*args)
+            except BackPressureError:
+                continue
+            if isinstance(result, dict) and result.get("error") == "overloaded":
+                continue
+            return result
+        raise Overloaded(f"all model pools are at capacity ({', '.join(names)})")
+
+    async def _infos(self) -> list:
+        return list(await asyncio.gather(*(h.info.remote() for h in self.pools.values())))
+
+    def _pool_names(self) -> list:
+        return list(self.pools)

@@ -1,0 +1,188 @@
+"""The HTTP API, written once and mounted on either deployment that serves HTTP.
+
+Routes: ``POST /v1/tag``, ``POST /v1/embed``, ``POST /v1/tag:batch``,
+``GET /healthz``, ``GET /v1/models``. Every error is JSON:
+``{"error": code, "message": ..., "status": ...}``.
+
+:class:`HttpApi` holds the routes; a deployment class mixes it in and says how a
+request reaches a model (:meth:`HttpApi._dispatch`): directly, when the HTTP
+replica is itself the model replica (one hop from Serve's proxy), or through
+deployment handles to one or more model pools.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real Request type on the methods.
+import asyncio
+import logging
+import time
+import types
+from typing import Any, Awaitable, Callable, Optional
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+
+from lens.config import validate
+
+from .auth import ApiKeys
+from .body import HttpError, read_images
+from .config import ApiConfig
+from .metrics import IngressMetrics
+
+__all__ = ["HttpApi", "Overloaded", "new_fastapi"]
+
+logger = logging.getLogger("lens.serve")
+
+
+class Overloaded(Exception):
+    """Every model pool that could take the request is at its queue limit."""
+
+
+def error(status: int, code: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, "status": status}, status_code=status, headers=headers)
+
+
+class HttpApi:
+    """Route handlers. Subclasses implement ``_dispatch``, ``_infos`` and ``_pool_names``."""
+
+    def _init_http(self, api_config: dict) -> None:
+        self.api_cfg = validate(ApiConfig, api_config, where="api config")
+        self.keys = ApiKeys.load(self.api_cfg.api_keys_env, self.api_cfg.api_keys_file)
+        self.http_metrics = IngressMetrics()
+        self._model_names: dict = {}
+
+    # -- to implement ------------------------------------------------------------------------
+    async def _dispatch(self, method: str, args: tuple, pool: Optional[str]) -> Any:
+        raise NotImplementedError
+
+    async def _infos(self) -> list:
+        raise NotImplementedError
+
+    def _pool_names(self) -> list:
+        raise NotImplementedError
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _authorised(self, request: Request) -> bool:
+        if not self.keys.enabled:
+            return True
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        return self.keys.check(key)
+
+    async def _handle(self, request: Request, route: str,
+                      work: Callable[[Optional[str]], Awaitable[tuple]]) -> JSONResponse:
+        t0 = time.perf_counter()
+        resp = await self._guarded(request, route, work, t0)
+        self.http_metrics.latency.observe((time.perf_counter() - t0) * 1000,
+                                          tags={"route": route, "status": str(resp.status_code)})
+        if resp.status_code >= 400:
+            self.http_metrics.errors.inc(tags={"route": route, "kind": str(resp.status_code)})
+        return resp
+
+    async def _guarded(self, request: Request, route: str, work, t0: float) -> JSONResponse:
+        if not self._authorised(request):
+            return error(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
+                         headers={"WWW-Authenticate": "Bearer"})
+        pool = request.query_params.get("pool")
+        if pool is not None and pool not in self._pool_names():
+            return error(400, "unknown_pool", f"unknown pool {pool!r}; pools: {', '.join(self._pool_names())}")
+        try:
+            status, body = await asyncio.wait_for(work(pool), timeout=self.api_cfg.request_timeout_s)
+        except HttpError as e:
+            return error(e.status, e.code, e.message)
+        except Overloaded as e:
+            return error(503, "overloaded", str(e), headers={"Retry-After": str(self.api_cfg.retry_after_s)})
+        except asyncio.TimeoutError:
+            return error(504, "timeout", f"no result within {self.api_cfg.request_timeout_s}s")
+        if status == 200 and route != "/v1/embed":
+            body["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if status == 503 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def _top_k(self, top_k: Optional[int]) -> int:
+        k = self.api_cfg.default_top_k if top_k is None else top_k
+        if not 1 <= k <= self.api_cfg.max_top_k:
+            raise HttpError(f"top_k must be in 1..{self.api_cfg.max_top_k}, got {k}")
+        return k
+
+    async def _model_name(self, pool: Optional[str]) -> str:
+        name = pool or self._pool_names()[0]
+        if name not in self._model_names:
+            self._model_names[name] = (await self._dispatch("info", (), name))["model"]
+        return self._model_names[name]
+
+    # -- routes ------------------------------------------------------------------------------
+    async def http_tag(self, request: Request, top_k: Optional[int] = Query(None)) -> JSONResponse:
+        async def work(pool):
+            k = self._top_k(top_k)
+            (data,) = await read_images(request, self.api_cfg.max_body_bytes)
+            result = await self._dispatch("tag", (data, k, False), pool)
+            if "error" in result:
+                return result["status"], result
+            return 200, {"model": await self._model_name(pool), "tags": result["tags"]}
+
+        return await self._handle(request, "/v1/tag", work)
+
+    async def http_embed(self, request: Request) -> JSONResponse:
+        async def work(pool):
+            (data,) = await read_images(request, self.api_cfg.max_body_bytes)
+            result = await self._dispatch("tag", (data, 1, True), pool)
+            if "error" in result:
+                return result["status"], result
+            emb = result["embedding"]
+            return 200, {"model": await self._model_name(pool), "dim": int(len(emb)),
+                         "embedding": [float(x) for x in emb]}
+
+        return await self._handle(request, "/v1/embed", work)
+
+    async def http_tag_batch(self, request: Request, top_k: Optional[int] = Query(None)) -> JSONResponse:
+        async def work(pool):
+            k = self._top_k(top_k)
+            images = await read_images(request, self.api_cfg.max_batch_body_bytes,
+                                       max_items=self.api_cfg.max_batch_items)
+            for i, img in enumerate(images):
+                if len(img) > self.api_cfg.max_body_bytes:
+                    raise HttpError(f"image {i} is {len(img)} bytes; the per-image limit is "
+                                    f"{self.api_cfg.max_body_bytes}", status=413, code="image_too_large")
+            results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool) for img in images))
+            out = [{"index": i} | (r if "error" in r else {"tags": r["tags"]}) for i, r in enumerate(results)]
+            return 200, {"model": await self._model_name(pool), "results": out}
+
+        return await self._handle(request, "/v1/tag:batch", work)
+
+    async def http_healthz(self) -> JSONResponse:
+        try:
+            infos = await asyncio.wait_for(self._infos(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            return error(503, "not_ready", f"model pools not ready: {type(e).__name__}: {e}")
+        if not infos or not all(i.get("warmed_up") for i in infos):
+            return error(503, "not_ready", "model not warmed up")
+        return JSONResponse({"status": "ok", "pools": {i["pool"]: i["model"] for i in infos}})
+
+    async def http_models(self) -> JSONResponse:
+        return JSONResponse({"pools": await self._infos()})
+
+
+def _own_copy(fn: Callable) -> Callable:
+    """A distinct function object with the same code and name.
+
+    ``serve.ingress`` rewrites each route's signature in place and pickles the app;
+    a copy per app keeps apps from sharing that state, and (not being reachable as
+    ``HttpApi.<name>``) it is pickled by value, rewritten signature included.
+    """
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    copy.__annotations__ = dict(fn.__annotations__)
+    copy.__doc__ = fn.__doc__
+    return copy
+
+
+def new_fastapi() -> FastAPI:
+    """A FastAPI app with :class:`HttpApi`'s routes (one app per deployment class)."""
+    api = FastAPI(title="Lens", version="1", description="EfficientNet image tagging, embedding and search")
+    api.post("/v1/tag")(_own_copy(HttpApi.http_tag))
+    api.post("/v1/embed")(_own_copy(HttpApi.http_embed))
+    api.post("/v1/tag:batch")(_own_copy(HttpApi.http_tag_batch))
+    api.get("/healthz")(_own_copy(HttpApi.http_healthz))
+    api.get("/v1/models")(_own_copy(HttpApi.http_models))
+    return api
