@@ -22,7 +22,7 @@ from lens.errors import ConfigError
 
 from .config import AppArgs, BatchingConfig
 
-__all__ = ["load_serve_config", "check_serve_config", "run"]
+__all__ = ["load_serve_config", "check_serve_config", "deploy", "run"]
 
 logger = logging.getLogger("lens.serve")
 
@@ -83,6 +83,19 @@ def check_serve_config(doc: dict, where: str = "Serve config"):
     return schema
 
 
+def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600) -> list[str]:
+    """Validate ``doc`` and deploy it on the connected Ray cluster, as ``serve run CONFIG`` does;
+    returns the application names once all are RUNNING."""
+    from ray.serve._private.api import serve_start  # what `serve run CONFIG` uses
+
+    schema = check_serve_config(doc, where)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+    names = [a.name for a in schema.applications]
+    _wait_running(names, timeout_s)
+    return names
+
+
 def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
     from ray import serve
 
@@ -111,11 +124,10 @@ def run(config: str | None = None, *, host: str | None = None, port: int | None 
         http["port"] = port
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
-    schema = check_serve_config(doc, where=config or "default config")
+    check_serve_config(doc, where=config or "default config")  # fail before Ray starts
 
     import ray
     from ray import serve
-    from ray.serve._private.api import serve_start  # what `serve run CONFIG` uses
 
     if proxy == "haproxy":
         # Ray Serve's HAProxy mode: a C proxy in front of replicas that serve HTTP themselves.
@@ -127,11 +139,8 @@ def run(config: str | None = None, *, host: str | None = None, port: int | None 
     if metrics_port and not address:
         init["_metrics_export_port"] = metrics_port
     ray.init(logging_level="WARNING", **init)
-    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-    client.deploy_apps(schema, _blocking=False)
-    names = [a.name for a in schema.applications]
     t0 = time.monotonic()
-    _wait_running(names)
+    names = deploy(doc, where=config or "default config")
     url = f"http://{http['host']}:{http['port']}"
     summary = {"url": url, "applications": names, "ready_s": round(time.monotonic() - t0, 1),
                "metrics": f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port and not address else None}

@@ -1,0 +1,300 @@
+"""The online tagging service on a real local Ray Serve, with a tiny real model (seeded random weights)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from conftest import encode
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+requests = pytest.importorskip("requests")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(lens_cache):
+    port = _free_port()
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(cluster, name: str, args: dict, **overrides) -> str:
+    """Deploy one Lens application through the same path as `lens serve` (a Serve config document).
+
+    Like `serve deploy`, a config replaces every application not in it, so each test's app
+    replaces the previous one and the cluster never holds more than a couple of replicas."""
+    from serve.run import deploy as deploy_doc
+
+    args = {"pools": [{"name": "Tagger", "model": TINY, "num_cpus": 1} | args.pop("pool", {})]} | args
+    deployment = {"name": args["pools"][0]["name"]} | overrides
+    port = int(cluster.rsplit(":", 1)[1])
+    doc = {"http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": name, "route_prefix": f"/{name}", "import_path": "serve.app:build_app",
+                             "args": args, "deployments": [deployment]}]}
+    deploy_doc(doc, where=f"test app {name}", timeout_s=300)
+    return f"{cluster}/{name}"
+
+
+def replicas(app: str, deployment: str = "Tagger") -> list[str]:
+    """Names of the live replica actors of a deployment (Serve names them after app and deployment)."""
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(n["name"] for n in names if n["namespace"] == "serve" and "REPLICA" in n["name"]
+                  and f"{app}#{deployment}#" in n["name"])
+
+
+def handle(app: str, deployment: str = "Tagger"):
+    return serve.get_deployment_handle(deployment, app)
+
+
+def post(url, data: bytes, ctype="image/jpeg", headers: dict | None = None):
+    return requests.post(url, data=data, headers={"Content-Type": ctype} | (headers or {}), timeout=60)
+
+
+def images(n: int, seed: int = 0) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        arr = rng.integers(0, 256, (96 + i % 7, 128 + i % 5, 3), dtype=np.uint8)
+        out.append(encode(Image.fromarray(arr), "JPEG", quality=90))
+    return out
+
+
+async def _concurrent(url: str, bodies: list[bytes], ctype="image/jpeg"):
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async def one(body):
+            async with s.post(url, data=body, headers={"Content-Type": ctype}) as r:
+                return r.status, await r.json(), dict(r.headers)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+@pytest.fixture(scope="module")
+def main_app(cluster):
+    return deploy(cluster, "main", {}, max_ongoing_requests=64,
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05, "max_pending": 64})
+
+
+def test_routes_and_errors(main_app, photos):
+    jpeg = images(1)[0]
+    r = post(f"{main_app}/v1/tag?top_k=3", jpeg)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "test_efficientnet" and len(body["tags"]) == 3 and body["latency_ms"] > 0
+    assert set(body["tags"][0]) == {"label", "class_id", "score"}
+    r = requests.post(f"{main_app}/v1/tag", files={"image": ("x.jpg", jpeg, "image/jpeg")}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["tags"]) == 5
+    r = post(f"{main_app}/v1/embed", jpeg)
+    assert r.status_code == 200 and r.json()["dim"] == 256 and len(r.json()["embedding"]) == 256
+    r = requests.post(f"{main_app}/v1/tag:batch", timeout=60, files=[
+        ("image", ("a.jpg", jpeg, "image/jpeg")), ("image", ("b.bin", b"garbage", "image/jpeg")),
+        ("image", ("c.png", photos["coffee.png"], "image/png"))])
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == [0, 1, 2]
+    assert "tags" in results[0] and results[1]["status"] == 415 and "tags" in results[2]
+    assert requests.get(f"{main_app}/healthz", timeout=30).json()["status"] == "ok"
+    (info,) = requests.get(f"{main_app}/v1/models", timeout=30).json()["pools"]
+    assert info["model"] == "test_efficientnet" and info["backend"] == "onnx" and info["device"] == "cpu"
+    assert info["preprocess"]["input_size"] == [3, 160, 160] and info["weights_sha256"]
+    r = post(f"{main_app}/v1/tag?top_k=0", jpeg)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+
+
+def test_malformed_corpus_gets_typed_errors_without_restarting_the_replica(main_app, photos):
+    from test_decode import _png_header_only
+
+    pid = handle("main").stats.remote().result()["pid"]
+    jpeg = photos["rocket.jpg"]
+    corpus = [
+        (jpeg[: len(jpeg) // 2], "image/jpeg", 400),  # truncated
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "image/jpeg", 400),  # corrupt after valid magic
+        (b"", "image/jpeg", 400),  # empty
+        (b"%PDF-1.4 not an image", "image/jpeg", 415),  # wrong magic
+        (b"hello", "text/plain", 415),  # wrong content type
+        (_png_header_only(40_000, 40_000), "image/png", 413),  # decompression bomb
+    ]
+    for data, ctype, status in corpus:
+        r = post(f"{main_app}/v1/tag", data, ctype)
+        assert r.status_code == status, (ctype, status, r.text)
+        assert r.json()["status"] == status and r.json()["message"]
+    assert post(f"{main_app}/v1/tag", images(1)[0]).status_code == 200
+    assert handle("main").stats.remote().result()["pid"] == pid
+
+
+def test_64_in_flight_each_response_is_its_own_and_batches_form(main_app, tiny):
+    bodies = images(64, seed=7)
+    expected = [p.embedding for p in tiny.predict(bodies)]
+    before = handle("main").stats.remote().result()
+    results = asyncio.run(_concurrent(f"{main_app}/v1/embed", bodies))
+    assert all(status == 200 for status, _, _ in results)
+    got = np.array([body["embedding"] for _, body, _ in results], dtype=np.float32)
+    sims = got @ np.stack(expected).T
+    assert np.all(np.diag(sims) > 0.999)  # each response matches its own image ...
+    assert np.all(sims.argmax(axis=1) == np.arange(64))  # ... and no other
+    after = handle("main").stats.remote().result()
+    assert after["images"] - before["images"] == 64
+    assert after["max_batch_seen"] > 1 and after["batches"] - before["batches"] < 64
+
+
+def test_live_reconfigure_changes_batching_without_restart(cluster):
+    app = deploy(cluster, "reconf", {}, user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.0,
+                                                     "max_pending": 32})
+    first = handle("reconf").stats.remote().result()
+    assert first["batching"]["max_batch_size"] == 4
+    deploy(cluster, "reconf", {}, user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.02,
+                                               "max_pending": 32})
+    second = handle("reconf").stats.remote().result()
+    assert second["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_pending": 32}
+    assert second["pid"] == first["pid"]  # same replica: reconfigure(), not a redeploy
+    assert post(f"{app}/v1/tag", images(1)[0]).status_code == 200
+    from lens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_batch_size 128 > max_ongoing_requests 64"):
+        deploy(cluster, "reconf", {}, max_ongoing_requests=64,
+               user_config={"max_batch_size": 128, "batch_wait_timeout_s": 0.0, "max_pending": 256})
+
+
+def test_backpressure_gives_503_with_retry_after_and_recovers(cluster):
+    # Batches wait up to 1 s to fill 8 slots, and a replica holds at most 4 images: a burst of 12 overflows.
+    app = deploy(cluster, "bp", {}, max_ongoing_requests=16,
+                 user_config={"max_batch_size": 8, "batch_wait_timeout_s": 1.0, "max_pending": 8})
+    results = asyncio.run(_concurrent(f"{app}/v1/tag", images(12)))
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses.count(200) == 8 and statuses.count(503) == 4
+    rejected = [(b, h) for s, b, h in results if s == 503]
+    assert all(b["error"] == "overloaded" and h.get("Retry-After") == "1" for b, h in rejected)
+    assert post(f"{app}/v1/tag", images(1)[0]).status_code == 200
+
+
+def test_request_timeout_gives_504(cluster):
+    app = deploy(cluster, "slow", {"api": {"request_timeout_s": 0.3}},
+                 user_config={"max_batch_size": 8, "batch_wait_timeout_s": 3.0, "max_pending": 8})
+    r = post(f"{app}/v1/tag", images(1)[0])
+    assert r.status_code == 504 and r.json()["error"] == "timeout"
+
+
+def test_body_limit_with_and_without_content_length(cluster):
+    app = deploy(cluster, "small", {"api": {"max_body_bytes": 2000}})
+    r = post(f"{app}/v1/tag", b"\xff\xd8\xff" + b"\x00" * 5000)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+    def chunked():
+        for _ in range(10):
+            yield b"\xff\xd8\xff" + b"\x00" * 997
+
+    r = requests.post(f"{app}/v1/tag", data=chunked(), headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert r.request.headers.get("Transfer-Encoding") == "chunked"
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+
+def test_api_keys(cluster, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# comment\nk-0123456789abcdef\nk-fedcba9876543210\n")
+    app = deploy(cluster, "auth", {"api": {"api_keys_file": str(keys), "api_keys_env": None}})
+    jpeg = images(1)[0]
+    assert post(f"{app}/v1/tag", jpeg).status_code == 401
+    r = post(f"{app}/v1/tag", jpeg, headers={"Authorization": "Bearer wrong-key-0000000000"})
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    assert post(f"{app}/v1/tag", jpeg, headers={"Authorization": "Bearer k-fedcba9876543210"}).status_code == 200
+    assert post(f"{app}/v1/tag", jpeg, headers={"X-API-Key": "k-0123456789abcdef"}).status_code == 200
+
+
+def test_killed_replica_is_replaced_and_errors_stay_bounded(cluster):
+    app = deploy(cluster, "kill", {}, num_replicas=2, health_check_period_s=1)
+    bodies = images(8, seed=3)
+    before = replicas("kill")
+    assert len(before) == 2
+    victim = before[0]
+    ok = failed = 0
+    t0 = time.monotonic()
+    killed = False
+    while time.monotonic() - t0 < 12:
+        for status, _, _ in asyncio.run(_concurrent(f"{app}/v1/tag", bodies)):
+            ok += status == 200
+            failed += status != 200
+        if not killed and time.monotonic() - t0 > 2:
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            killed = True
+    assert killed and ok > 0 and failed / (ok + failed) < 0.2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        alive = replicas("kill")
+        if len(alive) == 2 and victim not in alive:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("killed replica was not replaced")
+    assert post(f"{app}/v1/tag", images(1)[0]).status_code == 200
+
+
+def test_failing_health_check_replaces_the_replica(cluster):
+    app = deploy(cluster, "health", {}, health_check_period_s=1, health_check_timeout_s=5)
+    h = handle("health")
+    old = h.recycle.remote("test").result()["pid"]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if h.stats.remote().result(timeout_s=10)["pid"] != old:
+                break
+        except Exception:  # noqa: BLE001 - the old replica may be going away
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("unhealthy replica was not replaced")
+    assert requests.get(f"{app}/healthz", timeout=30).status_code == 200
+
+
+def test_scale_from_zero_serves_the_first_request_after_warm_up(cluster):
+    app = deploy(cluster, "zero", {}, autoscaling_config={
+        "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0,
+        "downscale_delay_s": 600, "target_ongoing_requests": 1})
+    assert replicas("zero") == []
+    r = post(f"{app}/v1/tag", images(1)[0])
+    assert r.status_code == 200, r.text
+    info = handle("zero").info.remote().result()
+    assert info["warmed_up"] is True and info["cold_start_s"] > 0
+
+
+def test_two_pools_side_by_side_with_overflow(cluster):
+    from serve.run import deploy as deploy_doc
+
+    port = int(cluster.rsplit(":", 1)[1])
+    small = {"model": TINY, "num_cpus": 1}
+    doc = {"http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "pools", "route_prefix": "/pools", "import_path": "serve.app:build_app",
+                             "args": {"pools": [{"name": "First"} | small, {"name": "Second"} | small]},
+                             "deployments": [{"name": "First", "user_config": {
+                                 "max_batch_size": 4, "batch_wait_timeout_s": 1.0, "max_pending": 4}}]}]}
+    deploy_doc(doc, where="test pools", timeout_s=300)
+    app = f"{cluster}/pools"
+    results = asyncio.run(_concurrent(f"{app}/v1/tag", images(10)))
+    assert all(s == 200 for s, _, _ in results)  # First holds 4; the rest overflow to Second
+    assert handle("pools", "Second").stats.remote().result()["images"] >= 6
+    assert {p["pool"] for p in requests.get(f"{app}/v1/models", timeout=30).json()["pools"]} == {"First", "Second"}
+    r = post(f"{app}/v1/tag?pool=Nope", images(1)[0])
+    assert r.status_code == 400 and r.json()["error"] == "unknown_pool"
