@@ -1,0 +1,78 @@
+"""`lens serve` as an operator runs it: a Serve config, HAProxy in front, Prometheus metrics, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+requests = pytest.importorskip("requests")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, photos):
+    port, metrics_port = _free_port(), _free_port()
+    doc = yaml.safe_load((__import__("pathlib").Path(__file__).parents[1] / "infra" / "serve-cpu.yaml").read_text())
+    pool = doc["applications"][0]["args"]["pools"][0]
+    pool["model"] = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
+    pool["num_cpus"] = 1
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen([sys.executable, "-m", "lens.cli", "serve", "--config", str(cfg), "--port", str(port),
+                             "--metrics-port", str(metrics_port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or no replica behind HAProxy yet
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("lens serve did not become healthy")
+        for _ in range(5):
+            r = requests.post(f"{url}/v1/tag", data=photos["rocket.jpg"], headers={"Content-Type": "image/jpeg"},
+                              timeout=30)
+            assert r.status_code == 200, r.text
+        assert requests.post(f"{url}/v1/tag", data=b"junk", headers={"Content-Type": "image/jpeg"},
+                             timeout=30).status_code == 415
+        # Ray exports the Serve metrics on its Prometheus endpoint every few seconds.
+        wanted = ["ray_lens_request_latency_ms_bucket", "ray_lens_batch_size_bucket", "ray_lens_decode_ms_bucket",
+                  "ray_lens_model_ms_bucket", "ray_lens_queue_wait_ms_bucket", "ray_lens_image_errors_total",
+                  "ray_lens_replica_cold_start_seconds", "ray_lens_request_errors_total"]
+        deadline = time.monotonic() + 90
+        text = ""
+        while time.monotonic() < deadline:
+            text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            if all(w in text for w in wanted):
+                break
+            time.sleep(3)
+        missing = [w for w in wanted if w not in text]
+        assert not missing, missing
+        assert 'route="/v1/tag"' in text and 'status="415"' in text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, out[-2000:]
+    assert "shutting down Lens" in out

@@ -1,0 +1,66 @@
+"""Serve configs: the shipped profiles validate against Ray's own schema; bad ones fail before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lens.errors import ConfigError
+from serve.run import check_serve_config, load_serve_config
+
+INFRA = Path(__file__).parents[1] / "infra"
+
+
+@pytest.mark.parametrize("name", ["serve-cpu.yaml", "serve-gpu.yaml"])
+def test_shipped_profiles_validate(name):
+    schema = check_serve_config(load_serve_config(str(INFRA / name)), name)
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:build_app"
+
+
+def test_gpu_profile_requests_gpus_and_runs_cpu_beside_it():
+    from serve.config import AppArgs
+
+    doc = load_serve_config(str(INFRA / "serve-gpu.yaml"))
+    args = AppArgs.model_validate(doc["applications"][0]["args"])
+    gpu, cpu = args.pools
+    assert gpu.model.device == "cuda" and gpu.model.backend == "torch" and 0 < gpu.num_gpus < 1
+    assert cpu.model.device == "cpu" and cpu.model.backend == "onnx" and cpu.num_gpus == 0
+
+
+def _doc(args=None, **deployment):
+    return {"applications": [{"name": "lens", "route_prefix": "/", "import_path": "serve.app:build_app",
+                              "args": args or {}, "deployments": [{"name": "Tagger"} | deployment]}]}
+
+
+def test_batch_larger_than_ongoing_is_refused():
+    with pytest.raises(ConfigError, match="batches could never fill"):
+        check_serve_config(_doc(max_ongoing_requests=8, user_config={"max_batch_size": 16, "max_pending": 32}))
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ConfigError, match="matches no deployment"):
+        check_serve_config({"applications": [{"name": "a", "import_path": "serve.app:build_app",
+                                              "deployments": [{"name": "Taggr"}]}]})
+    with pytest.raises(ConfigError, match="num_gpus"):
+        check_serve_config(_doc({"pools": [{"model": {"device": "cuda"}}]}))
+    with pytest.raises(ConfigError, match="unknown_knob|Extra inputs"):
+        check_serve_config(_doc({"api": {"unknown_knob": 1}}))
+    with pytest.raises(ConfigError, match="not a valid Serve config"):
+        check_serve_config({"applications": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        check_serve_config(_doc(user_config={"max_batch_size": 0}))
+
+
+def test_api_keys_are_checked_in_constant_time_against_all(tmp_path, monkeypatch):
+    from serve.auth import ApiKeys
+
+    monkeypatch.setenv("LENS_TEST_KEYS", "key-aaaaaaaaaaaaaaaa, key-bbbbbbbbbbbbbbbb")
+    keys = ApiKeys.load("LENS_TEST_KEYS", None)
+    assert keys.enabled and keys.check("key-bbbbbbbbbbbbbbbb") and not keys.check("key-bbbbbbbbbbbbbbbc")
+    assert not keys.check(None) and not keys.check("")
+    assert not ApiKeys.load("LENS_UNSET_VAR", None).enabled
+    monkeypatch.setenv("LENS_TEST_KEYS", "short")
+    with pytest.raises(ConfigError, match="16 characters"):
+        ApiKeys.load("LENS_TEST_KEYS", None)
