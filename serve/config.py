@@ -17,12 +17,13 @@ class BatchingConfig(StrictModel):
     """Live knobs of a model pool, sent as the deployment's ``user_config`` and applied in ``reconfigure``."""
 
     max_pending: PositiveInt = Field(
-        48, description="images a replica holds (decoding or waiting for the model) before answering 503"
+        96, description="images a replica holds (decoding or waiting for the model) before answering 503"
     )
     max_batch_size: PositiveInt = Field(16, le=512, description="largest batch the model sees")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0.0, le=5.0,
-        description="how long a batch waits to fill; 0 = run what has queued while the model was busy",
+        0.01, ge=0.0, le=5.0,
+        description="how long a batch may wait to fill, and only while other images are still decoding; "
+        "a lone request never waits",
     )
 
 
@@ -34,7 +35,8 @@ class PoolConfig(StrictModel):
     decode: DecodeConfig = DecodeConfig()
     batching: BatchingConfig = BatchingConfig()
     decode_threads: PositiveInt | None = Field(
-        None, description="threads that decode+preprocess while the model runs; None = the replica's num_cpus"
+        None, description="threads that decode+preprocess while the model runs; "
+        "None = half the replica's CPUs on CPU (the model needs the rest), all of them on GPU"
     )
     warmup_batch_sizes: tuple[PositiveInt, ...] = Field((1,), description="dummy batches run before taking traffic")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (ONNX Runtime threads follow it)")

@@ -58,12 +58,16 @@ class TaggerCore:
             model_cfg = model_cfg.model_copy(update={"num_threads": cpus})
         self.cfg = cfg
         self.predictor = Predictor.from_config(model_cfg, cfg.decode)
-        self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or cpus, thread_name_prefix="lens-decode")
+        # On CPU the model's threads need cores too: half the replica's CPUs decode, unless configured.
+        on_cpu = self.predictor.model.backend.device == "cpu"
+        threads = cfg.decode_threads or (max(1, cpus // 2) if on_cpu else cpus)
+        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="lens-decode")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="lens-model")
         for bs in cfg.warmup_batch_sizes:
             self.predictor.warmup(bs)
         self.metrics = TaggerMetrics()
         self._in_flight = 0
+        self._decoding = 0
         self._batches = self._images = self._max_batch_seen = 0
         self._recycle_reason: str | None = None
         self.reconfigure(cfg.batching.model_dump())
@@ -123,11 +127,18 @@ class TaggerCore:
         try:
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            prepared = (await loop.run_in_executor(self._decode_pool, self.predictor.prepare_many, [data]))[0]
+            self._decoding += 1
+            try:
+                prepared = (await loop.run_in_executor(self._decode_pool, self.predictor.prepare_many, [data]))[0]
+            finally:
+                self._decoding -= 1
             self.metrics.decode.observe((time.perf_counter() - t0) * 1000)
             if isinstance(prepared, ItemError):
                 self.metrics.errors.inc(tags={"kind": prepared.code})
                 return prepared.to_dict()
+            # Adaptive wait: hold a batch open for up to batch_wait_timeout_s only while other images are
+            # still decoding and will join it; a lone request goes to the model at once.
+            self._run_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s if self._decoding else 0.0)
             logits, emb = await self._run_batch((prepared, time.perf_counter()))
             out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], self.predictor.model.labels,
                                                                   top_k)[0]]}

@@ -27,8 +27,8 @@ logger = logging.getLogger("lens.serve")
 
 # Model replicas: batches fill only if max_ongoing_requests >= max_batch_size (checked in reconfigure).
 _MODEL_OPTIONS = dict(
-    max_ongoing_requests=64,
-    max_queued_requests=128,
+    max_ongoing_requests=128,
+    max_queued_requests=256,
     health_check_period_s=5,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=20,

@@ -76,7 +76,7 @@ def check_serve_config(doc: dict, where: str = "Serve config"):
             o = overrides.get(pool.name, {})
             batching = validate(BatchingConfig, o.get("user_config") or pool.batching.model_dump(),
                                 where=f"{where}, {pool.name}.user_config")
-            ongoing = o.get("max_ongoing_requests", 64)
+            ongoing = o.get("max_ongoing_requests", 128)  # the Tagger default
             if batching.max_batch_size > ongoing:
                 raise ConfigError(f"{where}: {pool.name} has max_batch_size {batching.max_batch_size} > "
                                   f"max_ongoing_requests {ongoing}; batches could never fill")

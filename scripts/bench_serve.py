@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""Benchmark the online tagging service over HTTP on loopback; prints one JSON summary.
+
+In one run, on the same machine:
+* ceiling: the in-process pipeline (decode + preprocess + infer with ONNX Runtime,
+  the same cores, no server), at its best batch size; and its single-image latency;
+* floor: a naive Serve deployment: no batching, eager torch, one image per call;
+* Lens: the Serve app (one pool, HAProxy in front), closed-loop clients at
+  1, 8, 32 and 64 connections with real JPEG bodies, then an open-loop overload at
+  4x the measured throughput to show load shedding (503) with bounded latency.
+
+Writes benchmarks/serve.json and benchmarks/serve.png.
+"""
+
+# (no `from __future__ import annotations`: FastAPI must see real types on the naive deployment)
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def jpeg_bodies() -> list[bytes]:
+    """The bundled real photographs, each as a quality-90 JPEG (300x451 up to 1000x872)."""
+    from PIL import Image
+
+    from lens.samples import sample_paths
+
+    out = []
+    for p in sample_paths():
+        buf = io.BytesIO()
+        Image.open(p).convert("RGB").save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# -- in-process ceiling ------------------------------------------------------------------------
+def bench_ceiling(bodies: list[bytes], duration: float) -> dict:
+    from lens.config import ModelConfig
+    from lens.predictor import Predictor
+
+    predictor = Predictor.from_config(ModelConfig(backend="onnx", device="cpu", max_batch_size=64))
+    predictor.warmup()
+    single = []
+    for _ in range(3):
+        for b in bodies:
+            t0 = time.perf_counter()
+            predictor.predict([b])
+            single.append((time.perf_counter() - t0) * 1000)
+    by_batch = {}
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        for bs in (1, 8, 16, 32):
+            batch = [bodies[i % len(bodies)] for i in range(bs)]
+            predictor.predict(batch, executor=pool)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < duration:
+                predictor.predict(batch, executor=pool)
+                n += bs
+            by_batch[bs] = round(n / (time.perf_counter() - t0), 2)
+    best = max(by_batch, key=by_batch.get)
+    return {"images_per_s_by_batch": by_batch, "best_batch": best, "images_per_s": by_batch[best],
+            "single_image_latency_ms_p50": round(percentile(single, 50), 2)}
+
+
+# -- HTTP load ---------------------------------------------------------------------------------
+async def closed_loop(url: str, bodies: list[bytes], conns: int, duration: float) -> dict:
+    import aiohttp
+
+    lat, statuses = [], {}
+    connector = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        end = time.perf_counter() + duration
+
+        async def worker(k: int):
+            i = k
+            while time.perf_counter() < end:
+                body = bodies[i % len(bodies)]
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    async with s.post(url, data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                        await r.read()
+                        status = r.status
+                except aiohttp.ClientError:
+                    status = -1
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 200:
+                    lat.append((time.perf_counter() - t0) * 1000)
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(conns)))
+        elapsed = time.perf_counter() - t_start
+    return {"connections": conns, "throughput_rps": round(len(lat) / elapsed, 2),
+            "p50_ms": round(percentile(lat, 50), 2), "p95_ms": round(percentile(lat, 95), 2),
+            "p99_ms": round(percentile(lat, 99), 2), "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float, max_in_flight: int = 2000) -> dict:
+    """Poisson arrivals at ``rate`` per second, whatever the service does (overload)."""
+    import aiohttp
+
+    lat, statuses = [], {}
+    rng = random.Random(0)
+    connector = aiohttp.TCPConnector(limit=max_in_flight)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async def one(body: bytes):
+            t0 = time.perf_counter()
+            try:
+                async with s.post(url, data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                    await r.read()
+                    status = r.status
+            except aiohttp.ClientError:
+                status = -1
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                lat.append((time.perf_counter() - t0) * 1000)
+
+        tasks, t_next, end, i = [], time.perf_counter(), time.perf_counter() + duration, 0
+        while t_next < end:
+            await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(bodies[i % len(bodies)])))
+            i += 1
+            t_next += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+    sent = sum(statuses.values())
+    return {"offered_rps": round(rate, 1), "sent": sent, "accepted": statuses.get(200, 0),
+            "shed_503": statuses.get(503, 0), "other": sent - statuses.get(200, 0) - statuses.get(503, 0),
+            "accepted_p50_ms": round(percentile(lat, 50), 2), "accepted_p99_ms": round(percentile(lat, 99), 2),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+# -- deployments -------------------------------------------------------------------------------
+def deploy_naive(port: int):
+    """Floor: one image per call, eager torch fp32, no batching, Serve's defaults otherwise."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="Naive", ray_actor_options={"num_cpus": 2},
+                      logging_config={"enable_access_log": False})
+    @serve.ingress(api)
+    class Naive:
+        def __init__(self):
+            from lens.config import ModelConfig
+            from lens.predictor import Predictor
+
+            self.p = Predictor.from_config(ModelConfig(backend="torch", device="cpu"))
+            self.p.model.backend._channels_last = False
+
+        @api.post("/v1/tag")
+        async def tag(self, request: Request):
+            (r,) = self.p.predict([await request.body()])  # decode + infer inline, one image at a time
+            return JSONResponse({"tags": [t.to_dict() for t in r.tags]} if r.ok else r.to_dict(),
+                                status_code=200 if r.ok else r.status)
+
+    serve.run(Naive.bind(), name="naive", route_prefix="/naive")
+    return f"http://127.0.0.1:{port}/naive/v1/tag"
+
+
+def deploy_lens(port: int) -> str:
+    """The shipped CPU profile (infra/serve-cpu.yaml), with one fixed replica: this machine holds one."""
+    import yaml
+
+    from serve.run import deploy
+
+    doc = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())
+    doc["http_options"].update(host="127.0.0.1", port=port)
+    (dep,) = doc["applications"][0]["deployments"]
+    dep.pop("autoscaling_config")
+    dep["num_replicas"] = 1
+    deploy(doc, where="bench")
+    return f"http://127.0.0.1:{port}/v1/tag"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, key in (("Lens", "lens"), ("naive floor", "naive")):
+        pts = summary[key]["by_connections"]
+        c = [p["connections"] for p in pts]
+        a.plot(c, [p["throughput_rps"] for p in pts], "o-", label=name)
+        b.plot(c, [p["p50_ms"] for p in pts], "o-", label=f"{name} p50")
+        b.plot(c, [p["p99_ms"] for p in pts], "x--", label=f"{name} p99")
+    a.axhline(summary["ceiling"]["images_per_s"], color="grey", ls=":", label="in-process ceiling")
+    a.set(xscale="log", xlabel="concurrent connections", ylabel="images/s", title="Throughput")
+    b.set(xscale="log", yscale="log", xlabel="concurrent connections", ylabel="latency (ms)", title="Latency")
+    a.legend()
+    b.legend(fontsize=8)
+    fig.suptitle(f"Lens online tagging, {summary['model']} on {summary['machine']['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
+    ap.add_argument("--quick", action="store_true", help="4 s per load point")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks"), help="where serve.json and serve.png go")
+    args = ap.parse_args()
+    duration = 4.0 if args.quick else args.duration
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    bodies = jpeg_bodies()
+    ceiling = bench_ceiling(bodies, duration)
+
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as `lens serve` runs it
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    conns = (1, 8, 32, 64)
+    try:
+        url = deploy_naive(port)
+        asyncio.run(closed_loop(url, bodies, 4, 2))  # warm
+        naive = [asyncio.run(closed_loop(url, bodies, c, duration)) for c in conns]
+        print("naive:", naive, file=sys.stderr)
+        serve.delete("naive")
+        url = deploy_lens(port)
+        asyncio.run(closed_loop(url, bodies, 8, 2))  # warm
+        lens = [asyncio.run(closed_loop(url, bodies, c, duration)) for c in conns]
+        best = max(p["throughput_rps"] for p in lens)
+        overload = asyncio.run(open_loop(url, bodies, 4 * best, duration))
+        probe = asyncio.run(closed_loop(url, bodies, 1, 2))
+        healthy_after = set(probe["statuses"]) == {"200"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    at = {p["connections"]: p for p in lens}
+    naive_at = {p["connections"]: p for p in naive}
+    summary = {
+        "benchmark": "serve",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "model": "tf_efficientnet_lite0",
+        "bodies": {"count": len(bodies), "mean_bytes": int(statistics.mean(map(len, bodies)))},
+        "seconds_per_point": duration,
+        "ceiling": ceiling,
+        "lens": {"by_connections": lens, "overload_4x": overload, "healthy_after_overload": healthy_after},
+        "naive": {"by_connections": naive},
+        "ratios": {
+            "lens_32_vs_ceiling": round(at[32]["throughput_rps"] / ceiling["images_per_s"], 2),
+            "lens_32_vs_naive_32": round(at[32]["throughput_rps"] / naive_at[32]["throughput_rps"], 2),
+            "lens_p50_at_1_minus_inprocess_ms": round(at[1]["p50_ms"] - ceiling["single_image_latency_ms_p50"], 2),
+        },
+    }
+    summary["targets"] = {
+        "lens_32 >= 0.7x ceiling": summary["ratios"]["lens_32_vs_ceiling"] >= 0.7,
+        "lens_32 >= 3x naive": summary["ratios"]["lens_32_vs_naive_32"] >= 3,
+        "p50 at 1 conn <= in-process + 15 ms": summary["ratios"]["lens_p50_at_1_minus_inprocess_ms"] <= 15,
+        "overload sheds with 503 and nothing else fails": overload["shed_503"] > 0 and overload["other"] == 0,
+        "healthy after overload": healthy_after,
+    }
+    (out / "serve.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, out / "serve.png")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
