@@ -21,7 +21,7 @@ class BatchingConfig(StrictModel):
     )
     max_batch_size: PositiveInt = Field(16, le=512, description="largest batch the model sees")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0.0, le=5.0,
+        0.03, ge=0.0, le=5.0,
         description="how long a batch may wait to fill, and only while other images are still decoding; "
         "a lone request never waits",
     )
@@ -35,8 +35,7 @@ class PoolConfig(StrictModel):
     decode: DecodeConfig = DecodeConfig()
     batching: BatchingConfig = BatchingConfig()
     decode_threads: PositiveInt | None = Field(
-        None, description="threads that decode+preprocess while the model runs; "
-        "None = half the replica's CPUs on CPU (the model needs the rest), all of them on GPU"
+        None, description="threads that decode+preprocess while the model runs; None = the replica's num_cpus"
     )
     warmup_batch_sizes: tuple[PositiveInt, ...] = Field((1,), description="dummy batches run before taking traffic")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (ONNX Runtime threads follow it)")

@@ -58,10 +58,7 @@ class TaggerCore:
             model_cfg = model_cfg.model_copy(update={"num_threads": cpus})
         self.cfg = cfg
         self.predictor = Predictor.from_config(model_cfg, cfg.decode)
-        # On CPU the model's threads need cores too: half the replica's CPUs decode, unless configured.
-        on_cpu = self.predictor.model.backend.device == "cpu"
-        threads = cfg.decode_threads or (max(1, cpus // 2) if on_cpu else cpus)
-        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="lens-decode")
+        self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or cpus, thread_name_prefix="lens-decode")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="lens-model")
         for bs in cfg.warmup_batch_sizes:
             self.predictor.warmup(bs)
