@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_model.py
+	$(BIN)/python scripts/bench_serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
