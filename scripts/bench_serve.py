@@ -84,6 +84,22 @@ def bench_ceiling(bodies: list[bytes], duration: float) -> dict:
 
 
 # -- HTTP load ---------------------------------------------------------------------------------
+async def _post(session, url: str, body: bytes, statuses: dict, lat: list) -> None:
+    """One request: count its status; keep its latency if it succeeded (-1 = connection error)."""
+    import aiohttp
+
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "image/jpeg"}) as r:
+            await r.read()
+            status = r.status
+    except aiohttp.ClientError:
+        status = -1
+    statuses[status] = statuses.get(status, 0) + 1
+    if status == 200:
+        lat.append((time.perf_counter() - t0) * 1000)
+
+
 async def closed_loop(url: str, bodies: list[bytes], conns: int, duration: float) -> dict:
     import aiohttp
 
@@ -95,18 +111,8 @@ async def closed_loop(url: str, bodies: list[bytes], conns: int, duration: float
         async def worker(k: int):
             i = k
             while time.perf_counter() < end:
-                body = bodies[i % len(bodies)]
+                await _post(s, url, bodies[i % len(bodies)], statuses, lat)
                 i += 1
-                t0 = time.perf_counter()
-                try:
-                    async with s.post(url, data=body, headers={"Content-Type": "image/jpeg"}) as r:
-                        await r.read()
-                        status = r.status
-                except aiohttp.ClientError:
-                    status = -1
-                statuses[status] = statuses.get(status, 0) + 1
-                if status == 200:
-                    lat.append((time.perf_counter() - t0) * 1000)
 
         t_start = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(conns)))
@@ -124,22 +130,10 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float,
     rng = random.Random(0)
     connector = aiohttp.TCPConnector(limit=max_in_flight)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
-        async def one(body: bytes):
-            t0 = time.perf_counter()
-            try:
-                async with s.post(url, data=body, headers={"Content-Type": "image/jpeg"}) as r:
-                    await r.read()
-                    status = r.status
-            except aiohttp.ClientError:
-                status = -1
-            statuses[status] = statuses.get(status, 0) + 1
-            if status == 200:
-                lat.append((time.perf_counter() - t0) * 1000)
-
         tasks, t_next, end, i = [], time.perf_counter(), time.perf_counter() + duration, 0
         while t_next < end:
             await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(bodies[i % len(bodies)])))
+            tasks.append(asyncio.create_task(_post(s, url, bodies[i % len(bodies)], statuses, lat)))
             i += 1
             t_next += rng.expovariate(rate)
         await asyncio.gather(*tasks)

@@ -36,7 +36,7 @@ def _assigned_cpus() -> int:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
     except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no assignment
         cpus = 0
-    return max(1, int(round(cpus))) if cpus else max(1, min(os.cpu_count() or 1, 2))
+    return max(1, int(round(cpus))) if cpus else (os.cpu_count() or 1)
 
 
 def _max_ongoing_requests() -> int | None:
