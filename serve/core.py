@@ -136,7 +136,12 @@ class TaggerCore:
             # Adaptive wait: hold a batch open for up to batch_wait_timeout_s only while other images are
             # still decoding and will join it; a lone request goes to the model at once.
             self._run_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s if self._decoding else 0.0)
-            logits, emb = await self._run_batch((prepared, time.perf_counter()))
+            try:
+                logits, emb = await self._run_batch((prepared, time.perf_counter()))
+            except Exception as e:  # noqa: BLE001 - a failed model call fails its batch, never the replica
+                logger.exception("model batch failed")
+                self.metrics.errors.inc(tags={"kind": "model_error"})
+                return {"error": "model_error", "status": 500, "message": f"{type(e).__name__}: {e}"}
             out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], self.predictor.model.labels,
                                                                   top_k)[0]]}
             if embedding:
@@ -146,7 +151,7 @@ class TaggerCore:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both replaced by reconfigure() at start
     async def _run_batch(self, items: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
         start = time.perf_counter()
         for _, enqueued in items:

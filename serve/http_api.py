@@ -92,6 +92,9 @@ class HttpApi:
             return error(503, "overloaded", str(e), headers={"Retry-After": str(self.api_cfg.retry_after_s)})
         except asyncio.TimeoutError:
             return error(504, "timeout", f"no result within {self.api_cfg.request_timeout_s}s")
+        except Exception as e:  # noqa: BLE001 - whatever broke, the client still gets a JSON answer
+            logger.exception("request to %s failed", route)
+            return error(500, "internal_error", f"{type(e).__name__}: {e}")
         if status == 200 and route != "/v1/embed":
             body["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if status == 503 else None
