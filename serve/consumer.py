@@ -1,0 +1,278 @@
+"""The event consumer: SQS messages of S3 ObjectCreated events in, one result per object version out.
+
+Delivery is at least once and out of order; the consumer makes it exactly once in effect:
+
+* a sidecar per object is the idempotency record: an event whose object version (ETag/version) already
+  has one writes nothing; an event older (S3 sequencer) than the recorded one is skipped;
+* a message is deleted only after every object it names has its sidecar written;
+* a message that keeps failing is left alone and the queue's redrive policy moves it to the DLQ
+  after ``maxReceiveCount`` deliveries; malformed messages take that path too;
+* objects deleted before processing, non-images and oversized objects get a ``skipped`` sidecar with
+  the reason, and their message is deleted: retrying cannot help.
+
+The same :class:`EventProcessor` runs in the Ray Serve consumer deployment, in ``lens events`` and in
+the Lambda-style handler; only the tagger (a Serve handle, a local predictor, or the HTTP API) differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from .events_config import EventsConfig
+from .results import Record, ResultStore
+from .s3events import ObjectEvent, PoisonMessage, parse_message, sequencer_newer
+
+__all__ = ["EventProcessor", "Outcome", "LocalTagger", "Poller", "queue_url", "queue_depth"]
+
+logger = logging.getLogger("lens.events")
+
+Tagger = Callable[[bytes, int, bool], Awaitable[dict]]
+
+
+class RetryLater(Exception):
+    """Processing failed in a way that may pass (S3 throttling, model error): leave the message."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one batch of messages."""
+
+    deleted: list[str] = field(default_factory=list)  # receipt handles of finished messages
+    failed: list[str] = field(default_factory=list)  # message ids left for redelivery / DLQ
+    counts: dict = field(default_factory=dict)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+
+class LocalTagger:
+    """The predictor core in this process, with the Serve model's ``tag`` contract."""
+
+    def __init__(self, predictor) -> None:
+        self.predictor = predictor
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, data: bytes, top_k: int, embedding: bool) -> dict:
+        async with self._lock:  # one model call at a time; batches come from the caller
+            (r,) = await asyncio.to_thread(self.predictor.predict, [data], top_k)
+        if not r.ok:
+            return r.to_dict()
+        return {"tags": [t.to_dict() for t in r.tags]} | ({"embedding": r.embedding} if embedding else {})
+
+    def info(self) -> dict:
+        return self.predictor.info()
+
+
+class EventProcessor:
+    def __init__(self, cfg: EventsConfig, s3, tagger: Tagger, model_info: dict) -> None:
+        self.cfg = cfg
+        self.s3 = s3
+        self.tagger = tagger
+        self.model_info = model_info
+        self.store = ResultStore(s3, cfg.result_prefix, cfg.embeddings_prefix, results_bucket=cfg.results_bucket,
+                                 object_tags=cfg.object_tags)
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+
+    async def process_messages(self, messages: list[dict]) -> Outcome:
+        """Process SQS messages (``Body``, ``ReceiptHandle``, ``MessageId``); never raises for one message."""
+        out = Outcome()
+        jobs: dict[str, list[ObjectEvent]] = {}
+        for m in messages:
+            try:
+                events = parse_message(m["Body"])
+            except PoisonMessage as e:
+                logger.error("poison message %s: %s", m.get("MessageId"), e)
+                out.failed.append(m["MessageId"])
+                out.count("poison")
+                continue
+            if events is None:
+                out.deleted.append(m["ReceiptHandle"])
+                out.count("test_event")
+                continue
+            jobs[m["MessageId"]] = events
+
+        async def one(ev: ObjectEvent) -> Record | None:
+            async with self._sem:
+                return await self.process_object(ev, out)
+
+        flat, seen = [], set()
+        for mid, evs in jobs.items():
+            for ev in evs:
+                if ev.identity in seen:  # the same object version twice in one receive
+                    out.count("duplicate")
+                    continue
+                seen.add(ev.identity)
+                flat.append((mid, ev))
+        results = await asyncio.gather(*(one(ev) for _, ev in flat), return_exceptions=True)
+        failed_msgs: set[str] = set()
+        done: list[tuple[str, Record]] = []
+        for (mid, ev), res in zip(flat, results):
+            if isinstance(res, BaseException):
+                logger.warning("s3://%s/%s failed (message %s will be retried): %s", ev.bucket, ev.key, mid, res)
+                failed_msgs.add(mid)
+                out.count("failed")
+            elif res is not None:
+                done.append((mid, res))
+        # Embeddings first, sidecars second: a crash in between re-tags on redelivery (a duplicate row that
+        # readers drop on (bucket, key, etag)), never a sidecar whose embedding was lost.
+        tagged = [(mid, r) for mid, r in done if r.status == "tagged" and mid not in failed_msgs]
+        if tagged:
+            try:
+                await asyncio.to_thread(self.store.write_embeddings, [r for _, r in tagged], self.model_info,
+                                        tagged[0][1].event.bucket)
+            except Exception as e:  # noqa: BLE001 - S3 trouble: retry the whole set later
+                logger.warning("embedding part not written, its messages will be retried: %s", e)
+                failed_msgs.update(mid for mid, _ in tagged)
+        pending = [(mid, r) for mid, r in done if mid not in failed_msgs]
+        writes = await asyncio.gather(*(asyncio.to_thread(self.store.write, r, self.model_info)
+                                        for _, r in pending), return_exceptions=True)
+        for (mid, r), w in zip(pending, writes):
+            if isinstance(w, BaseException):
+                logger.warning("sidecar for s3://%s/%s not written: %s", r.event.bucket, r.event.key, w)
+                failed_msgs.add(mid)
+            else:
+                out.count(r.status)
+        for m in messages:
+            mid = m["MessageId"]
+            if mid not in jobs:
+                continue
+            if mid in failed_msgs:
+                out.failed.append(mid)
+            else:
+                out.deleted.append(m["ReceiptHandle"])
+        return out
+
+    async def process_object(self, ev: ObjectEvent, out: Outcome) -> Record | None:
+        """Tag one object version; the record to write, or ``None`` when there is nothing to write."""
+        from botocore.exceptions import ClientError
+
+        if self.store.is_output(ev.key):
+            out.count("own_output")
+            return None
+        prev = await asyncio.to_thread(self.store.existing, ev)
+        if prev is not None:
+            same = (ev.version_id and prev.get("version_id") == ev.version_id) or (
+                not ev.version_id and ev.etag and prev.get("etag") == ev.etag)
+            if same:
+                out.count("duplicate")
+                return None
+            if sequencer_newer(prev.get("sequencer"), ev.sequencer):
+                out.count("stale")
+                return None
+        kw = {"VersionId": ev.version_id} if ev.version_id else ({"IfMatch": ev.etag} if ev.etag else {})
+        try:
+            obj = await asyncio.to_thread(self.s3.get_object, Bucket=ev.bucket, Key=ev.key, **kw)
+        except ClientError as e:
+            code = e.response["Error"]["Code"]
+            if code in ("NoSuchKey", "404", "NoSuchVersion"):
+                return self._skip(ev, "deleted before processing")
+            if code in ("PreconditionFailed", "412"):
+                # Overwritten since this event; the newer object's own event will tag it.
+                out.count("superseded")
+                return None
+            raise RetryLater(f"get_object: {code}") from e
+        size = obj.get("ContentLength") or 0
+        if size > self.cfg.max_object_bytes:
+            obj["Body"].close()
+            return self._skip(ev, f"object is {size} bytes; the limit is {self.cfg.max_object_bytes}")
+        data = await asyncio.to_thread(obj["Body"].read)
+        result = await self.tagger(data, self.cfg.top_k, True)
+        if "error" in result:
+            if int(result.get("status", 500)) >= 500:
+                raise RetryLater(f"tagger: {result.get('message')}")
+            return self._skip(ev, f"{result['error']}: {result.get('message', '')}")
+        return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"])
+
+    @staticmethod
+    def _skip(ev: ObjectEvent, reason: str) -> Record:
+        logger.info("skipping s3://%s/%s: %s", ev.bucket, ev.key, reason)
+        return Record(ev, "skipped", reason=reason)
+
+
+def queue_url(sqs, name_or_url: str) -> str:
+    if name_or_url.startswith(("https://", "http://")):
+        return name_or_url
+    return sqs.get_queue_url(QueueName=name_or_url)["QueueUrl"]
+
+
+def queue_depth(sqs, url: str) -> dict:
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return {"visible": int(attrs.get("ApproximateNumberOfMessages", 0)),
+            "in_flight": int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))}
+
+
+class Poller:
+    """Long-polls the queue with a number of concurrent poll loops that follows the backlog."""
+
+    def __init__(self, cfg: EventsConfig, processor: EventProcessor, sqs) -> None:
+        self.cfg = cfg
+        self.processor = processor
+        self.sqs = sqs
+        self.url = queue_url(sqs, cfg.queue)
+        self.totals: dict = {}
+        self._loops: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
+
+    @property
+    def pollers(self) -> int:
+        return len([t for t in self._loops if not t.done()])
+
+    def wanted(self, backlog: int) -> int:
+        extra = math.ceil(backlog / self.cfg.messages_per_poller) if backlog else 0
+        return max(self.cfg.min_pollers, min(self.cfg.max_pollers, max(1, extra) if backlog else 0))
+
+    async def poll_once(self) -> Outcome:
+        resp = await asyncio.to_thread(
+            self.sqs.receive_message, QueueUrl=self.url, MaxNumberOfMessages=self.cfg.messages_per_poll,
+            WaitTimeSeconds=self.cfg.wait_time_s, VisibilityTimeout=self.cfg.visibility_timeout_s,
+            AttributeNames=["ApproximateReceiveCount"])
+        messages = resp.get("Messages", [])
+        if not messages:
+            return Outcome()
+        out = await self.processor.process_messages(messages)
+        for i in range(0, len(out.deleted), 10):
+            entries = [{"Id": str(j), "ReceiptHandle": h} for j, h in enumerate(out.deleted[i: i + 10])]
+            await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.url, Entries=entries)
+        for k, v in out.counts.items():
+            self.totals[k] = self.totals.get(k, 0) + v
+        return out
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep polling; the messages come back after the visibility timeout
+                logger.exception("poll failed")
+                await asyncio.sleep(1)
+
+    async def run(self) -> None:
+        """Poll until :meth:`stop`; every ``scale_interval_s`` set the number of poll loops from the backlog."""
+        while not self._stopping.is_set():
+            try:
+                depth = await asyncio.to_thread(queue_depth, self.sqs, self.url)
+                want = self.wanted(depth["visible"])
+            except Exception:  # noqa: BLE001
+                logger.exception("queue depth check failed")
+                want = max(self.pollers, self.cfg.min_pollers, 1)
+            self._loops = [t for t in self._loops if not t.done()]
+            while len(self._loops) < want:
+                self._loops.append(asyncio.create_task(self._loop()))
+            while len(self._loops) > want:
+                self._loops.pop().cancel()  # an in-flight batch is simply redelivered later
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.cfg.scale_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for t in self._loops:
+            t.cancel()

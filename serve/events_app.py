@@ -1,0 +1,110 @@
+"""The event consumer on Ray Serve, and a plain-process runner for it.
+
+``build_events_app`` is a Serve application builder (``import_path: serve.events_app:build_events_app``):
+one ``EventConsumer`` deployment that polls the queue and tags through a handle to the model pool of
+the tagging application, so events and online requests share the same replicas and batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from pydantic import Field
+
+from lens.config import DecodeConfig, ModelConfig, StrictModel, validate
+
+from .consumer import EventProcessor, LocalTagger, Poller
+from .events_config import EventsConfig
+
+__all__ = ["EventsAppArgs", "build_events_app", "run_in_process"]
+
+logger = logging.getLogger("lens.events")
+
+
+class EventsAppArgs(StrictModel):
+    events: EventsConfig = EventsConfig()
+    tagger_app: str = Field("lens", description="Serve application holding the model pool")
+    tagger_deployment: str = Field("Tagger", description="the model pool deployment in that application")
+
+
+def _make_consumer_class():
+    from ray import serve
+
+    @serve.deployment(name="EventConsumer", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                      health_check_period_s=10, logging_config={"enable_access_log": False})
+    class EventConsumer:
+        def __init__(self, args: dict) -> None:
+            from .events_setup import clients
+
+            self.args = validate(EventsAppArgs, args, where="EventConsumer args")
+            s3, sqs = clients(self.args.events.region)
+            handle = serve.get_deployment_handle(self.args.tagger_deployment, self.args.tagger_app)
+
+            async def tag(data: bytes, top_k: int, embedding: bool) -> dict:
+                return await handle.tag.remote(data, top_k, embedding)
+
+            self._handle = handle
+            self.processor = EventProcessor(self.args.events, s3, tag, {})
+            self.poller = Poller(self.args.events, self.processor, sqs)
+            self._task = asyncio.get_event_loop().create_task(self._start())
+
+        async def _start(self) -> None:
+            self.processor.model_info = await self._handle.info.remote()  # model + weights checksum for sidecars
+            await self.poller.run()
+
+        def check_health(self) -> None:
+            if self._task.done() and self._task.exception() is not None:
+                raise RuntimeError(f"poller stopped: {self._task.exception()}")
+
+        def status(self) -> dict:
+            return {"pollers": self.poller.pollers, "processed": dict(self.poller.totals)}
+
+        def __del__(self) -> None:
+            self.poller.stop()
+
+    return EventConsumer
+
+
+def build_events_app(args: dict | None = None):
+    cfg = validate(EventsAppArgs, args or {}, where="events application args")
+    return _make_consumer_class().bind(cfg.model_dump(mode="json"))
+
+
+async def _run(cfg: EventsConfig, model_cfg: ModelConfig, stop: asyncio.Event) -> dict:
+    from lens.predictor import Predictor
+
+    from .events_setup import clients
+
+    predictor = Predictor.from_config(model_cfg, DecodeConfig(max_bytes=cfg.max_object_bytes))
+    predictor.warmup()
+    s3, sqs = clients(cfg.region)
+    tagger = LocalTagger(predictor)
+    poller = Poller(cfg, EventProcessor(cfg, s3, tagger, predictor.info()), sqs)
+    task = asyncio.create_task(poller.run())
+    await stop.wait()
+    poller.stop()
+    task.cancel()
+    return poller.totals
+
+
+def run_in_process(cfg: EventsConfig, model_cfg: ModelConfig) -> dict:
+    """Consume events in this process with a local predictor until SIGINT/SIGTERM (no Ray)."""
+    async def main() -> dict:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await _run(cfg, model_cfg, stop)
+
+    return asyncio.run(main())
+
+
+if __name__ == "__main__":  # python -m serve.events_app EVENTS_JSON MODEL_JSON (used by the fault tests)
+    import json
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    run_in_process(EventsConfig.model_validate(json.loads(sys.argv[1])),
+                   ModelConfig.model_validate(json.loads(sys.argv[2])))

@@ -1,0 +1,40 @@
+"""Typed configuration of the S3 -> SQS event consumer."""
+
+from __future__ import annotations
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from lens.config import StrictModel
+
+__all__ = ["EventsConfig"]
+
+
+class EventsConfig(StrictModel):
+    bucket: str = Field("lens-images", description="bucket whose ObjectCreated events are consumed")
+    queue: str = Field("lens-events", description="SQS queue name (or full URL) receiving the notifications")
+    dlq: str = Field("lens-events-dlq", description="dead-letter queue name (or URL)")
+    max_receive_count: PositiveInt = Field(5, description="deliveries before a message moves to the DLQ")
+    result_prefix: str = Field("lens-tags/", description="sidecars go to {result_prefix}{key}.json")
+    embeddings_prefix: str = Field("lens-embeddings/", description="Parquet parts of embeddings for search")
+    results_bucket: str | None = Field(None, description="where outputs go; None = the event's bucket")
+    object_tags: bool = Field(False, description="also set lens:* S3 object tags on the source object")
+    max_object_bytes: PositiveInt = Field(20 * 1024 * 1024, description="larger objects are skipped")
+    top_k: PositiveInt = 5
+    wait_time_s: int = Field(20, ge=0, le=20, description="SQS long-poll wait")
+    visibility_timeout_s: PositiveInt = Field(60, description="a message being processed is hidden this long")
+    messages_per_poll: int = Field(10, ge=1, le=10)
+    concurrency: PositiveInt = Field(16, description="objects processed at once per poller")
+    min_pollers: int = Field(1, ge=0, description="pollers kept when the queue is idle (the warm minimum)")
+    max_pollers: PositiveInt = Field(4, description="pollers when the backlog is large")
+    messages_per_poller: PositiveInt = Field(50, description="backlog per extra poller")
+    scale_interval_s: PositiveFloat = Field(5.0, description="how often queue depth is checked")
+    region: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "EventsConfig":
+        if self.min_pollers > self.max_pollers:
+            raise ValueError(f"min_pollers ({self.min_pollers}) > max_pollers ({self.max_pollers})")
+        for name in ("result_prefix", "embeddings_prefix"):
+            if not getattr(self, name) or not getattr(self, name).endswith("/"):
+                raise ValueError(f"{name} must be a non-empty prefix ending in '/'")
+        return self

@@ -1,0 +1,135 @@
+"""Where tagging results go: a JSON sidecar per image (the idempotency record), optional S3 object tags,
+and Parquet parts of embeddings for the search index."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .s3events import ObjectEvent
+
+__all__ = ["ResultStore", "Record", "s3_tags"]
+
+logger = logging.getLogger("lens.events")
+
+_TAG_SAFE = re.compile(r"[^A-Za-z0-9 +\-=._:/@]")
+
+
+@dataclass
+class Record:
+    """What the sidecar holds about one object version."""
+
+    event: ObjectEvent
+    status: str  # "tagged" | "skipped"
+    reason: str | None = None
+    tags: list | None = None
+    embedding: np.ndarray | None = None
+
+    def to_json(self, model: dict) -> dict:
+        d = {
+            "bucket": self.event.bucket, "key": self.event.key, "etag": self.event.etag,
+            "version_id": self.event.version_id, "sequencer": self.event.sequencer,
+            "status": self.status, "processed_at": time.time(),
+            "model": model.get("model"), "weights_sha256": model.get("weights_sha256"),
+        }
+        if self.reason:
+            d["reason"] = self.reason
+        if self.tags is not None:
+            d["tags"] = self.tags
+        if self.embedding is not None:
+            d["embedding"] = [float(x) for x in self.embedding]
+        return d
+
+
+def s3_tags(existing: list[dict], tags: list[dict], model: str) -> list[dict]:
+    """Merge Lens's tags into an object's tag set within S3's limits (10 tags, 128/256 chars).
+
+    Keys that are not Lens's are kept; Lens uses ``lens:model`` and ``lens:tag1``..``lens:tagN``
+    for as many labels as fit.
+    """
+    kept = [t for t in existing if not t["Key"].startswith("lens:")]
+    room = 10 - len(kept)
+    ours = [{"Key": "lens:model", "Value": _TAG_SAFE.sub(" ", model)[:256]}] if room > 0 else []
+    for i, t in enumerate(tags[: max(0, room - 1)]):
+        ours.append({"Key": f"lens:tag{i + 1}", "Value": _TAG_SAFE.sub(" ", t["label"])[:256]})
+    return kept + ours
+
+
+class ResultStore:
+    """Sidecars at ``s3://{bucket}/{result_prefix}{key}.json``; embeddings under ``embeddings_prefix``."""
+
+    def __init__(self, s3, result_prefix: str, embeddings_prefix: str, *, results_bucket: str | None = None,
+                 object_tags: bool = False) -> None:
+        self.s3 = s3
+        self.result_prefix = result_prefix
+        self.embeddings_prefix = embeddings_prefix
+        self.results_bucket = results_bucket
+        self.object_tags = object_tags
+
+    def is_output(self, key: str) -> bool:
+        """Lens's own outputs raise events too; they are never inputs."""
+        return key.startswith(self.result_prefix) or key.startswith(self.embeddings_prefix)
+
+    def _where(self, ev: ObjectEvent) -> tuple[str, str]:
+        return self.results_bucket or ev.bucket, f"{self.result_prefix}{ev.key}.json"
+
+    def existing(self, ev: ObjectEvent) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._where(ev)
+        try:
+            return json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def write(self, rec: Record, model: dict) -> None:
+        """One PUT: S3 makes it durable and atomic (readers see the whole sidecar or none)."""
+        bucket, key = self._where(rec.event)
+        body = json.dumps(rec.to_json(model)).encode()
+        self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+        if self.object_tags and rec.status == "tagged":
+            self._tag_object(rec, model)
+
+    def _tag_object(self, rec: Record, model: dict) -> None:
+        ev = rec.event
+        kw = {"VersionId": ev.version_id} if ev.version_id else {}
+        existing = self.s3.get_object_tagging(Bucket=ev.bucket, Key=ev.key, **kw)["TagSet"]
+        self.s3.put_object_tagging(Bucket=ev.bucket, Key=ev.key, **kw,
+                                   Tagging={"TagSet": s3_tags(existing, rec.tags or [], model.get("model", ""))})
+
+    def write_embeddings(self, records: list[Record], model: dict, bucket: str) -> str | None:
+        """A Parquet part with the tagged records' embeddings. Its name is derived from the object
+        versions it holds, so re-processing the same set overwrites it instead of duplicating rows;
+        readers dedupe on (bucket, key, etag) across parts."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [r for r in records if r.status == "tagged" and r.embedding is not None]
+        if not rows:
+            return None
+        ids = sorted(f"{r.event.bucket}/{r.event.key}@{r.event.version_id or r.event.etag}" for r in rows)
+        name = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32]
+        dim = len(rows[0].embedding)
+        table = pa.table({
+            "id": [f"s3://{r.event.bucket}/{r.event.key}" for r in rows],
+            "bucket": [r.event.bucket for r in rows],
+            "key": [r.event.key for r in rows],
+            "etag": [r.event.etag for r in rows],
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.concatenate([np.asarray(r.embedding, np.float32) for r in rows])), dim),
+            "top1": [r.tags[0]["label"] if r.tags else None for r in rows],
+        }, metadata={b"lens_model": json.dumps(model).encode()})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        key = f"{self.embeddings_prefix}part-{name}.parquet"
+        self.s3.put_object(Bucket=self.results_bucket or bucket, Key=key, Body=buf.getvalue())
+        return key

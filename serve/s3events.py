@@ -1,0 +1,77 @@
+"""Parsing S3 event notifications as they arrive through SQS (directly, or wrapped by SNS)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+__all__ = ["ObjectEvent", "PoisonMessage", "parse_message", "sequencer_newer"]
+
+
+class PoisonMessage(ValueError):
+    """A message that is not a well-formed S3 notification; retrying cannot help (it goes to the DLQ)."""
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    bucket: str
+    key: str  # URL-decoded, as stored in S3
+    etag: str | None
+    version_id: str | None
+    size: int | None
+    sequencer: str | None
+    event_name: str
+
+    @property
+    def identity(self) -> tuple:
+        """Same bucket, key and ETag/version = the same object version: tag it once."""
+        return (self.bucket, self.key, self.version_id or self.etag)
+
+
+def parse_message(body: str) -> list[ObjectEvent] | None:
+    """ObjectCreated records of one SQS message body; ``None`` for an ``s3:TestEvent``.
+
+    Raises :class:`PoisonMessage` if the body is not an S3 notification at all.
+    """
+    try:
+        doc = json.loads(body)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise PoisonMessage(f"message body is not JSON: {e}") from e
+    if isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc:  # SNS envelope
+        return parse_message(doc["Message"])
+    if not isinstance(doc, dict):
+        raise PoisonMessage("message body is not a JSON object")
+    if doc.get("Event") == "s3:TestEvent":
+        return None
+    records = doc.get("Records")
+    if not isinstance(records, list):
+        raise PoisonMessage("message has no Records list (not an S3 event notification)")
+    out = []
+    for i, rec in enumerate(records):
+        try:
+            name = rec["eventName"]
+            if not name.startswith("ObjectCreated:"):
+                continue
+            s3 = rec["s3"]
+            obj = s3["object"]
+            out.append(ObjectEvent(
+                bucket=s3["bucket"]["name"],
+                key=unquote_plus(obj["key"]),  # S3 URL-encodes keys in events: '+' for space, %xx
+                etag=(obj.get("eTag") or obj.get("etag") or "").strip('"') or None,
+                version_id=obj.get("versionId") or None,
+                size=obj.get("size"),
+                sequencer=obj.get("sequencer"),
+                event_name=name,
+            ))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise PoisonMessage(f"record {i} is not an S3 event record: missing {e}") from e
+    return out
+
+
+def sequencer_newer(a: str | None, b: str | None) -> bool:
+    """Is sequencer ``a`` later than ``b``? (S3: pad the shorter with leading zeros, compare as hex.)"""
+    if not a or not b:
+        return False
+    n = max(len(a), len(b))
+    return int(a.rjust(n, "0"), 16) > int(b.rjust(n, "0"), 16)

@@ -1,0 +1,247 @@
+"""The S3 -> SQS event path against moto's server on loopback, with a tiny real model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from conftest import encode
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
+
+
+@pytest.fixture
+def env(moto_endpoint, lens_cache):
+    """A fresh bucket, queue and DLQ (with redrive) and the bucket notification, per test."""
+    from serve.events_config import EventsConfig
+    from serve.events_setup import clients, ensure_resources
+
+    tag = uuid.uuid4().hex[:8]
+    cfg = EventsConfig(bucket=f"img-{tag}", queue=f"q-{tag}", dlq=f"dlq-{tag}", max_receive_count=3,
+                       wait_time_s=1, visibility_timeout_s=2, scale_interval_s=0.5, concurrency=8)
+    s3, sqs = clients()
+    changes = ensure_resources(cfg, s3, sqs)
+    assert any("created bucket" in c for c in changes) and ensure_resources(cfg, s3, sqs) == []  # idempotent
+    return cfg, s3, sqs
+
+
+def images(n, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [encode(Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)), "JPEG") for _ in range(n)]
+
+
+def processor(cfg, s3, tiny):
+    from serve.consumer import EventProcessor, LocalTagger, Poller
+
+    p = EventProcessor(cfg, s3, LocalTagger(tiny), tiny.info())
+    return p
+
+
+def poller(cfg, s3, sqs, tiny):
+    from serve.consumer import Poller
+
+    return Poller(cfg, processor(cfg, s3, tiny), sqs)
+
+
+def drain(cfg, s3, sqs, tiny, rounds=20):
+    """Poll until the queue is empty (visible and in flight)."""
+    from serve.consumer import queue_depth
+
+    p = poller(cfg, s3, sqs, tiny)
+    for _ in range(rounds):
+        asyncio.run(p.poll_once())
+        d = queue_depth(sqs, p.url)
+        if d["visible"] == 0 and d["in_flight"] == 0:
+            break
+    return p
+
+
+def next_object_event(sqs, url):
+    """Receive the next S3 object event message (dropping the s3:TestEvent S3 sends on setup)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for m in sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages", []):
+            if "Records" in json.loads(m["Body"]):
+                return m
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    raise AssertionError("no object event arrived")
+
+
+def sidecar(s3, cfg, key):
+    return json.loads(s3.get_object(Bucket=cfg.bucket, Key=f"{cfg.result_prefix}{key}.json")["Body"].read())
+
+
+def sidecars(s3, cfg):
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=cfg.bucket, Prefix=cfg.result_prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def test_put_object_gets_one_result_with_tags_and_embedding(env, tiny):
+    cfg, s3, sqs = env
+    s3.put_object(Bucket=cfg.bucket, Key="cats/one.jpg", Body=images(1)[0])
+    p = drain(cfg, s3, sqs, tiny)
+    rec = sidecar(s3, cfg, "cats/one.jpg")
+    assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet" and len(rec["tags"]) == 5
+    assert rec["etag"] == s3.head_object(Bucket=cfg.bucket, Key="cats/one.jpg")["ETag"].strip('"')
+    assert len(rec["embedding"]) == 256 and rec["weights_sha256"]
+    expected = tiny.predict([images(1)[0]])[0].embedding
+    assert float(np.dot(rec["embedding"], expected)) > 0.999
+    assert p.totals.get("tagged") == 1
+    # the embedding part for search
+    import io
+
+    import pyarrow.parquet as pq
+
+    parts = s3.list_objects_v2(Bucket=cfg.bucket, Prefix=cfg.embeddings_prefix)["Contents"]
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=cfg.bucket, Key=parts[0]["Key"])["Body"].read()))
+    assert table.column("key").to_pylist() == ["cats/one.jpg"] and table.schema.field("embedding").type.list_size == 256
+
+
+def test_duplicate_delivery_writes_one_result(env, tiny):
+    cfg, s3, sqs = env
+    s3.put_object(Bucket=cfg.bucket, Key="dup.jpg", Body=images(1)[0])
+    url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
+    msg = next_object_event(sqs, url)
+    sqs.send_message(QueueUrl=url, MessageBody=msg["Body"])  # at-least-once: the same event again
+    sqs.send_message(QueueUrl=url, MessageBody=msg["Body"])
+    sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=msg["ReceiptHandle"], VisibilityTimeout=0)
+    p = drain(cfg, s3, sqs, tiny)
+    assert sidecars(s3, cfg) == [f"{cfg.result_prefix}dup.jpg.json"]
+    assert p.totals.get("tagged") == 1 and p.totals.get("duplicate", 0) >= 2
+    first = sidecar(s3, cfg, "dup.jpg")["processed_at"]
+    sqs.send_message(QueueUrl=url, MessageBody=msg["Body"])  # much later: still nothing new
+    drain(cfg, s3, sqs, tiny)
+    assert sidecar(s3, cfg, "dup.jpg")["processed_at"] == first
+
+
+def test_test_event_is_skipped_and_url_encoded_keys_are_decoded(env, tiny):
+    cfg, s3, sqs = env
+    url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent",
+                                                           "Bucket": cfg.bucket}))
+    keys = ["holiday photos/beach day.jpg", "café/Ünïcødé 猫.jpg", "a+b/c%d.jpg"]
+    for k, body in zip(keys, images(3)):
+        s3.put_object(Bucket=cfg.bucket, Key=k, Body=body)
+    p = drain(cfg, s3, sqs, tiny)
+    assert p.totals.get("test_event") >= 1 and p.totals.get("tagged") == 3
+    for k in keys:
+        assert sidecar(s3, cfg, k)["key"] == k
+
+
+def test_deleted_non_image_and_oversized_objects_are_skipped_with_reasons(env, tiny):
+    cfg, s3, sqs = env
+    cfg = cfg.model_copy(update={"max_object_bytes": 50_000})
+    s3.put_object(Bucket=cfg.bucket, Key="gone.jpg", Body=images(1)[0])
+    s3.delete_object(Bucket=cfg.bucket, Key="gone.jpg")
+    s3.put_object(Bucket=cfg.bucket, Key="notes.txt", Body=b"not an image")
+    s3.put_object(Bucket=cfg.bucket, Key="huge.jpg", Body=b"\xff\xd8\xff" + b"\x00" * 60_000)
+    p = drain(cfg, s3, sqs, tiny)
+    assert "deleted" in sidecar(s3, cfg, "gone.jpg")["reason"]
+    assert sidecar(s3, cfg, "notes.txt")["reason"].startswith("unsupported_media_type")
+    assert "limit" in sidecar(s3, cfg, "huge.jpg")["reason"]
+    assert all(sidecar(s3, cfg, k)["status"] == "skipped" for k in ("gone.jpg", "notes.txt", "huge.jpg"))
+    assert p.totals.get("skipped") == 3
+
+
+def test_poison_message_goes_to_the_dlq_and_the_queue_drains(env, tiny):
+    cfg, s3, sqs = env
+    url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
+    dlq = sqs.get_queue_url(QueueName=cfg.dlq)["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody='{"Records": [{"eventName": "ObjectCreated:Put"}]}')
+    s3.put_object(Bucket=cfg.bucket, Key="fine.jpg", Body=images(1)[0])
+    from serve.consumer import queue_depth
+
+    p = poller(cfg, s3, sqs, tiny)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        asyncio.run(p.poll_once())
+        if queue_depth(sqs, url) == {"visible": 0, "in_flight": 0} and queue_depth(sqs, dlq)["visible"] == 1:
+            break
+        time.sleep(0.5)
+    assert queue_depth(sqs, url) == {"visible": 0, "in_flight": 0}
+    (dead,) = sqs.receive_message(QueueUrl=dlq, WaitTimeSeconds=1)["Messages"]
+    assert "ObjectCreated:Put" in dead["Body"]
+    assert sidecar(s3, cfg, "fine.jpg")["status"] == "tagged"
+    assert p.totals.get("poison") == 3  # delivered maxReceiveCount times, then moved
+
+
+def test_out_of_order_events_keep_the_newest_version(env, tiny):
+    cfg, s3, sqs = env
+    url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
+    old, new = images(2, seed=5)
+    s3.put_object(Bucket=cfg.bucket, Key="v.jpg", Body=old)
+    first = next_object_event(sqs, url)
+    s3.put_object(Bucket=cfg.bucket, Key="v.jpg", Body=new)
+    drain(cfg, s3, sqs, tiny)  # the newer event is processed first
+    newest = sidecar(s3, cfg, "v.jpg")
+    sqs.send_message(QueueUrl=url, MessageBody=first["Body"])  # the older event arrives late
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"])
+    drain(cfg, s3, sqs, tiny)
+    assert sidecar(s3, cfg, "v.jpg") == newest
+
+
+def test_consumer_killed_mid_batch_then_restarted_gives_exactly_one_result_per_key(env, tiny, lens_cache):
+    cfg, s3, sqs = env
+    cfg = cfg.model_copy(update={"visibility_timeout_s": 3, "messages_per_poll": 10, "concurrency": 4})
+    keys = [f"batch/{i:03d}.jpg" for i in range(40)]
+    for k, body in zip(keys, images(40, seed=9)):
+        s3.put_object(Bucket=cfg.bucket, Key=k, Body=body)
+    cmd = [sys.executable, "-m", "serve.events_app", cfg.model_dump_json(), json.dumps(TINY)]
+    env_vars = os.environ | {"LENS_CACHE_DIR": str(lens_cache)}
+    proc = subprocess.Popen(cmd, env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(sidecars(s3, cfg)) < 8:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-batch: some sidecars written, messages not yet deleted
+    proc.wait()
+    written_before = len(sidecars(s3, cfg))
+    assert 0 < written_before < len(keys)
+    proc = subprocess.Popen(cmd, env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from serve.consumer import queue_depth
+
+        url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if len(sidecars(s3, cfg)) == len(keys) and queue_depth(sqs, url) == {"visible": 0, "in_flight": 0}:
+                break
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert sidecars(s3, cfg) == sorted(f"{cfg.result_prefix}{k}.json" for k in keys)
+    assert all(sidecar(s3, cfg, k)["status"] == "tagged" for k in keys)
+    assert queue_depth(sqs, sqs.get_queue_url(QueueName=cfg.dlq)["QueueUrl"])["visible"] == 0
+
+
+def test_poller_count_follows_the_backlog(env, tiny):
+    cfg, s3, sqs = env
+    cfg = cfg.model_copy(update={"min_pollers": 1, "max_pollers": 4, "messages_per_poller": 5})
+    p = poller(cfg, s3, sqs, tiny)
+    assert p.wanted(0) == 1 and p.wanted(4) == 1 and p.wanted(12) == 3 and p.wanted(1000) == 4
+    assert poller(cfg.model_copy(update={"min_pollers": 0}), s3, sqs, tiny).wanted(0) == 0
+
+
+def test_s3_object_tags_respect_limits_and_keep_user_tags():
+    from serve.results import s3_tags
+
+    existing = [{"Key": f"user{i}", "Value": "x"} for i in range(7)] + [{"Key": "lens:tag1", "Value": "old"}]
+    tags = [{"label": "tabby, tabby cat", "class_id": 281, "score": 0.5}] * 5
+    merged = s3_tags(existing, tags, "tf_efficientnet_lite0")
+    assert len(merged) == 10 and [t["Key"] for t in merged[:7]] == [f"user{i}" for i in range(7)]
+    assert [t["Key"] for t in merged[7:]] == ["lens:model", "lens:tag1", "lens:tag2"]
+    assert merged[8]["Value"] == "tabby  tabby cat"  # commas are not allowed in S3 tag values
+    assert all(len(t["Key"]) <= 128 and len(t["Value"]) <= 256 for t in merged)
