@@ -113,14 +113,18 @@ class HttpApi:
         return self._model_names[name]
 
     # -- routes ------------------------------------------------------------------------------
-    async def http_tag(self, request: Request, top_k: Optional[int] = Query(None)) -> JSONResponse:
+    async def http_tag(self, request: Request, top_k: Optional[int] = Query(None),
+                       embedding: bool = Query(False)) -> JSONResponse:
         async def work(pool):
             k = self._top_k(top_k)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
-            result = await self._dispatch("tag", (data, k, False), pool)
+            result = await self._dispatch("tag", (data, k, embedding), pool)
             if "error" in result:
                 return result["status"], result
-            return 200, {"model": await self._model_name(pool), "tags": result["tags"]}
+            body = {"model": await self._model_name(pool), "tags": result["tags"]}
+            if embedding:
+                body["embedding"] = [float(x) for x in result["embedding"]]
+            return 200, body
 
         return await self._handle(request, "/v1/tag", work)
 
