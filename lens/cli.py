@@ -133,6 +133,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from serve.events_cli import main as events_main
+
+    if getattr(args, "dlq_command", None) == "list" and args.limit is None:
+        args.limit = 10
+    return events_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lens", description="EfficientNet tagging, embedding and search on Ray")
     parser.add_argument("--version", action="version", version=f"lens {__version__}")
@@ -159,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
                    "(0 = Ray picks one)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("events", help="S3 ObjectCreated events through SQS: run the consumer, status, DLQ")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="Serve config with the tagging and events applications (see infra/events.yaml)")
+    p.add_argument("--endpoint-url", default=None, help="S3/SQS endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    p.set_defaults(func=cmd_events, events_command=None, aws=False, moto_port=4566, port=None, address=None,
+                   proxy="haproxy")
+    esub = p.add_subparsers(dest="events_command", metavar="SUBCOMMAND")
+    r = esub.add_parser("run", help="(default) deploy the consumer; on moto at 127.0.0.1 unless --aws")
+    r.add_argument("--aws", action="store_true", help="use real AWS (or AWS_ENDPOINT_URL), do not start moto")
+    r.add_argument("--moto-port", type=int, default=4566)
+    r.add_argument("--port", type=int, default=None, help="HTTP port of the tagging API")
+    r.add_argument("--address", default=None, help="existing Ray cluster")
+    r.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy")
+    esub.add_parser("status", help="queue depth, in flight, DLQ depth, consumer counters")
+    d = esub.add_parser("dlq", help="inspect or redrive the dead-letter queue")
+    d.add_argument("dlq_command", choices=["list", "redrive"])
+    d.add_argument("--limit", type=int, default=None, help="at most this many messages")
 
     p = sub.add_parser("models", help="list supported models and which have weights here")
     p.add_argument("--json", action="store_true", help="one JSON object per model")

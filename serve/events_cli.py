@@ -1,0 +1,139 @@
+"""``lens events``: run the event consumer (locally on moto by default), inspect the queues, redrive the DLQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from lens.config import validate
+from lens.errors import ConfigError
+
+from .consumer import queue_depth, queue_url
+from .events_app import EventsAppArgs
+from .events_setup import clients, ensure_resources
+from .run import BUILDER, load_serve_config
+
+__all__ = ["DEFAULT_EVENTS_CONFIG", "events_args", "run_events", "status", "dlq_list", "dlq_redrive",
+           "start_local_aws"]
+
+EVENTS_BUILDER = "serve.events_app:build_events_app"
+
+DEFAULT_EVENTS_CONFIG = {
+    "proxy_location": "HeadOnly",
+    "http_options": {"host": "127.0.0.1", "port": 8000},
+    "applications": [
+        {"name": "lens", "route_prefix": "/", "import_path": BUILDER, "args": {}},
+        {"name": "lens-events", "route_prefix": None, "import_path": EVENTS_BUILDER,
+         "args": {"events": {}, "tagger_app": "lens", "tagger_deployment": "Tagger"}},
+    ],
+}
+
+
+def events_args(doc: dict) -> EventsAppArgs:
+    for app in doc.get("applications", []):
+        if app.get("import_path") == EVENTS_BUILDER:
+            return validate(EventsAppArgs, app.get("args") or {}, where=f"application {app.get('name')!r} args")
+    raise ConfigError(f"the config has no application with import_path {EVENTS_BUILDER}")
+
+
+def start_local_aws(port: int = 4566) -> str:
+    """moto's S3/SQS server on 127.0.0.1 (the local default), and the env for boto3 to use it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=os.environ.get("AWS_ACCESS_KEY_ID", "local"),
+                      AWS_SECRET_ACCESS_KEY=os.environ.get("AWS_SECRET_ACCESS_KEY", "local"),
+                      AWS_DEFAULT_REGION=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return endpoint
+
+
+def run_events(config: str | None, *, aws: bool = False, moto_port: int = 4566, **serve_kw) -> None:
+    """Deploy the tagging app and the consumer; on the local default, against moto on 127.0.0.1."""
+    import copy
+
+    from .run import run
+
+    doc = load_serve_config(config) if config else copy.deepcopy(DEFAULT_EVENTS_CONFIG)
+    cfg = events_args(doc).events
+    if not aws and not os.environ.get("AWS_ENDPOINT_URL"):
+        endpoint = start_local_aws(moto_port)
+        print(f"local S3/SQS (moto) at {endpoint}; export AWS_ENDPOINT_URL={endpoint} to use it", file=sys.stderr)
+    for change in ensure_resources(cfg):
+        print(f"  {change}", file=sys.stderr)
+    print(f"consuming s3://{cfg.bucket} ObjectCreated events from {cfg.queue} (DLQ {cfg.dlq}); results under "
+          f"{cfg.result_prefix}", file=sys.stderr)
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(doc, f)
+    run(f.name, **serve_kw)
+
+
+def status(cfg) -> dict:
+    s3, sqs = clients(cfg.region)
+    main, dlq = queue_url(sqs, cfg.queue), queue_url(sqs, cfg.dlq)
+    out = {"queue": cfg.queue, **queue_depth(sqs, main), "dlq": cfg.dlq, "dlq_depth": queue_depth(sqs, dlq)["visible"]}
+    try:  # the consumer's own counters, if a Lens cluster is reachable
+        import ray
+        from ray import serve
+
+        if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+            if not ray.is_initialized():
+                ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+            out |= serve.get_deployment_handle("EventConsumer", "lens-events").status.remote().result(timeout_s=10)
+    except Exception as e:  # noqa: BLE001 - queue numbers are still useful without the consumer
+        out["consumer"] = f"unavailable: {type(e).__name__}"
+    return out
+
+
+def dlq_list(cfg, limit: int = 10) -> list[dict]:
+    """Peek at DLQ messages without consuming them (visibility 0)."""
+    _, sqs = clients(cfg.region)
+    url = queue_url(sqs, cfg.dlq)
+    out = []
+    resp = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(limit, 10), VisibilityTimeout=0,
+                               AttributeNames=["ApproximateReceiveCount", "SentTimestamp"])
+    for m in resp.get("Messages", []):
+        out.append({"message_id": m["MessageId"], "receive_count": m["Attributes"].get("ApproximateReceiveCount"),
+                    "body": m["Body"][:500]})
+    return out
+
+
+def dlq_redrive(cfg, limit: int | None = None) -> int:
+    """Move DLQ messages back to the main queue (send, then delete: at least once, like SQS itself)."""
+    _, sqs = clients(cfg.region)
+    src, dst = queue_url(sqs, cfg.dlq), queue_url(sqs, cfg.queue)
+    moved = 0
+    while limit is None or moved < limit:
+        msgs = sqs.receive_message(QueueUrl=src, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                   VisibilityTimeout=30).get("Messages", [])
+        if not msgs:
+            break
+        for m in msgs:
+            sqs.send_message(QueueUrl=dst, MessageBody=m["Body"])
+            sqs.delete_message(QueueUrl=src, ReceiptHandle=m["ReceiptHandle"])
+            moved += 1
+    return moved
+
+
+def main(args) -> int:
+    doc = load_serve_config(args.config) if args.config else DEFAULT_EVENTS_CONFIG
+    cfg = events_args(doc).events
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    if args.events_command in (None, "run"):
+        run_events(args.config, aws=args.aws, moto_port=args.moto_port, port=args.port, address=args.address,
+                   proxy=args.proxy)
+    elif args.events_command == "status":
+        print(json.dumps(status(cfg), indent=2))
+    elif args.events_command == "dlq" and args.dlq_command == "list":
+        for m in dlq_list(cfg, args.limit):
+            print(json.dumps(m))
+    elif args.events_command == "dlq" and args.dlq_command == "redrive":
+        print(json.dumps({"redriven": dlq_redrive(cfg, args.limit)}))
+    return 0

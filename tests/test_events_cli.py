@@ -1,0 +1,101 @@
+"""`lens events` end to end: moto on loopback, the consumer on Ray Serve tagging through the model pool,
+status and DLQ commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_events import images
+
+requests = pytest.importorskip("requests")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lens(*args, env):
+    return subprocess.run([sys.executable, "-m", "lens.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_lens_events_local_default(tmp_path, lens_cache):
+    import boto3
+
+    moto_port, http_port, metrics_port = _port(), _port(), _port()
+    doc = yaml.safe_load((Path(__file__).parents[1] / "infra" / "events.yaml").read_text())
+    doc["applications"][0]["args"]["pools"][0].update(
+        model={"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}, num_cpus=1)
+    doc["applications"][1]["args"]["events"].update(wait_time_s=1, visibility_timeout_s=2, max_receive_count=2,
+                                                    scale_interval_s=1)
+    cfg = tmp_path / "events.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"LENS_CACHE_DIR": str(lens_cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "lens.cli", "events", "--config", str(cfg), "run", "--moto-port",
+                             str(moto_port), "--port", str(http_port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{moto_port}"
+    aws = env | {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+                 "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("lens events did not come up")
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="local",
+                          aws_secret_access_key="local")
+        sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="local",
+                           aws_secret_access_key="local")
+        keys = [f"uploads/{i}.jpg" for i in range(6)]
+        for k, body in zip(keys, images(6, seed=21)):
+            s3.put_object(Bucket="lens-images", Key=k, Body=body)
+        url = sqs.get_queue_url(QueueName="lens-events")["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody="poison: not an S3 event")
+        deadline = time.monotonic() + 120
+        done = []
+        while time.monotonic() < deadline:
+            listed = s3.list_objects_v2(Bucket="lens-images", Prefix="lens-tags/").get("Contents", [])
+            done = sorted(o["Key"] for o in listed)
+            dlq_depth = json.loads(lens("events", "--config", str(cfg), "status", env=aws).stdout)["dlq_depth"]
+            if len(done) == len(keys) and dlq_depth == 1:
+                break
+            time.sleep(1)
+        assert done == sorted(f"lens-tags/{k}.json" for k in keys)
+        rec = json.loads(s3.get_object(Bucket="lens-images", Key="lens-tags/uploads/0.jpg.json")["Body"].read())
+        assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet"
+        st = json.loads(lens("events", "--config", str(cfg), "status", env=aws).stdout)
+        assert st["dlq_depth"] == 1 and st["visible"] == 0
+        listed = [json.loads(line) for line in lens("events", "--config", str(cfg), "dlq", "list",
+                                                    env=aws).stdout.splitlines()]
+        assert [m["body"] for m in listed] == ["poison: not an S3 event"]
+        assert json.loads(lens("events", "--config", str(cfg), "dlq", "redrive", env=aws).stdout) == {"redriven": 1}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, out[-3000:]
+    assert "created queue lens-events" in out and "shutting down Lens" in out
