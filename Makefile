@@ -1,7 +1,7 @@
 # Lens: one command to set up and run the main job, one to set up and run the tests.
 #   make demo    create .venv, install Lens, tag the bundled real photos with the embedded model
 #   make test    create .venv, install Lens with its dev extras, run the test suite
-#   make bench   run the benchmarks under scripts/ (JSON summaries on stdout)
+#   make bench   run the benchmarks under scripts/ (JSON summaries on stdout, files in benchmarks/)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_serve.py
+	$(BIN)/python scripts/bench_events.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -17,9 +17,11 @@ the Lambda-style handler; only the tagger (a Serve handle, a local predictor, or
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -77,6 +79,11 @@ class EventProcessor:
         self.store = ResultStore(s3, cfg.result_prefix, cfg.embeddings_prefix, results_bucket=cfg.results_bucket,
                                  object_tags=cfg.object_tags)
         self._sem = asyncio.Semaphore(cfg.concurrency)
+        # boto3 is blocking: its calls get their own threads (asyncio's default pool has cpu+4 of them)
+        self._io = ThreadPoolExecutor(cfg.concurrency + 4, thread_name_prefix="lens-s3")
+
+    async def _io_call(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args, **kwargs))
 
     async def process_messages(self, messages: list[dict]) -> Outcome:
         """Process SQS messages (``Body``, ``ReceiptHandle``, ``MessageId``); never raises for one message."""
@@ -123,13 +130,13 @@ class EventProcessor:
         tagged = [(mid, r) for mid, r in done if r.status == "tagged" and mid not in failed_msgs]
         if tagged:
             try:
-                await asyncio.to_thread(self.store.write_embeddings, [r for _, r in tagged], self.model_info,
-                                        tagged[0][1].event.bucket)
+                await self._io_call(self.store.write_embeddings, [r for _, r in tagged], self.model_info,
+                                    tagged[0][1].event.bucket)
             except Exception as e:  # noqa: BLE001 - S3 trouble: retry the whole set later
                 logger.warning("embedding part not written, its messages will be retried: %s", e)
                 failed_msgs.update(mid for mid, _ in tagged)
         pending = [(mid, r) for mid, r in done if mid not in failed_msgs]
-        writes = await asyncio.gather(*(asyncio.to_thread(self.store.write, r, self.model_info)
+        writes = await asyncio.gather(*(self._io_call(self.store.write, r, self.model_info)
                                         for _, r in pending), return_exceptions=True)
         for (mid, r), w in zip(pending, writes):
             if isinstance(w, BaseException):
@@ -154,7 +161,7 @@ class EventProcessor:
         if self.store.is_output(ev.key):
             out.count("own_output")
             return None
-        prev = await asyncio.to_thread(self.store.existing, ev)
+        prev = await self._io_call(self.store.existing, ev)
         if prev is not None:
             same = (ev.version_id and prev.get("version_id") == ev.version_id) or (
                 not ev.version_id and ev.etag and prev.get("etag") == ev.etag)
@@ -166,7 +173,7 @@ class EventProcessor:
                 return None
         kw = {"VersionId": ev.version_id} if ev.version_id else ({"IfMatch": ev.etag} if ev.etag else {})
         try:
-            obj = await asyncio.to_thread(self.s3.get_object, Bucket=ev.bucket, Key=ev.key, **kw)
+            obj = await self._io_call(self.s3.get_object, Bucket=ev.bucket, Key=ev.key, **kw)
         except ClientError as e:
             code = e.response["Error"]["Code"]
             if code in ("NoSuchKey", "404", "NoSuchVersion"):
@@ -180,7 +187,7 @@ class EventProcessor:
         if size > self.cfg.max_object_bytes:
             obj["Body"].close()
             return self._skip(ev, f"object is {size} bytes; the limit is {self.cfg.max_object_bytes}")
-        data = await asyncio.to_thread(obj["Body"].read)
+        data = await self._io_call(obj["Body"].read)
         result = await self.tagger(data, self.cfg.top_k, True)
         if "error" in result:
             if int(result.get("status", 500)) >= 500:
@@ -216,12 +223,12 @@ class Poller:
         self.sqs = sqs
         self.url = queue_url(sqs, cfg.queue)
         self.totals: dict = {}
-        self._loops: list[asyncio.Task] = []
+        self._loops: list[tuple[asyncio.Task, asyncio.Event]] = []  # (poll loop, its own stop flag)
         self._stopping = asyncio.Event()
 
     @property
     def pollers(self) -> int:
-        return len([t for t in self._loops if not t.done()])
+        return len([t for t, stop in self._loops if not t.done() and not stop.is_set()])
 
     def wanted(self, backlog: int) -> int:
         extra = math.ceil(backlog / self.cfg.messages_per_poller) if backlog else 0
@@ -243,8 +250,8 @@ class Poller:
             self.totals[k] = self.totals.get(k, 0) + v
         return out
 
-    async def _loop(self) -> None:
-        while not self._stopping.is_set():
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while not (self._stopping.is_set() or stop.is_set()):
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
@@ -262,17 +269,19 @@ class Poller:
             except Exception:  # noqa: BLE001
                 logger.exception("queue depth check failed")
                 want = max(self.pollers, self.cfg.min_pollers, 1)
-            self._loops = [t for t in self._loops if not t.done()]
+            self._loops = [(t, s) for t, s in self._loops if not t.done() and not s.is_set()]
             while len(self._loops) < want:
-                self._loops.append(asyncio.create_task(self._loop()))
+                stop = asyncio.Event()
+                self._loops.append((asyncio.create_task(self._loop(stop)), stop))
             while len(self._loops) > want:
-                self._loops.pop().cancel()  # an in-flight batch is simply redelivered later
+                self._loops.pop()[1].set()  # finishes its current batch (and deletes its messages), then exits
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.cfg.scale_interval_s)
             except asyncio.TimeoutError:
                 pass
 
     def stop(self) -> None:
+        """Stop now: batches in flight are abandoned and come back after the visibility timeout."""
         self._stopping.set()
-        for t in self._loops:
+        for t, _ in self._loops:
             t.cancel()

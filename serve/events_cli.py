@@ -25,7 +25,7 @@ DEFAULT_EVENTS_CONFIG = {
     "applications": [
         {"name": "lens", "route_prefix": "/", "import_path": BUILDER, "args": {}},
         {"name": "lens-events", "route_prefix": None, "import_path": EVENTS_BUILDER,
-         "args": {"events": {}, "tagger_app": "lens", "tagger_deployment": "Tagger"}},
+         "args": {"events": {"results_bucket": "lens-results"}, "tagger_app": "lens", "tagger_deployment": "Tagger"}},
     ],
 }
 
@@ -41,6 +41,9 @@ def start_local_aws(port: int = 4566) -> str:
     """moto's S3/SQS server on 127.0.0.1 (the local default), and the env for boto3 to use it."""
     from moto.server import ThreadedMotoServer
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access-log line per S3/SQS call
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

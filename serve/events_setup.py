@@ -67,15 +67,16 @@ def ensure_resources(cfg: EventsConfig, s3=None, sqs=None, *, create_bucket: boo
     if s3 is None or sqs is None:
         s3, sqs = clients(cfg.region)
     changes: list[str] = []
-    try:
-        s3.head_bucket(Bucket=cfg.bucket)
-    except ClientError:
-        if not create_bucket:
-            raise
-        region = s3.meta.region_name
-        kw = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
-        s3.create_bucket(Bucket=cfg.bucket, **kw)
-        changes.append(f"created bucket {cfg.bucket}")
+    for bucket in dict.fromkeys(b for b in (cfg.bucket, cfg.results_bucket) if b):
+        try:
+            s3.head_bucket(Bucket=bucket)
+        except ClientError:
+            if not create_bucket:
+                raise
+            region = s3.meta.region_name
+            kw = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+            s3.create_bucket(Bucket=bucket, **kw)
+            changes.append(f"created bucket {bucket}")
 
     _, dlq_arn = _queue(sqs, cfg.dlq, {"MessageRetentionPeriod": "1209600"}, changes)
     attrs = {

@@ -75,14 +75,14 @@ def test_lens_events_local_default(tmp_path, lens_cache):
         deadline = time.monotonic() + 120
         done = []
         while time.monotonic() < deadline:
-            listed = s3.list_objects_v2(Bucket="lens-images", Prefix="lens-tags/").get("Contents", [])
+            listed = s3.list_objects_v2(Bucket="lens-results", Prefix="lens-tags/").get("Contents", [])
             done = sorted(o["Key"] for o in listed)
             dlq_depth = json.loads(lens("events", "--config", str(cfg), "status", env=aws).stdout)["dlq_depth"]
             if len(done) == len(keys) and dlq_depth == 1:
                 break
             time.sleep(1)
         assert done == sorted(f"lens-tags/{k}.json" for k in keys)
-        rec = json.loads(s3.get_object(Bucket="lens-images", Key="lens-tags/uploads/0.jpg.json")["Body"].read())
+        rec = json.loads(s3.get_object(Bucket="lens-results", Key="lens-tags/uploads/0.jpg.json")["Body"].read())
         assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet"
         st = json.loads(lens("events", "--config", str(cfg), "status", env=aws).stdout)
         assert st["dlq_depth"] == 1 and st["visible"] == 0

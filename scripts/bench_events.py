@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Benchmark event-driven tagging end to end on this machine; prints one JSON summary.
+
+Starts moto's S3/SQS server on loopback, the tagging app and the event consumer on Ray Serve (as
+`lens events` does), measures the online tagging throughput (closed loop, 32 connections) in the same
+run, then puts N real images into the bucket as fast as it can and measures events/s from the first
+put to the last result, and put -> result latency (p50/p95) from each sidecar's processing time.
+Writes benchmarks/events.json.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of online load")
+    ap.add_argument("--quick", action="store_true", help="100 images, 4 s online")
+    args = ap.parse_args()
+    n, duration = (100, 4.0) if args.quick else (args.images, args.duration)
+
+    from bench_serve import closed_loop, jpeg_bodies, percentile
+
+    from serve.events_cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
+    from serve.events_setup import clients, ensure_resources
+
+    endpoint = start_local_aws(_port())
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    import copy
+
+    import ray
+    from ray import serve
+
+    from serve.run import deploy
+
+    port = _port()
+    doc = copy.deepcopy(DEFAULT_EVENTS_CONFIG)
+    doc["http_options"].update(port=port)
+    doc["applications"][0]["args"] = {"pools": [{"name": "Tagger", "num_cpus": 2,
+                                                 "model": {"backend": "onnx", "device": "cpu"}}]}
+    doc["applications"][0]["deployments"] = [{"name": "Tagger", "num_replicas": 1}]
+    doc["applications"][1]["args"]["events"] = {"results_bucket": "lens-results", "wait_time_s": 1, "visibility_timeout_s": 60, "concurrency": 32,
+                                                "max_pollers": 8, "messages_per_poller": 10,
+                                                "scale_interval_s": 1.0}
+    cfg = events_args(doc).events
+    s3, sqs = clients()
+    ensure_resources(cfg, s3, sqs)
+    bodies = jpeg_bodies()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    try:
+        deploy(doc, where="bench events")
+        url = f"http://127.0.0.1:{port}/v1/tag"
+        asyncio.run(closed_loop(url, bodies, 8, 2))
+        online = asyncio.run(closed_loop(url, bodies, 32, duration))
+
+        put_at: dict[str, float] = {}
+
+        def put(i: int) -> None:
+            key = f"bench/{i:06d}.jpg"
+            put_at[key] = time.time()
+            s3.put_object(Bucket=cfg.bucket, Key=key, Body=bodies[i % len(bodies)])
+
+        t0 = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, range(n)))
+        put_s = time.time() - t0
+        deadline = time.time() + 600
+        found: list[str] = []
+        while time.time() < deadline:
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=cfg.results_bucket,
+                                                                 Prefix=cfg.result_prefix + "bench/")
+            found = [o["Key"] for page in pages for o in page.get("Contents", [])]
+            if len(found) >= n:
+                break
+            time.sleep(0.5)
+        results = [json.loads(s3.get_object(Bucket=cfg.results_bucket, Key=k)["Body"].read()) for k in found]
+        consumer = serve.get_deployment_handle("EventConsumer", "lens-events").status.remote().result()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    lat = [(r["processed_at"] - put_at[r["key"]]) * 1000 for r in results if r["key"] in put_at]
+    last = max(r["processed_at"] for r in results)
+    events_per_s = len(results) / (last - t0)
+    summary = {
+        "benchmark": "events",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "s3_sqs": f"moto server at {endpoint} (same machine)",
+        "images": n,
+        "results": len(results),
+        "tagged": sum(r["status"] == "tagged" for r in results),
+        "put_seconds": round(put_s, 2),
+        "events_per_s": round(events_per_s, 2),
+        "put_to_result_ms": {"p50": round(percentile(lat, 50), 1), "p95": round(percentile(lat, 95), 1)},
+        "online_rps_32_connections": online["throughput_rps"],
+        "consumer": consumer,
+        "ratios": {"events_vs_online": round(events_per_s / online["throughput_rps"], 2)},
+    }
+    summary["targets"] = {"events >= 0.6x online": summary["ratios"]["events_vs_online"] >= 0.6,
+                          "every image has exactly one result": len(results) == n == len(set(found))}
+    out = ROOT / "benchmarks"
+    out.mkdir(exist_ok=True)
+    (out / "events.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
