@@ -71,16 +71,52 @@ def random_rgb(rng, w=64, h=48) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    """moto's S3/SQS server on loopback; boto3 reaches it through AWS_ENDPOINT_URL, as it would AWS."""
+def free_port() -> int:
     import socket
-
-    from moto.server import ThreadedMotoServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, timeout_s: float = 240) -> None:
+    """Poll ``url`` until it answers 200, failing early if ``proc`` (the server) exits."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or no replica behind the proxy yet
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(1)
+    pytest.fail(f"{url} did not become healthy in {timeout_s}s")
+
+
+def interrupt(proc, timeout_s: float = 60) -> str:
+    """Ctrl-C a server started with ``start_new_session=True``; returns its output."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return out
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3/SQS server on loopback; boto3 reaches it through AWS_ENDPOINT_URL, as it would AWS."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

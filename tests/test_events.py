@@ -44,7 +44,7 @@ def images(n, seed=0):
 
 
 def processor(cfg, s3, tiny):
-    from serve.consumer import EventProcessor, LocalTagger, Poller
+    from serve.consumer import EventProcessor, LocalTagger
 
     p = EventProcessor(cfg, s3, LocalTagger(tiny), tiny.info())
     return p

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import free_port, interrupt, wait_healthy
 from test_events import images
 
 requests = pytest.importorskip("requests")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lens(*args, env):
@@ -36,7 +29,7 @@ def lens(*args, env):
 def test_lens_events_local_default(tmp_path, lens_cache):
     import boto3
 
-    moto_port, http_port, metrics_port = _port(), _port(), _port()
+    moto_port, http_port = free_port(), free_port()
     doc = yaml.safe_load((Path(__file__).parents[1] / "infra" / "events.yaml").read_text())
     doc["applications"][0]["args"]["pools"][0].update(
         model={"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}, num_cpus=1)
@@ -52,17 +45,7 @@ def test_lens_events_local_default(tmp_path, lens_cache):
     aws = env | {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                  "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(1)
-        else:
-            pytest.fail("lens events did not come up")
+        wait_healthy(f"http://127.0.0.1:{http_port}/healthz", proc)
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="local",
                           aws_secret_access_key="local")
         sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="local",
@@ -91,11 +74,6 @@ def test_lens_events_local_default(tmp_path, lens_cache):
         assert [m["body"] for m in listed] == ["poison: not an S3 event"]
         assert json.loads(lens("events", "--config", str(cfg), "dlq", "redrive", env=aws).stdout) == {"redriven": 1}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        out = interrupt(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "created queue lens-events" in out and "shutting down Lens" in out

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 
 import pytest
 
+from conftest import free_port
 from test_events import images, sidecar
 
 ray = pytest.importorskip("ray")
@@ -21,9 +21,7 @@ def lens_api(lens_cache):
 
     from serve.run import deploy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
     doc = {"http_options": {"host": "127.0.0.1", "port": port},

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import os
-import socket
 import time
 
 import numpy as np
 import pytest
 
-from conftest import encode
+from conftest import encode, free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -22,15 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(lens_cache):
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})

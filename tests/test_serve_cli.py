@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +9,15 @@ import time
 import pytest
 import yaml
 
+from conftest import free_port, interrupt, wait_healthy
+
 requests = pytest.importorskip("requests")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, photos):
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     doc = yaml.safe_load((__import__("pathlib").Path(__file__).parents[1] / "infra" / "serve-cpu.yaml").read_text())
     pool = doc["applications"][0]["args"]["pools"][0]
     pool["model"] = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
@@ -36,17 +29,7 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or no replica behind HAProxy yet
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(1)
-        else:
-            pytest.fail("lens serve did not become healthy")
+        wait_healthy(f"{url}/healthz", proc)
         for _ in range(5):
             r = requests.post(f"{url}/v1/tag", data=photos["rocket.jpg"], headers={"Content-Type": "image/jpeg"},
                               timeout=30)
@@ -68,11 +51,6 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
         assert not missing, missing
         assert 'route="/v1/tag"' in text and 'status="415"' in text
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        out = interrupt(proc)
     assert proc.returncode == 0, out[-2000:]
     assert "shutting down Lens" in out
