@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .s3events import ObjectEvent
+from .s3events import ObjectEvent, sequencer_newer
 
 __all__ = ["ResultStore", "Record", "s3_tags"]
 
@@ -80,24 +80,38 @@ class ResultStore:
     def _where(self, ev: ObjectEvent) -> tuple[str, str]:
         return self.results_bucket or ev.bucket, f"{self.result_prefix}{ev.key}.json"
 
-    def existing(self, ev: ObjectEvent) -> dict | None:
+    def write(self, rec: Record, model: dict) -> str:
+        """Write the sidecar unless this object version already has one; returns what happened.
+
+        A conditional PUT (``If-None-Match: *``) makes the first writer win without a prior read. If a
+        sidecar exists: the same version is a ``"duplicate"`` (nothing written); an older version is
+        replaced with a compare-and-swap (``If-Match`` on the sidecar's ETag); a newer one, by S3
+        sequencer, makes this event ``"stale"``. Each PUT is durable and atomic.
+        """
         from botocore.exceptions import ClientError
 
-        bucket, key = self._where(ev)
-        try:
-            return json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None
-            raise
-
-    def write(self, rec: Record, model: dict) -> None:
-        """One PUT: S3 makes it durable and atomic (readers see the whole sidecar or none)."""
         bucket, key = self._where(rec.event)
         body = json.dumps(rec.to_json(model)).encode()
-        self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+        try:
+            self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", IfNoneMatch="*")
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
+                raise
+            current = self.s3.get_object(Bucket=bucket, Key=key)
+            prev = json.loads(current["Body"].read())
+            ev = rec.event
+            if (ev.version_id and prev.get("version_id") == ev.version_id) or (
+                    not ev.version_id and ev.etag and prev.get("etag") == ev.etag):
+                return "duplicate"
+            # Without versions, the object was fetched with If-Match on this event's ETag, so this event
+            # describes the current object and the recorded one is older. With versions, order by sequencer.
+            if ev.version_id and not sequencer_newer(ev.sequencer, prev.get("sequencer")):
+                return "stale"
+            self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json",
+                               IfMatch=current["ETag"])  # fails (and is retried) if someone wrote in between
         if self.object_tags and rec.status == "tagged":
             self._tag_object(rec, model)
+        return "written"
 
     def _tag_object(self, rec: Record, model: dict) -> None:
         ev = rec.event
