@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .backends import ONNX_OPSET, Backend, OnnxBackend, TorchBackend, export_onnx, heads_module
@@ -52,7 +52,6 @@ class LoadedModel:
     backend: Backend
     load_seconds: float = 0.0
     onnx_path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     def info(self) -> dict:
         return {
