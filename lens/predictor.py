@@ -142,11 +142,20 @@ class Predictor:
         """Decode (if bytes) and preprocess one item to (3, H, W) float32. Raises ImageError/TypeError."""
         return self.preprocessor(item)
 
-    def prepare_many(self, items: Sequence[Item], executor: Executor | None = None) -> list[np.ndarray | ItemError]:
-        """:meth:`prepare` each item, catching per-item failures; in parallel if an executor is given."""
+    def prepare_pixels(self, item: Item) -> np.ndarray:
+        """Decode and resize/crop one item to (H, W, 3) uint8, the compact form pipelines ship between stages;
+        :meth:`infer_pixels` finishes the job. Raises ImageError/TypeError."""
+        return self.preprocessor.pixels(item)
+
+    def prepare_many(self, items: Sequence[Item], executor: Executor | None = None, *,
+                     pixels: bool = False) -> list[np.ndarray | ItemError]:
+        """:meth:`prepare` (or, with ``pixels``, :meth:`prepare_pixels`) each item, catching per-item
+        failures; in parallel if an executor is given."""
+        prepare = self.prepare_pixels if pixels else self.prepare
+
         def one(item: Item) -> np.ndarray | ItemError:
             try:
-                return self.prepare(item)
+                return prepare(item)
             except Exception as e:  # noqa: BLE001 - one bad item must not fail the batch
                 err = ItemError.from_exception(e)
                 if err.status >= 500:
@@ -170,6 +179,11 @@ class Predictor:
         if not logits:
             return (np.zeros((0, self.model.num_classes), np.float32), np.zeros((0, self.embed_dim), np.float32))
         return np.concatenate(logits), l2_normalize(np.concatenate(feats))
+
+    def infer_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`infer` on (N, H, W, 3) uint8 crops from :meth:`prepare_pixels`; bit-identical to
+        ``infer(stack(prepare(item)))``."""
+        return self.infer(self.preprocessor.normalize(pixels))
 
     def postprocess(self, logits: np.ndarray, embeddings: np.ndarray, top_k: int | None = None) -> list[Prediction]:
         tags = top_k_tags(logits, self.model.labels, top_k or self.default_top_k)

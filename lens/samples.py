@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["SAMPLES", "sample_dir", "sample_path", "sample_paths"]
+__all__ = ["SAMPLES", "PHOTOS", "sample_dir", "sample_path", "sample_paths", "photo_paths", "augment",
+           "augmented_jpegs"]
 
 #: file name -> what the photo shows (the ImageNet class expected where there is an obvious one)
 SAMPLES: dict[str, str] = {
@@ -21,6 +22,13 @@ SAMPLES: dict[str, str] = {
     "hubble_deep_field.jpg": "galaxies, the Hubble deep field (a ~1 MP JPEG)",
     "camera.png": "a cameraman on a tripod (greyscale)",
 }
+
+
+#: every colour or greyscale photograph in that folder: the pool for seeded augmented copies
+PHOTOS: tuple[str, ...] = tuple(SAMPLES) + (
+    "brick.png", "cell.png", "coins.png", "color.png", "grass.png", "gravel.png", "horse.png", "ihc.png",
+    "logo.png", "moon.png", "page.png", "retina.jpg", "text.png", "clock_motion.png", "motorcycle_right.png",
+)
 
 
 def sample_dir() -> Path:
@@ -41,3 +49,46 @@ def sample_path(name: str) -> Path:
 
 def sample_paths() -> list[Path]:
     return [sample_path(n) for n in SAMPLES]
+
+
+def photo_paths() -> list[Path]:
+    """The photos of :data:`PHOTOS` present in this scikit-image install."""
+    base = sample_dir()
+    return [base / n for n in PHOTOS if (base / n).is_file()]
+
+
+def augment(img, rng, *, min_area: float = 0.5, long_side: tuple[int, int] = (256, 800)):
+    """A seeded random copy: crop (``min_area``..1 of the area), maybe mirrored, colour-jittered and resized."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    img = img.convert("RGB")
+    w, h = img.size
+    area = rng.uniform(min_area, 1.0)
+    aspect = rng.uniform(0.8, 1.25)
+    cw = max(16, min(w, int(round(w * (area * aspect) ** 0.5))))
+    ch = max(16, min(h, int(round(h * (area / aspect) ** 0.5))))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = img.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhancer(img).enhance(float(rng.uniform(0.75, 1.25)))
+    target = int(rng.integers(long_side[0], long_side[1] + 1))
+    scale = target / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+
+
+def augmented_jpegs(n: int, seed: int = 0, **kwargs):
+    """``n`` seeded augmented copies of the bundled photos as ``(name, jpeg_bytes, source_photo)``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = [(p.stem, Image.open(p).convert("RGB")) for p in photo_paths()]
+    for i in range(n):
+        stem, img = photos[i % len(photos)]
+        buf = io.BytesIO()
+        augment(img, rng, **kwargs).save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
+        yield f"{stem}-{i:06d}.jpg", buf.getvalue(), stem

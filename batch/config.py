@@ -1,0 +1,70 @@
+"""Typed configuration of a bulk embedding job (``lens embed``), validated before Ray starts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from lens.config import DecodeConfig, ModelConfig, StrictModel
+
+__all__ = ["EmbedConfig", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+
+class EmbedConfig(StrictModel):
+    """One ``lens embed`` run: where from, where to, which model, how wide."""
+
+    input: str = Field(..., description="Parquet shards (directory, file, glob or s3:// prefix) or a folder "
+                       "of image files")
+    output: str = Field(..., description="output directory or s3:// prefix; re-running resumes")
+    input_format: Literal["auto", "parquet", "images"] = Field(
+        "auto", description="auto: Parquet if the input holds .parquet files, else image files")
+    id_column: str = Field("id", description="Parquet column with the row's id (any type; carried as is)")
+    image_column: str = Field("image", description="Parquet column with encoded image bytes")
+    carry_columns: tuple[str, ...] = Field((), description="other input columns copied to the output")
+    files_per_shard: PositiveInt = Field(
+        1000, description="image-folder input: files per unit of progress (what a resume skips or redoes)")
+    image_extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="image-folder input: file types read")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    top_k: PositiveInt = Field(5, le=100, description="tags stored per image")
+
+    batch_size: PositiveInt = Field(32, description="images per model call in a worker")
+    decode_batch_size: PositiveInt = Field(16, description="images per decode task batch")
+    decode_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per decode task")
+    block_mb: PositiveInt = Field(8, le=1024, description="target Ray Data block size (MiB) between stages")
+    workers: PositiveInt | None = Field(
+        None, description="model actors; None = automatic: one per GPU / gpus_per_worker, or on CPU an "
+        "autoscaling pool up to half the cluster's CPUs / cpus_per_worker (the rest decode)")
+    gpus_per_worker: NonNegativeFloat = Field(
+        0.0, description="GPUs per model actor; 0 = CPU actors running ONNX Runtime. Fractions share a GPU")
+    cpus_per_worker: PositiveFloat = Field(
+        1.0, description="CPUs reserved per model actor; a CPU actor runs 2x this many inference threads unless "
+        "model.num_threads says otherwise (decoding, beside it, is the smaller share of the work)")
+    address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray")
+
+    @field_validator("carry_columns")
+    @classmethod
+    def _no_reserved(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        reserved = {"embedding", "tags", "error", "message", "_shard", "_pixels"}
+        bad = sorted(reserved & set(v))
+        if bad:
+            raise ValueError(f"carry_columns may not include Lens output columns {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbedConfig":
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError("input and output must differ")
+        if self.id_column in self.carry_columns or self.image_column in self.carry_columns:
+            raise ValueError("carry_columns must not repeat id_column or image_column")
+        if self.gpus_per_worker > 0 and self.model.device == "cpu":
+            raise ValueError("gpus_per_worker > 0 needs model.device auto or cuda, not cpu")
+        return self
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpus_per_worker > 0

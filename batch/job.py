@@ -1,0 +1,246 @@
+"""``lens embed``: the bulk embedding job on Ray Data.
+
+read (Parquet or image files) -> decode + resize/crop (CPU tasks) -> model (actor pool, GPU when asked)
+-> Parquet parts (tasks) -> the driver counts rows per input shard and commits each shard when all its rows are
+accounted for (embedded + errors = input rows). Execution is streaming, so every stage runs at once and memory
+is bounded by Ray Data's backpressure, not by the dataset size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+from lens import __version__
+from lens.errors import ConfigError
+
+from .config import EmbedConfig
+from .ledger import FORMAT, Ledger
+from .shards import InputShard, discover_shards
+from .storage import Location
+
+__all__ = ["EmbedSummary", "run_embed", "plan_workers"]
+
+logger = logging.getLogger(__name__)
+
+#: memory a decode task may hold per image in flight (a 12 MP RGB decode is 36 MB; JPEG draft mode keeps most
+#: photos far below that)
+DECODE_BYTES_PER_IMAGE = 8 << 20
+
+
+@dataclass
+class EmbedSummary:
+    output: str
+    input_rows: int
+    embedded: int
+    errors: int
+    shards: int
+    shards_skipped: int
+    shards_run: int
+    rows_run: int
+    seconds: float  # the whole job: discovery, model check, Ray start, run, manifest
+    run_seconds: float  # the dataset's execution: first read to last shard committed
+    images_per_s: float  # rows_run / run_seconds
+    first_output_s: float  # run start to the first rows written: Ray's and the actors' start-up
+    steady_images_per_s: float  # rows after the first part / time from the first part to the last
+    manifest: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_workers(cfg: EmbedConfig, cluster: dict) -> tuple[int | tuple[int, int], dict]:
+    """(actor pool size or (min, max), per-actor resources) for the model stage, from the config and the cluster."""
+    if cfg.uses_gpu:
+        gpus = cluster.get("GPU", 0)
+        if gpus < cfg.gpus_per_worker:
+            raise ConfigError(f"gpus_per_worker={cfg.gpus_per_worker} but the Ray cluster has {gpus:g} GPU(s)")
+        n = cfg.workers or max(1, int(gpus // cfg.gpus_per_worker))
+        return n, {"num_gpus": cfg.gpus_per_worker, "num_cpus": cfg.cpus_per_worker}
+    cpus = cluster.get("CPU", 1)
+    if cpus < cfg.cpus_per_worker + 1:
+        raise ConfigError(f"cpus_per_worker={cfg.cpus_per_worker:g} leaves no CPU for decoding on a cluster "
+                          f"with {cpus:g} CPU(s)")
+    if cfg.workers:
+        return cfg.workers, {"num_cpus": cfg.cpus_per_worker}
+    top = max(1, int((cpus / 2) // cfg.cpus_per_worker))  # the other half decodes
+    return ((1, top) if top > 1 else 1), {"num_cpus": cfg.cpus_per_worker}
+
+
+def _actor_model(cfg: EmbedConfig):
+    """The model config the actors load: their device and thread count follow their resources."""
+    update: dict = {}
+    if cfg.uses_gpu:
+        if cfg.model.device in ("auto", "cpu"):
+            update["device"] = "cuda"
+    else:
+        update["device"] = "cpu"
+        if cfg.model.num_threads is None:
+            # Decoding is ~1/5 of the CPU work per image and runs beside the model, so each actor runs twice the
+            # threads it reserves: on 2 cores, 1 actor x 2 threads beat 1 x 1 by 1.5x (scripts/bench_batch.py).
+            update["num_threads"] = max(1, math.ceil(2 * cfg.cpus_per_worker))
+    update["max_batch_size"] = cfg.batch_size
+    return cfg.model.model_copy(update=update)
+
+
+def _identity(cfg: EmbedConfig, info: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "model": info["model"],
+        "weights_sha256": info["weights_sha256"],
+        "num_classes": info["num_classes"],
+        "embed_dim": info["embed_dim"],
+        "preprocess": info["preprocess"],
+        "top_k": cfg.top_k,
+        "input": cfg.input,
+        "carry_columns": list(cfg.carry_columns),
+    }
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[InputShard], model_info: dict):
+    import ray.data
+
+    from .stages import Embedder, decode_batch, write_batch
+
+    # Small blocks keep the stages streaming: a block is the unit handed from stage to stage, and one of Ray's
+    # default 128 MiB would hold ~850 preprocessed images, which the model could not start on before all were
+    # decoded.
+    ray.data.DataContext.get_current().target_max_block_size = cfg.block_mb << 20
+    if fmt == "parquet":
+        ds = ray.data.read_parquet([s.path for s in pending], filesystem=in_loc.fs, include_paths=True,
+                                   columns=[cfg.id_column, cfg.image_column, *cfg.carry_columns])
+        shard_of = {s.path: s.key for s in pending}
+        image_column, id_base, id_column = cfg.image_column, None, cfg.id_column
+    else:
+        files = [f for s in pending for f in s.files]
+        ds = ray.data.read_binary_files(files, filesystem=in_loc.fs, include_paths=True)
+        shard_of = {f: s.key for s in pending for f in s.files}
+        image_column, id_base, id_column = "bytes", in_loc.root, "id"
+    # Decoding holds a few full-size images per row in memory; saying so also keeps Ray Data from fusing this
+    # stage into the model actors (it fuses stages with identical resource requests), so the two overlap.
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_cpus,
+                        memory=cfg.decode_batch_size * DECODE_BYTES_PER_IMAGE,
+                        fn_kwargs={"preprocess": model_info["preprocess"], "decode": cfg.decode,
+                                   "image_column": image_column, "shard_of": shard_of, "id_base": id_base})
+    size, resources = plan_workers(cfg, ray.cluster_resources())
+    pool = (ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, tuple)
+            else ray.data.ActorPoolStrategy(size=size))
+    ds = ds.map_batches(Embedder, batch_format="pyarrow", batch_size=cfg.batch_size, compute=pool,
+                        fn_constructor_kwargs={"model": _actor_model(cfg), "decode": cfg.decode, "top_k": cfg.top_k},
+                        **resources)
+    return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=None, num_cpus=0,
+                          fn_kwargs={"output": cfg.output, "id_column": id_column,
+                                     "carry_columns": tuple(cfg.carry_columns)})
+
+
+def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
+    """Embed every input shard not yet committed in ``cfg.output``; write the manifest when all are."""
+    from lens.runtime import load_model
+
+    t0 = time.perf_counter()
+    out = Location.parse(cfg.output)
+    in_loc, fmt, shards = discover_shards(
+        cfg.input, cfg.input_format, id_column=cfg.id_column, image_column=cfg.image_column,
+        carry_columns=cfg.carry_columns, extensions=cfg.image_extensions, files_per_shard=cfg.files_per_shard)
+    ledger = Ledger(out)
+    done = ledger.completed()
+    pending = [s for s in shards if s.key not in done]
+    if any(s.rows for s in pending):
+        _init_ray(cfg.address)  # first, so Ray's worker processes start while the driver loads the model
+    # The driver loads the model once: its checksum and preprocessing define the output, and on this node the
+    # ONNX export is then cached for the actors.
+    model = load_model(cfg.model.model_copy(update={"device": "cpu"}) if cfg.uses_gpu else cfg.model)
+    info = model.info()
+    del model
+    ledger.claim(_identity(cfg, info))
+    ledger.drop_manifest()  # present only when every shard is committed
+    log(f"lens embed: {len(shards)} {fmt} shard(s), {sum(s.rows for s in shards)} rows; "
+        f"{len(shards) - len(pending)} already done, {len(pending)} to run -> {out.uri}")
+
+    counts: dict[str, int] = defaultdict(int)
+    parts: dict[str, list[dict]] = defaultdict(list)
+    by_key = {s.key: s for s in shards}
+    for s in pending:
+        ledger.reset(s.key)
+        if s.rows == 0:
+            done[s.key] = ledger.commit(s.key, in_loc.uri_of(s.path), 0, [])
+    todo = [s for s in pending if s.rows > 0]
+    rows_run = sum(s.rows for s in todo)
+    t_run = time.perf_counter()
+    first_out = last_out = None
+    first_rows = 0
+    if todo:
+        ds = _build_dataset(cfg, in_loc, fmt, todo, info)
+        for rec in ds.iter_rows():
+            now = time.perf_counter()
+            if first_out is None:
+                first_out, first_rows = now, rec["rows"]
+            last_out = now
+            key = rec["shard"]
+            parts[key].append(rec)
+            counts[key] += rec["rows"]
+            shard = by_key[key]
+            if counts[key] > shard.rows:
+                raise RuntimeError(f"shard {key} produced {counts[key]} rows but has {shard.rows}")
+            if counts[key] == shard.rows:
+                done[key] = ledger.commit(key, in_loc.uri_of(shard.path), shard.rows, parts.pop(key))
+    run_s = time.perf_counter() - t_run
+    missing = [s.key for s in shards if s.key not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) did not complete (their row counts changed while "
+                           f"running?): {missing[:10]}")
+
+    markers = [done[s.key] for s in shards]
+    embedded = sum(m["embedded"] for m in markers)
+    errors = sum(m["errors"] for m in markers)
+    input_rows = sum(m["rows"] for m in markers)
+    manifest = {
+        "format": FORMAT,
+        "lens_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": info["model"],
+        "weights": info["weights"],
+        "weights_sha256": info["weights_sha256"],
+        "num_classes": info["num_classes"],
+        "preprocess": info["preprocess"],
+        "dim": info["embed_dim"],
+        "embedding": "L2-normalised float32; cosine similarity = inner product",
+        "top_k": cfg.top_k,
+        "input": cfg.input,
+        "input_format": fmt,
+        "id_column": cfg.id_column if fmt == "parquet" else "relative file path",
+        "carry_columns": list(cfg.carry_columns),
+        "rows": embedded,
+        "errors": errors,
+        "input_rows": input_rows,
+        "shards": markers,
+        "files": [f for m in markers for f in m["files"]],
+        "error_files": [f for m in markers for f in m["error_files"]],
+    }
+    ledger.write_manifest(manifest)
+    if embedded + errors != input_rows:  # the markers each balance; this is a last guard
+        raise RuntimeError(f"row accounting failed: {embedded} + {errors} != {input_rows}")
+    elapsed = time.perf_counter() - t0
+    return EmbedSummary(output=out.uri, input_rows=input_rows, embedded=embedded, errors=errors,
+                        shards=len(shards), shards_skipped=len(shards) - len(pending), shards_run=len(todo),
+                        rows_run=rows_run, seconds=round(elapsed, 2), run_seconds=round(run_s, 2),
+                        images_per_s=round(rows_run / run_s, 1) if rows_run and run_s > 0 else 0.0,
+                        first_output_s=round(first_out - t_run, 2) if first_out else 0.0,
+                        steady_images_per_s=round((rows_run - first_rows) / (last_out - first_out), 1)
+                        if first_out and last_out > first_out else 0.0,
+                        manifest=out.uri_of(out.path("manifest.json")))

@@ -1,0 +1,166 @@
+"""The three per-batch stages of ``lens embed``, each a plain callable Ray Data maps over Arrow batches.
+
+1. :class:`Decoder` (CPU tasks): bytes -> (H, W, 3) uint8 crops, or an error row with the reason.
+2. :class:`Embedder` (actor pool; holds the model): crops -> L2-normalised embedding + top-k tags through the
+   same :class:`~lens.predictor.Predictor` the online path uses.
+3. :class:`PartWriter` (tasks): rows -> one Parquet part per (shard, kind) under the shard's output directory,
+   named by its content so a retried task rewrites the same file; only a small record per part goes on.
+
+Rows carry their input shard's key in ``_shard`` so the driver can tell when a shard is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lens.config import DecodeConfig, ModelConfig
+from lens.predictor import ItemError, Predictor
+from lens.preprocess import Preprocessor
+
+from .storage import Location
+
+__all__ = ["Decoder", "Embedder", "PartWriter", "decode_batch", "write_batch", "PART_SCHEMA", "embedding_schema", "error_schema", "SHARD",
+           "PIXELS"]
+
+logger = logging.getLogger(__name__)
+
+SHARD = "_shard"
+PIXELS = "_pixels"
+
+TAG_TYPE = pa.list_(pa.struct([("label", pa.string()), ("class_id", pa.int32()), ("score", pa.float32())]))
+#: What the writer stage emits: one row per written part file.
+PART_SCHEMA = pa.schema([("shard", pa.string()), ("kind", pa.string()), ("path", pa.string()),
+                         ("rows", pa.int64())])
+
+
+def embedding_schema(id_type: pa.DataType, dim: int, carry: list[pa.Field]) -> pa.Schema:
+    return pa.schema([("id", id_type), ("embedding", pa.list_(pa.float32(), dim)), ("tags", TAG_TYPE), *carry])
+
+
+def error_schema(id_type: pa.DataType, carry: list[pa.Field]) -> pa.Schema:
+    return pa.schema([("id", id_type), ("error", pa.string()), ("message", pa.string()), *carry])
+
+
+def _tensor_column(arr: np.ndarray) -> pa.Array:
+    from ray.data.extensions import ArrowTensorArray
+
+    return ArrowTensorArray.from_numpy(arr)
+
+
+class Decoder:
+    """Decode + resize/crop on CPU. Input: a read batch (id, image bytes, carried columns, ``path``); output: the
+    same rows with ``_shard``, ``_pixels`` (uint8 crops; zeros for a failed row), ``error`` and ``message``
+    (empty when the row is fine). For image-file input the id is the file's path relative to ``id_base``."""
+
+    def __init__(self, preprocess: dict, decode: DecodeConfig, image_column: str, shard_of: dict[str, str],
+                 id_base: str | None = None) -> None:
+        from lens.preprocess import PreprocessConfig
+
+        self.preprocessor = Preprocessor(PreprocessConfig.from_dict(preprocess), decode.limits())
+        self.image_column = image_column
+        self.shard_of = shard_of
+        self.id_base = id_base
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        paths = [p.removeprefix("s3://") for p in batch.column("path").to_pylist()]
+        images = batch.column(self.image_column).to_pylist()
+        h, w = self.preprocessor.cfg.size
+        pixels = np.zeros((len(images), h, w, 3), dtype=np.uint8)
+        errors, messages = [""] * len(images), [""] * len(images)
+        for i, data in enumerate(images):
+            try:
+                if data is None:
+                    raise TypeError("the image column is null")
+                pixels[i] = self.preprocessor.pixels(data)
+            except Exception as e:  # noqa: BLE001 - a bad row is recorded, never fatal
+                err = ItemError.from_exception(e)
+                errors[i], messages[i] = err.code, err.message
+        out = batch.drop_columns([self.image_column, "path"])
+        if self.id_base is not None:
+            out = out.append_column("id", pa.array([p[len(self.id_base):].lstrip("/") for p in paths], pa.string()))
+        out = out.append_column(SHARD, pa.array([self.shard_of[p] for p in paths], pa.string()))
+        out = out.append_column("error", pa.array(errors, pa.string()))
+        out = out.append_column("message", pa.array(messages, pa.string()))
+        return out.append_column(PIXELS, _tensor_column(pixels))
+
+
+class Embedder:
+    """Holds one model (ONNX Runtime on CPU, torch on GPU) and embeds decoded crops; error rows pass through."""
+
+    def __init__(self, model: ModelConfig, decode: DecodeConfig, top_k: int) -> None:
+        self.predictor = Predictor.from_config(model, decode, default_top_k=top_k)
+        self.predictor.warmup(min(8, self.predictor.max_batch_size))
+        self.top_k = top_k
+        self.dim = self.predictor.embed_dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ok = np.asarray(pc.equal(batch.column("error"), "").to_numpy(zero_copy_only=False), dtype=bool)
+        emb = np.zeros((n, self.dim), dtype=np.float32)
+        tags: list = [None] * n
+        if ok.any():
+            pixels = batch.column(PIXELS).combine_chunks().to_numpy()
+            logits, e = self.predictor.infer_pixels(np.ascontiguousarray(pixels[ok]))
+            emb[ok] = e
+            for i, pred in zip(np.flatnonzero(ok), self.predictor.postprocess(logits, e, self.top_k)):
+                tags[i] = [t.to_dict() for t in pred.tags]
+        out = batch.drop_columns([PIXELS])
+        out = out.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), self.dim))
+        return out.append_column("tags", pa.array(tags, TAG_TYPE))
+
+
+def decode_batch(batch: pa.Table, **kwargs) -> pa.Table:
+    """:class:`Decoder` as a function, so Ray Data runs it as stateless tasks (its set-up is microseconds)."""
+    return Decoder(**kwargs)(batch)
+
+
+def write_batch(batch: pa.Table, **kwargs) -> pa.Table:
+    """:class:`PartWriter` as a function, for Ray Data tasks."""
+    return _writer(**kwargs)(batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _writer(output: str, id_column: str, carry_columns: tuple[str, ...]) -> "PartWriter":
+    return PartWriter(output, id_column, carry_columns)
+
+
+class PartWriter:
+    """Writes each shard's rows of a batch as ``embeddings/<shard>/part-<hash>.parquet`` (and errors alike)."""
+
+    def __init__(self, output: str, id_column: str, carry_columns: tuple[str, ...]) -> None:
+        self.loc = Location.parse(output)
+        self.id_column = id_column
+        self.carry = list(carry_columns)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        records = []
+        shards = batch.column(SHARD)
+        for shard in pc.unique(shards).to_pylist():
+            rows = batch.filter(pc.equal(shards, shard))
+            ok = pc.equal(rows.column("error"), "")
+            good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
+            if good.num_rows:
+                t = pa.table({"id": good.column(self.id_column), "embedding": good.column("embedding"),
+                              "tags": good.column("tags"), **{c: good.column(c) for c in self.carry}})
+                records.append(self._write(shard, "embeddings", t))
+            if bad.num_rows:
+                t = pa.table({"id": bad.column(self.id_column), "error": bad.column("error"),
+                              "message": bad.column("message"), **{c: bad.column(c) for c in self.carry}})
+                records.append(self._write(shard, "errors", t))
+        return pa.Table.from_pylist(records, schema=PART_SCHEMA)
+
+    def _write(self, shard: str, kind: str, table: pa.Table) -> dict:
+        # Named by content: a retried task (or a re-sent batch) rewrites the same file instead of adding one.
+        digest = hashlib.sha1()
+        for v in table.column("id").to_pylist():
+            digest.update(repr(v).encode())
+            digest.update(b"\0")
+        path = self.loc.path(kind, shard, f"part-{digest.hexdigest()[:20]}.parquet")
+        self.loc.write_table(path, table)
+        return {"shard": shard, "kind": kind, "path": path, "rows": table.num_rows}

@@ -1,0 +1,166 @@
+"""Where batch inputs and outputs live: a local path or an ``s3://`` URI, through one pyarrow filesystem.
+
+S3 is reached with pyarrow's S3 filesystem configured from the same environment
+boto3 reads (``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+credentials from the default chain), so moto on loopback and AWS use one code
+path. Writes are atomic: locally a temporary name then ``rename``; on S3 a
+single PUT, which readers never see half-written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = ["Location", "s3_filesystem", "split_glob"]
+
+GLOB_CHARS = set("*?[")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem, honouring boto3's endpoint and region variables."""
+    kw: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        u = urlparse(endpoint)
+        kw["endpoint_override"] = u.netloc or u.path
+        kw["scheme"] = u.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kw["region"] = region
+    return pafs.S3FileSystem(**kw)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory-like place: ``fs`` plus a ``root`` path in that filesystem's terms (``bucket/prefix`` on S3)."""
+
+    uri: str
+    fs: pafs.FileSystem
+    root: str
+
+    @classmethod
+    def parse(cls, uri: str) -> "Location":
+        uri = str(uri)
+        if uri.startswith("s3://"):
+            rest = uri[len("s3://"):].rstrip("/")
+            if not rest or rest.startswith("/"):
+                raise ValueError(f"an s3 location must look like s3://bucket[/prefix], got {uri!r}")
+            return cls(uri, s3_filesystem(), rest)
+        if "://" in uri:
+            raise ValueError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
+        return cls(uri, pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)))
+
+    @property
+    def is_s3(self) -> bool:
+        return isinstance(self.fs, pafs.S3FileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+    def uri_of(self, path: str) -> str:
+        return f"s3://{path}" if self.is_s3 else path
+
+    # -- listing -------------------------------------------------------------------------------
+    def info(self, path: str | None = None) -> pafs.FileInfo:
+        return self.fs.get_file_info(path or self.root)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def list_files(self, path: str | None = None, pattern: str | None = None) -> list[str]:
+        """Files under ``path`` (recursively), sorted; ``pattern`` is a glob matched against the whole path.
+        Hidden and underscore-prefixed names (``_SUCCESS``, ``.tmp``) are skipped, as Spark and Arrow do."""
+        base = path or self.root
+        info = self.fs.get_file_info(base)
+        if info.type == pafs.FileType.File:
+            return [base]
+        if info.type == pafs.FileType.NotFound:
+            return []
+        out = []
+        for fi in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            if fi.type != pafs.FileType.File:
+                continue
+            rel = fi.path[len(base):].lstrip("/")
+            if any(part.startswith((".", "_")) for part in rel.split("/")):
+                continue
+            if pattern and not fnmatch.fnmatchcase(fi.path, pattern):
+                continue
+            out.append(fi.path)
+        return sorted(out)
+
+    def delete_dir(self, path: str) -> None:
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+        elif self.is_s3:  # an S3 "directory" may exist only as a key prefix
+            for fi in self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+                if fi.type == pafs.FileType.File:
+                    self.fs.delete_file(fi.path)
+
+    def delete_file(self, path: str) -> None:
+        if self.exists(path):
+            self.fs.delete_file(path)
+
+    # -- reading -------------------------------------------------------------------------------
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def read_json(self, path: str) -> dict | None:
+        """The JSON object at ``path``, or None if there is none."""
+        try:
+            return json.loads(self.read_bytes(path))
+        except FileNotFoundError:
+            return None
+
+    # -- atomic writing ------------------------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` so that readers see the old file, no file, or the whole new file."""
+        parent = path.rsplit("/", 1)[0]
+        if self.is_s3:
+            with self.fs.open_output_stream(path) as f:  # one PUT: atomic on S3
+                f.write(data)
+            return
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_json(self, path: str, obj: dict) -> None:
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def write_table(self, path: str, table: pa.Table, **kwargs) -> None:
+        """A Parquet file written atomically (to memory first: output parts are small)."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **kwargs)
+        self.write_bytes(path, buf.getvalue())
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(path, filesystem=self.fs, columns=columns)
+
+
+def split_glob(uri: str) -> tuple[str, str | None]:
+    """``dir/*/x-*.parquet`` -> (``dir``, ``*/x-*.parquet``); a plain path -> (path, None)."""
+    scheme = "s3://" if uri.startswith("s3://") else ""
+    rest = uri[len(scheme):]
+    parts = rest.split("/")
+    for i, part in enumerate(parts):
+        if GLOB_CHARS & set(part):
+            return scheme + ("/".join(parts[:i]) or "."), "/".join(parts[i:])
+    return uri, None

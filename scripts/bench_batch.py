@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Benchmark bulk embedding (`lens embed` on Ray Data) against an in-process single loop; prints JSON.
+
+Makes a seeded shard set of augmented copies of the bundled real photos (JPEG, long side 256-800 px), then
+  - baseline: one process, one loop: read shard -> decode + preprocess -> infer (ONNX Runtime, all cores);
+  - job: `lens embed` on a fresh local Ray (read -> decode tasks -> model actor pool -> Parquet parts),
+    each run in its own process, whose peak memory (RSS summed over the driver and every Ray process it
+    started, sampled every 0.2 s) is recorded;
+  - the job again on 4x the rows, to check that peak memory stays flat.
+Ratio = job images/s (dataset execution) / baseline images/s. Writes benchmarks/batch.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lens.samples import augmented_jpegs
+
+    dst.mkdir(parents=True, exist_ok=True)
+    ids, blobs, n = [], [], 0
+    for name, data, _ in augmented_jpegs(rows, seed=seed):
+        ids.append(name)
+        blobs.append(data)
+        if len(ids) == rows_per_shard:
+            pq.write_table(pa.table({"id": ids, "image": pa.array(blobs, pa.binary())}),
+                           dst / f"part-{n:05d}.parquet", compression="none", row_group_size=64)
+            ids, blobs, n = [], [], n + 1
+    if ids:
+        pq.write_table(pa.table({"id": ids, "image": pa.array(blobs, pa.binary())}),
+                       dst / f"part-{n:05d}.parquet", compression="none", row_group_size=64)
+
+
+def baseline(shards: Path, batch_size: int) -> dict:
+    """Decode + preprocess + infer in one loop in this process, the same backend on all cores."""
+    import pyarrow.parquet as pq
+
+    from lens.config import ModelConfig
+    from lens.predictor import Predictor
+
+    pred = Predictor.from_config(ModelConfig(backend="onnx", device="cpu", max_batch_size=batch_size))
+    pred.warmup(batch_size)
+    rows = ok = 0
+    t0 = time.perf_counter()
+    for f in sorted(shards.glob("*.parquet")):
+        pf = pq.ParquetFile(f)
+        for rb in pf.iter_batches(batch_size=batch_size, columns=["id", "image"]):
+            results = pred.predict(rb.column("image").to_pylist())
+            rows += len(results)
+            ok += sum(r.ok for r in results)
+    dt = time.perf_counter() - t0
+    return {"rows": rows, "ok": ok, "seconds": round(dt, 2), "images_per_s": round(rows / dt, 1)}
+
+
+class TreeMemory:
+    """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+            except psutil.Error:
+                procs = [self.proc]
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float) -> None:
+    import ray  # noqa: F401 - Ray's vendored psutil needs ray imported first
+
+    from batch.config import EmbedConfig
+    from batch.job import run_embed
+
+    cfg = EmbedConfig(input=shards, output=out, batch_size=batch_size, workers=workers,
+                      cpus_per_worker=cpus_per_worker, model={"backend": "onnx", "device": "cpu"})
+    with TreeMemory() as mem:
+        summary = run_embed(cfg, log=lambda *a: None)
+    print("RESULT " + json.dumps(summary.to_dict() | {"peak_rss_mb": round(mem.peak / 2**20)}), flush=True)
+
+
+def run_job(shards: Path, out: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child-job", str(shards), str(out), "--batch-size", str(args.batch_size),
+           "--cpus-per-worker", str(args.cpus_per_worker)]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"job failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--rows-per-shard", type=int, default=250)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true", help="500 rows")
+    ap.add_argument("--no-memory", action="store_true", help="skip the 4x run")
+    ap.add_argument("--child-job", nargs=2, metavar=("SHARDS", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_job:
+        return child_job(*args.child_job, args.batch_size, args.workers, args.cpus_per_worker)
+    rows = 500 if args.quick else args.rows
+
+    with tempfile.TemporaryDirectory(prefix="lens-bench-batch-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        make_shards(tmp / "x1", rows, args.rows_per_shard, seed=0)
+        made_s = time.perf_counter() - t0
+        base = baseline(tmp / "x1", args.batch_size)
+        job = run_job(tmp / "x1", tmp / "out1", args)
+        summary = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "model": "tf_efficientnet_lite0 (embedded weights), ONNX Runtime on CPU",
+            "rows": rows, "rows_per_shard": args.rows_per_shard, "make_shards_s": round(made_s, 1),
+            "baseline_single_loop": base,
+            "job": job,
+            "ratio_vs_single_loop": round(job["images_per_s"] / base["images_per_s"], 3),
+            "ratio_whole_job_incl_ray_start": round(job["rows_run"] / job["seconds"] / base["images_per_s"], 3),
+            "target_ratio": 0.8,
+        }
+        if not args.no_memory:
+            make_shards(tmp / "x4", rows * 4, args.rows_per_shard, seed=1)
+            job4 = run_job(tmp / "x4", tmp / "out4", args)
+            summary["job_4x_rows"] = job4
+            summary["peak_memory_ratio_4x"] = round(job4["peak_rss_mb"] / job["peak_rss_mb"], 3)
+            summary["target_memory_ratio"] = 1.5
+    out = ROOT / "benchmarks" / "batch.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
