@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 #: memory a decode task may hold per image in flight (a 12 MP RGB decode is 36 MB; JPEG draft mode keeps most
 #: photos far below that)
 DECODE_BYTES_PER_IMAGE = 8 << 20
+#: a decode worker process itself (Python, pyarrow, Pillow, numpy)
+DECODE_WORKER_BYTES = 256 << 20
 
 
 @dataclass
@@ -66,6 +68,9 @@ def plan_workers(cfg: EmbedConfig, cluster: dict) -> tuple[int | tuple[int, int]
         raise ConfigError(f"cpus_per_worker={cfg.cpus_per_worker:g} leaves no CPU for decoding on a cluster "
                           f"with {cpus:g} CPU(s)")
     if cfg.workers:
+        if cfg.workers * cfg.cpus_per_worker > cpus - 1:
+            raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.cpus_per_worker:g} leaves less than "
+                              f"one of the cluster's {cpus:g} CPUs to read and decode: the job could not start")
         return cfg.workers, {"num_cpus": cfg.cpus_per_worker}
     top = max(1, int((cpus / 2) // cfg.cpus_per_worker))  # the other half decodes
     return ((1, top) if top > 1 else 1), {"num_cpus": cfg.cpus_per_worker}
@@ -134,7 +139,7 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
     # Decoding holds a few full-size images per row in memory; saying so also keeps Ray Data from fusing this
     # stage into the model actors (it fuses stages with identical resource requests), so the two overlap.
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_cpus,
-                        memory=cfg.decode_batch_size * DECODE_BYTES_PER_IMAGE,
+                        memory=DECODE_WORKER_BYTES + cfg.decode_batch_size * DECODE_BYTES_PER_IMAGE,
                         fn_kwargs={"preprocess": model_info["preprocess"], "decode": cfg.decode,
                                    "image_column": image_column, "shard_of": shard_of, "id_base": id_base})
     size, resources = plan_workers(cfg, ray.cluster_resources())

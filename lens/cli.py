@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dlq_command", choices=["list", "redrive"])
     d.add_argument("--limit", type=int, default=None, help="at most this many messages")
 
+    from batch.cli import add_parsers as add_batch_parsers
+
+    add_batch_parsers(sub, _add_model_args)
+
     p = sub.add_parser("models", help="list supported models and which have weights here")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=cmd_models)

@@ -132,7 +132,7 @@ def run_job(shards: Path, out: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--rows", type=int, default=3000)
     ap.add_argument("--rows-per-shard", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)

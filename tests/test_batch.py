@@ -1,0 +1,253 @@
+"""Bulk embedding (``lens embed``) on a real local Ray: equality with the online predictor, row accounting,
+resume after SIGKILL, S3 through moto, and a two-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import encode, free_port, random_rgb
+
+TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def write_shard(path: Path, ids, blobs, **extra) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "image": pa.array(blobs, pa.binary()), **extra}), path)
+
+
+def read_output(out: Path | str, kind: str = "embeddings", filesystem=None) -> pa.Table:
+    """The rows of every committed part file, as listed by the manifest."""
+    from batch.storage import Location
+
+    loc = Location.parse(str(out))
+    manifest = loc.read_json(loc.path("manifest.json"))
+    files = manifest["files" if kind == "embeddings" else "error_files"]
+    tables = [loc.read_table(loc.path(f)) for f in files]
+    return pa.concat_tables(tables) if tables else None
+
+
+def embed(tmp_path, input_, output, **kw):
+    from batch.config import EmbedConfig
+    from batch.job import run_embed
+
+    cfg = EmbedConfig(input=str(input_), output=str(output), **kw)
+    return run_embed(cfg, log=lambda *a: None)
+
+
+def test_job_embeddings_equal_online_and_account_for_every_row(local_ray, tmp_path, photos, lite0_onnx):
+    names = sorted(photos)
+    # two shards: real photos, plus a corrupt image, a truncated JPEG and a null in the second
+    write_shard(tmp_path / "in" / "a.parquet", names[:4], [photos[n] for n in names[:4]], src=["x"] * 4)
+    bad = {"garbage": b"not an image at all", "truncated": photos["rocket.jpg"][:300], "null": None}
+    write_shard(tmp_path / "in" / "sub" / "b.parquet", names[4:] + list(bad),
+                [photos[n] for n in names[4:]] + list(bad.values()), src=["y"] * (len(names) - 4 + len(bad)))
+
+    s = embed(tmp_path, tmp_path / "in", tmp_path / "out", carry_columns=("src",),
+              model={"backend": "onnx", "device": "cpu"})
+    assert (s.input_rows, s.embedded, s.errors) == (len(names) + 3, len(names), 3)
+
+    table = read_output(tmp_path / "out")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 1280)
+    assert sorted(table.column("id").to_pylist()) == names
+    assert set(table.column("src").to_pylist()) == {"x", "y"}
+    online = {n: r.embedding for n, r in zip(names, lite0_onnx.predict([photos[n] for n in names]))}
+    for row_id, vec, tags in zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(),
+                                 table.column("tags").to_pylist()):
+        v = np.asarray(vec, np.float32)
+        assert float(v @ online[row_id]) >= 0.999, row_id
+        assert len(tags) == 5 and tags[0]["score"] >= tags[-1]["score"]
+    by_id = {i: t for i, t in zip(table.column("id").to_pylist(), table.column("tags").to_pylist())}
+    assert by_id["coffee.png"][0]["label"] == "espresso"
+
+    errors = read_output(tmp_path / "out", "errors")
+    reasons = dict(zip(errors.column("id").to_pylist(), errors.column("error").to_pylist()))
+    assert set(reasons) == set(bad)
+    assert reasons["garbage"] == "unsupported_media_type" and reasons["null"] == "invalid_input"
+    assert all(errors.column("message").to_pylist())
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rows"] == len(names) and manifest["errors"] == 3 and manifest["input_rows"] == len(names) + 3
+    assert manifest["dim"] == 1280 and manifest["model"] == "tf_efficientnet_lite0"
+    assert manifest["weights_sha256"] == lite0_onnx.model.weights.sha256
+    assert manifest["preprocess"] == lite0_onnx.model.preprocess.to_dict()
+    assert [sh["key"] for sh in manifest["shards"]] == ["a", "sub__b"]
+
+    # a second run has nothing to do; a run with another model into the same output is refused
+    again = embed(tmp_path, tmp_path / "in", tmp_path / "out", carry_columns=("src",),
+                  model={"backend": "onnx", "device": "cpu"})
+    assert (again.shards_run, again.shards_skipped, again.embedded) == (0, 2, len(names))
+    from lens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="different job"):
+        embed(tmp_path, tmp_path / "in", tmp_path / "out", carry_columns=("src",), model=TINY)
+
+
+def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
+    from batch.shards import make_shards
+
+    folder = tmp_path / "imgs"
+    (folder / "d").mkdir(parents=True)
+    for i in range(7):
+        (folder / "d" / f"{i}.jpg").write_bytes(encode(random_rgb(rng), "JPEG"))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+
+    s = embed(tmp_path, folder, tmp_path / "out", model=TINY, files_per_shard=3)
+    assert (s.shards, s.input_rows, s.embedded, s.errors) == (3, 8, 7, 1)
+    ids = read_output(tmp_path / "out").column("id").to_pylist()
+    assert sorted(ids) == sorted(f"d/{i}.jpg" for i in range(7))
+
+    written = make_shards(str(folder), str(tmp_path / "shards"), rows_per_shard=3)
+    assert [w["rows"] for w in written] == [3, 3, 2]
+    s2 = embed(tmp_path, tmp_path / "shards", tmp_path / "out2", model=TINY)
+    assert (s2.embedded, s2.errors) == (7, 1)
+    assert sorted(read_output(tmp_path / "out2").column("id").to_pylist()) == sorted(ids + [])
+
+
+def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng):
+    ids = []
+    for s in range(12):
+        shard_ids = [f"s{s:02d}-{i:03d}" for i in range(40)]
+        write_shard(tmp_path / "in" / f"part-{s:02d}.parquet", shard_ids,
+                    [encode(random_rgb(rng, 96, 80), "JPEG") for _ in shard_ids])
+        ids += shard_ids
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lens.cli", "embed", "--input", str(tmp_path / "in"), "--output", str(out),
+           "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx", "--batch-size", "8",
+           "--no-progress"]
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    markers = out / "_lens" / "shards"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(list(markers.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed: " + (tmp_path / "first.log").read_text()
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its raylet and every worker
+    proc.wait()
+    done_before = len(list(markers.glob("*.json")))
+    assert 2 <= done_before < 12
+    assert not (out / "manifest.json").exists()
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["shards_skipped"] >= done_before and summary["shards_run"] == 12 - summary["shards_skipped"]
+    table = read_output(out)
+    got = table.column("id").to_pylist()
+    assert len(got) == len(set(got)), "duplicated rows after resume"
+    assert sorted(got) == sorted(ids), "rows missing after resume"
+    # nothing beyond the manifest's files is left in the output either (stale parts were removed)
+    on_disk = sorted(str(p.relative_to(out)) for p in (out / "embeddings").rglob("*.parquet"))
+    assert on_disk == sorted(json.loads((out / "manifest.json").read_text())["files"])
+
+
+def test_s3_input_and_output_through_moto(tmp_path, rng, moto_endpoint):
+    import boto3
+    import ray
+
+    # Ray's workers read S3 with the endpoint and credentials of their environment, as on a real cluster: start
+    # this Ray after moto's variables are set.
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+    from batch.storage import Location
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="lens-batch")
+    ids = [f"img-{i}" for i in range(20)]
+    for part in range(2):
+        path = tmp_path / f"p{part}.parquet"
+        sub = ids[part * 10 : (part + 1) * 10]
+        write_shard(path, sub, [encode(random_rgb(rng), "PNG") for _ in sub])
+        s3.upload_file(str(path), "lens-batch", f"in/p{part}.parquet")
+
+    s = embed(tmp_path, "s3://lens-batch/in", "s3://lens-batch/out", model=TINY)
+    assert (s.embedded, s.errors, s.shards) == (20, 0, 2)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="lens-batch", Prefix="out/")["Contents"]}
+    assert "out/manifest.json" in keys and "out/_lens/shards/p0.json" in keys
+    table = read_output("s3://lens-batch/out")
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert Location.parse("s3://lens-batch/out").read_json("lens-batch/out/manifest.json")["rows"] == 20
+    again = embed(tmp_path, "s3://lens-batch/in", "s3://lens-batch/out", model=TINY)
+    assert again.shards_skipped == 2 and again.embedded == 20
+    ray.shutdown()
+
+
+def test_two_node_cluster_places_actors_on_both_nodes(tmp_path, rng):
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    if ray.is_initialized():
+        ray.shutdown()
+    for s in range(4):
+        shard_ids = [f"n{s}-{i}" for i in range(30)]
+        write_shard(tmp_path / "in" / f"p{s}.parquet", shard_ids, [encode(random_rgb(rng), "JPEG") for _ in shard_ids])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True, "dashboard_port": free_port()})
+    cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address, logging_level="WARNING")
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        # two actors of 2 CPUs cannot share a 3-CPU node: Ray must place one on each (the third CPUs read)
+        s = embed(tmp_path, tmp_path / "in", tmp_path / "out", model={**TINY, "num_threads": 1}, workers=2,
+                  cpus_per_worker=2, decode_cpus=0.5)
+        assert (s.embedded, s.errors) == (120, 0)
+        got = read_output(tmp_path / "out").column("id").to_pylist()
+        assert len(got) == len(set(got)) == 120
+        actors = [a for a in list_actors(detail=True, limit=1000) if "Embedder" in (a.class_name or "")]
+        assert len({a.node_id for a in actors}) == 2, [(a.class_name, a.node_id) for a in actors]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_config_errors_are_clear(tmp_path):
+    from batch.config import EmbedConfig
+    from batch.job import plan_workers
+    from lens.config import validate
+    from lens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="input and output must differ"):
+        validate(EmbedConfig, {"input": "a", "output": "a/"})
+    with pytest.raises(ConfigError, match="carry_columns"):
+        validate(EmbedConfig, {"input": "a", "output": "b", "carry_columns": ["embedding"]})
+    with pytest.raises(ConfigError, match="no input files"):
+        embed(tmp_path, tmp_path / "nothing", tmp_path / "out", model=TINY)
+    write_shard(tmp_path / "in" / "x.parquet", ["a"], [b"x"])
+    with pytest.raises(ConfigError, match="has no column"):
+        embed(tmp_path, tmp_path / "in", tmp_path / "out", model=TINY, image_column="pixels")
+    cfg = EmbedConfig(input="a", output="b", gpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match="GPU"):
+        plan_workers(cfg, {"CPU": 8})
+    assert plan_workers(cfg, {"CPU": 8, "GPU": 2}) == (4, {"num_gpus": 0.5, "num_cpus": 1.0})
+    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 16}) == ((1, 8), {"num_cpus": 1.0})
+    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 2}) == (1, {"num_cpus": 1.0})
+    with pytest.raises(ConfigError, match="leaves less than one"):
+        plan_workers(EmbedConfig(input="a", output="b", workers=2), {"CPU": 2})
