@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_serve.py
 	$(BIN)/python scripts/bench_events.py
+	$(BIN)/python scripts/bench_batch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -16,6 +16,9 @@ __all__ = [
     "InvalidImageError",
     "UnsupportedImageTypeError",
     "ImageTooLargeError",
+    "IndexCorruptError",
+    "ModelMismatchError",
+    "NotFoundError",
 ]
 
 
@@ -79,3 +82,24 @@ class ImageTooLargeError(ImageError):
 
     code = "image_too_large"
     http_status = 413
+
+
+class IndexCorruptError(LensError):
+    """An index directory that is incomplete, truncated or fails its checksums: never searched."""
+
+    code = "index_corrupt"
+    http_status = 500
+
+
+class ModelMismatchError(LensError):
+    """A query embedded with a model (or preprocessing) other than the one the index was built with."""
+
+    code = "model_mismatch"
+    http_status = 409
+
+
+class NotFoundError(LensError):
+    """An id the index does not hold."""
+
+    code = "not_found"
+    http_status = 404

@@ -1,0 +1,301 @@
+"""``lens index build``: choose, train, fill and tune a FAISS index from embedding shards, with bounded memory.
+
+Cosine similarity on L2-normalised vectors = inner product (``METRIC_INNER_PRODUCT``). Vectors stream from
+Parquet in chunks: pass 1 reads only ids (count, de-duplicate: the last occurrence of an id wins, so event
+embeddings newer than the bulk run replace them), pass 2 gathers a seeded training sample and the held-out
+tuning queries, pass 3 adds vectors chunk by chunk while computing the queries' exact top-k alongside.
+The search parameter (``nprobe`` / ``efSearch``) is then tuned to the lowest value that reaches the target
+recall@k against exact search, and the achieved recall is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from lens import __version__
+from lens.config import StrictModel
+from lens.errors import ConfigError
+
+from .source import open_sources
+from .store import write_version
+
+__all__ = ["BuildConfig", "IndexPlan", "choose_index", "build_index", "parse_bytes", "bytes_per_vector",
+           "recall_at_k", "search_params"]
+
+logger = logging.getLogger(__name__)
+
+IndexKind = Literal["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"]
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(v: str | int | float) -> int:
+    """``4GB``, ``512MiB``, ``1e9`` -> bytes."""
+    if isinstance(v, (int, float)):
+        return int(v)
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(v))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {v!r} (examples: 4GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class BuildConfig(StrictModel):
+    embeddings: tuple[str, ...] = Field(..., min_length=1, description="lens embed outputs and/or event "
+                                        "embedding prefixes (local or s3://)")
+    output: str = Field(..., description="index root directory; each build adds a version and points CURRENT at it")
+    index: IndexKind = "auto"
+    memory_budget: int = Field(4 * 10**9, description="bytes the index may take in memory (auto choice)")
+    target_recall: float = Field(0.95, gt=0, le=1, description="recall@k the tuned search parameter must reach")
+    k: int = Field(10, ge=1, le=1000, description="k of the recall target")
+    queries: int = Field(500, ge=10, description="held-out queries for tuning and measuring recall")
+    train_size: int | None = Field(None, description="training sample; default 64 x nlist (capped by N)")
+    chunk_rows: int = Field(50_000, ge=1000, description="rows per chunk streamed from Parquet")
+    hnsw_m: int = Field(32, ge=4, le=128)
+    opq: bool = Field(False, description="ivf-pq: learn an OPQ rotation first (better recall; training takes "
+                      "minutes on 1280-dim vectors)")
+    flat_below: int = Field(20_000, description="auto: exact Flat below this many vectors")
+    seed: int = 0
+    threads: int | None = Field(None, description="FAISS threads (default: all cores)")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _bytes(cls, v):
+        return parse_bytes(v)
+
+
+class IndexPlan(StrictModel):
+    type: Literal["flat", "hnsw", "ivf-flat", "ivf-pq"]
+    factory: str
+    nlist: int | None = None
+    pq_m: int | None = None
+    bytes_per_vector: float
+    reason: str
+
+
+def bytes_per_vector(kind: str, dim: int, *, hnsw_m: int = 32, pq_m: int = 0) -> float:
+    """What one vector costs in memory for each index type (vectors, graph links, ids, codes)."""
+    return {"flat": 4 * dim, "hnsw": 4 * dim + 2 * hnsw_m * 4 * 1.05, "ivf-flat": 4 * dim + 8,
+            "ivf-pq": pq_m + 8}[kind]
+
+
+def _nlist(n: int) -> int:
+    """~8·√N, in autofaiss's 4–16·√N band, and at most N/39 so every centroid gets enough training points."""
+    nl = 2 ** round(math.log2(max(1.0, 8 * math.sqrt(n))))
+    return int(max(1, min(nl, n // 39, 65536)))
+
+
+def _pq_m(dim: int, budget_per_vector: float) -> int | None:
+    """The largest PQ code size (bytes) that fits, among divisors of ``dim`` that FAISS handles well."""
+    for m in (256, 192, 160, 128, 96, 64, 48, 32, 16, 8):
+        if dim % m == 0 and m + 8 <= budget_per_vector and dim // m >= 2:
+            return m
+    return None
+
+
+def choose_index(n: int, dim: int, cfg: BuildConfig) -> IndexPlan:
+    """Pick the index, autofaiss-style: exact Flat when small, HNSW when it fits, IVF-Flat, then OPQ+IVF-PQ."""
+    budget = cfg.memory_budget
+    per = budget / max(n, 1)
+    nlist = _nlist(n)
+    kind = cfg.index
+    reason = f"asked for {kind}"
+    if kind == "auto":
+        if n < cfg.flat_below and bytes_per_vector("flat", dim) <= per:
+            kind, reason = "flat", f"{n} vectors < {cfg.flat_below}: exact search is fast enough"
+        elif bytes_per_vector("hnsw", dim, hnsw_m=cfg.hnsw_m) <= per and n <= 5_000_000:
+            kind, reason = "hnsw", "vectors and graph fit the memory budget"
+        elif bytes_per_vector("ivf-flat", dim) <= per:
+            kind, reason = "ivf-flat", "full vectors fit the memory budget, an HNSW graph does not (or N > 5M)"
+        else:
+            kind, reason = "ivf-pq", "full vectors do not fit the memory budget: compressed codes"
+    if kind == "flat":
+        return IndexPlan(type="flat", factory="Flat", bytes_per_vector=bytes_per_vector("flat", dim), reason=reason)
+    if kind == "hnsw":
+        return IndexPlan(type="hnsw", factory=f"HNSW{cfg.hnsw_m},Flat",
+                         bytes_per_vector=bytes_per_vector("hnsw", dim, hnsw_m=cfg.hnsw_m), reason=reason)
+    if kind == "ivf-flat":
+        return IndexPlan(type="ivf-flat", factory=f"IVF{nlist},Flat", nlist=nlist,
+                         bytes_per_vector=bytes_per_vector("ivf-flat", dim), reason=reason)
+    m = _pq_m(dim, per if cfg.index == "auto" else max(per, 72))
+    if m is None:
+        raise ConfigError(f"{n} vectors of dimension {dim} do not fit in {budget} bytes even as 8-byte PQ codes")
+    factory = f"IVF{nlist},PQ{m}x8"
+    if cfg.opq:
+        # OPQ rotates the space so PQ's sub-vectors carry equal information (better recall, slower training)
+        d_out = min(dim, 4 * m)
+        d_out -= d_out % m
+        factory = f"OPQ{m}_{d_out},{factory}"
+    return IndexPlan(type="ivf-pq", factory=factory, nlist=nlist, pq_m=m,
+                     bytes_per_vector=bytes_per_vector("ivf-pq", dim, pq_m=m), reason=reason)
+
+
+def search_params(kind: str, value: int | None):
+    """Per-query FAISS search parameters (never a mutation of the shared index)."""
+    import faiss
+
+    if value is None or kind == "flat":
+        return None
+    if kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=int(value))
+    return faiss.SearchParametersIVF(nprobe=int(value))
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean |found ∩ truth| / k over queries (both (q, k) arrays of ids; -1 = no result)."""
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[f >= 0]) & set(t)) / k for f, t in zip(found, truth)]))
+
+
+def _merge_topk(scores: np.ndarray, ids: np.ndarray, new_scores: np.ndarray, new_ids: np.ndarray, k: int):
+    s = np.concatenate([scores, new_scores], axis=1)
+    i = np.concatenate([ids, new_ids], axis=1)
+    top = np.argpartition(-s, min(k, s.shape[1] - 1), axis=1)[:, :k]
+    return np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+
+
+def _tune(index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> dict:
+    if plan.type == "flat":
+        found = index.search(queries, k)[1]
+        return {"param": None, "value": None, "recall": round(recall_at_k(found, truth), 4), "curve": []}
+    if plan.type == "hnsw":
+        name, grid = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+        grid = [g for g in grid if g >= k]
+    else:
+        name, grid = "nprobe", [v for v in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512,
+                                            1024, 2048) if v <= plan.nlist] or [plan.nlist]
+    curve, best = [], None
+    for v in grid:
+        t0 = time.perf_counter()
+        found = index.search(queries, k, params=search_params(plan.type, v))[1]
+        dt = time.perf_counter() - t0
+        r = recall_at_k(found, truth)
+        curve.append({"value": v, "recall": round(r, 4), "ms_per_query": round(1000 * dt / len(queries), 3)})
+        if best is None or r > best[1] + 1e-9:
+            best = (v, r)
+        if r >= target:
+            return {"param": name, "value": v, "recall": round(r, 4), "target_reached": True, "curve": curve}
+    logger.warning("recall target %.3f not reached; best %s=%s gives %.3f", target, name, best[0], best[1])
+    return {"param": name, "value": best[0], "recall": round(best[1], 4), "target_reached": False, "curve": curve}
+
+
+def build_index(cfg: BuildConfig, log=logger.info) -> dict:
+    """Build, tune and persist a new index version; returns its manifest."""
+    import faiss
+
+    if cfg.threads:
+        faiss.omp_set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    sources, ident = open_sources(list(cfg.embeddings))
+    dim = ident.dim
+
+    # pass 1: ids only -> which global positions are kept (the last occurrence of each id)
+    last: dict[str, int] = {}
+    pos = 0
+    for src in sources:
+        for ids in src.ids():
+            for i in ids:
+                last[i] = pos
+                pos += 1
+    total = pos
+    keep = np.zeros(total, dtype=bool)
+    keep[np.fromiter(last.values(), dtype=np.int64, count=len(last))] = True
+    n = int(keep.sum())
+    if n == 0:
+        raise ConfigError("the embeddings hold no rows")
+    del last
+    plan = choose_index(n, dim, cfg)
+    log(f"lens index: {n} vectors of dim {dim} ({total - n} duplicate ids dropped); {plan.type}: {plan.factory} "
+        f"({plan.reason})")
+
+    # pass 2: seeded training sample and held-out tuning queries, by rank among kept rows
+    rng = np.random.default_rng(cfg.seed)
+    needs_training = plan.type in ("ivf-flat", "ivf-pq")
+    train_n = min(n, cfg.train_size or (64 * plan.nlist if needs_training else 0))
+    if plan.type == "ivf-pq":
+        train_n = min(n, max(train_n, 256 * 39))  # PQ's 256 centroids per sub-quantizer want ~10k points
+    q_n = min(cfg.queries, n)
+    train_rank = np.sort(rng.choice(n, train_n, replace=False)) if train_n else np.zeros(0, np.int64)
+    query_rank = np.sort(rng.choice(n, q_n, replace=False))
+    train = np.empty((train_n, dim), np.float32)
+    queries = np.empty((q_n, dim), np.float32)
+    t0 = time.perf_counter()
+    for rank0, chunk in _kept_chunks(sources, keep, cfg.chunk_rows):
+        hi = rank0 + len(chunk.ids)
+        for sel, dst in ((train_rank, train), (query_rank, queries)):
+            a, b = np.searchsorted(sel, [rank0, hi])
+            if b > a:
+                dst[a:b] = chunk.vectors[sel[a:b] - rank0]
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if needs_training:
+        index.train(train)
+    del train
+    train_s = time.perf_counter() - t0
+
+    # pass 3: add in chunks, with the exact top-k of the queries computed on the way (brute force, streamed)
+    t0 = time.perf_counter()
+    ids_out: list[str] = []
+    meta_out: list[str] = []
+    k = min(cfg.k, n)
+    best_s = np.full((q_n, k), -np.inf, np.float32)
+    best_i = np.full((q_n, k), -1, np.int64)
+    for rank0, chunk in _kept_chunks(sources, keep, cfg.chunk_rows):
+        index.add(chunk.vectors)
+        ids_out += chunk.ids
+        meta_out += chunk.metadata
+        s = queries @ chunk.vectors.T
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        best_s, best_i = _merge_topk(best_s, best_i, np.take_along_axis(s, top, 1), top + rank0, k)
+    add_s = time.perf_counter() - t0
+    assert index.ntotal == n == len(ids_out)
+
+    tuned = _tune(index, plan, queries, best_i, k, cfg.target_recall)
+    log(f"lens index: tuned {tuned['param'] or '(exact)'}={tuned['value']} -> recall@{k} {tuned['recall']:.3f}")
+    manifest = {
+        "lens_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "type": plan.type,
+        "factory": plan.factory,
+        "metric": "inner_product (cosine on L2-normalised vectors)",
+        "dim": dim,
+        "nlist": plan.nlist,
+        "pq_m": plan.pq_m,
+        "search": {"param": tuned["param"], "value": tuned["value"]},
+        "recall": {"k": k, "value": tuned["recall"], "target": cfg.target_recall,
+                   "target_reached": tuned.get("target_reached", True), "queries": q_n, "curve": tuned["curve"]},
+        "bytes_per_vector_estimate": plan.bytes_per_vector,
+        "reason": plan.reason,
+        "model": {"model": ident.model, "weights_sha256": ident.weights_sha256, "preprocess": ident.preprocess},
+        "sources": [{"uri": s.uri, "kind": s.kind, "files": len(s.files)} for s in sources],
+        "duplicates_dropped": total - n,
+        "timings_s": {"train": round(train_s, 2), "add": round(add_s, 2),
+                      "total": round(time.perf_counter() - t_start, 2)},
+    }
+    vdir = write_version(cfg.output, index, ids_out, meta_out, manifest)
+    log(f"lens index: wrote {vdir} and made it CURRENT")
+    return {**manifest, "version": vdir.name, "path": str(vdir), "count": n}
+
+
+def _kept_chunks(sources, keep: np.ndarray, rows: int):
+    """(rank of the chunk's first kept row, chunk of kept rows), in order."""
+    from .source import Chunk
+
+    pos = rank = 0
+    for src in sources:
+        for chunk in src.chunks(rows):
+            m = keep[pos : pos + len(chunk.ids)]
+            pos += len(chunk.ids)
+            if not m.any():
+                continue
+            if not m.all():
+                idx = np.flatnonzero(m)
+                chunk = Chunk([chunk.ids[i] for i in idx], chunk.vectors[idx], [chunk.metadata[i] for i in idx])
+            yield rank, chunk
+            rank += len(chunk.ids)

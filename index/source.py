@@ -1,0 +1,129 @@
+"""Embedding sources an index is built from, read in bounded chunks.
+
+Two kinds, both Parquet with ``id`` and ``embedding`` (``fixed_size_list<float32>[dim]``):
+
+* a ``lens embed`` output directory (local or ``s3://``): its ``manifest.json`` lists the files and names the
+  model, weights checksum and preprocessing;
+* the event path's embedding parts (``serve.results``): any ``*.parquet`` under a prefix, each carrying the
+  model in its schema metadata (``lens_model``).
+
+Every source must come from the same model, weights and preprocessing, or the build is refused: vectors
+from different models are not comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch.storage import Location
+from lens.errors import ConfigError
+
+__all__ = ["ModelIdentity", "EmbeddingSource", "Chunk", "open_sources"]
+
+METADATA_COLUMNS = ("tags", "top1")  # kept (compactly) in the index's metadata sidecar when present
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What makes two embeddings comparable."""
+
+    model: str
+    weights_sha256: str
+    preprocess: dict
+    dim: int
+
+    @classmethod
+    def from_info(cls, info: dict) -> "ModelIdentity":
+        dim = info.get("dim", info.get("embed_dim"))
+        return cls(info["model"], info["weights_sha256"], dict(info["preprocess"]), int(dim))
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "weights_sha256": self.weights_sha256, "preprocess": self.preprocess,
+                "dim": self.dim}
+
+    def mismatch(self, other: "ModelIdentity") -> list[str]:
+        return [k for k in ("model", "weights_sha256", "preprocess", "dim") if getattr(self, k) != getattr(other, k)]
+
+
+@dataclass
+class Chunk:
+    ids: list[str]
+    vectors: np.ndarray  # (n, dim) float32
+    metadata: list[str]  # JSON per row
+
+
+class EmbeddingSource:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.loc = Location.parse(uri)
+        manifest = self.loc.read_json(self.loc.path("manifest.json")) if not self.loc.uri.endswith(".parquet") else None
+        if manifest is not None:
+            self.kind = "lens-embed"
+            self.files = [self.loc.path(f) for f in manifest["files"]]
+            self.identity = ModelIdentity.from_info(manifest)
+        else:
+            self.kind = "parts"
+            self.files = self.loc.list_files(pattern=None)
+            self.files = [f for f in self.files if f.endswith(".parquet")]
+            self.identity = self._identity_from_parts() if self.files else None
+
+    def _identity_from_parts(self) -> ModelIdentity:
+        with self.loc.fs.open_input_file(self.files[0]) as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        if b"lens_model" not in meta:
+            raise ConfigError(f"{self.uri}: no manifest.json and {self.loc.uri_of(self.files[0])} names no model "
+                              "(lens_model metadata): not a Lens embedding output")
+        return ModelIdentity.from_info(json.loads(meta[b"lens_model"]))
+
+    def ids(self) -> Iterator[list[str]]:
+        for f in self.files:
+            yield [str(x) for x in self.loc.read_table(f, columns=["id"]).column("id").to_pylist()]
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        """The rows in file order, ``rows`` at a time at most (one file at a time in memory)."""
+        for f in self.files:
+            with self.loc.fs.open_input_file(f) as fh:
+                pf = pq.ParquetFile(fh)
+                cols = [c for c in ("id", "embedding", *METADATA_COLUMNS) if c in pf.schema_arrow.names]
+                for rb in pf.iter_batches(batch_size=rows, columns=cols):
+                    yield _chunk(rb, self.identity.dim)
+
+
+def _chunk(rb: pa.RecordBatch, dim: int) -> Chunk:
+    emb = rb.column(rb.schema.get_field_index("embedding"))
+    flat = emb.values if isinstance(emb, pa.FixedSizeListArray) else pa.concat_arrays([emb.flatten()])
+    vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    names = rb.schema.names
+    meta = []
+    tags = rb.column(names.index("tags")).to_pylist() if "tags" in names else None
+    top1 = rb.column(names.index("top1")).to_pylist() if "top1" in names else None
+    for i in range(rb.num_rows):
+        m = {}
+        if tags is not None and tags[i]:
+            m["tags"] = [t["label"] for t in tags[i][:3]]
+        elif top1 is not None and top1[i]:
+            m["tags"] = [top1[i]]
+        meta.append(json.dumps(m))
+    ids = [str(x) for x in rb.column(names.index("id")).to_pylist()]
+    return Chunk(ids, vectors, meta)
+
+
+def open_sources(uris: list[str]) -> tuple[list[EmbeddingSource], ModelIdentity]:
+    """Open every source and check they share one model identity."""
+    sources = [EmbeddingSource(u) for u in uris]
+    known = [s for s in sources if s.identity is not None]
+    if not known:
+        raise ConfigError(f"no embeddings found in {', '.join(uris)}")
+    ident = known[0].identity
+    for s in known[1:]:
+        diff = ident.mismatch(s.identity)
+        if diff:
+            raise ConfigError(f"{s.uri} was embedded with a different {', '.join(diff)} than {known[0].uri}; "
+                              "an index needs one model")
+    return [s for s in sources if s.files], ident

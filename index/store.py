@@ -1,0 +1,179 @@
+"""Index versions on disk: written safely, verified before use.
+
+::
+
+    ROOT/CURRENT                    the name of the version to serve (replaced atomically)
+    ROOT/v-<time>-<rand>/index.faiss
+    ROOT/v-<time>-<rand>/ids.parquet    row (int64, the FAISS id), id (source id), metadata (JSON)
+    ROOT/v-<time>-<rand>/manifest.json  written last: type, factory, tuned parameters, recall, dim, metric,
+                                        count, model, weights checksum, preprocessing, checksums of every file
+
+A version is built in a hidden temporary directory, each file written to a temporary name and
+``os.replace``\\d, the manifest last, then the directory is renamed into place and ``CURRENT`` replaced: a
+reader sees the previous version or the whole new one. :func:`load_version` checks every checksum and that
+the index holds as many vectors as the sidecar has rows before anything is searched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lens.errors import IndexCorruptError
+from lens.weights import atomic_write_bytes
+
+from .source import ModelIdentity
+
+__all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "current_version"]
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.parquet"
+MANIFEST = "manifest.json"
+FORMAT = "lens-index/1"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class IndexVersion:
+    """A loaded, verified index version."""
+
+    path: Path
+    manifest: dict
+    index: "object"  # faiss.Index
+    ids: list[str]
+    metadata: list[str]
+    row_of: dict[str, int]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.from_info(self.manifest["model"] | {"dim": self.manifest["dim"]})
+
+
+def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list[str], manifest: dict,
+                  *, make_current: bool = True) -> Path:
+    """Persist a built index as a new version under ``root``; returns its directory."""
+    import faiss
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    tmp = root / f".{name}.tmp"
+    tmp.mkdir()
+    try:
+        part = tmp / f".{INDEX_FILE}.tmp"
+        faiss.write_index(index, str(part))
+        os.replace(part, tmp / INDEX_FILE)
+        table = pa.table({"row": pa.array(np.arange(len(ids), dtype=np.int64)), "id": pa.array(ids, pa.string()),
+                          "metadata": pa.array(metadata, pa.string())})
+        part = tmp / f".{IDS_FILE}.tmp"
+        pq.write_table(table, part)
+        os.replace(part, tmp / IDS_FILE)
+        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in (INDEX_FILE, IDS_FILE)}
+        manifest = {"format": FORMAT, "version": name, **manifest, "count": len(ids), "files": files}
+        atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        _fsync_dir(tmp)
+        os.replace(tmp, root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if make_current:
+        set_current(root, name)
+    return root / name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_current(root: Path, name: str) -> None:
+    atomic_write_bytes(Path(root) / "CURRENT", (name + "\n").encode())
+
+
+def current_version(root: str | os.PathLike) -> str | None:
+    p = Path(root) / "CURRENT"
+    return p.read_text().strip() if p.is_file() else None
+
+
+def resolve_version(path: str | os.PathLike) -> Path:
+    """An index root (follow ``CURRENT``) or a version directory itself."""
+    p = Path(path)
+    if (p / MANIFEST).is_file() or (p / INDEX_FILE).exists():
+        return p
+    name = current_version(p)
+    if name is None:
+        if not p.exists():
+            raise IndexCorruptError(f"no index at {p}")
+        raise IndexCorruptError(f"{p} is not an index: no CURRENT file and no {MANIFEST}")
+    return p / name
+
+
+def load_version(path: str | os.PathLike, *, mmap: bool | None = None, verify: bool = True) -> IndexVersion:
+    """Load and verify one index version. ``mmap`` (default: for IVF indexes) maps the index file instead of
+    reading it into memory. Any inconsistency is an :class:`IndexCorruptError` naming what is wrong."""
+    import faiss
+
+    vdir = resolve_version(path)
+    mpath = vdir / MANIFEST
+    if not mpath.is_file():
+        raise IndexCorruptError(f"{vdir} has no {MANIFEST}: the version is incomplete (a build was interrupted?)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        count = int(manifest["count"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise IndexCorruptError(f"{mpath} is not a valid index manifest: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise IndexCorruptError(f"{mpath}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    for fname, want in files.items():
+        f = vdir / fname
+        if not f.is_file():
+            raise IndexCorruptError(f"{f} is missing")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise IndexCorruptError(f"{f} is {size} bytes, the manifest says {want['bytes']}: truncated or replaced")
+        if verify and _sha256(f) != want["sha256"]:
+            raise IndexCorruptError(f"{f} does not match its checksum in {mpath}")
+    try:
+        table = pq.read_table(vdir / IDS_FILE)
+    except Exception as e:  # noqa: BLE001
+        raise IndexCorruptError(f"cannot read {vdir / IDS_FILE}: {e}") from e
+    if mmap is None:
+        mmap = manifest.get("type", "").startswith("ivf")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        index = faiss.read_index(str(vdir / INDEX_FILE), flags)
+    except Exception as e:  # noqa: BLE001 - faiss raises RuntimeError for any bad file
+        raise IndexCorruptError(f"cannot read {vdir / INDEX_FILE}: {e}") from e
+    if index.ntotal != table.num_rows or index.ntotal != count:
+        raise IndexCorruptError(f"{vdir}: the index holds {index.ntotal} vectors, the id sidecar {table.num_rows} "
+                                f"rows and the manifest says {count}")
+    if index.d != manifest.get("dim"):
+        raise IndexCorruptError(f"{vdir}: index dimension {index.d} != manifest dim {manifest.get('dim')}")
+    ids = table.column("id").to_pylist()
+    return IndexVersion(vdir, manifest, index, ids, table.column("metadata").to_pylist(),
+                        {i: r for r, i in enumerate(ids)})
