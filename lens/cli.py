@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     from batch.cli import add_parsers as add_batch_parsers
 
     add_batch_parsers(sub, _add_model_args)
+    from index.cli import add_parsers as add_index_parsers
+
+    add_index_parsers(sub)
 
     p = sub.add_parser("models", help="list supported models and which have weights here")
     p.add_argument("--json", action="store_true", help="one JSON object per model")

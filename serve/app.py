@@ -8,6 +8,7 @@ from lens.config import validate
 
 from .config import AppArgs, PoolConfig
 from .deployments import LensIngress, Tagger, TaggerIngress
+from .search import IndexSearcher
 
 __all__ = ["build_app"]
 
@@ -24,13 +25,18 @@ def build_app(args: dict | None = None) -> Application:
 
     One pool: a single ``TaggerIngress`` deployment serves HTTP and runs the model.
     Several pools: a ``LensIngress`` router in front of one ``Tagger`` deployment per pool.
+    With ``search``, an ``IndexSearcher`` deployment serves ``/v1/search`` through the same ingress.
     Deployments are named after their pools, so the Serve config's ``deployments:``
     section can override replicas, autoscaling and ``user_config`` by name.
     """
     cfg = validate(AppArgs, args or {}, where="application args")
     api = cfg.api.model_dump(mode="json")
+    search = None
+    if cfg.search is not None:
+        search = IndexSearcher.options(ray_actor_options={"num_cpus": cfg.search.num_cpus}).bind(
+            cfg.search.model_dump(mode="json"))
     if len(cfg.pools) == 1:
         (pool,) = cfg.pools
-        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api)
+        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api, search)
     pools = {p.name: Tagger.options(**_options(p)).bind(p.model_dump(mode="json")) for p in cfg.pools}
-    return LensIngress.bind(api, pools)
+    return LensIngress.bind(api, pools, search)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-__all__ = ["HttpError", "BodyTooLarge", "BadRequest", "UnsupportedType", "read_body", "read_images"]
+__all__ = ["HttpError", "BodyTooLarge", "BadRequest", "UnsupportedType", "read_body", "read_images", "read_json"]
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
@@ -93,3 +93,17 @@ async def read_images(request: Request, limit: int, *, field: str = "image", max
         return [await f.read() for f in files]
     finally:
         await form.close()
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """A JSON object body of at most ``limit`` bytes; 400 if it is not one."""
+    import json
+
+    raw = await read_body(request, limit)
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise HttpError(f"the body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise HttpError("the body must be a JSON object")
+    return body

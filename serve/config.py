@@ -72,11 +72,24 @@ class ApiConfig(StrictModel):
     api_keys_file: str | None = Field(None, description="file with one API key per line")
 
 
+class SearchConfig(StrictModel):
+    """Similarity search behind the same ingress (``/v1/search``): which index, how it stays fresh."""
+
+    index: str = Field(..., description="index root directory (its CURRENT version is served)")
+    refresh_s: float = Field(10.0, gt=0, description="how often to look for a new version and new delta parts")
+    delta_sources: tuple[str, ...] = Field((), description="event-path embedding prefixes (local or s3://) whose "
+                                           "new parts are searchable before the next build")
+    mmap: bool | None = Field(None, description="memory-map the index file (default: IVF indexes)")
+    max_k: int = Field(100, ge=1, le=1000, description="largest k a request may ask for")
+    num_cpus: float = Field(0.5, ge=0)
+
+
 class AppArgs(StrictModel):
     """Everything ``serve.app:build_app`` takes. Pools are tried in order; a full pool overflows to the next."""
 
     pools: tuple[PoolConfig, ...] = (PoolConfig(),)
     api: ApiConfig = ApiConfig()
+    search: SearchConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":

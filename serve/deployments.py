@@ -47,9 +47,9 @@ class Tagger(TaggerCore):
 @serve.deployment(name="Tagger", **_MODEL_OPTIONS)
 @serve.ingress(new_fastapi())
 class TaggerIngress(TaggerCore, HttpApi):
-    def __init__(self, pool: dict, api_config: dict) -> None:
+    def __init__(self, pool: dict, api_config: dict, search: DeploymentHandle | None = None) -> None:
         TaggerCore.__init__(self, pool)
-        self._init_http(api_config)
+        self._init_http(api_config, search)
 
     async def _dispatch(self, method: str, args: tuple, pool: str | None) -> Any:
         fn = getattr(self, method)
@@ -71,8 +71,9 @@ class TaggerIngress(TaggerCore, HttpApi):
 )
 @serve.ingress(new_fastapi())
 class LensIngress(HttpApi):
-    def __init__(self, api_config: dict, pools: dict[str, DeploymentHandle]) -> None:
-        self._init_http(api_config)
+    def __init__(self, api_config: dict, pools: dict[str, DeploymentHandle],
+                 search: DeploymentHandle | None = None) -> None:
+        self._init_http(api_config, search)
         self.pools = pools  # ordered: the first pool with room gets the request
         logger.info("ingress ready: pools=%s auth=%s", list(pools), "on" if self.keys.enabled else "off")
 

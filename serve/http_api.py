@@ -1,7 +1,7 @@
 """The HTTP API, written once and mounted on either deployment that serves HTTP.
 
-Routes: ``POST /v1/tag``, ``POST /v1/embed``, ``POST /v1/tag:batch``,
-``GET /healthz``, ``GET /v1/models``. Every error is JSON:
+Routes: ``POST /v1/tag``, ``POST /v1/embed``, ``POST /v1/tag:batch``, ``POST /v1/search`` (image),
+``GET /v1/search/{id}``, ``POST /v1/search:vector``, ``GET /healthz``, ``GET /v1/models``. Every error is JSON:
 ``{"error": code, "message": ..., "status": ...}``.
 
 :class:`HttpApi` holds the routes; a deployment class mixes it in and says how a
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from lens.config import validate
 
 from .auth import ApiKeys
-from .body import HttpError, read_images
+from .body import HttpError, read_images, read_json
 from .config import ApiConfig
 from .metrics import IngressMetrics
 
@@ -43,8 +43,9 @@ def error(status: int, code: str, message: str, headers: Optional[dict] = None) 
 class HttpApi:
     """Route handlers. Subclasses implement ``_dispatch``, ``_infos`` and ``_pool_names``."""
 
-    def _init_http(self, api_config: dict) -> None:
+    def _init_http(self, api_config: dict, search=None) -> None:
         self.api_cfg = validate(ApiConfig, api_config, where="api config")
+        self.search = search  # a handle to the IndexSearcher deployment, or None
         self.keys = ApiKeys.load(self.api_cfg.api_keys_env, self.api_cfg.api_keys_file)
         self.http_metrics = IngressMetrics()
         self._model_names: dict = {}
@@ -95,7 +96,7 @@ class HttpApi:
         except Exception as e:  # noqa: BLE001 - whatever broke, the client still gets a JSON answer
             logger.exception("request to %s failed", route)
             return error(500, "internal_error", f"{type(e).__name__}: {e}")
-        if status == 200 and route != "/v1/embed":
+        if status == 200 and route not in ("/v1/embed", "/v1/search:vector"):
             body["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if status == 503 else None
         return JSONResponse(body, status_code=status, headers=headers)
@@ -106,11 +107,25 @@ class HttpApi:
             raise HttpError(f"top_k must be in 1..{self.api_cfg.max_top_k}, got {k}")
         return k
 
-    async def _model_name(self, pool: Optional[str]) -> str:
+    async def _model_info(self, pool: Optional[str]) -> dict:
         name = pool or self._pool_names()[0]
         if name not in self._model_names:
-            self._model_names[name] = (await self._dispatch("info", (), name))["model"]
+            self._model_names[name] = await self._dispatch("info", (), name)
         return self._model_names[name]
+
+    async def _model_name(self, pool: Optional[str]) -> str:
+        return (await self._model_info(pool))["model"]
+
+    def _search_args(self, k: Optional[int], param: Optional[int]) -> tuple:
+        if self.search is None:
+            raise HttpError("similarity search is not configured on this service (app args `search:`)",
+                            status=404, code="search_not_configured")
+        k = 10 if k is None else k
+        if not 1 <= k <= 1000:
+            raise HttpError(f"k must be in 1..1000, got {k}")
+        if param is not None and param < 1:
+            raise HttpError(f"param (nprobe/efSearch) must be >= 1, got {param}")
+        return k, param
 
     # -- routes ------------------------------------------------------------------------------
     async def http_tag(self, request: Request, top_k: Optional[int] = Query(None),
@@ -155,6 +170,51 @@ class HttpApi:
 
         return await self._handle(request, "/v1/tag:batch", work)
 
+    async def http_search_image(self, request: Request, k: Optional[int] = Query(None),
+                                param: Optional[int] = Query(None)) -> JSONResponse:
+        async def work(pool):
+            kk, p = self._search_args(k, param)
+            (data,) = await read_images(request, self.api_cfg.max_body_bytes)
+            result = await self._dispatch("tag", (data, 1, True), pool)
+            if "error" in result:
+                return result["status"], result
+            out = await self.search.search_vectors.remote([list(map(float, result["embedding"]))], kk, p,
+                                                          await self._model_info(pool))
+            if "error" in out:
+                return out["status"], out
+            return 200, {"results": out["results"][0], "index_version": out["index_version"]}
+
+        return await self._handle(request, "/v1/search", work)
+
+    async def http_search_id(self, request: Request, item_id: str, k: Optional[int] = Query(None),
+                             param: Optional[int] = Query(None)) -> JSONResponse:
+        async def work(pool):
+            kk, p = self._search_args(k, param)
+            out = await self.search.search_id.remote(item_id, kk, p)
+            return (out["status"], out) if "error" in out else (200, out)
+
+        return await self._handle(request, "/v1/search/{id}", work)
+
+    async def http_search_vector(self, request: Request, k: Optional[int] = Query(None),
+                                 param: Optional[int] = Query(None)) -> JSONResponse:
+        async def work(pool):
+            kk, p = self._search_args(k, param)
+            body = await read_json(request, self.api_cfg.max_batch_body_bytes)
+            single = "vector" in body
+            vectors = [body["vector"]] if single else body.get("vectors")
+            if not isinstance(vectors, list) or not vectors or not all(isinstance(v, list) for v in vectors):
+                raise HttpError('send {"vector": [floats]} or {"vectors": [[floats], ...]}')
+            if len(vectors) > self.api_cfg.max_batch_items:
+                raise HttpError(f"at most {self.api_cfg.max_batch_items} vectors per request", status=413,
+                                code="too_many_items")
+            out = await self.search.search_vectors.remote(vectors, kk, p)
+            if "error" in out:
+                return out["status"], out
+            return 200, {"results": out["results"][0] if single else out["results"],
+                         "index_version": out["index_version"]}
+
+        return await self._handle(request, "/v1/search:vector", work)
+
     async def http_healthz(self) -> JSONResponse:
         try:
             infos = await asyncio.wait_for(self._infos(), timeout=10)
@@ -190,6 +250,9 @@ def new_fastapi() -> FastAPI:
     api.post("/v1/tag")(_own_copy(HttpApi.http_tag))
     api.post("/v1/embed")(_own_copy(HttpApi.http_embed))
     api.post("/v1/tag:batch")(_own_copy(HttpApi.http_tag_batch))
+    api.post("/v1/search")(_own_copy(HttpApi.http_search_image))
+    api.post("/v1/search:vector")(_own_copy(HttpApi.http_search_vector))
+    api.get("/v1/search/{item_id:path}")(_own_copy(HttpApi.http_search_id))
     api.get("/healthz")(_own_copy(HttpApi.http_healthz))
     api.get("/v1/models")(_own_copy(HttpApi.http_models))
     return api

@@ -1,0 +1,79 @@
+"""``lens index build`` and ``lens index search``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lens.errors import LensError
+
+__all__ = ["add_parsers"]
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from lens.config import validate
+
+    from .build import BuildConfig, build_index
+
+    data = {"embeddings": args.embeddings, "output": args.output, "index": args.index,
+            "target_recall": args.target_recall, "k": args.k, "seed": args.seed, "opq": args.opq}
+    if args.memory_budget is not None:
+        data["memory_budget"] = args.memory_budget
+    if args.queries is not None:
+        data["queries"] = args.queries
+    cfg = validate(BuildConfig, data, where="command line")
+    manifest = build_index(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    manifest = {k: v for k, v in manifest.items() if k != "recall"} | {
+        "recall": {k: v for k, v in manifest["recall"].items() if k != "curve"}}
+    print(json.dumps(manifest))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import SearchService
+
+    svc = SearchService(args.index)
+    if args.id is not None:
+        name, hits = svc.search_id(args.id, args.k, param=args.param)
+    else:
+        from lens.config import ModelConfig
+        from lens.predictor import Predictor
+
+        m = svc.version.manifest["model"]
+        # embed with the index's own model; the check below still refuses a mismatch (e.g. other weights given)
+        model = ModelConfig(name=m["model"], weights=args.weights, backend="auto")
+        predictor = Predictor.from_config(model)
+        svc.check_model(predictor.info())
+        (result,) = predictor.predict([open(args.image, "rb").read()])
+        if not result.ok:
+            raise LensError(f"{args.image}: {result.message}", code=result.code)
+        name, (hits,) = svc.search(result.embedding[None], args.k, param=args.param)
+    print(json.dumps({"index_version": name, "results": [h.to_dict() for h in hits]}))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("index", help="build or query a FAISS similarity index from embedding shards")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
+    b = isub.add_parser("build", help="build, tune and persist a new index version (made CURRENT)")
+    b.add_argument("--embeddings", action="append", required=True, metavar="PATH|s3://",
+                   help="a lens embed output (or event embedding parts); repeat to combine")
+    b.add_argument("--output", required=True, help="index root directory")
+    b.add_argument("--index", choices=["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"], default="auto")
+    b.add_argument("--memory-budget", default=None, help="e.g. 4GB (default), 512MiB")
+    b.add_argument("--target-recall", type=float, default=0.95)
+    b.add_argument("-k", type=int, default=10, help="k of the recall target (default 10)")
+    b.add_argument("--queries", type=int, default=None, help="held-out tuning queries (default 500)")
+    b.add_argument("--opq", action="store_true", help="ivf-pq: learn an OPQ rotation (slow to train)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_build)
+    s = isub.add_parser("search", help="query an index locally, by image or by id")
+    s.add_argument("--index", required=True, help="index root (CURRENT) or a version directory")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--image", help="an image file, embedded with the index's model")
+    g.add_argument("--id", help="an id in the index")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--param", type=int, default=None, help="nprobe / efSearch for this query")
+    s.add_argument("--weights", default=None, help="weights of the index's model when not the embedded ones")
+    s.set_defaults(func=cmd_search)

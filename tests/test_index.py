@@ -1,0 +1,223 @@
+"""The FAISS index: build and tune, persistence and its failure modes, hot swap, delta, model checks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lens.errors import IndexCorruptError, ModelMismatchError, NotFoundError
+
+MODEL = {"model": "test_model", "weights_sha256": "ab" * 32, "embed_dim": 32,
+         "preprocess": {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+                        "crop_pct": 0.875, "crop_mode": "center"}}
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 50, noise: float = 0.35) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_part(path: Path, ids, vectors: np.ndarray, model: dict = MODEL, top1=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dim = vectors.shape[1]
+    table = pa.table({"id": list(ids),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+                      "top1": top1 or [f"label-{i}" for i in ids]},
+                     metadata={b"lens_model": json.dumps(model | {"embed_dim": dim}).encode()})
+    pq.write_table(table, path)
+
+
+def build(tmp_path, sources, out="idx", **kw):
+    from index.build import BuildConfig, build_index
+
+    return build_index(BuildConfig(embeddings=[str(s) for s in sources], output=str(tmp_path / out), **kw),
+                       log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("emb")
+    x = clustered(6000, 32, seed=1)
+    ids = [f"img-{i}" for i in range(len(x))]
+    write_part(tmp / "emb" / "part-0.parquet", ids[:3000], x[:3000])
+    write_part(tmp / "emb" / "part-1.parquet", ids[3000:], x[3000:])
+    return tmp / "emb", ids, x
+
+
+@pytest.mark.parametrize("kind,floor", [("flat", 1.0), ("hnsw", 0.95), ("ivf-flat", 0.95), ("ivf-pq", 0.6)])
+def test_approximate_matches_exact_within_stated_recall(tmp_path, data, kind, floor):
+    from index.build import recall_at_k
+    from index.search import SearchService
+
+    src, ids, x = data
+    m = build(tmp_path, [src], index=kind, target_recall=0.95, queries=200)
+    assert m["type"] == kind and m["count"] == len(ids)
+    stated = m["recall"]["value"]
+    assert stated >= floor
+    if kind != "ivf-pq":
+        assert m["recall"]["target_reached"]
+    # fresh queries (perturbed points, not the tuning sample) against brute force
+    rng = np.random.default_rng(7)
+    q = x[rng.choice(len(x), 100, replace=False)] + 0.05 * rng.normal(size=(100, x.shape[1])).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    svc = SearchService(str(tmp_path / "idx"))
+    _, hits = svc.search(q, 10)
+    row = {i: r for r, i in enumerate(ids)}
+    found = np.array([[row[h.id] for h in hs] for hs in hits])
+    assert recall_at_k(found, exact) >= stated - 0.05
+    # a per-call parameter does not change the shared index's tuned value
+    if kind in ("hnsw", "ivf-flat", "ivf-pq"):
+        svc.search(q[:5], 10, param=1)
+        assert svc.version.manifest["search"]["value"] == m["search"]["value"]
+
+
+def test_auto_choice_follows_size_and_budget():
+    from index.build import BuildConfig, choose_index
+
+    cfg = lambda **kw: BuildConfig(embeddings=["x"], output="y", **kw)  # noqa: E731
+    assert choose_index(5000, 1280, cfg()).type == "flat"
+    assert choose_index(100_000, 1280, cfg()).type == "hnsw"
+    assert choose_index(1_000_000, 1280, cfg(memory_budget="5.3GB")).type == "ivf-flat"
+    plan = choose_index(1_000_000, 1280, cfg(memory_budget="512MB"))
+    assert plan.type == "ivf-pq" and plan.bytes_per_vector <= 512 and 4 * np.sqrt(1e6) <= plan.nlist <= 16 * np.sqrt(1e6)
+
+
+def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
+    from index.store import load_version
+
+    src, ids, x = data
+    m = build(tmp_path, [src], index="hnsw", queries=50)
+    v = load_version(tmp_path / "idx")
+    assert v.name == m["version"] and v.ids == ids and v.index.ntotal == len(ids)
+    assert json.loads(v.metadata[123]) == {"tags": ["label-img-123"]}
+    assert v.manifest["model"]["weights_sha256"] == MODEL["weights_sha256"] and v.manifest["dim"] == 32
+    assert set(v.manifest["files"]) == {"index.faiss", "ids.parquet"}
+    np.testing.assert_allclose(v.index.reconstruct(5), x[5], rtol=1e-6)
+
+
+def test_corrupt_or_half_written_index_gives_a_clear_error(tmp_path, data):
+    from index.store import load_version
+
+    src, _, _ = data
+    m = build(tmp_path, [src], index="ivf-flat", queries=50)
+    vdir = Path(m["path"])
+    # truncated index file
+    blob = (vdir / "index.faiss").read_bytes()
+    (vdir / "index.faiss").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(IndexCorruptError, match="truncated"):
+        load_version(tmp_path / "idx")
+    # same size, other bytes: the checksum catches it
+    mid = len(blob) // 2
+    (vdir / "index.faiss").write_bytes(blob[:mid] + bytes([blob[mid] ^ 0xFF]) + blob[mid + 1 :])
+    with pytest.raises(IndexCorruptError, match="checksum"):
+        load_version(tmp_path / "idx")
+    # a manifest whose checksum does not match the file
+    (vdir / "index.faiss").write_bytes(blob)
+    man = json.loads((vdir / "manifest.json").read_text())
+    man["files"]["ids.parquet"]["sha256"] = "0" * 64
+    (vdir / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(IndexCorruptError, match="checksum"):
+        load_version(tmp_path / "idx")
+    # a half-written version: no manifest
+    (vdir / "manifest.json").unlink()
+    with pytest.raises(IndexCorruptError, match="incomplete"):
+        load_version(vdir)
+    with pytest.raises(IndexCorruptError, match="no index"):
+        load_version(tmp_path / "nowhere")
+
+
+def test_hot_swap_under_concurrent_queries(tmp_path):
+    from index.search import SearchService
+
+    xa, xb = clustered(2000, 32, seed=2), clustered(2000, 32, seed=3)
+    write_part(tmp_path / "a" / "p.parquet", [f"a-{i}" for i in range(2000)], xa)
+    write_part(tmp_path / "b" / "p.parquet", [f"b-{i}" for i in range(2000)], xb)
+    va = build(tmp_path, [tmp_path / "a"], index="hnsw", queries=50)
+    svc = SearchService(str(tmp_path / "idx"))
+    vb = build(tmp_path, [tmp_path / "b"], index="ivf-flat", queries=50)  # CURRENT -> b; not yet loaded
+
+    q = clustered(64, 32, seed=4)
+    answers, errors = [], []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                name, hits = svc.search(q[:8], 5)
+                answers.append((name, {h.id[0] for hs in hits for h in hs}))
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    from index.store import set_current
+
+    for i in range(6):  # swap back and forth under load
+        set_current(tmp_path / "idx", (vb if i % 2 == 0 else va)["version"])
+        assert svc.refresh()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(answers) > 10
+    prefix = {va["version"]: {"a"}, vb["version"]: {"b"}}
+    assert all(ids == prefix[name] for name, ids in answers), "an answer mixed two index versions"
+    assert {name for name, _ in answers} == {va["version"], vb["version"]}
+
+
+def test_delta_results_appear_before_the_merge_and_are_not_duplicated_after(tmp_path, data):
+    from index.search import SearchService
+    from index.source import EmbeddingSource
+
+    src, ids, x = data
+    build(tmp_path, [src], index="hnsw", queries=50)
+    svc = SearchService(str(tmp_path / "idx"))
+    fresh = clustered(5, 32, seed=9)
+    fresh_ids = [f"s3://bucket/new-{i}.jpg" for i in range(5)]
+    write_part(tmp_path / "events" / "part-x.parquet", fresh_ids, fresh)
+    for c in EmbeddingSource(str(tmp_path / "events")).chunks(100):
+        svc.delta.add(c.ids, c.vectors, c.metadata)
+    _, hits = svc.search(fresh, 3)
+    assert [hs[0].id for hs in hits] == fresh_ids  # searchable before any rebuild
+    assert hits[0][0].metadata == {"tags": [f"label-{fresh_ids[0]}"]}
+
+    build(tmp_path, [src, tmp_path / "events"], index="hnsw", queries=50)  # the next build merges them
+    assert svc.refresh()
+    assert len(svc.delta) == 0
+    _, hits = svc.search(fresh, 10)
+    for hs, fid in zip(hits, fresh_ids):
+        assert hs[0].id == fid
+        assert len({h.id for h in hs}) == len(hs) == 10
+    _, hits = svc.search_id(fresh_ids[0], 5)
+    assert fresh_ids[0] not in [h.id for h in hits]
+    with pytest.raises(NotFoundError):
+        svc.search_id("nope", 5)
+
+
+def test_mismatched_model_is_refused(tmp_path, data):
+    from index.search import SearchService
+
+    src, _, _ = data
+    build(tmp_path, [src], index="flat", queries=50)
+    svc = SearchService(str(tmp_path / "idx"))
+    svc.check_model(MODEL)  # the same identity passes
+    with pytest.raises(ModelMismatchError, match="weights_sha256"):
+        svc.check_model(MODEL | {"weights_sha256": "cd" * 32})
+    with pytest.raises(ModelMismatchError, match="preprocess"):
+        svc.check_model(MODEL | {"preprocess": MODEL["preprocess"] | {"crop_pct": 1.0}})
+    # sources from two models cannot share an index
+    write_part(tmp_path / "other" / "p.parquet", ["z"], clustered(1, 32, 5), model=MODEL | {"model": "other"})
+    from lens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="different model"):
+        build(tmp_path, [src, tmp_path / "other"], out="idx2")
