@@ -295,3 +295,97 @@ def test_two_pools_side_by_side_with_overflow(cluster):
     assert {p["pool"] for p in requests.get(f"{app}/v1/models", timeout=30).json()["pools"]} == {"First", "Second"}
     r = post(f"{app}/v1/tag?pool=Nope", images(1)[0])
     assert r.status_code == 400 and r.json()["error"] == "unknown_pool"
+
+
+def _index_from(tmp_path, name: str, ids: list[str], vectors, model_info: dict, **kw) -> str:
+    """An index root built from one embedding part written as the event path writes them."""
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from index.build import BuildConfig, build_index
+
+    part = tmp_path / f"{name}-emb" / "part-0.parquet"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    vectors = np.asarray(vectors, np.float32)
+    pq.write_table(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors.ravel()), vectors.shape[1]), "top1": ["x"] * len(ids)},
+        metadata={b"lens_model": _json.dumps(model_info).encode()}), part)
+    build_index(BuildConfig(embeddings=[str(part.parent), *kw.pop("extra", [])], output=str(tmp_path / name),
+                            queries=20, **kw), log=lambda *a: None)
+    return str(tmp_path / name)
+
+
+def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, tmp_path, tiny):
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from index.build import BuildConfig, build_index
+
+    bodies = images(30, seed=11)
+    ids = [f"img-{i}" for i in range(30)]
+    emb = np.stack([r.embedding for r in tiny.predict(bodies)])
+    root = _index_from(tmp_path, "idx", ids, emb, tiny.info(), index="hnsw")
+    events = tmp_path / "events"
+    events.mkdir()
+    app = deploy(cluster, "search", {"search": {"index": root, "refresh_s": 0.5, "delta_sources": [str(events)]}})
+
+    r = post(f"{app}/v1/search?k=5", bodies[3])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["results"][0]["id"] == "img-3" and body["results"][0]["score"] > 0.99
+    assert len(body["results"]) == 5 and body["index_version"].startswith("v-")
+    first_version = body["index_version"]
+
+    r = requests.get(f"{app}/v1/search/img-3?k=4", timeout=30)
+    assert r.status_code == 200 and len(r.json()["results"]) == 4
+    assert "img-3" not in [h["id"] for h in r.json()["results"]]
+    assert requests.get(f"{app}/v1/search/nope", timeout=30).status_code == 404
+    assert requests.get(f"{app}/v1/search/img-3?k=0", timeout=30).status_code == 400
+
+    r = requests.post(f"{app}/v1/search:vector?k=3", json={"vector": emb[7].tolist()}, timeout=30)
+    assert r.status_code == 200 and r.json()["results"][0]["id"] == "img-7"
+    r = requests.post(f"{app}/v1/search:vector?k=2", json={"vectors": emb[:4].tolist()}, timeout=30)
+    assert [hits[0]["id"] for hits in r.json()["results"]] == ids[:4]
+    assert requests.post(f"{app}/v1/search:vector", json={"vector": [1.0, 2.0]}, timeout=30).status_code == 400
+    assert requests.post(f"{app}/v1/search:vector", data=b"{nope", timeout=30).status_code == 400
+    assert post(f"{app}/v1/search", b"not an image").status_code in (400, 415)
+
+    # an image tagged by the event path becomes searchable without a rebuild (delta) ...
+    new = images(1, seed=99)[0]
+    new_emb = tiny.predict([new])[0].embedding
+    pq.write_table(pa.table({"id": ["s3://b/new.jpg"], "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(new_emb.astype(np.float32)), len(new_emb)), "top1": ["x"]},
+        metadata={b"lens_model": _json.dumps(tiny.info()).encode()}), events / "part-new.parquet")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        top = post(f"{app}/v1/search?k=3", new).json()["results"][0]["id"]
+        if top == "s3://b/new.jpg":
+            break
+        time.sleep(0.5)
+    assert top == "s3://b/new.jpg"
+    # ... and a new build (with the event parts merged) is swapped in, with the item once
+    build_index(BuildConfig(embeddings=[str(tmp_path / "idx-emb"), str(events)], output=root, queries=20,
+                            index="ivf-flat"), log=lambda *a: None)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body = post(f"{app}/v1/search?k=5", new).json()
+        if body["index_version"] != first_version:
+            break
+        time.sleep(0.5)
+    assert body["index_version"] != first_version
+    got = [h["id"] for h in body["results"]]
+    assert got[0] == "s3://b/new.jpg" and got.count("s3://b/new.jpg") == 1
+
+
+def test_search_refuses_an_index_built_with_another_model(cluster, tmp_path, tiny):
+    info = tiny.info() | {"weights_sha256": "0" * 64}
+    root = _index_from(tmp_path, "idx-other", ["a", "b", "c"], np.eye(3, tiny.embed_dim), info, index="flat")
+    app = deploy(cluster, "search-mm", {"search": {"index": root}})
+    r = post(f"{app}/v1/search", images(1)[0])
+    assert r.status_code == 409 and r.json()["error"] == "model_mismatch", r.text
+    # a query by vector or id does not involve the serving model
+    assert requests.get(f"{app}/v1/search/a?k=2", timeout=30).status_code == 200
