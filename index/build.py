@@ -55,7 +55,8 @@ class BuildConfig(StrictModel):
     target_recall: float = Field(0.95, gt=0, le=1, description="recall@k the tuned search parameter must reach")
     k: int = Field(10, ge=1, le=1000, description="k of the recall target")
     queries: int = Field(500, ge=10, description="held-out queries for tuning and measuring recall")
-    train_size: int | None = Field(None, description="training sample; default 64 x nlist (capped by N)")
+    train_size: int | None = Field(None, description="training sample; default 32 x nlist (capped by N)")
+    kmeans_iterations: int = Field(10, ge=1, le=100, description="k-means iterations of IVF training")
     chunk_rows: int = Field(50_000, ge=1000, description="rows per chunk streamed from Parquet")
     hnsw_m: int = Field(32, ge=4, le=128)
     opq: bool = Field(False, description="ivf-pq: learn an OPQ rotation first (better recall; training takes "
@@ -86,9 +87,9 @@ def bytes_per_vector(kind: str, dim: int, *, hnsw_m: int = 32, pq_m: int = 0) ->
 
 
 def _nlist(n: int) -> int:
-    """~8·√N, in autofaiss's 4–16·√N band, and at most N/39 so every centroid gets enough training points."""
-    nl = 2 ** round(math.log2(max(1.0, 8 * math.sqrt(n))))
-    return int(max(1, min(nl, n // 39, 65536)))
+    """4·√N, the low end of autofaiss's 4–16·√N band (k-means training cost grows with nlist; the tuned nprobe
+    recovers recall), and at most N/32 so every centroid gets enough training points."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 32, 65536)))
 
 
 def _pq_m(dim: int, budget_per_vector: float) -> int | None:
@@ -160,9 +161,22 @@ def _merge_topk(scores: np.ndarray, ids: np.ndarray, new_scores: np.ndarray, new
     return np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
 
 
-def _tune(index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> dict:
+def _without_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ids, best first, without the query's own row, cut to ``k``."""
+    out = np.full((len(found), k), -1, np.int64)
+    for i, (row, me) in enumerate(zip(found, own)):
+        rest = row[row != me][:k]
+        out[i, : len(rest)] = rest
+    return out
+
+
+def _tune(index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, k: int, target: float,
+          own: np.ndarray) -> dict:
+    def search(params=None) -> np.ndarray:
+        return _without_self(index.search(queries, k + 1, params=params)[1], own, k)
+
     if plan.type == "flat":
-        found = index.search(queries, k)[1]
+        found = search()
         return {"param": None, "value": None, "recall": round(recall_at_k(found, truth), 4), "curve": []}
     if plan.type == "hnsw":
         name, grid = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
@@ -173,7 +187,7 @@ def _tune(index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, k: int
     curve, best = [], None
     for v in grid:
         t0 = time.perf_counter()
-        found = index.search(queries, k, params=search_params(plan.type, v))[1]
+        found = search(search_params(plan.type, v))
         dt = time.perf_counter() - t0
         r = recall_at_k(found, truth)
         curve.append({"value": v, "recall": round(r, 4), "ms_per_query": round(1000 * dt / len(queries), 3)})
@@ -217,7 +231,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     # pass 2: seeded training sample and held-out tuning queries, by rank among kept rows
     rng = np.random.default_rng(cfg.seed)
     needs_training = plan.type in ("ivf-flat", "ivf-pq")
-    train_n = min(n, cfg.train_size or (64 * plan.nlist if needs_training else 0))
+    train_n = min(n, cfg.train_size or (32 * plan.nlist if needs_training else 0))
     if plan.type == "ivf-pq":
         train_n = min(n, max(train_n, 256 * 39))  # PQ's 256 centroids per sub-quantizer want ~10k points
     q_n = min(cfg.queries, n)
@@ -234,6 +248,11 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
                 dst[a:b] = chunk.vectors[sel[a:b] - rank0]
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if needs_training:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.cp.niter = cfg.kmeans_iterations
+        if plan.type == "ivf-pq":
+            ivf.pq.cp.niter = cfg.kmeans_iterations
+            ivf.do_polysemous_training = False  # Hamming-filter training: minutes on 1280 dims, unused here
         index.train(train)
     del train
     train_s = time.perf_counter() - t0
@@ -242,21 +261,23 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     t0 = time.perf_counter()
     ids_out: list[str] = []
     meta_out: list[str] = []
-    k = min(cfg.k, n)
-    best_s = np.full((q_n, k), -np.inf, np.float32)
-    best_i = np.full((q_n, k), -1, np.int64)
+    k = min(cfg.k, n - 1) if n > 1 else 1
+    kq = k + 1 if n > 1 else 1  # the queries are stored rows: their own row is dropped from truth and answers
+    best_s = np.full((q_n, kq), -np.inf, np.float32)
+    best_i = np.full((q_n, kq), -1, np.int64)
     for rank0, chunk in _kept_chunks(sources, keep, cfg.chunk_rows):
         index.add(chunk.vectors)
         ids_out += chunk.ids
         meta_out += chunk.metadata
         s = queries @ chunk.vectors.T
-        kk = min(k, s.shape[1])
+        kk = min(kq, s.shape[1])
         top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        best_s, best_i = _merge_topk(best_s, best_i, np.take_along_axis(s, top, 1), top + rank0, k)
+        best_s, best_i = _merge_topk(best_s, best_i, np.take_along_axis(s, top, 1), top + rank0, kq)
     add_s = time.perf_counter() - t0
     assert index.ntotal == n == len(ids_out)
 
-    tuned = _tune(index, plan, queries, best_i, k, cfg.target_recall)
+    truth = _without_self(best_i[np.arange(q_n)[:, None], np.argsort(-best_s, axis=1)], query_rank, k)
+    tuned = _tune(index, plan, queries, truth, k, cfg.target_recall, query_rank)
     log(f"lens index: tuned {tuned['param'] or '(exact)'}={tuned['value']} -> recall@{k} {tuned['recall']:.3f}")
     manifest = {
         "lens_version": __version__,

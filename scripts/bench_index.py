@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Benchmark the FAISS index types Lens builds; prints one JSON summary, writes benchmarks/index.json|png.
+
+1. Seeded clustered vectors of dimension 1280 (100k rows; --rows 1000000 for 1M), written as an embedding
+   part and built with `lens index build` for each type (flat, hnsw, ivf-flat, and ivf-pq under a tight memory
+   budget). For each: build time, memory per vector (the serialized index / N), recall@10 against exact search
+   on held-out perturbed queries, queries/s at batch 1 and 64; and recall vs queries/s over the search
+   parameter (the PNG). Baseline: exact Flat in the same run.
+2. Real photos: augmented crops of the bundled photographs are embedded with the embedded Lite0 model and
+   indexed; a further cropped/flipped/recoloured copy of each is the query; hit = its original in the top 5.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = {"model": "synthetic", "weights_sha256": "0" * 64, "preprocess": {}, "embed_dim": 1280}
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 1000, rank: int = 64) -> np.ndarray:
+    """Unit vectors around seeded cluster centres, varying along a few directions per cluster plus a little
+    isotropic noise: like CNN embeddings, a low intrinsic dimension in a 1280-d space."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    basis = rng.normal(size=(rank, dim)).astype(np.float32) / np.sqrt(dim)
+    out = np.empty((n, dim), np.float32)
+    for i in range(0, n, 20000):
+        m = min(20000, n - i)
+        x = (centres[rng.integers(0, clusters, m)] + 0.1 * rng.normal(size=(m, rank)).astype(np.float32) @ basis
+             + 0.003 * rng.normal(size=(m, dim)).astype(np.float32))
+        out[i : i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def write_parts(dst: Path, ids: list[str], x: np.ndarray, model: dict, rows_per_part: int = 50000) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for n, i in enumerate(range(0, len(ids), rows_per_part)):
+        part = x[i : i + rows_per_part]
+        pq.write_table(pa.table({"id": ids[i : i + rows_per_part],
+                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(part.ravel()), x.shape[1])},
+                                metadata={b"lens_model": json.dumps(model).encode()}), dst / f"part-{n:04d}.parquet")
+
+
+def qps(svc, q: np.ndarray, batch: int, param=None, min_time: float = 2.0) -> float:
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for i in range(0, len(q), batch):
+            svc.version.index.search(q[i : i + batch], 10, params=_params(svc, param))
+            done += len(q[i : i + batch])
+        if time.perf_counter() - t0 >= min_time:
+            return done / (time.perf_counter() - t0)
+
+
+def _params(svc, value):
+    from index.build import search_params
+
+    m = svc.version.manifest
+    return search_params(m["type"], value if value is not None else m["search"]["value"])
+
+
+def recall(svc, q: np.ndarray, truth: np.ndarray, param=None) -> float:
+    from index.build import recall_at_k
+
+    found = svc.version.index.search(q, 10, params=_params(svc, param))[1]
+    return recall_at_k(found, truth)
+
+
+def synthetic(tmp: Path, rows: int, budget_pq: str) -> dict:
+    from index.build import BuildConfig, build_index
+    from index.search import SearchService
+
+    t0 = time.perf_counter()
+    x = clustered(rows, 1280, seed=0)
+    ids = [f"v{i}" for i in range(rows)]
+    write_parts(tmp / "emb", ids, x, MODEL)
+    rng = np.random.default_rng(1)
+    q = x[rng.choice(rows, 200, replace=False)] + 0.02 * rng.normal(size=(200, 1280)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    del x
+    gen_s = time.perf_counter() - t0
+    out = {"rows": rows, "dim": 1280, "generate_s": round(gen_s, 1), "types": {}}
+    for kind, budget in (("flat", "100GB"), ("hnsw", "100GB"), ("ivf-flat", "100GB"), ("ivf-pq", budget_pq)):
+        t0 = time.perf_counter()
+        m = build_index(BuildConfig(embeddings=[str(tmp / "emb")], output=str(tmp / kind), index=kind,
+                                    memory_budget=budget, queries=300, target_recall=0.95),
+                        log=lambda s: print(s, file=sys.stderr))
+        build_s = time.perf_counter() - t0
+        svc = SearchService(str(tmp / kind), mmap=False)
+        size = os.path.getsize(Path(m["path"]) / "index.faiss")
+        res = {"factory": m["factory"], "build_s": round(build_s, 1), "bytes_per_vector": round(size / rows, 1),
+               "tuned": m["search"], "recall_at_10_tuning": m["recall"]["value"],
+               "recall_at_10": round(recall(svc, q, truth), 4),
+               "qps_batch1": round(qps(svc, q, 1), 1), "qps_batch64": round(qps(svc, q, 64), 1)}
+        if m["search"]["param"]:
+            res["curve"] = []
+            for point in m["recall"]["curve"]:
+                v = point["value"]
+                res["curve"].append({"value": v, "recall": round(recall(svc, q, truth, v), 4),
+                                     "qps_batch1": round(qps(svc, q[:100], 1, v, min_time=0.5), 1)})
+        out["types"][kind] = res
+        print(json.dumps({kind: {k: v for k, v in res.items() if k != "curve"}}), file=sys.stderr)
+        del svc
+    t = out["types"]
+    flat_b1, flat_bytes = t["flat"]["qps_batch1"], t["flat"]["bytes_per_vector"]
+    fast = [k for k in ("hnsw", "ivf-flat", "ivf-pq") if t[k]["recall_at_10"] >= 0.95]
+    best = max(fast, key=lambda k: t[k]["qps_batch1"]) if fast else None
+    out["speedup_at_recall_0.95_vs_flat_batch1"] = {"type": best, "ratio": round(t[best]["qps_batch1"] / flat_b1, 1)
+                                                    if best else None, "target": 10}
+    out["memory_bound_choice"] = {"type": "ivf-pq", "recall_at_10": t["ivf-pq"]["recall_at_10"],
+                                  "bytes_ratio_vs_flat": round(t["ivf-pq"]["bytes_per_vector"] / flat_bytes, 4),
+                                  "target": "<= 0.125 at recall >= 0.9"}
+    return out
+
+
+def near_duplicates(tmp: Path, n: int) -> dict:
+    import io
+
+    from PIL import Image
+
+    from index.build import BuildConfig, build_index
+    from index.search import SearchService
+    from lens.config import ModelConfig
+    from lens.predictor import Predictor
+    from lens.samples import augment, augmented_jpegs
+
+    pred = Predictor.from_config(ModelConfig())
+    originals = list(augmented_jpegs(n, seed=0, min_area=0.25, long_side=(320, 640)))
+    ids = [name for name, _, _ in originals]
+    emb = np.stack([r.embedding for r in pred.predict([b for _, b, _ in originals])])
+    write_parts(tmp / "photos", ids, emb, pred.info())
+    build_index(BuildConfig(embeddings=[str(tmp / "photos")], output=str(tmp / "photos-idx"), queries=50),
+                log=lambda s: None)
+    svc = SearchService(str(tmp / "photos-idx"))
+    rng = np.random.default_rng(123)
+    queries = []
+    for _, data, _ in originals:  # crop (>= 60 % of the area), maybe mirror, recolour, resize, re-encode
+        img = augment(Image.open(io.BytesIO(data)), rng, min_area=0.6, long_side=(256, 512))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(rng.integers(70, 90)))
+        queries.append(buf.getvalue())
+    q = np.stack([r.embedding for r in pred.predict(queries)])
+    _, hits = svc.search(q, 5)
+    top5 = float(np.mean([ids[i] in [h.id for h in hs] for i, hs in enumerate(hits)]))
+    top1 = float(np.mean([hs[0].id == ids[i] for i, hs in enumerate(hits)]))
+    return {"originals": n, "queries": n, "index": svc.version.manifest["factory"], "top5_hit_rate": round(top5, 4),
+            "top1_hit_rate": round(top1, 4), "target_top5": 0.95}
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    t = summary["synthetic"]["types"]
+    ax.scatter([t["flat"]["recall_at_10"]], [t["flat"]["qps_batch1"]], marker="*", s=120, label="flat (exact)")
+    for kind in ("hnsw", "ivf-flat", "ivf-pq"):
+        c = t[kind].get("curve") or []
+        ax.plot([p["recall"] for p in c], [p["qps_batch1"] for p in c], marker="o", label=f"{kind} ({t[kind]['factory']})")
+    ax.set_xlabel("recall@10 vs exact")
+    ax.set_ylabel("queries/s, batch 1")
+    ax.set_yscale("log")
+    ax.axvline(0.95, color="grey", ls=":")
+    ax.set_title(f"{summary['synthetic']['rows']} x 1280 clustered vectors, {os.cpu_count()} CPUs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=100_000, help="synthetic rows (1000000 for the 1M run)")
+    ap.add_argument("--pq-budget", default=None, help="memory budget that makes `auto` pick ivf-pq "
+                    "(default: 300 bytes per vector)")
+    ap.add_argument("--photos", type=int, default=300, help="originals in the near-duplicate test")
+    ap.add_argument("--quick", action="store_true", help="20k rows, 100 photos")
+    args = ap.parse_args()
+    rows, photos = (20_000, 100) if args.quick else (args.rows, args.photos)
+    budget = args.pq_budget or str(300 * rows)
+    with tempfile.TemporaryDirectory(prefix="lens-bench-index-") as tmp:
+        tmp = Path(tmp)
+        summary = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                   "synthetic": synthetic(tmp, rows, budget), "near_duplicates": near_duplicates(tmp, photos)}
+    out = ROOT / "benchmarks"
+    out.mkdir(exist_ok=True)
+    (out / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, out / "index.png")
+    brief = json.loads(json.dumps(summary))
+    for t in brief["synthetic"]["types"].values():
+        t.pop("curve", None)
+    print(json.dumps(brief, indent=2))
+
+
+if __name__ == "__main__":
+    main()
