@@ -1,5 +1,5 @@
 # Lens: one command to set up and run the main job, one to set up and run the tests.
-#   make demo    create .venv, install Lens, tag the bundled real photos with the embedded model
+#   make demo    create .venv, install Lens, run the main job end to end on embedded defaults (lens demo)
 #   make test    create .venv, install Lens with its dev extras, run the test suite
 #   make bench   run the benchmarks under scripts/ (JSON summaries on stdout, files in benchmarks/)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lens tag --samples --top-k 3
+	$(BIN)/lens demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -94,7 +94,7 @@ def _nlist(n: int) -> int:
 
 def _pq_m(dim: int, budget_per_vector: float) -> int | None:
     """The largest PQ code size (bytes) that fits, among divisors of ``dim`` that FAISS handles well."""
-    for m in (256, 192, 160, 128, 96, 64, 48, 32, 16, 8):
+    for m in (640, 512, 384, 320, 256, 192, 160, 128, 96, 64, 48, 32, 16, 8):
         if dim % m == 0 and m + 8 <= budget_per_vector and dim // m >= 2:
             return m
     return None

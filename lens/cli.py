@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_parsers(sub)
 
+    p = sub.add_parser("demo", help="the main job end to end on embedded defaults (local Ray + moto S3/SQS)")
+    p.add_argument("--images", type=int, default=300, help="augmented copies seeded besides the 7 photos")
+    p.add_argument("--new-images", type=int, default=12, help="images uploaded through the event path")
+    p.add_argument("--workdir", default="lens-demo", help="local outputs (the index); wiped at start")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (a free one if taken)")
+    p.add_argument("--keep", action="store_true", help="leave the service up until Ctrl-C")
+    p.set_defaults(func=lambda a: __import__("lens.demo", fromlist=["main"]).main(a))
+
     p = sub.add_parser("models", help="list supported models and which have weights here")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=cmd_models)

@@ -20,6 +20,7 @@ import asyncio
 import functools
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -208,11 +209,13 @@ def queue_depth(sqs, url: str) -> dict:
 class Poller:
     """Long-polls the queue with a number of concurrent poll loops that follows the backlog."""
 
-    def __init__(self, cfg: EventsConfig, processor: EventProcessor, sqs) -> None:
+    def __init__(self, cfg: EventsConfig, processor: EventProcessor, sqs, metrics=None) -> None:
         self.cfg = cfg
         self.processor = processor
         self.sqs = sqs
+        self.metrics = metrics  # serve.metrics.EventMetrics inside Serve; None in-process
         self.url = queue_url(sqs, cfg.queue)
+        self.dlq_url: str | None = None
         self.totals: dict = {}
         self._loops: list[tuple[asyncio.Task, asyncio.Event]] = []  # (poll loop, its own stop flag)
         self._stopping = asyncio.Event()
@@ -229,16 +232,24 @@ class Poller:
         resp = await asyncio.to_thread(
             self.sqs.receive_message, QueueUrl=self.url, MaxNumberOfMessages=self.cfg.messages_per_poll,
             WaitTimeSeconds=self.cfg.wait_time_s, VisibilityTimeout=self.cfg.visibility_timeout_s,
-            AttributeNames=["ApproximateReceiveCount"])
+            AttributeNames=["ApproximateReceiveCount", "SentTimestamp"])
         messages = resp.get("Messages", [])
         if not messages:
             return Outcome()
+        if self.metrics is not None:
+            now_ms = time.time() * 1000
+            for m in messages:
+                sent = m.get("Attributes", {}).get("SentTimestamp")
+                if sent:
+                    self.metrics.age.observe(max(0.0, (now_ms - int(sent)) / 1000))
         out = await self.processor.process_messages(messages)
         for i in range(0, len(out.deleted), 10):
             entries = [{"Id": str(j), "ReceiptHandle": h} for j, h in enumerate(out.deleted[i: i + 10])]
             await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.url, Entries=entries)
         for k, v in out.counts.items():
             self.totals[k] = self.totals.get(k, 0) + v
+            if self.metrics is not None:
+                self.metrics.outcomes.inc(v, tags={"outcome": k})
         return out
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -257,6 +268,8 @@ class Poller:
             try:
                 depth = await asyncio.to_thread(queue_depth, self.sqs, self.url)
                 want = self.wanted(depth["visible"])
+                if self.metrics is not None:
+                    await asyncio.to_thread(self._export_depth, depth)
             except Exception:  # noqa: BLE001
                 logger.exception("queue depth check failed")
                 want = max(self.pollers, self.cfg.min_pollers, 1)
@@ -270,6 +283,17 @@ class Poller:
                 await asyncio.wait_for(self._stopping.wait(), self.cfg.scale_interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    def _export_depth(self, depth: dict) -> None:
+        self.metrics.visible.set(depth["visible"])
+        self.metrics.in_flight.set(depth["in_flight"])
+        self.metrics.pollers.set(self.pollers)
+        try:
+            if self.dlq_url is None:
+                self.dlq_url = queue_url(self.sqs, self.cfg.dlq)
+            self.metrics.dlq.set(queue_depth(self.sqs, self.dlq_url)["visible"])
+        except Exception:  # noqa: BLE001 - a metric, not a reason to stop polling
+            logger.warning("cannot read the DLQ depth", exc_info=True)
 
     def stop(self) -> None:
         """Stop now: batches in flight are abandoned and come back after the visibility timeout."""

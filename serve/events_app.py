@@ -47,7 +47,9 @@ def _make_consumer_class():
 
             self._handle = handle
             self.processor = EventProcessor(self.args.events, s3, tag, {})
-            self.poller = Poller(self.args.events, self.processor, sqs)
+            from .metrics import EventMetrics
+
+            self.poller = Poller(self.args.events, self.processor, sqs, EventMetrics())
             self._task = asyncio.get_event_loop().create_task(self._start())
 
         async def _start(self) -> None:

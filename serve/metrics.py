@@ -40,3 +40,20 @@ class TaggerMetrics:
                                 description="Construct + load + warm-up time of a replica.")
         self.in_flight = Gauge("lens_replica_in_flight",
                                description="Requests inside this replica (decoding or waiting for a batch).")
+
+
+_AGE_S = [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+
+
+class EventMetrics:
+    """The event consumer: backlog, DLQ, message age at receipt, outcomes, poll loops."""
+
+    def __init__(self) -> None:
+        self.visible = Gauge("lens_events_queue_visible", description="Messages waiting in the SQS queue.")
+        self.in_flight = Gauge("lens_events_queue_in_flight", description="Messages received, not yet deleted.")
+        self.dlq = Gauge("lens_events_dlq_depth", description="Messages in the dead-letter queue.")
+        self.age = Histogram("lens_events_message_age_s", description="Time from S3 event to its receipt.",
+                             boundaries=_AGE_S)
+        self.outcomes = Counter("lens_events_processed_total", description="Event outcomes (tagged, duplicate, "
+                                "skipped_*, failed).", tag_keys=("outcome",))
+        self.pollers = Gauge("lens_events_pollers", description="Concurrent poll loops.")

@@ -1,0 +1,251 @@
+"""``lens demo``: the main job end to end on embedded defaults, on one machine, with no network.
+
+moto's S3/SQS on 127.0.0.1 and a local Ray; real photographs (scikit-image's) plus seeded augmented copies
+-> Parquet shards -> bulk embedding on Ray Data -> FAISS index -> the Serve app (tagging, search, event
+consumer) -> new images uploaded to the bucket are tagged by the event path and become searchable -> example
+tag and search requests over HTTP -> a summary. ``--keep`` leaves the service up until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["run_demo"]
+
+DATA_BUCKET = "lens-demo-data"  # seed images, shards and bulk embeddings (no notifications)
+
+
+def _step(n: int, total: int, msg: str) -> float:
+    print(f"[{n}/{total}] {msg}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError("no free port")
+
+
+def _wait(what: str, check, timeout_s: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-demo", port: int = 8000,
+             keep: bool = False) -> dict:
+    import requests
+
+    from lens.samples import augmented_jpegs, sample_path
+
+    total = 9
+    summary: dict = {"steps_s": {}}
+    work = Path(workdir).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t_all = time.perf_counter()
+
+    # 1 -------------------------------------------------------------------------------------
+    t = _step(1, total, "starting moto's S3/SQS on 127.0.0.1 and a local Ray")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    from serve.events_cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
+
+    endpoint = start_local_aws(_free_port(4566))
+    import boto3
+    import ray
+
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=DATA_BUCKET)
+    summary["steps_s"]["start"] = round(time.perf_counter() - t, 1)
+
+    # 2 -------------------------------------------------------------------------------------
+    t = _step(2, total, f"seeding s3://{DATA_BUCKET}/images/ with real photos and {images} augmented copies")
+    from lens.samples import SAMPLES
+
+    seeded = 0
+    for name in SAMPLES:
+        s3.put_object(Bucket=DATA_BUCKET, Key=f"images/originals/{name}", Body=sample_path(name).read_bytes())
+        seeded += 1
+    for name, data, _ in augmented_jpegs(images, seed=0):
+        s3.put_object(Bucket=DATA_BUCKET, Key=f"images/augmented/{name}", Body=data)
+        seeded += 1
+    summary["seeded_images"] = seeded
+    summary["steps_s"]["seed"] = round(time.perf_counter() - t, 1)
+
+    # 3 -------------------------------------------------------------------------------------
+    t = _step(3, total, "packing them into Parquet shards (lens shards)")
+    from batch.shards import make_shards
+
+    shards = make_shards(f"s3://{DATA_BUCKET}/images", f"s3://{DATA_BUCKET}/shards", rows_per_shard=100)
+    summary["shards"] = len(shards)
+    summary["steps_s"]["shards"] = round(time.perf_counter() - t, 1)
+
+    # 4 -------------------------------------------------------------------------------------
+    t = _step(4, total, "bulk embedding on Ray Data (lens embed)")
+    from batch.config import EmbedConfig
+    from batch.job import run_embed
+
+    emb = run_embed(EmbedConfig(input=f"s3://{DATA_BUCKET}/shards", output=f"s3://{DATA_BUCKET}/embeddings"),
+                    log=lambda m: print("    " + m, file=sys.stderr))
+    summary["embed"] = {"rows": emb.input_rows, "embedded": emb.embedded, "errors": emb.errors,
+                        "images_per_s": emb.images_per_s, "output": emb.output}
+    summary["steps_s"]["embed"] = round(time.perf_counter() - t, 1)
+
+    # 5 -------------------------------------------------------------------------------------
+    t = _step(5, total, "building the FAISS index (lens index build)")
+    from index.build import BuildConfig, build_index
+
+    index_dir = work / "index"
+    man = build_index(BuildConfig(embeddings=[f"s3://{DATA_BUCKET}/embeddings"], output=str(index_dir),
+                                  queries=100), log=lambda m: print("    " + m, file=sys.stderr))
+    summary["index"] = {"path": str(index_dir), "version": man["version"], "type": man["type"],
+                        "count": man["count"], "recall_at_10": man["recall"]["value"]}
+    summary["steps_s"]["index"] = round(time.perf_counter() - t, 1)
+
+    # 6 -------------------------------------------------------------------------------------
+    t = _step(6, total, "starting the Serve app: tagging + search + the S3 event consumer")
+    from serve.events_setup import ensure_resources
+    from serve.run import deploy
+
+    port = _free_port(port)
+    doc = copy.deepcopy(DEFAULT_EVENTS_CONFIG)
+    doc["http_options"]["port"] = port
+    cfg = events_args(doc).events
+    emb_prefix = f"s3://{cfg.results_bucket}/{cfg.embeddings_prefix}"
+    doc["applications"][0]["args"] = {"search": {"index": str(index_dir), "refresh_s": 1.0,
+                                                 "delta_sources": [emb_prefix]}}
+    for change in ensure_resources(cfg):
+        print(f"    {change}", file=sys.stderr)
+    deploy(doc, where="demo config")
+    url = f"http://127.0.0.1:{port}"
+    _wait("the service", lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, 120)
+    summary["url"] = url
+    summary["steps_s"]["serve"] = round(time.perf_counter() - t, 1)
+
+    # 7 -------------------------------------------------------------------------------------
+    t = _step(7, total, f"uploading {new_images} new images to s3://{cfg.bucket}/incoming/ "
+                        "(S3 ObjectCreated -> SQS -> consumer)")
+    new = list(augmented_jpegs(new_images, seed=1000))
+    for name, data, _ in new:
+        s3.put_object(Bucket=cfg.bucket, Key=f"incoming/{name}", Body=data)
+    results_bucket = cfg.results_bucket or cfg.bucket
+
+    def sidecars() -> int:
+        got = s3.list_objects_v2(Bucket=results_bucket, Prefix=f"{cfg.result_prefix}incoming/").get("KeyCount", 0)
+        return got if got >= new_images else 0
+
+    _wait("the event path to tag every new image", sidecars, 180)
+    tagged_s = time.perf_counter() - t
+    probe_name, probe, _ = new[0]
+    probe_id = f"s3://{cfg.bucket}/incoming/{probe_name}"
+
+    def searchable():
+        r = requests.post(f"{url}/v1/search?k=5", data=probe, headers={"Content-Type": "image/jpeg"}, timeout=30)
+        return r.json() if r.ok and r.json()["results"][0]["id"] == probe_id else None
+
+    found = _wait("a new image to become searchable (delta index)", searchable, 120)
+    sidecar = json.loads(s3.get_object(Bucket=results_bucket,
+                                       Key=f"{cfg.result_prefix}incoming/{probe_name}.json")["Body"].read())
+    summary["events"] = {"uploaded": new_images, "tagged": new_images, "tagged_in_s": round(tagged_s, 1),
+                         "searchable_in_s": round(time.perf_counter() - t, 1),
+                         "example_sidecar": f"s3://{results_bucket}/{cfg.result_prefix}incoming/{probe_name}.json",
+                         "example_tags": [x["label"] for x in sidecar["tags"][:3]],
+                         "example_search_top1": found["results"][0]}
+    summary["steps_s"]["events"] = round(time.perf_counter() - t, 1)
+
+    # 8 -------------------------------------------------------------------------------------
+    t = _step(8, total, "example requests over HTTP")
+    coffee = sample_path("coffee.png").read_bytes()
+    tag = requests.post(f"{url}/v1/tag?top_k=3", data=coffee, headers={"Content-Type": "image/png"}, timeout=30).json()
+    from PIL import Image
+
+    cat = Image.open(sample_path("chelsea.png")).convert("RGB")
+    crop = cat.crop((40, 20, cat.width - 30, cat.height - 10)).transpose(Image.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    crop.save(buf, format="JPEG", quality=85)
+    search = requests.post(f"{url}/v1/search?k=3", data=buf.getvalue(), headers={"Content-Type": "image/jpeg"},
+                           timeout=30).json()
+    by_id = requests.get(f"{url}/v1/search/originals/coffee.png?k=3", timeout=30).json()
+    summary["examples"] = {
+        "tag coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["tags"]],
+        "search with a cropped, mirrored cat": [(h["id"], round(h["score"], 3)) for h in search["results"]],
+        "neighbours of originals/coffee.png": [(h["id"], round(h["score"], 3)) for h in by_id["results"]],
+    }
+    summary["steps_s"]["examples"] = round(time.perf_counter() - t, 1)
+    summary["total_s"] = round(time.perf_counter() - t_all, 1)
+
+    # 9 -------------------------------------------------------------------------------------
+    _step(9, total, "summary")
+    _print_summary(summary, url, endpoint, cfg)
+    if keep:
+        print(f"\nLens is up at {url} (S3/SQS at {endpoint}); Ctrl-C to stop.", file=sys.stderr)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    return summary
+
+
+def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
+    p = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+    p("\n=== Lens demo: done in %.0f s ===" % s["total_s"])
+    p(f"  seeded         {s['seeded_images']} images (7 real photos + augmented copies) in s3://{DATA_BUCKET}/images/")
+    p(f"  shards         {s['shards']} Parquet shards in s3://{DATA_BUCKET}/shards/")
+    e = s["embed"]
+    p(f"  bulk embedding {e['rows']} rows = {e['embedded']} embedded + {e['errors']} errors, "
+      f"{e['images_per_s']} images/s -> {e['output']}")
+    i = s["index"]
+    p(f"  index          {i['type']} over {i['count']} vectors, recall@10 {i['recall_at_10']} -> {i['path']}")
+    ev = s["events"]
+    p(f"  event path     {ev['uploaded']} uploads tagged in {ev['tagged_in_s']} s, searchable in "
+      f"{ev['searchable_in_s']} s; e.g. {ev['example_sidecar']}: {', '.join(ev['example_tags'])}")
+    for k, v in s["examples"].items():
+        p(f"  {k}: {v}")
+    p(f"  timings (s)    {s['steps_s']}")
+    p("\n  try it (while the service is up, e.g. with --keep):")
+    p(f"    curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' '{url}/v1/tag?top_k=5'")
+    p(f"    curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' '{url}/v1/search?k=5'")
+    p(f"    curl -s '{url}/v1/search/originals/coffee.png?k=5'")
+    p(f"    AWS_ENDPOINT_URL={endpoint} lens events status")
+    print(json.dumps(s))
+
+
+def main(args) -> int:
+    from ray import serve
+
+    import ray
+
+    try:
+        run_demo(images=args.images, new_images=args.new_images, workdir=args.workdir, port=args.port,
+                 keep=args.keep)
+    finally:
+        print("shutting down ...", file=sys.stderr)
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - Serve may not have started
+            pass
+        ray.shutdown()
+    return 0
