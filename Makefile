@@ -24,10 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_model.py
-	$(BIN)/python scripts/bench_serve.py
-	$(BIN)/python scripts/bench_events.py
-	$(BIN)/python scripts/bench_batch.py
+	$(BIN)/python scripts/bench_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Writes infra/grafana/lens-dashboard.json (run after changing a panel; the JSON is committed).
+
+Ray exports Lens's metrics (serve/metrics.py) with a ``ray_`` prefix; Ray Serve adds ``application``,
+``deployment`` and ``replica`` labels.
+"""
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PANELS = [
+    # (title, unit, [(expr, legend)])
+    ("Requests/s by route and status", "reqps",
+     [("sum by (route, status) (rate(ray_lens_request_latency_ms_count[1m]))", "{{route}} {{status}}")]),
+    ("Latency p50 / p95 / p99 (ms)", "ms",
+     [(f"histogram_quantile({q}, sum by (le) (rate(ray_lens_request_latency_ms_bucket[5m])))", f"p{int(q * 100)}")
+      for q in (0.5, 0.95, 0.99)]),
+    ("Errors/s by kind", "reqps",
+     [("sum by (route, kind) (rate(ray_lens_request_errors_total[5m]))", "{{route}} {{kind}}"),
+      ("sum by (kind) (rate(ray_lens_image_errors_total[5m]))", "image {{kind}}")]),
+    ("Batch size (mean, p95)", "none",
+     [("sum(rate(ray_lens_batch_size_sum[5m])) / sum(rate(ray_lens_batch_size_count[5m]))", "mean"),
+      ("histogram_quantile(0.95, sum by (le) (rate(ray_lens_batch_size_bucket[5m])))", "p95")]),
+    ("Stage time p95 (ms): decode, queue wait, model", "ms",
+     [(f"histogram_quantile(0.95, sum by (le) (rate(ray_lens_{m}_bucket[5m])))", m)
+      for m in ("decode_ms", "queue_wait_ms", "model_ms")]),
+    ("Images in flight per replica", "none",
+     [("sum by (deployment, replica) (ray_lens_replica_in_flight)", "{{deployment}} {{replica}}")]),
+    ("Replicas by deployment", "none",
+     [("sum by (deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}}")]),
+    ("Replica cold start (s)", "s",
+     [("max by (deployment, replica) (ray_lens_replica_cold_start_seconds)", "{{deployment}} {{replica}}")]),
+    ("Event queue: waiting, in flight, DLQ", "none",
+     [("max(ray_lens_events_queue_visible)", "waiting"), ("max(ray_lens_events_queue_in_flight)", "in flight"),
+      ("max(ray_lens_events_dlq_depth)", "DLQ")]),
+    ("Event age at receipt p50 / p95 (s)", "s",
+     [(f"histogram_quantile({q}, sum by (le) (rate(ray_lens_events_message_age_s_bucket[5m])))", f"p{int(q * 100)}")
+      for q in (0.5, 0.95)]),
+    ("Events/s by outcome", "ops",
+     [("sum by (outcome) (rate(ray_lens_events_processed_total[5m]))", "{{outcome}}")]),
+    ("Event poll loops", "none", [("max(ray_lens_events_pollers)", "pollers")]),
+]
+
+
+def dashboard() -> dict:
+    panels = []
+    for i, (title, unit, targets) in enumerate(PANELS):
+        panels.append({
+            "id": i + 1, "type": "timeseries", "title": title,
+            "gridPos": {"x": 12 * (i % 2), "y": 8 * (i // 2), "w": 12, "h": 8},
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"refId": chr(65 + j), "expr": e, "legendFormat": leg} for j, (e, leg) in enumerate(targets)],
+        })
+    return {
+        "uid": "lens-overview", "title": "Lens", "schemaVersion": 39, "version": 1, "editable": True,
+        "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "tags": ["lens", "ray"],
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus",
+                                 "current": {}, "hide": 0}]},
+        "panels": panels,
+    }
+
+
+if __name__ == "__main__":
+    out = ROOT / "infra" / "grafana" / "lens-dashboard.json"
+    out.write_text(json.dumps(dashboard(), indent=2) + "\n")
+    print(out)

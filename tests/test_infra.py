@@ -1,0 +1,119 @@
+"""Every deployment artefact under infra/ is well-formed: Serve configs (standalone and embedded in the
+RayService) pass Ray's own Serve schema, KubeRay manifests have the fields KubeRay requires, the RayJob's
+commands parse with Lens's CLI, the IAM policy is least-privilege JSON, and the alert rules and dashboard
+refer only to metrics Lens exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+
+
+def lens_metrics() -> set[str]:
+    names = set(re.findall(r'"(lens_[a-z_]+)"', (ROOT / "serve" / "metrics.py").read_text()))
+    assert len(names) >= 10
+    return names
+
+
+def referenced(expr: str) -> set[str]:
+    """Lens metric names in a PromQL expression (Ray's ray_ prefix and histogram suffixes removed)."""
+    return {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"ray_(lens_[a-z_]+)", expr)}
+
+
+def check_pod_template(t: dict, where: str) -> None:
+    containers = t["template"]["spec"]["containers"]
+    assert containers and all(c.get("image") and c.get("name") for c in containers), where
+    assert isinstance(t["rayStartParams"], dict), where
+
+
+def check_cluster(spec: dict, where: str) -> None:
+    check_pod_template(spec["headGroupSpec"], f"{where} head")
+    groups = spec["workerGroupSpecs"]
+    assert len({g["groupName"] for g in groups}) == len(groups)
+    for g in groups:
+        check_pod_template(g, f"{where} {g['groupName']}")
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+
+
+@pytest.mark.parametrize("name", ["serve-cpu.yaml", "serve-gpu.yaml", "events.yaml"])
+def test_standalone_serve_configs_pass_rays_schema(name):
+    from serve.run import check_serve_config
+
+    check_serve_config(yaml.safe_load((INFRA / name).read_text()), where=name)
+
+
+def test_rayservice_is_well_formed_and_its_serve_config_passes_rays_schema():
+    from serve.app import build_app  # noqa: F401 - the import path the config names exists
+    from serve.config import AppArgs
+    from serve.events_app import EventsAppArgs
+    from serve.run import check_serve_config
+
+    doc = yaml.safe_load((INFRA / "kuberay" / "rayservice.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService" and doc["metadata"]["name"]
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    check_serve_config(serve_cfg, where="RayService serveConfigV2")
+    apps = {a["import_path"]: a for a in serve_cfg["applications"]}
+    AppArgs.model_validate(apps["serve.app:build_app"]["args"])  # Lens's own validation of the args
+    EventsAppArgs.model_validate(apps["serve.events_app:build_events_app"]["args"])
+    cluster = doc["spec"]["rayClusterConfig"]
+    check_cluster(cluster, "RayService")
+    gpu = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu"][0]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] > 0 and cluster["enableInTreeAutoscaling"]
+
+
+def test_rayjob_is_well_formed_and_its_commands_parse():
+    from lens.cli import build_parser
+
+    doc = yaml.safe_load((INFRA / "kuberay" / "rayjob-embed.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    check_cluster(doc["spec"]["rayClusterSpec"], "RayJob")
+    commands = [c.strip() for c in doc["spec"]["entrypoint"].split("&&")]
+    assert [c.split()[:2] for c in commands] == [["lens", "embed"], ["lens", "index"]]
+    for c in commands:
+        args = build_parser().parse_args(shlex.split(c)[1:])
+        assert callable(args.func)
+
+
+def test_iam_policy_is_least_privilege():
+    policy = json.loads((INFRA / "iam-policy.json").read_text())
+    assert policy["Version"] == "2012-10-17"
+    for st in policy["Statement"]:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        assert st["Effect"] == "Allow" and st["Sid"]
+        assert all(a != "*" and not a.endswith(":*") for a in actions), st["Sid"]
+        assert all(r != "*" for r in resources), st["Sid"]
+
+
+def test_alert_rules_are_valid_and_use_lens_metrics():
+    known = lens_metrics()
+    doc = yaml.safe_load((INFRA / "prometheus" / "lens-alerts.yaml").read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    assert {r["alert"] for r in rules} >= {"LensHighLatencyP95", "LensHighErrorRate", "LensEventQueueOld",
+                                           "LensDeadLetterQueueNotEmpty"}
+    for r in rules:
+        assert r["expr"] and re.fullmatch(r"\d+[smh]", r["for"]) and r["labels"]["severity"] in ("warning", "critical")
+        assert r["annotations"]["summary"]
+        assert r["expr"].count("(") == r["expr"].count(")"), r["alert"]
+        used = referenced(r["expr"])
+        assert used and used <= known, (r["alert"], used - known)
+
+
+def test_dashboard_panels_use_exported_metrics():
+    known = lens_metrics()
+    dash = json.loads((INFRA / "grafana" / "lens-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(dash["panels"]) >= 10
+    used = set().union(*(referenced(e) for e in exprs))
+    assert used <= known, used - known
+    # every metric Lens exports is on the dashboard
+    assert known - used == set(), known - used
