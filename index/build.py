@@ -55,7 +55,7 @@ class BuildConfig(StrictModel):
     target_recall: float = Field(0.95, gt=0, le=1, description="recall@k the tuned search parameter must reach")
     k: int = Field(10, ge=1, le=1000, description="k of the recall target")
     queries: int = Field(500, ge=10, description="held-out queries for tuning and measuring recall")
-    train_size: int | None = Field(None, description="training sample; default 32 x nlist (capped by N)")
+    train_size: int | None = Field(None, description="training sample; default 40 x nlist (capped by N; FAISS wants >= 39)")
     kmeans_iterations: int = Field(10, ge=1, le=100, description="k-means iterations of IVF training")
     chunk_rows: int = Field(50_000, ge=1000, description="rows per chunk streamed from Parquet")
     hnsw_m: int = Field(32, ge=4, le=128)
@@ -231,7 +231,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     # pass 2: seeded training sample and held-out tuning queries, by rank among kept rows
     rng = np.random.default_rng(cfg.seed)
     needs_training = plan.type in ("ivf-flat", "ivf-pq")
-    train_n = min(n, cfg.train_size or (32 * plan.nlist if needs_training else 0))
+    train_n = min(n, cfg.train_size or (40 * plan.nlist if needs_training else 0))
     if plan.type == "ivf-pq":
         train_n = min(n, max(train_n, 256 * 39))  # PQ's 256 centroids per sub-quantizer want ~10k points
     q_n = min(cfg.queries, n)
