@@ -76,7 +76,8 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     import boto3
     import ray
 
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    # log_to_driver=False: replica and worker logs stay in Ray's log files, the demo prints its own progress
+    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=DATA_BUCKET)
     summary["steps_s"]["start"] = round(time.perf_counter() - t, 1)
