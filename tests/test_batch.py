@@ -127,16 +127,18 @@ def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
     assert sorted(read_output(tmp_path / "out2").column("id").to_pylist()) == sorted(ids + [])
 
 
-def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng):
+def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng, lite0_onnx):
     ids = []
-    for s in range(12):
-        shard_ids = [f"s{s:02d}-{i:03d}" for i in range(40)]
+    # The real Lite0 model (~100 images/s here) makes the run last long enough for the kill to land mid-way.
+    shards = 16
+    for s in range(shards):
+        shard_ids = [f"s{s:02d}-{i:03d}" for i in range(30)]
         write_shard(tmp_path / "in" / f"part-{s:02d}.parquet", shard_ids,
-                    [encode(random_rgb(rng, 96, 80), "JPEG") for _ in shard_ids])
+                    [encode(random_rgb(rng, 160, 120), "JPEG") for _ in shard_ids])
         ids += shard_ids
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lens.cli", "embed", "--input", str(tmp_path / "in"), "--output", str(out),
-           "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx", "--batch-size", "8",
+           "--backend", "onnx", "--batch-size", "8",
            "--no-progress"]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     log = open(tmp_path / "first.log", "w")
@@ -144,20 +146,20 @@ def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng):
     markers = out / "_lens" / "shards"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if markers.is_dir() and len(list(markers.glob("*.json"))) >= 2:
+        if markers.is_dir() and any(markers.glob("*.json")):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the job finished before it could be killed: " + (tmp_path / "first.log").read_text()
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its raylet and every worker
     proc.wait()
     done_before = len(list(markers.glob("*.json")))
-    assert 2 <= done_before < 12
+    assert 1 <= done_before < shards
     assert not (out / "manifest.json").exists()
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     summary = json.loads(second.stdout.strip().splitlines()[-1])
-    assert summary["shards_skipped"] >= done_before and summary["shards_run"] == 12 - summary["shards_skipped"]
+    assert summary["shards_skipped"] >= done_before and summary["shards_run"] == shards - summary["shards_skipped"]
     table = read_output(out)
     got = table.column("id").to_pylist()
     assert len(got) == len(set(got)), "duplicated rows after resume"
