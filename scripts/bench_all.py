@@ -37,8 +37,8 @@ def report() -> str:
     m = load("model")
     if m:
         b = m["backends"] if "backends" in m else {}
-        lines += ["## Model runtime (`bench_model.py`)", "", "```json", json.dumps(m.get("targets", m), indent=2),
-                  "```", ""]
+        lines += ["## Model runtime (`bench_model.py`)", "", "```json",
+                  json.dumps({k: m[k] for k in ("ratios", "targets") if k in m}, indent=2), "```", ""]
     s = load("serve")
     if s:
         lines += ["## Online tagging (`bench_serve.py`)", "", "![serve](serve.png)", "",
