@@ -94,6 +94,3 @@ class Ledger:
 
     def write_manifest(self, manifest: dict) -> None:
         self.out.write_json(self.out.path(MANIFEST), manifest)
-
-    def manifest(self) -> dict | None:
-        return self.out.read_json(self.out.path(MANIFEST))

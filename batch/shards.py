@@ -7,7 +7,6 @@ skipped on resume as a whole. Its ``key`` names its output directory and marker.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +17,11 @@ import pyarrow.parquet as pq
 
 from lens.errors import ConfigError
 
+from .config import IMAGE_EXTENSIONS
 from .storage import Location, split_glob
 
 __all__ = ["InputShard", "discover_shards", "make_shards"]
 
-logger = logging.getLogger(__name__)
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
 
@@ -34,10 +33,10 @@ class InputShard:
     rows: int
     files: tuple[str, ...] = field(default=(), repr=False)  # image-folder input: the files in this group
 
-    def to_dict(self, loc: Location) -> dict:
-        d = {"key": self.key, "rows": self.rows}
-        d["path" if not self.files else "first_file"] = loc.uri_of(self.path)
-        return d
+
+def _suffixes(extensions: tuple[str, ...]) -> tuple[str, ...]:
+    """``("jpg", ".PNG")`` -> ``(".jpg", ".png")``, for matching lower-cased file names."""
+    return tuple("." + e.lower().lstrip(".") for e in extensions)
 
 
 def shard_key(rel_path: str) -> str:
@@ -62,7 +61,7 @@ def discover_shards(input_uri: str, input_format: str, *, id_column: str, image_
         if not parquet:
             raise ConfigError(f"no .parquet files at {input_uri}")
         return loc, fmt, _parquet_shards(loc, parquet, id_column, image_column, carry_columns)
-    exts = tuple("." + e.lower().lstrip(".") for e in extensions)
+    exts = _suffixes(extensions)
     images = [f for f in files if f.lower().endswith(exts)]
     if not images:
         raise ConfigError(f"no image files ({', '.join(exts)}) at {input_uri}")
@@ -101,7 +100,7 @@ def _parquet_shards(loc: Location, files: list[str], id_column: str, image_colum
 
 
 def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_bytes: int = 256 << 20,
-                extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"),
+                extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
                 prefix: str = "part") -> list[dict]:
     """Pack the image files under ``src`` into Parquet shards at ``dst`` (``id`` = path relative to ``src``,
     ``image`` = the file's bytes). A shard closes at ``rows_per_shard`` rows or ``max_shard_bytes``.
@@ -109,7 +108,7 @@ def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_byt
     if rows_per_shard < 1 or max_shard_bytes < 1:
         raise ValueError("rows_per_shard and max_shard_bytes must be positive")
     src_loc, dst_loc = Location.parse(src), Location.parse(dst)
-    exts = tuple("." + e.lower().lstrip(".") for e in extensions)
+    exts = _suffixes(extensions)
     files = [f for f in src_loc.list_files() if f.lower().endswith(exts)]
     if not files:
         raise ConfigError(f"no image files ({', '.join(exts)}) under {src}")

@@ -25,7 +25,7 @@ from lens.preprocess import Preprocessor
 
 from .storage import Location
 
-__all__ = ["Decoder", "Embedder", "PartWriter", "decode_batch", "write_batch", "PART_SCHEMA", "embedding_schema", "error_schema", "SHARD",
+__all__ = ["Decoder", "Embedder", "PartWriter", "decode_batch", "write_batch", "PART_SCHEMA", "SHARD",
            "PIXELS"]
 
 logger = logging.getLogger(__name__)
@@ -37,14 +37,6 @@ TAG_TYPE = pa.list_(pa.struct([("label", pa.string()), ("class_id", pa.int32()),
 #: What the writer stage emits: one row per written part file.
 PART_SCHEMA = pa.schema([("shard", pa.string()), ("kind", pa.string()), ("path", pa.string()),
                          ("rows", pa.int64())])
-
-
-def embedding_schema(id_type: pa.DataType, dim: int, carry: list[pa.Field]) -> pa.Schema:
-    return pa.schema([("id", id_type), ("embedding", pa.list_(pa.float32(), dim)), ("tags", TAG_TYPE), *carry])
-
-
-def error_schema(id_type: pa.DataType, carry: list[pa.Field]) -> pa.Schema:
-    return pa.schema([("id", id_type), ("error", pa.string()), ("message", pa.string()), *carry])
 
 
 def _tensor_column(arr: np.ndarray) -> pa.Array:

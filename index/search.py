@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from .build import search_params
 from .source import ModelIdentity
 from .store import IndexVersion, current_version, load_version
 
-__all__ = ["Hit", "DeltaIndex", "SearchService"]
+__all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +38,38 @@ class Hit:
         return {"id": self.id, "score": self.score, "metadata": self.metadata}
 
 
+class DeltaSnapshot(NamedTuple):
+    """One consistent state of the delta: readers take it whole, writers publish a new one."""
+
+    ids: list[str]
+    metadata: list[str]
+    vectors: np.ndarray
+    row_of: dict[str, int]
+
+
 class DeltaIndex:
     """Exact search over embeddings that arrived after the main index was built (the event path's output).
     Small by design: the next build folds them into the main index and they are pruned here."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._lock = threading.Lock()
-        self.ids: list[str] = []
-        self.metadata: list[str] = []
-        self.vectors = np.zeros((0, dim), np.float32)
-        self.row_of: dict[str, int] = {}
+        self._lock = threading.Lock()  # serialises writers; readers never wait
+        self._snap = DeltaSnapshot([], [], np.zeros((0, dim), np.float32), {})
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._snap.ids)
+
+    def snapshot(self) -> DeltaSnapshot:
+        return self._snap
 
     def add(self, ids_in: list[str], vectors: np.ndarray, metadata: list[str] | None = None) -> int:
         """Insert or replace (same id) rows; returns how many ids are new."""
         vectors = l2_normalize(np.asarray(vectors, np.float32).reshape(-1, self.dim))
         metadata = metadata or ["{}"] * len(ids_in)
         with self._lock:
-            vecs = self.vectors.copy()  # O(delta) copy: the delta is small by design, and readers keep theirs
-            ids, meta, row_of = list(self.ids), list(self.metadata), dict(self.row_of)
+            old = self._snap
+            vecs = old.vectors.copy()  # O(delta) copy: the delta is small by design, and readers keep theirs
+            ids, meta, row_of = list(old.ids), list(old.metadata), dict(old.row_of)
             extra: list[np.ndarray] = []
             added = 0
             for i, v, m in zip(ids_in, vectors, metadata):
@@ -77,23 +88,20 @@ class DeltaIndex:
                     extra[r - len(vecs)] = v
             if extra:
                 vecs = np.concatenate([vecs, np.stack(extra)])
-            self.vectors, self.ids, self.metadata, self.row_of = vecs, ids, meta, row_of  # publish
+            self._snap = DeltaSnapshot(ids, meta, vecs, row_of)  # publish: one reference assignment
         return added
 
     def prune(self, keep) -> int:
         """Drop rows whose id ``keep`` rejects (those now in the main index); returns how many."""
         with self._lock:
-            rows = [r for r, i in enumerate(self.ids) if keep(i)]
-            dropped = len(self.ids) - len(rows)
+            old = self._snap
+            rows = [r for r, i in enumerate(old.ids) if keep(i)]
+            dropped = len(old.ids) - len(rows)
             if dropped:
-                self.vectors = self.vectors[rows]
-                self.ids = [self.ids[r] for r in rows]
-                self.metadata = [self.metadata[r] for r in rows]
-                self.row_of = {i: r for r, i in enumerate(self.ids)}
+                ids = [old.ids[r] for r in rows]
+                self._snap = DeltaSnapshot(ids, [old.metadata[r] for r in rows], old.vectors[rows],
+                                           {i: r for r, i in enumerate(ids)})
         return dropped
-
-    def snapshot(self):
-        return self.ids, self.metadata, self.vectors
 
 
 class SearchService:
@@ -164,7 +172,7 @@ class SearchService:
         extra = 1 if exclude else 0
         kk = min(k + extra, v.index.ntotal)
         scores, rows = v.index.search(q, kk, params=search_params(v.manifest["type"], value))
-        d_ids, d_meta, d_vecs = self.delta.snapshot()
+        d_ids, d_meta, d_vecs, _ = self.delta.snapshot()
         if len(d_ids):
             d_scores = q @ d_vecs.T
         out = []
@@ -188,9 +196,9 @@ class SearchService:
 
     def vector_of(self, id_: str) -> np.ndarray:
         """The stored vector of ``id_`` (delta first: it is the fresher)."""
-        d_ids, _, d_vecs = self.delta.snapshot()
-        if id_ in self.delta.row_of:
-            return d_vecs[self.delta.row_of[id_]]
+        delta = self.delta.snapshot()
+        if id_ in delta.row_of:
+            return delta.vectors[delta.row_of[id_]]
         v = self.version
         row = v.row_of.get(id_)
         if row is None:

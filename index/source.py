@@ -43,10 +43,6 @@ class ModelIdentity:
         dim = info.get("dim", info.get("embed_dim"))
         return cls(info["model"], info["weights_sha256"], dict(info["preprocess"]), int(dim))
 
-    def to_dict(self) -> dict:
-        return {"model": self.model, "weights_sha256": self.weights_sha256, "preprocess": self.preprocess,
-                "dim": self.dim}
-
     def mismatch(self, other: "ModelIdentity") -> list[str]:
         return [k for k in ("model", "weights_sha256", "preprocess", "dim") if getattr(self, k) != getattr(other, k)]
 

@@ -16,7 +16,6 @@ the index holds as many vectors as the sidecar has rows before anything is searc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lens.errors import IndexCorruptError
-from lens.weights import atomic_write_bytes
+from lens.weights import atomic_write_bytes, sha256_file
 
 from .source import ModelIdentity
 
@@ -40,14 +39,6 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 MANIFEST = "manifest.json"
 FORMAT = "lens-index/1"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -89,7 +80,7 @@ def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list
         part = tmp / f".{IDS_FILE}.tmp"
         pq.write_table(table, part)
         os.replace(part, tmp / IDS_FILE)
-        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in (INDEX_FILE, IDS_FILE)}
+        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in (INDEX_FILE, IDS_FILE)}
         manifest = {"format": FORMAT, "version": name, **manifest, "count": len(ids), "files": files}
         atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_dir(tmp)
@@ -156,7 +147,7 @@ def load_version(path: str | os.PathLike, *, mmap: bool | None = None, verify: b
         size = f.stat().st_size
         if size != want["bytes"]:
             raise IndexCorruptError(f"{f} is {size} bytes, the manifest says {want['bytes']}: truncated or replaced")
-        if verify and _sha256(f) != want["sha256"]:
+        if verify and sha256_file(f) != want["sha256"]:
             raise IndexCorruptError(f"{f} does not match its checksum in {mpath}")
     try:
         table = pq.read_table(vdir / IDS_FILE)
