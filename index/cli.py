@@ -45,7 +45,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         model = ModelConfig(name=m["model"], weights=args.weights, backend="auto")
         predictor = Predictor.from_config(model)
         svc.check_model(predictor.info())
-        (result,) = predictor.predict([open(args.image, "rb").read()])
+        limit = predictor.preprocessor.limits.max_bytes
+        try:
+            with open(args.image, "rb") as f:
+                data = f.read(limit + 1)  # one byte over is enough to reject it as too large
+        except OSError as e:
+            raise LensError(f"cannot read {args.image}: {e.strerror or e}", code="unreadable") from e
+        (result,) = predictor.predict([data])
         if not result.ok:
             raise LensError(f"{args.image}: {result.message}", code=result.code)
         name, (hits,) = svc.search(result.embedding[None], args.k, param=args.param)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lens.errors import ConfigError, ModelMismatchError, NotFoundError
+from lens.errors import InvalidRequestError, ModelMismatchError, NotFoundError
 from lens.predictor import l2_normalize
 
 from .build import search_params
@@ -158,7 +158,7 @@ class SearchService:
 
     def _k(self, k: int) -> int:
         if not 1 <= int(k) <= self.max_k:
-            raise ConfigError(f"k must be between 1 and {self.max_k}, got {k}")
+            raise InvalidRequestError(f"k must be between 1 and {self.max_k}, got {k}")
         return int(k)
 
     def search(self, vectors: np.ndarray, k: int = 10, *, param: int | None = None,

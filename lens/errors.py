@@ -19,6 +19,7 @@ __all__ = [
     "IndexCorruptError",
     "ModelMismatchError",
     "NotFoundError",
+    "InvalidRequestError",
 ]
 
 
@@ -103,3 +104,10 @@ class NotFoundError(LensError):
 
     code = "not_found"
     http_status = 404
+
+
+class InvalidRequestError(LensError):
+    """A request parameter out of its allowed range (a client error)."""
+
+    code = "invalid_request"
+    http_status = 400

@@ -221,3 +221,28 @@ def test_mismatched_model_is_refused(tmp_path, data):
 
     with pytest.raises(ConfigError, match="different model"):
         build(tmp_path, [src, tmp_path / "other"], out="idx2")
+
+
+def test_cli_build_and_search_by_image_and_id(tmp_path, photos, lite0_onnx, capsys):
+    from lens.cli import main
+    from lens.samples import sample_path
+
+    names = sorted(photos)
+    emb = np.stack([r.embedding for r in lite0_onnx.predict([photos[n] for n in names])])
+    write_part(tmp_path / "emb" / "p.parquet", names, emb, model=lite0_onnx.info())
+    assert main(["index", "build", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx"),
+                 "--queries", "10"]) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built["type"] == "flat" and built["count"] == len(names)
+
+    assert main(["index", "search", "--index", str(tmp_path / "idx"), "--image", str(sample_path("coffee.png")),
+                 "-k", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"][0]["id"] == "coffee.png" and out["results"][0]["score"] > 0.999
+    assert main(["index", "search", "--index", str(tmp_path / "idx"), "--id", "coffee.png", "-k", "2"]) == 0
+    assert "coffee.png" not in [h["id"] for h in json.loads(capsys.readouterr().out)["results"]]
+
+    assert main(["index", "search", "--index", str(tmp_path / "idx"), "--image", str(tmp_path / "nope.jpg")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["index", "search", "--index", str(tmp_path / "nowhere"), "--id", "x"]) == 2
+    assert "no index" in capsys.readouterr().err

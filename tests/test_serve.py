@@ -345,6 +345,8 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
     assert "img-3" not in [h["id"] for h in r.json()["results"]]
     assert requests.get(f"{app}/v1/search/nope", timeout=30).status_code == 404
     assert requests.get(f"{app}/v1/search/img-3?k=0", timeout=30).status_code == 400
+    r = requests.get(f"{app}/v1/search/img-3?k=500", timeout=30)  # above the searcher's max_k (100)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
 
     r = requests.post(f"{app}/v1/search:vector?k=3", json={"vector": emb[7].tolist()}, timeout=30)
     assert r.status_code == 200 and r.json()["results"][0]["id"] == "img-7"
