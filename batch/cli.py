@@ -83,7 +83,7 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 32)")
     p.add_argument("--workers", type=int, default=None, help="model actors (default: automatic)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per model actor (default 0: CPU)")
-    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved per model actor (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved per model actor (default 0.5 on CPU: one inference thread per actor; 1 on GPU)")
     p.add_argument("--files-per-shard", type=int, default=None, help="image-folder input: files per shard")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")

@@ -33,17 +33,21 @@ class EmbedConfig(StrictModel):
     top_k: PositiveInt = Field(5, le=100, description="tags stored per image")
 
     batch_size: PositiveInt = Field(32, description="images per model call in a worker")
-    decode_batch_size: PositiveInt = Field(16, description="images per decode task batch")
+    read_rows: PositiveInt = Field(
+        128, description="rows per read + decode task: whole Parquet row groups (or image files) up to this many")
+    decode_batch_size: PositiveInt = Field(16, description="images decoded per batch inside a decode task")
     decode_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per decode task")
     block_mb: PositiveInt = Field(8, le=1024, description="target Ray Data block size (MiB) between stages")
     workers: PositiveInt | None = Field(
         None, description="model actors; None = automatic: one per GPU / gpus_per_worker, or on CPU an "
-        "autoscaling pool up to half the cluster's CPUs / cpus_per_worker (the rest decode)")
+        "autoscaling pool whose reservations take up to half the cluster's CPUs (the rest decode)")
     gpus_per_worker: NonNegativeFloat = Field(
         0.0, description="GPUs per model actor; 0 = CPU actors running ONNX Runtime. Fractions share a GPU")
-    cpus_per_worker: PositiveFloat = Field(
-        1.0, description="CPUs reserved per model actor; a CPU actor runs 2x this many inference threads unless "
-        "model.num_threads says otherwise (decoding, beside it, is the smaller share of the work)")
+    cpus_per_worker: PositiveFloat | None = Field(
+        None, description="CPUs reserved per model actor; None = 0.5 for CPU actors, 1 for GPU actors. A CPU actor "
+        "runs 2x this many inference threads unless model.num_threads says otherwise (decoding, beside it, is the "
+        "smaller share of the work): by default one thread per actor and as many actors as cores, the fastest "
+        "when decoding shares the cores (scripts/bench_batch.py)")
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray")
 
     @field_validator("carry_columns")
@@ -68,3 +72,10 @@ class EmbedConfig(StrictModel):
     @property
     def uses_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+    @property
+    def actor_cpus(self) -> float:
+        """CPUs reserved per model actor."""
+        if self.cpus_per_worker is not None:
+            return self.cpus_per_worker
+        return 1.0 if self.uses_gpu else 0.5

@@ -8,6 +8,7 @@ is bounded by Ray Data's backpressure, not by the dataset size.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from lens.errors import ConfigError
 
 from .config import EmbedConfig
 from .ledger import FORMAT, Ledger
-from .shards import InputShard, discover_shards
+from .shards import InputShard, discover_shards, read_units
 from .storage import Location
 
 __all__ = ["EmbedSummary", "run_embed", "plan_workers"]
@@ -62,18 +63,18 @@ def plan_workers(cfg: EmbedConfig, cluster: dict) -> tuple[int | tuple[int, int]
         if gpus < cfg.gpus_per_worker:
             raise ConfigError(f"gpus_per_worker={cfg.gpus_per_worker} but the Ray cluster has {gpus:g} GPU(s)")
         n = cfg.workers or max(1, int(gpus // cfg.gpus_per_worker))
-        return n, {"num_gpus": cfg.gpus_per_worker, "num_cpus": cfg.cpus_per_worker}
+        return n, {"num_gpus": cfg.gpus_per_worker, "num_cpus": cfg.actor_cpus}
     cpus = cluster.get("CPU", 1)
-    if cpus < cfg.cpus_per_worker + 1:
-        raise ConfigError(f"cpus_per_worker={cfg.cpus_per_worker:g} leaves no CPU for decoding on a cluster "
+    if cpus < cfg.actor_cpus + 1:
+        raise ConfigError(f"cpus_per_worker={cfg.actor_cpus:g} leaves no CPU for decoding on a cluster "
                           f"with {cpus:g} CPU(s)")
     if cfg.workers:
-        if cfg.workers * cfg.cpus_per_worker > cpus - 1:
-            raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.cpus_per_worker:g} leaves less than "
+        if cfg.workers * cfg.actor_cpus > cpus - 1:
+            raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.actor_cpus:g} leaves less than "
                               f"one of the cluster's {cpus:g} CPUs to read and decode: the job could not start")
-        return cfg.workers, {"num_cpus": cfg.cpus_per_worker}
-    top = max(1, int((cpus / 2) // cfg.cpus_per_worker))  # the other half decodes
-    return ((1, top) if top > 1 else 1), {"num_cpus": cfg.cpus_per_worker}
+        return cfg.workers, {"num_cpus": cfg.actor_cpus}
+    top = max(1, int((cpus / 2) // cfg.actor_cpus))  # the other half decodes
+    return ((1, top) if top > 1 else 1), {"num_cpus": cfg.actor_cpus}
 
 
 def _actor_model(cfg: EmbedConfig):
@@ -85,9 +86,11 @@ def _actor_model(cfg: EmbedConfig):
     else:
         update["device"] = "cpu"
         if cfg.model.num_threads is None:
-            # Decoding is ~1/5 of the CPU work per image and runs beside the model, so each actor runs twice the
-            # threads it reserves: on 2 cores, 1 actor x 2 threads beat 1 x 1 by 1.5x (scripts/bench_batch.py).
-            update["num_threads"] = max(1, math.ceil(2 * cfg.cpus_per_worker))
+            # Decoding is ~1/5 of the CPU work per image and runs beside the model, so actors run twice the threads
+            # they reserve. Single-threaded actors (the default) beat fewer multi-threaded ones when decoding shares
+            # the cores: a descheduled thread stalls its whole intra-op pool, not the other actors. On 2 cores,
+            # 2 actors x 1 thread ran 123-130 images/s where 1 actor x 2 threads ran 116 (12,000 rows).
+            update["num_threads"] = max(1, math.ceil(2 * cfg.actor_cpus))
     update["max_batch_size"] = cfg.batch_size
     return cfg.model.model_copy(update=update)
 
@@ -120,28 +123,23 @@ def _init_ray(address: str | None) -> None:
 def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[InputShard], model_info: dict):
     import ray.data
 
-    from .stages import Embedder, decode_batch, write_batch
+    from .stages import Embedder, decode_units, write_batch
 
     # Small blocks keep the stages streaming: a block is the unit handed from stage to stage, and one of Ray's
     # default 128 MiB would hold ~850 preprocessed images, which the model could not start on before all were
     # decoded.
     ray.data.DataContext.get_current().target_max_block_size = cfg.block_mb << 20
-    if fmt == "parquet":
-        ds = ray.data.read_parquet([s.path for s in pending], filesystem=in_loc.fs, include_paths=True,
-                                   columns=[cfg.id_column, cfg.image_column, *cfg.carry_columns])
-        shard_of = {s.path: s.key for s in pending}
-        image_column, id_base, id_column = cfg.image_column, None, cfg.id_column
-    else:
-        files = [f for s in pending for f in s.files]
-        ds = ray.data.read_binary_files(files, filesystem=in_loc.fs, include_paths=True)
-        shard_of = {f: s.key for s in pending for f in s.files}
-        image_column, id_base, id_column = "bytes", in_loc.root, "id"
+    # One block per read unit, so one decode task per unit; the tasks read their rows themselves.
+    units = read_units(pending, cfg.read_rows)
+    ds = ray.data.from_items([{"unit": json.dumps(u.to_row())} for u in units], override_num_blocks=len(units))
     # Decoding holds a few full-size images per row in memory; saying so also keeps Ray Data from fusing this
     # stage into the model actors (it fuses stages with identical resource requests), so the two overlap.
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_cpus,
+    id_column = cfg.id_column if fmt == "parquet" else "id"
+    ds = ds.map_batches(decode_units, batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus,
                         memory=DECODE_WORKER_BYTES + cfg.decode_batch_size * DECODE_BYTES_PER_IMAGE,
-                        fn_kwargs={"preprocess": model_info["preprocess"], "decode": cfg.decode,
-                                   "image_column": image_column, "shard_of": shard_of, "id_base": id_base})
+                        fn_kwargs={"input_uri": in_loc.uri, "preprocess": model_info["preprocess"],
+                                   "decode": cfg.decode, "id_column": id_column, "image_column": cfg.image_column,
+                                   "carry_columns": tuple(cfg.carry_columns), "batch_size": cfg.decode_batch_size})
     size, resources = plan_workers(cfg, ray.cluster_resources())
     pool = (ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, tuple)
             else ray.data.ActorPoolStrategy(size=size))

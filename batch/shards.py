@@ -20,7 +20,7 @@ from lens.errors import ConfigError
 from .config import IMAGE_EXTENSIONS
 from .storage import Location, split_glob
 
-__all__ = ["InputShard", "discover_shards", "make_shards"]
+__all__ = ["InputShard", "ReadUnit", "discover_shards", "make_shards", "read_units"]
 
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
@@ -32,6 +32,52 @@ class InputShard:
     path: str  # Parquet file (filesystem path); for an image group, its first file
     rows: int
     files: tuple[str, ...] = field(default=(), repr=False)  # image-folder input: the files in this group
+    row_groups: tuple[int, ...] = field(default=(), repr=False)  # Parquet input: rows of each row group
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """What one read + decode task reads: some row groups of one Parquet shard, or some files of an image group."""
+
+    shard: str
+    path: str
+    row_groups: tuple[int, ...] = ()  # indexes into the file's row groups
+    files: tuple[str, ...] = ()
+    rows: int = 0
+
+    def to_row(self) -> dict:
+        return {"shard": self.shard, "path": self.path, "row_groups": list(self.row_groups),
+                "files": list(self.files), "rows": self.rows}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ReadUnit":
+        return cls(row["shard"], row["path"], tuple(row["row_groups"]), tuple(row["files"]), row["rows"])
+
+
+def read_units(shards: list[InputShard], rows_per_unit: int) -> list[ReadUnit]:
+    """Cut shards into read units of about ``rows_per_unit`` rows: whole row groups (a row group is Parquet's
+    smallest read), or runs of image files. Small units start the pipeline sooner and spread a shard over
+    several decode tasks; each unit is one Ray Data block, so one task."""
+    units: list[ReadUnit] = []
+    for s in shards:
+        if s.files:
+            for i in range(0, len(s.files), rows_per_unit):
+                files = s.files[i : i + rows_per_unit]
+                units.append(ReadUnit(s.key, s.path, files=files, rows=len(files)))
+            continue
+        groups: list[int] = []
+        rows = 0
+        for g, n in enumerate(s.row_groups):
+            if n == 0:
+                continue
+            groups.append(g)
+            rows += n
+            if rows >= rows_per_unit:
+                units.append(ReadUnit(s.key, s.path, tuple(groups), rows=rows))
+                groups, rows = [], 0
+        if groups:
+            units.append(ReadUnit(s.key, s.path, tuple(groups), rows=rows))
+    return units
 
 
 def _suffixes(extensions: tuple[str, ...]) -> tuple[str, ...]:
@@ -95,7 +141,8 @@ def _parquet_shards(loc: Location, files: list[str], id_column: str, image_colum
         if key in keys:
             raise ConfigError(f"input files {keys[key]} and {path} map to the same shard key {key!r}")
         keys[key] = path
-        shards.append(InputShard(key, path, md.num_rows))
+        shards.append(InputShard(key, path, md.num_rows,
+                                 row_groups=tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))))
     return shards
 
 

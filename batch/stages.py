@@ -1,6 +1,7 @@
 """The three per-batch stages of ``lens embed``, each a plain callable Ray Data maps over Arrow batches.
 
-1. :class:`Decoder` (CPU tasks): bytes -> (H, W, 3) uint8 crops, or an error row with the reason.
+1. :class:`Decoder` (CPU tasks): read a unit of input rows, bytes -> (H, W, 3) uint8 crops, or an error row
+   with the reason.
 2. :class:`Embedder` (actor pool; holds the model): crops -> L2-normalised embedding + top-k tags through the
    same :class:`~lens.predictor.Predictor` the online path uses.
 3. :class:`PartWriter` (tasks): rows -> one Parquet part per (shard, kind) under the shard's output directory,
@@ -13,19 +14,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lens.config import DecodeConfig, ModelConfig
 from lens.predictor import ItemError, Predictor
 from lens.preprocess import Preprocessor
 
+from .shards import ReadUnit
 from .storage import Location
 
-__all__ = ["Decoder", "Embedder", "PartWriter", "decode_batch", "write_batch", "PART_SCHEMA", "SHARD",
+__all__ = ["Decoder", "Embedder", "PartWriter", "decode_units", "write_batch", "PART_SCHEMA", "SHARD",
            "PIXELS"]
 
 logger = logging.getLogger(__name__)
@@ -46,21 +51,46 @@ def _tensor_column(arr: np.ndarray) -> pa.Array:
 
 
 class Decoder:
-    """Decode + resize/crop on CPU. Input: a read batch (id, image bytes, carried columns, ``path``); output: the
-    same rows with ``_shard``, ``_pixels`` (uint8 crops; zeros for a failed row), ``error`` and ``message``
-    (empty when the row is fine). For image-file input the id is the file's path relative to ``id_base``."""
+    """Read + decode + resize/crop on CPU. Input: a block of :class:`~batch.shards.ReadUnit` rows (JSON in
+    ``unit``); output, ``batch_size`` rows at a time: the id column, carried columns, ``_shard``, ``_pixels``
+    (uint8 crops; zeros for a failed row), ``error`` and ``message`` (empty when the row is fine). For image-file
+    input the id is the file's path relative to the input location.
 
-    def __init__(self, preprocess: dict, decode: DecodeConfig, image_column: str, shard_of: dict[str, str],
-                 id_base: str | None = None) -> None:
+    Reading happens here rather than in a separate Ray Data read stage: the encoded bytes never go through the
+    object store, and the first crops reach the model as soon as one task has read and decoded a few rows."""
+
+    def __init__(self, input_uri: str, preprocess: dict, decode: DecodeConfig, id_column: str, image_column: str,
+                 carry_columns: tuple[str, ...], batch_size: int) -> None:
         from lens.preprocess import PreprocessConfig
 
+        self.loc = Location.parse(input_uri)
         self.preprocessor = Preprocessor(PreprocessConfig.from_dict(preprocess), decode.limits())
+        self.id_column = id_column
         self.image_column = image_column
-        self.shard_of = shard_of
-        self.id_base = id_base
+        self.carry = list(carry_columns)
+        self.batch_size = batch_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        paths = [p.removeprefix("s3://") for p in batch.column("path").to_pylist()]
+    def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+        for text in units.column("unit").to_pylist():
+            unit = ReadUnit.from_row(json.loads(text))
+            for batch in self._read(unit):
+                yield self._decode(unit.shard, batch)
+
+    def _read(self, unit: ReadUnit) -> Iterator[pa.Table]:
+        if unit.files:
+            for i in range(0, len(unit.files), self.batch_size):
+                files = unit.files[i : i + self.batch_size]
+                ids = [f[len(self.loc.root):].lstrip("/") for f in files]
+                blobs = [self.loc.read_bytes(f) for f in files]
+                yield pa.table({"id": pa.array(ids, pa.string()), self.image_column: pa.array(blobs, pa.binary())})
+            return
+        with self.loc.fs.open_input_file(unit.path) as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=list(unit.row_groups),
+                                      columns=[self.id_column, self.image_column, *self.carry]):
+                yield pa.Table.from_batches([rb])
+
+    def _decode(self, shard: str, batch: pa.Table) -> pa.Table:
         images = batch.column(self.image_column).to_pylist()
         h, w = self.preprocessor.cfg.size
         pixels = np.zeros((len(images), h, w, 3), dtype=np.uint8)
@@ -73,10 +103,8 @@ class Decoder:
             except Exception as e:  # noqa: BLE001 - a bad row is recorded, never fatal
                 err = ItemError.from_exception(e)
                 errors[i], messages[i] = err.code, err.message
-        out = batch.drop_columns([self.image_column, "path"])
-        if self.id_base is not None:
-            out = out.append_column("id", pa.array([p[len(self.id_base):].lstrip("/") for p in paths], pa.string()))
-        out = out.append_column(SHARD, pa.array([self.shard_of[p] for p in paths], pa.string()))
+        out = batch.drop_columns([self.image_column])
+        out = out.append_column(SHARD, pa.array([shard] * len(images), pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
         out = out.append_column("message", pa.array(messages, pa.string()))
         return out.append_column(PIXELS, _tensor_column(pixels))
@@ -107,9 +135,9 @@ class Embedder:
         return out.append_column("tags", pa.array(tags, TAG_TYPE))
 
 
-def decode_batch(batch: pa.Table, **kwargs) -> pa.Table:
+def decode_units(units: pa.Table, **kwargs) -> Iterator[pa.Table]:
     """:class:`Decoder` as a function, so Ray Data runs it as stateless tasks (its set-up is microseconds)."""
-    return Decoder(**kwargs)(batch)
+    yield from Decoder(**kwargs)(units)
 
 
 def write_batch(batch: pa.Table, **kwargs) -> pa.Table:

@@ -3,7 +3,7 @@
 
 Makes a seeded shard set of augmented copies of the bundled real photos (JPEG, long side 256-800 px), then
   - baseline: one process, one loop: read shard -> decode + preprocess -> infer (ONNX Runtime, all cores);
-  - job: `lens embed` on a fresh local Ray (read -> decode tasks -> model actor pool -> Parquet parts),
+  - job: `lens embed` on a fresh local Ray (read + decode tasks -> model actor pool -> Parquet parts),
     each run in its own process, whose peak memory (RSS summed over the driver and every Ray process it
     started, sampled every 0.2 s) is recorded;
   - the job again on 4x the rows, to check that peak memory stays flat.
@@ -106,24 +106,29 @@ class TreeMemory:
         self._t.join()
 
 
-def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float) -> None:
+def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float | None) -> None:
     import ray  # noqa: F401 - Ray's vendored psutil needs ray imported first
 
     from batch.config import EmbedConfig
     from batch.job import run_embed
 
+    knobs = {"cpus_per_worker": cpus_per_worker} if cpus_per_worker else {}
     cfg = EmbedConfig(input=shards, output=out, batch_size=batch_size, workers=workers,
-                      cpus_per_worker=cpus_per_worker, model={"backend": "onnx", "device": "cpu"})
+                      model={"backend": "onnx", "device": "cpu"}, **knobs)
     with TreeMemory() as mem:
         summary = run_embed(cfg, log=lambda *a: None)
-    print("RESULT " + json.dumps(summary.to_dict() | {"peak_rss_mb": round(mem.peak / 2**20)}), flush=True)
+    config = {k: getattr(cfg, k) for k in ("batch_size", "workers", "actor_cpus", "read_rows",
+                                           "decode_batch_size", "block_mb")}
+    print("RESULT " + json.dumps(summary.to_dict() | {"peak_rss_mb": round(mem.peak / 2**20), "config": config}),
+          flush=True)
 
 
 def run_job(shards: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--child-job", str(shards), str(out), "--batch-size", str(args.batch_size),
-           "--cpus-per-worker", str(args.cpus_per_worker)]
+    cmd = [sys.executable, __file__, "--child-job", str(shards), str(out), "--batch-size", str(args.batch_size)]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
+    if args.cpus_per_worker:
+        cmd += ["--cpus-per-worker", str(args.cpus_per_worker)]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
@@ -138,7 +143,7 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--cpus-per-worker", type=float, default=None, help="default: lens embed's")
     ap.add_argument("--quick", action="store_true", help="500 rows")
     ap.add_argument("--no-memory", action="store_true", help="skip the 4x run")
     ap.add_argument("--child-job", nargs=2, metavar=("SHARDS", "OUT"), help=argparse.SUPPRESS)

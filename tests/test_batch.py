@@ -127,6 +127,32 @@ def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
     assert sorted(read_output(tmp_path / "out2").column("id").to_pylist()) == sorted(ids + [])
 
 
+def test_read_units_cut_shards_by_row_group_and_every_row_comes_out_once(local_ray, tmp_path, rng):
+    from batch.shards import InputShard, read_units
+
+    units = read_units([InputShard("a", "a.parquet", 23, row_groups=(5, 5, 0, 5, 5, 3)),
+                        InputShard("f", "x/0.jpg", 5, files=tuple(f"x/{i}.jpg" for i in range(5)))], 8)
+    assert [(u.shard, u.row_groups, u.rows) for u in units[:3]] == [("a", (0, 1), 10), ("a", (3, 4), 10),
+                                                                      ("a", (5,), 3)]
+    assert [u.files for u in units[3:]] == [tuple(f"x/{i}.jpg" for i in range(5))]
+    assert [len(u.files) for u in read_units([InputShard("f", "x", 5, files=tuple("abcde"))], 2)] == [2, 2, 1]
+
+    # one shard of 23 rows in row groups of 5, read 8 rows (two row groups) per task, decoded 3 at a time
+    ids = [f"img-{i:02d}" for i in range(23)]
+    blobs = [encode(random_rgb(rng), "JPEG") for _ in ids]
+    blobs[7] = b"broken"
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ids, "image": pa.array(blobs, pa.binary()), "n": list(range(23))}),
+                   tmp_path / "in" / "s.parquet", row_group_size=5)
+    s = embed(tmp_path, tmp_path / "in", tmp_path / "out", model=TINY, read_rows=8, decode_batch_size=3,
+              carry_columns=("n",))
+    assert (s.shards, s.input_rows, s.embedded, s.errors) == (1, 23, 22, 1)
+    table = read_output(tmp_path / "out")
+    assert sorted(table.column("id").to_pylist()) == [i for i in ids if i != "img-07"]
+    assert all(ids[n] == i for i, n in zip(table.column("id").to_pylist(), table.column("n").to_pylist()))
+    assert read_output(tmp_path / "out", "errors").column("id").to_pylist() == ["img-07"]
+
+
 def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng, lite0_onnx):
     ids = []
     # The real Lite0 model (~100 images/s here) makes the run last long enough for the kill to land mid-way.
@@ -249,7 +275,10 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="GPU"):
         plan_workers(cfg, {"CPU": 8})
     assert plan_workers(cfg, {"CPU": 8, "GPU": 2}) == (4, {"num_gpus": 0.5, "num_cpus": 1.0})
-    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 16}) == ((1, 8), {"num_cpus": 1.0})
-    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 2}) == (1, {"num_cpus": 1.0})
+    assert plan_workers(EmbedConfig(input="a", output="b", gpus_per_worker=1, cpus_per_worker=2),
+                        {"CPU": 8, "GPU": 2}) == (2, {"num_gpus": 1, "num_cpus": 2.0})
+    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 16}) == ((1, 16), {"num_cpus": 0.5})
+    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 2}) == ((1, 2), {"num_cpus": 0.5})
+    assert plan_workers(EmbedConfig(input="a", output="b", cpus_per_worker=1), {"CPU": 2}) == (1, {"num_cpus": 1.0})
     with pytest.raises(ConfigError, match="leaves less than one"):
-        plan_workers(EmbedConfig(input="a", output="b", workers=2), {"CPU": 2})
+        plan_workers(EmbedConfig(input="a", output="b", workers=3), {"CPU": 2})
