@@ -1,6 +1,7 @@
 """``lens embed``: the bulk embedding job on Ray Data.
 
-read (Parquet or image files) -> decode + resize/crop (CPU tasks) -> model (actor pool, GPU when asked)
+read units (Parquet row groups or image files) -> read + decode + resize/crop (CPU tasks) -> model (actor pool,
+GPU when asked)
 -> Parquet parts (tasks) -> the driver counts rows per input shard and commits each shard when all its rows are
 accounted for (embedded + errors = input rows). Execution is streaming, so every stage runs at once and memory
 is bounded by Ray Data's backpressure, not by the dataset size.

@@ -8,7 +8,9 @@ Makes a seeded shard set of augmented copies of the bundled real photos (JPEG, l
     started, sampled every 0.2 s) is recorded;
   - the job again on 4x the rows, to check that peak memory stays flat.
 Ratios against the baseline: the job's images/s over its dataset execution (actor start-up included), in
-steady state (first part written to last), and over the whole command (Ray start included).
+steady state (first part written to last), and over the whole command (Ray start included). Baseline and job
+alternate --repeat times (the machine is shared); the median pair is reported and every pair listed. The 4x
+run is compared with the median baseline.
 Writes benchmarks/batch.json.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,28 +147,42 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--cpus-per-worker", type=float, default=None, help="default: lens embed's")
-    ap.add_argument("--quick", action="store_true", help="500 rows")
+    ap.add_argument("--repeat", type=int, default=3, help="baseline/job pairs at --rows (median reported)")
+    ap.add_argument("--quick", action="store_true", help="500 rows, one pair")
     ap.add_argument("--no-memory", action="store_true", help="skip the 4x run")
     ap.add_argument("--child-job", nargs=2, metavar=("SHARDS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_job:
         return child_job(*args.child_job, args.batch_size, args.workers, args.cpus_per_worker)
     rows = 500 if args.quick else args.rows
+    if args.quick:
+        args.repeat = 1
 
     with tempfile.TemporaryDirectory(prefix="lens-bench-batch-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         make_shards(tmp / "x1", rows, args.rows_per_shard, seed=0)
         made_s = time.perf_counter() - t0
-        base = baseline(tmp / "x1", args.batch_size)
-        job = run_job(tmp / "x1", tmp / "out1", args)
+        # The machine is shared and noisy: baseline and job alternate `--repeat` times; the pair with the median
+        # ratio is reported, with every pair listed.
+        pairs = []
+        for i in range(args.repeat):
+            base = baseline(tmp / "x1", args.batch_size)
+            job = run_job(tmp / "x1", tmp / f"out1-{i}", args)
+            pairs.append((job["images_per_s"] / base["images_per_s"], base, job))
+        ratio, base, job = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]
+        base_median = statistics.median(b["images_per_s"] for _, b, _ in pairs)
         summary = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "model": "tf_efficientnet_lite0 (embedded weights), ONNX Runtime on CPU",
             "rows": rows, "rows_per_shard": args.rows_per_shard, "make_shards_s": round(made_s, 1),
+            "repeats": args.repeat,
+            "runs": [{"baseline_images_per_s": b["images_per_s"], "job_images_per_s": j["images_per_s"],
+                      "ratio": round(r, 3), "steady_ratio": round(j["steady_images_per_s"] / b["images_per_s"], 3),
+                      "first_output_s": j["first_output_s"]} for r, b, j in pairs],
             "baseline_single_loop": base,
             "job": job,
-            "ratio_vs_single_loop": round(job["images_per_s"] / base["images_per_s"], 3),
+            "ratio_vs_single_loop": round(ratio, 3),
             "ratio_steady_state": round(job["steady_images_per_s"] / base["images_per_s"], 3),
             "ratio_whole_job_incl_ray_start": round(job["rows_run"] / job["seconds"] / base["images_per_s"], 3),
             "target_ratio": 0.8,
@@ -174,8 +191,10 @@ def main() -> None:
             make_shards(tmp / "x4", rows * 4, args.rows_per_shard, seed=1)
             job4 = run_job(tmp / "x4", tmp / "out4", args)
             summary["job_4x_rows"] = job4
-            summary["ratio_4x_rows_vs_single_loop"] = round(job4["images_per_s"] / base["images_per_s"], 3)
-            summary["peak_memory_ratio_4x"] = round(job4["peak_rss_mb"] / job["peak_rss_mb"], 3)
+            summary["ratio_4x_rows_vs_single_loop"] = round(job4["images_per_s"] / base_median, 3)
+            # against the smallest 1x peak, the least favourable comparison
+            summary["peak_rss_mb_1x_min"] = min(j["peak_rss_mb"] for _, _, j in pairs)
+            summary["peak_memory_ratio_4x"] = round(job4["peak_rss_mb"] / summary["peak_rss_mb_1x_min"], 3)
             summary["target_memory_ratio"] = 1.5
     out = ROOT / "benchmarks" / "batch.json"
     out.parent.mkdir(exist_ok=True)
