@@ -73,36 +73,55 @@ class Decoder:
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         for text in units.column("unit").to_pylist():
             unit = ReadUnit.from_row(json.loads(text))
-            for batch in self._read(unit):
-                yield self._decode(unit.shard, batch)
+            for batch, read_errors in self._read(unit):
+                yield self._decode(unit.shard, batch, read_errors)
 
-    def _read(self, unit: ReadUnit) -> Iterator[pa.Table]:
+    def _read(self, unit: ReadUnit) -> Iterator[tuple[pa.Table, dict[int, ItemError]]]:
+        """Batches of input rows, with the rows whose bytes could not be read (image files gone or forbidden since
+        they were listed: error rows, like an undecodable image). A Parquet file that cannot be read fails the
+        task, and so the job, naming it: its rows cannot be accounted for. (Transient S3 errors are retried by
+        pyarrow's S3 client.)"""
         if unit.files:
             for i in range(0, len(unit.files), self.batch_size):
                 files = unit.files[i : i + self.batch_size]
+                blobs: list[bytes | None] = []
+                errors: dict[int, ItemError] = {}
+                for j, f in enumerate(files):
+                    try:
+                        blobs.append(self.loc.read_bytes(f))
+                    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+                        blobs.append(None)
+                        errors[j] = ItemError("unreadable", f"cannot read {self.loc.uri_of(f)}: {e}", 404)
                 ids = [f[len(self.loc.root):].lstrip("/") for f in files]
-                blobs = [self.loc.read_bytes(f) for f in files]
-                yield pa.table({"id": pa.array(ids, pa.string()), self.image_column: pa.array(blobs, pa.binary())})
+                yield pa.table({"id": pa.array(ids, pa.string()),
+                                self.image_column: pa.array(blobs, pa.binary())}), errors
             return
-        with self.loc.fs.open_input_file(unit.path) as f:
-            pf = pq.ParquetFile(f)
-            for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=list(unit.row_groups),
-                                      columns=[self.id_column, self.image_column, *self.carry]):
-                yield pa.Table.from_batches([rb])
+        try:
+            with self.loc.fs.open_input_file(unit.path) as f:
+                pf = pq.ParquetFile(f)
+                for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=list(unit.row_groups),
+                                          columns=[self.id_column, self.image_column, *self.carry]):
+                    yield pa.Table.from_batches([rb]), {}
+        except OSError as e:
+            raise OSError(f"cannot read row groups {list(unit.row_groups)} of {self.loc.uri_of(unit.path)}: "
+                          f"{e}") from e
 
-    def _decode(self, shard: str, batch: pa.Table) -> pa.Table:
+    def _decode(self, shard: str, batch: pa.Table, read_errors: dict[int, ItemError]) -> pa.Table:
         images = batch.column(self.image_column).to_pylist()
         h, w = self.preprocessor.cfg.size
         pixels = np.zeros((len(images), h, w, 3), dtype=np.uint8)
         errors, messages = [""] * len(images), [""] * len(images)
         for i, data in enumerate(images):
-            try:
-                if data is None:
-                    raise TypeError("the image column is null")
-                pixels[i] = self.preprocessor.pixels(data)
-            except Exception as e:  # noqa: BLE001 - a bad row is recorded, never fatal
-                err = ItemError.from_exception(e)
-                errors[i], messages[i] = err.code, err.message
+            err = read_errors.get(i)
+            if err is None:
+                try:
+                    if data is None:
+                        raise TypeError("the image column is null")
+                    pixels[i] = self.preprocessor.pixels(data)
+                    continue
+                except Exception as e:  # noqa: BLE001 - a bad row is recorded, never fatal
+                    err = ItemError.from_exception(e)
+            errors[i], messages[i] = err.code, err.message
         out = batch.drop_columns([self.image_column])
         out = out.append_column(SHARD, pa.array([shard] * len(images), pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))

@@ -153,6 +153,32 @@ def test_read_units_cut_shards_by_row_group_and_every_row_comes_out_once(local_r
     assert read_output(tmp_path / "out", "errors").column("id").to_pylist() == ["img-07"]
 
 
+def test_decoder_records_unreadable_files_and_names_an_unreadable_parquet_file(tmp_path, rng):
+    from batch.shards import ReadUnit
+    from batch.stages import PIXELS, Decoder
+    from lens.config import DecodeConfig
+    from lens.preprocess import PreprocessConfig
+
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        (tmp_path / "imgs" / name).write_bytes(encode(random_rgb(rng), "JPEG"))
+    root = str(tmp_path / "imgs")
+    prep = PreprocessConfig((3, 32, 32), "bilinear", (0.5,) * 3, (0.5,) * 3, 1.0).to_dict()
+    dec = Decoder(root, prep, DecodeConfig(), "id", "image", (), batch_size=2)
+    # b.jpg was listed, then deleted before the job read it: an error row, and the other rows are decoded
+    unit = ReadUnit("files-0", f"{root}/a.jpg", files=tuple(f"{root}/{n}" for n in ("a.jpg", "b.jpg", "c.jpg")))
+    out = pa.concat_tables(dec(pa.table({"unit": [json.dumps(unit.to_row())]})))
+    assert out.column("id").to_pylist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert out.column("error").to_pylist() == ["", "unreadable", ""]
+    assert "b.jpg" in out.column("message")[1].as_py()
+    assert out.column(PIXELS).combine_chunks().to_numpy()[[0, 2]].any(axis=(1, 2, 3)).all()
+
+    gone = ReadUnit("s", str(tmp_path / "gone.parquet"), row_groups=(0,), rows=1)
+    with pytest.raises(OSError, match="gone.parquet"):
+        list(Decoder(str(tmp_path), prep, DecodeConfig(), "id", "image", (), 2)(
+            pa.table({"unit": [json.dumps(gone.to_row())]})))
+
+
 def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng, lite0_onnx):
     ids = []
     # The real Lite0 model (~100 images/s here) makes the run last long enough for the kill to land mid-way.
