@@ -107,6 +107,8 @@ def discover_shards(input_uri: str, input_format: str, *, id_column: str, image_
         if not parquet:
             raise ConfigError(f"no .parquet files at {input_uri}")
         return loc, fmt, _parquet_shards(loc, parquet, id_column, image_column, carry_columns)
+    if carry_columns:
+        raise ConfigError(f"carry columns {list(carry_columns)} need Parquet input; {input_uri} holds image files")
     exts = _suffixes(extensions)
     images = [f for f in files if f.lower().endswith(exts)]
     if not images:

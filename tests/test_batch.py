@@ -297,6 +297,10 @@ def test_config_errors_are_clear(tmp_path):
     write_shard(tmp_path / "in" / "x.parquet", ["a"], [b"x"])
     with pytest.raises(ConfigError, match="has no column"):
         embed(tmp_path, tmp_path / "in", tmp_path / "out", model=TINY, image_column="pixels")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="need Parquet input"):
+        embed(tmp_path, tmp_path / "imgs", tmp_path / "out", model=TINY, carry_columns=("src",))
     cfg = EmbedConfig(input="a", output="b", gpus_per_worker=0.5)
     with pytest.raises(ConfigError, match="GPU"):
         plan_workers(cfg, {"CPU": 8})
