@@ -70,6 +70,9 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     t = _step(1, total, "starting moto's S3/SQS on 127.0.0.1 and a local Ray")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # Behind HAProxy, an ingress replica that is stopping stays reachable 30 s so load balancers can deregister
+    # it; this throwaway local cluster has none, and the demo's shutdown would wait those 30 s for nothing.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     from serve.events_cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
 
     endpoint = start_local_aws(_free_port(4566))
@@ -231,7 +234,6 @@ def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
     p(f"    curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' '{url}/v1/search?k=5'")
     p(f"    curl -s '{url}/v1/search/originals/coffee.png?k=5'")
     p(f"    AWS_ENDPOINT_URL={endpoint} lens events status")
-    print(json.dumps(s))
 
 
 def main(args) -> int:
@@ -240,8 +242,8 @@ def main(args) -> int:
     import ray
 
     try:
-        run_demo(images=args.images, new_images=args.new_images, workdir=args.workdir, port=args.port,
-                 keep=args.keep)
+        summary = run_demo(images=args.images, new_images=args.new_images, workdir=args.workdir, port=args.port,
+                           keep=args.keep)
     finally:
         print("shutting down ...", file=sys.stderr)
         try:
@@ -249,4 +251,5 @@ def main(args) -> int:
         except Exception:  # noqa: BLE001 - Serve may not have started
             pass
         ray.shutdown()
+    print(json.dumps(summary))  # last, after anything Ray prints while shutting down
     return 0
