@@ -37,7 +37,9 @@ def test_lens_events_local_default(tmp_path, lens_cache):
                                                     scale_interval_s=1)
     cfg = tmp_path / "events.yaml"
     cfg.write_text(yaml.safe_dump(doc))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"LENS_CACHE_DIR": str(lens_cache)}
+    # no load balancer in front here: skip Serve's 30 s ingress drain on stop
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "LENS_CACHE_DIR": str(lens_cache), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "lens.cli", "events", "--config", str(cfg), "run", "--moto-port",
                              str(moto_port), "--port", str(http_port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
