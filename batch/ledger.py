@@ -71,15 +71,14 @@ class Ledger:
             for f in self.out.list_files(self.out.path(kind, key)):
                 if f not in keep:
                     self.out.delete_file(f)
-        rel = lambda p: p[len(self.out.root):].lstrip("/")  # noqa: E731
         marker = {
             "key": key,
             "input": source,
             "rows": rows,
             "embedded": sum(p["rows"] for p in parts if p["kind"] == "embeddings"),
             "errors": sum(p["rows"] for p in parts if p["kind"] == "errors"),
-            "files": sorted(rel(p["path"]) for p in parts if p["kind"] == "embeddings"),
-            "error_files": sorted(rel(p["path"]) for p in parts if p["kind"] == "errors"),
+            "files": sorted(self.out.relative(p["path"]) for p in parts if p["kind"] == "embeddings"),
+            "error_files": sorted(self.out.relative(p["path"]) for p in parts if p["kind"] == "errors"),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if marker["embedded"] + marker["errors"] != rows:

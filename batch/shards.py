@@ -7,7 +7,6 @@ skipped on resume as a whole. Its ``key`` names its output directory and marker.
 
 from __future__ import annotations
 
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -182,7 +181,7 @@ def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_byt
         data = src_loc.read_bytes(f)
         if ids and (len(ids) >= rows_per_shard or size + len(data) > max_shard_bytes):
             flush()
-        ids.append(os.path.relpath(f, src_loc.root) if not src_loc.is_s3 else f[len(src_loc.root):].lstrip("/"))
+        ids.append(src_loc.relative(f))
         blobs.append(data)
         size += len(data)
     flush()

@@ -92,7 +92,7 @@ class Decoder:
                     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
                         blobs.append(None)
                         errors[j] = ItemError("unreadable", f"cannot read {self.loc.uri_of(f)}: {e}", 404)
-                ids = [f[len(self.loc.root):].lstrip("/") for f in files]
+                ids = [self.loc.relative(f) for f in files]
                 yield pa.table({"id": pa.array(ids, pa.string()),
                                 self.image_column: pa.array(blobs, pa.binary())}), errors
             return

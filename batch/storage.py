@@ -70,6 +70,10 @@ class Location:
     def uri_of(self, path: str) -> str:
         return f"s3://{path}" if self.is_s3 else path
 
+    def relative(self, path: str) -> str:
+        """A path under this location, relative to its root: ``ROOT/a/b.jpg`` -> ``a/b.jpg``."""
+        return path[len(self.root):].lstrip("/")
+
     # -- listing -------------------------------------------------------------------------------
     def info(self, path: str | None = None) -> pafs.FileInfo:
         return self.fs.get_file_info(path or self.root)

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 from ray import serve
 
-from lens.errors import LensError
+from lens.errors import InvalidRequestError, LensError
 
 __all__ = ["IndexSearcher", "DeltaFeed"]
 
@@ -111,8 +111,9 @@ class IndexSearcher:
                 self.service.check_model(model_info)
             q = np.asarray(vectors, dtype=np.float32)
             if q.ndim != 2 or q.shape[1] != self.service.version.manifest["dim"] or not np.isfinite(q).all():
-                return _err(400, "invalid_vector", f"vectors must be finite and of dimension "
-                            f"{self.service.version.manifest['dim']}, got shape {list(q.shape)}")
+                raise InvalidRequestError(f"vectors must be finite and of dimension "
+                                          f"{self.service.version.manifest['dim']}, got shape {list(q.shape)}",
+                                          code="invalid_vector")
             name, hits = await asyncio.to_thread(self.service.search, q, k, param=param)
             return {"index_version": name, "results": [[h.to_dict() for h in hs] for hs in hits]}
         except LensError as e:
@@ -124,7 +125,3 @@ class IndexSearcher:
             return {"index_version": name, "results": [h.to_dict() for h in hits]}
         except LensError as e:
             return e.to_dict()
-
-
-def _err(status: int, code: str, message: str) -> dict:
-    return {"error": code, "message": message, "status": status}
