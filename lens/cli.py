@@ -115,12 +115,44 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def frontdoor_from_args(args: argparse.Namespace):
+    """The HAProxy front-door limits from ``lens serve`` flags; None when every flag is left at its default
+    (then the default stats/metrics ports are used if free, other free ports if not)."""
+    from serve.frontdoor import FrontDoorConfig
+
+    from .config import validate
+
+    given = {k: getattr(args, k) for k in FrontDoorConfig.model_fields if getattr(args, k, None) is not None}
+    return validate(FrontDoorConfig, given, where="command line") if given else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.run import run
 
     run(args.config, host=args.host, port=args.port, address=args.address, proxy=args.proxy,
-        metrics_port=args.metrics_port or None)
+        metrics_port=args.metrics_port or None, frontdoor=frontdoor_from_args(args),
+        check_fit=not args.skip_resource_check, grace_s=args.grace_period_s)
     return 0
+
+
+def _add_serving_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `lens serve` and `lens events run`: front-door limits, placement check, shutdown."""
+    g = p.add_argument_group("front door (HAProxy mode)")
+    g.add_argument("--header-timeout-s", type=int, default=None,
+                   help="a client that has not sent its headers and first body bytes by then gets 408 (default 10)")
+    g.add_argument("--idle-timeout-s", type=int, default=None, help="idle client connections closed after (60)")
+    g.add_argument("--max-conn-per-client", type=int, default=None,
+                   help="open connections one client address may hold (default 64)")
+    g.add_argument("--max-connections", type=int, default=None, help="open client connections in all (4096)")
+    g.add_argument("--admin-host", default=None, help="address of HAProxy's stats page and exporter (127.0.0.1)")
+    g.add_argument("--stats-port", type=int, default=None,
+                   help="HAProxy stats page port (default 8404, or a free one if taken)")
+    g.add_argument("--exporter-port", type=int, default=None,
+                   help="HAProxy Prometheus exporter port (default 9101, or a free one if taken)")
+    p.add_argument("--grace-period-s", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, let requests in flight finish for at most this long (default 30)")
+    p.add_argument("--skip-resource-check", action="store_true",
+                   help="deploy even if the cluster has fewer CPUs/GPUs than the config asks (autoscaling clusters)")
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -156,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray Serve's HAProxy mode (default, far less CPU per request) or its Python proxy")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
                    "(0 = Ray picks one)")
+    _add_serving_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("events", help="S3 ObjectCreated events through SQS: run the consumer, status, DLQ")
@@ -171,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=None, help="HTTP port of the tagging API")
     r.add_argument("--address", default=None, help="existing Ray cluster")
     r.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy")
+    _add_serving_args(r)
     esub.add_parser("status", help="queue depth, in flight, DLQ depth, consumer counters")
     d = esub.add_parser("dlq", help="inspect or redrive the dead-letter queue")
     d.add_argument("dlq_command", choices=["list", "redrive"])
@@ -186,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on embedded defaults (local Ray + moto S3/SQS)")
     p.add_argument("--images", type=int, default=300, help="augmented copies seeded besides the 7 photos")
     p.add_argument("--new-images", type=int, default=12, help="images uploaded through the event path")
-    p.add_argument("--workdir", default="lens-demo", help="local outputs (the index); wiped at start")
+    p.add_argument("--workdir", default="lens-demo", help="local outputs (the index); a new or empty directory, or one an earlier "
+                   "demo run made (it holds .lens-demo-workdir and is emptied); anything else is refused")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (a free one if taken)")
     p.add_argument("--keep", action="store_true", help="leave the service up until Ctrl-C")
     p.set_defaults(func=lambda a: __import__("lens.demo", fromlist=["main"]).main(a))

@@ -19,9 +19,40 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "prepare_workdir", "MARKER"]
 
 DATA_BUCKET = "lens-demo-data"  # seed images, shards and bulk embeddings (no notifications)
+#: Left in the work directory by every demo run; only a directory holding it is ever emptied by the next run.
+MARKER = ".lens-demo-workdir"
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+    """The demo's work directory, emptied of a previous demo run's outputs and marked as the demo's own.
+
+    A missing or empty directory is created and marked. A directory holding the marker was written by an earlier
+    demo run: its contents are removed (the marker says the demo owns it). Any other non-empty directory (or a
+    file) is refused with :class:`~lens.errors.LensError`: the demo never deletes what it did not create.
+    """
+    from .errors import LensError
+
+    work = Path(workdir).expanduser().resolve()
+    if work.exists() and not work.is_dir():
+        raise LensError(f"--workdir {work} is a file, not a directory", code="usage")
+    if work.is_dir() and any(work.iterdir()):
+        if not (work / MARKER).is_file():
+            raise LensError(f"--workdir {work} is not empty and was not made by lens demo (no {MARKER}); "
+                            "choose a new or empty directory", code="usage")
+        for child in work.iterdir():
+            if child.name == MARKER:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("This directory is lens demo's work directory: the next `lens demo --workdir` "
+                               "run empties it.\n")
+    return work
 
 
 def _step(n: int, total: int, msg: str) -> float:
@@ -60,10 +91,7 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
 
     total = 9
     summary: dict = {"steps_s": {}}
-    work = Path(workdir).resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = prepare_workdir(workdir)
     t_all = time.perf_counter()
 
     # 1 -------------------------------------------------------------------------------------
@@ -79,8 +107,13 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     import boto3
     import ray
 
+    from serve.frontdoor import FrontDoorConfig, runtime_env
+
+    # HAProxy's slow-client limits, with its stats/exporter ports wherever they are free on this host
+    frontdoor = runtime_env(FrontDoorConfig(stats_port=_free_port(8404), exporter_port=_free_port(9101)))
+    os.environ.update(frontdoor["env_vars"])
     # log_to_driver=False: replica and worker logs stay in Ray's log files, the demo prints its own progress
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=frontdoor)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=DATA_BUCKET)
     summary["steps_s"]["start"] = round(time.perf_counter() - t, 1)
@@ -241,6 +274,7 @@ def main(args) -> int:
 
     import ray
 
+    prepare_workdir(args.workdir)  # refuses a directory the demo does not own before anything starts
     try:
         summary = run_demo(images=args.images, new_images=args.new_images, workdir=args.workdir, port=args.port,
                            keep=args.keep)

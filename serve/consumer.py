@@ -77,7 +77,8 @@ class EventProcessor:
         self.tagger = tagger
         self.model_info = model_info
         self.store = ResultStore(s3, cfg.result_prefix, cfg.embeddings_prefix, results_bucket=cfg.results_bucket,
-                                 object_tags=cfg.object_tags)
+                                 object_tags=cfg.object_tags, key_by_bucket=len(cfg.source_buckets) > 1)
+        self.sources = frozenset(cfg.source_buckets)
         self._sem = asyncio.Semaphore(cfg.concurrency)
         # boto3 is blocking: its calls get their own threads (asyncio's default pool has cpu+4 of them)
         self._io = ThreadPoolExecutor(cfg.concurrency + 4, thread_name_prefix="lens-s3")
@@ -91,7 +92,7 @@ class EventProcessor:
         jobs: dict[str, list[ObjectEvent]] = {}
         for m in messages:
             try:
-                events = parse_message(m["Body"])
+                events = parse_message(m["Body"], self.cfg.max_records_per_message)
             except PoisonMessage as e:
                 logger.error("poison message %s: %s", m.get("MessageId"), e)
                 out.failed.append(m["MessageId"])
@@ -101,7 +102,13 @@ class EventProcessor:
                 out.deleted.append(m["ReceiptHandle"])
                 out.count("test_event")
                 continue
-            jobs[m["MessageId"]] = events
+            ours = [ev for ev in events if ev.bucket in self.sources]
+            for ev in events:
+                if ev.bucket not in self.sources:  # never read: only the configured buckets are processed
+                    logger.warning("skipping s3://%s/%s (message %s): bucket %r is not a configured source (%s)",
+                                   ev.bucket, ev.key, m.get("MessageId"), ev.bucket, ", ".join(sorted(self.sources)))
+                    out.count("foreign_bucket")
+            jobs[m["MessageId"]] = ours
 
         async def one(ev: ObjectEvent) -> Record | None:
             async with self._sem:
@@ -128,13 +135,15 @@ class EventProcessor:
         # Embeddings first, sidecars second: a crash in between re-tags on redelivery (a duplicate row that
         # readers drop on (bucket, key, etag)), never a sidecar whose embedding was lost.
         tagged = [(mid, r) for mid, r in done if r.status == "tagged" and mid not in failed_msgs]
-        if tagged:
+        by_bucket: dict[str, list[tuple[str, Record]]] = {}  # one part per output bucket
+        for mid, r in tagged:
+            by_bucket.setdefault(self.cfg.results_bucket or r.event.bucket, []).append((mid, r))
+        for bucket, group in by_bucket.items():
             try:
-                await self._io_call(self.store.write_embeddings, [r for _, r in tagged], self.model_info,
-                                    tagged[0][1].event.bucket)
+                await self._io_call(self.store.write_embeddings, [r for _, r in group], self.model_info, bucket)
             except Exception as e:  # noqa: BLE001 - S3 trouble: retry the whole set later
                 logger.warning("embedding part not written, its messages will be retried: %s", e)
-                failed_msgs.update(mid for mid, _ in tagged)
+                failed_msgs.update(mid for mid, _ in group)
         pending = [(mid, r) for mid, r in done if mid not in failed_msgs]
         writes = await asyncio.gather(*(self._io_call(self.store.write, r, self.model_info)
                                         for _, r in pending), return_exceptions=True)

@@ -11,6 +11,10 @@ __all__ = ["EventsConfig"]
 
 class EventsConfig(StrictModel):
     bucket: str = Field("lens-images", description="bucket whose ObjectCreated events are consumed")
+    extra_buckets: tuple[str, ...] = Field(
+        (), description="more source buckets; events naming any bucket not configured are skipped unread")
+    max_records_per_message: PositiveInt = Field(
+        100, le=10_000, description="a message with more S3 records than this is poison (DLQ); S3 sends one")
     queue: str = Field("lens-events", description="SQS queue name (or full URL) receiving the notifications")
     dlq: str = Field("lens-events-dlq", description="dead-letter queue name (or URL)")
     max_receive_count: PositiveInt = Field(5, description="deliveries before a message moves to the DLQ")
@@ -29,6 +33,11 @@ class EventsConfig(StrictModel):
     messages_per_poller: PositiveInt = Field(50, description="backlog per extra poller")
     scale_interval_s: PositiveFloat = Field(5.0, description="how often queue depth is checked")
     region: str | None = None
+
+    @property
+    def source_buckets(self) -> tuple[str, ...]:
+        """Every bucket whose events are processed; anything else is skipped without a read."""
+        return tuple(dict.fromkeys((self.bucket, *self.extra_buckets)))
 
     @model_validator(mode="after")
     def _check(self) -> "EventsConfig":

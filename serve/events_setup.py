@@ -34,11 +34,10 @@ def _same(attr: str, current: str | None, wanted: str) -> bool:
     return current == wanted
 
 
-def _has_statement(policy: str | None, sid: str, resource: str) -> bool:
+def _has_statement(policy: str | None, statement: dict) -> bool:
     if not policy:
         return False
-    statements = json.loads(policy).get("Statement", [])
-    return any(s.get("Sid") == sid and s.get("Resource") == resource for s in statements)
+    return statement in json.loads(policy).get("Statement", [])
 
 
 def _queue(sqs, name: str, attributes: dict, changes: list) -> tuple[str, str]:
@@ -67,7 +66,7 @@ def ensure_resources(cfg: EventsConfig, s3=None, sqs=None, *, create_bucket: boo
     if s3 is None or sqs is None:
         s3, sqs = clients(cfg.region)
     changes: list[str] = []
-    for bucket in dict.fromkeys(b for b in (cfg.bucket, cfg.results_bucket) if b):
+    for bucket in dict.fromkeys(b for b in (*cfg.source_buckets, cfg.results_bucket) if b):
         try:
             s3.head_bucket(Bucket=bucket)
         except ClientError:
@@ -84,21 +83,23 @@ def ensure_resources(cfg: EventsConfig, s3=None, sqs=None, *, create_bucket: boo
         "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(cfg.max_receive_count)}),
     }
     url, arn = _queue(sqs, cfg.queue, attrs, changes)
-    policy = json.dumps({"Version": "2012-10-17", "Statement": [{
+    statement = {
         "Sid": "lens-s3-notifications", "Effect": "Allow", "Principal": {"Service": "s3.amazonaws.com"},
         "Action": "sqs:SendMessage", "Resource": arn,
-        "Condition": {"ArnLike": {"aws:SourceArn": f"arn:aws:s3:::{cfg.bucket}"}}}]})
+        "Condition": {"ArnLike": {"aws:SourceArn": [f"arn:aws:s3:::{b}" for b in cfg.source_buckets]}}}
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
     current = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"]).get("Attributes", {}).get("Policy")
-    if not _has_statement(current, "lens-s3-notifications", arn):
+    if not _has_statement(current, statement):
         sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": policy})
         changes.append(f"set queue policy on {cfg.queue} (S3 may send)")
 
     wanted = {"Id": "lens-object-created", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}
-    conf = s3.get_bucket_notification_configuration(Bucket=cfg.bucket)
-    conf.pop("ResponseMetadata", None)
-    queues = conf.get("QueueConfigurations", [])
-    if not any(q.get("QueueArn") == arn and "s3:ObjectCreated:*" in q.get("Events", []) for q in queues):
-        conf["QueueConfigurations"] = [q for q in queues if q.get("Id") != wanted["Id"]] + [wanted]
-        s3.put_bucket_notification_configuration(Bucket=cfg.bucket, NotificationConfiguration=conf)
-        changes.append(f"added ObjectCreated notification s3://{cfg.bucket} -> {cfg.queue}")
+    for bucket in cfg.source_buckets:
+        conf = s3.get_bucket_notification_configuration(Bucket=bucket)
+        conf.pop("ResponseMetadata", None)
+        queues = conf.get("QueueConfigurations", [])
+        if not any(q.get("QueueArn") == arn and "s3:ObjectCreated:*" in q.get("Events", []) for q in queues):
+            conf["QueueConfigurations"] = [q for q in queues if q.get("Id") != wanted["Id"]] + [wanted]
+            s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=conf)
+            changes.append(f"added ObjectCreated notification s3://{bucket} -> {cfg.queue}")
     return changes

@@ -62,23 +62,42 @@ def s3_tags(existing: list[dict], tags: list[dict], model: str) -> list[dict]:
     return kept + ours
 
 
+#: S3's limit on an object key, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+#: Where sidecars of keys too long to mirror go: ``{result_prefix}{LONG_KEYS}{sha256}.json``.
+LONG_KEYS = "_long-keys/"
+
+
 class ResultStore:
-    """Sidecars at ``s3://{bucket}/{result_prefix}{key}.json``; embeddings under ``embeddings_prefix``."""
+    """Sidecars at ``s3://{results bucket}/{result_prefix}{key}.json`` (``{result_prefix}{bucket}/{key}.json`` when
+    several source buckets share one results bucket); embeddings under ``embeddings_prefix``.
+
+    A sidecar key that would pass S3's 1,024-byte limit is ``{result_prefix}_long-keys/{sha256 of bucket/key}.json``
+    instead; the sidecar itself records the bucket and the full key.
+    """
 
     def __init__(self, s3, result_prefix: str, embeddings_prefix: str, *, results_bucket: str | None = None,
-                 object_tags: bool = False) -> None:
+                 object_tags: bool = False, key_by_bucket: bool = False) -> None:
         self.s3 = s3
         self.result_prefix = result_prefix
         self.embeddings_prefix = embeddings_prefix
         self.results_bucket = results_bucket
         self.object_tags = object_tags
+        self.key_by_bucket = key_by_bucket
+
+    def sidecar_key(self, bucket: str, key: str) -> str:
+        out = f"{self.result_prefix}{bucket}/{key}.json" if self.key_by_bucket else f"{self.result_prefix}{key}.json"
+        if len(out.encode()) <= MAX_KEY_BYTES:
+            return out
+        digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()
+        return f"{self.result_prefix}{LONG_KEYS}{digest}.json"
 
     def is_output(self, key: str) -> bool:
         """Lens's own outputs raise events too; they are never inputs."""
         return key.startswith(self.result_prefix) or key.startswith(self.embeddings_prefix)
 
     def _where(self, ev: ObjectEvent) -> tuple[str, str]:
-        return self.results_bucket or ev.bucket, f"{self.result_prefix}{ev.key}.json"
+        return self.results_bucket or ev.bucket, self.sidecar_key(ev.bucket, ev.key)
 
     def write(self, rec: Record, model: dict) -> str:
         """Write the sidecar unless this object version already has one; returns what happened.

@@ -19,7 +19,7 @@ from lens.errors import ConfigError
 
 from .config import AppArgs, BatchingConfig
 
-__all__ = ["load_serve_config", "check_serve_config", "deploy", "run"]
+__all__ = ["load_serve_config", "check_serve_config", "check_resources", "resource_demand", "deploy", "drain", "run"]
 
 logger = logging.getLogger("lens.serve")
 
@@ -72,12 +72,71 @@ def check_serve_config(doc: dict, where: str = "Serve config"):
     return schema
 
 
-def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600) -> list[str]:
+def _replicas(override: dict) -> int:
+    """Replicas a deployment starts with: ``num_replicas``, else autoscaling's initial (or minimum), else 1."""
+    n = override.get("num_replicas")
+    if isinstance(n, int):
+        return n
+    auto = override.get("autoscaling_config") or {}
+    initial = auto.get("initial_replicas")
+    return int(initial if initial is not None else auto.get("min_replicas", 1))
+
+
+def resource_demand(doc: dict) -> list[tuple[str, int, float, float]]:
+    """(deployment, replicas, CPUs each, GPUs each) for the Lens deployments a Serve config starts."""
+    out = []  # the event consumer and the multi-pool router ask for no CPU
+    for app in doc.get("applications", []):
+        if app.get("import_path") != BUILDER:
+            continue
+        args = validate(AppArgs, app.get("args") or {}, where=f"application {app.get('name')!r} args")
+        overrides = {d.get("name"): d for d in app.get("deployments") or []}
+        for pool in args.pools:
+            o = overrides.get(pool.name, {})
+            actor = o.get("ray_actor_options") or {}
+            out.append((pool.name, _replicas(o), float(actor.get("num_cpus", pool.num_cpus)),
+                        float(actor.get("num_gpus", pool.num_gpus))))
+        if args.search is not None:
+            o = overrides.get("IndexSearcher", {})
+            actor = o.get("ray_actor_options") or {}
+            out.append(("IndexSearcher", _replicas(o), float(actor.get("num_cpus", args.search.num_cpus)), 0.0))
+    return out
+
+
+def check_resources(doc: dict, cluster: dict) -> None:
+    """Refuse, with the arithmetic, a config whose replicas need more CPUs or GPUs than ``cluster`` has in all,
+    or one replica more than any single node has (it could never be placed and the service would hang)."""
+    demand = resource_demand(doc)
+    for res, col in (("CPU", 2), ("GPU", 3)):
+        want = sum(d[1] * d[col] for d in demand)
+        have = float(cluster.get("total", {}).get(res, 0.0))
+        if want > have + 1e-9:
+            parts = ", ".join(f"{d[0]} {d[1]} x {d[col]:g}" for d in demand if d[col])
+            raise ConfigError(f"the config needs {want:g} {res}s ({parts}) but this Ray cluster has {have:g}; "
+                              f"lower num_{res.lower()}s or replicas, or add nodes (--skip-resource-check for a "
+                              "cluster that autoscales)")
+        node_max = max((float(n.get(res, 0.0)) for n in cluster.get("nodes", [])), default=have)
+        for d in demand:
+            if d[col] > node_max + 1e-9:
+                raise ConfigError(f"one {d[0]} replica wants {d[col]:g} {res}s but the largest node has {node_max:g}")
+
+
+def cluster_resources() -> dict:
+    """Total and per-node resources of the connected Ray cluster (alive nodes)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {"total": dict(ray.cluster_resources()), "nodes": nodes}
+
+
+def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600, *, check_fit: bool = True) -> list[str]:
     """Validate ``doc`` and deploy it on the connected Ray cluster, as ``serve run CONFIG`` does;
-    returns the application names once all are RUNNING."""
+    returns the application names once all are RUNNING. With ``check_fit``, a config the cluster cannot
+    place is refused before anything is deployed (:func:`check_resources`)."""
     from ray.serve._private.api import serve_start  # what `serve run CONFIG` uses
 
     schema = check_serve_config(doc, where)
+    if check_fit:
+        check_resources(doc, cluster_resources())
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
     names = [a.name for a in schema.applications]
@@ -101,11 +160,55 @@ def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
     raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
 
 
+def _port_or_free(preferred: int, host: str) -> int:
+    """``preferred`` if it is free on ``host``, else a free port (a second Lens on one host gets its own)."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError(f"no free port on {host}")
+
+
+def drain(app_names: list[str], grace_s: float) -> bool:
+    """Stop taking new requests and let the ones in flight finish, for at most ``grace_s`` seconds.
+
+    Deleting the applications stops each replica gracefully: it leaves the proxy's routing, then waits for its
+    ongoing requests (up to its ``graceful_shutdown_timeout_s``) before it exits; the proxy stays up meanwhile,
+    so answers in flight reach their clients. Returns whether every application was gone in time.
+    """
+    from ray import serve
+
+    for name in app_names:
+        try:
+            serve.delete(name, _blocking=False)
+        except Exception:  # noqa: BLE001 - already gone
+            logger.warning("could not delete application %s", name, exc_info=True)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            if not any(n in serve.status().applications for n in app_names):
+                return True
+        except Exception:  # noqa: BLE001 - the controller is going away
+            return False
+        time.sleep(0.25)
+    return False
+
+
 def run(config: str | dict | None = None, *, host: str | None = None, port: int | None = None,
         address: str | None = None, proxy: str = "haproxy", metrics_port: int | None = 8080,
-        block: bool = True) -> dict:
+        block: bool = True, frontdoor=None, check_fit: bool = True, grace_s: float = 30.0) -> dict:
     """Deploy the config (a path, a loaded document, or None for the default) and, if ``block``,
-    serve until SIGINT/SIGTERM, then shut down cleanly."""
+    serve until SIGINT/SIGTERM, then drain (at most ``grace_s``) and shut down cleanly.
+
+    ``frontdoor`` (a :class:`serve.frontdoor.FrontDoorConfig`; default limits if None) hardens the HAProxy
+    front door: slow-client timeouts, connection caps, admin ports bound to one address."""
+    from .frontdoor import FrontDoorConfig, runtime_env
+
     doc = copy.deepcopy(config) if isinstance(config, dict) else load_serve_config(config)
     where = config if isinstance(config, str) else "config"
     http = doc.setdefault("http_options", {})
@@ -120,18 +223,33 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
     import ray
     from ray import serve
 
+    init: dict = {"address": address} if address else {"include_dashboard": False}
     if proxy == "haproxy":
         # Ray Serve's HAProxy mode: a C proxy in front of replicas that serve HTTP themselves.
         # Set before Ray starts so every Serve process sees it.
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+        fd = frontdoor or FrontDoorConfig()
+        if frontdoor is None:  # default ports, or free ones when another Lens on this host holds them
+            fd = fd.model_copy(update={"stats_port": _port_or_free(fd.stats_port, fd.admin_host),
+                                       "exporter_port": _port_or_free(fd.exporter_port, fd.admin_host)})
+        env = runtime_env(fd)
+        os.environ.update(env["env_vars"])  # Ray's own HAProxy settings are read from the environment
+        init["runtime_env"] = env
+        print(f"HAProxy: header timeout {fd.header_timeout_s}s, idle {fd.idle_timeout_s}s, "
+              f"{fd.max_conn_per_client} connections per client, {fd.max_connections} in all; stats "
+              f"http://{fd.admin_host}:{fd.stats_port}/stats, metrics http://{fd.admin_host}:{fd.exporter_port}/metrics",
+              file=sys.stderr)
     elif proxy != "python":
         raise ConfigError(f"proxy must be haproxy or python, got {proxy!r}")
-    init = {"address": address} if address else {"include_dashboard": False}
     if metrics_port and not address:
         init["_metrics_export_port"] = metrics_port
     ray.init(logging_level="WARNING", **init)
-    t0 = time.monotonic()
-    names = deploy(doc, where=where)
+    try:
+        t0 = time.monotonic()
+        names = deploy(doc, where=where, check_fit=check_fit)
+    except BaseException:
+        ray.shutdown()
+        raise
     url = f"http://{http['host']}:{http['port']}"
     summary = {"url": url, "applications": names, "ready_s": round(time.monotonic() - t0, 1),
                "metrics": f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port and not address else None}
@@ -148,7 +266,10 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
     try:
         stop.wait()
     finally:
-        print("shutting down Lens ...", file=sys.stderr)
+        print(f"shutting down Lens: draining requests in flight (at most {grace_s:g}s) ...", file=sys.stderr)
+        drained = drain(names, grace_s)
+        if not drained:
+            print(f"  grace period of {grace_s:g}s over; stopping what is left", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
     return summary

@@ -29,17 +29,20 @@ class ObjectEvent:
         return (self.bucket, self.key, self.version_id or self.etag)
 
 
-def parse_message(body: str) -> list[ObjectEvent] | None:
+def parse_message(body: str, max_records: int = 100) -> list[ObjectEvent] | None:
     """ObjectCreated records of one SQS message body; ``None`` for an ``s3:TestEvent``.
 
-    Raises :class:`PoisonMessage` if the body is not an S3 notification at all.
+    Raises :class:`PoisonMessage` if the body is not an S3 notification at all, or holds more than
+    ``max_records`` records (S3 sends one per message; a bigger one is hand-made).
     """
     try:
         doc = json.loads(body)
     except (TypeError, json.JSONDecodeError) as e:
         raise PoisonMessage(f"message body is not JSON: {e}") from e
     if isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc:  # SNS envelope
-        return parse_message(doc["Message"])
+        if not isinstance(doc["Message"], str):
+            raise PoisonMessage("SNS envelope's Message is not a string")
+        return parse_message(doc["Message"], max_records)
     if not isinstance(doc, dict):
         raise PoisonMessage("message body is not a JSON object")
     if doc.get("Event") == "s3:TestEvent":
@@ -47,6 +50,9 @@ def parse_message(body: str) -> list[ObjectEvent] | None:
     records = doc.get("Records")
     if not isinstance(records, list):
         raise PoisonMessage("message has no Records list (not an S3 event notification)")
+    if len(records) > max_records:
+        raise PoisonMessage(f"message has {len(records)} records; at most {max_records} are accepted "
+                            "(max_records_per_message)")
     out = []
     for i, rec in enumerate(records):
         try:
@@ -55,6 +61,8 @@ def parse_message(body: str) -> list[ObjectEvent] | None:
                 continue
             s3 = rec["s3"]
             obj = s3["object"]
+            if not isinstance(s3["bucket"]["name"], str) or not isinstance(obj["key"], str) or not obj["key"]:
+                raise PoisonMessage(f"record {i}: bucket name and key must be non-empty strings")
             out.append(ObjectEvent(
                 bucket=s3["bucket"]["name"],
                 key=unquote_plus(obj["key"]),  # S3 URL-encodes keys in events: '+' for space, %xx

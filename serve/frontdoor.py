@@ -1,0 +1,119 @@
+"""Hardening of Ray Serve's HAProxy front door: slow-client timeouts, connection caps, admin ports on one host.
+
+Ray Serve (2.60) renders HAProxy's configuration from a template with no ``timeout http-request``, its stats page
+bound to ``*:8404`` and its Prometheus exporter to ``:9101``, and offers no setting for any of these. Lens adds them
+by editing that template in the process that renders it (Serve's HAProxy manager actor), through Ray's
+``worker_process_setup_hook``; :func:`runtime_env` gives ``ray.init`` what it needs, from a :class:`FrontDoorConfig`.
+
+What the edited configuration does:
+
+* ``timeout http-request`` with ``option http-buffer-request``: a client gets ``header_timeout_s`` to send its
+  headers and the first buffer of its body; a slower one gets HAProxy's 408 and never reaches a replica, so
+  trickling clients cannot occupy the model replicas' request slots;
+* ``timeout client``: a connection idle that long mid-request is closed;
+* a per-client-address cap on open connections (``max_conn_per_client``; more are refused at accept) and a total
+  cap (``maxconn``, Ray's ``RAY_SERVE_HAPROXY_MAXCONN``);
+* the stats page and the Prometheus exporter bound to ``admin_host`` (loopback by default) on configurable ports.
+
+A template that no longer has the expected shape (another Ray version) is not edited half-way: the hook logs an
+error naming what it could not find and leaves Serve's configuration as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pydantic import Field, PositiveInt
+
+from lens.config import StrictModel
+
+__all__ = ["FrontDoorConfig", "runtime_env", "apply", "ENV"]
+
+logger = logging.getLogger("lens.serve")
+
+#: The environment variable carrying the JSON of a :class:`FrontDoorConfig` to the HAProxy manager's process.
+ENV = "LENS_FRONTDOOR"
+HOOK = "serve.frontdoor.apply"
+
+
+class FrontDoorConfig(StrictModel):
+    """Limits of the HAProxy front door (``lens serve`` flags / the ``frontdoor:`` section)."""
+
+    header_timeout_s: PositiveInt = Field(10, le=300, description="time to send headers (and the first body "
+                                          "buffer) before a 408")
+    idle_timeout_s: PositiveInt = Field(60, le=3600, description="a client connection idle this long is closed")
+    max_conn_per_client: PositiveInt = Field(64, description="open connections one client address may hold")
+    max_connections: PositiveInt = Field(4096, description="open client connections in all (HAProxy maxconn)")
+    admin_host: str = Field("127.0.0.1", description="address of HAProxy's stats page and Prometheus exporter")
+    stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy stats page port")
+    exporter_port: int = Field(9101, ge=1, le=65535, description="HAProxy Prometheus exporter port")
+
+
+def runtime_env(cfg: FrontDoorConfig) -> dict:
+    """The ``runtime_env`` (and the env vars Ray itself reads) that apply ``cfg`` to the HAProxy front door."""
+    env = {
+        ENV: cfg.model_dump_json(),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(cfg.stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(cfg.exporter_port),
+        "RAY_SERVE_HAPROXY_MAXCONN": str(cfg.max_connections),
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(cfg.idle_timeout_s),
+    }
+    return {"worker_process_setup_hook": HOOK, "env_vars": env}
+
+
+# (what Serve's template says, what Lens puts there); every one must be found or nothing is changed
+def _edits(cfg: FrontDoorConfig) -> list[tuple[str, str]]:
+    host = cfg.admin_host
+    return [
+        ("{% if config.timeout_http_request_s is not none %}timeout http-request "
+         "{{ config.timeout_http_request_s }}s{% endif %}",
+         f"timeout http-request {cfg.header_timeout_s}s\n    option http-buffer-request\n"
+         f"    http-error status 408 content-type application/json string {_json_408(cfg)}"),
+        ("bind :{{ config.metrics_port }}", f"bind {host}:{{{{ config.metrics_port }}}}"),
+        ("bind *:{{ config.stats_port }}", f"bind {host}:{{{{ config.stats_port }}}}"),
+        ("    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n",
+         "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n"
+         "    stick-table type ipv6 size 100k expire 60s store conn_cur\n"
+         "    tcp-request connection track-sc0 src\n"
+         f"    tcp-request connection reject if {{ sc_conn_cur(0) gt {cfg.max_conn_per_client} }}\n"),
+    ]
+
+
+def _json_408(cfg: FrontDoorConfig) -> str:
+    """Lens's error shape for HAProxy's own 408, as an HAProxy double-quoted string."""
+    body = json.dumps({"error": "request_timeout", "status": 408,
+                       "message": f"the request (headers and first body bytes) did not arrive within "
+                                  f"{cfg.header_timeout_s}s"})
+    return '"' + body.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def edit_template(template: str, cfg: FrontDoorConfig) -> str:
+    """``template`` with Lens's edits; raises ``ValueError`` naming the first part it cannot find."""
+    out = template
+    for old, new in _edits(cfg):
+        if old not in out:
+            raise ValueError(f"Ray Serve's HAProxy template has no {old.strip()!r}")
+        out = out.replace(old, new, 1)
+    return out
+
+
+def apply() -> None:
+    """``worker_process_setup_hook``: edit the HAProxy template in this process if it will render one."""
+    raw = os.environ.get(ENV)
+    if not raw:
+        return
+    try:
+        from ray.serve._private import haproxy
+    except ImportError:  # a Ray without HAProxy mode: nothing to edit
+        return
+    if getattr(haproxy, "_lens_frontdoor", False):
+        return
+    cfg = FrontDoorConfig.model_validate(json.loads(raw))
+    try:
+        haproxy.HAPROXY_CONFIG_TEMPLATE = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, cfg)
+    except ValueError as e:
+        logger.error("Lens front-door limits NOT applied (%s); HAProxy runs with Ray Serve's defaults", e)
+        return
+    haproxy._lens_frontdoor = True
