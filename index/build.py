@@ -211,11 +211,14 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
 
     # pass 1: ids only -> which global positions are kept (the last occurrence of each id)
     last: dict[str, int] = {}
-    pos = 0
+    pos = invalid = 0
     for src in sources:
         for ids in src.ids():
             for i in ids:
-                last[i] = pos
+                if i is None:  # a null or empty id: never indexed (its position stays unkept)
+                    invalid += 1
+                else:
+                    last[i] = pos
                 pos += 1
     total = pos
     keep = np.zeros(total, dtype=bool)
@@ -225,7 +228,9 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         raise ConfigError("the embeddings hold no rows")
     del last
     plan = choose_index(n, dim, cfg)
-    log(f"lens index: {n} vectors of dim {dim} ({total - n} duplicate ids dropped); {plan.type}: {plan.factory} "
+    if invalid:
+        log(f"lens index: {invalid} rows with a null or empty id dropped")
+    log(f"lens index: {n} vectors of dim {dim} ({total - n - invalid} duplicate ids dropped); {plan.type}: {plan.factory} "
         f"({plan.reason})")
 
     # pass 2: seeded training sample and held-out tuning queries, by rank among kept rows
@@ -295,7 +300,8 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         "reason": plan.reason,
         "model": {"model": ident.model, "weights_sha256": ident.weights_sha256, "preprocess": ident.preprocess},
         "sources": [{"uri": s.uri, "kind": s.kind, "files": len(s.files)} for s in sources],
-        "duplicates_dropped": total - n,
+        "duplicates_dropped": total - n - invalid,
+        "invalid_ids_dropped": invalid,
         "timings_s": {"train": round(train_s, 2), "add": round(add_s, 2),
                       "total": round(time.perf_counter() - t_start, 2)},
     }

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from batch.storage import Location
 from lens.errors import ConfigError
 
-__all__ = ["ModelIdentity", "EmbeddingSource", "Chunk", "open_sources"]
+__all__ = ["ModelIdentity", "EmbeddingSource", "Chunk", "open_sources", "as_id"]
 
 METADATA_COLUMNS = ("tags", "top1")  # kept (compactly) in the index's metadata sidecar when present
 
@@ -49,7 +49,7 @@ class ModelIdentity:
 
 @dataclass
 class Chunk:
-    ids: list[str]
+    ids: list[str | None]  # None: a null or empty id, dropped by every reader
     vectors: np.ndarray  # (n, dim) float32
     metadata: list[str]  # JSON per row
 
@@ -69,23 +69,35 @@ class EmbeddingSource:
             self.files = [f for f in self.files if f.endswith(".parquet")]
             self.identity = self._identity_from_parts() if self.files else None
 
+    def _parquet(self, path: str, fh) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(fh)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConfigError(f"{self.loc.uri_of(path)} is not a readable Parquet file ({str(e).splitlines()[0]}); "
+                              "--embeddings must hold only embedding parts") from e
+
     def _identity_from_parts(self) -> ModelIdentity:
         with self.loc.fs.open_input_file(self.files[0]) as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+            meta = self._parquet(self.files[0], f).schema_arrow.metadata or {}
         if b"lens_model" not in meta:
             raise ConfigError(f"{self.uri}: no manifest.json and {self.loc.uri_of(self.files[0])} names no model "
                               "(lens_model metadata): not a Lens embedding output")
         return ModelIdentity.from_info(json.loads(meta[b"lens_model"]))
 
-    def ids(self) -> Iterator[list[str]]:
+    def ids(self) -> Iterator[list[str | None]]:
+        """Each file's ids in order; ``None`` for a null or empty id (such a row is never indexed)."""
         for f in self.files:
-            yield [str(x) for x in self.loc.read_table(f, columns=["id"]).column("id").to_pylist()]
+            with self.loc.fs.open_input_file(f) as fh:
+                pf = self._parquet(f, fh)
+                if "id" not in pf.schema_arrow.names or "embedding" not in pf.schema_arrow.names:
+                    raise ConfigError(f"{self.loc.uri_of(f)} has no id and embedding columns: not an embedding part")
+                yield [as_id(x) for x in pf.read(columns=["id"]).column("id").to_pylist()]
 
     def chunks(self, rows: int) -> Iterator[Chunk]:
         """The rows in file order, ``rows`` at a time at most (one file at a time in memory)."""
         for f in self.files:
             with self.loc.fs.open_input_file(f) as fh:
-                pf = pq.ParquetFile(fh)
+                pf = self._parquet(f, fh)
                 cols = [c for c in ("id", "embedding", *METADATA_COLUMNS) if c in pf.schema_arrow.names]
                 for rb in pf.iter_batches(batch_size=rows, columns=cols):
                     yield _chunk(rb, self.identity.dim)
@@ -106,8 +118,16 @@ def _chunk(rb: pa.RecordBatch, dim: int) -> Chunk:
         elif top1 is not None and top1[i]:
             m["tags"] = [top1[i]]
         meta.append(json.dumps(m))
-    ids = [str(x) for x in rb.column(names.index("id")).to_pylist()]
+    ids = [as_id(x) for x in rb.column(names.index("id")).to_pylist()]
     return Chunk(ids, vectors, meta)
+
+
+def as_id(value) -> str | None:
+    """An item id as a string; ``None`` for a null or blank one (never the string ``"None"``)."""
+    if value is None:
+        return None
+    text = str(value)
+    return text if text.strip() else None
 
 
 def open_sources(uris: list[str]) -> tuple[list[EmbeddingSource], ModelIdentity]:

@@ -57,7 +57,7 @@ def _read_limited(path: Path, limit: int) -> bytes:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    from .predictor import ItemError, Predictor
+    from .predictor import ItemError, Predictor, check_top_k
     from .samples import sample_paths
 
     paths = [Path(p) for p in args.images]
@@ -65,6 +65,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         paths += sample_paths()
     if not paths:
         raise LensError("no images given: pass IMAGE paths or --samples", code="usage")
+    check_top_k(args.top_k)
     model_cfg, decode_cfg = configs_from_args(args)
     predictor = Predictor.from_config(model_cfg, decode_cfg, default_top_k=args.top_k)
     limit = predictor.preprocessor.limits.max_bytes
@@ -142,7 +143,8 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
                    help="a client that has not sent its headers and first body bytes by then gets 408 (default 10)")
     g.add_argument("--idle-timeout-s", type=int, default=None, help="idle client connections closed after (60)")
     g.add_argument("--max-conn-per-client", type=int, default=None,
-                   help="open connections one client address may hold (default 64)")
+                   help="open connections one client address may hold (default 256; 0 = no cap, e.g. behind a "
+                   "load balancer)")
     g.add_argument("--max-connections", type=int, default=None, help="open client connections in all (4096)")
     g.add_argument("--admin-host", default=None, help="address of HAProxy's stats page and exporter (127.0.0.1)")
     g.add_argument("--stats-port", type=int, default=None,
@@ -232,20 +234,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(e: BaseException) -> str | None:
+    """A one-line message for an error the user can fix (bad file, missing AWS settings, unreachable endpoint),
+    or ``None`` for an error that is Lens's own."""
+    if isinstance(e, LensError):
+        return e.message
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text: {e.reason} at byte {e.start}"
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    try:
+        import botocore.exceptions as bx
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        bx = None
+    if bx is not None:
+        if isinstance(e, bx.NoRegionError):
+            return "no AWS region: set AWS_DEFAULT_REGION (or `region:` in the config)"
+        if isinstance(e, bx.NoCredentialsError):
+            return "no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile"
+        if isinstance(e, bx.EndpointConnectionError):
+            return f"cannot reach {e.kwargs.get('endpoint_url', 'the AWS endpoint')}: is it running?"
+        if isinstance(e, bx.ClientError):
+            err = e.response.get("Error", {})
+            return f"AWS said {err.get('Code', '?')}: {err.get('Message', e)}"
+        if isinstance(e, bx.BotoCoreError):
+            return str(e)
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(e, pa.ArrowInvalid):
+        return f"not a readable Parquet/Arrow file: {str(e).splitlines()[0][:300]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A problem the user can fix prints one line and exits 2; a bug in Lens prints one line
+    and exits 1 (``-v`` shows the traceback); usage errors exit 2 as argparse does."""
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
-    except LensError as e:
-        print(f"lens {args.command}: error: {e.message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `lens models | head`
         sys.stderr.close()
         return 0
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback only with -v
+        message = user_error(e)
+        if args.verbose:
+            logger.exception("lens %s failed", args.command)
+        if message is not None:
+            print(f"lens {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        print(f"lens {args.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+              f" (run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,6 +114,8 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
         data = yaml.safe_load(p.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read {what} {p}: {e.strerror or e}") from e
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not a text (UTF-8) file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {p} is not valid YAML: {e}") from e
     if data is None:

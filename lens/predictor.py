@@ -25,7 +25,10 @@ from .errors import ImageError
 from .preprocess import Preprocessor
 from .runtime import LoadedModel, load_model
 
-__all__ = ["Tag", "Prediction", "ItemError", "Predictor", "top_k_tags", "l2_normalize"]
+__all__ = ["Tag", "Prediction", "ItemError", "Predictor", "top_k_tags", "l2_normalize", "check_top_k", "MAX_TOP_K"]
+
+#: The most tags one image may ask for, on the CLI and (by default) over HTTP.
+MAX_TOP_K = 100
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
     return z / z.sum(axis=-1, keepdims=True)
+
+
+def check_top_k(k: int, max_k: int = MAX_TOP_K) -> int:
+    """``k`` if it is in ``1..max_k``; else :class:`~lens.errors.InvalidRequestError` (a 400 over HTTP)."""
+    from .errors import InvalidRequestError
+
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
+        raise InvalidRequestError(f"top_k must be an integer in 1..{max_k}, got {k!r}", code="bad_request")
+    return k
 
 
 def top_k_tags(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Tag]]:

@@ -104,6 +104,8 @@ async def read_json(request: Request, limit: int) -> dict:
         body = json.loads(raw)
     except ValueError as e:
         raise HttpError(f"the body is not valid JSON: {e}") from e
+    except RecursionError:
+        raise HttpError("the body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise HttpError("the body must be a JSON object")
     return body

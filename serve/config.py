@@ -70,6 +70,10 @@ class ApiConfig(StrictModel):
     max_top_k: PositiveInt = 100
     api_keys_env: str | None = Field("LENS_API_KEYS", description="env var with comma-separated API keys")
     api_keys_file: str | None = Field(None, description="file with one API key per line")
+    public_docs: bool = Field(False, description="with API keys on, still serve /docs, /redoc, /openapi.json and "
+                              "/v1/models without a key (default: they need one too; /healthz never does)")
+    health_timeout_s: PositiveFloat = Field(3.0, le=60, description="/healthz answers 503 when a deployment has "
+                                            "not answered within this")
 
 
 class SearchConfig(StrictModel):

@@ -44,7 +44,9 @@ class FrontDoorConfig(StrictModel):
     header_timeout_s: PositiveInt = Field(10, le=300, description="time to send headers (and the first body "
                                           "buffer) before a 408")
     idle_timeout_s: PositiveInt = Field(60, le=3600, description="a client connection idle this long is closed")
-    max_conn_per_client: PositiveInt = Field(64, description="open connections one client address may hold")
+    max_conn_per_client: int = Field(256, ge=0, description="open connections one client address may hold "
+                                     "(0 = no cap; raise it, or 0, behind a load balancer, where every connection "
+                                     "comes from the balancer's few addresses)")
     max_connections: PositiveInt = Field(4096, description="open client connections in all (HAProxy maxconn)")
     admin_host: str = Field("127.0.0.1", description="address of HAProxy's stats page and Prometheus exporter")
     stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy stats page port")
@@ -92,7 +94,7 @@ def _json_408(cfg: FrontDoorConfig) -> str:
 def edit_template(template: str, cfg: FrontDoorConfig) -> str:
     """``template`` with Lens's edits; raises ``ValueError`` naming the first part it cannot find."""
     out = template
-    for old, new in _edits(cfg):
+    for old, new in _edits(cfg)[: None if cfg.max_conn_per_client else -1]:
         if old not in out:
             raise ValueError(f"Ray Serve's HAProxy template has no {old.strip()!r}")
         out = out.replace(old, new, 1)

@@ -17,10 +17,19 @@ import time
 import types
 from typing import Any, Awaitable, Callable, Optional
 
+import math
+import uuid
+
+import numpy as np
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lens.config import validate
+from lens.errors import LensError
+from lens.predictor import check_top_k
 
 from .auth import ApiKeys
 from .body import HttpError, read_images, read_json
@@ -38,6 +47,39 @@ class Overloaded(Exception):
 
 def error(status: int, code: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, "status": status}, status_code=status, headers=headers)
+
+
+def internal_error(route: str) -> JSONResponse:
+    """A 500 that tells the client nothing of the server's insides: the details go to the log under a reference."""
+    ref = uuid.uuid4().hex[:12]
+    logger.exception("request to %s failed (reference %s)", route, ref)
+    return error(500, "internal_error", f"internal error (reference {ref}); the server log has the details")
+
+
+#: The largest vector dimension /v1/search:vector accepts before it asks the index (EfficientNet-B7: 2560).
+MAX_VECTOR_DIM = 8192
+
+
+def parse_vectors(body: dict, max_items: int) -> tuple[np.ndarray, bool]:
+    """``{"vector": [...]}`` or ``{"vectors": [[...], ...]}`` as a finite (n, d) float32 array, and whether it was
+    one vector; anything else is an :class:`HttpError` (400, or 413 for too many vectors) naming what is wrong."""
+    single = "vector" in body
+    vectors = [body["vector"]] if single else body.get("vectors")
+    if not isinstance(vectors, list) or not vectors or not all(isinstance(v, list) and v for v in vectors):
+        raise HttpError('send {"vector": [floats]} or {"vectors": [[floats], ...]}', code="invalid_vector")
+    if len(vectors) > max_items:
+        raise HttpError(f"at most {max_items} vectors per request, got {len(vectors)}", status=413,
+                        code="too_many_items")
+    dim = len(vectors[0])
+    for i, v in enumerate(vectors):
+        if len(v) != dim or dim > MAX_VECTOR_DIM:
+            raise HttpError(f"vector {i} has {len(v)} numbers; every vector needs the same dimension "
+                            f"(at most {MAX_VECTOR_DIM})", code="invalid_vector")
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise HttpError(f"vector {i} holds {str(x)[:40]!r}; vectors must be finite numbers",
+                                code="invalid_vector")
+    return np.asarray(vectors, dtype=np.float32), single
 
 
 class HttpApi:
@@ -62,11 +104,20 @@ class HttpApi:
 
     # -- plumbing ----------------------------------------------------------------------------
     def _authorised(self, request: Request) -> bool:
+        """With keys configured: an ``Authorization`` header, when sent, is the only credential read (it must be
+        ``Bearer KEY``); ``X-API-Key`` is read only when there is no ``Authorization`` header."""
         if not self.keys.enabled:
             return True
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        auth = request.headers.get("authorization")
+        if auth is not None:
+            key = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        else:
+            key = request.headers.get("x-api-key")
         return self.keys.check(key)
+
+    def _unauthorised(self) -> JSONResponse:
+        return error(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
+                     headers={"WWW-Authenticate": "Bearer"})
 
     async def _handle(self, request: Request, route: str,
                       work: Callable[[Optional[str]], Awaitable[tuple]]) -> JSONResponse:
@@ -80,8 +131,7 @@ class HttpApi:
 
     async def _guarded(self, request: Request, route: str, work, t0: float) -> JSONResponse:
         if not self._authorised(request):
-            return error(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
-                         headers={"WWW-Authenticate": "Bearer"})
+            return self._unauthorised()
         pool = request.query_params.get("pool")
         if pool is not None and pool not in self._pool_names():
             return error(400, "unknown_pool", f"unknown pool {pool!r}; pools: {', '.join(self._pool_names())}")
@@ -93,19 +143,19 @@ class HttpApi:
             return error(503, "overloaded", str(e), headers={"Retry-After": str(self.api_cfg.retry_after_s)})
         except asyncio.TimeoutError:
             return error(504, "timeout", f"no result within {self.api_cfg.request_timeout_s}s")
-        except Exception as e:  # noqa: BLE001 - whatever broke, the client still gets a JSON answer
-            logger.exception("request to %s failed", route)
-            return error(500, "internal_error", f"{type(e).__name__}: {e}")
+        except LensError as e:
+            if e.http_status >= 500:
+                return internal_error(route)
+            return error(e.http_status, e.code, e.message)
+        except Exception:  # noqa: BLE001 - whatever broke, the client still gets a JSON answer, and no internals
+            return internal_error(route)
         if status == 200 and route not in ("/v1/embed", "/v1/search:vector"):
             body["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if status == 503 else None
         return JSONResponse(body, status_code=status, headers=headers)
 
     def _top_k(self, top_k: Optional[int]) -> int:
-        k = self.api_cfg.default_top_k if top_k is None else top_k
-        if not 1 <= k <= self.api_cfg.max_top_k:
-            raise HttpError(f"top_k must be in 1..{self.api_cfg.max_top_k}, got {k}")
-        return k
+        return check_top_k(self.api_cfg.default_top_k if top_k is None else top_k, self.api_cfg.max_top_k)
 
     async def _model_info(self, pool: Optional[str]) -> dict:
         name = pool or self._pool_names()[0]
@@ -200,13 +250,7 @@ class HttpApi:
         async def work(pool):
             kk, p = self._search_args(k, param)
             body = await read_json(request, self.api_cfg.max_batch_body_bytes)
-            single = "vector" in body
-            vectors = [body["vector"]] if single else body.get("vectors")
-            if not isinstance(vectors, list) or not vectors or not all(isinstance(v, list) for v in vectors):
-                raise HttpError('send {"vector": [floats]} or {"vectors": [[floats], ...]}')
-            if len(vectors) > self.api_cfg.max_batch_items:
-                raise HttpError(f"at most {self.api_cfg.max_batch_items} vectors per request", status=413,
-                                code="too_many_items")
+            vectors, single = parse_vectors(body, self.api_cfg.max_batch_items)  # checked before any handle
             out = await self.search.search_vectors.remote(vectors, kk, p)
             if "error" in out:
                 return out["status"], out
@@ -216,16 +260,53 @@ class HttpApi:
         return await self._handle(request, "/v1/search:vector", work)
 
     async def http_healthz(self) -> JSONResponse:
+        """200 only when every model pool is warm and the index searcher (if configured) answers; otherwise a
+        503 within ``health_timeout_s``, naming what is not ready. Never needs an API key (load balancers)."""
+        timeout = self.api_cfg.health_timeout_s
         try:
-            infos = await asyncio.wait_for(self._infos(), timeout=10)
+            infos = await asyncio.wait_for(self._infos(), timeout=timeout)
+        except asyncio.TimeoutError:
+            return error(503, "not_ready", f"model pools did not answer within {timeout:g}s (starting, or not "
+                         "placed: see `serve status`)")
         except Exception as e:  # noqa: BLE001 - any failure means not ready
-            return error(503, "not_ready", f"model pools not ready: {type(e).__name__}: {e}")
+            logger.warning("health check: model pools not ready: %s", e)
+            return error(503, "not_ready", "model pools not ready")
         if not infos or not all(i.get("warmed_up") for i in infos):
             return error(503, "not_ready", "model not warmed up")
+        if self.search is not None:
+            try:
+                await asyncio.wait_for(self.search.info.remote(), timeout=timeout)
+            except asyncio.TimeoutError:
+                return error(503, "not_ready", f"the index searcher did not answer within {timeout:g}s "
+                             "(starting, or not placed: see `serve status`)")
+            except Exception as e:  # noqa: BLE001
+                logger.warning("health check: index searcher not ready: %s", e)
+                return error(503, "not_ready", "the index searcher is not ready")
         return JSONResponse({"status": "ok", "pools": {i["pool"]: i["model"] for i in infos}})
 
-    async def http_models(self) -> JSONResponse:
+    def _docs_allowed(self, request: Request) -> bool:
+        return self.api_cfg.public_docs or self._authorised(request)
+
+    async def http_models(self, request: Request) -> JSONResponse:
+        if not self._docs_allowed(request):
+            return self._unauthorised()
         return JSONResponse({"pools": await self._infos()})
+
+    async def http_openapi(self, request: Request) -> JSONResponse:
+        if not self._docs_allowed(request):
+            return self._unauthorised()
+        return JSONResponse(request.app.openapi())
+
+    async def http_docs(self, request: Request) -> HTMLResponse:
+        if not self._docs_allowed(request):
+            return self._unauthorised()
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
+                                   title="Lens API")
+
+    async def http_redoc(self, request: Request) -> HTMLResponse:
+        if not self._docs_allowed(request):
+            return self._unauthorised()
+        return get_redoc_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="Lens API")
 
 
 def _own_copy(fn: Callable) -> Callable:
@@ -244,9 +325,45 @@ def _own_copy(fn: Callable) -> Callable:
     return copy
 
 
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own 404/405 (unknown route or method) in Lens's error shape."""
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404 else
+               f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405 else
+               str(exc.detail))
+    return error(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A query or path parameter of the wrong type: 400 naming the parameter and the value, not FastAPI's 422."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        where = f"{loc[0]} parameter {'.'.join(loc[1:])}" if len(loc) > 1 else ".".join(loc) or "request"
+        got = f" (got {str(err['input'])[:60]!r})" if "input" in err and err["input"] is not None else ""
+        problems.append(f"{where}: {err.get('msg', 'invalid')}{got}")
+    return error(400, "bad_request", "; ".join(problems) or "invalid request")
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    return internal_error(request.url.path)
+
+
 def new_fastapi() -> FastAPI:
-    """A FastAPI app with :class:`HttpApi`'s routes (one app per deployment class)."""
-    api = FastAPI(title="Lens", version="1", description="EfficientNet image tagging, embedding and search")
+    """A FastAPI app with :class:`HttpApi`'s routes (one app per deployment class).
+
+    FastAPI's own docs routes are off; ``/docs``, ``/redoc`` and ``/openapi.json`` are Lens routes that ask for an
+    API key when keys are configured (unless ``api.public_docs``). Every error, FastAPI's and Starlette's included,
+    answers ``{"error", "message", "status"}``."""
+    api = FastAPI(title="Lens", version="1", description="EfficientNet image tagging, embedding and search",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    api.add_exception_handler(StarletteHTTPException, _http_exception)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(Exception, _unhandled)
     api.post("/v1/tag")(_own_copy(HttpApi.http_tag))
     api.post("/v1/embed")(_own_copy(HttpApi.http_embed))
     api.post("/v1/tag:batch")(_own_copy(HttpApi.http_tag_batch))
@@ -255,4 +372,7 @@ def new_fastapi() -> FastAPI:
     api.get("/v1/search/{item_id:path}")(_own_copy(HttpApi.http_search_id))
     api.get("/healthz")(_own_copy(HttpApi.http_healthz))
     api.get("/v1/models")(_own_copy(HttpApi.http_models))
+    api.get("/openapi.json", include_in_schema=False)(_own_copy(HttpApi.http_openapi))
+    api.get("/docs", include_in_schema=False)(_own_copy(HttpApi.http_docs))
+    api.get("/redoc", include_in_schema=False)(_own_copy(HttpApi.http_redoc))
     return api

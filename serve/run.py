@@ -128,7 +128,8 @@ def cluster_resources() -> dict:
     return {"total": dict(ray.cluster_resources()), "nodes": nodes}
 
 
-def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600, *, check_fit: bool = True) -> list[str]:
+def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600, *, check_fit: bool = True,
+           wait: bool = True) -> list[str]:
     """Validate ``doc`` and deploy it on the connected Ray cluster, as ``serve run CONFIG`` does;
     returns the application names once all are RUNNING. With ``check_fit``, a config the cluster cannot
     place is refused before anything is deployed (:func:`check_resources`)."""
@@ -140,7 +141,8 @@ def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600, *, ch
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
     names = [a.name for a in schema.applications]
-    _wait_running(names, timeout_s)
+    if wait:
+        _wait_running(names, timeout_s)
     return names
 
 

@@ -81,7 +81,12 @@ class IndexSearcher:
                 logger.warning("delta part from another model (%s) ignored", identity.model)
                 continue
             for c in chunks:
-                self.service.delta.add(c.ids, c.vectors, c.metadata)
+                keep = [i for i, x in enumerate(c.ids) if x is not None]  # null/empty ids are never searchable
+                if len(keep) < len(c.ids):
+                    logger.warning("delta part: %d rows with a null or empty id skipped", len(c.ids) - len(keep))
+                if keep:
+                    self.service.delta.add([c.ids[i] for i in keep], c.vectors[keep],
+                                           [c.metadata[i] for i in keep])
 
     async def _refresher(self) -> None:
         while True:
