@@ -179,6 +179,22 @@ def test_decoder_records_unreadable_files_and_names_an_unreadable_parquet_file(t
             pa.table({"unit": [json.dumps(gone.to_row())]})))
 
 
+def test_null_or_empty_ids_become_error_rows_never_ids(tmp_path, rng):
+    from batch.shards import ReadUnit
+    from batch.stages import Decoder
+    from lens.config import DecodeConfig
+    from lens.preprocess import PreprocessConfig
+
+    jpeg = encode(random_rgb(rng), "JPEG")
+    pq.write_table(pa.table({"id": ["a", None, "", "d"], "image": [jpeg] * 4}), tmp_path / "s.parquet")
+    prep = PreprocessConfig((3, 32, 32), "bilinear", (0.5,) * 3, (0.5,) * 3, 1.0).to_dict()
+    unit = ReadUnit("s", str(tmp_path / "s.parquet"), row_groups=(0,), rows=4)
+    out = pa.concat_tables(Decoder(str(tmp_path), prep, DecodeConfig(), "id", "image", (), 4)(
+        pa.table({"unit": [json.dumps(unit.to_row())]})))
+    assert out.column("error").to_pylist() == ["", "invalid_id", "invalid_id", ""]
+    assert "null or empty id" in out.column("message")[1].as_py()
+
+
 def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng, lite0_onnx):
     ids = []
     # The real Lite0 model (~100 images/s here) makes the run last long enough for the kill to land mid-way.

@@ -86,3 +86,72 @@ def test_shipped_config_validates():
     data = yaml.safe_load((Path(__file__).parents[1] / "infra" / "lens.yaml").read_text())
     assert ModelConfig.model_validate(data["model"]) == ModelConfig(cache_dir=ModelConfig().cache_dir)
     assert DecodeConfig.model_validate(data["decode"]) == DecodeConfig()
+
+
+def _sweep_files(root):
+    """Garbage and half-right inputs a careless operator points the CLI at."""
+    (root / "binary.yaml").write_bytes(bytes(range(256)) * 2)
+    (root / "list.yaml").write_text("- just\n- a list\n")
+    (root / "emb").mkdir()
+    (root / "emb" / "notes.txt").write_text("not an embedding")
+    (root / "emb" / "part-0.parquet").write_bytes(b"PAR1 but not really")
+    (root / "empty").mkdir()
+    (root / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+    return root
+
+
+SWEEP = [  # (arguments, a phrase the one-line error must contain)
+    (["tag", "--config", "binary.yaml", "photo.jpg"], "not a text (UTF-8) file"),
+    (["tag", "--config", "list.yaml", "photo.jpg"], "must be a mapping"),
+    (["tag", "--config", "missing.yaml", "photo.jpg"], "cannot read config file"),
+    (["tag", "--top-k", "0", "photo.jpg"], "top_k must be an integer in 1..100"),
+    (["tag", "--top-k", "101", "photo.jpg"], "top_k must be an integer in 1..100"),
+    (["tag", "--num-classes", "0", "photo.jpg"], "num_classes"),
+    (["tag", "--weights", "model.txt", "photo.jpg"], "weights must be"),
+    (["serve", "--config", "binary.yaml"], "not a text (UTF-8) file"),
+    (["serve", "--config", "missing.yaml"], "cannot read Serve config"),
+    (["serve", "--header-timeout-s", "0"], "header_timeout_s"),
+    (["events", "--config", "binary.yaml", "status"], "not a text (UTF-8) file"),
+    (["events", "status"], "no AWS region"),
+    (["events", "dlq", "list"], "no AWS region"),
+    (["events", "dlq", "redrive"], "no AWS region"),
+    (["index", "build", "--embeddings", "emb", "--output", "out"], "part-0.parquet is not a readable Parquet file"),
+    (["index", "build", "--embeddings", "empty", "--output", "out"], "no embeddings found"),
+    (["index", "build", "--embeddings", "missing", "--output", "out"], "no embeddings found"),
+    (["index", "build", "--embeddings", "empty", "--output", "out", "--target-recall", "2"], "target_recall"),
+    (["index", "search", "--index", "empty", "--id", "x"], "not an index"),
+    (["index", "search", "--index", "missing", "--id", "x"], "no index"),
+    (["embed", "--input", "missing", "--output", "out"], "no input files"),
+    (["embed", "--input", "binary.yaml", "--output", "out"], "no image files"),
+    (["shards", "--input", "empty", "--output", "out"], "no image files"),
+    (["demo", "--workdir", "emb"], "not empty and was not made by lens demo"),
+    (["demo", "--workdir", "photo.jpg"], "is a file, not a directory"),
+]
+
+
+@pytest.mark.parametrize("args,phrase", SWEEP, ids=[" ".join(a) for a, _ in SWEEP])
+def test_bad_arguments_and_files_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, phrase):
+    from lens.cli import main
+
+    monkeypatch.chdir(_sweep_files(tmp_path))
+    for var in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"lens {args[0]}: error: "), err
+    assert phrase in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and (tmp_path / "emb" / "notes.txt").exists()
+
+
+def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys):
+    import lens.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something Lens did not expect\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_models", boom)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("lens models: internal error: RuntimeError: something Lens did not expect "
+                   "(run with -v for the traceback)")

@@ -26,3 +26,34 @@ def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path):
     assert s["examples"]["tag coffee.png"][0][0] == "espresso"
     assert "=== Lens demo: done" in p.stderr
     assert (tmp_path / "demo" / "index" / "CURRENT").is_file()
+
+
+def test_demo_workdir_empties_only_what_an_earlier_demo_made(tmp_path):
+    from lens.demo import MARKER, prepare_workdir
+    from lens.errors import LensError
+
+    fresh = prepare_workdir(tmp_path / "new")
+    assert sorted(p.name for p in fresh.iterdir()) == [MARKER]
+    (fresh / "index").mkdir()
+    (fresh / "index" / "CURRENT").write_text("v-1")
+    (fresh / "old.txt").write_text("from the last run")
+    again = prepare_workdir(fresh)
+    assert sorted(p.name for p in again.iterdir()) == [MARKER]  # an earlier demo's outputs are emptied ...
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(LensError, match="not made by lens demo"):
+        prepare_workdir(mine)
+    assert (mine / "thesis.tex").read_text() == "years of work"  # ... anything else is never touched
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (prepare_workdir(empty) / MARKER).is_file()
+
+
+def test_lens_demo_refuses_a_directory_it_did_not_make_before_starting_anything(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    p = subprocess.run([sys.executable, "-m", "lens.cli", "demo", "--workdir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not made by lens demo" in p.stderr, p.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine" and p.stdout == ""

@@ -245,3 +245,74 @@ def test_s3_object_tags_respect_limits_and_keep_user_tags():
     assert [t["Key"] for t in merged[7:]] == ["lens:model", "lens:tag1", "lens:tag2"]
     assert merged[8]["Value"] == "tabby  tabby cat"  # commas are not allowed in S3 tag values
     assert all(len(t["Key"]) <= 128 and len(t["Value"]) <= 256 for t in merged)
+
+
+def _message(records: list[dict], mid: str = "m-1") -> dict:
+    return {"MessageId": mid, "ReceiptHandle": f"rh-{mid}", "Body": json.dumps({"Records": records})}
+
+
+def _record(bucket: str, key: str, etag: str | None = None) -> dict:
+    from urllib.parse import quote_plus
+
+    obj = {"key": quote_plus(key), "size": 1} | ({"eTag": etag} if etag else {})
+    return {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": bucket}, "object": obj}}
+
+
+def test_events_naming_an_unconfigured_bucket_are_skipped_without_a_read(env, tiny):
+    cfg, s3, sqs = env
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=other)
+    s3.put_object(Bucket=other, Key="secret.jpg", Body=images(1)[0])
+    s3.put_object(Bucket=cfg.bucket, Key="mine.jpg", Body=images(1, seed=1)[0])
+    p = processor(cfg, s3, tiny)
+    reads = []
+    real_get = s3.get_object
+    p.s3 = type("Spy", (), {"__getattr__": lambda self, n: getattr(s3, n),
+                            "get_object": lambda self, **kw: reads.append(kw["Bucket"]) or real_get(**kw)})()
+    out = asyncio.run(p.process_messages([_message([_record(other, "secret.jpg"), _record(cfg.bucket, "mine.jpg")])]))
+    assert out.counts == {"foreign_bucket": 1, "tagged": 1} and out.deleted == ["rh-m-1"]
+    assert reads == [cfg.bucket]  # the other bucket's object was never fetched
+    assert sidecars(s3, cfg) == [f"{cfg.result_prefix}mine.jpg.json"]
+    assert "Contents" not in s3.list_objects_v2(Bucket=other, Prefix=cfg.result_prefix)
+
+
+def test_two_source_buckets_get_separate_sidecars_and_long_keys_a_hashed_one(env, tiny):
+    from serve.events_config import EventsConfig
+    from serve.results import MAX_KEY_BYTES
+
+    cfg, s3, sqs = env
+    second = f"second-{uuid.uuid4().hex[:8]}"
+    results = f"results-{uuid.uuid4().hex[:8]}"
+    for b in (second, results):
+        s3.create_bucket(Bucket=b)
+    cfg2 = EventsConfig(**(cfg.model_dump() | {"extra_buckets": (second,), "results_bucket": results}))
+    long_key = "deep/" + "k" * (MAX_KEY_BYTES - 10) + ".jpg"  # fits S3 (1,019 bytes), its sidecar key would not
+    assert len(long_key.encode()) <= MAX_KEY_BYTES
+    s3.put_object(Bucket=cfg.bucket, Key="same.jpg", Body=images(1, seed=2)[0])
+    s3.put_object(Bucket=second, Key="same.jpg", Body=images(1, seed=3)[0])
+    s3.put_object(Bucket=second, Key=long_key, Body=images(1, seed=4)[0])
+    out = asyncio.run(processor(cfg2, s3, tiny).process_messages([_message(
+        [_record(cfg.bucket, "same.jpg"), _record(second, "same.jpg"), _record(second, long_key)])]))
+    assert out.counts == {"tagged": 3}
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=results, Prefix=cfg.result_prefix)["Contents"])
+    hashed = [k for k in keys if "/_long-keys/" in k]
+    assert f"{cfg.result_prefix}{cfg.bucket}/same.jpg.json" in keys and f"{cfg.result_prefix}{second}/same.jpg.json" in keys
+    assert len(keys) == 3 and len(hashed) == 1 and all(len(k.encode()) <= MAX_KEY_BYTES for k in keys)
+    rec = json.loads(s3.get_object(Bucket=results, Key=hashed[0])["Body"].read())
+    assert rec["bucket"] == second and rec["key"] == long_key and rec["status"] == "tagged"
+    a = json.loads(s3.get_object(Bucket=results, Key=f"{cfg.result_prefix}{cfg.bucket}/same.jpg.json")["Body"].read())
+    b = json.loads(s3.get_object(Bucket=results, Key=f"{cfg.result_prefix}{second}/same.jpg.json")["Body"].read())
+    assert (a["bucket"], b["bucket"]) == (cfg.bucket, second) and a["embedding"] != b["embedding"]
+
+
+def test_a_message_with_too_many_records_is_poison(env, tiny):
+    from serve.s3events import PoisonMessage, parse_message
+
+    cfg, s3, sqs = env
+    body = json.dumps({"Records": [_record(cfg.bucket, f"{i}.jpg") for i in range(cfg.max_records_per_message + 1)]})
+    with pytest.raises(PoisonMessage, match="at most 100"):
+        parse_message(body, cfg.max_records_per_message)
+    out = asyncio.run(processor(cfg, s3, tiny).process_messages([{"MessageId": "big", "ReceiptHandle": "rh",
+                                                                   "Body": body}]))
+    assert out.failed == ["big"] and out.deleted == [] and out.counts == {"poison": 1}  # left for the DLQ
+    assert len(parse_message(json.dumps({"Records": [_record(cfg.bucket, "x.jpg")] * 100}), 100)) == 100

@@ -246,3 +246,19 @@ def test_cli_build_and_search_by_image_and_id(tmp_path, photos, lite0_onnx, caps
     assert "cannot read" in capsys.readouterr().err
     assert main(["index", "search", "--index", str(tmp_path / "nowhere"), "--id", "x"]) == 2
     assert "no index" in capsys.readouterr().err
+
+
+def test_null_and_empty_ids_are_never_indexed(tmp_path):
+    from index.search import SearchService
+
+    x = clustered(40, 8, seed=3)
+    ids = [None, "", "  "] + [f"ok-{i}" for i in range(37)]
+    write_part(tmp_path / "emb" / "part-0.parquet", ids, x, top1=["t"] * 40)
+    man = build(tmp_path, [tmp_path / "emb"], index="flat", queries=10)
+    assert man["count"] == 37 and man["invalid_ids_dropped"] == 3 and man["duplicates_dropped"] == 0
+    svc = SearchService(str(tmp_path / "idx"))
+    _, (hits,) = svc.search(x[:1], 40)
+    got = {h.id for h in hits}
+    assert len(got) == 37 and not got & {"None", "", "  "}
+    with pytest.raises(NotFoundError):
+        svc.search_id("None", 3)
