@@ -9,7 +9,8 @@ What the edited configuration does:
 
 * ``timeout http-request`` with ``option http-buffer-request``: a client gets ``header_timeout_s`` to send its
   headers and the first buffer of its body; a slower one gets HAProxy's 408 and never reaches a replica, so
-  trickling clients cannot occupy the model replicas' request slots;
+  trickling clients cannot occupy the model replicas' request slots (this 408 is HAProxy's own small HTML page,
+  not Lens's JSON shape: HAProxy answers it before any Lens code sees the request);
 * ``timeout client``: a connection idle that long mid-request is closed;
 * a per-client-address cap on open connections (``max_conn_per_client``; more are refused at accept) and a total
   cap (``maxconn``, Ray's ``RAY_SERVE_HAPROXY_MAXCONN``);
@@ -71,8 +72,7 @@ def _edits(cfg: FrontDoorConfig) -> list[tuple[str, str]]:
     return [
         ("{% if config.timeout_http_request_s is not none %}timeout http-request "
          "{{ config.timeout_http_request_s }}s{% endif %}",
-         f"timeout http-request {cfg.header_timeout_s}s\n    option http-buffer-request\n"
-         f"    http-error status 408 content-type application/json string {_json_408(cfg)}"),
+         f"timeout http-request {cfg.header_timeout_s}s\n    option http-buffer-request"),
         ("bind :{{ config.metrics_port }}", f"bind {host}:{{{{ config.metrics_port }}}}"),
         ("bind *:{{ config.stats_port }}", f"bind {host}:{{{{ config.stats_port }}}}"),
         ("    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n",
@@ -81,14 +81,6 @@ def _edits(cfg: FrontDoorConfig) -> list[tuple[str, str]]:
          "    tcp-request connection track-sc0 src\n"
          f"    tcp-request connection reject if {{ sc_conn_cur(0) gt {cfg.max_conn_per_client} }}\n"),
     ]
-
-
-def _json_408(cfg: FrontDoorConfig) -> str:
-    """Lens's error shape for HAProxy's own 408, as an HAProxy double-quoted string."""
-    body = json.dumps({"error": "request_timeout", "status": 408,
-                       "message": f"the request (headers and first body bytes) did not arrive within "
-                                  f"{cfg.header_timeout_s}s"})
-    return '"' + body.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def edit_template(template: str, cfg: FrontDoorConfig) -> str:

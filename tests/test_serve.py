@@ -152,6 +152,24 @@ def test_64_in_flight_each_response_is_its_own_and_batches_form(main_app, tiny):
     assert after["max_batch_seen"] > 1 and after["batches"] - before["batches"] < 64
 
 
+def test_every_error_has_the_lens_shape(main_app):
+    jpeg = images(1)[0]
+    cases = [
+        (lambda: post(f"{main_app}/v1/tag?top_k=abc", jpeg), 400, "bad_request", "top_k"),
+        (lambda: post(f"{main_app}/v1/tag?top_k=500", jpeg), 400, "bad_request", "1..100"),
+        (lambda: post(f"{main_app}/v1/tag?embedding=maybe", jpeg), 400, "bad_request", "embedding"),
+        (lambda: requests.get(f"{main_app}/v1/nope", timeout=30), 404, "not_found", "/v1/nope"),
+        (lambda: requests.get(f"{main_app}/v1/tag", timeout=30), 405, "method_not_allowed", "GET"),
+        (lambda: requests.delete(f"{main_app}/healthz", timeout=30), 405, "method_not_allowed", "DELETE"),
+        (lambda: post(f"{main_app}/v1/search?k=x", jpeg), 400, "bad_request", "k"),
+    ]
+    for call, status, code, phrase in cases:
+        r = call()
+        body = r.json()
+        assert r.status_code == status and set(body) == {"error", "message", "status"}, r.text
+        assert body["status"] == status and body["error"] == code and phrase in body["message"], r.text
+
+
 def test_live_reconfigure_changes_batching_without_restart(cluster):
     app = deploy(cluster, "reconf", {}, user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.0,
                                                      "max_pending": 32})
@@ -217,6 +235,65 @@ def test_api_keys(cluster, tmp_path):
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"
     assert post(f"{app}/v1/tag", jpeg, headers={"Authorization": "Bearer k-fedcba9876543210"}).status_code == 200
     assert post(f"{app}/v1/tag", jpeg, headers={"X-API-Key": "k-0123456789abcdef"}).status_code == 200
+
+
+def test_docs_and_models_need_a_key_unless_public_and_bearer_takes_precedence(cluster, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k-0123456789abcdef\n")
+    app = deploy(cluster, "auth-docs", {"api": {"api_keys_file": str(keys), "api_keys_env": None}})
+    good, bad = {"X-API-Key": "k-0123456789abcdef"}, {"X-API-Key": "wrong-key-00000000"}
+    for path in ("/docs", "/redoc", "/openapi.json", "/v1/models"):
+        r = requests.get(f"{app}{path}", timeout=30)
+        assert r.status_code == 401 and r.json() == {
+            "error": "unauthorized", "status": 401,
+            "message": "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"}, (path, r.text)
+        assert requests.get(f"{app}{path}", headers=good, timeout=30).status_code == 200, path
+    assert "/v1/tag" in requests.get(f"{app}/openapi.json", headers=good, timeout=30).json()["paths"]
+    assert requests.get(f"{app}/healthz", timeout=30).status_code == 200  # probes never need a key
+    jpeg = images(1)[0]
+    # Authorization, when sent, is the only credential read: a wrong Bearer fails even beside a good X-API-Key
+    both_wrong_bearer = {"Authorization": "Bearer wrong-key-00000000"} | good
+    assert post(f"{app}/v1/tag", jpeg, headers=both_wrong_bearer).status_code == 401
+    assert post(f"{app}/v1/tag", jpeg, headers={"Authorization": "Bearer k-0123456789abcdef"} | bad).status_code == 200
+    assert post(f"{app}/v1/tag", jpeg, headers={"Authorization": "Basic abc"} | good).status_code == 401
+
+    app = deploy(cluster, "auth-public", {"api": {"api_keys_file": str(keys), "api_keys_env": None,
+                                                  "public_docs": True}})
+    assert requests.get(f"{app}/openapi.json", timeout=30).status_code == 200
+    assert requests.get(f"{app}/v1/models", timeout=30).status_code == 200
+    assert post(f"{app}/v1/tag", jpeg).status_code == 401  # the API itself still needs a key
+
+
+def test_healthz_answers_503_quickly_while_a_deployment_cannot_be_placed_and_lens_refuses_such_a_config(
+        cluster, tmp_path, tiny):
+    from lens.errors import ConfigError
+    from serve.run import deploy as deploy_doc
+
+    root = _index_from(tmp_path, "idx-unplaced", ["a", "b", "c"], np.eye(3, tiny.embed_dim), tiny.info(),
+                       index="flat")
+    port = int(cluster.rsplit(":", 1)[1])
+    args = {"pools": [{"name": "Tagger", "model": TINY, "num_cpus": 1}],
+            "search": {"index": root, "num_cpus": 64}}  # this cluster has 6 CPUs
+    doc = {"http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "unplaced", "route_prefix": "/unplaced", "import_path": "serve.app:build_app",
+                             "args": args}]}
+    with pytest.raises(ConfigError, match=r"needs 65 CPUs \(Tagger 1 x 1, IndexSearcher 1 x 64\) but this Ray "
+                                          r"cluster has 6"):
+        deploy_doc(doc, where="test")
+    deploy_doc(doc, where="test", check_fit=False, wait=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the ingress replica itself is up and answering
+        t0 = time.monotonic()
+        try:
+            r = requests.get(f"{cluster}/unplaced/healthz", timeout=30)
+        except requests.RequestException:
+            r = None
+        if r is not None and r.headers.get("content-type", "").startswith("application/json"):
+            break
+        time.sleep(1)
+    assert r is not None and r.status_code == 503, r and r.text
+    assert r.json()["error"] == "not_ready" and "index searcher" in r.json()["message"]
+    assert time.monotonic() - t0 < 10  # health_timeout_s is 3 s: an answer, not a hang
 
 
 def test_killed_replica_is_replaced_and_errors_stay_bounded(cluster):
@@ -354,6 +431,15 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
     assert [hits[0]["id"] for hits in r.json()["results"]] == ids[:4]
     r = requests.post(f"{app}/v1/search:vector", json={"vector": [1.0, 2.0]}, timeout=30)
     assert r.status_code == 400 and r.json()["error"] == "invalid_vector"
+    # malformed vectors are refused at the ingress, before a handle, with no internals in the message
+    for body in ({"vector": ["x"] * 1280}, {"vector": [True] * 256}, {"vectors": [[0.1] * 256, [0.1] * 3]},
+                 {"vector": [[0.1]] * 256}, {"vectors": []}, {"vector": "0.1,0.2"}):
+        r = requests.post(f"{app}/v1/search:vector", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_vector", r.text
+        assert "Error" not in r.json()["message"] and "pid" not in r.json()["message"], r.text
+    nested = b"[" * 100_000 + b"]" * 100_000
+    r = requests.post(f"{app}/v1/search:vector", data=nested, timeout=30)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request" and "nested" in r.json()["message"], r.text
     assert requests.post(f"{app}/v1/search:vector", data=b"{nope", timeout=30).status_code == 400
     assert post(f"{app}/v1/search", b"not an image").status_code in (400, 415)
 

@@ -1,0 +1,169 @@
+"""`lens serve`'s HAProxy front door: slow clients get 408 while others are served, per-client connection cap,
+admin ports on loopback, and SIGTERM drains the requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import free_port, wait_healthy
+
+requests = pytest.importorskip("requests")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CAP = 170  # connections per client address: above the 150 slow clients + 1, below the cap test's 220
+
+
+def test_template_edits_apply_to_rays_template_and_refuse_an_unknown_one():
+    from ray.serve._private import haproxy
+
+    from serve.frontdoor import FrontDoorConfig, edit_template
+
+    out = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, FrontDoorConfig(header_timeout_s=7, max_conn_per_client=9))
+    assert "timeout http-request 7s" in out and "option http-buffer-request" in out
+    assert "bind *:" not in out and "bind :" not in out and "bind 127.0.0.1:{{ config.stats_port }}" in out
+    assert "reject if { sc_conn_cur(0) gt 9 }" in out
+    assert "sc_conn_cur" not in edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, FrontDoorConfig(max_conn_per_client=0))
+    with pytest.raises(ValueError, match="no 'bind :{{ config.metrics_port }}'"):
+        edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE.replace("bind :{{ config.metrics_port }}", "bind x"),
+                      FrontDoorConfig())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, lens_cache):
+    tmp = tmp_path_factory.mktemp("frontdoor")
+    doc = yaml.safe_load((Path(__file__).parents[1] / "infra" / "serve-cpu.yaml").read_text())
+    pool = doc["applications"][0]["args"]["pools"][0]
+    pool["model"] = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
+    pool["num_cpus"] = 1
+    cfg = tmp / "serve.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    port, stats, exporter = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lens.cli", "serve", "--config", str(cfg), "--port", str(port), "--metrics-port", "0",
+         "--header-timeout-s", "2", "--max-conn-per-client", str(CAP), "--stats-port", str(stats),
+         "--exporter-port", str(exporter), "--grace-period-s", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=os.environ | {"LENS_CACHE_DIR": str(lens_cache), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"})
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(f"{url}/healthz", proc)
+    yield {"url": url, "port": port, "stats": stats, "exporter": exporter, "proc": proc}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _png(w=1600, h=1200, seed=0) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_admin_ports_are_the_configured_ones_on_loopback_only(server):
+    import psutil
+
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    for port in (server["stats"], server["exporter"]):
+        assert {ip for ip, p in listening if p == port} == {"127.0.0.1"}, (port, listening)
+    assert requests.get(f"http://127.0.0.1:{server['stats']}/stats", timeout=10).status_code == 200
+    assert "haproxy_" in requests.get(f"http://127.0.0.1:{server['exporter']}/metrics", timeout=10).text
+
+
+def test_slow_clients_get_408_and_normal_clients_are_still_served(server):
+    jpeg = _png(200, 150)
+    slow = []
+    for _ in range(150):  # each sends its request line a byte at a time, a byte a second
+        s = socket.create_connection(("127.0.0.1", server["port"]))
+        s.setblocking(False)
+        slow.append(s)
+    answered, replies, t0 = [], {}, time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < 6:
+        line = b"POST /v1/tag HTTP/1.1\r\n"
+        for n, s in enumerate(slow):
+            if n in replies:
+                continue
+            try:
+                data = s.recv(4096)  # HAProxy's answer, once the header timeout has passed
+                replies[n] = data
+                continue
+            except BlockingIOError:
+                pass
+            except OSError:
+                replies[n] = b""
+                continue
+            try:
+                s.send(line[i % len(line): i % len(line) + 1])
+            except OSError:
+                pass
+        i += 1
+        r = requests.post(f"{server['url']}/v1/tag", data=jpeg, headers={"Content-Type": "image/png"}, timeout=10)
+        answered.append(r.status_code)
+        time.sleep(0.3)
+    for s in slow:
+        s.close()
+    assert len(answered) >= 8 and set(answered) == {200}, answered
+    timed_out = [d for d in replies.values() if d.startswith(b"HTTP/1.1 408")]
+    assert len(timed_out) == 150, list(replies.values())[:3]
+
+
+def test_connections_over_the_per_client_cap_are_refused(server):
+    time.sleep(1)  # the slow clients' connections are gone
+    conns = [socket.create_connection(("127.0.0.1", server["port"])) for _ in range(CAP + 50)]
+    time.sleep(1)
+    refused = 0
+    for s in conns:
+        s.settimeout(0.5)
+        try:
+            refused += s.recv(1) == b""  # closed by HAProxy at accept
+        except socket.timeout:
+            pass  # open, waiting for a request
+        except OSError:
+            refused += 1
+        s.close()
+    assert refused == 50
+
+
+def test_sigterm_under_load_drains_the_requests_in_flight(server):
+    import aiohttp
+
+    proc, body = server["proc"], _png()
+
+    async def load():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            async def one():
+                try:
+                    async with s.post(f"{server['url']}/v1/tag", data=body,
+                                      headers={"Content-Type": "image/png"}) as r:
+                        return r.status, await r.json()
+                except aiohttp.ClientError as e:  # a reset or a refused connection
+                    return type(e).__name__, None
+
+            tasks = [asyncio.create_task(one()) for _ in range(48)]
+            await asyncio.sleep(0.4)  # every request is sent and in flight
+            os.kill(proc.pid, signal.SIGTERM)  # what Kubernetes and systemd send
+            t = time.monotonic()
+            return await asyncio.gather(*tasks), time.monotonic() - t
+
+    results, drain_s = asyncio.run(load())
+    statuses = [s for s, _ in results]
+    assert statuses == [200] * 48, statuses
+    assert all(len(b["tags"]) == 5 for _, b in results)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "draining requests in flight" in out and "grace period" not in out
+    assert drain_s > 0.1  # the answers really came after the SIGTERM
