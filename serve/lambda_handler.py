@@ -6,7 +6,8 @@ Ray consumer (same :class:`~serve.consumer.EventProcessor`), and answers SQS bat
 partial-batch-response format, naming exactly the records to retry.
 
 Environment: ``LENS_API_URL`` (required), ``LENS_API_KEY``, ``LENS_EVENTS_CONFIG`` (JSON of
-:class:`~serve.events_config.EventsConfig` fields, e.g. prefixes), ``LENS_API_TIMEOUT_S`` (30).
+:class:`~serve.events_config.EventsConfig` fields: ``bucket``/``extra_buckets`` name the source buckets, whose events
+alone are processed; prefixes), ``LENS_API_TIMEOUT_S`` (30).
 """
 
 from __future__ import annotations

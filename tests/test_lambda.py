@@ -64,6 +64,7 @@ def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_
         _sqs_record(json.dumps({"Event": "s3:TestEvent"})),
     ]
     monkeypatch.setenv("LENS_API_URL", lens_api)
+    monkeypatch.setenv("LENS_EVENTS_CONFIG", json.dumps({"bucket": bucket}))  # the function's source bucket
     out = handler({"Records": records}, None)
     assert out == {"batchItemFailures": [{"itemIdentifier": records[1]["messageId"]}]}
     from serve.events_config import EventsConfig
@@ -89,4 +90,5 @@ def test_direct_s3_event(lens_api, moto_endpoint, monkeypatch):
     s3.create_bucket(Bucket=bucket)
     etag = s3.put_object(Bucket=bucket, Key="x.jpg", Body=images(1)[0])["ETag"].strip('"')
     monkeypatch.setenv("LENS_API_URL", lens_api)
+    monkeypatch.setenv("LENS_EVENTS_CONFIG", json.dumps({"bucket": bucket}))  # the function's source bucket
     assert handler(_s3_event(bucket, "x.jpg", etag), None)["processed"] == {"tagged": 1}
