@@ -108,8 +108,7 @@ class Decoder:
 
     def _decode(self, shard: str, batch: pa.Table, read_errors: dict[int, ItemError]) -> pa.Table:
         images = batch.column(self.image_column).to_pylist()
-        ids = batch.column(self.id_column).to_pylist() if self.id_column in batch.column_names else \
-            batch.column("id").to_pylist()
+        ids = batch.column(self.id_column).to_pylist()
         h, w = self.preprocessor.cfg.size
         pixels = np.zeros((len(images), h, w, 3), dtype=np.uint8)
         errors, messages = [""] * len(images), [""] * len(images)

@@ -312,8 +312,6 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
 
 def _kept_chunks(sources, keep: np.ndarray, rows: int):
     """(rank of the chunk's first kept row, chunk of kept rows), in order."""
-    from .source import Chunk
-
     pos = rank = 0
     for src in sources:
         for chunk in src.chunks(rows):
@@ -322,7 +320,6 @@ def _kept_chunks(sources, keep: np.ndarray, rows: int):
             if not m.any():
                 continue
             if not m.all():
-                idx = np.flatnonzero(m)
-                chunk = Chunk([chunk.ids[i] for i in idx], chunk.vectors[idx], [chunk.metadata[i] for i in idx])
+                chunk = chunk.take(np.flatnonzero(m))
             yield rank, chunk
             rank += len(chunk.ids)

@@ -53,6 +53,10 @@ class Chunk:
     vectors: np.ndarray  # (n, dim) float32
     metadata: list[str]  # JSON per row
 
+    def take(self, rows) -> "Chunk":
+        """The chunk's rows at positions ``rows``, in that order."""
+        return Chunk([self.ids[i] for i in rows], self.vectors[rows], [self.metadata[i] for i in rows])
+
 
 class EmbeddingSource:
     def __init__(self, uri: str) -> None:

@@ -116,22 +116,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def frontdoor_from_args(args: argparse.Namespace):
-    """The HAProxy front-door limits from ``lens serve`` flags; None when every flag is left at its default
-    (then the default stats/metrics ports are used if free, other free ports if not)."""
-    from serve.frontdoor import FrontDoorConfig
-
-    from .config import validate
-
-    given = {k: getattr(args, k) for k in FrontDoorConfig.model_fields if getattr(args, k, None) is not None}
-    return validate(FrontDoorConfig, given, where="command line") if given else None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.frontdoor import from_args
     from serve.run import run
 
     run(args.config, host=args.host, port=args.port, address=args.address, proxy=args.proxy,
-        metrics_port=args.metrics_port or None, frontdoor=frontdoor_from_args(args),
+        metrics_port=args.metrics_port or None, frontdoor=from_args(args),
         check_fit=not args.skip_resource_check, grace_s=args.grace_period_s)
     return 0
 

@@ -60,19 +60,6 @@ def _step(n: int, total: int, msg: str) -> float:
     return time.perf_counter()
 
 
-def _free_port(preferred: int) -> int:
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    raise OSError("no free port")
-
-
 def _wait(what: str, check, timeout_s: float, interval: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -102,16 +89,15 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     # it; this throwaway local cluster has none, and the demo's shutdown would wait those 30 s for nothing.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     from serve.events_cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
+    from serve.frontdoor import port_or_free
+    from serve.frontdoor import prepare as prepare_frontdoor
 
-    endpoint = start_local_aws(_free_port(4566))
+    endpoint = start_local_aws(port_or_free(4566))
     import boto3
     import ray
 
-    from serve.frontdoor import FrontDoorConfig, runtime_env
-
     # HAProxy's slow-client limits, with its stats/exporter ports wherever they are free on this host
-    frontdoor = runtime_env(FrontDoorConfig(stats_port=_free_port(8404), exporter_port=_free_port(9101)))
-    os.environ.update(frontdoor["env_vars"])
+    _, frontdoor = prepare_frontdoor(None)
     # log_to_driver=False: replica and worker logs stay in Ray's log files, the demo prints its own progress
     ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=frontdoor)
     s3 = boto3.client("s3")
@@ -167,7 +153,7 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     from serve.events_setup import ensure_resources
     from serve.run import deploy
 
-    port = _free_port(port)
+    port = port_or_free(port)
     doc = copy.deepcopy(DEFAULT_EVENTS_CONFIG)
     doc["http_options"]["port"] = port
     cfg = events_args(doc).events

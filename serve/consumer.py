@@ -102,13 +102,14 @@ class EventProcessor:
                 out.deleted.append(m["ReceiptHandle"])
                 out.count("test_event")
                 continue
-            ours = [ev for ev in events if ev.bucket in self.sources]
+            jobs[m["MessageId"]] = []
             for ev in events:
-                if ev.bucket not in self.sources:  # never read: only the configured buckets are processed
+                if ev.bucket in self.sources:
+                    jobs[m["MessageId"]].append(ev)
+                else:  # never read: only the configured buckets are processed
                     logger.warning("skipping s3://%s/%s (message %s): bucket %r is not a configured source (%s)",
                                    ev.bucket, ev.key, m.get("MessageId"), ev.bucket, ", ".join(sorted(self.sources)))
                     out.count("foreign_bucket")
-            jobs[m["MessageId"]] = ours
 
         async def one(ev: ObjectEvent) -> Record | None:
             async with self._sem:

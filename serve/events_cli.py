@@ -121,10 +121,10 @@ def main(args) -> int:
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
     if args.events_command in (None, "run"):
-        from lens.cli import frontdoor_from_args
+        from .frontdoor import from_args
 
         run_events(doc, aws=args.aws, moto_port=args.moto_port, port=args.port, address=args.address,
-                   proxy=args.proxy, frontdoor=frontdoor_from_args(args),
+                   proxy=args.proxy, frontdoor=from_args(args),
                    check_fit=not getattr(args, "skip_resource_check", False),
                    grace_s=getattr(args, "grace_period_s", 30.0))
     elif args.events_command == "status":

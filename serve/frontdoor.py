@@ -30,7 +30,7 @@ from pydantic import Field, PositiveInt
 
 from lens.config import StrictModel
 
-__all__ = ["FrontDoorConfig", "runtime_env", "apply", "ENV"]
+__all__ = ["FrontDoorConfig", "runtime_env", "prepare", "from_args", "port_or_free", "apply", "ENV"]
 
 logger = logging.getLogger("lens.serve")
 
@@ -40,7 +40,7 @@ HOOK = "serve.frontdoor.apply"
 
 
 class FrontDoorConfig(StrictModel):
-    """Limits of the HAProxy front door (``lens serve`` flags / the ``frontdoor:`` section)."""
+    """Limits of the HAProxy front door (the ``lens serve`` / ``lens events run`` flags of the same names)."""
 
     header_timeout_s: PositiveInt = Field(10, le=300, description="time to send headers (and the first body "
                                           "buffer) before a 408")
@@ -64,6 +64,41 @@ def runtime_env(cfg: FrontDoorConfig) -> dict:
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(cfg.idle_timeout_s),
     }
     return {"worker_process_setup_hook": HOOK, "env_vars": env}
+
+
+def port_or_free(preferred: int, host: str = "127.0.0.1") -> int:
+    """``preferred`` if it is free on ``host``, else a free port (a second Lens on one host gets its own)."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError(f"no free port on {host}")
+
+
+def from_args(args) -> FrontDoorConfig | None:
+    """The limits from command-line flags named like the fields; ``None`` when no flag was given."""
+    from lens.config import validate
+
+    given = {k: getattr(args, k) for k in FrontDoorConfig.model_fields if getattr(args, k, None) is not None}
+    return validate(FrontDoorConfig, given, where="command line") if given else None
+
+
+def prepare(cfg: FrontDoorConfig | None) -> tuple[FrontDoorConfig, dict]:
+    """The limits in force and the ``runtime_env`` for ``ray.init``; Ray's own HAProxy variables are also set in
+    this process's environment (a local Ray reads them from there). ``None`` means the defaults, with a free port
+    in place of a default stats or exporter port that another process (another Lens) holds."""
+    if cfg is None:
+        cfg = FrontDoorConfig()
+        cfg = cfg.model_copy(update={"stats_port": port_or_free(cfg.stats_port, cfg.admin_host),
+                                     "exporter_port": port_or_free(cfg.exporter_port, cfg.admin_host)})
+    env = runtime_env(cfg)
+    os.environ.update(env["env_vars"])
+    return cfg, env
 
 
 # (what Serve's template says, what Lens puts there); every one must be found or nothing is changed

@@ -13,12 +13,11 @@ deployment handles to one or more model pools.
 # No `from __future__ import annotations` here: FastAPI must see the real Request type on the methods.
 import asyncio
 import logging
+import math
 import time
 import types
-from typing import Any, Awaitable, Callable, Optional
-
-import math
 import uuid
+from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -259,29 +258,30 @@ class HttpApi:
 
         return await self._handle(request, "/v1/search:vector", work)
 
+    async def _answer_within(self, what: str, awaitable, timeout: float):
+        """The answer of ``awaitable``; a 503 ``not_ready`` :class:`HttpError` naming ``what`` if it fails or takes
+        longer than ``timeout``."""
+        try:
+            return await asyncio.wait_for(awaitable, timeout=timeout)
+        except asyncio.TimeoutError:
+            raise HttpError(f"{what} did not answer within {timeout:g}s (starting, or not placed: see `serve status`)",
+                            status=503, code="not_ready") from None
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            logger.warning("health check: %s not ready: %s", what, e)
+            raise HttpError(f"{what}: not ready", status=503, code="not_ready") from None
+
     async def http_healthz(self) -> JSONResponse:
         """200 only when every model pool is warm and the index searcher (if configured) answers; otherwise a
         503 within ``health_timeout_s``, naming what is not ready. Never needs an API key (load balancers)."""
         timeout = self.api_cfg.health_timeout_s
         try:
-            infos = await asyncio.wait_for(self._infos(), timeout=timeout)
-        except asyncio.TimeoutError:
-            return error(503, "not_ready", f"model pools did not answer within {timeout:g}s (starting, or not "
-                         "placed: see `serve status`)")
-        except Exception as e:  # noqa: BLE001 - any failure means not ready
-            logger.warning("health check: model pools not ready: %s", e)
-            return error(503, "not_ready", "model pools not ready")
-        if not infos or not all(i.get("warmed_up") for i in infos):
-            return error(503, "not_ready", "model not warmed up")
-        if self.search is not None:
-            try:
-                await asyncio.wait_for(self.search.info.remote(), timeout=timeout)
-            except asyncio.TimeoutError:
-                return error(503, "not_ready", f"the index searcher did not answer within {timeout:g}s "
-                             "(starting, or not placed: see `serve status`)")
-            except Exception as e:  # noqa: BLE001
-                logger.warning("health check: index searcher not ready: %s", e)
-                return error(503, "not_ready", "the index searcher is not ready")
+            infos = await self._answer_within("model pools", self._infos(), timeout)
+            if not infos or not all(i.get("warmed_up") for i in infos):
+                raise HttpError("model not warmed up", status=503, code="not_ready")
+            if self.search is not None:
+                await self._answer_within("the index searcher", self.search.info.remote(), timeout)
+        except HttpError as e:
+            return error(e.status, e.code, e.message)
         return JSONResponse({"status": "ok", "pools": {i["pool"]: i["model"] for i in infos}})
 
     def _docs_allowed(self, request: Request) -> bool:

@@ -14,6 +14,8 @@ import signal
 import sys
 import threading
 import time
+from typing import NamedTuple
+
 from lens.config import read_yaml_mapping, validate
 from lens.errors import ConfigError
 
@@ -38,6 +40,15 @@ def load_serve_config(path: str | None) -> dict:
     return read_yaml_mapping(path, "Serve config")
 
 
+def _lens_apps(doc: dict, where: str):
+    """(validated args, ``deployments:`` overrides by name) of each Lens application in a Serve config."""
+    for app in doc.get("applications", []):
+        if app.get("import_path") != BUILDER:
+            continue
+        args = validate(AppArgs, app.get("args") or {}, where=f"{where}, application {app.get('name')!r} args")
+        yield args, {d.get("name"): d for d in app.get("deployments") or []}
+
+
 def check_serve_config(doc: dict, where: str = "Serve config"):
     """Validate with Ray's ``ServeDeploySchema`` and Lens's ``AppArgs``; returns the Ray schema object.
 
@@ -51,11 +62,7 @@ def check_serve_config(doc: dict, where: str = "Serve config"):
         schema = ServeDeploySchema.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(f"{where} is not a valid Serve config: {e}") from e
-    for app in doc.get("applications", []):
-        if app.get("import_path") != BUILDER:
-            continue
-        args = validate(AppArgs, app.get("args") or {}, where=f"{where}, application {app.get('name')!r} args")
-        overrides = {d.get("name"): d for d in app.get("deployments") or []}
+    for args, overrides in _lens_apps(doc, where):
         pool_names = {p.name for p in args.pools}
         for name in overrides:
             if name not in pool_names | {"LensIngress"}:
@@ -82,23 +89,27 @@ def _replicas(override: dict) -> int:
     return int(initial if initial is not None else auto.get("min_replicas", 1))
 
 
-def resource_demand(doc: dict) -> list[tuple[str, int, float, float]]:
-    """(deployment, replicas, CPUs each, GPUs each) for the Lens deployments a Serve config starts."""
-    out = []  # the event consumer and the multi-pool router ask for no CPU
-    for app in doc.get("applications", []):
-        if app.get("import_path") != BUILDER:
-            continue
-        args = validate(AppArgs, app.get("args") or {}, where=f"application {app.get('name')!r} args")
-        overrides = {d.get("name"): d for d in app.get("deployments") or []}
+class Demand(NamedTuple):
+    """What one deployment asks of the cluster when it starts."""
+
+    name: str
+    replicas: int
+    cpus: float  # each
+    gpus: float  # each
+
+
+def resource_demand(doc: dict, where: str = "Serve config") -> list[Demand]:
+    """The replicas and resources of the Lens deployments a Serve config starts (the event consumer and the
+    multi-pool router ask for none; the index searcher is not overridable in ``deployments:``, so one replica)."""
+    out = []
+    for args, overrides in _lens_apps(doc, where):
         for pool in args.pools:
             o = overrides.get(pool.name, {})
             actor = o.get("ray_actor_options") or {}
-            out.append((pool.name, _replicas(o), float(actor.get("num_cpus", pool.num_cpus)),
-                        float(actor.get("num_gpus", pool.num_gpus))))
+            out.append(Demand(pool.name, _replicas(o), float(actor.get("num_cpus", pool.num_cpus)),
+                              float(actor.get("num_gpus", pool.num_gpus))))
         if args.search is not None:
-            o = overrides.get("IndexSearcher", {})
-            actor = o.get("ray_actor_options") or {}
-            out.append(("IndexSearcher", _replicas(o), float(actor.get("num_cpus", args.search.num_cpus)), 0.0))
+            out.append(Demand("IndexSearcher", 1, float(args.search.num_cpus), 0.0))
     return out
 
 
@@ -106,18 +117,19 @@ def check_resources(doc: dict, cluster: dict) -> None:
     """Refuse, with the arithmetic, a config whose replicas need more CPUs or GPUs than ``cluster`` has in all,
     or one replica more than any single node has (it could never be placed and the service would hang)."""
     demand = resource_demand(doc)
-    for res, col in (("CPU", 2), ("GPU", 3)):
-        want = sum(d[1] * d[col] for d in demand)
+    for res, field in (("CPU", "cpus"), ("GPU", "gpus")):
+        want = sum(d.replicas * getattr(d, field) for d in demand)
         have = float(cluster.get("total", {}).get(res, 0.0))
         if want > have + 1e-9:
-            parts = ", ".join(f"{d[0]} {d[1]} x {d[col]:g}" for d in demand if d[col])
+            parts = ", ".join(f"{d.name} {d.replicas} x {getattr(d, field):g}" for d in demand if getattr(d, field))
             raise ConfigError(f"the config needs {want:g} {res}s ({parts}) but this Ray cluster has {have:g}; "
                               f"lower num_{res.lower()}s or replicas, or add nodes (--skip-resource-check for a "
                               "cluster that autoscales)")
         node_max = max((float(n.get(res, 0.0)) for n in cluster.get("nodes", [])), default=have)
         for d in demand:
-            if d[col] > node_max + 1e-9:
-                raise ConfigError(f"one {d[0]} replica wants {d[col]:g} {res}s but the largest node has {node_max:g}")
+            if getattr(d, field) > node_max + 1e-9:
+                raise ConfigError(f"one {d.name} replica wants {getattr(d, field):g} {res}s but the largest node "
+                                  f"has {node_max:g}")
 
 
 def cluster_resources() -> dict:
@@ -162,20 +174,6 @@ def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
     raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
 
 
-def _port_or_free(preferred: int, host: str) -> int:
-    """``preferred`` if it is free on ``host``, else a free port (a second Lens on one host gets its own)."""
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-                return sock.getsockname()[1]
-            except OSError:
-                continue
-    raise OSError(f"no free port on {host}")
-
-
 def drain(app_names: list[str], grace_s: float) -> bool:
     """Stop taking new requests and let the ones in flight finish, for at most ``grace_s`` seconds.
 
@@ -209,7 +207,7 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
 
     ``frontdoor`` (a :class:`serve.frontdoor.FrontDoorConfig`; default limits if None) hardens the HAProxy
     front door: slow-client timeouts, connection caps, admin ports bound to one address."""
-    from .frontdoor import FrontDoorConfig, runtime_env
+    from . import frontdoor as front
 
     doc = copy.deepcopy(config) if isinstance(config, dict) else load_serve_config(config)
     where = config if isinstance(config, str) else "config"
@@ -230,13 +228,7 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
         # Ray Serve's HAProxy mode: a C proxy in front of replicas that serve HTTP themselves.
         # Set before Ray starts so every Serve process sees it.
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-        fd = frontdoor or FrontDoorConfig()
-        if frontdoor is None:  # default ports, or free ones when another Lens on this host holds them
-            fd = fd.model_copy(update={"stats_port": _port_or_free(fd.stats_port, fd.admin_host),
-                                       "exporter_port": _port_or_free(fd.exporter_port, fd.admin_host)})
-        env = runtime_env(fd)
-        os.environ.update(env["env_vars"])  # Ray's own HAProxy settings are read from the environment
-        init["runtime_env"] = env
+        fd, init["runtime_env"] = front.prepare(frontdoor)
         print(f"HAProxy: header timeout {fd.header_timeout_s}s, idle {fd.idle_timeout_s}s, "
               f"{fd.max_conn_per_client} connections per client, {fd.max_connections} in all; stats "
               f"http://{fd.admin_host}:{fd.stats_port}/stats, metrics http://{fd.admin_host}:{fd.exporter_port}/metrics",

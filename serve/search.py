@@ -85,8 +85,8 @@ class IndexSearcher:
                 if len(keep) < len(c.ids):
                     logger.warning("delta part: %d rows with a null or empty id skipped", len(c.ids) - len(keep))
                 if keep:
-                    self.service.delta.add([c.ids[i] for i in keep], c.vectors[keep],
-                                           [c.metadata[i] for i in keep])
+                    c = c.take(keep)
+                    self.service.delta.add(c.ids, c.vectors, c.metadata)
 
     async def _refresher(self) -> None:
         while True:
