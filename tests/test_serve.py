@@ -155,13 +155,13 @@ def test_64_in_flight_each_response_is_its_own_and_batches_form(main_app, tiny):
 def test_every_error_has_the_lens_shape(main_app):
     jpeg = images(1)[0]
     cases = [
-        (lambda: post(f"{main_app}/v1/tag?top_k=abc", jpeg), 400, "bad_request", "top_k"),
+        (lambda: post(f"{main_app}/v1/tag?top_k=abc", jpeg), 400, "bad_request", "query parameter top_k: "),
         (lambda: post(f"{main_app}/v1/tag?top_k=500", jpeg), 400, "bad_request", "1..100"),
-        (lambda: post(f"{main_app}/v1/tag?embedding=maybe", jpeg), 400, "bad_request", "embedding"),
+        (lambda: post(f"{main_app}/v1/tag?embedding=maybe", jpeg), 400, "bad_request", "query parameter embedding: "),
         (lambda: requests.get(f"{main_app}/v1/nope", timeout=30), 404, "not_found", "/v1/nope"),
         (lambda: requests.get(f"{main_app}/v1/tag", timeout=30), 405, "method_not_allowed", "GET"),
         (lambda: requests.delete(f"{main_app}/healthz", timeout=30), 405, "method_not_allowed", "DELETE"),
-        (lambda: post(f"{main_app}/v1/search?k=x", jpeg), 400, "bad_request", "k"),
+        (lambda: post(f"{main_app}/v1/search?k=x", jpeg), 400, "bad_request", "query parameter k: "),
     ]
     for call, status, code, phrase in cases:
         r = call()
