@@ -224,14 +224,18 @@ def main() -> None:
     bodies = jpeg_bodies()
     ceiling = bench_ceiling(bodies, duration)
 
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as `lens serve` runs it
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as `lens serve` runs it ...
     import ray
     from ray import serve
+
+    from serve.frontdoor import prepare
+
+    frontdoor, runtime_env = prepare(None)  # ... with its HAProxy front-door limits
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     conns = (1, 8, 32, 64)
     try:
@@ -259,6 +263,7 @@ def main() -> None:
         "model": "tf_efficientnet_lite0",
         "bodies": {"count": len(bodies), "mean_bytes": int(statistics.mean(map(len, bodies)))},
         "seconds_per_point": duration,
+        "frontdoor": frontdoor.model_dump(),
         "ceiling": ceiling,
         "lens": {"by_connections": lens, "overload_4x": overload, "healthy_after_overload": healthy_after},
         "naive": {"by_connections": naive},
