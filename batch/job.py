@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from lens import __version__
 from lens.errors import ConfigError
+from lens.faults import crash_point
 
 from .config import EmbedConfig
 from .ledger import FORMAT, Ledger
@@ -203,6 +204,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
                 raise RuntimeError(f"shard {key} produced {counts[key]} rows but has {shard.rows}")
             if counts[key] == shard.rows:
                 done[key] = ledger.commit(key, in_loc.uri_of(shard.path), shard.rows, parts.pop(key))
+                crash_point("embed.after_commit")
     run_s = time.perf_counter() - t_run
     missing = [s.key for s in shards if s.key not in done]
     if missing:

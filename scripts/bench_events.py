@@ -42,6 +42,7 @@ def main() -> None:
 
     from serve.events_cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
     from serve.events_setup import clients, ensure_resources
+    from serve.results import count_writes, embedding_rows
 
     endpoint = start_local_aws(_port())
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
@@ -64,6 +65,8 @@ def main() -> None:
     cfg = events_args(doc).events
     s3, sqs = clients()
     ensure_resources(cfg, s3, sqs)
+    # versioned results: every sidecar PUT is kept, so a doubled result shows as a second version
+    s3.put_bucket_versioning(Bucket=cfg.results_bucket, VersioningConfiguration={"Status": "Enabled"})
     bodies = jpeg_bodies()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
@@ -93,6 +96,8 @@ def main() -> None:
                 break
             time.sleep(0.5)
         results = [json.loads(s3.get_object(Bucket=cfg.results_bucket, Key=k)["Body"].read()) for k in found]
+        writes = count_writes(s3, cfg.results_bucket, cfg.result_prefix + "bench/")
+        rows = embedding_rows(s3, cfg.results_bucket, cfg.embeddings_prefix, every_version=True)
         consumer = serve.get_deployment_handle("EventConsumer", "lens-events").status.remote().result()
     finally:
         serve.shutdown()
@@ -116,7 +121,10 @@ def main() -> None:
         "ratios": {"events_vs_online": round(events_per_s / online["throughput_rps"], 2)},
     }
     summary["targets"] = {"events >= 0.6x online": summary["ratios"]["events_vs_online"] >= 0.6,
-                          "every image has exactly one result": len(results) == n == len(set(found))}
+                          "every image has exactly one result": len(results) == n and set(writes.values()) == {1}
+                          and len(writes) == n and len(rows) == n and all(v >= 1 for v in rows.values())}
+    summary["sidecar_writes"] = sum(writes.values())
+    summary["embedding_rows_written"] = sum(rows.values())
     out = ROOT / "benchmarks"
     out.mkdir(exist_ok=True)
     (out / "events.json").write_text(json.dumps(summary, indent=2))

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from lens.faults import crash_point
+
 from .events_config import EventsConfig
 from .results import Record, ResultStore
 from .s3events import ObjectEvent, PoisonMessage, parse_message
@@ -145,6 +147,7 @@ class EventProcessor:
             except Exception as e:  # noqa: BLE001 - S3 trouble: retry the whole set later
                 logger.warning("embedding part not written, its messages will be retried: %s", e)
                 failed_msgs.update(mid for mid, _ in group)
+        crash_point("events.before_sidecars")
         pending = [(mid, r) for mid, r in done if mid not in failed_msgs]
         writes = await asyncio.gather(*(self._io_call(self.store.write, r, self.model_info)
                                         for _, r in pending), return_exceptions=True)
@@ -253,6 +256,7 @@ class Poller:
                 if sent:
                     self.metrics.age.observe(max(0.0, (now_ms - int(sent)) / 1000))
         out = await self.processor.process_messages(messages)
+        crash_point("events.before_delete")
         for i in range(0, len(out.deleted), 10):
             entries = [{"Id": str(j), "ReceiptHandle": h} for j, h in enumerate(out.deleted[i: i + 10])]
             await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.url, Entries=entries)

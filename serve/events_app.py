@@ -108,5 +108,6 @@ if __name__ == "__main__":  # python -m serve.events_app EVENTS_JSON MODEL_JSON 
     import sys
 
     logging.basicConfig(level=logging.INFO)
-    run_in_process(EventsConfig.model_validate(json.loads(sys.argv[1])),
-                   ModelConfig.model_validate(json.loads(sys.argv[2])))
+    totals = run_in_process(EventsConfig.model_validate(json.loads(sys.argv[1])),
+                            ModelConfig.model_validate(json.loads(sys.argv[2])))
+    print(json.dumps({"processed": totals}), flush=True)

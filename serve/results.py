@@ -15,7 +15,7 @@ import numpy as np
 
 from .s3events import ObjectEvent, sequencer_newer
 
-__all__ = ["ResultStore", "Record", "s3_tags"]
+__all__ = ["ResultStore", "Record", "s3_tags", "count_writes", "embedding_rows"]
 
 logger = logging.getLogger("lens.events")
 
@@ -166,3 +166,29 @@ class ResultStore:
         key = f"{self.embeddings_prefix}part-{name}.parquet"
         self.s3.put_object(Bucket=self.results_bucket or bucket, Key=key, Body=buf.getvalue())
         return key
+
+
+# -- audit: with versioning on the results bucket, every PUT is kept, so "one result per object" can be checked --
+def count_writes(s3, bucket: str, prefix: str) -> dict[str, int]:
+    """key -> how many times it was written (its object versions) under ``prefix`` of a versioned bucket."""
+    out: dict[str, int] = {}
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        for v in page.get("Versions", []):
+            out[v["Key"]] = out.get(v["Key"], 0) + 1
+    return out
+
+
+def embedding_rows(s3, bucket: str, prefix: str, *, every_version: bool = False) -> dict[str, int]:
+    """Source object key -> its rows in the embedding parts under ``prefix``: in the parts as they are now, or
+    (``every_version``, versioned bucket) in every part ever written."""
+    import pyarrow.parquet as pq
+
+    rows: dict[str, int] = {}
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        for v in page.get("Versions", []):
+            if not (every_version or v["IsLatest"]):
+                continue
+            body = s3.get_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])["Body"].read()
+            for k in pq.read_table(io.BytesIO(body), columns=["key"]).column("key").to_pylist():
+                rows[k] = rows.get(k, 0) + 1
+    return rows

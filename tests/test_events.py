@@ -193,37 +193,57 @@ def test_out_of_order_events_keep_the_newest_version(env, tiny):
     assert sidecar(s3, cfg, "v.jpg") == newest
 
 
-def test_consumer_killed_mid_batch_then_restarted_gives_exactly_one_result_per_key(env, tiny, lens_cache):
+@pytest.mark.parametrize("point,polled_before", [("events.before_delete", (2, 20)), ("events.before_sidecars", (1, 10))])
+def test_consumer_killed_mid_batch_then_restarted_gives_exactly_one_result_per_key(env, tiny, lens_cache, tmp_path,
+                                                                                   point, polled_before):
+    from index.build import BuildConfig, build_index
+    from serve.consumer import queue_depth
+    from serve.results import count_writes as sidecar_writes, embedding_rows
+
     cfg, s3, sqs = env
-    cfg = cfg.model_copy(update={"visibility_timeout_s": 3, "messages_per_poll": 10, "concurrency": 4})
+    results = f"res-{uuid.uuid4().hex[:8]}"  # versioned: every sidecar and part write is kept and counted
+    s3.create_bucket(Bucket=results)
+    s3.put_bucket_versioning(Bucket=results, VersioningConfiguration={"Status": "Enabled"})
+    cfg = cfg.model_copy(update={"visibility_timeout_s": 3, "messages_per_poll": 10, "concurrency": 4,
+                                 "max_pollers": 1, "results_bucket": results})
     keys = [f"batch/{i:03d}.jpg" for i in range(40)]
     for k, body in zip(keys, images(40, seed=9)):
         s3.put_object(Bucket=cfg.bucket, Key=k, Body=body)
     cmd = [sys.executable, "-m", "serve.events_app", cfg.model_dump_json(), json.dumps(TINY)]
     env_vars = os.environ | {"LENS_CACHE_DIR": str(lens_cache)}
-    proc = subprocess.Popen(cmd, env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(sidecars(s3, cfg)) < 8:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # mid-batch: some sidecars written, messages not yet deleted
-    proc.wait()
-    written_before = len(sidecars(s3, cfg))
-    assert 0 < written_before < len(keys)
-    proc = subprocess.Popen(cmd, env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The consumer dies in its second poll: after writing its parts and sidecars but before deleting its messages
+    # (before_delete), or after writing its embedding parts but before any sidecar (before_sidecars).
+    first = subprocess.run(cmd, env=env_vars | {"LENS_CRASH_AT": f"{point}:2"}, capture_output=True,
+                           text=True, timeout=300, start_new_session=True)
+    assert first.returncode == -signal.SIGKILL and f"killed at {point} (pass 2)" in first.stderr, first.stderr[-3000:]
+    written_before = len(sidecar_writes(s3, results, cfg.result_prefix))
+    assert polled_before[0] <= written_before <= polled_before[1]  # polls of at most 10 messages each
+    proc = subprocess.Popen(cmd, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        from serve.consumer import queue_depth
-
         url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            if len(sidecars(s3, cfg)) == len(keys) and queue_depth(sqs, url) == {"visible": 0, "in_flight": 0}:
+            if (len(sidecar_writes(s3, results, cfg.result_prefix)) == len(keys)
+                    and queue_depth(sqs, url) == {"visible": 0, "in_flight": 0}):
                 break
             time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    assert sidecars(s3, cfg) == sorted(f"{cfg.result_prefix}{k}.json" for k in keys)
-    assert all(sidecar(s3, cfg, k)["status"] == "tagged" for k in keys)
+        out, _ = proc.communicate(timeout=60)
+    processed = json.loads(out.strip().splitlines()[-1])["processed"]
+    assert processed["tagged"] == len(keys) - written_before, processed
+    if point == "events.before_delete":  # the second poll's messages came back and were recognised, not re-written
+        assert processed.get("duplicate", 0) >= 1, processed
+    writes = sidecar_writes(s3, results, cfg.result_prefix)
+    assert writes == {f"{cfg.result_prefix}{k}.json": 1 for k in keys}  # one PUT per key, ever
+    assert all(sidecar(s3, cfg.model_copy(update={"bucket": results}), k)["status"] == "tagged" for k in keys)
+    # embeddings: re-tagging a redelivered message writes its rows again; readers keep one per object
+    rows = embedding_rows(s3, results, cfg.embeddings_prefix, every_version=True)
+    assert set(rows) == set(keys) and sum(rows.values()) > len(keys), rows
+    current = embedding_rows(s3, results, cfg.embeddings_prefix)
+    summary = build_index(BuildConfig(embeddings=[f"s3://{results}/{cfg.embeddings_prefix}"],
+                                      output=str(tmp_path / "idx"), index="flat", queries=10), log=lambda *a: None)
+    assert summary["count"] == len(keys) and summary["duplicates_dropped"] == sum(current.values()) - len(keys)
     assert queue_depth(sqs, sqs.get_queue_url(QueueName=cfg.dlq)["QueueUrl"])["visible"] == 0
 
 
@@ -251,10 +271,12 @@ def _message(records: list[dict], mid: str = "m-1") -> dict:
     return {"MessageId": mid, "ReceiptHandle": f"rh-{mid}", "Body": json.dumps({"Records": records})}
 
 
-def _record(bucket: str, key: str, etag: str | None = None) -> dict:
+def _record(bucket: str, key: str, etag: str | None = None, version: str | None = None,
+            sequencer: str | None = None) -> dict:
     from urllib.parse import quote_plus
 
     obj = {"key": quote_plus(key), "size": 1} | ({"eTag": etag} if etag else {})
+    obj |= ({"versionId": version} if version else {}) | ({"sequencer": sequencer} if sequencer else {})
     return {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": bucket}, "object": obj}}
 
 
@@ -316,3 +338,97 @@ def test_a_message_with_too_many_records_is_poison(env, tiny):
                                                                    "Body": body}]))
     assert out.failed == ["big"] and out.deleted == [] and out.counts == {"poison": 1}  # left for the DLQ
     assert len(parse_message(json.dumps({"Records": [_record(cfg.bucket, "x.jpg")] * 100}), 100)) == 100
+
+
+def test_a_newer_version_replaces_the_sidecar_by_compare_and_swap_and_an_older_one_never_does(env, tiny):
+    from serve.results import count_writes
+
+    cfg, s3, sqs = env
+    results = f"res-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=results)
+    s3.put_bucket_versioning(Bucket=results, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_versioning(Bucket=cfg.bucket, VersioningConfiguration={"Status": "Enabled"})
+    cfg = cfg.model_copy(update={"results_bucket": results, "object_tags": True})
+    one, two = images(2, seed=31)
+    v1 = s3.put_object(Bucket=cfg.bucket, Key="v.jpg", Body=one, Tagging="owner=team-a")
+    v2 = s3.put_object(Bucket=cfg.bucket, Key="v.jpg", Body=two, Tagging="owner=team-a")
+    ev1 = _record(cfg.bucket, "v.jpg", v1["ETag"].strip('"'), v1["VersionId"], "0A")
+    ev2 = _record(cfg.bucket, "v.jpg", v2["ETag"].strip('"'), v2["VersionId"], "0B")
+    run = lambda rec, mid: asyncio.run(processor(cfg, s3, tiny).process_messages([_message([rec], mid)])).counts  # noqa: E731
+    side = f"{cfg.result_prefix}v.jpg.json"
+    read = lambda: json.loads(s3.get_object(Bucket=results, Key=side)["Body"].read())  # noqa: E731
+
+    assert run(ev1, "m1") == {"tagged": 1} and read()["version_id"] == v1["VersionId"]
+    assert run(ev2, "m2") == {"tagged": 1} and read()["version_id"] == v2["VersionId"]  # newer: swapped in
+    assert run(ev1, "m3") == {"stale": 1} and read()["version_id"] == v2["VersionId"]  # older, late: dropped
+    assert run(ev2, "m4") == {"duplicate": 1}
+    assert count_writes(s3, results, cfg.result_prefix) == {side: 2}  # v1's sidecar, then v2's: nothing else
+    expected = tiny.predict([two])[0].embedding
+    assert float(np.dot(read()["embedding"], expected)) > 0.999
+    # object tags were written on the version tagged, and the user's own tag kept
+    tagset = {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=cfg.bucket, Key="v.jpg",
+                                                                  VersionId=v2["VersionId"])["TagSet"]}
+    assert tagset["owner"] == "team-a" and tagset["lens:model"] == "test_efficientnet"
+    assert tagset["lens:tag1"] == read()["tags"][0]["label"].replace(",", " ")
+
+
+def test_an_event_for_an_object_changed_since_writes_nothing(env, tiny):
+    from serve.results import count_writes
+
+    cfg, s3, sqs = env
+    results = f"res-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=results)
+    s3.put_bucket_versioning(Bucket=results, VersioningConfiguration={"Status": "Enabled"})
+    cfg = cfg.model_copy(update={"results_bucket": results})
+    old, new = images(2, seed=41)
+    etag_old = s3.put_object(Bucket=cfg.bucket, Key="c.jpg", Body=old)["ETag"].strip('"')
+    etag_new = s3.put_object(Bucket=cfg.bucket, Key="c.jpg", Body=new)["ETag"].strip('"')
+    p = processor(cfg, s3, tiny)
+    out = asyncio.run(p.process_messages([_message([_record(cfg.bucket, "c.jpg", etag_old)], "old")]))
+    assert out.counts == {"superseded": 1} and out.deleted == ["rh-old"]  # the new object's own event tags it
+    assert count_writes(s3, results, cfg.result_prefix) == {}
+    out = asyncio.run(p.process_messages([_message([_record(cfg.bucket, "c.jpg", etag_new)], "new")]))
+    assert out.counts == {"tagged": 1}
+    assert json.loads(s3.get_object(Bucket=results, Key=f"{cfg.result_prefix}c.jpg.json")["Body"].read())["etag"] \
+        == etag_new
+
+
+def test_poll_loops_scale_up_with_the_backlog_and_back_down_when_it_drains(env, tiny):
+    from serve.consumer import EventProcessor, LocalTagger, Poller, queue_depth
+
+    cfg, s3, sqs = env
+    cfg = cfg.model_copy(update={"min_pollers": 1, "max_pollers": 3, "messages_per_poller": 5, "messages_per_poll": 2,
+                                 "visibility_timeout_s": 60, "scale_interval_s": 0.2})
+    for i, body in enumerate(images(20, seed=51)):
+        s3.put_object(Bucket=cfg.bucket, Key=f"s/{i}.jpg", Body=body)
+    local = LocalTagger(tiny)
+
+    async def main() -> tuple[int, int, dict]:
+        gate = asyncio.Event()  # the model is held until the scale-up has been seen: no race with the backlog
+
+        async def held(data, top_k, embedding):
+            await gate.wait()
+            return await local(data, top_k, embedding)
+
+        p = Poller(cfg, EventProcessor(cfg, s3, held, tiny.info()), sqs)
+        task = asyncio.create_task(p.run())
+
+        async def until(cond, what: str, timeout_s: float = 60):
+            deadline = time.monotonic() + timeout_s
+            while not cond():
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.05)
+
+        await until(lambda: p.pollers == cfg.max_pollers, "no scale-up under a backlog of 20 messages")
+        up = p.pollers
+        gate.set()
+        await until(lambda: p.totals.get("tagged", 0) == 20, "backlog not drained")
+        await until(lambda: p.pollers == cfg.min_pollers, "no scale-down after the backlog drained")
+        down = p.pollers
+        p.stop()
+        task.cancel()
+        return up, down, p.totals
+
+    up, down, totals = asyncio.run(main())
+    assert (up, down) == (3, 1) and totals["tagged"] == 20
+    assert queue_depth(sqs, sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]) == {"visible": 0, "in_flight": 0}

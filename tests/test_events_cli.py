@@ -14,9 +14,8 @@ import pytest
 import yaml
 
 from conftest import free_port, interrupt, wait_healthy
-from test_events import images
+from test_events import _record, images
 
-requests = pytest.importorskip("requests")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -52,9 +51,11 @@ def test_lens_events_local_default(tmp_path, lens_cache):
                           aws_secret_access_key="local")
         sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="local",
                            aws_secret_access_key="local")
+        # versioned results: every sidecar PUT the deployed consumer makes is kept and counted
+        s3.put_bucket_versioning(Bucket="lens-results", VersioningConfiguration={"Status": "Enabled"})
         keys = [f"uploads/{i}.jpg" for i in range(6)]
-        for k, body in zip(keys, images(6, seed=21)):
-            s3.put_object(Bucket="lens-images", Key=k, Body=body)
+        etags = {k: s3.put_object(Bucket="lens-images", Key=k, Body=body)["ETag"].strip('"')
+                 for k, body in zip(keys, images(6, seed=21))}
         url = sqs.get_queue_url(QueueName="lens-events")["QueueUrl"]
         sqs.send_message(QueueUrl=url, MessageBody="poison: not an S3 event")
         deadline = time.monotonic() + 120
@@ -75,6 +76,33 @@ def test_lens_events_local_default(tmp_path, lens_cache):
                                                     env=aws).stdout.splitlines()]
         assert [m["body"] for m in listed] == ["poison: not an S3 event"]
         assert json.loads(lens("events", "--config", str(cfg), "dlq", "redrive", env=aws).stdout) == {"redriven": 1}
+
+        # at-least-once and out-of-order delivery, through the deployed consumer: uploads/0.jpg's event twice more;
+        # uploads/1.jpg overwritten, then its old event delivered late
+        from serve.consumer import queue_depth
+        from serve.results import count_writes
+
+        dup = json.dumps({"Records": [_record("lens-images", "uploads/0.jpg", etags["uploads/0.jpg"])]})
+        sqs.send_message(QueueUrl=url, MessageBody=dup)
+        sqs.send_message(QueueUrl=url, MessageBody=dup)
+        new_etag = s3.put_object(Bucket="lens-images", Key="uploads/1.jpg", Body=images(1, seed=22)[0])["ETag"]
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+            {"Records": [_record("lens-images", "uploads/1.jpg", etags["uploads/1.jpg"])]}))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            writes = count_writes(s3, "lens-results", "lens-tags/")
+            if writes.get("lens-tags/uploads/1.jpg.json") == 2 and queue_depth(sqs, url) == {"visible": 0,
+                                                                                            "in_flight": 0}:
+                break
+            time.sleep(1)
+        redriven = 1  # the redriven poison message went round again: back in the DLQ, nothing written for it
+        assert writes == {f"lens-tags/{k}.json": 2 if k == "uploads/1.jpg" else 1 for k in keys}, writes
+        rec = json.loads(s3.get_object(Bucket="lens-results", Key="lens-tags/uploads/1.jpg.json")["Body"].read())
+        assert rec["etag"] == new_etag.strip('"')
+        deadline = time.monotonic() + 60
+        while queue_depth(sqs, sqs.get_queue_url(QueueName="lens-events-dlq")["QueueUrl"])["visible"] != redriven:
+            assert time.monotonic() < deadline, "the redriven poison message did not return to the DLQ"
+            time.sleep(1)
     finally:
         out = interrupt(proc)
     assert proc.returncode == 0, out[-3000:]
