@@ -10,6 +10,7 @@ loads the model and warms it up, so a replica is healthy only once it is warm.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -66,9 +67,14 @@ class TaggerCore:
         self._in_flight = 0
         self._decoding = 0
         self._batches = self._images = self._max_batch_seen = 0
+        self._overloaded = 0
+        self._recent_batches: collections.deque = collections.deque(maxlen=64)  # sizes, newest last
         self._recycle_reason: str | None = None
+        self._model_gate = asyncio.Event()  # cleared by hold_batches(): batches wait before the model
+        self._model_gate.set()
         self.reconfigure(cfg.batching.model_dump())
         self.cold_start_s = time.perf_counter() - t0
+        self.ready_at = time.time()
         self.metrics.cold_start.set(self.cold_start_s)
         info = self.predictor.info()
         logger.info("replica of %s ready in %.2fs: %s on %s (%s), %d CPU(s)", cfg.name, self.cold_start_s,
@@ -105,17 +111,29 @@ class TaggerCore:
         self._recycle_reason = reason
         return {"pid": os.getpid(), "recycling": True}
 
+    async def hold_batches(self, hold: bool) -> dict:
+        """Hold (or release) batches before the model: requests are still accepted, decoded and queued up to
+        ``max_pending``. An operator's pause, and how tests fill a replica's queue without racing the model."""
+        if hold:
+            self._model_gate.clear()
+        else:
+            self._model_gate.set()
+        logger.warning("replica %s: batches %s", os.getpid(), "held" if hold else "released")
+        return self.stats()
+
     # -- requests ----------------------------------------------------------------------------
     def info(self) -> dict:
         return self.predictor.info() | {
             "pool": self.cfg.name,
             "cold_start_s": round(self.cold_start_s, 3),
+            "ready_at": self.ready_at,
             "batching": self.batching.model_dump(),
         }
 
     async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False) -> dict:
         """Tag one image. Returns ``{"tags": [...], ["embedding": ndarray]}`` or an error dict."""
         if self._in_flight >= self.batching.max_pending:
+            self._overloaded += 1
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             return {"error": "overloaded", "status": 503,
                     "message": f"replica is at max_pending={self.batching.max_pending} images; retry later"}
@@ -153,6 +171,7 @@ class TaggerCore:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both replaced by reconfigure() at start
     async def _run_batch(self, items: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        await self._model_gate.wait()
         start = time.perf_counter()
         for _, enqueued in items:
             self.metrics.queue_wait.observe((start - enqueued) * 1000)
@@ -160,6 +179,7 @@ class TaggerCore:
         self._batches += 1
         self._images += len(items)
         self._max_batch_seen = max(self._max_batch_seen, len(items))
+        self._recent_batches.append(len(items))
         batch = np.stack([arr for arr, _ in items])
         loop = asyncio.get_running_loop()
         logits, emb = await loop.run_in_executor(self._model_thread, self.predictor.infer, batch)
@@ -169,4 +189,7 @@ class TaggerCore:
     def stats(self) -> dict:
         """Counters of this replica since start (also in the Prometheus metrics): for tests and debugging."""
         return {"pid": os.getpid(), "batches": self._batches, "images": self._images,
-                "max_batch_seen": self._max_batch_seen, "batching": self.batching.model_dump()}
+                "max_batch_seen": self._max_batch_seen, "in_flight": self._in_flight, "decoding": self._decoding,
+                "overloaded": self._overloaded, "held": not self._model_gate.is_set(),
+                "recent_batch_sizes": list(self._recent_batches),
+                "batching": self.batching.model_dump()}

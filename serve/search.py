@@ -67,6 +67,7 @@ class IndexSearcher:
         self.cfg = validate(SearchConfig, search, where="search config")
         self.service = SearchService(self.cfg.index, mmap=self.cfg.mmap, max_k=self.cfg.max_k)
         self.feed = DeltaFeed(list(self.cfg.delta_sources))
+        self.refresh_error: str | None = None  # why the last new version was refused, until one is taken
         self._refresh_once()
         self._task = asyncio.get_event_loop().create_task(self._refresher())
         logger.info("index %s loaded: %s", self.service.version.name, self.service.info())
@@ -74,8 +75,10 @@ class IndexSearcher:
     def _refresh_once(self) -> None:
         try:
             self.service.refresh()
+            self.refresh_error = None
         except LensError as e:  # a broken new version: keep serving the current one
             logger.error("not swapping to the new index version: %s", e.message)
+            self.refresh_error = e.message
         for identity, chunks in self.feed.poll():
             if identity is not None and identity.mismatch(self.service.identity):
                 logger.warning("delta part from another model (%s) ignored", identity.model)
@@ -99,10 +102,10 @@ class IndexSearcher:
     async def refresh(self) -> dict:
         """Check for a new version and new delta parts now (tests, operators)."""
         await asyncio.to_thread(self._refresh_once)
-        return self.service.info()
+        return self.info()
 
     def info(self) -> dict:
-        return self.service.info()
+        return self.service.info() | {"refresh_error": self.refresh_error}
 
     def check_health(self) -> None:
         if self._task.done():

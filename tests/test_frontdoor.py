@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import yaml
 
 from conftest import free_port, wait_healthy
 
-requests = pytest.importorskip("requests")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

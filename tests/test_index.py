@@ -44,40 +44,47 @@ def build(tmp_path, sources, out="idx", **kw):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """6,000 indexed vectors and 200 held out (never indexed) from the same clusters."""
     tmp = tmp_path_factory.mktemp("emb")
-    x = clustered(6000, 32, seed=1)
+    x = clustered(6200, 32, seed=1)
+    x, held = x[:6000], x[6000:]
     ids = [f"img-{i}" for i in range(len(x))]
     write_part(tmp / "emb" / "part-0.parquet", ids[:3000], x[:3000])
     write_part(tmp / "emb" / "part-1.parquet", ids[3000:], x[3000:])
-    return tmp / "emb", ids, x
+    return tmp / "emb", ids, x, held
 
 
-@pytest.mark.parametrize("kind,floor", [("flat", 1.0), ("hnsw", 0.95), ("ivf-flat", 0.95), ("ivf-pq", 0.6)])
-def test_approximate_matches_exact_within_stated_recall(tmp_path, data, kind, floor):
+# IVF-PQ's recall has a ceiling set by its code size (about 0.81 on these tight clusters with PQ16x8): 0.8 is reachable,
+# 0.99 is not, and the build must say so rather than claim it.
+@pytest.mark.parametrize("kind,target", [("flat", 1.0), ("hnsw", 0.95), ("ivf-flat", 0.95), ("ivf-pq", 0.8)])
+def test_approximate_matches_exact_within_stated_recall(tmp_path, data, kind, target):
+    """What the README states: the tuned index reaches --target-recall, and the recall it records holds on
+    queries it never saw (up to the sampling noise of 200 queries)."""
     from index.build import recall_at_k
     from index.search import SearchService
 
-    src, ids, x = data
-    m = build(tmp_path, [src], index=kind, target_recall=0.95, queries=200)
+    src, ids, x, held = data
+    m = build(tmp_path, [src], index=kind, target_recall=target, queries=200)
     assert m["type"] == kind and m["count"] == len(ids)
-    stated = m["recall"]["value"]
-    assert stated >= floor
-    if kind != "ivf-pq":
-        assert m["recall"]["target_reached"]
-    # fresh queries (perturbed points, not the tuning sample) against brute force
-    rng = np.random.default_rng(7)
-    q = x[rng.choice(len(x), 100, replace=False)] + 0.05 * rng.normal(size=(100, x.shape[1])).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    assert m["recall"]["target_reached"] and m["recall"]["value"] >= target, m["recall"]
+    exact = np.argsort(-(held @ x.T), axis=1)[:, :10]
     svc = SearchService(str(tmp_path / "idx"))
-    _, hits = svc.search(q, 10)
+    _, hits = svc.search(held, 10)
     row = {i: r for r, i in enumerate(ids)}
     found = np.array([[row[h.id] for h in hs] for hs in hits])
-    assert recall_at_k(found, exact) >= stated - 0.05
+    assert recall_at_k(found, exact) >= target - 0.03, (recall_at_k(found, exact), m["recall"])
     # a per-call parameter does not change the shared index's tuned value
     if kind in ("hnsw", "ivf-flat", "ivf-pq"):
-        svc.search(q[:5], 10, param=1)
+        svc.search(held[:5], 10, param=1)
         assert svc.version.manifest["search"]["value"] == m["search"]["value"]
+
+
+def test_an_unreachable_recall_target_is_recorded_as_not_reached(tmp_path, data):
+    src, ids, x, held = data
+    m = build(tmp_path, [src], index="ivf-pq", target_recall=0.99, queries=200)
+    assert m["recall"]["target_reached"] is False and m["recall"]["value"] < 0.99
+    # the best parameter found is what gets served: the highest recall on the curve
+    assert m["recall"]["value"] == max(p["recall"] for p in m["recall"]["curve"]), m["recall"]
 
 
 def test_auto_choice_follows_size_and_budget():
@@ -94,7 +101,7 @@ def test_auto_choice_follows_size_and_budget():
 def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
     from index.store import load_version
 
-    src, ids, x = data
+    src, ids, x, _ = data
     m = build(tmp_path, [src], index="hnsw", queries=50)
     v = load_version(tmp_path / "idx")
     assert v.name == m["version"] and v.ids == ids and v.index.ntotal == len(ids)
@@ -107,7 +114,7 @@ def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
 def test_corrupt_or_half_written_index_gives_a_clear_error(tmp_path, data):
     from index.store import load_version
 
-    src, _, _ = data
+    src, _, _, _ = data
     m = build(tmp_path, [src], index="ivf-flat", queries=50)
     vdir = Path(m["path"])
     # truncated index file
@@ -179,7 +186,7 @@ def test_delta_results_appear_before_the_merge_and_are_not_duplicated_after(tmp_
     from index.search import SearchService
     from index.source import EmbeddingSource
 
-    src, ids, x = data
+    src, ids, x, _ = data
     build(tmp_path, [src], index="hnsw", queries=50)
     svc = SearchService(str(tmp_path / "idx"))
     fresh = clustered(5, 32, seed=9)
@@ -207,7 +214,7 @@ def test_delta_results_appear_before_the_merge_and_are_not_duplicated_after(tmp_
 def test_mismatched_model_is_refused(tmp_path, data):
     from index.search import SearchService
 
-    src, _, _ = data
+    src, _, _, _ = data
     build(tmp_path, [src], index="flat", queries=50)
     svc = SearchService(str(tmp_path / "idx"))
     svc.check_model(MODEL)  # the same identity passes

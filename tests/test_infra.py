@@ -45,9 +45,22 @@ def check_cluster(spec: dict, where: str) -> None:
 
 @pytest.mark.parametrize("name", ["serve-cpu.yaml", "serve-gpu.yaml", "events.yaml"])
 def test_standalone_serve_configs_pass_rays_schema(name):
+    from serve.config import AppArgs
+    from serve.events_app import EventsAppArgs
     from serve.run import check_serve_config
 
-    check_serve_config(yaml.safe_load((INFRA / name).read_text()), where=name)
+    doc = yaml.safe_load((INFRA / name).read_text())
+    check_serve_config(doc, where=name)  # raises ConfigError naming the field on any problem
+    apps = {a["import_path"]: a for a in doc["applications"]}
+    assert "serve.app:build_app" in apps and len({a["name"] for a in doc["applications"]}) == len(apps)
+    assert AppArgs.model_validate(apps["serve.app:build_app"]["args"]).pools  # Lens's own validation of the args
+    if name == "events.yaml":
+        EventsAppArgs.model_validate(apps["serve.events_app:build_events_app"]["args"])
+    # and a broken copy is refused, so the check above is not vacuous
+    bad = yaml.safe_load((INFRA / name).read_text())
+    bad["applications"][0]["args"]["pools"][0]["num_cpus"] = "two"
+    with pytest.raises(Exception, match="num_cpus"):
+        check_serve_config(bad, where=name)
 
 
 def test_rayservice_is_well_formed_and_its_serve_config_passes_rays_schema():
@@ -78,9 +91,10 @@ def test_rayjob_is_well_formed_and_its_commands_parse():
     check_cluster(doc["spec"]["rayClusterSpec"], "RayJob")
     commands = [c.strip() for c in doc["spec"]["entrypoint"].split("&&")]
     assert [c.split()[:2] for c in commands] == [["lens", "embed"], ["lens", "index"]]
-    for c in commands:
-        args = build_parser().parse_args(shlex.split(c)[1:])
-        assert callable(args.func)
+    embed, index = (build_parser().parse_args(shlex.split(c)[1:]) for c in commands)
+    assert (embed.command, index.command) == ("embed", "index")
+    assert embed.input.startswith("s3://") and embed.output.startswith("s3://")
+    assert embed.gpus_per_worker == 1 and embed.output in index.embeddings and index.output == "/data/index"
 
 
 def test_iam_policy_is_least_privilege():

@@ -6,11 +6,11 @@ import json
 import uuid
 
 import pytest
+import ray
 
 from conftest import free_port
 from test_events import images, sidecar
 
-ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -78,6 +78,8 @@ def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_
     etag3 = s3.put_object(Bucket=bucket, Key="in/later.jpg", Body=other)["ETag"].strip('"')
     later = _sqs_record(json.dumps(_s3_event(bucket, "in/later.jpg", etag3)))
     assert handler({"Records": [later]}, None) == {"batchItemFailures": [{"itemIdentifier": later["messageId"]}]}
+    with pytest.raises(s3.exceptions.NoSuchKey):  # nothing written for it: it will be retried
+        sidecar(s3, cfg, "in/later.jpg")
 
 
 def test_direct_s3_event(lens_api, moto_endpoint, monkeypatch):
@@ -92,3 +94,7 @@ def test_direct_s3_event(lens_api, moto_endpoint, monkeypatch):
     monkeypatch.setenv("LENS_API_URL", lens_api)
     monkeypatch.setenv("LENS_EVENTS_CONFIG", json.dumps({"bucket": bucket}))  # the function's source bucket
     assert handler(_s3_event(bucket, "x.jpg", etag), None)["processed"] == {"tagged": 1}
+    from serve.events_config import EventsConfig
+
+    rec = sidecar(s3, EventsConfig(bucket=bucket), "x.jpg")
+    assert rec["status"] == "tagged" and rec["etag"] == etag and len(rec["tags"]) == 5

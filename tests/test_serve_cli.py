@@ -8,11 +8,11 @@ import sys
 import time
 
 import pytest
+import requests
 import yaml
 
 from conftest import free_port, interrupt, wait_healthy
 
-requests = pytest.importorskip("requests")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -37,8 +37,8 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
             r = requests.post(f"{url}/v1/tag", data=photos["rocket.jpg"], headers={"Content-Type": "image/jpeg"},
                               timeout=30)
             assert r.status_code == 200, r.text
-        assert requests.post(f"{url}/v1/tag", data=b"junk", headers={"Content-Type": "image/jpeg"},
-                             timeout=30).status_code == 415
+        r = requests.post(f"{url}/v1/tag", data=b"junk", headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type", r.text
         # Ray exports the Serve metrics on its Prometheus endpoint every few seconds.
         wanted = ["ray_lens_request_latency_ms_bucket", "ray_lens_batch_size_bucket", "ray_lens_decode_ms_bucket",
                   "ray_lens_model_ms_bucket", "ray_lens_queue_wait_ms_bucket", "ray_lens_image_errors_total",
