@@ -10,6 +10,34 @@ import pytest
 from PIL import Image
 
 
+def _allowed_skips() -> list[str]:
+    """Skip reasons the README lists between its allowed-skips markers."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- allowed-skips", 1)[1].split("-->", 1)[1].split("<!-- /allowed-skips -->", 1)[0]
+    return [line[2:].strip() for line in block.splitlines() if line.startswith("- ")]
+
+
+_SKIPPED: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run on any skip whose reason the README does not list: a missing dependency must not pass."""
+    allowed = _allowed_skips()
+    bad = [(node, why) for node, why in _SKIPPED if not any(a in why for a in allowed)]
+    if bad:
+        for node, why in bad:
+            print(f"\nskipped without a reason the README allows: {node}: {why}")
+        session.exitstatus = 1
+
+
 @pytest.fixture(scope="session", autouse=True)
 def lens_cache(tmp_path_factory):
     """Every test session gets its own cache (ONNX exports, downloaded weights)."""
@@ -72,11 +100,26 @@ def random_rgb(rng, w=64, h=48) -> Image.Image:
 
 
 def free_port() -> int:
+    """A free loopback port for a server that cannot bind port 0 itself (Serve's proxy, HAProxy, a CLI flag).
+
+    Picked at random below the kernel's ephemeral range, so no outgoing connection of this machine (which
+    takes its local port from that range) can take it between this check and the server's bind."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(10_000, max(10_001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port found below the ephemeral range")
 
 
 def wait_healthy(url: str, proc, timeout_s: float = 240) -> None:
@@ -116,10 +159,9 @@ def moto_endpoint():
     """moto's S3/SQS server on loopback; boto3 reaches it through AWS_ENDPOINT_URL, as it would AWS."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks; no race
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = "http://127.0.0.1:{}".format(server.get_host_and_port()[1])
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
