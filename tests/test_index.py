@@ -269,3 +269,59 @@ def test_null_and_empty_ids_are_never_indexed(tmp_path):
     assert len(got) == 37 and not got & {"None", "", "  "}
     with pytest.raises(NotFoundError):
         svc.search_id("None", 3)
+
+
+def test_a_duplicate_id_keeps_its_last_vector(tmp_path):
+    from index.search import SearchService
+
+    x = clustered(200, 16, seed=4)
+    ids = [f"id-{i}" for i in range(200)]
+    write_part(tmp_path / "emb" / "part-0.parquet", ids[:100] + ["dup"], np.vstack([x[:100], x[150:151]]))
+    write_part(tmp_path / "emb" / "part-1.parquet", ids[100:150] + ["dup"], np.vstack([x[100:150], x[151:152]]))
+    m = build(tmp_path, [tmp_path / "emb"], index="flat", queries=10)
+    assert m["count"] == 151 and m["duplicates_dropped"] == 1
+    svc = SearchService(str(tmp_path / "idx"))
+    assert np.allclose(svc.vector_of("dup"), x[151], atol=1e-6)  # the later part's vector, not the earlier one
+    _, (hits,) = svc.search(x[151:152], 1)
+    assert hits[0].id == "dup" and hits[0].score > 0.999
+    _, (hits,) = svc.search(x[150:151], 3)
+    assert "dup" not in [h.id for h in hits if h.score > 0.999]
+
+
+def _mapped(path) -> bool:
+    """Is ``path`` memory-mapped into this process?"""
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def test_ivf_indexes_are_memory_mapped_by_default_and_others_loaded(tmp_path, data):
+    from index.store import INDEX_FILE, load_version
+
+    src, ids, x, _ = data
+    ivf = build(tmp_path, [src], out="ivf", index="ivf-flat", queries=50)
+    hnsw = build(tmp_path, [src], out="hnsw", index="hnsw", queries=50)
+    v = load_version(tmp_path / "ivf")
+    assert v.path.name == ivf["version"] and _mapped(v.path / INDEX_FILE)
+    h = load_version(tmp_path / "hnsw")
+    assert h.path.name == hnsw["version"] and not _mapped(h.path / INDEX_FILE)
+    again = build(tmp_path, [src], out="ivf-ram", index="ivf-flat", queries=50)
+    r = load_version(tmp_path / "ivf-ram", mmap=False)
+    assert r.path.name == again["version"] and not _mapped(r.path / INDEX_FILE)
+    assert v.index.search(x[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
+
+
+def test_opq_from_the_cli_rotates_before_ivf_pq(tmp_path, data, capsys):
+    import faiss
+
+    from index.store import load_version
+    from lens.cli import main
+
+    src, ids, x, _ = data
+    assert main(["index", "build", "--embeddings", str(src), "--output", str(tmp_path / "idx"), "--index", "ivf-pq",
+                 "--opq", "--target-recall", "0.8", "--queries", "100"]) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built["factory"].startswith("OPQ") and built["recall"]["target_reached"], built
+    v = load_version(tmp_path / "idx")
+    assert isinstance(v.index, faiss.IndexPreTransform)  # the learned rotation is part of the saved index
+    rot = faiss.downcast_VectorTransform(v.index.chain.at(0))
+    a = faiss.vector_to_array(rot.A).reshape(rot.d_out, rot.d_in)
+    assert a.shape == (32, 32) and np.allclose(a @ a.T, np.eye(32), atol=1e-4) and not np.allclose(a, np.eye(32))

@@ -96,11 +96,12 @@ def test_missing_weights_is_a_clear_error(lens_cache):
         load_model(ModelConfig(name="efficientnet_b0", weights="/nonexistent/b0.pth", cache_dir=lens_cache))
 
 
-def _tiny_checkpoint(tmp_path, num_classes: int, fmt: str, wrap: bool = False):
+def _tiny_checkpoint(tmp_path, num_classes: int, fmt: str, wrap: bool = False, seed: int = 1):
     import timm
     import torch
 
-    torch.manual_seed(1)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
     model = timm.create_model("test_efficientnet", num_classes=num_classes).eval()
     sd = model.state_dict()
     path = tmp_path / f"ckpt.{fmt}"
@@ -190,6 +191,13 @@ def test_s3_weights_download_once_into_a_checksum_keyed_cache(tmp_path, moto_end
     assert first.num_classes == 4
     with pytest.raises(WeightsError, match="cannot read weights"):
         load_model(ModelConfig(name="test_efficientnet", weights="s3://models/missing.pth", cache_dir=cache))
+    # new weights under the same key (a new ETag): downloaded again, and the new checksum is what loads
+    _, newer = _tiny_checkpoint(tmp_path / "v2", 4, "safetensors", seed=2)
+    s3.upload_file(str(newer), "models", "tiny/ckpt.safetensors")
+    third = load_model(cfg)
+    assert third.weights.sha256 != first.weights.sha256
+    assert sorted(b.name for b in (cache / "weights" / "blobs").iterdir()) == sorted(
+        f"{w.weights.sha256}.safetensors" for w in (first, third))
 
 
 def test_config_rejects_bad_values_before_loading():
@@ -211,3 +219,33 @@ def test_onnx_on_cuda_is_refused():
     with pytest.raises(ConfigError, match="ONNX Runtime on CPU"):
         resolve_backend("onnx", "cuda")
     assert resolve_backend("auto", "cuda") == "torch" and resolve_backend("auto", "cpu") == "onnx"
+
+
+_LOAD = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from lens.config import ModelConfig
+from lens.predictor import Predictor
+p = Predictor.from_config(ModelConfig(name="test_efficientnet", weights="random", backend="onnx", cache_dir=sys.argv[1]))
+print(json.dumps({"onnx": str(p.model.onnx_path), "embedding": [float(v) for v in p.predict([open(sys.argv[2], "rb").read()])[0].embedding[:8]]}))
+"""
+
+
+def test_replicas_starting_together_export_once_under_the_lock(tmp_path):
+    """Four processes load the same model into an empty cache at once: one exports, the others wait for it
+    and load its file."""
+    import subprocess
+    import sys
+
+    from lens.samples import sample_path
+
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(cache), str(sample_path("coffee.png"))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    exports = sum(err.count("exported test_efficientnet to ONNX") for _, err in outs)
+    results = [json.loads(out) for out, _ in outs]
+    assert exports == 1, [err[-500:] for _, err in outs]
+    assert len({r["onnx"] for r in results}) == 1 and len(list((cache / "onnx").glob("*.onnx"))) == 1
+    assert all(np.allclose(r["embedding"], results[0]["embedding"], atol=1e-6) for r in results)
