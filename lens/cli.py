@@ -141,6 +141,8 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
                    help="HAProxy stats page port (default 8404, or a free one if taken)")
     g.add_argument("--exporter-port", type=int, default=None,
                    help="HAProxy Prometheus exporter port (default 9101, or a free one if taken)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
+                   "(0 = Ray picks one)")
     p.add_argument("--grace-period-s", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, let requests in flight finish for at most this long (default 30)")
     p.add_argument("--skip-resource-check", action="store_true",
@@ -178,8 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="existing Ray cluster (default: start a local one)")
     p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
                    help="Ray Serve's HAProxy mode (default, far less CPU per request) or its Python proxy")
-    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
-                   "(0 = Ray picks one)")
     _add_serving_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Serve config with the tagging and events applications (see infra/events.yaml)")
     p.add_argument("--endpoint-url", default=None, help="S3/SQS endpoint (default: AWS_ENDPOINT_URL or AWS)")
     p.set_defaults(func=cmd_events, events_command=None, aws=False, moto_port=4566, port=None, address=None,
-                   proxy="haproxy")
+                   proxy="haproxy", metrics_port=8080)
     esub = p.add_subparsers(dest="events_command", metavar="SUBCOMMAND")
     r = esub.add_parser("run", help="(default) deploy the consumer; on moto at 127.0.0.1 unless --aws")
     r.add_argument("--aws", action="store_true", help="use real AWS (or AWS_ENDPOINT_URL), do not start moto")

@@ -28,7 +28,7 @@ def lens(*args, env):
 def test_lens_events_local_default(tmp_path, lens_cache):
     import boto3
 
-    moto_port, http_port = free_port(), free_port()
+    moto_port, http_port, metrics_port = free_port(), free_port(), free_port()
     doc = yaml.safe_load((Path(__file__).parents[1] / "infra" / "events.yaml").read_text())
     doc["applications"][0]["args"]["pools"][0].update(
         model={"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}, num_cpus=1)
@@ -40,7 +40,7 @@ def test_lens_events_local_default(tmp_path, lens_cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
         "LENS_CACHE_DIR": str(lens_cache), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "lens.cli", "events", "--config", str(cfg), "run", "--moto-port",
-                             str(moto_port), "--port", str(http_port)], env=env, stdout=subprocess.PIPE,
+                             str(moto_port), "--port", str(http_port), "--metrics-port", str(metrics_port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     endpoint = f"http://127.0.0.1:{moto_port}"
     aws = env | {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
@@ -103,6 +103,20 @@ def test_lens_events_local_default(tmp_path, lens_cache):
         while queue_depth(sqs, sqs.get_queue_url(QueueName="lens-events-dlq")["QueueUrl"])["visible"] != redriven:
             assert time.monotonic() < deadline, "the redriven poison message did not return to the DLQ"
             time.sleep(1)
+        # every event-path metric the dashboard and alerts query is exported at run time
+        import requests
+
+        from test_infra import used_metrics
+
+        wanted = sorted(f"ray_{m}" for m in used_metrics() if m.startswith("lens_events_"))
+        assert len(wanted) >= 5
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            if all(w in text for w in wanted):
+                break
+            time.sleep(3)
+        assert not [w for w in wanted if w not in text], [w for w in wanted if w not in text]
     finally:
         out = interrupt(proc)
     assert proc.returncode == 0, out[-3000:]

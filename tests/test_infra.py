@@ -23,6 +23,15 @@ def lens_metrics() -> set[str]:
     return names
 
 
+def used_metrics() -> set[str]:
+    """Every Lens metric the Grafana dashboard and the Prometheus alert rules query."""
+    dash = json.loads((INFRA / "grafana" / "lens-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((INFRA / "prometheus" / "lens-alerts.yaml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    return set().union(*(referenced(e) for e in exprs))
+
+
 def referenced(expr: str) -> set[str]:
     """Lens metric names in a PromQL expression (Ray's ray_ prefix and histogram suffixes removed)."""
     return {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"ray_(lens_[a-z_]+)", expr)}
