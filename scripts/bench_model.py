@@ -161,6 +161,28 @@ def bench_cold_start(backend: str, runs: int) -> dict:
     }
 
 
+EXPORT = """
+import sys, time; t0 = time.perf_counter()
+from lens.config import ModelConfig
+from lens.runtime import load_model
+load_model(ModelConfig(backend="onnx", cache_dir=sys.argv[1]))
+print(time.perf_counter() - t0)
+"""
+
+
+def bench_export(runs: int) -> dict:
+    """First load of the embedded model into an empty cache (torch build + ONNX export), in a fresh process;
+    the embedded weights are read from their package, so nothing is downloaded."""
+    import tempfile
+
+    times = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="lens-export-") as cache:
+            r = subprocess.run([sys.executable, "-c", EXPORT, cache], capture_output=True, text=True, check=True)
+            times.append(float(r.stdout.split()[-1]))
+    return {"first_load_with_export_s": round(statistics.median(times), 2), "runs": [round(t, 2) for t in times]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter rounds (noisier)")
@@ -179,6 +201,7 @@ def main() -> None:
     decode = {name: bench_decode(predictor, data, min_time, repeats) for name, data in decode_inputs().items()}
     draft_gain = min(d["draft_speedup_vs_full_decode_then_resize"] for d in decode.values())
     cold = {b: bench_cold_start(b, 3) for b in ("onnx", "torch")}
+    export = bench_export(1 if args.quick else 3)
 
     onnx_b8 = throughput["onnxruntime"]["batch_8"]
     eager_b8 = throughput["torch_eager_fp32"]["batch_8"]
@@ -190,6 +213,7 @@ def main() -> None:
         "images_per_s": throughput,
         "decode_preprocess": decode,
         "cold_start": cold,
+        "onnx_export": export,
         "ratios": {
             "auto_vs_torch_eager_batch8": round(onnx_b8 / eager_b8, 2),
             "channels_last_vs_eager_batch8": round(throughput["torch_channels_last"]["batch_8"] / eager_b8, 2),

@@ -2,9 +2,9 @@
 """Benchmark the online tagging service over HTTP on loopback; prints one JSON summary.
 
 In one run, on the same machine:
-* ceiling: the in-process pipeline (decode + preprocess + infer with ONNX Runtime,
-  the same cores, no server), at its best batch size; and its single-image latency;
-* floor: a naive Serve deployment: no batching, eager torch, one image per call;
+* ceiling: the in-process pipelined loop (scripts/baselines.py: decode threads feeding ONNX Runtime batches,
+  all cores, no server) at its best batch size and thread count; and the single-image latency in-process;
+* floor: a naive Serve deployment of the same ONNX Runtime model: no batching, one image per call;
 * Lens: the Serve app (one pool, HAProxy in front), closed-loop clients at
   1, 8, 32 and 64 connections with real JPEG bodies, then an open-loop overload at
   4x the measured throughput to show load shedding (503) with bounded latency.
@@ -56,6 +56,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 # -- in-process ceiling ------------------------------------------------------------------------
 def bench_ceiling(bodies: list[bytes], duration: float) -> dict:
+    from baselines import best_pipelined, for_seconds
+
     from lens.config import ModelConfig
     from lens.predictor import Predictor
 
@@ -67,18 +69,10 @@ def bench_ceiling(bodies: list[bytes], duration: float) -> dict:
             t0 = time.perf_counter()
             predictor.predict([b])
             single.append((time.perf_counter() - t0) * 1000)
-    by_batch = {}
-    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-        for bs in (1, 8, 16, 32):
-            batch = [bodies[i % len(bodies)] for i in range(bs)]
-            predictor.predict(batch, executor=pool)
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < duration:
-                predictor.predict(batch, executor=pool)
-                n += bs
-            by_batch[bs] = round(n / (time.perf_counter() - t0), 2)
-    best = max(by_batch, key=by_batch.get)
-    return {"images_per_s_by_batch": by_batch, "best_batch": best, "images_per_s": by_batch[best],
+    best = best_pipelined(predictor, lambda: for_seconds(bodies, duration))
+    return {"loop": "pipelined: decode threads feed ONNX Runtime batches (scripts/baselines.py)",
+            "images_per_s": best["images_per_s"], "best_batch": best["batch_size"],
+            "best_decode_threads": best["decode_threads"], "points": best["points"],
             "single_image_latency_ms_p50": round(percentile(single, 50), 2)}
 
 
@@ -145,14 +139,14 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float,
 
 # -- deployments -------------------------------------------------------------------------------
 def deploy_naive(port: int):
-    """Floor: one image per call, eager torch fp32, no batching, Serve's defaults otherwise."""
+    """Floor: the same ONNX Runtime model, one image per call, no batching, Serve's defaults otherwise."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from ray import serve
 
     api = FastAPI()
 
-    @serve.deployment(name="Naive", ray_actor_options={"num_cpus": 2},
+    @serve.deployment(name="Naive", ray_actor_options={"num_cpus": os.cpu_count()},
                       logging_config={"enable_access_log": False})
     @serve.ingress(api)
     class Naive:
@@ -160,8 +154,7 @@ def deploy_naive(port: int):
             from lens.config import ModelConfig
             from lens.predictor import Predictor
 
-            self.p = Predictor.from_config(ModelConfig(backend="torch", device="cpu"))
-            self.p.model.backend._channels_last = False
+            self.p = Predictor.from_config(ModelConfig(backend="onnx", device="cpu", num_threads=os.cpu_count()))
 
         @api.post("/v1/tag")
         async def tag(self, request: Request):
