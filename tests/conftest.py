@@ -140,6 +140,24 @@ def wait_healthy(url: str, proc, timeout_s: float = 240) -> None:
     pytest.fail(f"{url} did not become healthy in {timeout_s}s")
 
 
+def scrape_metrics(port: int, wanted: list[str], timeout_s: float = 90) -> str:
+    """Ray's Prometheus endpoint on ``port`` once it shows every name in ``wanted`` (Ray exports every few
+    seconds); fails naming the missing ones."""
+    import time
+
+    import requests
+
+    text, deadline = "", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted):
+            return text
+        time.sleep(3)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, f"not exported: {missing}"
+    return text
+
+
 def interrupt(proc, timeout_s: float = 60) -> str:
     """Ctrl-C a server started with ``start_new_session=True``; returns its output."""
     import signal

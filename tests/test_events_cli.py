@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, interrupt, wait_healthy
+from conftest import free_port, interrupt, scrape_metrics, wait_healthy
 from test_events import _record, images
 
 
@@ -104,19 +104,11 @@ def test_lens_events_local_default(tmp_path, lens_cache):
             assert time.monotonic() < deadline, "the redriven poison message did not return to the DLQ"
             time.sleep(1)
         # every event-path metric the dashboard and alerts query is exported at run time
-        import requests
-
         from test_infra import used_metrics
 
         wanted = sorted(f"ray_{m}" for m in used_metrics() if m.startswith("lens_events_"))
         assert len(wanted) >= 5
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-            if all(w in text for w in wanted):
-                break
-            time.sleep(3)
-        assert not [w for w in wanted if w not in text], [w for w in wanted if w not in text]
+        scrape_metrics(metrics_port, wanted)
     finally:
         out = interrupt(proc)
     assert proc.returncode == 0, out[-3000:]

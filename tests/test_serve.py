@@ -583,7 +583,7 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
     assert got[0] == "s3://b/new.jpg" and got.count("s3://b/new.jpg") == 1
 
     # ?param= reaches the index: nprobe=1 of the IVF lists finds a few neighbours, nprobe=nlist all of them
-    from index.store import load_version, resolve_version, set_current
+    from index.store import load_version, set_current
 
     v2 = load_version(root)
     nlist = v2.manifest["nlist"]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 import yaml
 
-from conftest import free_port, interrupt, wait_healthy
+from conftest import free_port, interrupt, scrape_metrics, wait_healthy
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -45,15 +44,7 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
 
         wanted = sorted(f"ray_{m}" for m in used_metrics() if not m.startswith("lens_events_"))
         assert len(wanted) >= 8
-        text = ""
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-            if all(w in text for w in wanted):
-                break
-            time.sleep(3)
-        missing = [w for w in wanted if w not in text]
-        assert not missing, missing
+        text = scrape_metrics(metrics_port, wanted)
         assert 'route="/v1/tag"' in text and 'status="415"' in text
     finally:
         out = interrupt(proc)
