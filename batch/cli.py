@@ -20,7 +20,7 @@ _EMBED_FLAGS = {"input": "input", "output": "output", "input_format": "input_for
 def config_from_args(args: argparse.Namespace):
     """An :class:`~batch.config.EmbedConfig` from ``--config FILE`` (sections ``embed``, ``model``, ``decode``)
     with the command-line flags on top."""
-    from lens.cli import configs_from_args
+    from lens.cliargs import configs_from_args
     from lens.config import read_yaml_mapping, validate
 
     from .config import EmbedConfig

@@ -24,7 +24,7 @@ from lens.faults import crash_point
 from .config import EmbedConfig
 from .ledger import FORMAT, Ledger
 from .shards import InputShard, discover_shards, read_units
-from .storage import Location
+from lens.storage import Location
 
 __all__ = ["EmbedSummary", "run_embed", "plan_workers"]
 

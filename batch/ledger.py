@@ -19,7 +19,7 @@ import time
 
 from lens.errors import ConfigError
 
-from .storage import Location
+from lens.storage import Location
 
 __all__ = ["Ledger", "MANIFEST", "FORMAT"]
 

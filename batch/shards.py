@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from lens.errors import ConfigError
 
 from .config import IMAGE_EXTENSIONS
-from .storage import Location, split_glob
+from lens.storage import Location, split_glob
 
 __all__ = ["InputShard", "ReadUnit", "discover_shards", "make_shards", "read_units"]
 

@@ -28,7 +28,7 @@ from lens.predictor import ItemError, Predictor
 from lens.preprocess import Preprocessor
 
 from .shards import ReadUnit
-from .storage import Location
+from lens.storage import Location
 
 __all__ = ["Decoder", "Embedder", "PartWriter", "decode_units", "write_batch", "PART_SCHEMA", "SHARD",
            "PIXELS"]

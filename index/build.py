@@ -24,10 +24,10 @@ from lens.config import StrictModel
 from lens.errors import ConfigError
 
 from .source import open_sources
-from .store import write_version
+from .store import search_params, write_version
 
 __all__ = ["BuildConfig", "IndexPlan", "choose_index", "build_index", "parse_bytes", "bytes_per_vector",
-           "recall_at_k", "search_params"]
+           "recall_at_k"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,17 +135,6 @@ def choose_index(n: int, dim: int, cfg: BuildConfig) -> IndexPlan:
         factory = f"OPQ{m}_{d_out},{factory}"
     return IndexPlan(type="ivf-pq", factory=factory, nlist=nlist, pq_m=m,
                      bytes_per_vector=bytes_per_vector("ivf-pq", dim, pq_m=m), reason=reason)
-
-
-def search_params(kind: str, value: int | None):
-    """Per-query FAISS search parameters (never a mutation of the shared index)."""
-    import faiss
-
-    if value is None or kind == "flat":
-        return None
-    if kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=int(value))
-    return faiss.SearchParametersIVF(nprobe=int(value))
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

@@ -19,9 +19,8 @@ import numpy as np
 from lens.errors import InvalidRequestError, ModelMismatchError, NotFoundError
 from lens.predictor import l2_normalize
 
-from .build import search_params
 from .source import ModelIdentity
-from .store import IndexVersion, current_version, load_version
+from .store import IndexVersion, current_version, load_version, search_params
 
 __all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService"]
 

@@ -4,7 +4,7 @@ Two kinds, both Parquet with ``id`` and ``embedding`` (``fixed_size_list<float32
 
 * a ``lens embed`` output directory (local or ``s3://``): its ``manifest.json`` lists the files and names the
   model, weights checksum and preprocessing;
-* the event path's embedding parts (``serve.results``): any ``*.parquet`` under a prefix, each carrying the
+* the event path's embedding parts (``serve.events.results``): any ``*.parquet`` under a prefix, each carrying the
   model in its schema metadata (``lens_model``).
 
 Every source must come from the same model, weights and preprocessing, or the build is refused: vectors
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.storage import Location
+from lens.storage import Location
 from lens.errors import ConfigError
 
 __all__ = ["ModelIdentity", "EmbeddingSource", "Chunk", "open_sources", "as_id"]

@@ -29,11 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lens.errors import IndexCorruptError
-from lens.weights import atomic_write_bytes, sha256_file
+from lens.storage import atomic_write_bytes, sha256_file
 
 from .source import ModelIdentity
 
-__all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "current_version"]
+__all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "current_version",
+           "search_params"]
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -168,3 +169,14 @@ def load_version(path: str | os.PathLike, *, mmap: bool | None = None, verify: b
     ids = table.column("id").to_pylist()
     return IndexVersion(vdir, manifest, index, ids, table.column("metadata").to_pylist(),
                         {i: r for r, i in enumerate(ids)})
+
+
+def search_params(kind: str, value: int | None):
+    """Per-query FAISS search parameters (never a mutation of the shared index)."""
+    import faiss
+
+    if value is None or kind == "flat":
+        return None
+    if kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=int(value))
+    return faiss.SearchParametersIVF(nprobe=int(value))

@@ -25,8 +25,8 @@ def main() -> int:
     ap.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     args = ap.parse_args()
 
-    from serve.events_cli import events_args
-    from serve.events_setup import ensure_resources
+    from serve.events.cli import events_args
+    from serve.events.setup import ensure_resources
     from serve.run import load_serve_config
 
     cfg = events_args(load_serve_config(args.config)).events

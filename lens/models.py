@@ -7,6 +7,7 @@ Listing and validating names imports timm (and so torch); the ONNX fast path in
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import re
@@ -62,11 +63,12 @@ def embedded_weights_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def supported_models() -> list[str]:
-    """Every timm EfficientNet architecture name Lens accepts."""
+@functools.lru_cache(maxsize=1)
+def supported_models() -> tuple[str, ...]:
+    """Every timm EfficientNet architecture name Lens accepts (timm's registry is fixed once imported: read once)."""
     import timm
 
-    return sorted(n for n in timm.list_models() if _FAMILY.match(n))
+    return tuple(sorted(n for n in timm.list_models() if _FAMILY.match(n)))
 
 
 def check_model_name(name: str) -> str:

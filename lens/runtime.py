@@ -21,9 +21,9 @@ from .config import ModelConfig
 from .errors import ConfigError, WeightsError
 from .labels import default_labels, read_labels
 from .preprocess import PreprocessConfig
+from .storage import atomic_write_bytes
 from .weights import (
     WeightsRef,
-    atomic_write_bytes,
     classifier_shape,
     load_into,
     map_by_order,

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 from .errors import WeightsError
 from .models import EMBEDDED_WEIGHTS, embedded_weights_path
+from .storage import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["WeightsRef", "resolve_weights", "sha256_file", "read_state_dict", "load_into", "atomic_write_bytes"]
+__all__ = ["WeightsRef", "resolve_weights", "read_state_dict", "load_into"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,29 +44,6 @@ class WeightsRef:
     @property
     def short(self) -> str:
         return self.sha256[:12]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resolve_weights(model_name: str, weights: str | None, cache_dir: Path) -> WeightsRef:

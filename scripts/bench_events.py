@@ -40,9 +40,9 @@ def main() -> None:
 
     from bench_serve import closed_loop, jpeg_bodies, percentile
 
-    from serve.events_cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
-    from serve.events_setup import clients, ensure_resources
-    from serve.results import count_writes, embedding_rows
+    from serve.events.cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
+    from serve.events.setup import clients, ensure_resources
+    from serve.events.results import count_writes, embedding_rows
 
     endpoint = start_local_aws(_port())
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")

@@ -69,7 +69,7 @@ def qps(svc, q: np.ndarray, batch: int, param=None, min_time: float = 2.0) -> fl
 
 
 def _params(svc, value):
-    from index.build import search_params
+    from index.store import search_params
 
     m = svc.version.manifest
     return search_params(m["type"], value if value is not None else m["search"]["value"])

@@ -25,7 +25,7 @@ class DeltaFeed:
     """Reads embedding parts that appeared under the delta sources since the last look."""
 
     def __init__(self, uris: list[str]) -> None:
-        from batch.storage import Location
+        from lens.storage import Location
 
         self.locs = [Location.parse(u) for u in uris]
         self.seen: set[str] = set()

@@ -40,7 +40,7 @@ def write_shard(path: Path, ids, blobs, **extra) -> None:
 
 def read_output(out: Path | str, kind: str = "embeddings", filesystem=None) -> pa.Table:
     """The rows of every committed part file, as listed by the manifest."""
-    from batch.storage import Location
+    from lens.storage import Location
 
     loc = Location.parse(str(out))
     manifest = loc.read_json(loc.path("manifest.json"))
@@ -204,7 +204,7 @@ def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng):
                     [encode(random_rgb(rng, 160, 120), "JPEG") for _ in shard_ids])
         ids += shard_ids
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lens.cli", "embed", "--input", str(tmp_path / "in"), "--output", str(out),
+    cmd = [sys.executable, "-m", "lens.app.cli", "embed", "--input", str(tmp_path / "in"), "--output", str(out),
            "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx", "--batch-size", "4",
            "--no-progress"]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
@@ -241,7 +241,7 @@ def test_s3_input_and_output_through_moto(tmp_path, rng, moto_endpoint):
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
 
-    from batch.storage import Location
+    from lens.storage import Location
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="lens-batch")

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def lens(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "lens.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "lens.app.cli", *args], capture_output=True, text=True, timeout=300,
                           **kw)
 
 
@@ -131,7 +131,7 @@ SWEEP = [  # (arguments, a phrase the one-line error must contain)
 
 @pytest.mark.parametrize("args,phrase", SWEEP, ids=[" ".join(a) for a, _ in SWEEP])
 def test_bad_arguments_and_files_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, phrase):
-    from lens.cli import main
+    from lens.app.cli import main
 
     monkeypatch.chdir(_sweep_files(tmp_path))
     for var in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "RAY_ADDRESS"):
@@ -145,7 +145,7 @@ def test_bad_arguments_and_files_give_one_line_and_exit_2(tmp_path, monkeypatch,
 
 
 def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys):
-    import lens.cli as cli
+    import lens.app.cli as cli
 
     def boom(args):
         raise RuntimeError("something Lens did not expect\nsecond line")

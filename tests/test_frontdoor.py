@@ -52,7 +52,7 @@ def server(tmp_path_factory, lens_cache):
     cfg.write_text(yaml.safe_dump(doc))
     port, stats, exporter = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lens.cli", "serve", "--config", str(cfg), "--port", str(port), "--metrics-port", "0",
+        [sys.executable, "-m", "lens.app.cli", "serve", "--config", str(cfg), "--port", str(port), "--metrics-port", "0",
          "--header-timeout-s", "2", "--max-conn-per-client", str(CAP), "--stats-port", str(stats),
          "--exporter-port", str(exporter), "--grace-period-s", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -231,7 +231,7 @@ def test_mismatched_model_is_refused(tmp_path, data):
 
 
 def test_cli_build_and_search_by_image_and_id(tmp_path, photos, lite0_onnx, capsys):
-    from lens.cli import main
+    from lens.app.cli import main
     from lens.samples import sample_path
 
     names = sorted(photos)
@@ -313,7 +313,7 @@ def test_opq_from_the_cli_rotates_before_ivf_pq(tmp_path, data, capsys):
     import faiss
 
     from index.store import load_version
-    from lens.cli import main
+    from lens.app.cli import main
 
     src, ids, x, _ = data
     assert main(["index", "build", "--embeddings", str(src), "--output", str(tmp_path / "idx"), "--index", "ivf-pq",

@@ -55,7 +55,7 @@ def check_cluster(spec: dict, where: str) -> None:
 @pytest.mark.parametrize("name", ["serve-cpu.yaml", "serve-gpu.yaml", "events.yaml"])
 def test_standalone_serve_configs_pass_rays_schema(name):
     from serve.config import AppArgs
-    from serve.events_app import EventsAppArgs
+    from serve.events.app import EventsAppArgs
     from serve.run import check_serve_config
 
     doc = yaml.safe_load((INFRA / name).read_text())
@@ -64,7 +64,7 @@ def test_standalone_serve_configs_pass_rays_schema(name):
     assert "serve.app:build_app" in apps and len({a["name"] for a in doc["applications"]}) == len(apps)
     assert AppArgs.model_validate(apps["serve.app:build_app"]["args"]).pools  # Lens's own validation of the args
     if name == "events.yaml":
-        EventsAppArgs.model_validate(apps["serve.events_app:build_events_app"]["args"])
+        EventsAppArgs.model_validate(apps["serve.events.app:build_events_app"]["args"])
     # and a broken copy is refused, so the check above is not vacuous
     bad = yaml.safe_load((INFRA / name).read_text())
     bad["applications"][0]["args"]["pools"][0]["num_cpus"] = "two"
@@ -75,7 +75,7 @@ def test_standalone_serve_configs_pass_rays_schema(name):
 def test_rayservice_is_well_formed_and_its_serve_config_passes_rays_schema():
     from serve.app import build_app  # noqa: F401 - the import path the config names exists
     from serve.config import AppArgs
-    from serve.events_app import EventsAppArgs
+    from serve.events.app import EventsAppArgs
     from serve.run import check_serve_config
 
     doc = yaml.safe_load((INFRA / "kuberay" / "rayservice.yaml").read_text())
@@ -84,7 +84,7 @@ def test_rayservice_is_well_formed_and_its_serve_config_passes_rays_schema():
     check_serve_config(serve_cfg, where="RayService serveConfigV2")
     apps = {a["import_path"]: a for a in serve_cfg["applications"]}
     AppArgs.model_validate(apps["serve.app:build_app"]["args"])  # Lens's own validation of the args
-    EventsAppArgs.model_validate(apps["serve.events_app:build_events_app"]["args"])
+    EventsAppArgs.model_validate(apps["serve.events.app:build_events_app"]["args"])
     cluster = doc["spec"]["rayClusterConfig"]
     check_cluster(cluster, "RayService")
     gpu = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu"][0]
@@ -93,7 +93,7 @@ def test_rayservice_is_well_formed_and_its_serve_config_passes_rays_schema():
 
 
 def test_rayjob_is_well_formed_and_its_commands_parse():
-    from lens.cli import build_parser
+    from lens.app.cli import build_parser
 
     doc = yaml.safe_load((INFRA / "kuberay" / "rayjob-embed.yaml").read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"

@@ -48,7 +48,7 @@ def _s3_event(bucket: str, key: str, etag: str) -> dict:
 def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_endpoint, monkeypatch):
     import boto3
 
-    from serve.lambda_handler import handler
+    from serve.events.lambda_handler import handler
 
     s3 = boto3.client("s3")
     bucket = f"lambda-{uuid.uuid4().hex[:8]}"
@@ -67,7 +67,7 @@ def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_
     monkeypatch.setenv("LENS_EVENTS_CONFIG", json.dumps({"bucket": bucket}))  # the function's source bucket
     out = handler({"Records": records}, None)
     assert out == {"batchItemFailures": [{"itemIdentifier": records[1]["messageId"]}]}
-    from serve.events_config import EventsConfig
+    from serve.events.config import EventsConfig
 
     cfg = EventsConfig(bucket=bucket)
     rec = sidecar(s3, cfg, "in/a photo.jpg")
@@ -85,7 +85,7 @@ def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_
 def test_direct_s3_event(lens_api, moto_endpoint, monkeypatch):
     import boto3
 
-    from serve.lambda_handler import handler
+    from serve.events.lambda_handler import handler
 
     s3 = boto3.client("s3")
     bucket = f"lambda-{uuid.uuid4().hex[:8]}"
@@ -94,7 +94,7 @@ def test_direct_s3_event(lens_api, moto_endpoint, monkeypatch):
     monkeypatch.setenv("LENS_API_URL", lens_api)
     monkeypatch.setenv("LENS_EVENTS_CONFIG", json.dumps({"bucket": bucket}))  # the function's source bucket
     assert handler(_s3_event(bucket, "x.jpg", etag), None)["processed"] == {"tagged": 1}
-    from serve.events_config import EventsConfig
+    from serve.events.config import EventsConfig
 
     rec = sidecar(s3, EventsConfig(bucket=bucket), "x.jpg")
     assert rec["status"] == "tagged" and rec["etag"] == etag and len(rec["tags"]) == 5

@@ -24,7 +24,7 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
     pool["num_cpus"] = 1
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump(doc))
-    proc = subprocess.Popen([sys.executable, "-m", "lens.cli", "serve", "--config", str(cfg), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "lens.app.cli", "serve", "--config", str(cfg), "--port", str(port),
                              "--metrics-port", str(metrics_port)], stdout=subprocess.PIPE,
                             # no load balancer in front here: skip Serve's 30 s ingress drain on stop
                             env=os.environ | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"},

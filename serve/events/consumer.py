@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 
 from lens.faults import crash_point
 
-from .events_config import EventsConfig
+from .config import EventsConfig
 from .results import Record, ResultStore
 from .s3events import ObjectEvent, PoisonMessage, parse_message
 

@@ -33,7 +33,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
     demo run: its contents are removed (the marker says the demo owns it). Any other non-empty directory (or a
     file) is refused with :class:`~lens.errors.LensError`: the demo never deletes what it did not create.
     """
-    from .errors import LensError
+    from lens.errors import LensError
 
     work = Path(workdir).expanduser().resolve()
     if work.exists() and not work.is_dir():
@@ -88,7 +88,7 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     # Behind HAProxy, an ingress replica that is stopping stays reachable 30 s so load balancers can deregister
     # it; this throwaway local cluster has none, and the demo's shutdown would wait those 30 s for nothing.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
-    from serve.events_cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
+    from serve.events.cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
     from serve.frontdoor import port_or_free
     from serve.frontdoor import prepare as prepare_frontdoor
 
@@ -150,7 +150,7 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
 
     # 6 -------------------------------------------------------------------------------------
     t = _step(6, total, "starting the Serve app: tagging + search + the S3 event consumer")
-    from serve.events_setup import ensure_resources
+    from serve.events.setup import ensure_resources
     from serve.run import deploy
 
     port = port_or_free(port)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
-from .events_config import EventsConfig
+from .config import EventsConfig
 
 __all__ = ["ensure_resources", "clients"]
 

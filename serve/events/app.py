@@ -1,6 +1,6 @@
 """The event consumer on Ray Serve, and a plain-process runner for it.
 
-``build_events_app`` is a Serve application builder (``import_path: serve.events_app:build_events_app``):
+``build_events_app`` is a Serve application builder (``import_path: serve.events.app:build_events_app``):
 one ``EventConsumer`` deployment that polls the queue and tags through a handle to the model pool of
 the tagging application, so events and online requests share the same replicas and batches.
 """
@@ -16,7 +16,7 @@ from pydantic import Field
 from lens.config import DecodeConfig, ModelConfig, StrictModel, validate
 
 from .consumer import EventProcessor, LocalTagger, Poller
-from .events_config import EventsConfig
+from .config import EventsConfig
 
 __all__ = ["EventsAppArgs", "build_events_app", "run_in_process"]
 
@@ -36,7 +36,7 @@ def _make_consumer_class():
                       health_check_period_s=10, logging_config={"enable_access_log": False})
     class EventConsumer:
         def __init__(self, args: dict) -> None:
-            from .events_setup import clients
+            from .setup import clients
 
             self.args = validate(EventsAppArgs, args, where="EventConsumer args")
             s3, sqs = clients(self.args.events.region)
@@ -47,7 +47,7 @@ def _make_consumer_class():
 
             self._handle = handle
             self.processor = EventProcessor(self.args.events, s3, tag, {})
-            from .metrics import EventMetrics
+            from ..metrics import EventMetrics
 
             self.poller = Poller(self.args.events, self.processor, sqs, EventMetrics())
             self._task = asyncio.get_event_loop().create_task(self._start())
@@ -77,7 +77,7 @@ def build_events_app(args: dict | None = None):
 async def _run(cfg: EventsConfig, model_cfg: ModelConfig, stop: asyncio.Event) -> dict:
     from lens.predictor import Predictor
 
-    from .events_setup import clients
+    from .setup import clients
 
     predictor = Predictor.from_config(model_cfg, DecodeConfig(max_bytes=cfg.max_object_bytes))
     predictor.warmup()
@@ -103,7 +103,7 @@ def run_in_process(cfg: EventsConfig, model_cfg: ModelConfig) -> dict:
     return asyncio.run(main())
 
 
-if __name__ == "__main__":  # python -m serve.events_app EVENTS_JSON MODEL_JSON (used by the fault tests)
+if __name__ == "__main__":  # python -m serve.events.app EVENTS_JSON MODEL_JSON (used by the fault tests)
     import json
     import sys
 

@@ -1,4 +1,5 @@
-"""Where batch inputs and outputs live: a local path or an ``s3://`` URI, through one pyarrow filesystem.
+"""Where Lens's files live, and how they are written: checksums, atomic local writes, and :class:`Location`, a
+local path or an ``s3://`` URI through one pyarrow filesystem (the inputs and outputs of jobs, indexes, deltas).
 
 S3 is reached with pyarrow's S3 filesystem configured from the same environment
 boto3 reads (``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
@@ -13,15 +14,52 @@ import fnmatch
 import io
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["Location", "s3_filesystem", "split_glob"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+__all__ = ["Location", "s3_filesystem", "split_glob", "atomic_write_bytes", "sha256_file"]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a local ``path`` so readers see the old file, no file, or the whole new one: a temporary
+    file in the same directory, fsync'd, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# pyarrow is imported where a Location is used, not with this module: the model runtime (weights, ONNX cache)
+# needs only the functions above, and a replica's cold start should not pay for pyarrow.
+def _pafs():
+    import pyarrow.fs
+
+    return pyarrow.fs
 
 GLOB_CHARS = set("*?[")
 
@@ -37,7 +75,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kw["region"] = region
-    return pafs.S3FileSystem(**kw)
+    return _pafs().S3FileSystem(**kw)
 
 
 @dataclass(frozen=True)
@@ -58,11 +96,11 @@ class Location:
             return cls(uri, s3_filesystem(), rest)
         if "://" in uri:
             raise ValueError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
-        return cls(uri, pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)))
+        return cls(uri, _pafs().LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)))
 
     @property
     def is_s3(self) -> bool:
-        return isinstance(self.fs, pafs.S3FileSystem)
+        return isinstance(self.fs, _pafs().S3FileSystem)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *(p.strip("/") for p in parts if p)])
@@ -79,20 +117,20 @@ class Location:
         return self.fs.get_file_info(path or self.root)
 
     def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+        return self.fs.get_file_info(path).type != _pafs().FileType.NotFound
 
     def list_files(self, path: str | None = None, pattern: str | None = None) -> list[str]:
         """Files under ``path`` (recursively), sorted; ``pattern`` is a glob matched against the whole path.
         Hidden and underscore-prefixed names (``_SUCCESS``, ``.tmp``) are skipped, as Spark and Arrow do."""
         base = path or self.root
         info = self.fs.get_file_info(base)
-        if info.type == pafs.FileType.File:
+        if info.type == _pafs().FileType.File:
             return [base]
-        if info.type == pafs.FileType.NotFound:
+        if info.type == _pafs().FileType.NotFound:
             return []
         out = []
-        for fi in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            if fi.type != pafs.FileType.File:
+        for fi in self.fs.get_file_info(_pafs().FileSelector(base, recursive=True)):
+            if fi.type != _pafs().FileType.File:
                 continue
             rel = fi.path[len(base):].lstrip("/")
             if any(part.startswith((".", "_")) for part in rel.split("/")):
@@ -103,11 +141,11 @@ class Location:
         return sorted(out)
 
     def delete_dir(self, path: str) -> None:
-        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+        if self.fs.get_file_info(path).type == _pafs().FileType.Directory:
             self.fs.delete_dir(path)
         elif self.is_s3:  # an S3 "directory" may exist only as a key prefix
-            for fi in self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
-                if fi.type == pafs.FileType.File:
+            for fi in self.fs.get_file_info(_pafs().FileSelector(path, recursive=True, allow_not_found=True)):
+                if fi.type == _pafs().FileType.File:
                     self.fs.delete_file(fi.path)
 
     def delete_file(self, path: str) -> None:
@@ -134,17 +172,7 @@ class Location:
             with self.fs.open_output_stream(path) as f:  # one PUT: atomic on S3
                 f.write(data)
             return
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, data)
 
     def write_json(self, path: str, obj: dict) -> None:
         self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -152,10 +180,14 @@ class Location:
     def write_table(self, path: str, table: pa.Table, **kwargs) -> None:
         """A Parquet file written atomically (to memory first: output parts are small)."""
         buf = io.BytesIO()
+        import pyarrow.parquet as pq
+
         pq.write_table(table, buf, **kwargs)
         self.write_bytes(path, buf.getvalue())
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
         return pq.read_table(path, filesystem=self.fs, columns=columns)
 
 

@@ -10,14 +10,14 @@ from lens.config import validate
 from lens.errors import ConfigError
 
 from .consumer import queue_depth, queue_url
-from .events_app import EventsAppArgs
-from .events_setup import clients, ensure_resources
-from .run import BUILDER, load_serve_config
+from .app import EventsAppArgs
+from .setup import clients, ensure_resources
+from ..run import BUILDER, load_serve_config
 
 __all__ = ["DEFAULT_EVENTS_CONFIG", "events_args", "run_events", "status", "dlq_list", "dlq_redrive",
            "start_local_aws"]
 
-EVENTS_BUILDER = "serve.events_app:build_events_app"
+EVENTS_BUILDER = "serve.events.app:build_events_app"
 
 DEFAULT_EVENTS_CONFIG = {
     "proxy_location": "HeadOnly",
@@ -55,7 +55,7 @@ def start_local_aws(port: int = 4566) -> str:
 
 def run_events(doc: dict, *, aws: bool = False, moto_port: int = 4566, **serve_kw) -> None:
     """Deploy the tagging app and the consumer; on the local default, against moto on 127.0.0.1."""
-    from .run import run
+    from ..run import run
 
     cfg = events_args(doc).events
     if not aws and not os.environ.get("AWS_ENDPOINT_URL"):
@@ -121,7 +121,7 @@ def main(args) -> int:
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
     if args.events_command in (None, "run"):
-        from .frontdoor import from_args
+        from ..frontdoor import from_args
 
         run_events(doc, aws=args.aws, moto_port=args.moto_port, port=args.port, address=args.address,
                    proxy=args.proxy, frontdoor=from_args(args), metrics_port=args.metrics_port or None,

@@ -8,47 +8,14 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import LensError
+from lens import __version__
+from lens.cliargs import add_model_args as _add_model_args
+from lens.cliargs import configs_from_args
+from lens.errors import LensError
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("lens")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="timm EfficientNet name (default: tf_efficientnet_lite0)")
-    g.add_argument("--weights", default=None, help="checkpoint: PATH (.pth/.safetensors) or s3://URI; "
-                   "default: the embedded Lite0 ImageNet weights")
-    g.add_argument("--num-classes", type=int, default=None, help="classifier size of a fine-tuned checkpoint")
-    g.add_argument("--labels", default=None, help="label names file for a custom head (one per line or JSON)")
-    g.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
-                   help="auto (default): ONNX Runtime on CPU, torch on GPU")
-    g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    g.add_argument("--config", default=None, metavar="FILE",
-                   help="YAML with `model:` and `decode:` sections (see infra/lens.yaml); flags override it")
-
-
-_MODEL_FLAGS = {"name": "model", "weights": "weights", "num_classes": "num_classes", "labels": "labels",
-                "backend": "backend", "device": "device", "num_threads": "threads", "max_batch_size": "batch_size"}
-
-
-def configs_from_args(args: argparse.Namespace):
-    """(ModelConfig, DecodeConfig) from ``--config FILE`` (if given) with command-line flags on top."""
-    from .config import DecodeConfig, ModelConfig, read_yaml_mapping, validate
-
-    data: dict = {}
-    where = "command line"
-    if args.config:
-        where = f"{args.config} and the command line"
-        data = read_yaml_mapping(args.config)
-    model = dict(data.get("model") or {})
-    for key, attr in _MODEL_FLAGS.items():
-        if getattr(args, attr, None) is not None:
-            model[key] = getattr(args, attr)
-    return validate(ModelConfig, model, where=where), validate(DecodeConfig, data.get("decode") or {}, where=where)
 
 
 def _read_limited(path: Path, limit: int) -> bytes:
@@ -57,8 +24,8 @@ def _read_limited(path: Path, limit: int) -> bytes:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    from .predictor import ItemError, Predictor, check_top_k
-    from .samples import sample_paths
+    from lens.predictor import ItemError, Predictor, check_top_k
+    from lens.samples import sample_paths
 
     paths = [Path(p) for p in args.images]
     if args.samples:
@@ -95,7 +62,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import list_entries
+    from lens.models import list_entries
 
     entries = list_entries()
     if args.json:
@@ -150,7 +117,7 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from serve.events_cli import main as events_main
+    from serve.events.cli import main as events_main
 
     if getattr(args, "dlq_command", None) == "list" and args.limit is None:
         args.limit = 10
@@ -216,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "demo run made (it holds .lens-demo-workdir and is emptied); anything else is refused")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (a free one if taken)")
     p.add_argument("--keep", action="store_true", help="leave the service up until Ctrl-C")
-    p.set_defaults(func=lambda a: __import__("lens.demo", fromlist=["main"]).main(a))
+    p.set_defaults(func=lambda a: __import__("lens.app.demo", fromlist=["main"]).main(a))
 
     p = sub.add_parser("models", help="list supported models and which have weights here")
     p.add_argument("--json", action="store_true", help="one JSON object per model")

@@ -1,0 +1,43 @@
+"""Command-line flags for a model (``--model``, ``--weights``, ``--backend`` ...) and the configs they make: shared
+by every command that loads a model (``lens tag``, ``lens embed``, ``lens index search``)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_model_args", "configs_from_args"]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="timm EfficientNet name (default: tf_efficientnet_lite0)")
+    g.add_argument("--weights", default=None, help="checkpoint: PATH (.pth/.safetensors) or s3://URI; "
+                   "default: the embedded Lite0 ImageNet weights")
+    g.add_argument("--num-classes", type=int, default=None, help="classifier size of a fine-tuned checkpoint")
+    g.add_argument("--labels", default=None, help="label names file for a custom head (one per line or JSON)")
+    g.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
+                   help="auto (default): ONNX Runtime on CPU, torch on GPU")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML with `model:` and `decode:` sections (see infra/lens.yaml); flags override it")
+
+
+_MODEL_FLAGS = {"name": "model", "weights": "weights", "num_classes": "num_classes", "labels": "labels",
+                "backend": "backend", "device": "device", "num_threads": "threads", "max_batch_size": "batch_size"}
+
+
+def configs_from_args(args: argparse.Namespace):
+    """(ModelConfig, DecodeConfig) from ``--config FILE`` (if given) with command-line flags on top."""
+    from lens.config import DecodeConfig, ModelConfig, read_yaml_mapping, validate
+
+    data: dict = {}
+    where = "command line"
+    if args.config:
+        where = f"{args.config} and the command line"
+        data = read_yaml_mapping(args.config)
+    model = dict(data.get("model") or {})
+    for key, attr in _MODEL_FLAGS.items():
+        if getattr(args, attr, None) is not None:
+            model[key] = getattr(args, attr)
+    return validate(ModelConfig, model, where=where), validate(DecodeConfig, data.get("decode") or {}, where=where)
