@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from lens import __version__
 from lens.errors import ConfigError
 from lens.faults import crash_point
+from lens.identity import ModelIdentity
 
 from .config import EmbedConfig
 from .ledger import FORMAT, Ledger
@@ -97,14 +98,10 @@ def _actor_model(cfg: EmbedConfig):
     return cfg.model.model_copy(update=update)
 
 
-def _identity(cfg: EmbedConfig, info: dict) -> dict:
+def _identity(cfg: EmbedConfig, identity: ModelIdentity) -> dict:
     return {
         "format": FORMAT,
-        "model": info["model"],
-        "weights_sha256": info["weights_sha256"],
-        "num_classes": info["num_classes"],
-        "embed_dim": info["embed_dim"],
-        "preprocess": info["preprocess"],
+        "model_identity": identity.to_dict(),
         "top_k": cfg.top_k,
         "input": cfg.input,
         "carry_columns": list(cfg.carry_columns),
@@ -170,9 +167,9 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     # The driver loads the model once: its checksum and preprocessing define the output, and on this node the
     # ONNX export is then cached for the actors.
     model = load_model(cfg.model.model_copy(update={"device": "cpu"}) if cfg.uses_gpu else cfg.model)
-    info = model.info()
+    info, identity = model.info(), model.identity()
     del model
-    ledger.claim(_identity(cfg, info))
+    ledger.claim(_identity(cfg, identity))
     ledger.drop_manifest()  # present only when every shard is committed
     log(f"lens embed: {len(shards)} {fmt} shard(s), {sum(s.rows for s in shards)} rows; "
         f"{len(shards) - len(pending)} already done, {len(pending)} to run -> {out.uri}")
@@ -219,12 +216,8 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
         "format": FORMAT,
         "lens_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": info["model"],
+        "model_identity": identity.to_dict(),
         "weights": info["weights"],
-        "weights_sha256": info["weights_sha256"],
-        "num_classes": info["num_classes"],
-        "preprocess": info["preprocess"],
-        "dim": info["embed_dim"],
         "embedding": "L2-normalised float32; cosine similarity = inner product",
         "top_k": cfg.top_k,
         "input": cfg.input,

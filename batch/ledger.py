@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 from lens.errors import ConfigError
+from lens.identity import ModelIdentity
 
 from lens.storage import Location
 
@@ -42,6 +43,7 @@ class Ledger:
         if existing is None:
             self.out.write_json(path, identity)
             return
+        existing, identity = _comparable(existing), _comparable(identity)
         diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
         if diff:
             details = "; ".join(f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now" for k in diff)
@@ -93,3 +95,16 @@ class Ledger:
 
     def write_manifest(self, manifest: dict) -> None:
         self.out.write_json(self.out.path(MANIFEST), manifest)
+
+
+_IDENTITY_KEYS = ("model_identity", "model", "weights_sha256", "num_classes", "embed_dim", "dim", "preprocess")
+
+
+def _comparable(job: dict) -> dict:
+    """A job file's fields that must match on resume, its model identity reduced to what makes embeddings
+    comparable: a job file written by an earlier version (flat model fields) compares equal to today's."""
+    try:
+        ident = ModelIdentity.from_dict(job).comparable()
+    except ValueError:
+        return job
+    return {k: v for k, v in job.items() if k not in _IDENTITY_KEYS} | {"model_identity": ident}

@@ -196,7 +196,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         faiss.omp_set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     sources, ident = open_sources(list(cfg.embeddings))
-    dim = ident.dim
+    dim = ident.embed_dim
 
     # pass 1: ids only -> which global positions are kept (the last occurrence of each id)
     last: dict[str, int] = {}
@@ -287,7 +287,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
                    "target_reached": tuned.get("target_reached", True), "queries": q_n, "curve": tuned["curve"]},
         "bytes_per_vector_estimate": plan.bytes_per_vector,
         "reason": plan.reason,
-        "model": {"model": ident.model, "weights_sha256": ident.weights_sha256, "preprocess": ident.preprocess},
+        "model_identity": ident.to_dict(),
         "sources": [{"uri": s.uri, "kind": s.kind, "files": len(s.files)} for s in sources],
         "duplicates_dropped": total - n - invalid,
         "invalid_ids_dropped": invalid,

@@ -40,9 +40,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         from lens.config import ModelConfig
         from lens.predictor import Predictor
 
-        m = svc.version.manifest["model"]
         # embed with the index's own model; the check below still refuses a mismatch (e.g. other weights given)
-        model = ModelConfig(name=m["model"], weights=args.weights, backend="auto")
+        model = ModelConfig(name=svc.identity.model, weights=args.weights, backend="auto")
         predictor = Predictor.from_config(model)
         svc.check_model(predictor.info())
         limit = predictor.preprocessor.limits.max_bytes

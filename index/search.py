@@ -17,9 +17,9 @@ from typing import NamedTuple
 import numpy as np
 
 from lens.errors import InvalidRequestError, ModelMismatchError, NotFoundError
+from lens.identity import ModelIdentity
 from lens.predictor import l2_normalize
 
-from .source import ModelIdentity
 from .store import IndexVersion, current_version, load_version, search_params
 
 __all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService"]
@@ -142,12 +142,12 @@ class SearchService:
         m = v.manifest
         return {"index_version": v.name, "type": m["type"], "factory": m["factory"], "count": m["count"],
                 "dim": m["dim"], "search": m["search"], "recall": {k: m["recall"][k] for k in ("k", "value")},
-                "model": m["model"], "delta": len(self.delta)}
+                "model_identity": self.identity.to_dict(), "delta": len(self.delta)}
 
     # -- queries -------------------------------------------------------------------------------
     def check_model(self, info: dict) -> None:
         """Refuse a query embedded by another model, weights or preprocessing than the index's."""
-        other = ModelIdentity.from_info(info)
+        other = ModelIdentity.from_dict(info)
         diff = self.identity.mismatch(other)
         if diff:
             raise ModelMismatchError(

@@ -5,7 +5,7 @@ Two kinds, both Parquet with ``id`` and ``embedding`` (``fixed_size_list<float32
 * a ``lens embed`` output directory (local or ``s3://``): its ``manifest.json`` lists the files and names the
   model, weights checksum and preprocessing;
 * the event path's embedding parts (``serve.events.results``): any ``*.parquet`` under a prefix, each carrying the
-  model in its schema metadata (``lens_model``).
+  model's identity in its schema metadata (``lens_model_identity``; ``lens_model`` from earlier versions).
 
 Every source must come from the same model, weights and preprocessing, or the build is refused: vectors
 from different models are not comparable.
@@ -21,30 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lens.storage import Location
 from lens.errors import ConfigError
+from lens.identity import LEGACY_PARQUET_KEY, PARQUET_KEY, ModelIdentity
+from lens.storage import Location
 
-__all__ = ["ModelIdentity", "EmbeddingSource", "Chunk", "open_sources", "as_id"]
+__all__ = ["EmbeddingSource", "Chunk", "open_sources", "as_id"]
 
 METADATA_COLUMNS = ("tags", "top1")  # kept (compactly) in the index's metadata sidecar when present
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What makes two embeddings comparable."""
-
-    model: str
-    weights_sha256: str
-    preprocess: dict
-    dim: int
-
-    @classmethod
-    def from_info(cls, info: dict) -> "ModelIdentity":
-        dim = info.get("dim", info.get("embed_dim"))
-        return cls(info["model"], info["weights_sha256"], dict(info["preprocess"]), int(dim))
-
-    def mismatch(self, other: "ModelIdentity") -> list[str]:
-        return [k for k in ("model", "weights_sha256", "preprocess", "dim") if getattr(self, k) != getattr(other, k)]
 
 
 @dataclass
@@ -66,7 +49,7 @@ class EmbeddingSource:
         if manifest is not None:
             self.kind = "lens-embed"
             self.files = [self.loc.path(f) for f in manifest["files"]]
-            self.identity = ModelIdentity.from_info(manifest)
+            self.identity = ModelIdentity.from_dict(manifest)
         else:
             self.kind = "parts"
             self.files = self.loc.list_files(pattern=None)
@@ -83,10 +66,11 @@ class EmbeddingSource:
     def _identity_from_parts(self) -> ModelIdentity:
         with self.loc.fs.open_input_file(self.files[0]) as f:
             meta = self._parquet(self.files[0], f).schema_arrow.metadata or {}
-        if b"lens_model" not in meta:
+        raw = meta.get(PARQUET_KEY) or meta.get(LEGACY_PARQUET_KEY)  # the legacy key: parts of earlier versions
+        if raw is None:
             raise ConfigError(f"{self.uri}: no manifest.json and {self.loc.uri_of(self.files[0])} names no model "
-                              "(lens_model metadata): not a Lens embedding output")
-        return ModelIdentity.from_info(json.loads(meta[b"lens_model"]))
+                              "(lens_model_identity metadata): not a Lens embedding output")
+        return ModelIdentity.from_dict(json.loads(raw))
 
     def ids(self) -> Iterator[list[str | None]]:
         """Each file's ids in order; ``None`` for a null or empty id (such a row is never indexed)."""
@@ -104,7 +88,7 @@ class EmbeddingSource:
                 pf = self._parquet(f, fh)
                 cols = [c for c in ("id", "embedding", *METADATA_COLUMNS) if c in pf.schema_arrow.names]
                 for rb in pf.iter_batches(batch_size=rows, columns=cols):
-                    yield _chunk(rb, self.identity.dim)
+                    yield _chunk(rb, self.identity.embed_dim)
 
 
 def _chunk(rb: pa.RecordBatch, dim: int) -> Chunk:

@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lens.errors import IndexCorruptError
+from lens.identity import ModelIdentity
 from lens.storage import atomic_write_bytes, sha256_file
 
-from .source import ModelIdentity
 
 __all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "current_version",
            "search_params"]
@@ -59,7 +59,7 @@ class IndexVersion:
 
     @property
     def identity(self) -> ModelIdentity:
-        return ModelIdentity.from_info(self.manifest["model"] | {"dim": self.manifest["dim"]})
+        return ModelIdentity.from_dict(self.manifest)  # model_identity, or an earlier version's "model" block
 
 
 def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list[str], manifest: dict,

@@ -146,6 +146,10 @@ class Predictor:
     def embed_dim(self) -> int:
         return self.model.embed_dim
 
+    def identity(self):
+        """The model's :class:`lens.identity.ModelIdentity`, as artefacts record it."""
+        return self.model.identity()
+
     def info(self) -> dict:
         return self.model.info() | {"max_batch_size": self.max_batch_size, "warmed_up": self.warmed_up}
 

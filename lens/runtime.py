@@ -19,6 +19,7 @@ from pathlib import Path
 from .backends import ONNX_OPSET, Backend, OnnxBackend, TorchBackend, export_onnx, heads_module
 from .config import ModelConfig
 from .errors import ConfigError, WeightsError
+from .identity import ModelIdentity, labels_digest
 from .labels import default_labels, read_labels
 from .preprocess import PreprocessConfig
 from .storage import atomic_write_bytes
@@ -64,7 +65,14 @@ class LoadedModel:
             "backend": self.backend.name,
             "device": self.backend.device,
             "precision": getattr(self.backend, "precision", "fp32"),
+            "labels_sha256": labels_digest(self.labels),
         }
+
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(model=self.name, weights_sha256=self.weights.sha256, preprocess=self.preprocess.to_dict(),
+                             embed_dim=self.embed_dim, num_classes=self.num_classes,
+                             labels_sha256=labels_digest(self.labels),
+                             precision=getattr(self.backend, "precision", "fp32"))
 
 
 def resolve_device(device: str) -> str:

@@ -90,9 +90,10 @@ def test_job_embeddings_equal_online_and_account_for_every_row(local_ray, tmp_pa
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["rows"] == len(names) and manifest["errors"] == 3 and manifest["input_rows"] == len(names) + 3
-    assert manifest["dim"] == 1280 and manifest["model"] == "tf_efficientnet_lite0"
-    assert manifest["weights_sha256"] == lite0_onnx.model.weights.sha256
-    assert manifest["preprocess"] == lite0_onnx.model.preprocess.to_dict()
+    assert manifest["model_identity"] == lite0_onnx.identity().to_dict()
+    ident = manifest["model_identity"]
+    assert ident["embed_dim"] == 1280 and ident["model"] == "tf_efficientnet_lite0" and ident["num_classes"] == 1000
+    assert ident["weights_sha256"] == lite0_onnx.model.weights.sha256 and len(ident["labels_sha256"]) == 64
     assert [sh["key"] for sh in manifest["shards"]] == ["a", "sub__b"]
 
     # a second run has nothing to do; a run with another model into the same output is refused

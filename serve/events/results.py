@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lens.identity import PARQUET_KEY, ModelIdentity
+
 from .s3events import ObjectEvent, sequencer_newer
 
 __all__ = ["ResultStore", "Record", "s3_tags", "count_writes", "embedding_rows"]
@@ -33,11 +35,13 @@ class Record:
     embedding: np.ndarray | None = None
 
     def to_json(self, model: dict) -> dict:
+        ident = _identity(model)
         d = {
             "bucket": self.event.bucket, "key": self.event.key, "etag": self.event.etag,
             "version_id": self.event.version_id, "sequencer": self.event.sequencer,
             "status": self.status, "processed_at": time.time(),
             "model": model.get("model"), "weights_sha256": model.get("weights_sha256"),
+            "model_identity": ident.to_dict() if ident else None,
         }
         if self.reason:
             d["reason"] = self.reason
@@ -46,6 +50,14 @@ class Record:
         if self.embedding is not None:
             d["embedding"] = [float(x) for x in self.embedding]
         return d
+
+
+def _identity(model: dict) -> ModelIdentity | None:
+    """The tagging model's identity from its ``info()`` (``None`` before the model has answered)."""
+    try:
+        return ModelIdentity.from_dict(model)
+    except ValueError:
+        return None
 
 
 def s3_tags(existing: list[dict], tags: list[dict], model: str) -> list[dict]:
@@ -160,7 +172,7 @@ class ResultStore:
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(np.concatenate([np.asarray(r.embedding, np.float32) for r in rows])), dim),
             "top1": [r.tags[0]["label"] if r.tags else None for r in rows],
-        }, metadata={b"lens_model": json.dumps(model).encode()})
+        }, metadata={PARQUET_KEY: json.dumps(_identity(model).to_dict()).encode()})
         buf = io.BytesIO()
         pq.write_table(table, buf)
         key = f"{self.embeddings_prefix}part-{name}.parquet"

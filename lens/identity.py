@@ -1,0 +1,68 @@
+"""A model's identity: what makes two embeddings comparable, and the one way Lens writes it into an artefact.
+
+Every artefact that holds embeddings or results records ``"model_identity": ModelIdentity.to_dict()``: the
+bulk-embedding job file and manifest, the index manifest, event embedding parts (Parquet schema metadata
+``lens_model_identity``) and sidecars. :meth:`ModelIdentity.from_dict` also reads what earlier Lens versions
+wrote (a flat ``dim`` or ``embed_dim``, the index manifest's nested ``model`` block, a replica's whole
+``info()`` in ``lens_model``), so existing outputs stay readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+__all__ = ["ModelIdentity", "labels_digest", "PARQUET_KEY", "LEGACY_PARQUET_KEY"]
+
+#: Parquet schema-metadata key of an embedding part's identity (and the key earlier versions used).
+PARQUET_KEY = b"lens_model_identity"
+LEGACY_PARQUET_KEY = b"lens_model"
+#: Fields that must agree for two embeddings to be comparable.
+COMPARED = ("model", "weights_sha256", "preprocess", "embed_dim")
+
+
+def labels_digest(labels: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(labels).encode()).hexdigest()
+
+
+@dataclass
+class ModelIdentity:
+    model: str  # timm architecture name
+    weights_sha256: str
+    preprocess: dict  # PreprocessConfig.to_dict()
+    embed_dim: int
+    num_classes: int | None = None
+    labels_sha256: str | None = None
+    precision: str = "fp32"  # the weights' numeric form where the embeddings were made (fp32, fp16, int8 ...)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # not part of the identity
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelIdentity":
+        """From :meth:`to_dict`, from an artefact holding it under ``model_identity``, or from what earlier
+        versions wrote (see the module docstring)."""
+        if isinstance(d.get("model_identity"), dict):
+            d = d["model_identity"]
+        elif isinstance(d.get("model"), dict):  # index manifest before model_identity: {"model": {...}, "dim": N}
+            d = d["model"] | {"embed_dim": d.get("dim")}
+        dim = d.get("embed_dim", d.get("dim"))
+        missing = [k for k, v in (("model", d.get("model")), ("weights_sha256", d.get("weights_sha256")),
+                                  ("preprocess", d.get("preprocess")), ("embed_dim", dim)) if v is None]
+        if missing:
+            raise ValueError(f"not a model identity: missing {', '.join(missing)}")
+        return cls(model=str(d["model"]), weights_sha256=str(d["weights_sha256"]), preprocess=dict(d["preprocess"]),
+                   embed_dim=int(dim), num_classes=d.get("num_classes"), labels_sha256=d.get("labels_sha256"),
+                   precision=d.get("precision") or "fp32")
+
+    def comparable(self) -> dict:
+        """The fields that decide whether embeddings can be compared."""
+        return {k: getattr(self, k) for k in COMPARED}
+
+    def mismatch(self, other: "ModelIdentity") -> list[str]:
+        """The :data:`COMPARED` fields on which ``other`` differs (empty: comparable)."""
+        return [k for k in COMPARED if getattr(self, k) != getattr(other, k)]
