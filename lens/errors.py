@@ -20,6 +20,10 @@ __all__ = [
     "ModelMismatchError",
     "NotFoundError",
     "InvalidRequestError",
+    "OverloadedError",
+    "ModelError",
+    "RequestFailed",
+    "lens_error_of",
 ]
 
 
@@ -29,14 +33,38 @@ class LensError(Exception):
     code: str = "lens_error"
     http_status: int = 500
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if status is not None:
+            self.http_status = status
+
+    @property
+    def status(self) -> int:
+        return self.http_status
+
+    def __reduce__(self):  # pickles with its code and status (errors cross Ray Serve handles)
+        return _rebuild, (type(self), self.message, self.code, self.http_status)
 
     def to_dict(self) -> dict:
         return {"error": self.code, "message": self.message, "status": self.http_status}
+
+
+def _rebuild(cls, message: str, code: str, status: int) -> "LensError":
+    e = cls.__new__(cls)
+    LensError.__init__(e, message, code=code, status=status)
+    return e
+
+
+def lens_error_of(exc: BaseException) -> "LensError | None":
+    """The :class:`LensError` an exception is or wraps (Ray re-raises a replica's error wrapped in a
+    ``RayTaskError`` that is also an instance of it, with the original as ``cause``); else ``None``."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, LensError):
+        return cause
+    return exc if isinstance(exc, LensError) else None
 
 
 class ConfigError(LensError, ValueError):
@@ -111,3 +139,22 @@ class InvalidRequestError(LensError):
 
     code = "invalid_request"
     http_status = 400
+
+
+class OverloadedError(LensError):
+    """A model replica (or every pool) is at its queue limit: retry later."""
+
+    code = "overloaded"
+    http_status = 503
+
+
+class ModelError(LensError):
+    """The model call failed for a whole batch (a server error; the request may be retried)."""
+
+    code = "model_error"
+    http_status = 500
+
+
+class RequestFailed(LensError):
+    """One request's failure as another component reported it (a per-item decode error, an HTTP error answer):
+    the code and status are the reporter's."""

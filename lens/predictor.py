@@ -80,6 +80,12 @@ class ItemError:
     def to_dict(self) -> dict:
         return {"error": self.code, "message": self.message, "status": self.status}
 
+    def to_error(self) -> "LensError":
+        """This failure as an exception (how it crosses a Serve handle)."""
+        from .errors import RequestFailed
+
+        return RequestFailed(self.message, code=self.code, status=self.status)
+
 
 Result = Union[Prediction, ItemError]
 

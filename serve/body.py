@@ -9,38 +9,32 @@ from __future__ import annotations
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from lens.errors import LensError
+
 __all__ = ["HttpError", "BodyTooLarge", "BadRequest", "UnsupportedType", "read_body", "read_images", "read_json"]
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
 
-class HttpError(Exception):
-    """A client error with its HTTP status and a stable code."""
+class HttpError(LensError):
+    """A client error in an HTTP request (its body, parameters or state), with its status and a stable code."""
 
-    status = 400
+    http_status = 400
     code = "bad_request"
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
 
 
 class BodyTooLarge(HttpError):
-    status = 413
+    http_status = 413
     code = "body_too_large"
 
 
 class BadRequest(HttpError):
-    status = 400
+    http_status = 400
     code = "bad_request"
 
 
 class UnsupportedType(HttpError):
-    status = 415
+    http_status = 415
     code = "unsupported_media_type"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from ray import serve
 
 from lens.config import validate
+from lens.errors import ModelError, OverloadedError
 from lens.predictor import ItemError, Predictor, top_k_tags
 
 from .config import BatchingConfig, PoolConfig
@@ -131,12 +132,12 @@ class TaggerCore:
         }
 
     async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False) -> dict:
-        """Tag one image. Returns ``{"tags": [...], ["embedding": ndarray]}`` or an error dict."""
+        """Tag one image: ``{"tags": [...], ["embedding": ndarray]}``. Raises :class:`OverloadedError` (queue
+        full), the image's own error (a :class:`RequestFailed` with its code and status) or :class:`ModelError`."""
         if self._in_flight >= self.batching.max_pending:
             self._overloaded += 1
             self.metrics.errors.inc(tags={"kind": "overloaded"})
-            return {"error": "overloaded", "status": 503,
-                    "message": f"replica is at max_pending={self.batching.max_pending} images; retry later"}
+            raise OverloadedError(f"replica is at max_pending={self.batching.max_pending} images; retry later")
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         try:
@@ -150,7 +151,7 @@ class TaggerCore:
             self.metrics.decode.observe((time.perf_counter() - t0) * 1000)
             if isinstance(prepared, ItemError):
                 self.metrics.errors.inc(tags={"kind": prepared.code})
-                return prepared.to_dict()
+                raise prepared.to_error()
             # Adaptive wait: hold a batch open for up to batch_wait_timeout_s only while other images are
             # still decoding and will join it; a lone request goes to the model at once.
             self._run_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s if self._decoding else 0.0)
@@ -159,7 +160,7 @@ class TaggerCore:
             except Exception as e:  # noqa: BLE001 - a failed model call fails its batch, never the replica
                 logger.exception("model batch failed")
                 self.metrics.errors.inc(tags={"kind": "model_error"})
-                return {"error": "model_error", "status": 500, "message": f"{type(e).__name__}: {e}"}
+                raise ModelError(f"{type(e).__name__}: {e}") from None
             out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], self.predictor.model.labels,
                                                                   top_k)[0]]}
             if embedding:

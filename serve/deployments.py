@@ -18,8 +18,10 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from lens.errors import OverloadedError, lens_error_of
+
 from .core import TaggerCore
-from .http_api import HttpApi, Overloaded, new_fastapi
+from .http_api import HttpApi, new_fastapi
 
 __all__ = ["Tagger", "TaggerIngress", "LensIngress"]
 
@@ -81,13 +83,14 @@ class LensIngress(HttpApi):
         names = [pool] if pool else list(self.pools)
         for name in names:
             try:
-                result = await getattr(self.pools[name], method).remote(*args)
+                return await getattr(self.pools[name], method).remote(*args)
             except BackPressureError:
                 continue
-            if isinstance(result, dict) and result.get("error") == "overloaded":
-                continue
-            return result
-        raise Overloaded(f"all model pools are at capacity ({', '.join(names)})")
+            except Exception as e:
+                if isinstance(lens_error_of(e), OverloadedError):
+                    continue  # this pool is full: the next one
+                raise
+        raise OverloadedError(f"all model pools are at capacity ({', '.join(names)})")
 
     async def _infos(self) -> list:
         return list(await asyncio.gather(*(h.info.remote() for h in self.pools.values())))

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lens.config import validate
-from lens.errors import LensError
+from lens.errors import lens_error_of
 from lens.predictor import check_top_k
 
 from .auth import ApiKeys
@@ -35,13 +35,18 @@ from .body import HttpError, read_images, read_json
 from .config import ApiConfig
 from .metrics import IngressMetrics
 
-__all__ = ["HttpApi", "Overloaded", "new_fastapi"]
+__all__ = ["HttpApi", "new_fastapi"]
 
 logger = logging.getLogger("lens.serve")
 
 
-class Overloaded(Exception):
-    """Every model pool that could take the request is at its queue limit."""
+def _item_error(exc: BaseException, route: str) -> dict:
+    """One item's failure inside a batch answer, in the error shape (a server fault without its internals)."""
+    e = lens_error_of(exc)
+    if e is None or (e.http_status >= 500 and e.http_status != 503):
+        logger.error("%s: item failed", route, exc_info=exc)
+        return {"error": "internal_error", "message": "internal error; see the server log", "status": 500}
+    return e.to_dict()
 
 
 def error(status: int, code: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
@@ -136,18 +141,14 @@ class HttpApi:
             return error(400, "unknown_pool", f"unknown pool {pool!r}; pools: {', '.join(self._pool_names())}")
         try:
             status, body = await asyncio.wait_for(work(pool), timeout=self.api_cfg.request_timeout_s)
-        except HttpError as e:
-            return error(e.status, e.code, e.message)
-        except Overloaded as e:
-            return error(503, "overloaded", str(e), headers={"Retry-After": str(self.api_cfg.retry_after_s)})
         except asyncio.TimeoutError:
             return error(504, "timeout", f"no result within {self.api_cfg.request_timeout_s}s")
-        except LensError as e:
-            if e.http_status >= 500:
-                return internal_error(route)
-            return error(e.http_status, e.code, e.message)
-        except Exception:  # noqa: BLE001 - whatever broke, the client still gets a JSON answer, and no internals
-            return internal_error(route)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the JSON error here, and only here
+            e = lens_error_of(exc)
+            if e is None or (e.http_status >= 500 and e.http_status != 503):
+                return internal_error(route)  # no internals to the client; the reference is in the log
+            headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if e.http_status == 503 else None
+            return error(e.http_status, e.code, e.message, headers=headers)
         if status == 200 and route not in ("/v1/embed", "/v1/search:vector"):
             body["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if status == 503 else None
@@ -183,8 +184,6 @@ class HttpApi:
             k = self._top_k(top_k)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             result = await self._dispatch("tag", (data, k, embedding), pool)
-            if "error" in result:
-                return result["status"], result
             body = {"model": await self._model_name(pool), "tags": result["tags"]}
             if embedding:
                 body["embedding"] = [float(x) for x in result["embedding"]]
@@ -196,8 +195,6 @@ class HttpApi:
         async def work(pool):
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             result = await self._dispatch("tag", (data, 1, True), pool)
-            if "error" in result:
-                return result["status"], result
             emb = result["embedding"]
             return 200, {"model": await self._model_name(pool), "dim": int(len(emb)),
                          "embedding": [float(x) for x in emb]}
@@ -213,8 +210,10 @@ class HttpApi:
                 if len(img) > self.api_cfg.max_body_bytes:
                     raise HttpError(f"image {i} is {len(img)} bytes; the per-image limit is "
                                     f"{self.api_cfg.max_body_bytes}", status=413, code="image_too_large")
-            results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool) for img in images))
-            out = [{"index": i} | (r if "error" in r else {"tags": r["tags"]}) for i, r in enumerate(results)]
+            results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool) for img in images),
+                                           return_exceptions=True)
+            out = [{"index": i} | (_item_error(r, "/v1/tag:batch") if isinstance(r, BaseException)
+                                   else {"tags": r["tags"]}) for i, r in enumerate(results)]
             return 200, {"model": await self._model_name(pool), "results": out}
 
         return await self._handle(request, "/v1/tag:batch", work)
@@ -225,12 +224,8 @@ class HttpApi:
             kk, p = self._search_args(k, param)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             result = await self._dispatch("tag", (data, 1, True), pool)
-            if "error" in result:
-                return result["status"], result
             out = await self.search.search_vectors.remote([list(map(float, result["embedding"]))], kk, p,
                                                           await self._model_info(pool))
-            if "error" in out:
-                return out["status"], out
             return 200, {"results": out["results"][0], "index_version": out["index_version"]}
 
         return await self._handle(request, "/v1/search", work)
@@ -239,8 +234,7 @@ class HttpApi:
                              param: Optional[int] = Query(None)) -> JSONResponse:
         async def work(pool):
             kk, p = self._search_args(k, param)
-            out = await self.search.search_id.remote(item_id, kk, p)
-            return (out["status"], out) if "error" in out else (200, out)
+            return 200, await self.search.search_id.remote(item_id, kk, p)
 
         return await self._handle(request, "/v1/search/{id}", work)
 
@@ -251,8 +245,6 @@ class HttpApi:
             body = await read_json(request, self.api_cfg.max_batch_body_bytes)
             vectors, single = parse_vectors(body, self.api_cfg.max_batch_items)  # checked before any handle
             out = await self.search.search_vectors.remote(vectors, kk, p)
-            if "error" in out:
-                return out["status"], out
             return 200, {"results": out["results"][0] if single else out["results"],
                          "index_version": out["index_version"]}
 

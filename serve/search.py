@@ -113,23 +113,18 @@ class IndexSearcher:
 
     async def search_vectors(self, vectors: list, k: int, param: int | None = None,
                              model_info: dict | None = None) -> dict:
-        """Top-k for one or more vectors. With ``model_info`` (the model that embedded them), refuse a mismatch."""
-        try:
-            if model_info is not None:
-                self.service.check_model(model_info)
-            q = np.asarray(vectors, dtype=np.float32)
-            if q.ndim != 2 or q.shape[1] != self.service.version.manifest["dim"] or not np.isfinite(q).all():
-                raise InvalidRequestError(f"vectors must be finite and of dimension "
-                                          f"{self.service.version.manifest['dim']}, got shape {list(q.shape)}",
-                                          code="invalid_vector")
-            name, hits = await asyncio.to_thread(self.service.search, q, k, param=param)
-            return {"index_version": name, "results": [[h.to_dict() for h in hs] for hs in hits]}
-        except LensError as e:
-            return e.to_dict()
+        """Top-k for one or more vectors. With ``model_info`` (the model that embedded them), refuse a mismatch.
+        Raises :class:`LensError` subclasses (a mismatch, a bad vector, a bad ``k``) to the caller."""
+        if model_info is not None:
+            self.service.check_model(model_info)
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.service.version.manifest["dim"] or not np.isfinite(q).all():
+            raise InvalidRequestError(f"vectors must be finite and of dimension "
+                                      f"{self.service.version.manifest['dim']}, got shape {list(q.shape)}",
+                                      code="invalid_vector")
+        name, hits = await asyncio.to_thread(self.service.search, q, k, param=param)
+        return {"index_version": name, "results": [[h.to_dict() for h in hs] for hs in hits]}
 
     async def search_id(self, item_id: str, k: int, param: int | None = None) -> dict:
-        try:
-            name, hits = await asyncio.to_thread(self.service.search_id, item_id, k, param=param)
-            return {"index_version": name, "results": [h.to_dict() for h in hits]}
-        except LensError as e:
-            return e.to_dict()
+        name, hits = await asyncio.to_thread(self.service.search_id, item_id, k, param=param)
+        return {"index_version": name, "results": [h.to_dict() for h in hits]}

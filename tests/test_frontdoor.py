@@ -138,10 +138,21 @@ def test_connections_over_the_per_client_cap_are_refused(server):
     assert refused == 50
 
 
+def _forwarded(stats_port: int) -> int:
+    """Sessions HAProxy has passed to the Serve backends so far (``stot`` of the BACKEND rows of its stats CSV)."""
+    import csv
+
+    text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=5).text
+    rows = list(csv.reader(text.lstrip("# ").splitlines()))
+    px, sv, stot = (rows[0].index(c) for c in ("pxname", "svname", "stot"))
+    return sum(int(r[stot] or 0) for r in rows[1:] if len(r) > stot and r[sv] == "BACKEND" and r[px] != "stats")
+
+
 def test_sigterm_under_load_drains_the_requests_in_flight(server):
     import aiohttp
 
     proc, body = server["proc"], _png()
+    before = _forwarded(server["stats"])
 
     async def load():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
@@ -154,7 +165,10 @@ def test_sigterm_under_load_drains_the_requests_in_flight(server):
                     return type(e).__name__, None
 
             tasks = [asyncio.create_task(one()) for _ in range(48)]
-            await asyncio.sleep(0.4)  # every request is sent and in flight
+            deadline = time.monotonic() + 60
+            while await asyncio.to_thread(_forwarded, server["stats"]) < before + 48:  # all 48 reached Serve
+                assert time.monotonic() < deadline, "the 48 requests did not all reach the backend"
+                await asyncio.sleep(0.05)
             os.kill(proc.pid, signal.SIGTERM)  # what Kubernetes and systemd send
             t = time.monotonic()
             return await asyncio.gather(*tasks), time.monotonic() - t

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from lens.errors import lens_error_of
 from lens.faults import crash_point
 
 from .config import EventsConfig
@@ -35,6 +36,7 @@ __all__ = ["EventProcessor", "Outcome", "LocalTagger", "Poller", "queue_url", "q
 
 logger = logging.getLogger("lens.events")
 
+# (image bytes, top_k, with embedding) -> {"tags", "embedding"}; failures raise LensError subclasses
 Tagger = Callable[[bytes, int, bool], Awaitable[dict]]
 
 
@@ -65,7 +67,7 @@ class LocalTagger:
         async with self._lock:  # one model call at a time; batches come from the caller
             (r,) = await asyncio.to_thread(self.predictor.predict, [data], top_k)
         if not r.ok:
-            return r.to_dict()
+            raise r.to_error()
         return {"tags": [t.to_dict() for t in r.tags]} | ({"embedding": r.embedding} if embedding else {})
 
     def info(self) -> dict:
@@ -193,11 +195,13 @@ class EventProcessor:
             obj["Body"].close()
             return self._skip(ev, f"object is {size} bytes; the limit is {self.cfg.max_object_bytes}")
         data = await self._io_call(obj["Body"].read)
-        result = await self.tagger(data, self.cfg.top_k, True)
-        if "error" in result:
-            if int(result.get("status", 500)) >= 500:
-                raise RetryLater(f"tagger: {result.get('message')}")
-            return self._skip(ev, f"{result['error']}: {result.get('message', '')}")
+        try:
+            result = await self.tagger(data, self.cfg.top_k, True)
+        except Exception as exc:  # noqa: BLE001 - sorted below: the image's fault, or retry later
+            e = lens_error_of(exc)
+            if e is None or e.http_status >= 500:
+                raise RetryLater(f"tagger: {e.message if e else exc}") from exc
+            return self._skip(ev, f"{e.code}: {e.message}")
         return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"])
 
     @staticmethod

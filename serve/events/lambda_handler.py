@@ -19,6 +19,8 @@ import os
 import urllib.error
 import urllib.request
 
+from lens.errors import RequestFailed
+
 from .consumer import EventProcessor
 from .config import EventsConfig
 
@@ -64,10 +66,9 @@ class HttpTagger:
         status, body = await asyncio.to_thread(self._request, f"/v1/tag?top_k={top_k}&embedding=true", data)
         if status == 200:
             return {"tags": body["tags"], "embedding": body["embedding"]}
-        body.setdefault("status", status)
-        if status in (429, 503, 504):
-            body["status"] = 503  # retry later, not the image's fault
-        return body
+        # the API's error answer as the model deployment would raise it; 429/503/504: retry later, not the image
+        raise RequestFailed(str(body.get("message", "")), code=str(body.get("error", "http_error")),
+                            status=503 if status in (429, 503, 504) else int(body.get("status", status)))
 
 
 def _processor(tagger: HttpTagger) -> EventProcessor:
