@@ -26,7 +26,7 @@ def config_from_args(args: argparse.Namespace):
     from .config import EmbedConfig
 
     data = read_yaml_mapping(args.config) if args.config else {}
-    model, decode = configs_from_args(args)
+    model, decode = configs_from_args(args, data)
     embed = dict(data.get("embed") or {})
     for key, attr in _EMBED_FLAGS.items():
         if getattr(args, attr, None) is not None:

@@ -27,15 +27,14 @@ _MODEL_FLAGS = {"name": "model", "weights": "weights", "num_classes": "num_class
                 "backend": "backend", "device": "device", "num_threads": "threads", "max_batch_size": "batch_size"}
 
 
-def configs_from_args(args: argparse.Namespace):
-    """(ModelConfig, DecodeConfig) from ``--config FILE`` (if given) with command-line flags on top."""
+def configs_from_args(args: argparse.Namespace, data: dict | None = None):
+    """(ModelConfig, DecodeConfig) from ``--config FILE`` (if given; ``data``: its content, already read) with
+    command-line flags on top."""
     from lens.config import DecodeConfig, ModelConfig, read_yaml_mapping, validate
 
-    data: dict = {}
-    where = "command line"
-    if args.config:
-        where = f"{args.config} and the command line"
-        data = read_yaml_mapping(args.config)
+    where = f"{args.config} and the command line" if args.config else "command line"
+    if data is None:
+        data = read_yaml_mapping(args.config) if args.config else {}
     model = dict(data.get("model") or {})
     for key, attr in _MODEL_FLAGS.items():
         if getattr(args, attr, None) is not None:

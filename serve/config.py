@@ -13,8 +13,15 @@ __all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs"]
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
+#: A model deployment's ``max_ongoing_requests`` unless the Serve config overrides it (one value: the
+#: deployments use it and the config check compares ``max_batch_size`` with it).
+MODEL_MAX_ONGOING_REQUESTS = 128
+
+
 class BatchingConfig(StrictModel):
-    """Live knobs of a model pool, sent as the deployment's ``user_config`` and applied in ``reconfigure``."""
+    """Live knobs of a model pool, sent as the deployment's ``user_config`` and applied in ``reconfigure``.
+    ``max_batch_size <= max_pending`` is checked here, so a bad value fails before any model loads; the
+    other bound, ``<= max_ongoing_requests``, is checked with the deployment's settings before deploying."""
 
     max_pending: PositiveInt = Field(
         96, description="images a replica holds (decoding or waiting for the model) before answering 503"
@@ -25,6 +32,13 @@ class BatchingConfig(StrictModel):
         description="how long a batch may wait to fill, and only while other images are still decoding; "
         "a lone request never waits",
     )
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self):
+        if self.max_batch_size > self.max_pending:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) must be <= max_pending ({self.max_pending}), "
+                             "or batches can never fill")
+        return self
 
 
 class PoolConfig(StrictModel):

@@ -41,13 +41,6 @@ def _assigned_cpus() -> int:
     return max(1, int(round(cpus))) if cpus else (os.cpu_count() or 1)
 
 
-def _max_ongoing_requests() -> int | None:
-    try:
-        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
-    except Exception:  # noqa: BLE001 - the field is Serve-internal; skip the check if it moves
-        return None
-
-
 class TaggerCore:
     """Loads and warms the model in the constructor, so a replica is healthy only once it is warm."""
 
@@ -83,16 +76,8 @@ class TaggerCore:
 
     # -- live knobs --------------------------------------------------------------------------
     def reconfigure(self, user_config: dict) -> None:
+        # both bounds of max_batch_size are checked before deploying (BatchingConfig, serve.run.check_serve_config)
         batching = validate(BatchingConfig, user_config or {}, where="user_config")
-        limit = _max_ongoing_requests()
-        if limit is not None and batching.max_batch_size > limit:
-            raise ValueError(
-                f"max_batch_size ({batching.max_batch_size}) must be <= max_ongoing_requests ({limit}), "
-                "or batches can never fill"
-            )
-        if batching.max_batch_size > batching.max_pending:
-            raise ValueError(f"max_batch_size ({batching.max_batch_size}) must be <= max_pending "
-                             f"({batching.max_pending}), or batches can never fill")
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.predictor.max_batch_size = batching.max_batch_size

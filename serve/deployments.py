@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from lens.errors import OverloadedError, lens_error_of
 
+from .config import MODEL_MAX_ONGOING_REQUESTS
 from .core import TaggerCore
 from .http_api import HttpApi, new_fastapi
 
@@ -27,9 +28,9 @@ __all__ = ["Tagger", "TaggerIngress", "LensIngress"]
 
 logger = logging.getLogger("lens.serve")
 
-# Model replicas: batches fill only if max_ongoing_requests >= max_batch_size (checked in reconfigure).
+# Model replicas: batches fill only if max_ongoing_requests >= max_batch_size (checked before deploying).
 _MODEL_OPTIONS = dict(
-    max_ongoing_requests=128,
+    max_ongoing_requests=MODEL_MAX_ONGOING_REQUESTS,
     max_queued_requests=256,
     health_check_period_s=5,
     health_check_timeout_s=30,

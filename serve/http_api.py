@@ -170,9 +170,7 @@ class HttpApi:
         if self.search is None:
             raise HttpError("similarity search is not configured on this service (app args `search:`)",
                             status=404, code="search_not_configured")
-        k = 10 if k is None else k
-        if not 1 <= k <= 1000:
-            raise HttpError(f"k must be in 1..1000, got {k}")
+        k = 10 if k is None else k  # its range is the searcher's (SearchConfig.max_k), checked there once
         if param is not None and param < 1:
             raise HttpError(f"param (nprobe/efSearch) must be >= 1, got {param}")
         return k, param

@@ -19,7 +19,7 @@ from typing import NamedTuple
 from lens.config import read_yaml_mapping, validate
 from lens.errors import ConfigError
 
-from .config import AppArgs, BatchingConfig
+from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig
 
 __all__ = ["load_serve_config", "check_serve_config", "check_resources", "resource_demand", "deploy", "drain", "run"]
 
@@ -72,7 +72,7 @@ def check_serve_config(doc: dict, where: str = "Serve config"):
             o = overrides.get(pool.name, {})
             batching = validate(BatchingConfig, o.get("user_config") or pool.batching.model_dump(),
                                 where=f"{where}, {pool.name}.user_config")
-            ongoing = o.get("max_ongoing_requests", 128)  # the Tagger default
+            ongoing = o.get("max_ongoing_requests", MODEL_MAX_ONGOING_REQUESTS)
             if batching.max_batch_size > ongoing:
                 raise ConfigError(f"{where}: {pool.name} has max_batch_size {batching.max_batch_size} > "
                                   f"max_ongoing_requests {ongoing}; batches could never fill")

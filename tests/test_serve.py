@@ -528,7 +528,8 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
     assert r.status_code == 200 and len(r.json()["results"]) == 4
     assert "img-3" not in [h["id"] for h in r.json()["results"]]
     expect(requests.get(f"{app}/v1/search/nope", timeout=30), 404, "not_found", "no id 'nope'")
-    expect(requests.get(f"{app}/v1/search/img-3?k=0", timeout=30), 400, "bad_request", "k must be in 1..1000, got 0")
+    expect(requests.get(f"{app}/v1/search/img-3?k=0", timeout=30), 400, "invalid_request",
+           "k must be between 1 and 100, got 0")
     r = requests.get(f"{app}/v1/search/img-3?k=500", timeout=30)  # above the searcher's max_k (100)
     assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
 

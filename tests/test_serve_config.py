@@ -64,3 +64,22 @@ def test_api_keys_are_checked_in_constant_time_against_all(tmp_path, monkeypatch
     monkeypatch.setenv("LENS_TEST_KEYS", "short")
     with pytest.raises(ConfigError, match="16 characters"):
         ApiKeys.load("LENS_TEST_KEYS", None)
+
+
+def test_batch_size_bounds_are_config_errors_before_any_model_loads(monkeypatch):
+    import lens.runtime
+    from lens.config import validate
+    from serve.config import MODEL_MAX_ONGOING_REQUESTS, BatchingConfig
+
+    monkeypatch.setattr(lens.runtime, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=r"max_batch_size \(32\) must be <= max_pending \(16\)"):
+        validate(BatchingConfig, {"max_batch_size": 32, "max_pending": 16}, where="test")
+    doc = load_serve_config(str(INFRA / "serve-cpu.yaml"))
+    doc["applications"][0]["deployments"][0]["user_config"] = {"max_batch_size": 32, "max_pending": 16}
+    with pytest.raises(ConfigError, match="max_pending"):
+        check_serve_config(doc, "test")
+    # the other bound uses the deployments' own default when the config does not override it
+    doc["applications"][0]["deployments"][0]["user_config"] = {"max_batch_size": 200, "max_pending": 400}
+    doc["applications"][0]["deployments"][0].pop("max_ongoing_requests", None)
+    with pytest.raises(ConfigError, match=f"max_ongoing_requests {MODEL_MAX_ONGOING_REQUESTS}"):
+        check_serve_config(doc, "test")
