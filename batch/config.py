@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from lens.config import DecodeConfig, ModelConfig, StrictModel
+from lens.config import DEFAULT_MAX_BATCH_SIZE, DecodeConfig, ModelConfig, StrictModel
 
 __all__ = ["EmbedConfig", "IMAGE_EXTENSIONS"]
 
@@ -32,7 +32,8 @@ class EmbedConfig(StrictModel):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     top_k: PositiveInt = Field(5, le=100, description="tags stored per image")
 
-    batch_size: PositiveInt = Field(32, description="images per model call in a worker")
+    batch_size: PositiveInt = Field(DEFAULT_MAX_BATCH_SIZE,
+                                    description="images per model call in a worker (sets model.max_batch_size)")
     read_rows: PositiveInt = Field(
         128, description="rows per read + decode task: whole Parquet row groups (or image files) up to this many")
     decode_batch_size: PositiveInt = Field(16, description="images decoded per batch inside a decode task")

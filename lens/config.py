@@ -36,6 +36,10 @@ def default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lens"
 
 
+#: The one default of the largest batch the model sees (ModelConfig, Predictor, lens embed's batch_size).
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
@@ -60,7 +64,9 @@ class ModelConfig(StrictModel):
         "auto", description="torch on CUDA: autocast dtype (auto = fp16); CPU always runs fp32"
     )
     num_threads: PositiveInt | None = Field(None, description="intra-op threads; None = all cores")
-    max_batch_size: PositiveInt = Field(32, description="largest batch sent to the model at once")
+    max_batch_size: PositiveInt = Field(
+        DEFAULT_MAX_BATCH_SIZE, description="largest batch sent to the model at once (lens tag, index search); "
+        "a Serve pool's user_config.max_batch_size and lens embed's batch_size set it for their jobs")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="ONNX exports and downloaded weights")
 
     @field_validator("device")

@@ -19,7 +19,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .config import DecodeConfig, ModelConfig
+from .config import DEFAULT_MAX_BATCH_SIZE, DecodeConfig, ModelConfig
 from .decode import DecodeLimits
 from .errors import ImageError
 from .preprocess import Preprocessor
@@ -125,7 +125,8 @@ def top_k_tags(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[T
 class Predictor:
     """Decode, preprocess and run a model; per-item results, never a failed batch for a bad item."""
 
-    def __init__(self, model: LoadedModel, limits: DecodeLimits = DecodeLimits(), *, max_batch_size: int = 32,
+    def __init__(self, model: LoadedModel, limits: DecodeLimits = DecodeLimits(), *,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  default_top_k: int = 5) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
