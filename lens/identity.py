@@ -10,7 +10,7 @@ wrote (a flat ``dim`` or ``embed_dim``, the index manifest's nested ``model`` bl
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 __all__ = ["ModelIdentity", "labels_digest", "PARQUET_KEY", "LEGACY_PARQUET_KEY"]
@@ -35,12 +35,9 @@ class ModelIdentity:
     num_classes: int | None = None
     labels_sha256: str | None = None
     precision: str = "fp32"  # the weights' numeric form where the embeddings were made (fp32, fp16, int8 ...)
-    extra: dict = field(default_factory=dict, repr=False, compare=False)  # not part of the identity
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIdentity":

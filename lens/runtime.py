@@ -8,6 +8,7 @@ backend, exports once under a file lock so concurrent replicas never re-export.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -54,6 +55,10 @@ class LoadedModel:
     load_seconds: float = 0.0
     onnx_path: Path | None = None
 
+    @functools.cached_property
+    def labels_sha256(self) -> str:  # info() answers every health probe: hash the labels once
+        return labels_digest(self.labels)
+
     def info(self) -> dict:
         return {
             "model": self.name,
@@ -65,13 +70,13 @@ class LoadedModel:
             "backend": self.backend.name,
             "device": self.backend.device,
             "precision": getattr(self.backend, "precision", "fp32"),
-            "labels_sha256": labels_digest(self.labels),
+            "labels_sha256": self.labels_sha256,
         }
 
     def identity(self) -> ModelIdentity:
         return ModelIdentity(model=self.name, weights_sha256=self.weights.sha256, preprocess=self.preprocess.to_dict(),
                              embed_dim=self.embed_dim, num_classes=self.num_classes,
-                             labels_sha256=labels_digest(self.labels),
+                             labels_sha256=self.labels_sha256,
                              precision=getattr(self.backend, "precision", "fp32"))
 
 

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lens.config import validate
-from lens.errors import lens_error_of
+from lens.errors import LensError, lens_error_of
 from lens.predictor import check_top_k
 
 from .auth import ApiKeys
@@ -40,10 +40,17 @@ __all__ = ["HttpApi", "new_fastapi"]
 logger = logging.getLogger("lens.serve")
 
 
+def _shown(exc: BaseException) -> LensError | None:
+    """The :class:`LensError` a client may see for ``exc``: a client error, or a 503 (retry later). ``None`` for a
+    server fault, whose details stay in the log."""
+    e = lens_error_of(exc)
+    return e if e is not None and (e.http_status < 500 or e.http_status == 503) else None
+
+
 def _item_error(exc: BaseException, route: str) -> dict:
     """One item's failure inside a batch answer, in the error shape (a server fault without its internals)."""
-    e = lens_error_of(exc)
-    if e is None or (e.http_status >= 500 and e.http_status != 503):
+    e = _shown(exc)
+    if e is None:
         logger.error("%s: item failed", route, exc_info=exc)
         return {"error": "internal_error", "message": "internal error; see the server log", "status": 500}
     return e.to_dict()
@@ -124,7 +131,7 @@ class HttpApi:
                      headers={"WWW-Authenticate": "Bearer"})
 
     async def _handle(self, request: Request, route: str,
-                      work: Callable[[Optional[str]], Awaitable[tuple]]) -> JSONResponse:
+                      work: Callable[[Optional[str]], Awaitable[dict]]) -> JSONResponse:
         t0 = time.perf_counter()
         resp = await self._guarded(request, route, work, t0)
         self.http_metrics.latency.observe((time.perf_counter() - t0) * 1000,
@@ -140,19 +147,18 @@ class HttpApi:
         if pool is not None and pool not in self._pool_names():
             return error(400, "unknown_pool", f"unknown pool {pool!r}; pools: {', '.join(self._pool_names())}")
         try:
-            status, body = await asyncio.wait_for(work(pool), timeout=self.api_cfg.request_timeout_s)
+            body = await asyncio.wait_for(work(pool), timeout=self.api_cfg.request_timeout_s)
         except asyncio.TimeoutError:
             return error(504, "timeout", f"no result within {self.api_cfg.request_timeout_s}s")
         except Exception as exc:  # noqa: BLE001 - every failure becomes the JSON error here, and only here
-            e = lens_error_of(exc)
-            if e is None or (e.http_status >= 500 and e.http_status != 503):
+            e = _shown(exc)
+            if e is None:
                 return internal_error(route)  # no internals to the client; the reference is in the log
             headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if e.http_status == 503 else None
             return error(e.http_status, e.code, e.message, headers=headers)
-        if status == 200 and route not in ("/v1/embed", "/v1/search:vector"):
+        if route not in ("/v1/embed", "/v1/search:vector"):
             body["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-        headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if status == 503 else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(body)
 
     def _top_k(self, top_k: Optional[int]) -> int:
         return check_top_k(self.api_cfg.default_top_k if top_k is None else top_k, self.api_cfg.max_top_k)
@@ -185,7 +191,7 @@ class HttpApi:
             body = {"model": await self._model_name(pool), "tags": result["tags"]}
             if embedding:
                 body["embedding"] = [float(x) for x in result["embedding"]]
-            return 200, body
+            return body
 
         return await self._handle(request, "/v1/tag", work)
 
@@ -194,7 +200,7 @@ class HttpApi:
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             result = await self._dispatch("tag", (data, 1, True), pool)
             emb = result["embedding"]
-            return 200, {"model": await self._model_name(pool), "dim": int(len(emb)),
+            return {"model": await self._model_name(pool), "dim": int(len(emb)),
                          "embedding": [float(x) for x in emb]}
 
         return await self._handle(request, "/v1/embed", work)
@@ -212,7 +218,7 @@ class HttpApi:
                                            return_exceptions=True)
             out = [{"index": i} | (_item_error(r, "/v1/tag:batch") if isinstance(r, BaseException)
                                    else {"tags": r["tags"]}) for i, r in enumerate(results)]
-            return 200, {"model": await self._model_name(pool), "results": out}
+            return {"model": await self._model_name(pool), "results": out}
 
         return await self._handle(request, "/v1/tag:batch", work)
 
@@ -224,7 +230,7 @@ class HttpApi:
             result = await self._dispatch("tag", (data, 1, True), pool)
             out = await self.search.search_vectors.remote([list(map(float, result["embedding"]))], kk, p,
                                                           await self._model_info(pool))
-            return 200, {"results": out["results"][0], "index_version": out["index_version"]}
+            return {"results": out["results"][0], "index_version": out["index_version"]}
 
         return await self._handle(request, "/v1/search", work)
 
@@ -232,7 +238,7 @@ class HttpApi:
                              param: Optional[int] = Query(None)) -> JSONResponse:
         async def work(pool):
             kk, p = self._search_args(k, param)
-            return 200, await self.search.search_id.remote(item_id, kk, p)
+            return await self.search.search_id.remote(item_id, kk, p)
 
         return await self._handle(request, "/v1/search/{id}", work)
 
@@ -243,7 +249,7 @@ class HttpApi:
             body = await read_json(request, self.api_cfg.max_batch_body_bytes)
             vectors, single = parse_vectors(body, self.api_cfg.max_batch_items)  # checked before any handle
             out = await self.search.search_vectors.remote(vectors, kk, p)
-            return 200, {"results": out["results"][0] if single else out["results"],
+            return {"results": out["results"][0] if single else out["results"],
                          "index_version": out["index_version"]}
 
         return await self._handle(request, "/v1/search:vector", work)
