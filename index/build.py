@@ -50,7 +50,8 @@ class BuildConfig(StrictModel):
     embeddings: tuple[str, ...] = Field(..., min_length=1, description="lens embed outputs and/or event "
                                         "embedding prefixes (local or s3://)")
     output: str = Field(..., description="index root directory; each build adds a version and points CURRENT at it")
-    index: IndexKind = "auto"
+    index: IndexKind = Field("auto", description="auto (chosen from N, dim, memory_budget and target_recall), "
+                             "flat, hnsw, ivf-flat or ivf-pq")
     memory_budget: int = Field(4 * 10**9, description="bytes the index may take in memory (auto choice)")
     target_recall: float = Field(0.95, gt=0, le=1, description="recall@k the tuned search parameter must reach")
     k: int = Field(10, ge=1, le=1000, description="k of the recall target")
@@ -58,11 +59,11 @@ class BuildConfig(StrictModel):
     train_size: int | None = Field(None, description="training sample; default 40 x nlist (capped by N; FAISS wants >= 39)")
     kmeans_iterations: int = Field(10, ge=1, le=100, description="k-means iterations of IVF training")
     chunk_rows: int = Field(50_000, ge=1000, description="rows per chunk streamed from Parquet")
-    hnsw_m: int = Field(32, ge=4, le=128)
+    hnsw_m: int = Field(32, ge=4, le=128, description="hnsw: links per vector (more = better recall, more memory)")
     opq: bool = Field(False, description="ivf-pq: learn an OPQ rotation first (better recall; training takes "
                       "minutes on 1280-dim vectors)")
     flat_below: int = Field(20_000, description="auto: exact Flat below this many vectors")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the training sample, held-out queries and k-means")
     threads: int | None = Field(None, description="FAISS threads (default: all cores)")
 
     @field_validator("memory_budget", mode="before")

@@ -67,7 +67,8 @@ class ModelConfig(StrictModel):
     max_batch_size: PositiveInt = Field(
         DEFAULT_MAX_BATCH_SIZE, description="largest batch sent to the model at once (lens tag, index search); "
         "a Serve pool's user_config.max_batch_size and lens embed's batch_size set it for their jobs")
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="ONNX exports and downloaded weights")
+    cache_dir: Path = Field(default_factory=default_cache_dir,
+                            description="ONNX exports and downloaded weights; default $LENS_CACHE_DIR, else ~/.cache/lens")
 
     @field_validator("device")
     @classmethod
@@ -96,7 +97,8 @@ class DecodeConfig(StrictModel):
     max_pixels: PositiveInt = Field(
         PILLOW_MAX_PIXELS, le=PILLOW_MAX_PIXELS, description="largest accepted width*height (decompression-bomb guard)"
     )
-    formats: tuple[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], ...] = ALL_FORMATS
+    formats: tuple[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], ...] = Field(
+        ALL_FORMATS, description="accepted formats, sniffed from magic bytes; others are refused (415)")
     background: tuple[int, int, int] = Field((255, 255, 255), description="colour behind transparent pixels")
     draft: bool = Field(True, description="decode large JPEGs at reduced DCT scale before resizing")
 

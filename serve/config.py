@@ -80,8 +80,8 @@ class ApiConfig(StrictModel):
     max_batch_items: PositiveInt = Field(64, description="most images in one /v1/tag:batch request")
     request_timeout_s: PositiveFloat = Field(30.0, description="a request still waiting after this gets 504")
     retry_after_s: PositiveInt = Field(1, description="Retry-After sent with 503 when the queue is full")
-    default_top_k: PositiveInt = 5
-    max_top_k: PositiveInt = 100
+    default_top_k: PositiveInt = Field(5, description="tags per image when a request gives no top_k")
+    max_top_k: PositiveInt = Field(100, description="largest top_k a request may ask for")
     api_keys_env: str | None = Field("LENS_API_KEYS", description="env var with comma-separated API keys")
     api_keys_file: str | None = Field(None, description="file with one API key per line")
     public_docs: bool = Field(False, description="with API keys on, still serve /docs, /redoc, /openapi.json and "
@@ -99,7 +99,7 @@ class SearchConfig(StrictModel):
                                            "new parts are searchable before the next build")
     mmap: bool | None = Field(None, description="memory-map the index file (default: IVF indexes)")
     max_k: int = Field(100, ge=1, le=1000, description="largest k a request may ask for")
-    num_cpus: float = Field(0.5, ge=0)
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved for the searcher replica")
 
 
 class AppArgs(StrictModel):

@@ -23,16 +23,16 @@ class EventsConfig(StrictModel):
     results_bucket: str | None = Field(None, description="where outputs go; None = the event's bucket")
     object_tags: bool = Field(False, description="also set lens:* S3 object tags on the source object")
     max_object_bytes: PositiveInt = Field(20 * 1024 * 1024, description="larger objects are skipped")
-    top_k: PositiveInt = 5
+    top_k: PositiveInt = Field(5, description="tags written per image")
     wait_time_s: int = Field(20, ge=0, le=20, description="SQS long-poll wait")
     visibility_timeout_s: PositiveInt = Field(60, description="a message being processed is hidden this long")
-    messages_per_poll: int = Field(10, ge=1, le=10)
+    messages_per_poll: int = Field(10, ge=1, le=10, description="messages per ReceiveMessage (SQS allows 10)")
     concurrency: PositiveInt = Field(16, description="objects processed at once per poller")
     min_pollers: int = Field(1, ge=0, description="pollers kept when the queue is idle (the warm minimum)")
     max_pollers: PositiveInt = Field(4, description="pollers when the backlog is large")
     messages_per_poller: PositiveInt = Field(50, description="backlog per extra poller")
     scale_interval_s: PositiveFloat = Field(5.0, description="how often queue depth is checked")
-    region: str | None = None
+    region: str | None = Field(None, description="AWS region; None = the usual AWS environment")
 
     @property
     def source_buckets(self) -> tuple[str, ...]:
