@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 SHARD = "_shard"
 PIXELS = "_pixels"
 
+#: lens train heads' tags per row: JSON ``{head name: [{label, class_id, score}]}`` (present when heads are served)
+CUSTOM_TAGS = "custom_tags"
 TAG_TYPE = pa.list_(pa.struct([("label", pa.string()), ("class_id", pa.int32()), ("score", pa.float32())]))
 #: What the writer stage emits: one row per written part file.
 PART_SCHEMA = pa.schema([("shard", pa.string()), ("kind", pa.string()), ("path", pa.string()),
@@ -146,15 +148,21 @@ class Embedder:
         ok = np.asarray(pc.equal(batch.column("error"), "").to_numpy(zero_copy_only=False), dtype=bool)
         emb = np.zeros((n, self.dim), dtype=np.float32)
         tags: list = [None] * n
+        custom: list = [None] * n
         if ok.any():
             pixels = batch.column(PIXELS).combine_chunks().to_numpy()
             logits, e = self.predictor.infer_pixels(np.ascontiguousarray(pixels[ok]))
             emb[ok] = e
             for i, pred in zip(np.flatnonzero(ok), self.predictor.postprocess(logits, e, self.top_k)):
                 tags[i] = [t.to_dict() for t in pred.tags]
+                if pred.custom is not None:
+                    custom[i] = json.dumps(pred.custom)
         out = batch.drop_columns([PIXELS])
         out = out.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), self.dim))
-        return out.append_column("tags", pa.array(tags, TAG_TYPE))
+        out = out.append_column("tags", pa.array(tags, TAG_TYPE))
+        if self.predictor.heads:  # head name -> tags above threshold, as JSON (heads differ in classes)
+            out = out.append_column(CUSTOM_TAGS, pa.array(custom, pa.string()))
+        return out
 
 
 def decode_units(units: pa.Table, **kwargs) -> Iterator[pa.Table]:
@@ -189,7 +197,9 @@ class PartWriter:
             good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
             if good.num_rows:
                 t = pa.table({"id": good.column(self.id_column), "embedding": good.column("embedding"),
-                              "tags": good.column("tags"), **{c: good.column(c) for c in self.carry}})
+                              "tags": good.column("tags"),
+                              **({CUSTOM_TAGS: good.column(CUSTOM_TAGS)} if CUSTOM_TAGS in good.column_names else {}),
+                              **{c: good.column(c) for c in self.carry}})
                 records.append(self._write(shard, "embeddings", t))
             if bad.num_rows:
                 t = pa.table({"id": bad.column(self.id_column), "error": bad.column("error"),

@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "default: the embedded Lite0 ImageNet weights")
     g.add_argument("--num-classes", type=int, default=None, help="classifier size of a fine-tuned checkpoint")
     g.add_argument("--labels", default=None, help="label names file for a custom head (one per line or JSON)")
+    g.add_argument("--head", action="append", default=None, metavar="PACKAGE",
+                   help="a lens train head package (directory or s3://) whose custom tags join every answer; "
+                   "repeat for several heads on one backbone")
     g.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
                    help="auto (default): ONNX Runtime on CPU, torch on GPU")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
@@ -24,7 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 _MODEL_FLAGS = {"name": "model", "weights": "weights", "num_classes": "num_classes", "labels": "labels",
-                "backend": "backend", "device": "device", "num_threads": "threads", "max_batch_size": "batch_size"}
+                "backend": "backend", "device": "device", "num_threads": "threads", "max_batch_size": "batch_size",
+                "heads": "head"}
 
 
 def configs_from_args(args: argparse.Namespace, data: dict | None = None):

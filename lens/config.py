@@ -50,7 +50,8 @@ class ModelConfig(StrictModel):
     name: str = Field(EMBEDDED_MODEL, description="timm EfficientNet architecture name")
     weights: str | None = Field(
         None,
-        description="checkpoint: local .pth/.pt/.bin/.safetensors path or s3:// URI; "
+        description="checkpoint: local .pth/.pt/.bin/.safetensors path, a lens train finetune package "
+        "(directory), or an s3:// URI of either; "
         "None uses the embedded weights (tf_efficientnet_lite0); 'random' gives a seeded random init (tests)",
     )
     num_classes: PositiveInt | None = Field(None, description="classifier size; None infers it from the checkpoint")
@@ -67,6 +68,8 @@ class ModelConfig(StrictModel):
     max_batch_size: PositiveInt = Field(
         DEFAULT_MAX_BATCH_SIZE, description="largest batch sent to the model at once (lens tag, index search); "
         "a Serve pool's user_config.max_batch_size and lens embed's batch_size set it for their jobs")
+    heads: tuple[str, ...] = Field((), description="lens train head packages (directories or s3:// prefixes) "
+                                   "served on this model's embeddings: each adds its custom tags to every answer")
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="ONNX exports and downloaded weights; default $LENS_CACHE_DIR, else ~/.cache/lens")
 
@@ -85,8 +88,9 @@ class ModelConfig(StrictModel):
                 raise ValueError(f"s3 weights must look like s3://bucket/key, got {v!r}")
             return v
         suffix = Path(v).suffix.lower()
-        if suffix not in (".pth", ".pt", ".bin", ".safetensors"):
-            raise ValueError(f"weights must be a .pth, .pt, .bin or .safetensors file or an s3:// URI, got {v!r}")
+        if suffix and suffix not in (".pth", ".pt", ".bin", ".safetensors"):
+            raise ValueError(f"weights must be a .pth, .pt, .bin or .safetensors file, a lens train package "
+                             f"directory or an s3:// URI, got {v!r}")
         return v
 
 

@@ -21,8 +21,9 @@ from PIL import Image
 
 from .config import DEFAULT_MAX_BATCH_SIZE, DecodeConfig, ModelConfig
 from .decode import DecodeLimits
-from .errors import ImageError
+from .errors import ConfigError, ImageError
 from .preprocess import Preprocessor
+from .heads import Head, load_head, threshold_tags
 from .runtime import LoadedModel, load_model
 
 __all__ = ["Tag", "Prediction", "ItemError", "Predictor", "top_k_tags", "l2_normalize", "check_top_k", "MAX_TOP_K"]
@@ -49,11 +50,14 @@ class Tag:
 class Prediction:
     tags: list[Tag]
     embedding: np.ndarray  # float32, L2-normalised, shape (embed_dim,)
+    custom: dict[str, list[dict]] | None = None  # head name -> its tags above threshold (None: no heads)
 
     ok = True
 
     def to_dict(self, *, embedding: bool = False) -> dict:
         d = {"tags": [t.to_dict() for t in self.tags]}
+        if self.custom is not None:
+            d["custom_tags"] = self.custom
         if embedding:
             d["embedding"] = self.embedding.tolist()
         return d
@@ -127,9 +131,15 @@ class Predictor:
 
     def __init__(self, model: LoadedModel, limits: DecodeLimits = DecodeLimits(), *,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 default_top_k: int = 5) -> None:
+                 default_top_k: int = 5, heads: Sequence[Head] = ()) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two heads share a name: {sorted(n for n in names if names.count(n) > 1)}")
+        for head in heads:
+            head.check_backbone(model.identity())
+        self.heads = list(heads)
         self.model = model
         self.preprocessor = Preprocessor(model.preprocess, limits)
         self.max_batch_size = max_batch_size
@@ -142,6 +152,8 @@ class Predictor:
         model_cfg = model_cfg or ModelConfig()
         decode_cfg = decode_cfg or DecodeConfig()
         kwargs.setdefault("max_batch_size", model_cfg.max_batch_size)
+        if model_cfg.heads and "heads" not in kwargs:
+            kwargs["heads"] = [load_head(uri, cache_dir=model_cfg.cache_dir) for uri in model_cfg.heads]
         return cls(load_model(model_cfg), decode_cfg.limits(), **kwargs)
 
     # -- description -------------------------------------------------------------------------
@@ -158,7 +170,8 @@ class Predictor:
         return self.model.identity()
 
     def info(self) -> dict:
-        return self.model.info() | {"max_batch_size": self.max_batch_size, "warmed_up": self.warmed_up}
+        return self.model.info() | {"max_batch_size": self.max_batch_size, "warmed_up": self.warmed_up,
+                                    "heads": [h.info() for h in self.heads]}
 
     # -- the two halves ----------------------------------------------------------------------
     def prepare(self, item: Item) -> np.ndarray:
@@ -208,9 +221,22 @@ class Predictor:
         ``infer(stack(prepare(item)))``."""
         return self.infer(self.preprocessor.normalize(pixels))
 
+    def custom_tags(self, embeddings: np.ndarray, logits: np.ndarray | None = None) -> list[dict[str, list[dict]]] | None:
+        """Per row, each custom classifier's tags (its classes at or above their own threshold): every head's,
+        and a fine-tuned model package's own (from ``logits``). None when there are none."""
+        pkg = self.model.package
+        if not self.heads and not (pkg and logits is not None):
+            return None
+        per_head = {h.name: h.tags(embeddings) for h in self.heads}
+        if pkg and logits is not None:
+            per_head[pkg["name"]] = threshold_tags(softmax(np.array(logits, np.float32)), self.model.labels,
+                                                   np.asarray(pkg["thresholds"], np.float32))
+        return [{name: rows[i] for name, rows in per_head.items()} for i in range(len(embeddings))]
+
     def postprocess(self, logits: np.ndarray, embeddings: np.ndarray, top_k: int | None = None) -> list[Prediction]:
         tags = top_k_tags(logits, self.model.labels, top_k or self.default_top_k)
-        return [Prediction(t, e) for t, e in zip(tags, embeddings)]
+        custom = self.custom_tags(embeddings, logits) or [None] * len(tags)
+        return [Prediction(t, e, c) for t, e, c in zip(tags, embeddings, custom)]
 
     # -- the whole thing ---------------------------------------------------------------------
     def predict(self, items: Sequence[Item], top_k: int | None = None,

@@ -54,6 +54,7 @@ class LoadedModel:
     backend: Backend
     load_seconds: float = 0.0
     onnx_path: Path | None = None
+    package: dict | None = None  # a lens train finetune package: {"name", "uri", "sha256", "thresholds"}
 
     @functools.cached_property
     def labels_sha256(self) -> str:  # info() answers every health probe: hash the labels once
@@ -71,7 +72,7 @@ class LoadedModel:
             "device": self.backend.device,
             "precision": getattr(self.backend, "precision", "fp32"),
             "labels_sha256": self.labels_sha256,
-        }
+        } | ({"package": {k: v for k, v in self.package.items() if k != "thresholds"}} if self.package else {})
 
     def identity(self) -> ModelIdentity:
         return ModelIdentity(model=self.name, weights_sha256=self.weights.sha256, preprocess=self.preprocess.to_dict(),
@@ -122,8 +123,30 @@ def onnx_cache_paths(cfg: ModelConfig, weights: WeightsRef) -> tuple[Path, Path]
     return root / f"{stem}.onnx", root / f"{stem}.json"
 
 
+def _from_package(cfg: ModelConfig) -> tuple[ModelConfig, dict | None]:
+    """A ``finetune`` package given as ``weights``: its weights file, labels and architecture, verified."""
+    w = cfg.weights
+    if not w or w == "random" or Path(w).suffix.lower() in (".pth", ".pt", ".bin", ".safetensors"):
+        return cfg, None
+    from .config import EMBEDDED_MODEL
+    from .package import PackageError, open_package
+
+    pkg = open_package(w, cache_dir=cfg.cache_dir)
+    if pkg.kind != "finetune":
+        raise PackageError(f"{w} is a {pkg.kind} package: serve it with --head (model.heads), on its backbone",
+                           code="usage", status=400)
+    arch = pkg.manifest["identity"]["model"]
+    if cfg.name not in (arch, EMBEDDED_MODEL):
+        raise ConfigError(f"package {w} holds a fine-tuned {arch}, but the model name is {cfg.name}")
+    labels = pkg.manifest["labels"]
+    cfg = cfg.model_copy(update={"name": arch, "weights": str(pkg.file("model.safetensors")),
+                                 "labels": str(pkg.file("labels.json")), "num_classes": len(labels)})
+    return cfg, {"name": pkg.name, "uri": str(w), "sha256": pkg.sha256, "thresholds": pkg.manifest["thresholds"]}
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     t0 = time.perf_counter()
+    cfg, package = _from_package(cfg)
     device = resolve_device(cfg.device)
     backend_name = resolve_backend(cfg.backend, device)
     try:
@@ -183,6 +206,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             embed_dim=int(model.num_features),
             backend=backend,
         )
+    loaded.package = package
     loaded.load_seconds = time.perf_counter() - t0
     logger.info("loaded %s (%s on %s) in %.2fs", cfg.name, loaded.backend.name, loaded.backend.device,
                 loaded.load_seconds)

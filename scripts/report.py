@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "serve", "events", "batch", "index"]
+ORDER = ["model", "serve", "events", "batch", "index", "train"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -165,7 +165,27 @@ def index_md(i: dict) -> list[str]:
     return out + targets_md(i)
 
 
-RENDER = {"model": model_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md}
+def train_md(t: dict) -> list[str]:
+    v, d, loop = t["val_top1"], t["data"], t["plain_loop"]
+    ft = t["finetune"]
+    out = [f"Custom tags (`{SCRIPT['train']}`, `benchmarks/train.json|png`): {d['classes']} classes of real photos, "
+           f"{d['train']} training / {d['val']} validation images ({d['source']}).", "",
+           "| on the same split | validation top-1 |", "|---|---|",
+           f"| baseline: k-NN (k=5) on ImageNet Lite0 embeddings | {v['knn5_imagenet_embeddings']} |",
+           f"| `lens train` head mode | {v['head']} |",
+           f"| `lens train --mode finetune` ({ft['workers']} Ray Train worker, {len(ft['epochs'])} epochs) | "
+           f"{v['finetune']} |", "",
+           f"* head mode: {t['head']['embedding_seconds_cold_cache']} s embedding {d['train'] + d['val']} images "
+           f"(cold cache, the bulk-embedding job), {t['head']['head_seconds']} s training the head; on 10,000 "
+           f"embeddings (10 epochs, batch 32) **{t['head_10k_embeddings_seconds']} s** (median of 3).",
+           f"* fine-tuning throughput, second phase (top blocks unfrozen): Ray Train "
+           f"{n(ft['ray_train_images_per_s_phase2'])} images/s vs a plain single-process timm loop "
+           f"{n(loop['images_per_s'])} images/s in the same run: **{t['ratio_ray_train_vs_plain_loop']}×**."]
+    return out + targets_md(t)
+
+
+RENDER = {"model": model_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md,
+          "train": train_md}
 
 
 def performance() -> str:
@@ -200,7 +220,8 @@ def report() -> str:
             f"the script named in its section). Machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU.\n\n"
             + targets_line() + "\n\n" + performance().replace("`benchmarks/serve.json|png`",
                                                               "`serve.json`, ![serve](serve.png)")
-            .replace("`benchmarks/index.json|png`", "`index.json`, ![index](index.png)") + "\n")
+            .replace("`benchmarks/index.json|png`", "`index.json`, ![index](index.png)")
+            .replace("`benchmarks/train.json|png`", "`train.json`, ![train](train.png)") + "\n")
 
 
 def _replace_block(text: str, name: str, body: str) -> str:

@@ -148,6 +148,9 @@ class TaggerCore:
                 raise ModelError(f"{type(e).__name__}: {e}") from None
             out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], self.predictor.model.labels,
                                                                   top_k)[0]]}
+            custom = self.predictor.custom_tags(emb[None], logits[None])
+            if custom is not None:
+                out["custom_tags"] = custom[0]
             if embedding:
                 out["embedding"] = emb
             return out

@@ -47,6 +47,11 @@ def _shown(exc: BaseException) -> LensError | None:
     return e if e is not None and (e.http_status < 500 or e.http_status == 503) else None
 
 
+def _custom(result: dict) -> dict:
+    """``custom_tags`` (head name -> tags above threshold) when the pool serves heads."""
+    return {"custom_tags": result["custom_tags"]} if "custom_tags" in result else {}
+
+
 def _item_error(exc: BaseException, route: str) -> dict:
     """One item's failure inside a batch answer, in the error shape (a server fault without its internals)."""
     e = _shown(exc)
@@ -188,7 +193,7 @@ class HttpApi:
             k = self._top_k(top_k)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             result = await self._dispatch("tag", (data, k, embedding), pool)
-            body = {"model": await self._model_name(pool), "tags": result["tags"]}
+            body = {"model": await self._model_name(pool), "tags": result["tags"]} | _custom(result)
             if embedding:
                 body["embedding"] = [float(x) for x in result["embedding"]]
             return body
@@ -217,7 +222,7 @@ class HttpApi:
             results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool) for img in images),
                                            return_exceptions=True)
             out = [{"index": i} | (_item_error(r, "/v1/tag:batch") if isinstance(r, BaseException)
-                                   else {"tags": r["tags"]}) for i, r in enumerate(results)]
+                                   else {"tags": r["tags"]} | _custom(r)) for i, r in enumerate(results)]
             return {"model": await self._model_name(pool), "results": out}
 
         return await self._handle(request, "/v1/tag:batch", work)

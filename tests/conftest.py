@@ -191,3 +191,25 @@ def moto_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def write_head_package(path, identity, labels: list[str], thresholds: list[float], seed: int = 0) -> str:
+    """A ``head`` package with seeded random weights for a backbone ``identity`` (a ModelIdentity): what
+    ``lens train`` writes, without training (serving tests need the plumbing, not the accuracy)."""
+    from safetensors.numpy import save
+
+    from lens.package import write_package
+
+    g = np.random.default_rng(seed)
+    w = g.normal(size=(len(labels), identity.embed_dim)).astype(np.float32) * 4
+    b = g.normal(size=len(labels)).astype(np.float32)
+    return write_package(str(path), {"head.safetensors": save({"weight": w, "bias": b})},
+                         {"kind": "head", "name": os.path.basename(str(path)), "labels": labels,
+                          "thresholds": thresholds, "identity": identity.to_dict()})
+
+
+@pytest.fixture(scope="session")
+def tiny_head(tmp_path_factory, tiny):
+    """A head on the tiny model: classes red and green always tagged (threshold 0), blue never (1.01)."""
+    return write_head_package(tmp_path_factory.mktemp("heads") / "colours", tiny.identity(),
+                              ["red", "green", "blue"], [0.0, 0.0, 1.01])

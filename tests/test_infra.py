@@ -140,3 +140,17 @@ def test_dashboard_panels_use_exported_metrics():
     assert used <= known, used - known
     # every metric Lens exports is on the dashboard
     assert known - used == set(), known - used
+
+
+def test_train_rayjob_is_well_formed_and_its_command_parses():
+    from lens.app.cli import build_parser
+    from train.cli import config_from_args
+
+    doc = yaml.safe_load((INFRA / "kuberay" / "rayjob-train.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    check_cluster(doc["spec"]["rayClusterSpec"], "RayJob")
+    args = build_parser().parse_args(shlex.split(doc["spec"]["entrypoint"])[1:])
+    cfg = config_from_args(args)  # validated as `lens train` would
+    assert args.command == "train" and cfg.mode == "finetune" and cfg.use_gpu and cfg.workers == 2
+    assert cfg.data.startswith("s3://") and cfg.output.startswith("s3://")
+    assert cfg.checkpoint_storage.startswith("s3://")  # shared: workers on other nodes resume from it

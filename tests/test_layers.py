@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lens", "batch", "index", "serve")
+PACKAGES = ("lens", "batch", "index", "serve", "train")
 
 # layer -> the layers it may import
 ALLOWED = {
@@ -20,7 +20,8 @@ ALLOWED = {
     "index": {"runtime", "index"},
     "serve": {"runtime", "index", "serve"},
     "events": {"runtime", "serve", "events"},
-    "app": {"runtime", "batch", "index", "serve", "events", "app"},
+    "train": {"runtime", "batch", "index", "train"},
+    "app": {"runtime", "batch", "index", "serve", "events", "train", "app"},
 }
 
 

@@ -120,12 +120,12 @@ async def _concurrent(url: str, bodies: list[bytes], ctype="image/jpeg"):
 
 
 @pytest.fixture(scope="module")
-def main_app(cluster):
-    return deploy(cluster, "main", {}, max_ongoing_requests=64,
+def main_app(cluster, tiny_head):
+    return deploy(cluster, "main", {"pool": {"model": TINY | {"heads": [tiny_head]}}}, max_ongoing_requests=64,
                   user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05, "max_pending": 64})
 
 
-def test_routes_and_errors(main_app, photos):
+def test_routes_and_errors(main_app, photos, tiny_head):
     jpeg = images(1)[0]
     r = post(f"{main_app}/v1/tag?top_k=3", jpeg)
     assert r.status_code == 200, r.text
@@ -143,12 +143,23 @@ def test_routes_and_errors(main_app, photos):
     results = r.json()["results"]
     assert [x["index"] for x in results] == [0, 1, 2]
     assert "tags" in results[0] and results[1]["status"] == 415 and "tags" in results[2]
+    assert [t["label"] for t in results[0]["custom_tags"]["colours"]] in (["red", "green"], ["green", "red"])
     assert requests.get(f"{main_app}/healthz", timeout=30).json()["status"] == "ok"
     (info,) = requests.get(f"{main_app}/v1/models", timeout=30).json()["pools"]
     assert info["model"] == "test_efficientnet" and info["backend"] == "onnx" and info["device"] == "cpu"
     assert info["preprocess"]["input_size"] == [3, 160, 160] and info["weights_sha256"]
     r = post(f"{main_app}/v1/tag?top_k=0", jpeg)
     assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    # the pool serves the head on the same forward pass: its custom tags are the head applied to the embedding
+    from lens.heads import load_head
+
+    head = load_head(tiny_head)
+    emb = np.asarray(post(f"{main_app}/v1/embed", jpeg).json()["embedding"], np.float32)
+    custom = post(f"{main_app}/v1/tag", jpeg).json()["custom_tags"]
+    (want,) = head.tags(emb[None])
+    assert [t["label"] for t in custom["colours"]] == [t["label"] for t in want]  # blue is never above 1.01
+    assert np.allclose([t["score"] for t in custom["colours"]], [t["score"] for t in want], atol=1e-4)
+    assert info["heads"] == [head.info()]
 
 
 def test_malformed_corpus_gets_typed_errors_without_restarting_the_replica(main_app, photos):

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     from index.cli import add_parsers as add_index_parsers
 
     add_index_parsers(sub)
+    from train.cli import add_parsers as add_train_parsers
+
+    add_train_parsers(sub, _add_model_args)
 
     p = sub.add_parser("demo", help="the main job end to end on embedded defaults (local Ray + moto S3/SQS)")
     p.add_argument("--images", type=int, default=300, help="augmented copies seeded besides the 7 photos")

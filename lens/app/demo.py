@@ -76,7 +76,7 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
 
     from lens.samples import augmented_jpegs, sample_path
 
-    total = 9
+    total = 10
     summary: dict = {"steps_s": {}}
     work = prepare_workdir(workdir)
     t_all = time.perf_counter()
@@ -149,7 +149,21 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     summary["steps_s"]["index"] = round(time.perf_counter() - t, 1)
 
     # 6 -------------------------------------------------------------------------------------
-    t = _step(6, total, "starting the Serve app: tagging + search + the S3 event consumer")
+    t = _step(6, total, "training custom tags: 8 scene classes cut from the photos (lens train, head mode)")
+    from lens.samples import scene_dataset
+    from train.config import TrainConfig
+    from train.job import run_train
+
+    scene_dataset(work / "scenes", train_per_class=12, val_per_class=4, seed=0)
+    head = run_train(TrainConfig(data=str(work / "scenes"), output=str(work / "packages" / "scenes")),
+                     log=lambda m: print("    " + m, file=sys.stderr))
+    summary["custom_tags"] = {"package": head["package"], "classes": head["classes"], "train": head["train"],
+                              "val": head["val"], "val_top1": head["metrics"]["top1"],
+                              "head_seconds": head["head_seconds"]}
+    summary["steps_s"]["train"] = round(time.perf_counter() - t, 1)
+
+    # 7 -------------------------------------------------------------------------------------
+    t = _step(7, total, "starting the Serve app: tagging (ImageNet + custom tags) + search + the S3 event consumer")
     from serve.events.setup import ensure_resources
     from serve.run import deploy
 
@@ -159,7 +173,8 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     cfg = events_args(doc).events
     emb_prefix = f"s3://{cfg.results_bucket}/{cfg.embeddings_prefix}"
     doc["applications"][0]["args"] = {"search": {"index": str(index_dir), "refresh_s": 1.0,
-                                                 "delta_sources": [emb_prefix]}}
+                                                 "delta_sources": [emb_prefix]},
+                                      "pools": [{"name": "Tagger", "model": {"heads": [head["package"]]}}]}
     for change in ensure_resources(cfg):
         print(f"    {change}", file=sys.stderr)
     deploy(doc, where="demo config")
@@ -168,8 +183,8 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     summary["url"] = url
     summary["steps_s"]["serve"] = round(time.perf_counter() - t, 1)
 
-    # 7 -------------------------------------------------------------------------------------
-    t = _step(7, total, f"uploading {new_images} new images to s3://{cfg.bucket}/incoming/ "
+    # 8 -------------------------------------------------------------------------------------
+    t = _step(8, total, f"uploading {new_images} new images to s3://{cfg.bucket}/incoming/ "
                         "(S3 ObjectCreated -> SQS -> consumer)")
     new = list(augmented_jpegs(new_images, seed=1000))
     for name, data, _ in new:
@@ -196,11 +211,12 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
                          "searchable_in_s": round(time.perf_counter() - t, 1),
                          "example_sidecar": f"s3://{results_bucket}/{cfg.result_prefix}incoming/{probe_name}.json",
                          "example_tags": [x["label"] for x in sidecar["tags"][:3]],
+                         "example_custom_tags": sidecar.get("custom_tags"),
                          "example_search_top1": found["results"][0]}
     summary["steps_s"]["events"] = round(time.perf_counter() - t, 1)
 
-    # 8 -------------------------------------------------------------------------------------
-    t = _step(8, total, "example requests over HTTP")
+    # 9 -------------------------------------------------------------------------------------
+    t = _step(9, total, "example requests over HTTP")
     coffee = sample_path("coffee.png").read_bytes()
     tag = requests.post(f"{url}/v1/tag?top_k=3", data=coffee, headers={"Content-Type": "image/png"}, timeout=30).json()
     from PIL import Image
@@ -214,14 +230,15 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     by_id = requests.get(f"{url}/v1/search/originals/coffee.png?k=3", timeout=30).json()
     summary["examples"] = {
         "tag coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["tags"]],
+        "custom tags of coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["custom_tags"]["scenes"]],
         "search with a cropped, mirrored cat": [(h["id"], round(h["score"], 3)) for h in search["results"]],
         "neighbours of originals/coffee.png": [(h["id"], round(h["score"], 3)) for h in by_id["results"]],
     }
     summary["steps_s"]["examples"] = round(time.perf_counter() - t, 1)
     summary["total_s"] = round(time.perf_counter() - t_all, 1)
 
-    # 9 -------------------------------------------------------------------------------------
-    _step(9, total, "summary")
+    # 10 ------------------------------------------------------------------------------------
+    _step(10, total, "summary")
     _print_summary(summary, url, endpoint, cfg)
     if keep:
         print(f"\nLens is up at {url} (S3/SQS at {endpoint}); Ctrl-C to stop.", file=sys.stderr)
@@ -242,6 +259,9 @@ def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
       f"{e['images_per_s']} images/s -> {e['output']}")
     i = s["index"]
     p(f"  index          {i['type']} over {i['count']} vectors, recall@10 {i['recall_at_10']} -> {i['path']}")
+    c = s["custom_tags"]
+    p(f"  custom tags    a head on {c['classes']} scene classes ({c['train']} train / {c['val']} val images), "
+      f"validation top-1 {c['val_top1']}, trained in {c['head_seconds']} s -> {c['package']}")
     ev = s["events"]
     p(f"  event path     {ev['uploaded']} uploads tagged in {ev['tagged_in_s']} s, searchable in "
       f"{ev['searchable_in_s']} s; e.g. {ev['example_sidecar']}: {', '.join(ev['example_tags'])}")

@@ -68,7 +68,7 @@ class LocalTagger:
             (r,) = await asyncio.to_thread(self.predictor.predict, [data], top_k)
         if not r.ok:
             raise r.to_error()
-        return {"tags": [t.to_dict() for t in r.tags]} | ({"embedding": r.embedding} if embedding else {})
+        return r.to_dict() | ({"embedding": r.embedding} if embedding else {})
 
     def info(self) -> dict:
         return self.predictor.info()
@@ -202,7 +202,8 @@ class EventProcessor:
             if e is None or e.http_status >= 500:
                 raise RetryLater(f"tagger: {e.message if e else exc}") from exc
             return self._skip(ev, f"{e.code}: {e.message}")
-        return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"])
+        return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"],
+                      custom_tags=result.get("custom_tags"))
 
     @staticmethod
     def _skip(ev: ObjectEvent, reason: str) -> Record:

@@ -65,7 +65,8 @@ class HttpTagger:
     async def __call__(self, data: bytes, top_k: int, embedding: bool) -> dict:
         status, body = await asyncio.to_thread(self._request, f"/v1/tag?top_k={top_k}&embedding=true", data)
         if status == 200:
-            return {"tags": body["tags"], "embedding": body["embedding"]}
+            return {"tags": body["tags"], "embedding": body["embedding"]} | (
+                {"custom_tags": body["custom_tags"]} if "custom_tags" in body else {})
         # the API's error answer as the model deployment would raise it; 429/503/504: retry later, not the image
         raise RequestFailed(str(body.get("message", "")), code=str(body.get("error", "http_error")),
                             status=503 if status in (429, 503, 504) else int(body.get("status", status)))

@@ -33,6 +33,7 @@ class Record:
     reason: str | None = None
     tags: list | None = None
     embedding: np.ndarray | None = None
+    custom_tags: dict | None = None  # head name -> tags above threshold (pools serving lens train heads)
 
     def to_json(self, model: dict) -> dict:
         ident = _identity(model)
@@ -47,6 +48,8 @@ class Record:
             d["reason"] = self.reason
         if self.tags is not None:
             d["tags"] = self.tags
+        if self.custom_tags is not None:
+            d["custom_tags"] = self.custom_tags
         if self.embedding is not None:
             d["embedding"] = [float(x) for x in self.embedding]
         return d

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Benchmark `lens train`; prints one JSON summary, writes benchmarks/train.json|png.
+
+Data: 8 classes of real photos (scikit-image's), training images cut from the left 60 % of each photo and
+validation images from the rest (seeded augmented crops), so validation never sees training pixels.
+
+1. Validation top-1 on the same split: head mode, finetune mode (Lite0, Ray Train, 1 worker), and the baseline,
+   a k-NN vote (k=5, cosine, FAISS) over the same ImageNet Lite0 embeddings.
+2. Head training time for 10,000 embeddings (card defaults: 10 epochs, batch 32); target under 10 s on CPU.
+3. Fine-tuning throughput (images/s in the second phase, top blocks unfrozen) through Ray Train (Ray Data
+   decoding and augmenting in CPU tasks) against a plain single-process timm training loop in the same run
+   (decode, augment, forward, backward one batch after another, same model, same trainable layers, same batch
+   size); target >= 0.85x. On a GPU (`--use-gpu`), both with AMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def knn_top1(train_x, train_y, val_x, val_y, k: int = 5) -> float:
+    import faiss
+
+    index = faiss.IndexFlatIP(train_x.shape[1])
+    index.add(np.ascontiguousarray(train_x, np.float32))
+    sims, ids = index.search(np.ascontiguousarray(val_x, np.float32), k)
+    right = 0
+    for s, row, y in zip(sims, ids, val_y):
+        votes: dict[int, float] = {}
+        for sim, j in zip(s, row):
+            votes[int(train_y[j])] = votes.get(int(train_y[j]), 0.0) + float(sim)
+        right += max(votes, key=votes.get) == y
+    return round(right / len(val_y), 4)
+
+
+def embeddings_of(files: list[Path], model_cfg) -> np.ndarray:
+    """The cached embeddings `lens train` computed for ``files`` (by content hash)."""
+    from lens.runtime import load_model
+    from train.features import EmbeddingCache
+
+    cache = EmbeddingCache(model_cfg.cache_dir, load_model(model_cfg).identity()).load()
+    return np.stack([cache[hashlib.sha256(f.read_bytes()).hexdigest()] for f in files])
+
+
+def plain_loop(data: Path, classes: list[str], model_name: str, batch_size: int, images: int, use_gpu: bool,
+               threads: int) -> dict:
+    """A single-process timm fine-tuning loop: decode + augment + forward + backward, batch after batch."""
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from lens.decode import decode_image
+    from lens.runtime import _build_torch
+    from lens.config import ModelConfig
+    from lens.weights import resolve_weights
+    from train.finetune import _set_trainable, _train_mode
+
+    torch.set_num_threads(threads)
+    cfg = ModelConfig(name=model_name)
+    parent, pp, _, _ = _build_torch(cfg, resolve_weights(cfg.name, cfg.weights, Path(cfg.cache_dir)))
+    model = timm.create_model(model_name, num_classes=len(classes), drop_rate=0.2)
+    model.load_state_dict({k: v for k, v in parent.state_dict().items() if not k.startswith("classifier.")},
+                          strict=False)
+    _set_trainable(model, "top")
+    device = torch.device("cuda" if use_gpu else "cpu")
+    model.to(device)
+    tf = create_transform(**{k: v for k, v in resolve_data_config(model=model).items()
+                             if k in ("input_size", "mean", "std", "interpolation")}, is_training=True)
+    files = sorted((data / "train").glob("*/*.jpg"))
+    labels = [classes.index(f.parent.name) for f in files]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_gpu)
+    rng = np.random.default_rng(0)
+
+    def step(idx):
+        x = torch.stack([tf(decode_image(files[i].read_bytes()).convert("RGB")) for i in idx]).to(device)
+        y = torch.tensor([labels[i] for i in idx], device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_gpu):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    _train_mode(model)
+    step(rng.integers(0, len(files), batch_size))  # warm-up
+    t0, done = time.perf_counter(), 0
+    while done < images:
+        step(rng.integers(0, len(files), batch_size))
+        done += batch_size
+    dt = time.perf_counter() - t0
+    return {"images": done, "seconds": round(dt, 2), "images_per_s": round(done / dt, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-per-class", type=int, default=40)
+    ap.add_argument("--val-per-class", type=int, default=10)
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "train.json"))
+    args = ap.parse_args()
+
+    import ray
+
+    from lens.config import ModelConfig
+    from lens.samples import SCENES, scene_dataset
+    from train.config import TrainConfig
+    from train.head import train_head
+    from train.job import run_train
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    work = Path(tempfile.mkdtemp(prefix="lens-bench-train-"))
+    os.environ.setdefault("LENS_CACHE_DIR", str(work / "cache"))  # a cold cache: the first run embeds everything
+    data = work / "data"
+    scene_dataset(data, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=0)
+    classes = sorted(SCENES.values())
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    head = run_train(TrainConfig(data=str(data), output=str(work / "head")), log=log)
+    model_cfg = ModelConfig()
+    tr_files = sorted((data / "train").glob("*/*.jpg"))
+    va_files = sorted((data / "val").glob("*/*.jpg"))
+    tr_x, va_x = embeddings_of(tr_files, model_cfg), embeddings_of(va_files, model_cfg)
+    tr_y = np.array([classes.index(f.parent.name) for f in tr_files])
+    va_y = np.array([classes.index(f.parent.name) for f in va_files])
+    knn = knn_top1(tr_x, tr_y, va_x, va_y)
+
+    # head training time on 10k embeddings: the real training embeddings, resampled with a little noise
+    rng = np.random.default_rng(0)
+    pick = rng.integers(0, len(tr_x), 10_000)
+    x10k = tr_x[pick] + 0.01 * rng.normal(size=(10_000, tr_x.shape[1])).astype(np.float32)
+    x10k /= np.linalg.norm(x10k, axis=1, keepdims=True)
+    times = []
+    for _ in range(3):
+        r = train_head(x10k, tr_y[pick], va_x, va_y, len(classes), epochs=10, lr=1e-3, batch_size=32, dropout=0.2,
+                       label_smoothing=0.1, weight_decay=1e-4, patience=0, seed=0)
+        times.append(r.seconds)
+    head_10k_s = round(float(np.median(times)), 3)
+
+    fine = run_train(TrainConfig(data=str(data), output=str(work / "finetune"), mode="finetune", workers=1,
+                                 head_epochs=1, epochs=args.finetune_epochs, use_gpu=args.use_gpu, patience=0),
+                     log=log)
+    phase2 = [r for r in fine["epochs"] if r["phase"] == "finetune"]
+    ray_ips = float(np.median([r["images_per_s"] for r in phase2]))
+    ray.shutdown()
+    threads = os.cpu_count() or 1
+    loop = plain_loop(data, classes, "tf_efficientnet_lite0", 32, max(128, int(ray_ips * 20) // 32 * 32),
+                      args.use_gpu, threads)
+    ratio = round(ray_ips / loop["images_per_s"], 3)
+
+    out = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": args.use_gpu},
+        "data": {"classes": len(classes), "train": len(tr_files), "val": len(va_files),
+                 "source": "scikit-image photos; train from the left 60 % of each photo, val from the rest"},
+        "val_top1": {"knn5_imagenet_embeddings": knn, "head": head["metrics"]["top1"],
+                     "finetune": fine["metrics"]["top1"]},
+        "head": {"embedding_seconds_cold_cache": head["embedding_seconds"], "head_seconds": head["head_seconds"],
+                 "macro_f1": head["metrics"]["macro_f1"], "ece": head["metrics"]["ece"]},
+        "head_10k_embeddings_seconds": head_10k_s, "head_10k_runs": [round(t, 3) for t in times],
+        "finetune": {"epochs": fine["epochs"], "fit_seconds": fine["fit_seconds"], "workers": 1,
+                     "ray_train_images_per_s_phase2": round(ray_ips, 2)},
+        "plain_loop": loop,
+        "ratio_ray_train_vs_plain_loop": ratio,
+        "targets": {"head_10k_under_10s": head_10k_s < 10.0, "finetune_throughput_ge_0.85x_plain_loop": ratio >= 0.85},
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        names = list(out["val_top1"])
+        a.bar(names, [out["val_top1"][n] or 0 for n in names], color=["#999", "#36c", "#c63"])
+        a.set_ylim(0, 1)
+        a.set_title("validation top-1 (same split)")
+        a.tick_params(axis="x", labelsize=7)
+        b.bar(["plain loop", "Ray Train"], [loop["images_per_s"], ray_ips], color=["#999", "#36c"])
+        b.set_title("fine-tuning images/s (phase 2)")
+        fig.tight_layout()
+        fig.savefig(Path(args.out).with_suffix(".png"), dpi=100)
+    except ImportError:
+        pass
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""lens train: the dataset checks, head mode on real photos, the package, and custom tags served everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import encode, random_rgb
+
+TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
+#: validation top-1 that Lite0 head mode must reach on the real-photo scenes (8 classes; chance is 0.125)
+ACCURACY_FLOOR = 0.9
+
+
+def cfg(**kw):
+    from train.config import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+def write_images(root: Path, per_class: dict[str, int], rng, size=(48, 40)) -> None:
+    for label, n in per_class.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / label / f"{i:03d}.png").write_bytes(encode(random_rgb(rng, *size), "PNG"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from lens.samples import scene_dataset
+
+    root = tmp_path_factory.mktemp("scenes")
+    scene_dataset(root, train_per_class=20, val_per_class=6, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def head_pkg(local_ray, scenes, tmp_path_factory):
+    from train.job import run_train
+
+    out = tmp_path_factory.mktemp("pkgs") / "scenes"
+    logs: list[str] = []
+    summary = run_train(cfg(data=str(scenes), output=str(out)), log=logs.append)
+    return out, summary, logs
+
+
+# -- checks before any compute ---------------------------------------------------------------------
+
+
+def test_class_names_that_collide_after_case_or_unicode_folding_are_refused(tmp_path, rng):
+    from train.dataset import DatasetError, discover
+
+    write_images(tmp_path, {"Cat": 5, "cat": 5, "dog": 5}, rng)
+    with pytest.raises(DatasetError, match="'Cat' and 'cat' differ only in case"):
+        discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
+    shutil.rmtree(tmp_path / "Cat")
+    write_images(tmp_path, {"cafe\u0301": 5, "caf\u00e9": 5}, rng)  # decomposed vs composed é
+    with pytest.raises(DatasetError, match="differ only in case or Unicode form"):
+        discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
+
+
+def test_class_names_are_kept_exactly(tmp_path, rng):
+    from train.dataset import discover
+
+    write_images(tmp_path, {"Golden Retriever": 5, "défaut_soudure": 5}, rng)
+    ds = discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
+    assert ds.classes == ["Golden Retriever", "défaut_soudure"]
+
+
+def test_too_few_images_or_classes_and_loose_files_are_refused(tmp_path, rng):
+    from train.dataset import DatasetError, discover
+
+    write_images(tmp_path, {"a": 6, "b": 4}, rng)
+    with pytest.raises(DatasetError, match=r"at least 5 images; too few in 'b': 4"):
+        discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
+    shutil.rmtree(tmp_path / "b")
+    with pytest.raises(DatasetError, match="at least 2 class folders"):
+        discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
+    write_images(tmp_path, {"b": 5}, rng)
+    (tmp_path / "stray.png").write_bytes((tmp_path / "b" / "000.png").read_bytes())
+    with pytest.raises(DatasetError, match="belong to no class"):
+        discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
+    with pytest.raises(DatasetError, match="does not exist"):
+        discover(cfg(data=str(tmp_path / "nowhere"), output=str(tmp_path / "o")))
+
+
+def test_small_and_imbalanced_sets_are_warned_with_the_guidance(tmp_path, rng):
+    from train.dataset import discover
+
+    write_images(tmp_path, {"common": 30, "rare": 5}, rng, size=(16, 16))
+    (tmp_path / "common" / "notes.txt").write_text("not an image")
+    ds = discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
+    assert any("only 35 images" in w and "at least 500 images" in w and "--recommended" in w for w in ds.warnings)
+    assert any("class imbalance 6.0x" in w and "'rare': 5" in w for w in ds.warnings)
+    report = ds.report()
+    assert report["imbalance"] == 6.0 and report["ignored_files"] == 1
+
+
+def test_the_split_is_stratified_seeded_and_never_empties_a_class(tmp_path, rng):
+    from train.dataset import discover
+
+    write_images(tmp_path, {"a": 20, "b": 5, "c": 11}, rng, size=(16, 16))
+    one = discover(cfg(data=str(tmp_path), output="o", seed=3))
+    two = discover(cfg(data=str(tmp_path), output="o", seed=3))
+    other = discover(cfg(data=str(tmp_path), output="o", seed=4))
+    assert one.counts("val") == {"a": 4, "b": 1, "c": 2}
+    assert one.counts("train") == {"a": 16, "b": 4, "c": 9}
+    assert [e.split for e in one.examples] == [e.split for e in two.examples]
+    assert [e.split for e in one.examples] != [e.split for e in other.examples]
+
+
+def test_a_given_validation_folder_must_cover_the_classes(tmp_path, rng):
+    from train.dataset import DatasetError, discover
+
+    write_images(tmp_path / "train", {"a": 6, "b": 6}, rng, size=(16, 16))
+    write_images(tmp_path / "val", {"a": 2, "b": 2}, rng, size=(16, 16))
+    ds = discover(cfg(data=str(tmp_path), output="o"))
+    assert ds.layout == "train-val-folders" and ds.counts("val") == {"a": 2, "b": 2}
+    shutil.rmtree(tmp_path / "val" / "b")
+    write_images(tmp_path / "val", {"c": 5}, rng, size=(16, 16))
+    with pytest.raises(DatasetError, match="classes the training set lacks: 'c'|no images of 'b'"):
+        discover(cfg(data=str(tmp_path), output="o"))
+
+
+@pytest.mark.parametrize("setting,value,range_", [
+    ("epochs", 60, "5..50"), ("batch_size", 4, "8..64"), ("lr", 0.01, "0.0001..0.005"),
+    ("dropout", 0.7, "0..0.5"), ("val_fraction", 0.9, "0.05..0.5"),
+])
+def test_settings_outside_the_card_range_are_refused_naming_the_range(setting, value, range_):
+    from lens.config import validate
+    from lens.errors import ConfigError
+    from train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        validate(TrainConfig, {"data": "d", "output": "o", setting: value})
+    assert f"{setting} must be in {range_}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recommended_follows_the_guidance_by_dataset_size_and_explicit_settings_win():
+    from train.config import recommended
+    from train.config import effective_settings
+
+    assert recommended(700) == {"epochs": 30, "lr": 5e-4, "dropout": 0.35}
+    assert recommended(5000)["epochs"] == 15 and recommended(50_000) == {"epochs": 8, "lr": 2e-3, "dropout": 0.12}
+    settings, applied = effective_settings(cfg(data="d", output="o", recommended=True, epochs=12), 700)
+    assert settings["epochs"] == 12 and settings["lr"] == 5e-4 and applied == {"lr": 5e-4, "dropout": 0.35}
+
+
+def test_cli_refuses_out_of_range_in_one_line_before_any_compute(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "train", "--data", str(tmp_path), "--output",
+                        str(tmp_path / "o"), "--epochs", "60"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "epochs must be in 5..50" in r.stderr, r.stderr
+
+
+# -- head mode on real photos ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_head_mode_on_real_photos_beats_the_floor_and_writes_a_verified_package(head_pkg, lite0_onnx):
+    from PIL import Image
+
+    from lens.package import open_package
+
+    out, summary, logs = head_pkg
+    assert summary["metrics"]["top1"] >= ACCURACY_FLOOR, summary
+    assert summary["classes"] == 8 and summary["train"] == 160 and summary["val"] == 48
+    assert summary["errors"] == 0 and summary["near_duplicates"]["pairs"] == 0
+    assert any("only 208 images" in w for w in summary["warnings"])
+    pkg = open_package(str(out))
+    m = pkg.manifest
+    assert m["kind"] == "head" and m["name"] == "scenes"
+    assert m["labels"] == sorted(["cat", "coffee", "astronaut", "rocket", "motorcycle", "horse", "brick", "coins"])
+    assert m["identity"] == lite0_onnx.identity().to_dict()
+    assert len(m["thresholds"]) == 8 and all(0 < t <= 1 for t in m["thresholds"])
+    assert set(m["files"]) == {"head.safetensors", "metrics.json", "confusion.png", "split.json"}
+    metrics = json.loads(pkg.file("metrics.json").read_text())
+    assert set(metrics["per_class"]["cat"]) >= {"precision", "recall", "f1", "support", "threshold"}
+    assert np.asarray(metrics["confusion"]).sum() == 48 and metrics["ece"] is not None
+    assert Image.open(pkg.file("confusion.png")).size[0] > 100
+    assert len(m["dataset"]["fingerprint"]) == 64 and m["training"]["mode"] == "head"
+    assert any("epoch 1/" in line for line in logs)
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_embeddings_by_content_hash(head_pkg, scenes, tmp_path):
+    from train.job import run_train
+
+    _, first, _ = head_pkg
+    again = run_train(cfg(data=str(scenes), output=str(tmp_path / "again"), seed=1), log=lambda m: None)
+    assert again["from_cache"] == 208 and again["errors"] == 0
+    assert again["metrics"]["top1"] >= ACCURACY_FLOOR
+
+
+@pytest.mark.slow
+def test_custom_tags_from_the_predictor_match_the_validation_class(head_pkg, scenes, lite0_onnx):
+    from lens.heads import load_head
+    from lens.predictor import Predictor
+
+    out, summary, _ = head_pkg
+    head = load_head(str(out))
+    predictor = Predictor(lite0_onnx.model, heads=[head])
+    files = sorted((scenes / "val").glob("*/*.jpg"))
+    results = predictor.predict([f.read_bytes() for f in files])
+    right = sum(1 for f, r in zip(files, results) if r.custom["scenes"] and r.custom["scenes"][0]["label"] == f.parent.name)
+    assert right / len(files) >= ACCURACY_FLOOR * 0.9  # thresholds may leave a hard image untagged
+    assert results[0].to_dict()["custom_tags"]["scenes"] == results[0].custom["scenes"]
+    assert "heads" in predictor.info() and predictor.info()["heads"][0]["classes"] == 8
+
+
+@pytest.mark.slow
+def test_lens_tag_with_head_prints_custom_tags(head_pkg, scenes):
+    out, _, _ = head_pkg
+    img = sorted((scenes / "val" / "coffee").glob("*.jpg"))[0]
+    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "tag", "--head", str(out), str(img)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout)
+    assert line["custom_tags"]["scenes"][0]["label"] == "coffee"
+    assert line["tags"]  # the ImageNet tags come from the same forward pass
+
+
+@pytest.mark.slow
+def test_lens_embed_with_head_writes_custom_tags(head_pkg, scenes, tmp_path, local_ray):
+    from batch.config import EmbedConfig
+    from batch.job import run_embed
+    from lens.config import ModelConfig
+
+    out, _, _ = head_pkg
+    src = tmp_path / "in"
+    shutil.copytree(scenes / "val" / "rocket", src / "rocket")
+    run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "emb"), model=ModelConfig(heads=(str(out),))),
+              log=lambda m: None)
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    t = pa.concat_tables([pq.read_table(tmp_path / "emb" / f) for f in manifest["files"]])
+    custom = [json.loads(c) for c in t.column("custom_tags").to_pylist()]
+    assert len(custom) == 6 and sum(c["scenes"][:1] == [c["scenes"][0]] and c["scenes"][0]["label"] == "rocket"
+                                    for c in custom if c["scenes"]) >= 5
+
+
+@pytest.mark.slow
+def test_event_sidecars_carry_custom_tags(head_pkg, scenes, lite0_onnx):
+    import asyncio
+
+    from lens.heads import load_head
+    from lens.predictor import Predictor
+    from serve.events.consumer import LocalTagger
+    from serve.events.results import Record
+    from serve.events.s3events import ObjectEvent
+
+    out, _, _ = head_pkg
+    tagger = LocalTagger(Predictor(lite0_onnx.model, heads=[load_head(str(out))]))
+    img = sorted((scenes / "val" / "horse").glob("*.jpg"))[0].read_bytes()
+    result = asyncio.run(tagger(img, 3, True))
+    assert result["custom_tags"]["scenes"][0]["label"] == "horse"
+    ev = ObjectEvent(bucket="b", key="k.jpg", etag="e", version_id=None, size=len(img), sequencer="1",
+                     event_name="ObjectCreated:Put")
+    side = Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"],
+                  custom_tags=result["custom_tags"]).to_json(tagger.info())
+    assert side["custom_tags"]["scenes"][0]["label"] == "horse"
+
+
+# -- the package is verified everywhere ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_tampered_or_unfinished_package_is_refused_naming_the_file(head_pkg, tmp_path):
+    from lens.heads import load_head
+    from lens.package import MANIFEST, PackageError
+
+    out, _, _ = head_pkg
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / "head.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "head.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="head.safetensors does not match its checksum"):
+        load_head(str(bad))
+    (bad / MANIFEST).unlink()
+    with pytest.raises(PackageError, match="not a Lens model package"):
+        load_head(str(bad))
+
+
+@pytest.mark.slow
+def test_a_head_on_another_backbone_is_refused(head_pkg, tiny):
+    from lens.errors import ConfigError
+    from lens.heads import load_head
+    from lens.predictor import Predictor
+
+    out, _, _ = head_pkg
+    with pytest.raises(ConfigError, match="was trained on tf_efficientnet_lite0"):
+        Predictor(tiny.model, heads=[load_head(str(out))])
+
+
+@pytest.mark.slow
+def test_an_existing_package_is_not_overwritten_unless_asked(head_pkg, scenes):
+    from train.dataset import DatasetError
+    from train.job import run_train
+
+    out, _, _ = head_pkg
+    with pytest.raises(DatasetError, match="already holds a package"):
+        run_train(cfg(data=str(scenes), output=str(out)), log=lambda m: None)
+
+
+# -- bad images, leakage and Parquet input (tiny model: fast) --------------------------------------
+
+
+@pytest.mark.slow
+def test_corrupt_and_oversized_images_become_counted_error_rows(local_ray, tmp_path, rng):
+    from lens.config import DecodeConfig, ModelConfig
+    from train.job import run_train
+
+    data = tmp_path / "data"
+    write_images(data, {"a": 7, "b": 7}, rng, size=(40, 40))
+    (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    big = rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    from PIL import Image
+
+    (data / "b" / "huge.png").write_bytes(encode(Image.fromarray(big), "PNG"))
+    summary = run_train(cfg(data=str(data), output=str(tmp_path / "pkg"), model=ModelConfig(**TINY),
+                            decode=DecodeConfig(max_bytes=100_000)), log=lambda m: None)
+    assert summary["errors"] == 2
+    manifest = json.loads((tmp_path / "pkg" / "lens-package.json").read_text())
+    assert manifest["dataset"]["embedding"]["errors_by_code"] == {"invalid_image": 1, "image_too_large": 1}
+    split = json.loads((tmp_path / "pkg" / "split.json").read_text())
+    assert {u["id"].rsplit("/", 1)[-1] for u in split["unusable"]} == {"broken.jpg", "huge.png"}
+
+
+@pytest.mark.slow
+def test_near_duplicates_across_the_split_are_reported_and_removed_with_dedup(local_ray, tmp_path, rng):
+    from lens.config import ModelConfig
+    from train.job import run_train
+
+    data = tmp_path / "data"
+    write_images(data / "train", {"a": 6, "b": 6}, rng)
+    write_images(data / "val", {"a": 2, "b": 2}, rng)
+    shutil.copy(data / "val" / "a" / "000.png", data / "train" / "a" / "leak.png")  # the same image on both sides
+    reported = run_train(cfg(data=str(data), output=str(tmp_path / "p1"), model=ModelConfig(**TINY)),
+                         log=lambda m: None)
+    assert reported["near_duplicates"] == {"pairs": 1, "removed": 0} and reported["train"] == 13
+    removed = run_train(cfg(data=str(data), output=str(tmp_path / "p2"), model=ModelConfig(**TINY), dedup=True),
+                        log=lambda m: None)
+    assert removed["near_duplicates"] == {"pairs": 1, "removed": 1} and removed["train"] == 12
+    split = json.loads((tmp_path / "p2" / "split.json").read_text())
+    assert split["removed_near_duplicates"] == ["train/a/leak.png"]
+
+
+@pytest.mark.slow
+def test_parquet_input_with_id_image_and_label_columns(local_ray, tmp_path, rng):
+    from lens.config import ModelConfig
+    from train.job import run_train
+
+    blobs = [encode(random_rgb(rng, 32, 32), "PNG") for _ in range(12)]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(12)], "image": pa.array(blobs, pa.binary()),
+                             "tag": ["x"] * 6 + ["y"] * 6}), tmp_path / "pq" / "part-0.parquet")
+    summary = run_train(cfg(data=str(tmp_path / "pq"), output=str(tmp_path / "pkg"), model=ModelConfig(**TINY),
+                            id_column="key", label_column="tag"), log=lambda m: None)
+    assert summary["classes"] == 2 and summary["train"] + summary["val"] == 12
+
+
+# -- finetune on Ray Train (tiny model, 2 CPU workers) ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_package(local_ray, tmp_path):
+    from lens.config import ModelConfig
+    from lens.package import open_package
+    from lens.samples import scene_dataset
+    from train.job import run_train
+
+    scenes = {"chelsea.png": "cat", "coffee.png": "coffee", "rocket.jpg": "rocket"}
+    scene_dataset(tmp_path / "data", train_per_class=8, val_per_class=3, seed=1, scenes=scenes)
+    # rank 0 dies after its 3rd checkpoint in one process: in the second phase, after epoch 3 (the 1-epoch first
+    # phase never gets there, and the restarted group has only epoch 4 left)
+    os.environ["LENS_CRASH_AT"] = "train.after_checkpoint:3"
+    try:
+        summary = run_train(cfg(data=str(tmp_path / "data"), output=str(tmp_path / "pkg"), mode="finetune",
+                                model=ModelConfig(**TINY), workers=2, head_epochs=1, epochs=4, lr=5e-3,
+                                patience=0, batch_size=8), log=lambda m: None)
+    finally:
+        os.environ.pop("LENS_CRASH_AT", None)
+    assert summary["restarts"] == 1, summary
+    fine = [r for r in summary["epochs"] if r["phase"] == "finetune"]
+    assert [r["epoch"] for r in fine] == [1, 2, 3, 4]  # epoch 4 ran after the restart; none ran twice
+    assert fine[-1]["train_loss"] < summary["epochs"][0]["train_loss"]  # the loss went down
+    pkg = open_package(str(tmp_path / "pkg"))
+    assert pkg.kind == "finetune" and pkg.manifest["labels"] == ["cat", "coffee", "rocket"]
+    # the package is a model: lens tag --weights PKG answers with its classes, and its thresholded custom tags
+    img = sorted((tmp_path / "data" / "val" / "coffee").glob("*.jpg"))[0]
+    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "tag", "--model", "test_efficientnet", "--weights",
+                        str(tmp_path / "pkg"), str(img)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout)
+    assert {t["label"] for t in line["tags"]} <= {"cat", "coffee", "rocket"} and "pkg" in line["custom_tags"]
+    from lens.runtime import load_model
+
+    loaded = load_model(ModelConfig(name="test_efficientnet", weights=str(tmp_path / "pkg"), backend="onnx"))
+    assert loaded.identity().weights_sha256 == pkg.manifest["identity"]["weights_sha256"]

@@ -1,0 +1,243 @@
+"""A training set: discovered, checked before any compute, and split.
+
+Layouts (local or ``s3://``):
+
+* ``DATA/<class>/...``: one folder per class (files deeper in a class folder belong to it); validation is a
+  seeded stratified split of each class (``val_fraction``).
+* ``DATA/train/<class>/...`` and ``DATA/val/<class>/...``: the validation set is given.
+* Parquet shards with an id, an encoded-image and a label column.
+
+Class names are kept exactly as written; two names equal after Unicode (NFKC) and case folding are refused,
+since they would be one tag to a person and two to the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lens.errors import LensError
+from lens.storage import Location
+
+from .config import GUIDANCE, MIN_PER_CLASS, SMALL_DATASET, TrainConfig
+
+__all__ = ["Example", "Dataset", "DatasetError", "discover", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(LensError):
+    code = "bad_dataset"
+    http_status = 400
+
+
+@dataclass
+class Example:
+    id: str  # path relative to the data root, or the Parquet id
+    label: str
+    split: str = "train"  # "train" | "val"
+    path: str | None = None  # folder input: the file in the location's filesystem
+    size: int = 0
+    data: bytes | None = None  # Parquet input: the encoded image
+    digest: str = ""  # SHA-256 of the encoded image (set when it is read)
+    error: str | None = None  # why it could not be used ("code: message"), set by the embedding step
+
+
+@dataclass
+class Dataset:
+    source: str
+    layout: str  # "folders" | "train-val-folders" | "parquet"
+    classes: list[str]
+    examples: list[Example]
+    loc: Location | None = None
+    ignored: list[str] = field(default_factory=list)  # files that are not images
+    warnings: list[str] = field(default_factory=list)
+
+    def read(self, ex: Example) -> bytes:
+        if ex.data is not None:
+            return ex.data
+        return self.loc.read_bytes(ex.path)
+
+    def split(self, name: str) -> list[Example]:
+        return [e for e in self.examples if e.split == name]
+
+    def counts(self, split: str | None = None) -> dict[str, int]:
+        c = Counter(e.label for e in self.examples if split is None or e.split == split)
+        return {k: c.get(k, 0) for k in self.classes}
+
+    def report(self) -> dict:
+        total = self.counts()
+        lo, hi = min(total.values()), max(total.values())
+        return {"source": self.source, "layout": self.layout, "classes": len(self.classes),
+                "images": len(self.examples), "train": len(self.split("train")), "val": len(self.split("val")),
+                "per_class": {k: {"train": self.counts("train")[k], "val": self.counts("val")[k]}
+                              for k in self.classes},
+                "imbalance": round(hi / lo, 2), "ignored_files": len(self.ignored), "warnings": self.warnings}
+
+    def fingerprint(self) -> str:
+        """SHA-256 over (split, label, content digest) of every example, sorted: the same data gives the same
+        fingerprint whatever the order or file names (digests are set by the embedding step)."""
+        rows = sorted(f"{e.split}\0{e.label}\0{e.digest}" for e in self.examples)
+        return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def _normal(name: str) -> str:
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def _check_class_names(names) -> None:
+    seen: dict[str, str] = {}
+    for n in sorted(names):
+        key = _normal(n)
+        if key in seen:
+            raise DatasetError(f"class folders {seen[key]!r} and {n!r} differ only in case or Unicode form; "
+                               "merge or rename one (they would be one tag to a person, two to the model)")
+        seen[key] = n
+
+
+def _list(loc: Location, base: str) -> list[tuple[str, int]]:
+    """(path, size) of every file under ``base``, hidden and ``_`` names skipped."""
+    import pyarrow.fs as pafs
+
+    info = loc.fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DatasetError(f"training data {loc.uri_of(base)} does not exist")
+    if info.type == pafs.FileType.File:
+        return [(base, info.size)]
+    out = []
+    for fi in loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        rel = fi.path[len(base):].lstrip("/")
+        if fi.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
+            continue
+        out.append((fi.path, fi.size))
+    return sorted(out)
+
+
+def _folder_examples(loc: Location, base: str, split: str, ignored: list[str]) -> list[Example]:
+    out, loose = [], []
+    for path, size in _list(loc, base):
+        rel = path[len(base):].lstrip("/")
+        if not rel.lower().endswith(IMAGE_EXTENSIONS):
+            ignored.append(rel)
+            continue
+        if "/" not in rel:
+            loose.append(rel)
+            continue
+        out.append(Example(id=path[len(loc.root):].lstrip("/"), label=rel.split("/", 1)[0], split=split,
+                           path=path, size=size))
+    if loose:
+        raise DatasetError(f"{len(loose)} image(s) directly in {loc.uri_of(base)} (e.g. {loose[0]!r}) belong to no "
+                           "class: put each image in a folder named after its class")
+    return out
+
+
+def _parquet_examples(cfg: TrainConfig, loc: Location) -> list[Example]:
+    import pyarrow.parquet as pq
+
+    files = [p for p, _ in _list(loc, loc.root) if p.endswith(".parquet")]
+    out = []
+    cols = [cfg.id_column, cfg.image_column, cfg.label_column]
+    for f in files:
+        try:
+            schema = pq.read_schema(f, filesystem=loc.fs)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a broken file
+            raise DatasetError(f"{loc.uri_of(f)} is not a readable Parquet file: {e}") from None
+        missing = [c for c in cols if c not in schema.names]
+        if missing:
+            raise DatasetError(f"{loc.uri_of(f)} has no column(s) {missing} (has {schema.names}); name them with "
+                               "--id-column, --image-column and --label-column")
+        t = pq.read_table(f, filesystem=loc.fs, columns=cols)
+        for i, lab, img in zip(*(t.column(c).to_pylist() for c in cols)):
+            if lab is None or str(lab) == "":
+                raise DatasetError(f"{loc.uri_of(f)}: row with id {i!r} has no label")
+            data = img if isinstance(img, bytes) else b""
+            out.append(Example(id=str(i), label=str(lab), data=data, size=len(data)))
+    return out
+
+
+def discover(cfg: TrainConfig) -> Dataset:
+    """List and check the training data (no image is decoded): layout, class names, images per class, the
+    validation split. Raises :class:`DatasetError` with the reason; warnings go to ``Dataset.warnings``."""
+    try:
+        loc = Location.parse(cfg.data)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    ignored: list[str] = []
+    files = _list(loc, loc.root)
+    if not files:
+        raise DatasetError(f"training data {cfg.data} is empty")
+    if all(p.endswith(".parquet") for p, _ in files):
+        layout, examples = "parquet", _parquet_examples(cfg, loc)
+        _split(examples, cfg)
+    else:
+        tops = {p[len(loc.root):].lstrip("/").split("/", 1)[0] for p, _ in files}
+        given_val = cfg.val_data is not None or {"train", "val"} <= tops
+        if cfg.val_data is not None:
+            layout = "folders+val"
+            examples = _folder_examples(loc, loc.root, "train", ignored)
+            try:
+                vloc = Location.parse(cfg.val_data)
+            except ValueError as e:
+                raise DatasetError(str(e)) from None
+            if vloc.fs.__class__ is not loc.fs.__class__:
+                raise DatasetError("--val-data must be on the same storage as --data (both local or both s3://)")
+            examples += _folder_examples(vloc, vloc.root, "val", ignored)
+        elif given_val:
+            layout = "train-val-folders"
+            examples = (_folder_examples(loc, loc.path("train"), "train", ignored)
+                        + _folder_examples(loc, loc.path("val"), "val", ignored))
+        else:
+            layout = "folders"
+            examples = _folder_examples(loc, loc.root, "train", ignored)
+            _split(examples, cfg)
+    if not examples:
+        raise DatasetError(f"no images found in {cfg.data} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    classes = sorted({e.label for e in examples})
+    _check_class_names(classes)
+    ds = Dataset(source=cfg.data, layout=layout, classes=classes, examples=examples, loc=loc, ignored=ignored)
+    check_counts(ds)
+    return ds
+
+
+def _split(examples: list[Example], cfg: TrainConfig) -> None:
+    """Seeded, stratified: each class keeps ``round(val_fraction * n)`` (at least 1) images for validation."""
+    rng = np.random.default_rng(cfg.seed)
+    by_class: dict[str, list[Example]] = {}
+    for e in sorted(examples, key=lambda e: e.id):
+        by_class.setdefault(e.label, []).append(e)
+    for label, items in sorted(by_class.items()):
+        n_val = min(len(items) - 1, max(1, round(cfg.val_fraction * len(items))))
+        for j in rng.permutation(len(items))[:n_val]:
+            items[j].split = "val"
+
+
+def check_counts(ds: Dataset, *, after: str = "") -> None:
+    """Refuse too few classes or images per class; warn on a small set and on imbalance."""
+    if len(ds.classes) < 2:
+        raise DatasetError(f"found {len(ds.classes)} class ({', '.join(ds.classes)}) in {ds.source}: training needs "
+                           "at least 2 class folders")
+    total = ds.counts()
+    few = {k: v for k, v in total.items() if v < MIN_PER_CLASS}
+    if few:
+        listed = ", ".join(f"{k!r}: {v}" for k, v in sorted(few.items()))
+        raise DatasetError(f"every class needs at least {MIN_PER_CLASS} images{after}; too few in {listed}")
+    if ds.layout != "parquet" and ds.layout != "folders":
+        val = ds.counts("val")
+        missing = [k for k, v in val.items() if v == 0]
+        if missing:
+            raise DatasetError(f"the validation set has no images of {', '.join(map(repr, missing))}")
+        no_train = [k for k, v in ds.counts("train").items() if v == 0]
+        if no_train:
+            raise DatasetError(f"the validation set has classes the training set lacks: {', '.join(map(repr, no_train))}")
+    if len(ds.examples) < SMALL_DATASET and not any(w.startswith("only") for w in ds.warnings):
+        ds.warnings.append(f"only {len(ds.examples)} images: {GUIDANCE}")
+    lo, hi = min(total.values()), max(total.values())
+    if hi >= 5 * lo and not any(w.startswith("class imbalance") for w in ds.warnings):
+        big = max(total, key=total.get)
+        small = min(total, key=total.get)
+        ds.warnings.append(f"class imbalance {hi / lo:.1f}x ({big!r}: {hi} images, {small!r}: {lo}): rare classes "
+                           "will be predicted less often; add images or expect lower recall on them")
