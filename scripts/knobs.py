@@ -27,6 +27,7 @@ from lens.config import DecodeConfig, ModelConfig  # noqa: E402
 from serve.config import ApiConfig, BatchingConfig, PoolConfig, SearchConfig  # noqa: E402
 from serve.events.config import EventsConfig  # noqa: E402
 from serve.frontdoor import FrontDoorConfig  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
 
 OUT = ROOT / "infra" / "lens.yaml"
 COMMENT_COLUMN = 40
@@ -39,6 +40,7 @@ HEADER = """\
 #   model:, decode:   lens tag / lens embed --config FILE (flags override); a Serve pool's `model:`/`decode:`
 #   embed:            lens embed --config FILE (flags override); embed.batch_size sets model.max_batch_size there
 #   index:            lens index build (flags of the same names)
+#   train:            lens train --config FILE (flags override; its model:/decode: are the sections above)
 #   serve:            `args:` of a Serve application (infra/serve-cpu.yaml, serve-gpu.yaml); a pool's `batching:`
 #                     is its deployment's `user_config:` (live: change it and `serve deploy` again). Replica
 #                     counts, autoscaling and max_ongoing_requests are Ray Serve's own `deployments:` fields.
@@ -116,6 +118,7 @@ def generate() -> str:
     out += ["model:", *render(ModelConfig, 2), "decode:", *render(DecodeConfig, 2)]
     out += ["embed:", *render(EmbedConfig, 2, skip=("model", "decode"))]
     out += ["index:", *render(BuildConfig, 2)]
+    out += ["train:", *render(TrainConfig, 2, skip=("model", "decode"))]
     pool = render(PoolConfig, 6, skip=("batching",), refer={"model": "the keys of model: above",
                                                              "decode": "the keys of decode: above"})
     out += ["serve:", _line(2, "pools:", "tried in order; a full pool overflows to the next"),

@@ -27,7 +27,7 @@ def test_infra_lens_yaml_is_generated_from_the_configs():
 
 def test_every_section_is_valid_and_gives_the_defaults():
     data = yaml.safe_load((ROOT / "infra" / "lens.yaml").read_text())
-    assert set(data) == {"model", "decode", "embed", "index", "serve", "events", "frontdoor"}
+    assert set(data) == {"model", "decode", "embed", "index", "train", "serve", "events", "frontdoor"}
     model = ModelConfig.model_validate(data["model"])
     assert model == ModelConfig(cache_dir=model.cache_dir)
     assert DecodeConfig.model_validate(data["decode"]) == DecodeConfig()
@@ -35,6 +35,10 @@ def test_every_section_is_valid_and_gives_the_defaults():
     assert embed == EmbedConfig(input="in", output="out", model=embed.model)
     assert BuildConfig.model_validate(data["index"] | {"embeddings": ["e"], "output": "o"}) == \
         BuildConfig(embeddings=("e",), output="o")
+    from train.config import TrainConfig
+
+    train = TrainConfig.model_validate(data["train"] | {"data": "d", "output": "o"})
+    assert train == TrainConfig(data="d", output="o", model=train.model)
     serve = data["serve"] | {"search": data["serve"]["search"] | {"index": "idx"}}
     args = AppArgs.model_validate(serve)
     assert args.pools[0].batching == AppArgs().pools[0].batching and args.api == AppArgs().api

@@ -85,6 +85,12 @@ class Dataset:
         return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
+def _short(name: str, n: int = 60) -> str:
+    """A class name for a message: quoted, cut to ``n`` characters (a label column may hold anything)."""
+    r = repr(name)
+    return r if len(r) <= n else r[: n - 4] + "...'"
+
+
 def _normal(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold()
 
@@ -151,7 +157,7 @@ def _parquet_examples(cfg: TrainConfig, loc: Location) -> list[Example]:
             raise DatasetError(f"{loc.uri_of(f)} has no column(s) {missing} (has {schema.names}); name them with "
                                "--id-column, --image-column and --label-column")
         t = pq.read_table(f, filesystem=loc.fs, columns=cols)
-        for i, lab, img in zip(*(t.column(c).to_pylist() for c in cols)):
+        for i, img, lab in zip(*(t.column(c).to_pylist() for c in cols)):
             if lab is None or str(lab) == "":
                 raise DatasetError(f"{loc.uri_of(f)}: row with id {i!r} has no label")
             data = img if isinstance(img, bytes) else b""
@@ -223,7 +229,9 @@ def check_counts(ds: Dataset, *, after: str = "") -> None:
     total = ds.counts()
     few = {k: v for k, v in total.items() if v < MIN_PER_CLASS}
     if few:
-        listed = ", ".join(f"{k!r}: {v}" for k, v in sorted(few.items()))
+        listed = ", ".join(f"{_short(k)}: {v}" for k, v in sorted(few.items())[:10])
+        if len(few) > 10:
+            listed += f" and {len(few) - 10} more classes"
         raise DatasetError(f"every class needs at least {MIN_PER_CLASS} images{after}; too few in {listed}")
     if ds.layout != "parquet" and ds.layout != "folders":
         val = ds.counts("val")

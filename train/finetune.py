@@ -103,9 +103,9 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     steps_per_epoch = max(1, math.ceil(config["n_train"] / world / config["batch_size"]))
     total = config["epochs"] * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    for _ in range((start_epoch - 1) * steps_per_epoch):
-        sched.step()
+    done = (start_epoch - 1) * steps_per_epoch  # a resumed run continues the schedule where it stopped
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + done, total) / total)))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -124,10 +124,10 @@ def train_loop(config: dict) -> None:
             scaler.update()
             sched.step()
             seen += len(batch["y"])
-            loss_sum += float(loss) * len(batch["y"])
+            loss_sum += float(loss.detach()) * len(batch["y"])
         train_s = time.perf_counter() - t0
         model.eval()
-        stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct, n, loss sum, images trained
+        stats = torch.zeros(5, dtype=torch.float64, device=device)  # correct, n, val loss sum, trained, loss sum
         with torch.no_grad():
             for batch in val_shard.iter_torch_batches(batch_size=64, device=device,
                                                       dtypes={"x": torch.float32, "y": torch.int64}):
@@ -135,12 +135,12 @@ def train_loop(config: dict) -> None:
                 stats[0] += (logits.argmax(1) == batch["y"]).sum()
                 stats[1] += len(batch["y"])
                 stats[2] += torch.nn.functional.cross_entropy(logits, batch["y"], reduction="sum")
-        stats[3] = seen
+        stats[3], stats[4] = seen, loss_sum
         if world > 1:
             torch.distributed.all_reduce(stats)
         top1 = float(stats[0] / stats[1]) if stats[1] else math.nan
         val_loss = float(stats[2] / stats[1]) if stats[1] else math.nan
-        row = {"phase": config["phase"], "epoch": epoch, "train_loss": round(loss_sum / max(seen, 1), 5),
+        row = {"phase": config["phase"], "epoch": epoch, "train_loss": round(float(stats[4] / max(stats[3], 1)), 5),
                "val_loss": round(val_loss, 5), "val_top1": round(top1, 5),
                "images_per_s": round(float(stats[3]) / max(train_s, 1e-9), 2), "train_seconds": round(train_s, 3)}
         history.append(row)
@@ -277,10 +277,11 @@ def run_finetune(cfg: TrainConfig, prep, *, log, started: float) -> dict:
     # validation with the serving path's preprocessing, in this process
     from lens.preprocess import Preprocessor
 
-    prep = Preprocessor(pp, limits)
+    preprocessor = Preprocessor(pp, limits)
     val = ds.split("val")
     with torch.no_grad():
-        logits = np.concatenate([model(torch.from_numpy(np.stack([prep(ds.read(e)) for e in val[i:i + 32]]))).numpy()
+        logits = np.concatenate([model(torch.from_numpy(np.stack([preprocessor(ds.read(e))
+                                                                   for e in val[i:i + 32]]))).numpy()
                                  for i in range(0, len(val), 32)])
     y = np.array([class_id[e.label] for e in val])
     probs = softmax(logits)
