@@ -110,7 +110,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-per-class", type=int, default=40)
     ap.add_argument("--val-per-class", type=int, default=10)
-    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--finetune-epochs", type=int, default=5, help="second phase (the card allows 5-50)")
+    ap.add_argument("--head-epochs", type=int, default=5, help="first phase, backbone frozen")
+    ap.add_argument("--lr", type=float, default=5e-3, help="first-phase lr (second: x 0.1); the card's top, since "
+                    "this set gives only 10 steps per epoch")
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "train.json"))
     args = ap.parse_args()
@@ -154,7 +157,8 @@ def main() -> None:
     head_10k_s = round(float(np.median(times)), 3)
 
     fine = run_train(TrainConfig(data=str(data), output=str(work / "finetune"), mode="finetune", workers=1,
-                                 head_epochs=1, epochs=args.finetune_epochs, use_gpu=args.use_gpu, patience=0),
+                                 head_epochs=args.head_epochs, epochs=args.finetune_epochs, lr=args.lr,
+                                 use_gpu=args.use_gpu, patience=0),
                      log=log)
     phase2 = [r for r in fine["epochs"] if r["phase"] == "finetune"]
     ray_ips = float(np.median([r["images_per_s"] for r in phase2]))
@@ -173,7 +177,8 @@ def main() -> None:
         "head": {"embedding_seconds_cold_cache": head["embedding_seconds"], "head_seconds": head["head_seconds"],
                  "macro_f1": head["metrics"]["macro_f1"], "ece": head["metrics"]["ece"]},
         "head_10k_embeddings_seconds": head_10k_s, "head_10k_runs": [round(t, 3) for t in times],
-        "finetune": {"epochs": fine["epochs"], "fit_seconds": fine["fit_seconds"], "workers": 1,
+        "finetune": {"epochs": fine["epochs"], "fit_seconds": fine["fit_seconds"], "workers": 1, "lr": args.lr,
+                     "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs,
                      "ray_train_images_per_s_phase2": round(ray_ips, 2)},
         "plain_loop": loop,
         "ratio_ray_train_vs_plain_loop": ratio,

@@ -250,6 +250,10 @@ def run_finetune(cfg: TrainConfig, prep, *, log, started: float) -> dict:
     if unexpected or any(not k.startswith("classifier.") for k in missing):
         raise RuntimeError(f"parent weights do not fit {cfg.model.name}: missing {missing}, unexpected {unexpected}")
     del parent
+    # a fresh classifier starts small: timm's EfficientNet init draws it from +-1/sqrt(num_classes), which on
+    # 1280 ReLU6 features gives logits in the tens and a first phase spent unlearning them
+    torch.nn.init.normal_(model.get_classifier().weight, std=0.01)
+    torch.nn.init.zeros_(model.get_classifier().bias)
     unusable = prep.unusable
     limits = cfg.decode.limits()
     limits_d = {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "formats": tuple(limits.formats),
