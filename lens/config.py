@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .decode import ALL_FORMATS, PILLOW_MAX_PIXELS, DecodeLimits
 from .errors import ConfigError
@@ -57,13 +57,26 @@ class ModelConfig(StrictModel):
     num_classes: PositiveInt | None = Field(None, description="classifier size; None infers it from the checkpoint")
     labels: str | None = Field(None, description="label names file (one per line, or a JSON list) for a custom head")
     input_size: PositiveInt | None = Field(None, description="override the pretrained input resolution (square)")
-    backend: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="auto: ONNX Runtime on CPU, torch on CUDA"
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="auto: ONNX Runtime on CPU, torch on CUDA; openvino: OpenVINO Runtime on CPU (fp32, "
+        "or int8 with precision int8)"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="torch on CUDA: autocast dtype (auto = fp16); CPU always runs fp32"
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        "auto", description="torch on CUDA: autocast dtype (auto = fp16); openvino: int8 (post-training "
+        "quantization, served only if it passes the accuracy gate, else fp32); otherwise CPU runs fp32"
     )
+    calibration: str | None = Field(None, description="int8: calibration images (a folder of image files or "
+                                    "Parquet with an image column); None = augmented copies of half the bundled "
+                                    "photos (the gate judges on the other half)")
+    int8_min_top1_agreement: float = Field(0.85, ge=0, le=1, description="int8 gate: top-1 agreement with fp32 on "
+                                           "held-out images")
+    int8_min_mean_cosine: float = Field(0.98, ge=0, le=1, description="int8 gate: mean embedding cosine to fp32")
+    int8_min_top5_overlap: float = Field(0.75, ge=0, le=1, description="int8 gate: mean Jaccard overlap of the "
+                                         "top-5 tag sets")
+    int8_min_recall_at_10: float = Field(0.93, ge=0, le=1, description="int8 gate: recall@10 of int8 queries against "
+                                         "an fp32 index, relative to fp32 queries (bounds mixing int8 queries "
+                                         "with fp32-built indexes)")
     num_threads: PositiveInt | None = Field(None, description="intra-op threads; None = all cores")
     max_batch_size: PositiveInt = Field(
         DEFAULT_MAX_BATCH_SIZE, description="largest batch sent to the model at once (lens tag, index search); "
@@ -72,6 +85,14 @@ class ModelConfig(StrictModel):
                                    "served on this model's embeddings: each adds its custom tags to every answer")
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="ONNX exports and downloaded weights; default $LENS_CACHE_DIR, else ~/.cache/lens")
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> "ModelConfig":
+        if self.precision == "int8" and self.backend not in ("openvino", "auto"):
+            raise ValueError(f"precision int8 runs on the openvino backend, not {self.backend}")
+        if self.backend == "openvino" and self.precision in ("fp16", "bf16"):
+            raise ValueError(f"the openvino backend runs fp32 or int8, not {self.precision}")
+        return self
 
     @field_validator("device")
     @classmethod

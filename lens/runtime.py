@@ -55,6 +55,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     onnx_path: Path | None = None
     package: dict | None = None  # a lens train finetune package: {"name", "uri", "sha256", "thresholds"}
+    quantization: dict | None = None  # precision int8: the accuracy gate's report and what is "served"
 
     @functools.cached_property
     def labels_sha256(self) -> str:  # info() answers every health probe: hash the labels once
@@ -72,13 +73,14 @@ class LoadedModel:
             "device": self.backend.device,
             "precision": getattr(self.backend, "precision", "fp32"),
             "labels_sha256": self.labels_sha256,
-        } | ({"package": {k: v for k, v in self.package.items() if k != "thresholds"}} if self.package else {})
+        } | ({"package": {k: v for k, v in self.package.items() if k != "thresholds"}} if self.package else {}) | (
+            {"quantization": self.quantization} if self.quantization else {})
 
     def identity(self) -> ModelIdentity:
         return ModelIdentity(model=self.name, weights_sha256=self.weights.sha256, preprocess=self.preprocess.to_dict(),
                              embed_dim=self.embed_dim, num_classes=self.num_classes,
                              labels_sha256=self.labels_sha256,
-                             precision=getattr(self.backend, "precision", "fp32"))
+                             precision=getattr(self.backend, "precision", "fp32"), backend=self.backend.name)
 
 
 def resolve_device(device: str) -> str:
@@ -105,11 +107,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_backend(backend: str, device: str) -> str:
+def resolve_backend(backend: str, device: str, precision: str = "auto") -> str:
     if backend == "auto":
-        return "onnx" if device == "cpu" else "torch"
-    if backend == "onnx" and device != "cpu":
-        raise ConfigError("the onnx backend runs ONNX Runtime on CPU; use backend torch (or auto) on CUDA")
+        if precision == "int8":
+            backend = "openvino"
+        else:
+            return "onnx" if device == "cpu" else "torch"
+    if backend in ("onnx", "openvino") and device != "cpu":
+        raise ConfigError(f"the {backend} backend runs on CPU; use backend torch (or auto) on CUDA")
     return backend
 
 
@@ -148,7 +153,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     t0 = time.perf_counter()
     cfg, package = _from_package(cfg)
     device = resolve_device(cfg.device)
-    backend_name = resolve_backend(cfg.backend, device)
+    backend_name = resolve_backend(cfg.backend, device, cfg.precision)
     try:
         weights = resolve_weights(cfg.name, cfg.weights, Path(cfg.cache_dir))
     except WeightsError:
@@ -157,32 +162,15 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         check_model_name(cfg.name)  # an unknown name is the clearer error
         raise
 
-    if backend_name == "onnx":
-        onnx_path, meta_path = onnx_cache_paths(cfg, weights)
-        meta = _read_meta(meta_path, onnx_path)
-        if meta is None:
-            from filelock import FileLock
-
-            with FileLock(str(onnx_path) + ".lock", timeout=600):
-                meta = _read_meta(meta_path, onnx_path)  # another process may have exported meanwhile
-                if meta is None:
-                    model, pp, num_classes, labels = _build_torch(cfg, weights)
-                    te = time.perf_counter()
-                    export_onnx(model, onnx_path, pp.input_size)
-                    meta = {
-                        "format": ONNX_FORMAT,
-                        "model": cfg.name,
-                        "weights_sha256": weights.sha256,
-                        "num_classes": num_classes,
-                        "embed_dim": int(model.num_features),
-                        "preprocess": pp.to_dict(),
-                        "labels": labels,
-                    }
-                    atomic_write_bytes(meta_path, json.dumps(meta).encode())
-                    logger.info("exported %s to ONNX in %.1fs: %s", cfg.name, time.perf_counter() - te, onnx_path)
-        backend: Backend = OnnxBackend(onnx_path, num_threads=cfg.num_threads)
+    quantization = None
+    if backend_name in ("onnx", "openvino"):
+        onnx_path, meta = _ensure_onnx(cfg, weights)
         num_classes = int(meta["num_classes"])
         labels = read_labels(cfg.labels, num_classes) if cfg.labels else list(meta["labels"])
+        if backend_name == "onnx":
+            backend: Backend = OnnxBackend(onnx_path, num_threads=cfg.num_threads)
+        else:
+            backend, quantization = _openvino_backend(cfg, onnx_path, meta, labels)
         loaded = LoadedModel(
             name=cfg.name,
             weights=weights,
@@ -207,10 +195,84 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             backend=backend,
         )
     loaded.package = package
+    loaded.quantization = quantization
     loaded.load_seconds = time.perf_counter() - t0
     logger.info("loaded %s (%s on %s) in %.2fs", cfg.name, loaded.backend.name, loaded.backend.device,
                 loaded.load_seconds)
     return loaded
+
+
+def _ensure_onnx(cfg: ModelConfig, weights: WeightsRef) -> tuple[Path, dict]:
+    """The cached ONNX export of this model and its metadata, exported once (under a file lock) if missing."""
+    onnx_path, meta_path = onnx_cache_paths(cfg, weights)
+    meta = _read_meta(meta_path, onnx_path)
+    if meta is None:
+        from filelock import FileLock
+
+        with FileLock(str(onnx_path) + ".lock", timeout=600):
+            meta = _read_meta(meta_path, onnx_path)  # another process may have exported meanwhile
+            if meta is None:
+                model, pp, num_classes, labels = _build_torch(cfg, weights)
+                te = time.perf_counter()
+                export_onnx(model, onnx_path, pp.input_size)
+                meta = {
+                    "format": ONNX_FORMAT,
+                    "model": cfg.name,
+                    "weights_sha256": weights.sha256,
+                    "num_classes": num_classes,
+                    "embed_dim": int(model.num_features),
+                    "preprocess": pp.to_dict(),
+                    "labels": labels,
+                }
+                atomic_write_bytes(meta_path, json.dumps(meta).encode())
+                logger.info("exported %s to ONNX in %.1fs: %s", cfg.name, time.perf_counter() - te, onnx_path)
+    return onnx_path, meta
+
+
+def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: list[str]):
+    """(OpenVINO backend, int8 gate report or None). An int8 model that fails the gate is not served: fp32 is,
+    with a warning naming the numbers."""
+    import hashlib
+
+    from . import int8_gate
+    from .openvino import OpenVinoBackend, cpu_flags, ensure_fp32, ensure_int8, openvino_version
+    from .preprocess import Preprocessor
+
+    fp32_xml = ensure_fp32(onnx_path)
+    if cfg.precision != "int8":
+        return OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads), None
+    thresholds = int8_gate.GateThresholds(min_top1_agreement=cfg.int8_min_top1_agreement,
+                                          min_mean_cosine=cfg.int8_min_mean_cosine,
+                                          min_top5_overlap=cfg.int8_min_top5_overlap,
+                                          min_recall_at_10=cfg.int8_min_recall_at_10)
+    pp = PreprocessConfig.from_dict(meta["preprocess"])
+    if cfg.calibration is None:  # the bundled set is fixed: its recipe names it, no need to decode it to know
+        digest = hashlib.sha256(f"bundled-v1:{json.dumps(meta['preprocess'], sort_keys=True)}".encode()).hexdigest()
+    else:
+        digest = hashlib.sha256((int8_gate.digest_of(int8_gate.calibration_images(cfg.calibration))
+                                 + json.dumps(meta["preprocess"], sort_keys=True)).encode()).hexdigest()
+
+    def calibration():
+        return int8_gate.preprocess_all(int8_gate.calibration_images(cfg.calibration), Preprocessor(pp),
+                                        what="calibration")
+
+    def gate(int8_xml):
+        held = int8_gate.preprocess_all(int8_gate.held_out_images(), Preprocessor(pp), what="held-out")
+        fp, q = OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads), OpenVinoBackend(int8_xml, "int8", cfg.num_threads)
+        return int8_gate.judge(fp.run, q.run, held, labels, thresholds) | {
+            "model": cfg.name, "weights_sha256": meta["weights_sha256"],
+            "calibration": cfg.calibration or "bundled photos (even half, seed 7001)", "cpu_flags": cpu_flags(),
+            "openvino": openvino_version()}
+
+    xml, report = ensure_int8(onnx_path, calibration, digest, gate)
+    report = int8_gate.rejudge(report, thresholds)  # thresholds may have changed since the model was cached
+    if report["passed"]:
+        return OpenVinoBackend(xml, "int8", cfg.num_threads), report | {"served": "int8"}
+    logger.warning("int8 model of %s REFUSED by the accuracy gate (%s): serving fp32 instead; numbers: %s",
+                   cfg.name, ", ".join(report["failed"]),
+                   {k: report[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine",
+                                           "recall_at_10_vs_fp32_index")})
+    return OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads), report | {"served": "fp32"}
 
 
 def _read_meta(meta_path: Path, onnx_path: Path) -> dict | None:

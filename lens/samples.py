@@ -78,15 +78,16 @@ def augment(img, rng, *, min_area: float = 0.5, long_side: tuple[int, int] = (25
     return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
 
 
-def augmented_jpegs(n: int, seed: int = 0, **kwargs):
-    """``n`` seeded augmented copies of the bundled photos as ``(name, jpeg_bytes, source_photo)``."""
+def augmented_jpegs(n: int, seed: int = 0, *, paths=None, **kwargs):
+    """``n`` seeded augmented copies of the bundled photos (or of ``paths``) as ``(name, jpeg_bytes,
+    source_photo)``."""
     import io
 
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    photos = [(p.stem, Image.open(p).convert("RGB")) for p in photo_paths()]
+    photos = [(p.stem, Image.open(p).convert("RGB")) for p in (paths or photo_paths())]
     for i in range(n):
         stem, img = photos[i % len(photos)]
         buf = io.BytesIO()

@@ -55,10 +55,14 @@ def bench_backends(cfg, batch_sizes, min_time, repeats):
     onnx = load_model(cfg.model_copy(update={"backend": "onnx"}))  # exports once if the cache is cold
     weights = resolve_weights(cfg.name, cfg.weights, cfg.cache_dir)
     model, pp, _, _ = _build_torch(cfg, weights)
+    ov_fp32 = load_model(cfg.model_copy(update={"backend": "openvino"}))
+    ov_int8 = load_model(cfg.model_copy(update={"backend": "openvino", "precision": "int8"}))
     backends = {
         "torch_eager_fp32": TorchBackend(heads_module(model), "cpu", channels_last=False),
         "torch_channels_last": TorchBackend(heads_module(model), "cpu", channels_last=True),
         "onnxruntime": OnnxBackend(onnx.onnx_path),
+        "openvino_fp32": ov_fp32.backend,
+        f"openvino_int8 (served: {ov_int8.quantization['served']})": ov_int8.backend,
     }
     rng = np.random.default_rng(0)
     out = {}
@@ -67,6 +71,24 @@ def bench_backends(cfg, batch_sizes, min_time, repeats):
         for name, b in backends.items():
             sec = timed(lambda: b.run(x), min_time=min_time, repeats=repeats)
             out.setdefault(name, {})[f"batch_{bs}"] = round(bs / sec, 2)
+    return out, ov_int8.quantization, agreement_on_photos(onnx, ov_fp32, ov_int8)
+
+
+def agreement_on_photos(onnx, *others) -> dict:
+    """Top-1 agreement and embedding cosine of each backend with ONNX Runtime fp32 on the bundled photos and 96
+    seeded augmented copies (the int8 gate's held-out half)."""
+    from lens import int8_gate
+    from lens.preprocess import Preprocessor
+    from lens.samples import sample_paths
+
+    prep = Preprocessor(onnx.preprocess)
+    x = np.concatenate([np.stack([prep(p.read_bytes()) for p in sample_paths()]),
+                        int8_gate.preprocess_all(int8_gate.held_out_images(), prep, what="held-out")])
+    out = {}
+    for m in others:
+        r = int8_gate.judge(onnx.backend.run, m.backend.run, x, onnx.labels, int8_gate.GateThresholds())
+        out[f"{m.backend.name}_{m.backend.precision}"] = {k: r[k] for k in (
+            "images", "top1_agreement", "top5_overlap", "mean_cosine", "p5_cosine", "recall_at_10_vs_fp32_index")}
     return out
 
 
@@ -191,12 +213,15 @@ def main() -> None:
     min_time, repeats = (0.5, 3) if args.quick else (2.0, 5)
 
     from lens.config import ModelConfig
+    from lens.openvino import cpu_flags
     from lens.predictor import Predictor
     cfg = ModelConfig()
     predictor = Predictor.from_config(cfg.model_copy(update={"backend": "onnx"}))
     auto_backend = predictor.model.backend.name  # what `auto` resolves to here
 
-    throughput = bench_backends(cfg, [int(b) for b in args.batch_sizes.split(",")], min_time, repeats)
+    throughput, int8_gate_report, agreement = bench_backends(cfg, [int(b) for b in args.batch_sizes.split(",")],
+                                                             min_time, repeats)
+    int8_name = next(k for k in throughput if k.startswith("openvino_int8"))
 
     decode = {name: bench_decode(predictor, data, min_time, repeats) for name, data in decode_inputs().items()}
     draft_gain = min(d["draft_speedup_vs_full_decode_then_resize"] for d in decode.values())
@@ -210,7 +235,10 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": cfg.name,
         "auto_backend_on_this_machine": auto_backend,
+        "cpu_flags": cpu_flags(),
         "images_per_s": throughput,
+        "agreement_with_onnx_fp32": agreement,
+        "int8_gate": {k: v for k, v in int8_gate_report.items() if k != "thresholds"},
         "decode_preprocess": decode,
         "cold_start": cold,
         "onnx_export": export,
@@ -219,6 +247,11 @@ def main() -> None:
             "channels_last_vs_eager_batch8": round(throughput["torch_channels_last"]["batch_8"] / eager_b8, 2),
             "draft_vs_full_decode_then_resize_min": draft_gain,
             "draft_vs_lens_no_draft_min": min(d["draft_speedup_vs_lens_no_draft"] for d in decode.values()),
+            "openvino_int8_vs_onnxruntime_fp32": {b: round(throughput[int8_name][b] / throughput["onnxruntime"][b], 2)
+                                                  for b in throughput["onnxruntime"]},
+            "openvino_fp32_vs_onnxruntime_fp32": {b: round(throughput["openvino_fp32"][b]
+                                                           / throughput["onnxruntime"][b], 2)
+                                                  for b in throughput["onnxruntime"]},
         },
         "targets": {
             "auto_vs_torch_eager_batch8 >= 2.5": onnx_b8 / eager_b8 >= 2.5,
@@ -226,6 +259,8 @@ def main() -> None:
                for name, d in decode.items()},
             "draft_same_top1": all(d["same_top1"] for d in decode.values()),
             "cold_start_onnx_warm_cache <= 3s": cold["onnx"]["total_s"] <= 3.0,
+            "openvino int8 >= 1.5x onnxruntime fp32 (batch 8)": (int8_gate_report["served"] == "int8" and
+                throughput[int8_name]["batch_8"] >= 1.5 * throughput["onnxruntime"]["batch_8"]),
         },
     }
     out = ROOT / "benchmarks" / "model.json"

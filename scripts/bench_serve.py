@@ -165,14 +165,17 @@ def deploy_naive(port: int):
     return f"http://127.0.0.1:{port}/naive/v1/tag"
 
 
-def deploy_lens(port: int) -> str:
-    """The shipped CPU profile (infra/serve-cpu.yaml), with one fixed replica: this machine holds one."""
+def deploy_lens(port: int, model: dict | None = None) -> str:
+    """The shipped CPU profile (infra/serve-cpu.yaml), with one fixed replica: this machine holds one;
+    ``model`` changes the pool's model settings (the int8 run)."""
     import yaml
 
     from serve.run import deploy
 
     doc = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())
     doc["http_options"].update(host="127.0.0.1", port=port)
+    if model:
+        doc["applications"][0]["args"]["pools"][0]["model"].update(model)
     (dep,) = doc["applications"][0]["deployments"]
     dep.pop("autoscaling_config")
     dep["num_replicas"] = 1
@@ -243,6 +246,16 @@ def main() -> None:
         overload = asyncio.run(open_loop(url, bodies, 4 * best, duration))
         probe = asyncio.run(closed_loop(url, bodies, 1, 2))
         healthy_after = set(probe["statuses"]) == {"200"}
+        # the same service with OpenVINO int8 (built and gated here first, so the replica starts warm)
+        from lens.config import ModelConfig
+        from lens.runtime import load_model
+
+        int8 = {"backend": "openvino", "precision": "int8"}
+        gate = load_model(ModelConfig(**int8)).quantization
+        url = deploy_lens(port, int8)
+        asyncio.run(closed_loop(url, bodies, 8, 2))  # warm
+        lens_int8 = [asyncio.run(closed_loop(url, bodies, c, duration)) for c in (8, 32)]
+        print("lens int8:", lens_int8, file=sys.stderr)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -259,7 +272,11 @@ def main() -> None:
         "ceiling": ceiling,
         "lens": {"by_connections": lens, "overload_4x": overload, "healthy_after_overload": healthy_after},
         "naive": {"by_connections": naive},
+        "lens_openvino_int8": {"by_connections": lens_int8, "served": gate["served"],
+                               "gate": {k: gate[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine",
+                                                             "recall_at_10_vs_fp32_index", "passed")}},
         "ratios": {
+            "int8_32_vs_fp32_32": round(lens_int8[1]["throughput_rps"] / at[32]["throughput_rps"], 2),
             "lens_32_vs_ceiling": round(at[32]["throughput_rps"] / ceiling["images_per_s"], 2),
             "lens_32_vs_naive_32": round(at[32]["throughput_rps"] / naive_at[32]["throughput_rps"], 2),
             "lens_p50_at_1_minus_inprocess_ms": round(at[1]["p50_ms"] - ceiling["single_image_latency_ms_p50"], 2),
@@ -271,6 +288,8 @@ def main() -> None:
         "p50 at 1 conn <= in-process + 15 ms": summary["ratios"]["lens_p50_at_1_minus_inprocess_ms"] <= 15,
         "overload sheds with 503 and nothing else fails": overload["shed_503"] > 0 and overload["other"] == 0,
         "healthy after overload": healthy_after,
+        "served int8 >= 1.3x served fp32 (32 connections)": gate["served"] == "int8"
+        and summary["ratios"]["int8_32_vs_fp32_32"] >= 1.3,
     }
     (out / "serve.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "serve.png")

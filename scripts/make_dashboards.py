@@ -32,6 +32,8 @@ PANELS = [
      [("sum by (deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}}")]),
     ("Replica cold start (s)", "s",
      [("max by (deployment, replica) (ray_lens_replica_cold_start_seconds)", "{{deployment}} {{replica}}")]),
+    ("int8 refused by the accuracy gate (1 = fp32 serves)", "none",
+     [("max by (deployment) (ray_lens_int8_fallback)", "{{deployment}}")]),
     ("Event queue: waiting, in flight, DLQ", "none",
      [("max(ray_lens_events_queue_visible)", "waiting"), ("max(ray_lens_events_queue_in_flight)", "in flight"),
       ("max(ray_lens_events_dlq_depth)", "DLQ")]),

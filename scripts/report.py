@@ -65,6 +65,21 @@ def model_md(m: dict) -> list[str]:
     c = m["cold_start"]
     out.append(f"* replica cold start with a warm cache (imports + load + warm-up, fresh process): ONNX "
                f"**{c['onnx']['total_s']} s**, torch {c['torch']['total_s']} s.")
+    if "agreement_with_onnx_fp32" in m:
+        r = m["ratios"]
+        out.append(f"* CPU: {', '.join(m.get('cpu_flags', [])) or 'unknown flags'}. OpenVINO int8 vs ONNX Runtime fp32: "
+                   + ", ".join(f"{b.replace('_', ' ')} **{v}×**" for b, v in r["openvino_int8_vs_onnxruntime_fp32"].items())
+                   + "; OpenVINO fp32 vs ONNX Runtime fp32: "
+                   + ", ".join(f"{b.replace('_', ' ')} {v}×" for b, v in r["openvino_fp32_vs_onnxruntime_fp32"].items())
+                   + ".")
+        for name, a in m["agreement_with_onnx_fp32"].items():
+            out.append(f"* {name} against ONNX Runtime fp32 on {a['images']} real photos and augmented crops: top-1 "
+                       f"agreement {a['top1_agreement']}, top-5 overlap {a['top5_overlap']}, embedding cosine mean "
+                       f"{a['mean_cosine']} (5th percentile {a['p5_cosine']}), recall@10 against an fp32 index "
+                       f"{a['recall_at_10_vs_fp32_index']}.")
+        g = m["int8_gate"]
+        out.append(f"* int8 accuracy gate (96 held-out crops, calibration on the other photos): "
+                   f"{'passed' if g['passed'] else 'REFUSED'}, served {g['served']}.")
     if "onnx_export" in m:
         out.append(f"* first load into an empty cache (torch build + ONNX export, fresh process): "
                    f"{m['onnx_export']['first_load_with_export_s']} s.")
@@ -96,6 +111,12 @@ def serve_md(s: dict) -> list[str]:
             f"* Open-loop overload at 4× the measured throughput ({n(o['offered_rps'])} requests/s offered): "
             f"{n(o['shed_503'])} shed with 503, {n(o['accepted'])} accepted (p99 {n(o['accepted_p99_ms'])} ms), "
             f"{o['other']} other; healthy afterwards: {s['lens']['healthy_after_overload']}."]
+    if "lens_openvino_int8" in s:
+        q = s["lens_openvino_int8"]
+        i8 = {p["connections"]: p for p in q["by_connections"]}
+        out.append(f"* The same service with `backend: openvino, precision: int8` (gate passed: {q['gate']['passed']}, "
+                   f"served {q['served']}): {n(i8[32]['throughput_rps'])} images/s at 32 connections (p50 "
+                   f"{n(i8[32]['p50_ms'])} ms), **{r['int8_32_vs_fp32_32']}×** the fp32 service in the same run.")
     return out + targets_md(s)
 
 

@@ -71,6 +71,8 @@ class TaggerCore:
         self.ready_at = time.time()
         self.metrics.cold_start.set(self.cold_start_s)
         info = self.predictor.info()
+        # int8 asked for and refused by the accuracy gate: say it loudly (0 otherwise, so the series exists)
+        self.metrics.int8_fallback.set(1 if info.get("quantization", {}).get("served") == "fp32" else 0)
         logger.info("replica of %s ready in %.2fs: %s on %s (%s), %d CPU(s)", cfg.name, self.cold_start_s,
                     info["model"], info["device"], info["backend"], cpus)
 

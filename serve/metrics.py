@@ -40,6 +40,9 @@ class TaggerMetrics:
                                 description="Construct + load + warm-up time of a replica.")
         self.in_flight = Gauge("lens_replica_in_flight",
                                description="Requests inside this replica (decoding or waiting for a batch).")
+        self.int8_fallback = Gauge("lens_int8_fallback",
+                                   description="1 when the pool asked for int8 but the accuracy gate refused it and "
+                                   "fp32 serves; else 0.")
 
 
 _AGE_S = [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]

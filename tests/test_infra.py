@@ -18,7 +18,7 @@ INFRA = ROOT / "infra"
 
 
 def lens_metrics() -> set[str]:
-    names = set(re.findall(r'"(lens_[a-z_]+)"', (ROOT / "serve" / "metrics.py").read_text()))
+    names = set(re.findall(r'"(lens_[a-z0-9_]+)"', (ROOT / "serve" / "metrics.py").read_text()))
     assert len(names) >= 10
     return names
 
@@ -34,7 +34,7 @@ def used_metrics() -> set[str]:
 
 def referenced(expr: str) -> set[str]:
     """Lens metric names in a PromQL expression (Ray's ray_ prefix and histogram suffixes removed)."""
-    return {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"ray_(lens_[a-z_]+)", expr)}
+    return {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"ray_(lens_[a-z0-9_]+)", expr)}
 
 
 def check_pod_template(t: dict, where: str) -> None:

@@ -11,6 +11,16 @@ from conftest import encode, random_rgb
 from lens.predictor import ItemError, Prediction, l2_normalize, top_k_tags
 
 
+@pytest.fixture(scope="module", params=["onnx", "openvino", "torch"])
+def tiny(request, lens_cache):
+    """The tiny seeded model on every CPU backend: each must pass the same predictor tests."""
+    from lens.config import ModelConfig
+    from lens.predictor import Predictor
+
+    return Predictor.from_config(ModelConfig(name="test_efficientnet", weights="random", backend=request.param,
+                                             device="cpu", cache_dir=lens_cache, max_batch_size=4))
+
+
 def test_batch_with_bad_images_returns_the_others_intact(tiny, photos):
     good = [photos["chelsea.png"], photos["coffee.png"], photos["rocket.jpg"]]
     singles = [tiny.predict([g])[0] for g in good]
@@ -77,6 +87,6 @@ def test_top_k_tags_and_normalisation():
 
 def test_info_describes_the_model(tiny):
     info = tiny.info()
-    assert info["model"] == "test_efficientnet" and info["backend"] == "onnx"
+    assert info["model"] == "test_efficientnet" and info["backend"] == tiny.model.backend.name
     assert info["embed_dim"] == tiny.embed_dim == 256
     assert info["preprocess"]["input_size"] == [3, 160, 160]

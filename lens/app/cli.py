@@ -62,13 +62,17 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from lens.config import default_cache_dir
     from lens.models import list_entries
+    from lens.openvino import gate_reports
 
     entries = list_entries()
+    reports = gate_reports(default_cache_dir())
     if args.json:
         for e in entries:
             print(json.dumps({"name": e.name, "weights_here": e.embedded, "weights_package": e.embedded_package,
-                              "input_size": list(e.input_size or ()), "num_classes": e.num_classes}))
+                              "input_size": list(e.input_size or ()), "num_classes": e.num_classes,
+                              "int8_gate_reports": [r for r in reports if r.get("model") == e.name]}))
         return 0
     print(f"{'model':32} {'input':>7}  weights here")
     for e in entries:
@@ -80,6 +84,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         else:
             have = "no (--weights PATH|s3://URI)"
         print(f"{e.name:32} {size:>7}  {have}")
+    if reports:
+        print("\nint8 accuracy-gate reports (OpenVINO, in the cache):")
+        for r in reports:
+            verdict = "passed" if r["passed"] else "REFUSED (" + ", ".join(r["failed"]) + ")"
+            print(f"  {r['variant']}: {verdict}; top-1 agreement {r['top1_agreement']}, top-5 overlap "
+                  f"{r['top5_overlap']}, mean cosine {r['mean_cosine']}, recall@10 vs fp32 index "
+                  f"{r['recall_at_10_vs_fp32_index']} on {r['images']} held-out images")
     return 0
 
 

@@ -1,0 +1,127 @@
+"""The OpenVINO backend: fp32 agrees with ONNX Runtime; int8 serves only after the accuracy gate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def held(lite0_onnx):
+    from lens import int8_gate
+    from lens.preprocess import Preprocessor
+
+    return int8_gate.preprocess_all(int8_gate.held_out_images(32), Preprocessor(lite0_onnx.model.preprocess),
+                                    what="held-out")
+
+
+@pytest.fixture(scope="module")
+def lite0_int8(lens_cache):
+    from lens.config import ModelConfig
+    from lens.predictor import Predictor
+
+    return Predictor.from_config(ModelConfig(backend="openvino", precision="int8", cache_dir=lens_cache))
+
+
+def test_openvino_fp32_matches_onnx_runtime_on_real_photos(lens_cache, lite0_onnx, photos, held):
+    from lens.config import ModelConfig
+    from lens.predictor import Predictor
+
+    ov = Predictor.from_config(ModelConfig(backend="openvino", cache_dir=lens_cache))
+    assert ov.info()["backend"] == "openvino" and ov.identity().precision == "fp32"
+    a, b = lite0_onnx.model.backend.run(held), ov.model.backend.run(held)
+    assert np.allclose(a[0], b[0], atol=1e-3) and np.allclose(a[1], b[1], atol=1e-3)
+    res = ov.predict(list(photos.values()))
+    assert [r.tags[0].label for r in res] == [r.tags[0].label for r in lite0_onnx.predict(list(photos.values()))]
+    assert res[list(photos).index("coffee.png")].tags[0].label == "espresso"
+
+
+def test_int8_passes_the_gate_and_serves_int8(lite0_int8, lite0_onnx, photos):
+    q = lite0_int8.model.quantization
+    assert q["served"] == "int8" and q["passed"] and q["failed"] == []
+    assert q["top1_agreement"] >= 0.85 and q["mean_cosine"] >= 0.98 and q["recall_at_10_vs_fp32_index"] >= 0.93
+    assert q["images"] == 96 and q["calibration"].startswith("bundled") and "cpu_flags" in q
+    ident = lite0_int8.identity()
+    assert ident.precision == "int8" and ident.backend == "openvino"
+    assert ident.mismatch(lite0_onnx.identity()) == []  # gated on recall: int8 queries may search fp32 indexes
+    res = lite0_int8.predict([photos["coffee.png"], photos["chelsea.png"]])
+    assert res[0].tags[0].label == "espresso" and res[1].tags[0].class_id in (281, 282)
+    info = lite0_int8.info()
+    assert info["precision"] == "int8" and info["quantization"]["served"] == "int8"
+
+
+def test_gate_report_is_stored_and_shown_by_lens_models(lite0_int8, lens_cache, capsys):
+    from lens.app import cli
+    from lens.openvino import gate_reports
+
+    (report,) = [r for r in gate_reports(lens_cache) if r["calibration"].startswith("bundled")]
+    assert report["passed"] and report["model"] == "tf_efficientnet_lite0"
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 accuracy-gate reports" in out and "passed; top-1 agreement" in out
+
+
+def test_a_broken_calibration_is_refused_and_fp32_serves_loudly(lite0_int8, lens_cache, tmp_path):
+    from PIL import Image
+
+    from conftest import encode
+    from lens.config import ModelConfig
+    from lens.openvino import gate_reports
+    from lens.predictor import Predictor
+
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(16):
+        (black / f"{i}.png").write_bytes(encode(Image.new("RGB", (256 + i, 256), "black"), "PNG"))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("lens.runtime").addHandler(handler)
+    try:
+        p = Predictor.from_config(ModelConfig(backend="openvino", precision="int8", calibration=str(black),
+                                              cache_dir=lens_cache))
+    finally:
+        logging.getLogger("lens.runtime").removeHandler(handler)
+    q = p.model.quantization
+    assert q["served"] == "fp32" and not q["passed"] and q["failed"]
+    assert p.model.backend.precision == "fp32" and p.identity().precision == "fp32"
+    assert any("REFUSED by the accuracy gate" in r.getMessage() for r in records)
+    # the cache is keyed by the calibration set: two int8 variants now, each with its own report
+    assert len([r for r in gate_reports(lens_cache) if r["model"] == "tf_efficientnet_lite0"]) == 2
+    again = Predictor.from_config(ModelConfig(backend="openvino", precision="int8", calibration=str(black),
+                                              cache_dir=lens_cache))
+    assert again.model.quantization["top1_agreement"] == q["top1_agreement"]  # reused, not re-quantized
+    assert len(list((Path(lens_cache) / "openvino").glob("*int8*/model.xml"))) == 2
+
+
+def test_bad_calibration_inputs_get_clear_errors(tmp_path):
+    from lens.errors import ConfigError
+    from lens.int8_gate import calibration_images, preprocess_all
+    from lens.preprocess import PreprocessConfig, Preprocessor
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no images"):
+        calibration_images(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        calibration_images(str(tmp_path / "missing"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    images = calibration_images(str(tmp_path / "bad"))
+    pp = Preprocessor(PreprocessConfig(input_size=(3, 32, 32), interpolation="bilinear", mean=(0.5,) * 3,
+                                       std=(0.5,) * 3, crop_pct=1.0))
+    with pytest.raises(ConfigError, match="1 calibration image.*could not be decoded"):
+        preprocess_all(images, pp, what="calibration")
+
+
+def test_int8_needs_the_openvino_backend():
+    from lens.config import ModelConfig, validate
+    from lens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision int8 runs on the openvino backend"):
+        validate(ModelConfig, {"backend": "onnx", "precision": "int8"})
+    assert ModelConfig(precision="int8").backend == "auto"  # auto + int8 resolves to openvino
