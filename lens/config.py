@@ -58,8 +58,8 @@ class ModelConfig(StrictModel):
     labels: str | None = Field(None, description="label names file (one per line, or a JSON list) for a custom head")
     input_size: PositiveInt | None = Field(None, description="override the pretrained input resolution (square)")
     backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
-        "auto", description="auto: ONNX Runtime on CPU, torch on CUDA; openvino: OpenVINO Runtime on CPU (fp32, "
-        "or int8 with precision int8)"
+        "auto", description="auto: torch on CUDA; on CPU the faster of ONNX Runtime and OpenVINO fp32, measured "
+        "once and cached (OpenVINO with precision int8); openvino: OpenVINO Runtime on CPU (fp32, or int8)"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(

@@ -9,6 +9,7 @@ backend, exports once under a file lock so concurrent replicas never re-export.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .backends import ONNX_OPSET, Backend, OnnxBackend, TorchBackend, export_onnx, heads_module
 from .config import ModelConfig
@@ -56,6 +59,7 @@ class LoadedModel:
     onnx_path: Path | None = None
     package: dict | None = None  # a lens train finetune package: {"name", "uri", "sha256", "thresholds"}
     quantization: dict | None = None  # precision int8: the accuracy gate's report and what is "served"
+    backend_choice: dict | None = None  # backend auto on CPU: what was measured and picked
 
     @functools.cached_property
     def labels_sha256(self) -> str:  # info() answers every health probe: hash the labels once
@@ -74,7 +78,8 @@ class LoadedModel:
             "precision": getattr(self.backend, "precision", "fp32"),
             "labels_sha256": self.labels_sha256,
         } | ({"package": {k: v for k, v in self.package.items() if k != "thresholds"}} if self.package else {}) | (
-            {"quantization": self.quantization} if self.quantization else {})
+            {"quantization": self.quantization} if self.quantization else {}) | (
+            {"backend_choice": self.backend_choice} if self.backend_choice else {})
 
     def identity(self) -> ModelIdentity:
         return ModelIdentity(model=self.name, weights_sha256=self.weights.sha256, preprocess=self.preprocess.to_dict(),
@@ -113,8 +118,10 @@ def resolve_backend(backend: str, device: str, precision: str = "auto") -> str:
             backend = "openvino"
         else:
             return "onnx" if device == "cpu" else "torch"
-    if backend in ("onnx", "openvino") and device != "cpu":
-        raise ConfigError(f"the {backend} backend runs on CPU; use backend torch (or auto) on CUDA")
+    if backend == "onnx" and device != "cpu":
+        raise ConfigError("the onnx backend runs ONNX Runtime on CPU; use backend torch (or auto) on CUDA")
+    if backend == "openvino" and device != "cpu":
+        raise ConfigError("the openvino backend runs OpenVINO on CPU; use backend torch (or auto) on CUDA")
     return backend
 
 
@@ -162,9 +169,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         check_model_name(cfg.name)  # an unknown name is the clearer error
         raise
 
-    quantization = None
+    quantization = choice = None
     if backend_name in ("onnx", "openvino"):
         onnx_path, meta = _ensure_onnx(cfg, weights)
+        if cfg.backend == "auto" and backend_name == "onnx":  # fp32 on CPU: the faster runtime, measured once
+            backend_name, choice = _measured_cpu_backend(cfg, onnx_path, meta)
         num_classes = int(meta["num_classes"])
         labels = read_labels(cfg.labels, num_classes) if cfg.labels else list(meta["labels"])
         if backend_name == "onnx":
@@ -196,6 +205,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         )
     loaded.package = package
     loaded.quantization = quantization
+    loaded.backend_choice = choice
     loaded.load_seconds = time.perf_counter() - t0
     logger.info("loaded %s (%s on %s) in %.2fs", cfg.name, loaded.backend.name, loaded.backend.device,
                 loaded.load_seconds)
@@ -227,6 +237,59 @@ def _ensure_onnx(cfg: ModelConfig, weights: WeightsRef) -> tuple[Path, dict]:
                 atomic_write_bytes(meta_path, json.dumps(meta).encode())
                 logger.info("exported %s to ONNX in %.1fs: %s", cfg.name, time.perf_counter() - te, onnx_path)
     return onnx_path, meta
+
+
+def _measured_cpu_backend(cfg: ModelConfig, onnx_path: Path, meta: dict) -> tuple[str, dict]:
+    """``auto`` on CPU: ONNX Runtime or OpenVINO (both fp32, the same answers to 1e-3), whichever ran this model
+    faster on this machine. Measured once (batch 8, about a second each) and cached per model export, OpenVINO
+    version and CPU; later starts read the choice and import only the runtime they use."""
+    import platform
+
+    from .openvino import cpu_flags
+
+    key = hashlib.sha256(json.dumps([onnx_path.stem, platform.machine(), os.cpu_count(), cpu_flags(),
+                                     _openvino_version_or_none()]).encode()).hexdigest()[:16]
+    path = Path(cfg.cache_dir) / "backend-choice" / f"{onnx_path.stem}-{key}.json"
+    try:
+        choice = json.loads(path.read_text())
+        return choice["picked"], choice
+    except (OSError, ValueError, KeyError):
+        pass
+    if _openvino_version_or_none() is None:
+        return "onnx", {"picked": "onnx", "reason": "openvino is not installed"}
+    from filelock import FileLock
+
+    from .openvino import OpenVinoBackend, ensure_fp32
+
+    with FileLock(str(path) + ".lock", timeout=600):
+        if path.is_file():
+            choice = json.loads(path.read_text())
+            return choice["picked"], choice
+        x = np.zeros((8, *PreprocessConfig.from_dict(meta["preprocess"]).input_size), np.float32)
+        measured = {}
+        for name, backend in (("onnx", OnnxBackend(onnx_path, num_threads=cfg.num_threads)),
+                              ("openvino", OpenVinoBackend(ensure_fp32(onnx_path), "fp32", cfg.num_threads))):
+            backend.run(x)
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < 1.0:
+                backend.run(x)
+                n += len(x)
+            measured[name] = round(n / (time.perf_counter() - t0), 1)
+        picked = max(measured, key=measured.get)
+        choice = {"picked": picked, "images_per_s_batch8": measured, "measured_at": time.time()}
+        atomic_write_bytes(path, json.dumps(choice).encode())
+    logger.warning("backend auto: measured %s images/s at batch 8 on this CPU; picked %s (cached in %s)",
+                   measured, picked, path)
+    return picked, choice
+
+
+def _openvino_version_or_none() -> str | None:
+    try:
+        from .openvino import openvino_version
+
+        return openvino_version()
+    except ImportError:
+        return None
 
 
 def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: list[str]):
