@@ -217,7 +217,12 @@ def main() -> None:
     from lens.predictor import Predictor
     cfg = ModelConfig()
     predictor = Predictor.from_config(cfg.model_copy(update={"backend": "onnx"}))
-    auto_backend = predictor.model.backend.name  # what `auto` resolves to here
+    from lens.runtime import load_model
+
+    auto = load_model(cfg)  # what `auto` picks here (measured once per machine and cached)
+    auto_backend = auto.backend.name
+    auto_choice = auto.backend_choice
+    del auto
 
     throughput, int8_gate_report, agreement = bench_backends(cfg, [int(b) for b in args.batch_sizes.split(",")],
                                                              min_time, repeats)
@@ -228,13 +233,14 @@ def main() -> None:
     cold = {b: bench_cold_start(b, 3) for b in ("onnx", "torch")}
     export = bench_export(1 if args.quick else 3)
 
-    onnx_b8 = throughput["onnxruntime"]["batch_8"]
+    onnx_b8 = throughput["onnxruntime" if auto_backend == "onnx" else "openvino_fp32"]["batch_8"]
     eager_b8 = throughput["torch_eager_fp32"]["batch_8"]
     summary = {
         "benchmark": "model",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": cfg.name,
         "auto_backend_on_this_machine": auto_backend,
+        "auto_backend_choice": auto_choice,
         "cpu_flags": cpu_flags(),
         "images_per_s": throughput,
         "agreement_with_onnx_fp32": agreement,
