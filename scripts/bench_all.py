@@ -25,6 +25,8 @@ def main() -> None:
         for name in args.only or ORDER:
             print(f"== bench_{name}", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, str(ROOT / "scripts" / f"bench_{name}.py")], check=True)
+    if not args.report_only and (args.only is None or "model" in args.only):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_backends.py")], check=True)
     import report
 
     sys.argv = [sys.argv[0]]

@@ -49,7 +49,7 @@ def targets_md(d: dict) -> list[str]:
 def model_md(m: dict) -> list[str]:
     ips = m["images_per_s"]
     batches = list(next(iter(ips.values())))
-    out = [f"Model runtime (`{SCRIPT['model']}`, `benchmarks/model.json`), {m['model']}, random inputs:", "",
+    out = [f"Model runtime (`{SCRIPT['model']}`, `benchmarks/model.json|png`), {m['model']}, random inputs:", "",
            "| images/s | " + " | ".join(b.replace("_", " ") for b in batches) + " |",
            "|---|" + "---|" * len(batches)]
     for name, row in ips.items():
@@ -244,7 +244,8 @@ def report() -> str:
             + targets_line() + "\n\n" + performance().replace("`benchmarks/serve.json|png`",
                                                               "`serve.json`, ![serve](serve.png)")
             .replace("`benchmarks/index.json|png`", "`index.json`, ![index](index.png)")
-            .replace("`benchmarks/train.json|png`", "`train.json`, ![train](train.png)") + "\n")
+            .replace("`benchmarks/train.json|png`", "`train.json`, ![train](train.png)")
+            .replace("`benchmarks/model.json|png`", "`model.json`, ![model](model.png)") + "\n")
 
 
 def _replace_block(text: str, name: str, body: str) -> str:
