@@ -15,7 +15,15 @@ from .errors import ConfigError
 from .identity import ModelIdentity
 from .package import Package, PackageError, open_package
 
-__all__ = ["Head", "load_head", "threshold_tags"]
+__all__ = ["Head", "load_head", "softmax", "threshold_tags"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32: the one Lens scores classes with, when serving and when tuning thresholds."""
+    z = np.asarray(logits, dtype=np.float32)
+    z = z - z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    return z / z.sum(axis=-1, keepdims=True)
 
 
 def threshold_tags(probs: np.ndarray, labels: list[str], thresholds: np.ndarray) -> list[list[dict]]:
@@ -51,10 +59,7 @@ class Head:
                 "was trained on, or train it again on this one")
 
     def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
-        z = np.asarray(embeddings, dtype=np.float32) @ self.weight.T + self.bias
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        return z / z.sum(axis=1, keepdims=True)
+        return softmax(np.asarray(embeddings, dtype=np.float32) @ self.weight.T + self.bias)
 
     def tags(self, embeddings: np.ndarray) -> list[list[dict]]:
         """Per row: ``[{label, class_id, score}]`` of the classes at or above their threshold, best first."""

@@ -122,18 +122,13 @@ def judge(fp32_run, int8_run, x: np.ndarray, labels: list[str], thresholds: Gate
     numbers = {"images": int(len(x)), "top1_agreement": round(float((t1f == t1i).mean()), 4),
                "top5_overlap": round(float(overlap.mean()), 4), "mean_cosine": round(float(cos.mean()), 5),
                "p5_cosine": round(float(np.percentile(cos, 5)), 5), "recall_at_10_vs_fp32_index": round(recall, 4)}
-    failed = [name for name, got, need in (
-        ("top1_agreement", numbers["top1_agreement"], thresholds.min_top1_agreement),
-        ("mean_cosine", numbers["mean_cosine"], thresholds.min_mean_cosine),
-        ("top5_overlap", numbers["top5_overlap"], thresholds.min_top5_overlap),
-        ("recall_at_10_vs_fp32_index", numbers["recall_at_10_vs_fp32_index"], thresholds.min_recall_at_10))
-        if got < need]
-    return numbers | {"passed": not failed, "failed": failed, "thresholds": thresholds.to_dict(),
-                      "most_disagreeing_classes": sorted(disagree.items(), key=lambda kv: -kv[1])[:5]}
+    numbers["most_disagreeing_classes"] = sorted(disagree.items(), key=lambda kv: -kv[1])[:5]
+    return rejudge(numbers, thresholds)
 
 
 def rejudge(report: dict, thresholds: GateThresholds) -> dict:
-    """A stored report judged against (possibly changed) thresholds, from its numbers."""
+    """``report``'s numbers judged against ``thresholds``: at judging time, and again for a stored report when
+    the thresholds have changed since."""
     failed = [name for name, need in (("top1_agreement", thresholds.min_top1_agreement),
                                       ("mean_cosine", thresholds.min_mean_cosine),
                                       ("top5_overlap", thresholds.min_top5_overlap),

@@ -29,9 +29,14 @@ OV_FORMAT = 1
 
 
 def openvino_version() -> str:
-    import openvino
+    """The installed OpenVINO's version, from its package metadata (importing openvino itself takes a while, and
+    ``backend: auto`` asks on every start); ImportError when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return openvino.__version__.split("-")[0]
+    try:
+        return version("openvino")
+    except PackageNotFoundError:
+        raise ImportError("openvino is not installed") from None
 
 
 def cpu_flags() -> list[str]:

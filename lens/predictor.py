@@ -22,8 +22,8 @@ from PIL import Image
 from .config import DEFAULT_MAX_BATCH_SIZE, DecodeConfig, ModelConfig
 from .decode import DecodeLimits
 from .errors import ConfigError, ImageError
+from .heads import Head, load_head, softmax, threshold_tags
 from .preprocess import Preprocessor
-from .heads import Head, load_head, threshold_tags
 from .runtime import LoadedModel, load_model
 
 __all__ = ["Tag", "Prediction", "ItemError", "Predictor", "top_k_tags", "l2_normalize", "check_top_k", "MAX_TOP_K"]
@@ -99,12 +99,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def check_top_k(k: int, max_k: int = MAX_TOP_K) -> int:
     """``k`` if it is in ``1..max_k``; else :class:`~lens.errors.InvalidRequestError` (a 400 over HTTP)."""
     from .errors import InvalidRequestError
@@ -117,7 +111,7 @@ def check_top_k(k: int, max_k: int = MAX_TOP_K) -> int:
 def top_k_tags(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Tag]]:
     """Softmax scores and the ``k`` best classes per row, best first."""
     k = max(1, min(int(k), logits.shape[-1]))
-    probs = softmax(np.asarray(logits, dtype=np.float32))
+    probs = softmax(logits)
     idx = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
     out = []
     for row, cand in zip(probs, idx):
@@ -229,7 +223,7 @@ class Predictor:
             return None
         per_head = {h.name: h.tags(embeddings) for h in self.heads}
         if pkg and logits is not None:
-            per_head[pkg["name"]] = threshold_tags(softmax(np.array(logits, np.float32)), self.model.labels,
+            per_head[pkg["name"]] = threshold_tags(softmax(logits), self.model.labels,
                                                    np.asarray(pkg["thresholds"], np.float32))
         return [{name: rows[i] for name, rows in per_head.items()} for i in range(len(embeddings))]
 

@@ -284,9 +284,9 @@ def _measured_cpu_backend(cfg: ModelConfig, onnx_path: Path, meta: dict) -> tupl
 
 
 def _openvino_version_or_none() -> str | None:
-    try:
-        from .openvino import openvino_version
+    from .openvino import openvino_version  # reads package metadata: openvino itself is not imported
 
+    try:
         return openvino_version()
     except ImportError:
         return None
@@ -295,8 +295,6 @@ def _openvino_version_or_none() -> str | None:
 def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: list[str]):
     """(OpenVINO backend, int8 gate report or None). An int8 model that fails the gate is not served: fp32 is,
     with a warning naming the numbers."""
-    import hashlib
-
     from . import int8_gate
     from .openvino import OpenVinoBackend, cpu_flags, ensure_fp32, ensure_int8, openvino_version
     from .preprocess import Preprocessor
@@ -309,15 +307,17 @@ def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: lis
                                           min_top5_overlap=cfg.int8_min_top5_overlap,
                                           min_recall_at_10=cfg.int8_min_recall_at_10)
     pp = PreprocessConfig.from_dict(meta["preprocess"])
-    if cfg.calibration is None:  # the bundled set is fixed: its recipe names it, no need to decode it to know
+    if cfg.calibration is None:  # the bundled set is fixed: its recipe names it, no need to make it to know
+        user_images = None
         digest = hashlib.sha256(f"bundled-v1:{json.dumps(meta['preprocess'], sort_keys=True)}".encode()).hexdigest()
-    else:
-        digest = hashlib.sha256((int8_gate.digest_of(int8_gate.calibration_images(cfg.calibration))
+    else:  # the user's set is keyed by its content: read once, for the key and (if building) the calibration
+        user_images = int8_gate.calibration_images(cfg.calibration)
+        digest = hashlib.sha256((int8_gate.digest_of(user_images)
                                  + json.dumps(meta["preprocess"], sort_keys=True)).encode()).hexdigest()
 
     def calibration():
-        return int8_gate.preprocess_all(int8_gate.calibration_images(cfg.calibration), Preprocessor(pp),
-                                        what="calibration")
+        images = user_images if user_images is not None else int8_gate.calibration_images(None)
+        return int8_gate.preprocess_all(images, Preprocessor(pp), what="calibration")
 
     def gate(int8_xml):
         held = int8_gate.preprocess_all(int8_gate.held_out_images(), Preprocessor(pp), what="held-out")

@@ -51,6 +51,19 @@ def lens_cache(tmp_path_factory):
         os.environ["LENS_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for one test module (Ray Data and Ray Train jobs), shut down after it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     from lens.samples import SAMPLES, sample_path

@@ -21,18 +21,6 @@ from conftest import encode, free_port, random_rgb
 TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def write_shard(path: Path, ids, blobs, **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": ids, "image": pa.array(blobs, pa.binary()), **extra}), path)

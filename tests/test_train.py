@@ -35,18 +35,6 @@ def write_images(root: Path, per_class: dict[str, int], rng, size=(48, 40)) -> N
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     from lens.samples import scene_dataset
 

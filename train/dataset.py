@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -61,6 +61,10 @@ class Dataset:
         if ex.data is not None:
             return ex.data
         return self.loc.read_bytes(ex.path)
+
+    def take(self, rows) -> "Dataset":
+        """The same dataset with only the examples at positions ``rows``, in that order."""
+        return replace(self, examples=[self.examples[i] for i in rows])
 
     def split(self, name: str) -> list[Example]:
         return [e for e in self.examples if e.split == name]

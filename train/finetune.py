@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from lens import __version__
+from lens.decode import DecodeLimits
 from lens.faults import crash_point
 from lens.package import write_package
 
 from .config import TrainConfig, effective_settings
 from .dataset import Dataset
-from .metrics import confusion_png, evaluate, softmax, tune_thresholds
+from .metrics import assess, confusion_png
 
 __all__ = ["run_finetune", "train_loop"]
 
@@ -35,14 +36,13 @@ __all__ = ["run_finetune", "train_loop"]
 _TOP_MODULES = ("conv_head", "bn2", "classifier")
 
 
-def _decode_batch(batch: dict, *, preprocess: dict, limits: dict, training: bool, seed: int) -> dict:
+def _decode_batch(batch: dict, *, preprocess: dict, limits: DecodeLimits, training: bool, seed: int) -> dict:
     """Ray Data task: encoded images -> (N, 3, H, W) float32 tensors. Training rows get timm's augmentation;
     validation rows Lens's own preprocessing (what serving does). Undecodable rows were dropped before."""
-    from lens.decode import DecodeLimits, decode_image
+    from lens.decode import decode_image
     from lens.preprocess import PreprocessConfig, Preprocessor
 
     pp = PreprocessConfig.from_dict(preprocess)
-    lim = DecodeLimits(**limits)
     if training:
         import torch
         from timm.data import create_transform
@@ -50,9 +50,9 @@ def _decode_batch(batch: dict, *, preprocess: dict, limits: dict, training: bool
         torch.manual_seed(seed + int(batch["row"][0]))
         tf = create_transform(input_size=pp.input_size, is_training=True, mean=pp.mean, std=pp.std,
                               interpolation=pp.interpolation)
-        xs = [tf(decode_image(bytes(b), lim).convert("RGB")).numpy() for b in batch["image"]]
+        xs = [tf(decode_image(bytes(b), limits).convert("RGB")).numpy() for b in batch["image"]]
     else:
-        prep = Preprocessor(pp, lim)
+        prep = Preprocessor(pp, limits)
         xs = [prep(bytes(b)) for b in batch["image"]]
     return {"x": np.stack(xs).astype(np.float32), "y": np.asarray(batch["label"], np.int64)}
 
@@ -174,7 +174,7 @@ def _train_mode(model) -> None:
             m.eval()
 
 
-def _datasets(ds: Dataset, class_id: dict, preprocess: dict, limits: dict, seed: int):
+def _datasets(ds: Dataset, class_id: dict, preprocess: dict, limits: DecodeLimits, seed: int):
     import ray.data
 
     out = {}
@@ -256,9 +256,7 @@ def run_finetune(cfg: TrainConfig, prep, *, log, started: float) -> dict:
     torch.nn.init.zeros_(model.get_classifier().bias)
     unusable = prep.unusable
     limits = cfg.decode.limits()
-    limits_d = {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "formats": tuple(limits.formats),
-                "background": tuple(limits.background), "draft": limits.draft}
-    datasets = _datasets(ds, class_id, pp.to_dict(), limits_d, settings["seed"])
+    datasets = _datasets(ds, class_id, pp.to_dict(), limits, settings["seed"])
     common = {"model": cfg.model.name, "num_classes": len(ds.classes), "dropout": settings["dropout"],
               "batch_size": settings["batch_size"], "label_smoothing": settings["label_smoothing"],
               "weight_decay": settings["weight_decay"], "patience": settings["patience"], "seed": settings["seed"],
@@ -288,11 +286,7 @@ def run_finetune(cfg: TrainConfig, prep, *, log, started: float) -> dict:
                                                                    for e in val[i:i + 32]]))).numpy()
                                  for i in range(0, len(val), 32)])
     y = np.array([class_id[e.label] for e in val])
-    probs = softmax(logits)
-    metrics = evaluate(probs, y, ds.classes)
-    thresholds, per = tune_thresholds(probs, y, cfg.target_precision)
-    for j, name in enumerate(ds.classes):
-        metrics["per_class"][name]["threshold"] = per[j]
+    metrics, thresholds = assess(logits, y, ds.classes, cfg.target_precision)
     import hashlib
 
     from lens.identity import ModelIdentity, labels_digest

@@ -11,19 +11,18 @@ import numpy as np
 
 from lens import __version__
 from lens.identity import ModelIdentity
-from lens.package import write_package
+from lens.package import is_package, write_package
 
 from .config import TrainConfig, effective_settings
 from .dataset import Dataset, DatasetError, check_counts, discover
 from .dedup import near_duplicates
-from .metrics import confusion_png, evaluate, softmax, tune_thresholds
+from .metrics import assess, confusion_png
 
 __all__ = ["run_train", "Prepared"]
 
+
 def run_train(cfg: TrainConfig, *, log=print) -> dict:
     """Train ``cfg.mode`` on ``cfg.data`` and write the package to ``cfg.output``; returns the summary."""
-    from lens.package import is_package
-
     t0 = time.perf_counter()
     if is_package(cfg.output) and not cfg.overwrite:  # before any compute
         raise DatasetError(f"{cfg.output} already holds a package; choose a new --output or pass --overwrite",
@@ -60,8 +59,7 @@ class Prepared:
 
 def _usable(ds: Dataset, emb: np.ndarray) -> tuple[Dataset, np.ndarray]:
     keep = [i for i, e in enumerate(ds.examples) if not e.error]
-    good = Dataset(source=ds.source, layout=ds.layout, classes=ds.classes, examples=[ds.examples[i] for i in keep],
-                   loc=ds.loc, ignored=ds.ignored, warnings=ds.warnings)
+    good = ds.take(keep)
     check_counts(good, after=" that decode")
     return good, emb[keep]
 
@@ -100,8 +98,7 @@ def _prepare(cfg: TrainConfig, ds: Dataset, log) -> Prepared:
     if cfg.dedup and leaked:
         removed = [ds.examples[i] for i in leaked]
         keep = np.setdiff1d(np.arange(len(ds.examples)), leaked)
-        ds = Dataset(source=ds.source, layout=ds.layout, classes=ds.classes, examples=[ds.examples[i] for i in keep],
-                     loc=ds.loc, ignored=ds.ignored, warnings=ds.warnings)
+        ds = ds.take(keep)
         emb, y = emb[keep], y[keep]
         is_val = is_val[keep]
         tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -125,11 +122,7 @@ def _run_head(cfg: TrainConfig, prep: Prepared, *, log, started: float) -> dict:
                       lr=settings["lr"], batch_size=settings["batch_size"], dropout=settings["dropout"],
                       label_smoothing=settings["label_smoothing"], weight_decay=settings["weight_decay"],
                       patience=settings["patience"], seed=settings["seed"], log=log)
-    probs = softmax(emb[va] @ head.weight.T + head.bias)
-    metrics = evaluate(probs, y[va], ds.classes)
-    thresholds, per_threshold = tune_thresholds(probs, y[va], cfg.target_precision)
-    for j, name in enumerate(ds.classes):
-        metrics["per_class"][name]["threshold"] = per_threshold[j]
+    metrics, thresholds = assess(emb[va] @ head.weight.T + head.bias, y[va], ds.classes, cfg.target_precision)
     log(f"lens train: validation top-1 {metrics['top1']}, macro F1 {metrics['macro_f1']}, ECE {metrics['ece']} "
         f"(best epoch {head.best_epoch} of {head.epochs_run}, {head.seconds:.2f} s)")
 

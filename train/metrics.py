@@ -6,13 +6,9 @@ import io
 
 import numpy as np
 
-__all__ = ["evaluate", "tune_thresholds", "confusion_png", "softmax"]
+from lens.heads import softmax
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64) - np.max(logits, axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+__all__ = ["assess", "evaluate", "tune_thresholds", "confusion_png"]
 
 
 def _ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
@@ -84,6 +80,17 @@ def tune_thresholds(probs: np.ndarray, y: np.ndarray, target_precision: float) -
         detail[j] = {"threshold": round(float(out[j]), 6), "precision": round(float(precision[i]), 4) if len(order) else 0,
                      "recall": round(float(recall[i]), 4) if len(order) else 0, "target_met": met}
     return out, detail
+
+
+def assess(logits: np.ndarray, y: np.ndarray, labels: list[str], target_precision: float) -> tuple[dict, np.ndarray]:
+    """(metrics with each class's tuned threshold, thresholds) of a classifier's validation ``logits``, scored
+    with the softmax serving uses."""
+    probs = softmax(logits)
+    metrics = evaluate(probs, y, labels)
+    thresholds, per_class = tune_thresholds(probs, y, target_precision)
+    for j, name in enumerate(labels):
+        metrics["per_class"][name]["threshold"] = per_class[j]
+    return metrics, thresholds
 
 
 def confusion_png(cm: np.ndarray, labels: list[str]) -> bytes:
