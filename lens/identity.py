@@ -37,6 +37,8 @@ class ModelIdentity:
     precision: str = "fp32"  # the weights' numeric form where the embeddings were made (fp32, fp16, int8 ...)
     backend: str | None = None  # onnx, openvino, torch: recorded, not compared (fp32 backends agree; int8 is
     #                             gated on recall against fp32 before it serves)
+    version: str | None = None  # registry name@version the model was served from: recorded, not compared (the
+    #                             weights digest already decides comparability)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +58,7 @@ class ModelIdentity:
             raise ValueError(f"not a model identity: missing {', '.join(missing)}")
         return cls(model=str(d["model"]), weights_sha256=str(d["weights_sha256"]), preprocess=dict(d["preprocess"]),
                    embed_dim=int(dim), num_classes=d.get("num_classes"), labels_sha256=d.get("labels_sha256"),
-                   precision=d.get("precision") or "fp32", backend=d.get("backend"))
+                   precision=d.get("precision") or "fp32", backend=d.get("backend"), version=d.get("version"))
 
     def comparable(self) -> dict:
         """The fields that decide whether embeddings can be compared."""

@@ -9,6 +9,8 @@ Kinds:
 * ``head``: a classifier trained on a frozen backbone's embeddings (``head.safetensors``: ``weight`` (C, D),
   ``bias`` (C)); served on top of the backbone's forward pass (:mod:`lens.heads`).
 * ``finetune``: whole-model weights (``model.safetensors``) of a timm architecture with its own classes.
+* ``model``: whole-model weights as they are (``lens models package``: the embedded ImageNet model or any
+  checkpoint), so a base model can be versioned in the registry beside the fine-tuned ones.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ __all__ = ["MANIFEST", "FORMAT", "PackageError", "Package", "write_package", "op
 
 MANIFEST = "lens-package.json"
 FORMAT = "lens-package/1"
-KINDS = ("head", "finetune")
+KINDS = ("head", "finetune", "model")
 
 
 class PackageError(LensError):

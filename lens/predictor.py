@@ -219,10 +219,11 @@ class Predictor:
         """Per row, each custom classifier's tags (its classes at or above their own threshold): every head's,
         and a fine-tuned model package's own (from ``logits``). None when there are none."""
         pkg = self.model.package
-        if not self.heads and not (pkg and logits is not None):
+        own = bool(pkg and pkg.get("thresholds") and logits is not None)
+        if not self.heads and not own:
             return None
         per_head = {h.name: h.tags(embeddings) for h in self.heads}
-        if pkg and logits is not None:
+        if own:
             per_head[pkg["name"]] = threshold_tags(softmax(logits), self.model.labels,
                                                    np.asarray(pkg["thresholds"], np.float32))
         return [{name: rows[i] for name, rows in per_head.items()} for i in range(len(embeddings))]
@@ -246,8 +247,11 @@ class Predictor:
         if good:
             batch = np.stack([prepared[i] for i in good])
             logits, emb = self.infer(batch)
-            for i, pred in zip(good, self.postprocess(logits, emb, top_k)):
-                results[i] = pred
+            finite = np.isfinite(logits).all(axis=1) & np.isfinite(emb).all(axis=1)
+            for i, ok, pred in zip(good, finite, self.postprocess(logits, emb, top_k)):
+                results[i] = pred if ok else ItemError(
+                    "model_output_not_finite", f"the model ({self.name}) produced non-finite outputs for this image",
+                    500)
         assert len(results) == len(prepared)
         return results
 

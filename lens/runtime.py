@@ -57,7 +57,7 @@ class LoadedModel:
     backend: Backend
     load_seconds: float = 0.0
     onnx_path: Path | None = None
-    package: dict | None = None  # a lens train finetune package: {"name", "uri", "sha256", "thresholds"}
+    package: dict | None = None  # a finetune/model package: {"name", "uri", "sha256", "thresholds", ["version"]}
     quantization: dict | None = None  # precision int8: the accuracy gate's report and what is "served"
     backend_choice: dict | None = None  # backend auto on CPU: what was measured and picked
 
@@ -85,7 +85,8 @@ class LoadedModel:
         return ModelIdentity(model=self.name, weights_sha256=self.weights.sha256, preprocess=self.preprocess.to_dict(),
                              embed_dim=self.embed_dim, num_classes=self.num_classes,
                              labels_sha256=self.labels_sha256,
-                             precision=getattr(self.backend, "precision", "fp32"), backend=self.backend.name)
+                             precision=getattr(self.backend, "precision", "fp32"), backend=self.backend.name,
+                             version=(self.package or {}).get("version"))
 
 
 def resolve_device(device: str) -> str:
@@ -144,7 +145,7 @@ def _from_package(cfg: ModelConfig) -> tuple[ModelConfig, dict | None]:
     from .package import PackageError, open_package
 
     pkg = open_package(w, cache_dir=cfg.cache_dir)
-    if pkg.kind != "finetune":
+    if pkg.kind == "head":
         raise PackageError(f"{w} is a {pkg.kind} package: serve it with --head (model.heads), on its backbone",
                            code="usage", status=400)
     arch = pkg.manifest["identity"]["model"]
@@ -153,7 +154,10 @@ def _from_package(cfg: ModelConfig) -> tuple[ModelConfig, dict | None]:
     labels = pkg.manifest["labels"]
     cfg = cfg.model_copy(update={"name": arch, "weights": str(pkg.file("model.safetensors")),
                                  "labels": str(pkg.file("labels.json")), "num_classes": len(labels)})
-    return cfg, {"name": pkg.name, "uri": str(w), "sha256": pkg.sha256, "thresholds": pkg.manifest["thresholds"]}
+    reg = pkg.manifest.get("registry") or {}
+    return cfg, {"name": pkg.name, "uri": str(w), "sha256": pkg.sha256, "kind": pkg.kind,
+                 "thresholds": pkg.manifest.get("thresholds")} | (
+        {"version": f"{reg['name']}@{reg['version']}"} if reg.get("version") else {})
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

@@ -8,6 +8,7 @@ from lens.config import validate
 
 from .config import AppArgs, PoolConfig
 from .deployments import LensIngress, Tagger, TaggerIngress
+from .rollout import RolloutController
 from .search import IndexSearcher
 
 __all__ = ["build_app"]
@@ -35,8 +36,13 @@ def build_app(args: dict | None = None) -> Application:
     if cfg.search is not None:
         search = IndexSearcher.options(ray_actor_options={"num_cpus": cfg.search.num_cpus}).bind(
             cfg.search.model_dump(mode="json"))
+    versioned = [p.versions for p in cfg.pools if p.versions is not None]
+    controller = None
+    if versioned:  # one controller judges every versioned pool's rollouts
+        models = list({(v.registry, v.model): {"registry": v.registry, "model": v.model} for v in versioned}.values())
+        controller = RolloutController.bind(models, cfg.rollout.model_dump(mode="json"))
     if len(cfg.pools) == 1:
         (pool,) = cfg.pools
-        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api, search)
-    pools = {p.name: Tagger.options(**_options(p)).bind(p.model_dump(mode="json")) for p in cfg.pools}
+        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api, search, controller)
+    pools = {p.name: Tagger.options(**_options(p)).bind(p.model_dump(mode="json"), controller) for p in cfg.pools}
     return LensIngress.bind(api, pools, search)

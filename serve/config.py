@@ -8,7 +8,9 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_v
 
 from lens.config import DecodeConfig, ModelConfig, StrictModel
 
-__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs"]
+from .versions import VersionsConfig
+
+__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs", "RolloutConfig"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -54,6 +56,11 @@ class PoolConfig(StrictModel):
     warmup_batch_sizes: tuple[PositiveInt, ...] = Field((1,), description="dummy batches run before taking traffic")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (ONNX Runtime threads follow it)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
+    versions: VersionsConfig | None = Field(None, description="serve a registry model by alias (stable, plus a "
+                                            "running rollout's canary) instead of model.weights")
+    head_registry: str | None = Field(None, description="registry where per-request heads "
+                                      "(serve_multiplexed_model_id: NAME[@VERSION]) are found; default: versions' "
+                                      "registry")
 
     @model_validator(mode="after")
     def _device_matches_resources(self) -> "PoolConfig":
@@ -70,6 +77,19 @@ class PoolConfig(StrictModel):
         if not _NAME.match(v):
             raise ValueError(f"pool name must match {_NAME.pattern}, got {v!r}")
         return v
+
+
+class RolloutConfig(StrictModel):
+    """When the controller rolls a canary back, advances it, or promotes it (app args ``rollout:``)."""
+
+    eval_interval_s: PositiveFloat = Field(5.0, le=600, description="how often running rollouts are judged")
+    min_requests: PositiveInt = Field(20, description="canary requests a window needs before its rates count")
+    max_error_rate: float = Field(0.02, ge=0, le=1, description="roll back above this canary 5xx rate")
+    max_p95_ratio: PositiveFloat = Field(1.5, description="roll back when canary p95 > this x stable p95 ...")
+    min_p95_delta_ms: float = Field(25.0, ge=0, description="... and more than this many ms above it")
+    min_top1_agreement: float = Field(0.8, ge=0, le=1, description="roll back below this shadow top-1 agreement")
+    min_shadow_pairs: PositiveInt = Field(20, description="shadow comparisons needed before agreement counts")
+    stale_after_s: PositiveFloat = Field(30.0, description="ignore a replica that has not reported for this long")
 
 
 class ApiConfig(StrictModel):
@@ -108,6 +128,7 @@ class AppArgs(StrictModel):
     pools: tuple[PoolConfig, ...] = (PoolConfig(),)
     api: ApiConfig = ApiConfig()
     search: SearchConfig | None = None
+    rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":
@@ -116,6 +137,7 @@ class AppArgs(StrictModel):
             raise ValueError("at least one model pool is needed")
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
-        if "LensIngress" in names:
-            raise ValueError("LensIngress is the router deployment's name; choose another pool name")
+        for taken in ("LensIngress", "RolloutController", "IndexSearcher"):
+            if taken in names:
+                raise ValueError(f"{taken} is one of Lens's own deployment names; choose another pool name")
         return self

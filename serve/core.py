@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,11 +21,17 @@ import numpy as np
 from ray import serve
 
 from lens.config import validate
-from lens.errors import ModelError, OverloadedError
+from lens.errors import ModelError, OverloadedError, RequestFailed
+from lens.heads import Head, load_head
+from lens.identity import ModelIdentity
+from lens.package import PackageError, open_package
 from lens.predictor import ItemError, Predictor, top_k_tags
+from lens.registry import Registry, VersionRef, parse_model_ref
 
 from .config import BatchingConfig, PoolConfig
-from .metrics import TaggerMetrics
+from .metrics import TaggerMetrics, VersionMetrics
+from .versions import Routing, Slot, VersionStats, VersionWatcher, agreement, check_versions_model, \
+    config_for_version, route
 
 __all__ = ["TaggerCore"]
 
@@ -41,10 +48,21 @@ def _assigned_cpus() -> int:
     return max(1, int(round(cpus))) if cpus else (os.cpu_count() or 1)
 
 
-class TaggerCore:
-    """Loads and warms the model in the constructor, so a replica is healthy only once it is warm."""
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (unit tests)
+        return f"pid{os.getpid()}"
 
-    def __init__(self, pool: dict) -> None:
+
+class TaggerCore:
+    """Loads and warms the model in the constructor, so a replica is healthy only once it is warm.
+
+    With ``versions:`` the model comes from the registry: a :class:`~serve.versions.VersionWatcher` keeps the
+    stable (and a rollout's canary) version loaded and swaps them without a restart; each request meets the
+    version :func:`~serve.versions.route` picks for its bytes."""
+
+    def __init__(self, pool: dict, controller=None) -> None:
         t0 = time.perf_counter()
         cfg = validate(PoolConfig, pool, where="Tagger args")
         cpus = _assigned_cpus()
@@ -52,12 +70,24 @@ class TaggerCore:
         if model_cfg.num_threads is None:  # match ONNX Runtime / torch threads to this replica's num_cpus
             model_cfg = model_cfg.model_copy(update={"num_threads": cpus})
         self.cfg = cfg
-        self.predictor = Predictor.from_config(model_cfg, cfg.decode)
+        self._model_cfg = model_cfg
+        self.metrics = TaggerMetrics()
+        self.version_metrics = VersionMetrics() if cfg.versions else None
+        self.version_stats = VersionStats()
+        self._controller = controller
+        self._replica = _replica_id()
+        self._background: set = set()  # shadow comparisons in flight (a reference keeps each task alive)
+        self.batching = cfg.batching
+        if cfg.versions is None:
+            self.watcher = None
+            self._static = Routing(stable=Slot(None, self._new_predictor(model_cfg)))
+        else:
+            check_versions_model(cfg.model)
+            self.watcher = VersionWatcher(cfg.versions, self._load_version, on_load_failure=self._load_failed,
+                                          on_change=self._routing_changed)
+            self._routing_changed(self.watcher.routing)
         self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or cpus, thread_name_prefix="lens-decode")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="lens-model")
-        for bs in cfg.warmup_batch_sizes:
-            self.predictor.warmup(bs)
-        self.metrics = TaggerMetrics()
         self._in_flight = 0
         self._decoding = 0
         self._batches = self._images = self._max_batch_seen = 0
@@ -67,6 +97,10 @@ class TaggerCore:
         self._model_gate = asyncio.Event()  # cleared by hold_batches(): batches wait before the model
         self._model_gate.set()
         self.reconfigure(cfg.batching.model_dump())
+        if self.watcher is not None:
+            self.watcher.start()
+            if controller is not None:
+                threading.Thread(target=self._report_loop, name="lens-rollout-report", daemon=True).start()
         self.cold_start_s = time.perf_counter() - t0
         self.ready_at = time.time()
         self.metrics.cold_start.set(self.cold_start_s)
@@ -76,13 +110,89 @@ class TaggerCore:
         logger.info("replica of %s ready in %.2fs: %s on %s (%s), %d CPU(s)", cfg.name, self.cold_start_s,
                     info["model"], info["device"], info["backend"], cpus)
 
+    # -- versions ----------------------------------------------------------------------------
+    @property
+    def routing(self) -> Routing:
+        return self.watcher.routing if self.watcher is not None else self._static
+
+    @property
+    def predictor(self) -> Predictor:
+        """The stable version's predictor (what health, info and warm-up describe)."""
+        return self.routing.stable.predictor
+
+    def _new_predictor(self, model_cfg) -> Predictor:
+        predictor = Predictor.from_config(model_cfg, self.cfg.decode)
+        predictor.max_batch_size = self.batching.max_batch_size
+        for bs in self.cfg.warmup_batch_sizes:
+            predictor.warmup(bs)
+        return predictor
+
+    def _load_version(self, vref: VersionRef) -> Predictor:
+        """Open a registry version (every checksum verified), check that what loads is what its manifest says,
+        warm it up. Raises :class:`PackageError` naming the file or the field that does not match."""
+        t0 = time.perf_counter()
+        pkg = open_package(vref.uri, cache_dir=self._model_cfg.cache_dir)
+        predictor = self._new_predictor(config_for_version(self._model_cfg, vref, pkg.kind))
+        if pkg.kind != "head":  # a head's backbone is checked by the predictor (Head.check_backbone)
+            claimed = ModelIdentity.from_dict(pkg.manifest["identity"])
+            diff = claimed.mismatch(predictor.identity())
+            if diff:
+                raise PackageError(f"{vref.label} ({vref.uri}): the loaded model differs from its manifest's identity "
+                                   f"in {', '.join(diff)}; the package is inconsistent")
+        logger.info("loaded %s (%s package, sha256 %s...) in %.2fs", vref.label, pkg.kind, vref.sha256[:12],
+                    time.perf_counter() - t0)
+        if self.version_metrics:
+            self.version_metrics.loads.inc(tags={"version": vref.label, "outcome": "loaded"})
+        return predictor
+
+    def _load_failed(self, version: str, why: str) -> None:
+        if self.version_metrics:
+            self.version_metrics.loads.inc(tags={"version": f"{self.cfg.versions.model}@{version}",
+                                                 "outcome": "refused"})
+
+    def _routing_changed(self, routing: Routing) -> None:
+        if self.version_metrics:
+            self.version_metrics.set_routing(routing)
+
+    def _report_loop(self) -> None:
+        """Send this replica's per-version counters to the rollout controller every ``poll_s``."""
+        v = self.cfg.versions
+        while True:
+            time.sleep(v.poll_s)
+            try:
+                self._controller.report.remote(v.registry, v.model, self._replica, self.version_stats.snapshot(),
+                                               dict(self.watcher.failed))
+            except Exception:  # noqa: BLE001 - the controller restarting: report again next time
+                logger.warning("rollout report not sent", exc_info=True)
+
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def _get_head(self, head_id: str) -> Head:
+        """A custom head chosen per request (``serve_multiplexed_model_id`` header): ``NAME[@ALIAS_OR_VERSION]``
+        in the pool's registry, or a package path/URI. Loaded once per replica (LRU), verified."""
+        registry = self.cfg.head_registry or (self.cfg.versions.registry if self.cfg.versions else None)
+        cache = self._model_cfg.cache_dir
+
+        def load() -> Head:
+            if "/" in head_id or registry is None:
+                return load_head(head_id, cache_dir=cache)
+            vref = Registry(registry).resolve(*parse_model_ref(head_id))
+            return load_head(vref.uri, cache_dir=cache)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, load)
+        except PackageError as e:
+            raise RequestFailed(f"head {head_id!r}: {e.message}", code="unknown_head", status=404) from None
+        except Exception as e:  # noqa: BLE001 - an unknown name is the client's mistake
+            raise RequestFailed(f"head {head_id!r} cannot be loaded: {e}", code="unknown_head", status=404) from None
+
     # -- live knobs --------------------------------------------------------------------------
     def reconfigure(self, user_config: dict) -> None:
         # both bounds of max_batch_size are checked before deploying (BatchingConfig, serve.run.check_serve_config)
         batching = validate(BatchingConfig, user_config or {}, where="user_config")
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        self.predictor.max_batch_size = batching.max_batch_size
+        for slot in self.routing.slots():
+            slot.predictor.max_batch_size = batching.max_batch_size
         self.batching = batching
         logger.info("batching: max_batch_size=%d batch_wait_timeout_s=%s", batching.max_batch_size,
                     batching.batch_wait_timeout_s)
@@ -111,71 +221,162 @@ class TaggerCore:
 
     # -- requests ----------------------------------------------------------------------------
     def info(self) -> dict:
-        return self.predictor.info() | {
+        r = self.routing
+        versions = {} if self.watcher is None else {"versions": {
+            "registry": self.cfg.versions.registry, "model": self.cfg.versions.model,
+            "stable": r.stable.label, "canary": r.canary.label if r.canary else None, "weight": r.weight,
+            "shadow": r.shadow, "previous": r.previous.label if r.previous else None,
+            "refused": dict(self.watcher.failed)}}
+        return self.predictor.info() | versions | {
+            "version": r.stable.label,
             "pool": self.cfg.name,
             "cold_start_s": round(self.cold_start_s, 3),
             "ready_at": self.ready_at,
             "batching": self.batching.model_dump(),
         }
 
-    async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False) -> dict:
-        """Tag one image: ``{"tags": [...], ["embedding": ndarray]}``. Raises :class:`OverloadedError` (queue
-        full), the image's own error (a :class:`RequestFailed` with its code and status) or :class:`ModelError`."""
+    async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False, identity: dict | None = None) -> dict:
+        """Tag one image: ``{"tags", "version", ["custom_tags"], ["embedding", "model_identity"]}``. ``identity``
+        (search): embed with the loaded version whose embeddings are comparable with it. Raises
+        :class:`OverloadedError` (queue full), the image's own error (a :class:`RequestFailed` with its code and
+        status) or :class:`ModelError`."""
         if self._in_flight >= self.batching.max_pending:
             self._overloaded += 1
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             raise OverloadedError(f"replica is at max_pending={self.batching.max_pending} images; retry later")
+        routing = self.routing
+        if identity is not None:
+            slot, mirror = routing.for_identity(identity), None
+            if slot is None:
+                raise RequestFailed("the index was built with a model version this pool no longer holds "
+                                    f"({identity.get('version') or identity.get('weights_sha256', '?')[:12]}); "
+                                    "rebuild the index with the serving version", code="model_mismatch",
+                                    status=409)
+        else:
+            slot, mirror = route(data, routing)
+        head_id = serve.get_multiplexed_model_id() if self._multiplexed() else ""
+        head = await self._get_head(head_id) if head_id else None
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
+        t0 = time.perf_counter()
+        failed = False
         try:
-            loop = asyncio.get_running_loop()
-            t0 = time.perf_counter()
-            self._decoding += 1
-            try:
-                prepared = (await loop.run_in_executor(self._decode_pool, self.predictor.prepare_many, [data]))[0]
-            finally:
-                self._decoding -= 1
-            self.metrics.decode.observe((time.perf_counter() - t0) * 1000)
-            if isinstance(prepared, ItemError):
-                self.metrics.errors.inc(tags={"kind": prepared.code})
-                raise prepared.to_error()
-            # Adaptive wait: hold a batch open for up to batch_wait_timeout_s only while other images are
-            # still decoding and will join it; a lone request goes to the model at once.
-            self._run_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s if self._decoding else 0.0)
-            try:
-                logits, emb = await self._run_batch((prepared, time.perf_counter()))
-            except Exception as e:  # noqa: BLE001 - a failed model call fails its batch, never the replica
-                logger.exception("model batch failed")
-                self.metrics.errors.inc(tags={"kind": "model_error"})
-                raise ModelError(f"{type(e).__name__}: {e}") from None
-            out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], self.predictor.model.labels,
-                                                                  top_k)[0]]}
-            custom = self.predictor.custom_tags(emb[None], logits[None])
+            logits, emb = await self._model_call(slot, data)
+            out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], slot.predictor.model.labels,
+                                                                  top_k)[0]],
+                         "model": slot.identity.model, "version": slot.label}
+            custom = slot.predictor.custom_tags(emb[None], logits[None])
+            if head is not None:
+                diff = head.backbone.mismatch(slot.identity)
+                if diff:
+                    raise RequestFailed(f"head {head_id!r} was trained on another backbone than {slot.label or slot.identity.model} "
+                                        f"(differs in {', '.join(diff)})", code="head_backbone_mismatch", status=409)
+                custom = [dict(custom[0] if custom else {}, **{head.name: head.tags(emb[None])[0]})]
+                out["head"] = {"id": head_id, "name": head.name, "sha256": head.sha256}
             if custom is not None:
                 out["custom_tags"] = custom[0]
             if embedding:
                 out["embedding"] = emb
+                out["model_identity"] = slot.identity.to_dict()
+            if mirror is not None:
+                self._shadow(data, slot, mirror, out["tags"], emb, top_k)
             return out
+        except ModelError:
+            failed = True
+            raise
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
+            if slot.ref is not None:
+                ms = (time.perf_counter() - t0) * 1000
+                self.version_stats.request(slot.ref.version, ms, failed)
+                self.version_metrics.request(slot.label, ms, failed)
+
+    def _multiplexed(self) -> bool:
+        try:
+            serve.get_replica_context()
+            return True
+        except Exception:  # noqa: BLE001 - outside Serve (unit tests): no per-request heads
+            return False
+
+    async def _model_call(self, slot: Slot, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Decode on the thread pool, then join a batch of the same version: (logits, embedding) of one image."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        self._decoding += 1
+        try:
+            prepared = (await loop.run_in_executor(self._decode_pool, slot.predictor.prepare_many, [data]))[0]
+        finally:
+            self._decoding -= 1
+        self.metrics.decode.observe((time.perf_counter() - t0) * 1000)
+        if isinstance(prepared, ItemError):
+            self.metrics.errors.inc(tags={"kind": prepared.code})
+            raise prepared.to_error()
+        # Adaptive wait: hold a batch open for up to batch_wait_timeout_s only while other images are
+        # still decoding and will join it; a lone request goes to the model at once.
+        self._run_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s if self._decoding else 0.0)
+        try:
+            result = await self._run_batch((prepared, time.perf_counter(), slot))
+        except Exception as e:  # noqa: BLE001 - a failed model call fails its batch, never the replica
+            logger.exception("model batch failed")
+            self.metrics.errors.inc(tags={"kind": "model_error"})
+            raise ModelError(f"{type(e).__name__}: {e}") from None
+        if isinstance(result, ModelError):
+            self.metrics.errors.inc(tags={"kind": "model_output_not_finite"})
+            raise result
+        return result
+
+    def _shadow(self, data: bytes, slot: Slot, mirror: Slot, tags: list, emb: np.ndarray, top_k: int) -> None:
+        """Run the image on the other version in the background and record how far the two agree (counted under
+        the non-stable version). The answer has already gone; a failure here is counted, never raised."""
+        candidate = mirror if slot is self.routing.stable else slot
+
+        async def compare() -> None:
+            try:
+                logits2, emb2 = await self._model_call(mirror, data)
+            except Exception as e:  # noqa: BLE001 - the mirror's failure is the candidate's error, not the caller's
+                if mirror is candidate and candidate.ref is not None:
+                    self.version_stats.request(candidate.ref.version, 0.0, True)
+                logger.warning("shadow request on %s failed: %s", mirror.label, e)
+                return
+            tags2 = [t.to_dict() for t in top_k_tags(logits2[None], mirror.predictor.model.labels, top_k)[0]]
+            a = agreement(tags, tags2, emb, emb2)
+            if candidate.ref is not None:
+                self.version_stats.pair(candidate.ref.version, a)
+                self.version_metrics.pair(candidate.label, a)
+
+        task = asyncio.get_running_loop().create_task(compare())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both replaced by reconfigure() at start
-    async def _run_batch(self, items: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _run_batch(self, items: list[tuple[np.ndarray, float, Slot]]) -> list:
+        """One model call per version present in the batch; per item (logits, embedding), or a
+        :class:`ModelError` for an item whose outputs are not finite (a diverged checkpoint)."""
         await self._model_gate.wait()
         start = time.perf_counter()
-        for _, enqueued in items:
+        for _, enqueued, _ in items:
             self.metrics.queue_wait.observe((start - enqueued) * 1000)
         self.metrics.batch_size.observe(len(items))
         self._batches += 1
         self._images += len(items)
         self._max_batch_seen = max(self._max_batch_seen, len(items))
         self._recent_batches.append(len(items))
-        batch = np.stack([arr for arr, _ in items])
         loop = asyncio.get_running_loop()
-        logits, emb = await loop.run_in_executor(self._model_thread, self.predictor.infer, batch)
+        out: list = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (_, _, slot) in enumerate(items):
+            groups.setdefault(id(slot), []).append(i)
+        for idx in groups.values():
+            predictor = items[idx[0]][2].predictor
+            batch = np.stack([items[i][0] for i in idx])
+            logits, emb = await loop.run_in_executor(self._model_thread, predictor.infer, batch)
+            ok = np.isfinite(logits).all(axis=1) & np.isfinite(emb).all(axis=1)
+            for j, i in enumerate(idx):
+                out[i] = (logits[j], emb[j]) if ok[j] else ModelError(
+                    f"the model ({items[i][2].label or predictor.name}) produced non-finite outputs for this image")
         self.metrics.model.observe((time.perf_counter() - start) * 1000)
-        return list(zip(logits, emb))
+        return out
 
     def stats(self) -> dict:
         """Counters of this replica since start (also in the Prometheus metrics): for tests and debugging."""

@@ -50,11 +50,13 @@ class Tagger(TaggerCore):
 @serve.deployment(name="Tagger", **_MODEL_OPTIONS)
 @serve.ingress(new_fastapi())
 class TaggerIngress(TaggerCore, HttpApi):
-    def __init__(self, pool: dict, api_config: dict, search: DeploymentHandle | None = None) -> None:
-        TaggerCore.__init__(self, pool)
+    def __init__(self, pool: dict, api_config: dict, search: DeploymentHandle | None = None,
+                 controller: DeploymentHandle | None = None) -> None:
+        TaggerCore.__init__(self, pool, controller)
         self._init_http(api_config, search)
 
-    async def _dispatch(self, method: str, args: tuple, pool: str | None) -> Any:
+    async def _dispatch(self, method: str, args: tuple, pool: str | None, head: str | None = None) -> Any:
+        # a per-request head arrives in Serve's request context (the proxy reads serve_multiplexed_model_id)
         fn = getattr(self, method)
         return await fn(*args) if asyncio.iscoroutinefunction(fn) else fn(*args)
 
@@ -80,11 +82,12 @@ class LensIngress(HttpApi):
         self.pools = pools  # ordered: the first pool with room gets the request
         logger.info("ingress ready: pools=%s auth=%s", list(pools), "on" if self.keys.enabled else "off")
 
-    async def _dispatch(self, method: str, args: tuple, pool: str | None) -> Any:
+    async def _dispatch(self, method: str, args: tuple, pool: str | None, head: str | None = None) -> Any:
         names = [pool] if pool else list(self.pools)
         for name in names:
+            handle = self.pools[name].options(multiplexed_model_id=head) if head else self.pools[name]
             try:
-                return await getattr(self.pools[name], method).remote(*args)
+                return await getattr(handle, method).remote(*args)
             except BackPressureError:
                 continue
             except Exception as e:

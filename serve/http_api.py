@@ -48,8 +48,16 @@ def _shown(exc: BaseException) -> LensError | None:
 
 
 def _custom(result: dict) -> dict:
-    """``custom_tags`` (head name -> tags above threshold) when the pool serves heads."""
-    return {"custom_tags": result["custom_tags"]} if "custom_tags" in result else {}
+    """``custom_tags`` (head name -> tags above threshold) when the pool serves heads, and the per-request head."""
+    return {k: result[k] for k in ("custom_tags", "head") if k in result}
+
+
+#: The header that picks a per-request custom head (Serve's model-multiplexing header).
+HEAD_HEADER = "serve_multiplexed_model_id"
+
+
+def _head(request: Request) -> Optional[str]:
+    return request.headers.get(HEAD_HEADER) or None
 
 
 def _item_error(exc: BaseException, route: str) -> dict:
@@ -109,7 +117,7 @@ class HttpApi:
         self._model_names: dict = {}
 
     # -- to implement ------------------------------------------------------------------------
-    async def _dispatch(self, method: str, args: tuple, pool: Optional[str]) -> Any:
+    async def _dispatch(self, method: str, args: tuple, pool: Optional[str], head: Optional[str] = None) -> Any:
         raise NotImplementedError
 
     async def _infos(self) -> list:
@@ -177,6 +185,15 @@ class HttpApi:
     async def _model_name(self, pool: Optional[str]) -> str:
         return (await self._model_info(pool))["model"]
 
+    async def _index_identity(self) -> dict:
+        """The served index's model identity (cached for a second: indexes swap every refresh_s at most)."""
+        now = time.monotonic()
+        cached = getattr(self, "_index_ident", None)
+        if cached is None or now - cached[0] > 1.0:
+            cached = (now, (await self.search.info.remote())["model_identity"])
+            self._index_ident = cached
+        return cached[1]
+
     def _search_args(self, k: Optional[int], param: Optional[int]) -> tuple:
         if self.search is None:
             raise HttpError("similarity search is not configured on this service (app args `search:`)",
@@ -192,8 +209,8 @@ class HttpApi:
         async def work(pool):
             k = self._top_k(top_k)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
-            result = await self._dispatch("tag", (data, k, embedding), pool)
-            body = {"model": await self._model_name(pool), "tags": result["tags"]} | _custom(result)
+            result = await self._dispatch("tag", (data, k, embedding), pool, _head(request))
+            body = {"model": result["model"], "version": result.get("version"), "tags": result["tags"]} | _custom(result)
             if embedding:
                 body["embedding"] = [float(x) for x in result["embedding"]]
             return body
@@ -205,8 +222,8 @@ class HttpApi:
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             result = await self._dispatch("tag", (data, 1, True), pool)
             emb = result["embedding"]
-            return {"model": await self._model_name(pool), "dim": int(len(emb)),
-                         "embedding": [float(x) for x in emb]}
+            return {"model": result["model"], "version": result.get("version"), "dim": int(len(emb)),
+                    "embedding": [float(x) for x in emb]}
 
         return await self._handle(request, "/v1/embed", work)
 
@@ -219,10 +236,12 @@ class HttpApi:
                 if len(img) > self.api_cfg.max_body_bytes:
                     raise HttpError(f"image {i} is {len(img)} bytes; the per-image limit is "
                                     f"{self.api_cfg.max_body_bytes}", status=413, code="image_too_large")
-            results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool) for img in images),
+            head = _head(request)
+            results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool, head) for img in images),
                                            return_exceptions=True)
             out = [{"index": i} | (_item_error(r, "/v1/tag:batch") if isinstance(r, BaseException)
-                                   else {"tags": r["tags"]} | _custom(r)) for i, r in enumerate(results)]
+                                   else {"tags": r["tags"], "version": r.get("version")} | _custom(r))
+                   for i, r in enumerate(results)]
             return {"model": await self._model_name(pool), "results": out}
 
         return await self._handle(request, "/v1/tag:batch", work)
@@ -232,10 +251,13 @@ class HttpApi:
         async def work(pool):
             kk, p = self._search_args(k, param)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
-            result = await self._dispatch("tag", (data, 1, True), pool)
+            # embed with the version the index was built with (a pool keeps it loaded until the next index)
+            index_identity = await self._index_identity()
+            result = await self._dispatch("tag", (data, 1, True, index_identity), pool)
             out = await self.search.search_vectors.remote([list(map(float, result["embedding"]))], kk, p,
-                                                          await self._model_info(pool))
-            return {"results": out["results"][0], "index_version": out["index_version"]}
+                                                          result["model_identity"])
+            return {"results": out["results"][0], "index_version": out["index_version"],
+                    "model": result["model"], "version": result.get("version")}
 
         return await self._handle(request, "/v1/search", work)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-__all__ = ["IngressMetrics", "TaggerMetrics"]
+__all__ = ["IngressMetrics", "TaggerMetrics", "VersionMetrics", "EventMetrics"]
 
 _LATENCY_MS = [1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000]
 _STAGE_MS = [0.5, 1, 2, 3, 5, 8, 12, 20, 35, 50, 75, 100, 200, 500, 1000, 5000]
@@ -43,6 +43,53 @@ class TaggerMetrics:
         self.int8_fallback = Gauge("lens_int8_fallback",
                                    description="1 when the pool asked for int8 but the accuracy gate refused it and "
                                    "fp32 serves; else 0.")
+
+
+class VersionMetrics:
+    """Per-version series of a pool serving registry versions (``version`` = ``name@version``)."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("lens_version_requests_total", description="Images answered, by model version.",
+                                tag_keys=("version",))
+        self.errors = Counter("lens_version_errors_total", description="Model failures (5xx), by model version.",
+                              tag_keys=("version",))
+        self.latency = Histogram("lens_version_latency_ms", description="Decode + queue + model time per image, by "
+                                 "model version.", boundaries=_LATENCY_MS, tag_keys=("version",))
+        self.loads = Counter("lens_version_loads_total", description="Version loads by outcome (loaded, refused: "
+                             "a corrupt or inconsistent package).", tag_keys=("version", "outcome"))
+        self.role = Gauge("lens_version_serving", description="1 for each version a replica serves, by role "
+                          "(stable, canary, previous); the canary's weight is lens_version_canary_weight.",
+                          tag_keys=("version", "role"))
+        self.weight = Gauge("lens_version_canary_weight", description="Percent of this replica's traffic routed to "
+                            "the canary version.", tag_keys=("version",))
+        self.agreement = Gauge("lens_version_shadow_agreement", description="Last shadow comparison's agreement of a "
+                               "candidate version with stable, by measure (top1, overlap, cosine), smoothed.",
+                               tag_keys=("version", "measure"))
+        self._ema: dict = {}
+        self._roles: set = set()
+
+    def request(self, version: str, ms: float, failed: bool) -> None:
+        self.requests.inc(tags={"version": version})
+        self.latency.observe(ms, tags={"version": version})
+        if failed:
+            self.errors.inc(tags={"version": version})
+
+    def pair(self, version: str, agree: dict) -> None:
+        for measure, value in agree.items():
+            key = (version, measure)
+            self._ema[key] = value if key not in self._ema else 0.95 * self._ema[key] + 0.05 * value
+            self.agreement.set(self._ema[key], tags={"version": version, "measure": measure})
+
+    def set_routing(self, routing) -> None:
+        now = {(s.label, role) for role, s in (("stable", routing.stable), ("canary", routing.canary),
+                                               ("previous", routing.previous)) if s is not None and s.label}
+        for version, role in self._roles - now:
+            self.role.set(0, tags={"version": version, "role": role})
+        for version, role in now:
+            self.role.set(1, tags={"version": version, "role": role})
+        self._roles = now
+        if routing.canary is not None and routing.canary.label:
+            self.weight.set(routing.weight, tags={"version": routing.canary.label})
 
 
 _AGE_S = [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]

@@ -199,9 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the service up until Ctrl-C")
     p.set_defaults(func=lambda a: __import__("lens.app.demo", fromlist=["main"]).main(a))
 
-    p = sub.add_parser("models", help="list supported models and which have weights here")
+    p = sub.add_parser("models", help="supported models (no subcommand), and the model registry: package, push, "
+                       "list, show, verify, alias, promote, rollback, rollout, history")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
-    p.set_defaults(func=cmd_models)
+    from .registry_cli import add_parsers as add_registry_parsers, run as run_registry
+
+    add_registry_parsers(p)
+    p.set_defaults(func=lambda a: run_registry(a) if a.models_command else cmd_models(a))
     return parser
 
 

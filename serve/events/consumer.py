@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import time
@@ -140,12 +141,16 @@ class EventProcessor:
         # Embeddings first, sidecars second: a crash in between re-tags on redelivery (a duplicate row that
         # readers drop on (bucket, key, etag)), never a sidecar whose embedding was lost.
         tagged = [(mid, r) for mid, r in done if r.status == "tagged" and mid not in failed_msgs]
-        by_bucket: dict[str, list[tuple[str, Record]]] = {}  # one part per output bucket
+        # one part per output bucket and model version: a part's rows share one embedding space (a rollout's
+        # canary may answer some of them)
+        by_bucket: dict[tuple, list[tuple[str, Record]]] = {}
         for mid, r in tagged:
-            by_bucket.setdefault(self.cfg.results_bucket or r.event.bucket, []).append((mid, r))
-        for bucket, group in by_bucket.items():
+            version = json.dumps(r.model_identity, sort_keys=True) if r.model_identity else None
+            by_bucket.setdefault((self.cfg.results_bucket or r.event.bucket, version), []).append((mid, r))
+        for (bucket, _), group in by_bucket.items():
             try:
-                await self._io_call(self.store.write_embeddings, [r for _, r in group], self.model_info, bucket)
+                await self._io_call(self.store.write_embeddings, [r for _, r in group],
+                                    group[0][1].model_identity or self.model_info, bucket)
             except Exception as e:  # noqa: BLE001 - S3 trouble: retry the whole set later
                 logger.warning("embedding part not written, its messages will be retried: %s", e)
                 failed_msgs.update(mid for mid, _ in group)
@@ -203,7 +208,7 @@ class EventProcessor:
                 raise RetryLater(f"tagger: {e.message if e else exc}") from exc
             return self._skip(ev, f"{e.code}: {e.message}")
         return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"],
-                      custom_tags=result.get("custom_tags"))
+                      custom_tags=result.get("custom_tags"), model_identity=result.get("model_identity"))
 
     @staticmethod
     def _skip(ev: ObjectEvent, reason: str) -> Record:

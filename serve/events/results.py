@@ -34,8 +34,10 @@ class Record:
     tags: list | None = None
     embedding: np.ndarray | None = None
     custom_tags: dict | None = None  # head name -> tags above threshold (pools serving lens train heads)
+    model_identity: dict | None = None  # the version that tagged it, when the pool serves registry versions
 
     def to_json(self, model: dict) -> dict:
+        model = self.model_identity or model
         ident = _identity(model)
         d = {
             "bucket": self.event.bucket, "key": self.event.key, "etag": self.event.etag,
@@ -43,6 +45,7 @@ class Record:
             "status": self.status, "processed_at": time.time(),
             "model": model.get("model"), "weights_sha256": model.get("weights_sha256"),
             "model_identity": ident.to_dict() if ident else None,
+            "version": ident.version if ident else None,
         }
         if self.reason:
             d["reason"] = self.reason
