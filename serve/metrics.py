@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-__all__ = ["IngressMetrics", "TaggerMetrics", "VersionMetrics", "EventMetrics"]
+__all__ = ["IngressMetrics", "TaggerMetrics", "VersionMetrics", "RolloutMetrics", "EventMetrics"]
 
 _LATENCY_MS = [1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000]
 _STAGE_MS = [0.5, 1, 2, 3, 5, 8, 12, 20, 35, 50, 75, 100, 200, 500, 1000, 5000]
@@ -90,6 +90,25 @@ class VersionMetrics:
         self._roles = now
         if routing.canary is not None and routing.canary.label:
             self.weight.set(routing.weight, tags={"version": routing.canary.label})
+
+
+class RolloutMetrics:
+    """The rollout controller's view of running rollouts (one series per model)."""
+
+    def __init__(self) -> None:
+        self.weight = Gauge("lens_rollout_canary_weight", description="Percent of traffic sent to the canary.",
+                            tag_keys=("model", "version"))
+        self.step = Gauge("lens_rollout_step", description="Index of the rollout plan's current step (-1: none).",
+                          tag_keys=("model",))
+        self.decisions = Counter("lens_rollout_decisions_total", description="Rollout decisions taken (advance, "
+                                 "promote, rollback).", tag_keys=("model", "decision"))
+        self.last_rollback = Gauge("lens_rollout_last_rollback_timestamp_seconds",
+                                   description="When the controller last rolled a canary back (0: never).",
+                                   tag_keys=("model",))
+        self.agreement = Gauge("lens_rollout_canary_agreement", description="Canary top-1 agreement with stable "
+                               "over the current step's shadow pairs.", tag_keys=("model", "version"))
+        self.error_rate = Gauge("lens_rollout_canary_error_rate", description="Canary 5xx rate over the current "
+                                "step.", tag_keys=("model", "version"))
 
 
 _AGE_S = [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]

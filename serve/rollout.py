@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from ray import serve
-from ray.serve.metrics import Counter, Gauge
 
 from lens.config import validate
 from lens.registry import Registry
 
 from .config import RolloutConfig
+from .metrics import RolloutMetrics
 from .versions import LATENCY_BOUNDS_MS
 
 __all__ = ["Window", "Decision", "judge", "RolloutController", "p95_ms"]
@@ -126,23 +126,6 @@ def judge(state: dict, last: Window, step: Window, failures: dict[str, str], cfg
     return Decision("hold", wait, nums)
 
 
-class _Metrics:
-    def __init__(self) -> None:
-        self.weight = Gauge("lens_rollout_canary_weight", description="Percent of traffic sent to the canary.",
-                            tag_keys=("model", "version"))
-        self.step = Gauge("lens_rollout_step", description="Index of the rollout plan's current step (-1: none).",
-                          tag_keys=("model",))
-        self.decisions = Counter("lens_rollout_decisions_total", description="Rollout decisions taken (advance, "
-                                 "promote, rollback).", tag_keys=("model", "decision"))
-        self.last_rollback = Gauge("lens_rollout_last_rollback_timestamp_seconds",
-                                   description="When the controller last rolled a canary back (0: never).",
-                                   tag_keys=("model",))
-        self.agreement = Gauge("lens_rollout_canary_agreement", description="Canary top-1 agreement with stable "
-                               "over the current step's shadow pairs.", tag_keys=("model", "version"))
-        self.error_rate = Gauge("lens_rollout_canary_error_rate", description="Canary 5xx rate over the current "
-                                "step.", tag_keys=("model", "version"))
-
-
 @serve.deployment(name="RolloutController", num_replicas=1, max_ongoing_requests=1000,
                   ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
 class RolloutController:
@@ -156,7 +139,7 @@ class RolloutController:
         self._step_windows: dict[tuple, Window] = {}
         self._step_key: dict[tuple, tuple] = {}
         self._stable_p95: dict[tuple, float] = {}
-        self.metrics = _Metrics()
+        self.metrics = RolloutMetrics()
         self.decisions: list[dict] = []
         self._task = None
 

@@ -251,3 +251,18 @@ def test_watcher_swaps_versions_refuses_a_corrupt_one_and_keeps_serving(tmp_path
     assert not fresh.poll_once()  # not retried every poll until the registry moves
     assert loads == ["v1", "v2", "v3", "v2"]
     assert json.loads(Path(tmp_path / "models" / "tagger" / "aliases" / "stable.json").read_text())["version"] == "v1"
+
+
+def test_versions_are_recorded_in_identities_and_sidecars():
+    from lens.identity import ModelIdentity
+    from serve.events.results import Record
+    from serve.events.s3events import ObjectEvent
+
+    ident = ModelIdentity(model="m", weights_sha256="abc", preprocess={}, embed_dim=4, version="tagger@v2")
+    again = ModelIdentity.from_dict({"model_identity": ident.to_dict()})
+    assert again.version == "tagger@v2" and not again.mismatch(ModelIdentity.from_dict(ident.to_dict() | {"version": None}))
+    ev = ObjectEvent(bucket="b", key="k.jpg", etag="e", version_id=None, size=1, sequencer="1",
+                     event_name="ObjectCreated:Put")
+    side = Record(ev, "tagged", tags=[], model_identity=ident.to_dict()).to_json({"model": "other"})
+    assert side["version"] == "tagger@v2" and side["model_identity"]["version"] == "tagger@v2"
+    assert side["model"] == "m" and side["weights_sha256"] == "abc"

@@ -1,0 +1,290 @@
+"""Model versions under live traffic on a real local Ray Serve, with the real Lite0 weights on real photos.
+
+Versions in the registry: v1 the embedded ImageNet Lite0; v2 the same weights pushed again (a model against
+itself); v3 a deliberately different checkpoint (classifier rows rolled by one, conv_head perturbed); v4 a
+diverged checkpoint whose classifier bias is NaN (its model "raises": every answer is non-finite); v5 v1's
+files with one byte flipped after the push (corrupt)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import free_port, scrape_metrics
+
+import ray
+import requests
+from ray import serve
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+MODEL = {"backend": "onnx", "device": "cpu"}
+
+
+def _different(sd):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sd = dict(sd)
+    sd["classifier.weight"] = torch.roll(sd["classifier.weight"], 1, dims=0)
+    sd["classifier.bias"] = torch.roll(sd["classifier.bias"], 1, dims=0)
+    w = sd["conv_head.weight"]
+    sd["conv_head.weight"] = w + 0.5 * w.std() * torch.randn(w.shape, generator=g)
+    return sd
+
+
+def _diverged(sd):
+    sd = dict(sd)
+    sd["classifier.bias"] = sd["classifier.bias"] * float("nan")
+    return sd
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, lens_cache):
+    from lens.config import ModelConfig
+    from lens.modelpack import package_model
+    from lens.registry import Registry
+
+    root = tmp_path_factory.mktemp("registry")
+    reg = Registry(str(root / "models"))
+    cfg = ModelConfig(backend="torch", device="cpu", cache_dir=lens_cache)
+    base = package_model(cfg, str(root / "base"), name="tagger")
+    reg.push(base)  # v1
+    reg.push(base)  # v2: the same weights
+    reg.push(package_model(cfg, str(root / "diff"), name="tagger", state_dict_hook=_different))  # v3
+    reg.push(package_model(cfg, str(root / "nan"), name="tagger", state_dict_hook=_diverged))  # v4
+    reg.push(base)  # v5, corrupted below
+    f = root / "models" / "tagger" / "v5" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[1000] ^= 0xFF
+    f.write_bytes(bytes(data))
+    reg.set_alias("tagger", "stable", "v1")
+    return reg
+
+
+@pytest.fixture(scope="module")
+def app(registry, lens_cache):
+    from serve.run import deploy
+
+    port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port,
+             runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"pools": [{"name": "Tagger", "model": MODEL, "num_cpus": 1,
+                       "versions": {"registry": registry.root, "model": "tagger", "poll_s": 0.5}}],
+            "rollout": {"eval_interval_s": 1.0, "min_requests": 10, "min_shadow_pairs": 10}}
+    doc = {"http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "versions", "route_prefix": "/versions", "import_path": "serve.app:build_app",
+                             "args": args, "deployments": [{"name": "Tagger", "num_replicas": 2}]}]}
+    deploy(doc, where="versions test app", timeout_s=300)
+    _METRICS["port"] = metrics_port
+    yield f"http://127.0.0.1:{port}/versions"
+    serve.shutdown()
+    ray.shutdown()
+
+
+_METRICS: dict = {}
+
+
+def app_metrics_port() -> int:
+    return _METRICS["port"]
+
+
+def wait_for(cond, what: str, timeout_s: float = 90):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+class Load:
+    """``clients`` threads posting real photos in a loop; every answer's status and version kept."""
+
+    def __init__(self, url: str, images: list[bytes], clients: int = 32) -> None:
+        self.url, self.images = url + "/v1/tag", images
+        self.results: list[tuple[float, int, str | None, int]] = []  # (time, status, version, image index)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, seed: int) -> None:
+        s = requests.Session()
+        i = seed
+        while not self._stop.is_set():
+            i = (i + 7) % len(self.images)
+            try:
+                r = s.post(self.url, data=self.images[i], headers={"Content-Type": "image/jpeg"}, timeout=60)
+                version = r.json().get("version") if r.status_code == 200 else r.text[:200]
+                self.results.append((time.monotonic(), r.status_code, version, i))
+            except requests.RequestException as e:
+                self.results.append((time.monotonic(), -1, repr(e), i))
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+    def since(self, t0: float) -> list:
+        return [r for r in list(self.results) if r[0] >= t0]
+
+    def all_on(self, version: str, t0: float, n: int = 40) -> bool:
+        recent = [r for r in self.since(t0)][-n:]
+        return len(recent) == n and all(r[2] == version for r in recent)
+
+
+def info(url):
+    return requests.get(url + "/v1/models", timeout=30).json()["pools"][0]
+
+
+@pytest.fixture(scope="module")
+def images():
+    from lens.samples import augmented_jpegs, photo_paths
+
+    return [p.read_bytes() for p in photo_paths()] + [b for _, b, _ in augmented_jpegs(41, seed=3, long_side=(256, 480))]
+
+
+def test_promote_rollback_and_alias_flip_under_load_fail_no_request(app, registry, images):
+    reg = registry
+    with Load(app, images) as load:
+        wait_for(lambda: load.all_on("tagger@v1", 0), "v1 serving")
+        # 1. an alias flip: stable v1 -> v2; every replica moves without a failed request
+        t = time.monotonic()
+        reg.set_alias("tagger", "stable", "v2", why="test flip")
+        wait_for(lambda: load.all_on("tagger@v2", t), "every replica serving v2 after the flip")
+        flip_s = next(r[0] for r in reversed(load.since(t)) if r[2] != "tagger@v2") - t \
+            if any(r[2] != "tagger@v2" for r in load.since(t)) else 0.0
+
+        # 2. a rollout of a model against itself (v1) promotes by itself: 50% then 100%, then stable
+        t = time.monotonic()
+        reg.start_rollout("tagger", "v1", steps=(50, 100), bake_s=1.0, shadow=0.5, why="test promote")
+        wait_for(lambda: reg.routing("tagger")["stable"] == "v1" and reg.rollout("tagger")["status"] == "promoted",
+                 "the controller promoting v1")
+        wait_for(lambda: load.all_on("tagger@v1", t), "every replica serving v1 after the promotion")
+        decisions = [e["decision"]["action"] for e in reg.history("tagger") if e["action"] == "decision"]
+        assert decisions[-2:] == ["advance", "promote"], decisions
+        agree = [e["decision"]["numbers"]["step_window"]["canary"] for e in reg.history("tagger")
+                 if e["action"] == "decision"][-1]
+        assert agree["pairs"] >= 10 and agree["top1_agreement"] == 1.0 and agree["cosine"] > 0.999, agree
+
+        # 3. a forced rollback: v3 (a different checkpoint) at 50% with no shadow; the operator rolls it back
+        t = time.monotonic()
+        reg.start_rollout("tagger", "v3", steps=(), weight=50, why="test canary")
+        wait_for(lambda: {"tagger@v1", "tagger@v3"} <= {r[2] for r in load.since(t)}, "both versions answering")
+        # sticky: an image meets one version while the weight stands (after every replica has the canary)
+        time.sleep(1.5)
+        t_sticky = time.monotonic()
+        time.sleep(3)
+        per_image: dict = {}
+        for _, status, version, i in load.since(t_sticky):
+            per_image.setdefault(i, set()).add(version)
+        assert per_image and all(len(v) == 1 for v in per_image.values()), per_image
+        t = time.monotonic()
+        reg.rollback("tagger", why="operator: forced rollback in test")
+        wait_for(lambda: load.all_on("tagger@v1", t), "the canary gone after the forced rollback")
+        # 4. a corrupt version made stable: refused by every replica, v1 keeps serving
+        reg.set_alias("tagger", "stable", "v5", why="test corrupt")
+        wait_for(lambda: "v5" in info(app)["versions"]["refused"], "v5 refused")
+        time.sleep(1.0)
+        assert load.all_on("tagger@v1", time.monotonic() - 1.0, n=20)
+        t_end = time.monotonic()
+    statuses = Counter(r[1] for r in load.results)
+    assert set(statuses) == {200}, (statuses, [r for r in load.results if r[1] != 200][:5])
+    assert len(load.results) > 300, len(load.results)
+    assert "does not match its checksum" in info(app)["versions"]["refused"]["v5"]
+    reg.set_alias("tagger", "stable", "v1", why="test: restore")
+    print(f"\n{len(load.results)} requests, all 200, over {t_end - load.results[0][0]:.1f}s; flip tail {flip_s:.2f}s")
+
+
+def test_disagreeing_shadow_and_failing_canary_roll_back_automatically(app, registry, images, photos):
+    reg = registry
+    s = requests.Session()
+
+    def traffic(seconds: float) -> list:
+        out, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            for b in images[:24]:
+                r = s.post(app + "/v1/tag", data=b, headers={"Content-Type": "image/jpeg"}, timeout=60)
+                out.append((r.status_code, r.json()))
+        return out
+
+    wait_for(lambda: reg.routing("tagger")["stable"] == "v1" and info(app)["version"] == "tagger@v1", "v1 stable")
+    # shadow only: stable answers everything; v3 disagrees with it; the controller rolls it back on agreement
+    reg.start_rollout("tagger", "v3", steps=(), weight=0, shadow=1.0, why="test shadow")
+    out = []
+    wait_for(lambda: out.extend(traffic(1.0)) or reg.rollout("tagger")["status"] == "rolled_back",
+             "rollback on disagreement")
+    assert {b["version"] for code, b in out} == {"tagger@v1"} and {c for c, _ in out} == {200}
+    last = [e for e in reg.history("tagger") if e["action"] == "decision"][-1]["decision"]
+    assert last["action"] == "rollback" and "agreement" in last["reason"]
+    canary = last["numbers"]["step_window"]["canary"]
+    assert canary["top1_agreement"] < 0.2 and canary["pairs"] >= 10, canary
+    print(f"\nv3 against v1 (shadow): {canary}")
+
+    # a canary whose model fails (non-finite outputs) at 50%: its requests get 500, then it is rolled back
+    t = time.monotonic()
+    reg.start_rollout("tagger", "v4", steps=(), weight=50, why="test failing canary")
+    seen = []
+    wait_for(lambda: seen.extend(traffic(0.5)) or reg.rollout("tagger")["status"] == "rolled_back",
+             "rollback of the failing canary")
+    rolled = time.monotonic()
+    failures = [b for code, b in seen if code == 500]
+    assert failures, "the failing canary never answered"
+    last = [e for e in reg.history("tagger") if e["action"] == "decision"][-1]["decision"]
+    assert last["action"] == "rollback" and "5xx rate" in last["reason"], last
+    wait_for(lambda: {b.get("version") for code, b in traffic(1.0)} == {"tagger@v1"}, "v1 only after the rollback")
+    print(f"failing canary rolled back {rolled - t:.1f}s after start; {len(failures)} failed of {len(seen)}")
+    # every per-version and rollout series is exported (the dashboard and alerts read them: test_infra)
+    from serve.metrics import RolloutMetrics, VersionMetrics  # noqa: F401 - the names below are theirs
+
+    wanted = [f"ray_lens_{m}" for m in ("version_requests_total", "version_errors_total", "version_latency_ms_bucket",
+                                        "version_loads_total", "version_serving", "version_canary_weight",
+                                        "version_shadow_agreement", "rollout_canary_weight", "rollout_step",
+                                        "rollout_decisions_total", "rollout_canary_agreement",
+                                        "rollout_canary_error_rate", "rollout_last_rollback_timestamp_seconds")]
+    text = scrape_metrics(app_metrics_port(), wanted)
+    assert 'version="tagger@v4"' in text and 'decision="rollback"' in text
+
+
+def test_multiplexed_heads_keep_each_request_on_its_own_head(app, registry, tmp_path, photos):
+    """Two heads on the Lite0 backbone, chosen per request by Serve's multiplexing header, in one burst."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import write_head_package
+
+    from lens.identity import ModelIdentity
+
+    ident = ModelIdentity.from_dict(registry.manifest("tagger", "v1")["identity"])
+    write_head_package(tmp_path / "pets", ident, ["cat", "dog"], [0.0, 0.0], seed=1)
+    write_head_package(tmp_path / "scenes", ident, ["indoor", "outdoor", "sea"], [0.0, 0.0, 0.0], seed=2)
+    registry.push(str(tmp_path / "pets"), name="pets")
+    registry.push(str(tmp_path / "scenes"), name="scenes")
+    registry.set_alias("pets", "stable", "v1")
+    data = list(photos.values())
+
+    def one(i):
+        head = ["pets", "scenes@v1"][i % 2]
+        r = requests.post(app + "/v1/tag", data=data[i % len(data)], timeout=60,
+                          headers={"Content-Type": "image/jpeg", "serve_multiplexed_model_id": head})
+        return head, r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(96)))
+    for head, code, body in results:
+        assert code == 200, body
+        want = {"pets": "pets", "scenes@v1": "scenes"}[head]
+        assert set(body["custom_tags"]) == {want} and body["head"]["id"] == head, body
+        labels = {t["label"] for t in body["custom_tags"][want]}
+        assert labels == ({"cat", "dog"} if want == "pets" else {"indoor", "outdoor", "sea"})
+    r = requests.post(app + "/v1/tag", data=data[0], headers={"Content-Type": "image/jpeg",
+                                                              "serve_multiplexed_model_id": "nosuch"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"] == "unknown_head", r.text
