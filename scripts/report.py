@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "serve", "events", "batch", "index", "train"]
+ORDER = ["model", "serve", "events", "batch", "index", "train", "rollout"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -207,8 +207,32 @@ def train_md(t: dict) -> list[str]:
     return out + targets_md(t)
 
 
+def rollout_md(r: dict) -> list[str]:
+    o, rb = r["overhead"], r["rollback"]
+    fixed = (o["fixed_weights_before"]["throughput_rps"] + o["fixed_weights_after"]["throughput_rps"]) / 2
+    flips = "; ".join(f"to {f['to']}: {f['flip_s']} s, {f['failed']} failed of {n(f['requests'])}"
+                      for f in r["flip"])
+    return [f"Model versions (`{SCRIPT['rollout']}`, `benchmarks/rollout.json`): {r['model']}, "
+            f"{o['connections']} connections of real JPEGs.", "",
+            "| same run | images/s | p95 ms |", "|---|---|---|",
+            f"| baseline: fixed weights, no router (mean of before/after) | {n(fixed)} | "
+            f"{n(o['fixed_weights_before']['p95_ms'])} / {n(o['fixed_weights_after']['p95_ms'])} |",
+            f"| registry version, rollout at 0 % canary | {n(o['versions_0pct_canary']['throughput_rps'])} | "
+            f"{n(o['versions_0pct_canary']['p95_ms'])} |",
+            f"| registry version, rollout at 1 % canary (every image hashed) | "
+            f"{n(o['versions_1pct_canary']['throughput_rps'])} | {n(o['versions_1pct_canary']['p95_ms'])} |", "",
+            f"* router overhead: 0 % canary **{o['ratio_0pct_vs_no_router']}×** the no-router baseline, 1 % "
+            f"{o['ratio_1pct_vs_no_router']}×.",
+            f"* a failing canary at {rb['canary_weight_pct']:g} % (eval every {rb['eval_interval_s']:g} s, replicas "
+            f"poll every {rb['poll_s']:g} s): first failed request to the rollback decision **{rb['breach_to_decision_s']} s**, "
+            f"to the last request routed to it **{rb['breach_to_last_canary_request_s']} s** "
+            f"({rb['failed_on_canary']} of {n(rb['requests'])} requests failed on it; reason: {rb['decision']['reason']}).",
+            f"* rolling alias flip under load (stable moved, the new version loaded beside the old, then swapped): {flips}."] \
+        + targets_md(r)
+
+
 RENDER = {"model": model_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md,
-          "train": train_md}
+          "train": train_md, "rollout": rollout_md}
 
 
 def performance() -> str:

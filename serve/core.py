@@ -99,14 +99,13 @@ class TaggerCore:
         self.reconfigure(cfg.batching.model_dump())
         if self.watcher is not None:
             self.watcher.start()
-            if controller is not None:
-                threading.Thread(target=self._report_loop, name="lens-rollout-report", daemon=True).start()
         self.cold_start_s = time.perf_counter() - t0
         self.ready_at = time.time()
-        self.metrics.cold_start.set(self.cold_start_s)
         info = self.predictor.info()
         # int8 asked for and refused by the accuracy gate: say it loudly (0 otherwise, so the series exists)
-        self.metrics.int8_fallback.set(1 if info.get("quantization", {}).get("served") == "fp32" else 0)
+        self._int8_fallback = 1 if info.get("quantization", {}).get("served") == "fp32" else 0
+        self._refresh_gauges()
+        threading.Thread(target=self._housekeeping, name="lens-gauges", daemon=True).start()
         logger.info("replica of %s ready in %.2fs: %s on %s (%s), %d CPU(s)", cfg.name, self.cold_start_s,
                     info["model"], info["device"], info["backend"], cpus)
 
@@ -154,16 +153,30 @@ class TaggerCore:
         if self.version_metrics:
             self.version_metrics.set_routing(routing)
 
-    def _report_loop(self) -> None:
-        """Send this replica's per-version counters to the rollout controller every ``poll_s``."""
+    def _refresh_gauges(self) -> None:
+        """Set every gauge again: Ray drops a gauge series not set for about two export intervals (20 s by
+        default), so a value set once (cold start, int8 fallback, the versions served) would vanish from
+        Prometheus, and an ``absent()`` alert would fire on a healthy replica."""
+        self.metrics.cold_start.set(self.cold_start_s)
+        self.metrics.int8_fallback.set(self._int8_fallback)
+        self.metrics.in_flight.set(self._in_flight)
+        if self.version_metrics is not None:
+            self.version_metrics.set_routing(self.routing)
+            self.version_metrics.refresh()
+
+    def _housekeeping(self) -> None:
+        """Every second with versions (else every 5 s): refresh the gauges; with a rollout controller, send it this
+        replica's per-version counters and refused loads."""
         v = self.cfg.versions
         while True:
-            time.sleep(v.poll_s)
+            time.sleep(min(v.poll_s, 1.0) if v else 5.0)
             try:
-                self._controller.report.remote(v.registry, v.model, self._replica, self.version_stats.snapshot(),
-                                               dict(self.watcher.failed))
+                self._refresh_gauges()
+                if v is not None and self._controller is not None:
+                    self._controller.report.remote(v.registry, v.model, self._replica,
+                                                   self.version_stats.snapshot(), dict(self.watcher.failed))
             except Exception:  # noqa: BLE001 - the controller restarting: report again next time
-                logger.warning("rollout report not sent", exc_info=True)
+                logger.warning("housekeeping (gauges, rollout report) failed this time", exc_info=True)
 
     @serve.multiplexed(max_num_models_per_replica=16)
     async def _get_head(self, head_id: str) -> Head:

@@ -80,11 +80,13 @@ class VersionMetrics:
             self._ema[key] = value if key not in self._ema else 0.95 * self._ema[key] + 0.05 * value
             self.agreement.set(self._ema[key], tags={"version": version, "measure": measure})
 
+    def refresh(self) -> None:
+        for (version, measure), value in list(self._ema.items()):
+            self.agreement.set(value, tags={"version": version, "measure": measure})
+
     def set_routing(self, routing) -> None:
         now = {(s.label, role) for role, s in (("stable", routing.stable), ("canary", routing.canary),
                                                ("previous", routing.previous)) if s is not None and s.label}
-        for version, role in self._roles - now:
-            self.role.set(0, tags={"version": version, "role": role})
         for version, role in now:
             self.role.set(1, tags={"version": version, "role": role})
         self._roles = now

@@ -13,8 +13,9 @@ interval and the current step so far, and asks :func:`judge`:
   and no breach; after the last step (100 %), **promote**: ``stable`` := the canary's version;
 * otherwise **hold**.
 
-Decisions are written to the registry (aliases, ``rollout.json``, the history), so replicas act on them within
-their ``poll_s``; each is logged with its numbers and exported as metrics. The registry is the only state: a
+A report that shows new canary errors or a refused load wakes the controller before its interval, so a failing
+canary is judged within about a second of its first errors. Decisions are written to the registry (aliases,
+``rollout.json``, the history), so replicas act on them within their ``poll_s``; each is logged with its numbers and exported as metrics. The registry is the only state: a
 restarted controller picks the rollout up where it stands.
 """
 
@@ -141,15 +142,25 @@ class RolloutController:
         self._stable_p95: dict[tuple, float] = {}
         self.metrics = RolloutMetrics()
         self.decisions: list[dict] = []
+        self._canary: dict[tuple, str] = {}
+        self._last_rollback: dict[tuple, float] = {}  # (registry, model) -> the running rollout's canary version
+        self._wake: asyncio.Event | None = None
         self._task = None
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def report(self, registry: str, model: str, replica: str, stats: dict, failures: dict) -> None:
         self._ensure_loop()
-        self._reports[(registry, model, replica)] = {"at": time.time(), "stats": stats, "failures": failures}
+        key = (registry, model, replica)
+        before = (self._reports.get(key) or {}).get("stats", {})
+        self._reports[key] = {"at": time.time(), "stats": stats, "failures": failures}
+        canary = self._canary.get((registry, model))
+        if canary and (canary in failures or
+                       stats.get(canary, {}).get("errors", 0) > before.get(canary, {}).get("errors", 0)):
+            self._wake.set()  # a failing canary is judged now, not at the next interval
 
     async def status(self) -> dict:
         self._ensure_loop()
@@ -157,7 +168,12 @@ class RolloutController:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.eval_interval_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.eval_interval_s)
+                await asyncio.sleep(0.25)  # let the other replicas' reports of the same moment arrive
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             for key, reg in self.models.items():
                 try:
                     await asyncio.to_thread(self.evaluate, key, reg)
@@ -193,9 +209,13 @@ class RolloutController:
         stable_now = last.summary(state["stable"] if state else None)["p95_ms"]
         if stable_now is not None:
             self._stable_p95[key] = stable_now
+        if key in self._last_rollback:  # gauges are set again every evaluation, or Ray drops them
+            self.metrics.last_rollback.set(self._last_rollback[key], tags={"model": name})
         if not state or state.get("status") != "running":
+            self._canary.pop(key, None)
             self.metrics.step.set(-1, tags={"model": name})
             return None
+        self._canary[key] = state["canary"]
         step_id = (state["canary"], state["step"], state.get("step_started"))
         if self._step_key.get(key) != step_id:
             self._step_key[key] = step_id
@@ -224,7 +244,8 @@ class RolloutController:
         record = d.to_dict() | {"model": name, "canary": state["canary"]}
         self.decisions.append(record)
         if d.action == "rollback":
-            self.metrics.last_rollback.set(time.time(), tags={"model": name})
+            self._last_rollback[(reg.root, name)] = time.time()
+            self.metrics.last_rollback.set(self._last_rollback[(reg.root, name)], tags={"model": name})
             reg.update_rollout(name, dict(state, last_decision=record), action="decision", by=by, why=d.reason,
                                decision=record)
             reg.rollback(name, by=by, why=d.reason)

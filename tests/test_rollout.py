@@ -251,8 +251,19 @@ def test_disagreeing_shadow_and_failing_canary_roll_back_automatically(app, regi
                                         "version_shadow_agreement", "rollout_canary_weight", "rollout_step",
                                         "rollout_decisions_total", "rollout_canary_agreement",
                                         "rollout_canary_error_rate", "rollout_last_rollback_timestamp_seconds")]
-    text = scrape_metrics(app_metrics_port(), wanted)
-    assert 'version="tagger@v4"' in text and 'decision="rollback"' in text
+    reg.start_rollout("tagger", "v2", steps=(), weight=20, shadow=0.5, why="test: metrics while a rollout runs")
+    stop = threading.Event()
+    feeder = threading.Thread(target=lambda: [traffic(0.5) for _ in iter(stop.is_set, True)], daemon=True)
+    feeder.start()
+    try:
+        text = scrape_metrics(app_metrics_port(), wanted)
+        time.sleep(25)  # past Ray's gauge expiry (about two export intervals): refreshed gauges are still there
+        text = scrape_metrics(app_metrics_port(), wanted, timeout_s=10)
+    finally:
+        stop.set()
+        feeder.join(timeout=60)
+        reg.rollback("tagger", why="test: end of metrics check")
+    assert 'version="tagger@v4"' in text and 'decision="rollback"' in text and 'role="canary"' in text
 
 
 def test_multiplexed_heads_keep_each_request_on_its_own_head(app, registry, tmp_path, photos):
@@ -288,3 +299,19 @@ def test_multiplexed_heads_keep_each_request_on_its_own_head(app, registry, tmp_
     r = requests.post(app + "/v1/tag", data=data[0], headers={"Content-Type": "image/jpeg",
                                                               "serve_multiplexed_model_id": "nosuch"}, timeout=60)
     assert r.status_code == 404 and r.json()["error"] == "unknown_head", r.text
+
+
+def test_a_registry_version_records_itself_in_the_identity(registry, lens_cache, photos):
+    """What lens embed and lens index build write comes from this identity: they record the version too."""
+    from lens.config import ModelConfig
+    from lens.predictor import Predictor
+
+    vref = registry.resolve("tagger", "v1")
+    p = Predictor.from_config(ModelConfig(weights=vref.uri, backend="onnx", device="cpu", cache_dir=lens_cache))
+    assert p.identity().version == "tagger@v1" and p.info()["package"]["kind"] == "model"
+    (r,) = p.predict([photos["coffee.png"]])
+    assert r.tags[0].label == "espresso" and r.custom is None  # a base model package has no custom tags
+    bad = registry.resolve("tagger", "v4")  # the diverged checkpoint: an error per image, never garbage
+    (r,) = Predictor.from_config(ModelConfig(weights=bad.uri, backend="onnx", device="cpu",
+                                             cache_dir=lens_cache)).predict([photos["coffee.png"]])
+    assert not r.ok and r.code == "model_output_not_finite" and r.status == 500
