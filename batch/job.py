@@ -31,6 +31,19 @@ __all__ = ["EmbedSummary", "run_embed", "plan_workers"]
 
 logger = logging.getLogger(__name__)
 
+
+def _write_profile(out: Location) -> None:
+    """The drift reference profile of this output (``drift-profile.npz`` beside the manifest), for serving to test
+    live traffic against; a job too small for one (fewer than 64 rows) writes none."""
+    from lens.drift import PROFILE_FILE, profile_of
+
+    try:
+        profile = profile_of(out.uri)
+    except ValueError as e:
+        logger.info("no drift profile for %s: %s", out.uri, e)
+        return
+    out.write_bytes(out.path(PROFILE_FILE), profile.to_bytes())
+
 #: memory a decode task may hold per image in flight (a 12 MP RGB decode is 36 MB; JPEG draft mode keeps most
 #: photos far below that)
 DECODE_BYTES_PER_IMAGE = 8 << 20
@@ -232,6 +245,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
         "error_files": [f for m in markers for f in m["error_files"]],
     }
     ledger.write_manifest(manifest)
+    _write_profile(out)
     if embedded + errors != input_rows:  # the markers each balance; this is a last guard
         raise RuntimeError(f"row accounting failed: {embedded} + {errors} != {input_rows}")
     elapsed = time.perf_counter() - t0

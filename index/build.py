@@ -295,7 +295,14 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         "timings_s": {"train": round(train_s, 2), "add": round(add_s, 2),
                       "total": round(time.perf_counter() - t_start, 2)},
     }
-    vdir = write_version(cfg.output, index, ids_out, meta_out, manifest)
+    extra = {}
+    try:  # the drift reference of the embeddings this index holds (serving tests live traffic against it)
+        from lens.drift import PROFILE_FILE, profile_of
+
+        extra[PROFILE_FILE] = profile_of([s.uri for s in sources]).to_bytes()
+    except ValueError as e:
+        log(f"lens index: no drift profile ({e})")
+    vdir = write_version(cfg.output, index, ids_out, meta_out, manifest, extra_files=extra)
     log(f"lens index: wrote {vdir} and made it CURRENT")
     return {**manifest, "version": vdir.name, "path": str(vdir), "count": n}
 

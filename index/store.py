@@ -63,8 +63,9 @@ class IndexVersion:
 
 
 def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list[str], manifest: dict,
-                  *, make_current: bool = True) -> Path:
-    """Persist a built index as a new version under ``root``; returns its directory."""
+                  *, make_current: bool = True, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Persist a built index as a new version under ``root`` (with ``extra_files``, say a drift profile, listed and
+    checksummed in the manifest like the index itself); returns its directory."""
     import faiss
 
     root = Path(root)
@@ -81,7 +82,10 @@ def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list
         part = tmp / f".{IDS_FILE}.tmp"
         pq.write_table(table, part)
         os.replace(part, tmp / IDS_FILE)
-        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in (INDEX_FILE, IDS_FILE)}
+        for fname, data in (extra_files or {}).items():
+            atomic_write_bytes(tmp / fname, data)
+        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
+                 for f in (INDEX_FILE, IDS_FILE, *(extra_files or {}))}
         manifest = {"format": FORMAT, "version": name, **manifest, "count": len(ids), "files": files}
         atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_dir(tmp)

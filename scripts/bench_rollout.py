@@ -4,10 +4,10 @@
 In one run, on the same machine, the shipped CPU profile (infra/serve-cpu.yaml, one replica, HAProxy in front)
 with the embedded Lite0 (ONNX Runtime), 32 closed-loop connections of real JPEGs:
 
-* overhead: throughput of the pool with fixed weights (no router: the baseline), then of the same pool serving
+* overhead: throughput of the pool with fixed weights (no router: the baseline) and of the same pool serving
   a registry version with a running rollout at 0 % canary (the canary loaded, the watcher polling, per-version
-  counters reported to the controller), and at 1 % (every request hashed, a few on the canary); the baseline
-  is measured before and after, and the ratio is against their mean;
+  counters reported to the controller), in interleaved rounds (the ratio is of their means), then at 1 %
+  (every request hashed, a few on the canary);
 * rollback: a canary whose model fails (non-finite outputs) at 25 % with the default rollout settings
   (``eval_interval_s`` 5, ``poll_s`` 2): seconds from its first failed request to the controller's rollback
   decision, and to the last request the replica routed to it;
@@ -76,7 +76,8 @@ async def traced_load(url: str, bodies: list[bytes], conns: int, until) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds per throughput point")
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per throughput point")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the two overhead configurations")
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -115,6 +116,8 @@ def main() -> None:
         port = s.getsockname()[1]
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    import requests
+
     conns = 32
     result: dict = {}
     try:
@@ -124,38 +127,35 @@ def main() -> None:
             print(p, file=sys.stderr)
             return p
 
-        url = deploy(port, {})
-        fixed_before = point(url)
+        # interleaved rounds (fixed, 0 %, fixed, 0 %, ...), so drift of this shared machine hits both alike
+        fixed_runs, canary_runs = [], []
         reg.start_rollout("tagger", "v2", steps=(), weight=0.0, why="bench: 0% canary")
-        url = deploy(port, {"versions": versions})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            import requests
-
-            v = requests.get(url + "/v1/models", timeout=10).json()["pools"][0]["versions"]
-            if v["canary"] == "tagger@v2":
-                break
-            time.sleep(0.5)
-        canary0 = point(url)
+        for _ in range(args.rounds):
+            fixed_runs.append(point(deploy(port, {})))
+            url = deploy(port, {"versions": versions})
+            deadline = time.monotonic() + 120
+            while requests.get(url + "/v1/models", timeout=10).json()["pools"][0]["versions"]["canary"] != "tagger@v2":
+                assert time.monotonic() < deadline, "canary never loaded"
+                time.sleep(0.5)
+            canary_runs.append(point(url))
         reg.set_traffic("tagger", weight=1.0, why="bench: 1% canary")
         time.sleep(5)
         canary1 = point(url)
         reg.rollback("tagger", why="bench: end of overhead runs")
-        url = deploy(port, {})
-        fixed_after = point(url)
-        fixed = (fixed_before["throughput_rps"] + fixed_after["throughput_rps"]) / 2
+        fixed = sum(p["throughput_rps"] for p in fixed_runs) / len(fixed_runs)
+        canary0 = sum(p["throughput_rps"] for p in canary_runs) / len(canary_runs)
         result["overhead"] = {
-            "connections": conns, "duration_s": args.duration,
-            "fixed_weights_before": fixed_before, "fixed_weights_after": fixed_after,
-            "versions_0pct_canary": canary0, "versions_1pct_canary": canary1,
-            "ratio_0pct_vs_no_router": round(canary0["throughput_rps"] / fixed, 3),
+            "connections": conns, "duration_s": args.duration, "rounds": args.rounds,
+            "fixed_weights": fixed_runs, "versions_0pct_canary": canary_runs, "versions_1pct_canary": canary1,
+            "fixed_weights_rps": round(fixed, 2), "versions_0pct_canary_rps": round(canary0, 2),
+            "ratio_0pct_vs_no_router": round(canary0 / fixed, 3),
             "ratio_1pct_vs_no_router": round(canary1["throughput_rps"] / fixed, 3),
         }
+        print(result["overhead"], file=sys.stderr)
 
         # -- breach to rollback ---------------------------------------------------------------
         url = deploy(port, {"versions": versions})
         reg.start_rollout("tagger", "v3", steps=(), weight=25.0, why="bench: failing canary")
-        import requests
 
         deadline = time.monotonic() + 180
         while requests.get(url + "/v1/models", timeout=10).json()["pools"][0]["versions"]["canary"] != "tagger@v3":

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 from batch.config import EmbedConfig  # noqa: E402
 from index.build import BuildConfig  # noqa: E402
 from lens.config import DecodeConfig, ModelConfig  # noqa: E402
-from serve.config import ApiConfig, BatchingConfig, PoolConfig, RolloutConfig, SearchConfig  # noqa: E402
+from serve.config import (ApiConfig, BatchingConfig, DriftConfig, FeedbackConfig, PoolConfig,  # noqa: E402
+                          RolloutConfig, SearchConfig)
 from serve.versions import VersionsConfig  # noqa: E402
 from serve.events.config import EventsConfig  # noqa: E402
 from serve.frontdoor import FrontDoorConfig  # noqa: E402
@@ -120,7 +121,7 @@ def generate() -> str:
     out += ["embed:", *render(EmbedConfig, 2, skip=("model", "decode"))]
     out += ["index:", *render(BuildConfig, 2)]
     out += ["train:", *render(TrainConfig, 2, skip=("model", "decode"))]
-    pool = render(PoolConfig, 6, skip=("batching", "versions"), refer={"model": "the keys of model: above",
+    pool = render(PoolConfig, 6, skip=("batching", "versions", "drift"), refer={"model": "the keys of model: above",
                                                              "decode": "the keys of decode: above"})
     out += ["serve:", _line(2, "pools:", "tried in order; a full pool overflows to the next"),
             "    - " + pool[0].lstrip(), *pool[1:],
@@ -129,10 +130,14 @@ def generate() -> str:
             _line(6, "versions:", "null = the fixed weights of model:; " +
                   (VersionsConfig.__doc__ or "").strip().split("\n")[0]),
             *render(VersionsConfig, 8),
+            _line(6, "drift:", "null = off; " + (DriftConfig.__doc__ or "").strip().split("\n")[0]),
+            *render(DriftConfig, 8),
             _line(2, "api:", (ApiConfig.__doc__ or "").strip().split("\n")[0]), *render(ApiConfig, 4),
             _line(2, "search:", "null = no /v1/search; " + (SearchConfig.__doc__ or "").strip().split("\n")[0]),
             *render(SearchConfig, 4),
-            _line(2, "rollout:", (RolloutConfig.__doc__ or "").strip().split("\n")[0]), *render(RolloutConfig, 4)]
+            _line(2, "rollout:", (RolloutConfig.__doc__ or "").strip().split("\n")[0]), *render(RolloutConfig, 4),
+            _line(2, "feedback:", "null = no /v1/feedback; " + (FeedbackConfig.__doc__ or "").strip().split("\n")[0]),
+            *render(FeedbackConfig, 4)]
     out += ["events:", *render(EventsConfig, 2)]
     out += ["frontdoor:", *render(FrontDoorConfig, 2)]
     return "\n".join(out) + "\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "serve", "events", "batch", "index", "train", "rollout"]
+ORDER = ["model", "serve", "events", "batch", "index", "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -209,16 +209,15 @@ def train_md(t: dict) -> list[str]:
 
 def rollout_md(r: dict) -> list[str]:
     o, rb = r["overhead"], r["rollback"]
-    fixed = (o["fixed_weights_before"]["throughput_rps"] + o["fixed_weights_after"]["throughput_rps"]) / 2
     flips = "; ".join(f"to {f['to']}: {f['flip_s']} s, {f['failed']} failed of {n(f['requests'])}"
                       for f in r["flip"])
+    p95 = lambda runs: " / ".join(n(x["p95_ms"]) for x in runs)  # noqa: E731
     return [f"Model versions (`{SCRIPT['rollout']}`, `benchmarks/rollout.json`): {r['model']}, "
-            f"{o['connections']} connections of real JPEGs.", "",
-            "| same run | images/s | p95 ms |", "|---|---|---|",
-            f"| baseline: fixed weights, no router (mean of before/after) | {n(fixed)} | "
-            f"{n(o['fixed_weights_before']['p95_ms'])} / {n(o['fixed_weights_after']['p95_ms'])} |",
-            f"| registry version, rollout at 0 % canary | {n(o['versions_0pct_canary']['throughput_rps'])} | "
-            f"{n(o['versions_0pct_canary']['p95_ms'])} |",
+            f"{o['connections']} connections of real JPEGs, {o['rounds']} interleaved rounds of {o['duration_s']:g} s.",
+            "", "| same run | images/s (mean of rounds) | p95 ms per round |", "|---|---|---|",
+            f"| baseline: fixed weights, no router | {n(o['fixed_weights_rps'])} | {p95(o['fixed_weights'])} |",
+            f"| registry version, rollout at 0 % canary | {n(o['versions_0pct_canary_rps'])} | "
+            f"{p95(o['versions_0pct_canary'])} |",
             f"| registry version, rollout at 1 % canary (every image hashed) | "
             f"{n(o['versions_1pct_canary']['throughput_rps'])} | {n(o['versions_1pct_canary']['p95_ms'])} |", "",
             f"* router overhead: 0 % canary **{o['ratio_0pct_vs_no_router']}×** the no-router baseline, 1 % "
@@ -231,8 +230,28 @@ def rollout_md(r: dict) -> list[str]:
         + targets_md(r)
 
 
+def drift_md(d: dict) -> list[str]:
+    c, cost = d["clean"], d["cost"]
+    rows = []
+    for shift, levels in d["shifts"].items():
+        rows.append(f"| {shift.replace('_', ' ')} | " + " | ".join(
+            f"{lv['level']:g}: **{lv['detection_rate']}** (KS {lv['median_ks_max']}, PSI {lv['median_psi']})"
+            for lv in levels) + " |")
+    return [f"Drift detection (`{SCRIPT['drift']}`, `benchmarks/drift.json|png`): {d['model']}; reference profile on "
+            f"{d['profile']['reference_rows']} augmented crops of {len(d['photos']['reference'])} real photos "
+            f"({d['profile']['components']} PCA components, {d['profile']['explained_variance']} of the variance); "
+            f"windows of {d['window']}, alpha {d['alpha']}; {d['test']}.", "",
+            f"* clean traffic (another seed, same photos): false-positive rate **{c['false_positive_rate']}** over "
+            f"{c['windows']} windows (p-value 5th percentile {c['p_value_quantiles']['5']:.3g}).",
+            f"* detector cost: {cost['test_ms']} ms per test, {cost['detector_cpu_s']} s CPU for {n(cost['images'])} "
+            f"images and {cost['tests']} tests against {cost['decode_and_embed_cpu_s']} s CPU decoding and embedding "
+            f"them: **{round(100 * cost['fraction_of_serving_cpu'], 2)} %** of the serving CPU.", "",
+            "| shift (severity 1, 2, 3) | detection rate (median KS distance, PSI) |", "|---|---|", *rows, ""] \
+        + targets_md(d)
+
+
 RENDER = {"model": model_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md,
-          "train": train_md, "rollout": rollout_md}
+          "train": train_md, "rollout": rollout_md, "drift": drift_md}
 
 
 def performance() -> str:
@@ -269,7 +288,8 @@ def report() -> str:
                                                               "`serve.json`, ![serve](serve.png)")
             .replace("`benchmarks/index.json|png`", "`index.json`, ![index](index.png)")
             .replace("`benchmarks/train.json|png`", "`train.json`, ![train](train.png)")
-            .replace("`benchmarks/model.json|png`", "`model.json`, ![model](model.png)") + "\n")
+            .replace("`benchmarks/model.json|png`", "`model.json`, ![model](model.png)")
+            .replace("`benchmarks/drift.json|png`", "`drift.json`, ![drift](drift.png)") + "\n")
 
 
 def _replace_block(text: str, name: str, body: str) -> str:

@@ -32,6 +32,7 @@ def build_app(args: dict | None = None) -> Application:
     """
     cfg = validate(AppArgs, args or {}, where="application args")
     api = cfg.api.model_dump(mode="json")
+    feedback = cfg.feedback.model_dump(mode="json") if cfg.feedback else None
     search = None
     if cfg.search is not None:
         search = IndexSearcher.options(ray_actor_options={"num_cpus": cfg.search.num_cpus}).bind(
@@ -43,6 +44,7 @@ def build_app(args: dict | None = None) -> Application:
         controller = RolloutController.bind(models, cfg.rollout.model_dump(mode="json"))
     if len(cfg.pools) == 1:
         (pool,) = cfg.pools
-        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api, search, controller)
+        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api, search, controller,
+                                                            feedback)
     pools = {p.name: Tagger.options(**_options(p)).bind(p.model_dump(mode="json"), controller) for p in cfg.pools}
-    return LensIngress.bind(api, pools, search)
+    return LensIngress.bind(api, pools, search, feedback)

@@ -10,7 +10,7 @@ from lens.config import DecodeConfig, ModelConfig, StrictModel
 
 from .versions import VersionsConfig
 
-__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs", "RolloutConfig"]
+__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs", "RolloutConfig", "DriftConfig", "FeedbackConfig"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -43,6 +43,22 @@ class BatchingConfig(StrictModel):
         return self
 
 
+class DriftConfig(StrictModel):
+    """Online drift detection in each replica of a pool: a window of recent embeddings and top-1 classes tested
+    against a reference profile (``lens drift profile``; ``lens embed`` and ``lens index build`` write one)."""
+
+    reference: str = Field(..., description="drift profile (a drift-profile.npz file, or the directory of an embedding "
+                           "job or index version holding one; local or s3://)")
+    window: int = Field(500, ge=50, le=5000, description="images per tested window (500-1,000: larger windows make "
+                        "negligible shifts 'significant')")
+    every: PositiveInt = Field(250, description="images between two tests (each test is a few ms, off the request "
+                               "path)")
+    alpha: float = Field(0.01, gt=0, lt=1, description="significance level of the overall test (Bonferroni over the "
+                         "PCA components and the class test)")
+    min_ks: float = Field(0.1, ge=0, le=1, description="effect-size floor: largest per-component KS distance")
+    min_psi: float = Field(0.1, ge=0, description="effect-size floor: PSI of the top-1 class distribution")
+
+
 class PoolConfig(StrictModel):
     """One model deployment: a pool of replicas on one kind of device."""
 
@@ -58,6 +74,8 @@ class PoolConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
     versions: VersionsConfig | None = Field(None, description="serve a registry model by alias (stable, plus a "
                                             "running rollout's canary) instead of model.weights")
+    drift: DriftConfig | None = Field(None, description="online drift detection against a reference profile "
+                                      "(None: off)")
     head_registry: str | None = Field(None, description="registry where per-request heads "
                                       "(serve_multiplexed_model_id: NAME[@VERSION]) are found; default: versions' "
                                       "registry")
@@ -90,6 +108,16 @@ class RolloutConfig(StrictModel):
     min_top1_agreement: float = Field(0.8, ge=0, le=1, description="roll back below this shadow top-1 agreement")
     min_shadow_pairs: PositiveInt = Field(20, description="shadow comparisons needed before agreement counts")
     stale_after_s: PositiveFloat = Field(30.0, description="ignore a replica that has not reported for this long")
+
+
+class FeedbackConfig(StrictModel):
+    """``POST /v1/feedback``: labeled feedback, written to durable Parquet parts and counted as accuracy metrics."""
+
+    sink: str = Field(..., description="where feedback parts go (directory or s3://bucket/prefix)")
+    flush_s: PositiveFloat = Field(1.0, le=60, description="group commit: a request is answered once the part holding "
+                                   "it is written (at most this long after it arrives)")
+    max_items: PositiveInt = Field(100, le=10_000, description="most feedback items in one request")
+    max_labels: PositiveInt = Field(20, le=1000, description="most true labels per item")
 
 
 class ApiConfig(StrictModel):
@@ -129,6 +157,7 @@ class AppArgs(StrictModel):
     api: ApiConfig = ApiConfig()
     search: SearchConfig | None = None
     rollout: RolloutConfig = RolloutConfig()
+    feedback: FeedbackConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":

@@ -21,7 +21,9 @@ import numpy as np
 from ray import serve
 
 from lens.config import validate
-from lens.errors import ModelError, OverloadedError, RequestFailed
+from lens.decode import sniff_format
+from lens.drift import DriftMonitor, Profile
+from lens.errors import ConfigError, ModelError, OverloadedError, RequestFailed
 from lens.heads import Head, load_head
 from lens.identity import ModelIdentity
 from lens.package import PackageError, open_package
@@ -29,7 +31,7 @@ from lens.predictor import ItemError, Predictor, top_k_tags
 from lens.registry import Registry, VersionRef, parse_model_ref
 
 from .config import BatchingConfig, PoolConfig
-from .metrics import TaggerMetrics, VersionMetrics
+from .metrics import DriftMetrics, InputMetrics, TaggerMetrics, VersionMetrics
 from .versions import Routing, Slot, VersionStats, VersionWatcher, agreement, check_versions_model, \
     config_for_version, route
 
@@ -74,6 +76,10 @@ class TaggerCore:
         self.metrics = TaggerMetrics()
         self.version_metrics = VersionMetrics() if cfg.versions else None
         self.version_stats = VersionStats()
+        self.input_metrics = InputMetrics()
+        self._drift_profile = self._load_profile(cfg)
+        self.drift_metrics = DriftMetrics() if self._drift_profile is not None else None
+        self._monitors: dict[int, tuple[str, DriftMonitor | None]] = {}  # id(slot) -> (label, monitor or None)
         self._controller = controller
         self._replica = _replica_id()
         self._background: set = set()  # shadow comparisons in flight (a reference keeps each task alive)
@@ -153,6 +159,42 @@ class TaggerCore:
         if self.version_metrics:
             self.version_metrics.set_routing(routing)
 
+    # -- drift -------------------------------------------------------------------------------
+    @staticmethod
+    def _load_profile(cfg: PoolConfig) -> Profile | None:
+        if cfg.drift is None:
+            return None
+        try:
+            return Profile.load(cfg.drift.reference)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"pool {cfg.name}: drift.reference: {e}") from None
+
+    def _monitor(self, slot: Slot) -> DriftMonitor | None:
+        """The drift window of ``slot``'s version; None when its embeddings are not comparable with the profile."""
+        entry = self._monitors.get(id(slot))
+        if entry is None:
+            label = slot.label or slot.identity.model
+            prof, d = self._drift_profile, self.cfg.drift
+            ref = prof.identity
+            diff = ModelIdentity.from_dict(ref).mismatch(slot.identity) if ref else []
+            if diff:
+                logger.warning("drift: %s is not monitored: the reference profile was made with another model "
+                               "(differs in %s)", label, ", ".join(diff))
+                entry = (label, None)
+            else:
+                entry = (label, DriftMonitor(prof, window=d.window, every=d.every, alpha=d.alpha, min_ks=d.min_ks,
+                                             min_psi=d.min_psi))
+            self._monitors[id(slot)] = entry
+        return entry[1]
+
+    def _drift_tests(self) -> None:
+        for label, mon in list(self._monitors.values()):
+            result = mon.evaluate() if mon is not None else None
+            if result is not None:
+                self.drift_metrics.record(label, result, mon.filled)
+                if result.drift:
+                    logger.warning("drift on %s: %s", label, result.to_dict())
+
     def _refresh_gauges(self) -> None:
         """Set every gauge again: Ray drops a gauge series not set for about two export intervals (20 s by
         default), so a value set once (cold start, int8 fallback, the versions served) would vanish from
@@ -163,14 +205,18 @@ class TaggerCore:
         if self.version_metrics is not None:
             self.version_metrics.set_routing(self.routing)
             self.version_metrics.refresh()
+        if self.drift_metrics is not None:
+            self.drift_metrics.refresh()
 
     def _housekeeping(self) -> None:
-        """Every second with versions (else every 5 s): refresh the gauges; with a rollout controller, send it this
-        replica's per-version counters and refused loads."""
+        """Every second with versions or drift (else every 5 s): run due drift tests, refresh the gauges; with a
+        rollout controller, send it this replica's per-version counters and refused loads."""
         v = self.cfg.versions
         while True:
-            time.sleep(min(v.poll_s, 1.0) if v else 5.0)
+            time.sleep(min(v.poll_s, 1.0) if v else 1.0 if self.cfg.drift else 5.0)
             try:
+                if self.drift_metrics is not None:
+                    self._drift_tests()
                 self._refresh_gauges()
                 if v is not None and self._controller is not None:
                     self._controller.report.remote(v.registry, v.model, self._replica,
@@ -240,7 +286,10 @@ class TaggerCore:
             "stable": r.stable.label, "canary": r.canary.label if r.canary else None, "weight": r.weight,
             "shadow": r.shadow, "previous": r.previous.label if r.previous else None,
             "refused": dict(self.watcher.failed)}}
-        return self.predictor.info() | versions | {
+        drift = {} if self.drift_metrics is None else {"drift": {
+            label: {"window": mon.filled, "last": mon.last.to_dict() if mon.last else None}
+            for label, mon in self._monitors.values() if mon is not None}}
+        return self.predictor.info() | versions | drift | {
             "version": r.stable.label,
             "pool": self.cfg.name,
             "cold_start_s": round(self.cold_start_s, 3),
@@ -257,6 +306,7 @@ class TaggerCore:
             self._overloaded += 1
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             raise OverloadedError(f"replica is at max_pending={self.batching.max_pending} images; retry later")
+        self.input_metrics.bytes.observe(len(data), tags={"format": sniff_format(data[:64]) or "unknown"})
         routing = self.routing
         if identity is not None:
             slot, mirror = routing.for_identity(identity), None
@@ -293,6 +343,10 @@ class TaggerCore:
                 out["model_identity"] = slot.identity.to_dict()
             if mirror is not None:
                 self._shadow(data, slot, mirror, out["tags"], emb, top_k)
+            if self._drift_profile is not None and identity is None:  # search queries are not traffic
+                mon = self._monitor(slot)
+                if mon is not None:
+                    mon.add(emb, out["tags"][0]["label"])
             return out
         except ModelError:
             failed = True

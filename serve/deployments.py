@@ -51,9 +51,9 @@ class Tagger(TaggerCore):
 @serve.ingress(new_fastapi())
 class TaggerIngress(TaggerCore, HttpApi):
     def __init__(self, pool: dict, api_config: dict, search: DeploymentHandle | None = None,
-                 controller: DeploymentHandle | None = None) -> None:
+                 controller: DeploymentHandle | None = None, feedback: dict | None = None) -> None:
         TaggerCore.__init__(self, pool, controller)
-        self._init_http(api_config, search)
+        self._init_http(api_config, search, feedback)
 
     async def _dispatch(self, method: str, args: tuple, pool: str | None, head: str | None = None) -> Any:
         # a per-request head arrives in Serve's request context (the proxy reads serve_multiplexed_model_id)
@@ -77,8 +77,8 @@ class TaggerIngress(TaggerCore, HttpApi):
 @serve.ingress(new_fastapi())
 class LensIngress(HttpApi):
     def __init__(self, api_config: dict, pools: dict[str, DeploymentHandle],
-                 search: DeploymentHandle | None = None) -> None:
-        self._init_http(api_config, search)
+                 search: DeploymentHandle | None = None, feedback: dict | None = None) -> None:
+        self._init_http(api_config, search, feedback)
         self.pools = pools  # ordered: the first pool with room gets the request
         logger.info("ingress ready: pools=%s auth=%s", list(pools), "on" if self.keys.enabled else "off")
 

@@ -1,7 +1,8 @@
 """The HTTP API, written once and mounted on either deployment that serves HTTP.
 
 Routes: ``POST /v1/tag``, ``POST /v1/embed``, ``POST /v1/tag:batch``, ``POST /v1/search`` (image),
-``GET /v1/search/{id}``, ``POST /v1/search:vector``, ``GET /healthz``, ``GET /v1/models``. Every error is JSON:
+``GET /v1/search/{id}``, ``POST /v1/search:vector``, ``POST /v1/feedback``, ``GET /healthz``, ``GET /v1/models``.
+Every error is JSON:
 ``{"error": code, "message": ..., "status": ...}``.
 
 :class:`HttpApi` holds the routes; a deployment class mixes it in and says how a
@@ -12,6 +13,7 @@ deployment handles to one or more model pools.
 
 # No `from __future__ import annotations` here: FastAPI must see the real Request type on the methods.
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -32,8 +34,9 @@ from lens.predictor import check_top_k
 
 from .auth import ApiKeys
 from .body import HttpError, read_images, read_json
-from .config import ApiConfig
-from .metrics import IngressMetrics
+from .config import ApiConfig, FeedbackConfig
+from .feedback import FeedbackSink, parse_feedback
+from .metrics import FeedbackMetrics, IngressMetrics
 
 __all__ = ["HttpApi", "new_fastapi"]
 
@@ -54,6 +57,11 @@ def _custom(result: dict) -> dict:
 
 #: The header that picks a per-request custom head (Serve's model-multiplexing header).
 HEAD_HEADER = "serve_multiplexed_model_id"
+
+
+def _receipt(data: bytes) -> dict:
+    """What a client echoes in /v1/feedback: the image's SHA-256 and when it was answered."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "predicted_at": round(time.time(), 3)}
 
 
 def _head(request: Request) -> Optional[str]:
@@ -109,8 +117,10 @@ def parse_vectors(body: dict, max_items: int) -> tuple[np.ndarray, bool]:
 class HttpApi:
     """Route handlers. Subclasses implement ``_dispatch``, ``_infos`` and ``_pool_names``."""
 
-    def _init_http(self, api_config: dict, search=None) -> None:
+    def _init_http(self, api_config: dict, search=None, feedback: Optional[dict] = None) -> None:
         self.api_cfg = validate(ApiConfig, api_config, where="api config")
+        self.feedback = None if feedback is None else FeedbackSink(
+            validate(FeedbackConfig, feedback, where="feedback config"), FeedbackMetrics())
         self.search = search  # a handle to the IndexSearcher deployment, or None
         self.keys = ApiKeys.load(self.api_cfg.api_keys_env, self.api_cfg.api_keys_file)
         self.http_metrics = IngressMetrics()
@@ -210,7 +220,8 @@ class HttpApi:
             k = self._top_k(top_k)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             result = await self._dispatch("tag", (data, k, embedding), pool, _head(request))
-            body = {"model": result["model"], "version": result.get("version"), "tags": result["tags"]} | _custom(result)
+            body = {"model": result["model"], "version": result.get("version"), "tags": result["tags"]} | \
+                _custom(result) | _receipt(data)
             if embedding:
                 body["embedding"] = [float(x) for x in result["embedding"]]
             return body
@@ -240,8 +251,8 @@ class HttpApi:
             results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool, head) for img in images),
                                            return_exceptions=True)
             out = [{"index": i} | (_item_error(r, "/v1/tag:batch") if isinstance(r, BaseException)
-                                   else {"tags": r["tags"], "version": r.get("version")} | _custom(r))
-                   for i, r in enumerate(results)]
+                                   else {"tags": r["tags"], "version": r.get("version")} | _custom(r)
+                                   | _receipt(images[i])) for i, r in enumerate(results)]
             return {"model": await self._model_name(pool), "results": out}
 
         return await self._handle(request, "/v1/tag:batch", work)
@@ -280,6 +291,19 @@ class HttpApi:
                          "index_version": out["index_version"]}
 
         return await self._handle(request, "/v1/search:vector", work)
+
+    async def http_feedback(self, request: Request) -> JSONResponse:
+        """Labeled feedback: one item or ``{"items": [...]}``, each ``{"sha256"|"id", "labels", "predicted",
+        "version", "predicted_at"}`` (echo the /v1/tag answer); answered once durably stored."""
+        async def work(pool):
+            if self.feedback is None:
+                raise HttpError("feedback is not configured on this service (app args `feedback:`)", status=404,
+                                code="feedback_not_configured")
+            rows = parse_feedback(await read_json(request, self.api_cfg.max_batch_body_bytes), self.feedback.cfg)
+            await self.feedback.write(rows)
+            return {"stored": len(rows)}
+
+        return await self._handle(request, "/v1/feedback", work)
 
     async def _answer_within(self, what: str, awaitable, timeout: float):
         """The answer of ``awaitable``; a 503 ``not_ready`` :class:`HttpError` naming ``what`` if it fails or takes
@@ -392,6 +416,7 @@ def new_fastapi() -> FastAPI:
     api.post("/v1/tag:batch")(_own_copy(HttpApi.http_tag_batch))
     api.post("/v1/search")(_own_copy(HttpApi.http_search_image))
     api.post("/v1/search:vector")(_own_copy(HttpApi.http_search_vector))
+    api.post("/v1/feedback")(_own_copy(HttpApi.http_feedback))
     api.get("/v1/search/{item_id:path}")(_own_copy(HttpApi.http_search_id))
     api.get("/healthz")(_own_copy(HttpApi.http_healthz))
     api.get("/v1/models")(_own_copy(HttpApi.http_models))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-__all__ = ["IngressMetrics", "TaggerMetrics", "VersionMetrics", "RolloutMetrics", "EventMetrics"]
+__all__ = ["IngressMetrics", "TaggerMetrics", "VersionMetrics", "RolloutMetrics", "DriftMetrics", "FeedbackMetrics",
+           "EventMetrics"]
 
 _LATENCY_MS = [1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000]
 _STAGE_MS = [0.5, 1, 2, 3, 5, 8, 12, 20, 35, 50, 75, 100, 200, 500, 1000, 5000]
@@ -49,12 +50,11 @@ class VersionMetrics:
     """Per-version series of a pool serving registry versions (``version`` = ``name@version``)."""
 
     def __init__(self) -> None:
-        self.requests = Counter("lens_version_requests_total", description="Images answered, by model version.",
-                                tag_keys=("version",))
         self.errors = Counter("lens_version_errors_total", description="Model failures (5xx), by model version.",
                               tag_keys=("version",))
         self.latency = Histogram("lens_version_latency_ms", description="Decode + queue + model time per image, by "
-                                 "model version.", boundaries=_LATENCY_MS, tag_keys=("version",))
+                                 "model version (its _count: images answered).", boundaries=_LATENCY_MS,
+                                 tag_keys=("version",))
         self.loads = Counter("lens_version_loads_total", description="Version loads by outcome (loaded, refused: "
                              "a corrupt or inconsistent package).", tag_keys=("version", "outcome"))
         self.role = Gauge("lens_version_serving", description="1 for each version a replica serves, by role "
@@ -69,7 +69,6 @@ class VersionMetrics:
         self._roles: set = set()
 
     def request(self, version: str, ms: float, failed: bool) -> None:
-        self.requests.inc(tags={"version": version})
         self.latency.observe(ms, tags={"version": version})
         if failed:
             self.errors.inc(tags={"version": version})
@@ -111,6 +110,74 @@ class RolloutMetrics:
                                "over the current step's shadow pairs.", tag_keys=("model", "version"))
         self.error_rate = Gauge("lens_rollout_canary_error_rate", description="Canary 5xx rate over the current "
                                 "step.", tag_keys=("model", "version"))
+
+
+_BYTES = [1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000]
+
+
+class InputMetrics:
+    """What arrives: encoded size by sniffed format (input telemetry: a shift in inputs shows here first)."""
+
+    def __init__(self) -> None:
+        self.bytes = Histogram("lens_input_bytes", description="Encoded image size by sniffed format (unknown: "
+                               "not an accepted image).", boundaries=_BYTES, tag_keys=("format",))
+
+
+class DriftMetrics:
+    """Online drift tests of a pool's replicas, per model version."""
+
+    def __init__(self) -> None:
+        self.p_value = Gauge("lens_drift_p_value", description="p-value of the last drift test (overall, embedding, "
+                             "classes).", tag_keys=("version", "test"))
+        self.distance = Gauge("lens_drift_distance", description="Effect size of the last drift test: largest "
+                              "per-component KS distance (ks_max) and class PSI (psi).", tag_keys=("version", "measure"))
+        self.window = Gauge("lens_drift_window_images", description="Images in the drift window.",
+                            tag_keys=("version",))
+        self.detected = Gauge("lens_drift_detected", description="1 when the last drift test found drift.",
+                              tag_keys=("version",))
+        self.tests = Counter("lens_drift_tests_total", description="Drift tests run, by result (drift, ok).",
+                             tag_keys=("version", "result"))
+        self._last: dict = {}
+
+    def record(self, version: str, result, window: int) -> None:
+        self._last[version] = (result, window)
+        self.tests.inc(tags={"version": version, "result": "drift" if result.drift else "ok"})
+        self.refresh()
+
+    def refresh(self) -> None:
+        for version, (r, window) in list(self._last.items()):
+            for test, p in (("overall", r.p_value), ("embedding", r.p_embedding), ("classes", r.p_classes)):
+                self.p_value.set(p, tags={"version": version, "test": test})
+            self.distance.set(r.ks_max, tags={"version": version, "measure": "ks_max"})
+            self.distance.set(r.psi, tags={"version": version, "measure": "psi"})
+            self.window.set(window, tags={"version": version})
+            self.detected.set(1 if r.drift else 0, tags={"version": version})
+
+
+_LAG_S = [1, 10, 60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400]
+
+
+class FeedbackMetrics:
+    """Labeled feedback: top-1 accuracy and per-class counts by model version, and label lag."""
+
+    def __init__(self) -> None:
+        self.items = Counter("lens_feedback_total", description="Feedback items by model version and outcome "
+                             "(correct: the predicted top-1 is a true label).", tag_keys=("version", "outcome"))
+        self.classes = Counter("lens_feedback_class_total", description="Per-class outcomes of feedback (tp, fp, fn "
+                               "of the top-1 prediction), by model version.", tag_keys=("version", "label", "kind"))
+        self.lag = Histogram("lens_feedback_label_lag_s", description="Time from an answer to its label arriving.",
+                             boundaries=_LAG_S)
+
+    def count(self, rows: list[dict]) -> None:
+        for r in rows:
+            version = r.get("version") or "unknown"
+            top1, truth = r["predicted"][0], set(r["labels"])
+            self.items.inc(tags={"version": version, "outcome": "correct" if top1 in truth else "wrong"})
+            self.classes.inc(tags={"version": version, "label": top1, "kind": "tp" if top1 in truth else "fp"})
+            for t in truth - {top1}:
+                self.classes.inc(tags={"version": version, "label": t, "kind": "fn"})
+            if r.get("predicted_at"):
+                self.lag.observe(max(0.0, r["received_at"] - r["predicted_at"]))
 
 
 _AGE_S = [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]

@@ -121,14 +121,27 @@ def test_alert_rules_are_valid_and_use_lens_metrics():
     known = lens_metrics()
     doc = yaml.safe_load((INFRA / "prometheus" / "lens-alerts.yaml").read_text())
     rules = [r for g in doc["groups"] for r in g["rules"]]
-    assert {r["alert"] for r in rules} >= {"LensHighLatencyP95", "LensHighErrorRate", "LensEventQueueOld",
-                                           "LensDeadLetterQueueNotEmpty"}
-    for r in rules:
+    records = {r["record"]: r["expr"] for r in rules if "record" in r}
+    alerts = [r for r in rules if "alert" in r]
+    assert len(records) + len(alerts) == len(rules)
+    assert {r["alert"] for r in alerts} >= {"LensHighLatencyP95", "LensHighErrorRate", "LensEventQueueOld",
+                                            "LensDeadLetterQueueNotEmpty", "LensAvailabilityBudgetBurnFast",
+                                            "LensAvailabilityBudgetBurnSlow", "LensLatencyBudgetBurnFast",
+                                            "LensLatencyBudgetBurnSlow", "LensInputDrift", "LensFeedbackAccuracyDrop"}
+    for name, expr in records.items():
+        assert re.fullmatch(r"lens:[a-z0-9_]+:[a-z0-9_]+", name), name
+        assert expr.count("(") == expr.count(")") and referenced(expr) <= known and referenced(expr), name
+    for r in alerts:
         assert r["expr"] and re.fullmatch(r"\d+[smh]", r["for"]) and r["labels"]["severity"] in ("warning", "critical")
         assert r["annotations"]["summary"]
         assert r["expr"].count("(") == r["expr"].count(")"), r["alert"]
-        used = referenced(r["expr"])
+        # every recording rule an alert names exists; expanded, it queries only metrics Lens exports
+        named = set(re.findall(r"lens:[a-z0-9_]+:[a-z0-9_]+", r["expr"]))
+        assert named <= set(records), (r["alert"], named - set(records))
+        used = referenced(r["expr"]).union(*(referenced(records[n]) for n in named))
         assert used and used <= known, (r["alert"], used - known)
+        # each alert has its runbook section in the README
+        assert f"#### {r['alert']}" in (ROOT / "README.md").read_text(), f"no runbook for {r['alert']}"
 
 
 def test_dashboard_panels_use_exported_metrics():

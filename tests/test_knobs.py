@@ -40,8 +40,10 @@ def test_every_section_is_valid_and_gives_the_defaults():
     train = TrainConfig.model_validate(data["train"] | {"data": "d", "output": "o"})
     assert train == TrainConfig(data="d", output="o", model=train.model)
     pool = data["serve"]["pools"][0]
-    pool = pool | {"model": {}, "decode": {}, "versions": pool["versions"] | {"registry": "r", "model": "m"}}
-    serve = data["serve"] | {"search": data["serve"]["search"] | {"index": "idx"}, "pools": [pool]}
+    pool = pool | {"model": {}, "decode": {}, "versions": pool["versions"] | {"registry": "r", "model": "m"},
+                   "drift": pool["drift"] | {"reference": "p"}}
+    serve = data["serve"] | {"search": data["serve"]["search"] | {"index": "idx"}, "pools": [pool],
+                             "feedback": data["serve"]["feedback"] | {"sink": "s"}}
     args = AppArgs.model_validate(serve)
     assert args.pools[0].batching == AppArgs().pools[0].batching and args.api == AppArgs().api
     assert args.rollout == AppArgs().rollout and args.pools[0].versions.poll_s == 2.0

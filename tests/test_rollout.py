@@ -246,7 +246,7 @@ def test_disagreeing_shadow_and_failing_canary_roll_back_automatically(app, regi
     # every per-version and rollout series is exported (the dashboard and alerts read them: test_infra)
     from serve.metrics import RolloutMetrics, VersionMetrics  # noqa: F401 - the names below are theirs
 
-    wanted = [f"ray_lens_{m}" for m in ("version_requests_total", "version_errors_total", "version_latency_ms_bucket",
+    wanted = [f"ray_lens_{m}" for m in ("version_errors_total", "version_latency_ms_bucket",
                                         "version_loads_total", "version_serving", "version_canary_weight",
                                         "version_shadow_agreement", "rollout_canary_weight", "rollout_step",
                                         "rollout_decisions_total", "rollout_canary_agreement",

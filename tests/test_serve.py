@@ -629,3 +629,49 @@ def test_search_refuses_an_index_built_with_another_model(cluster, tmp_path, tin
     assert r.status_code == 409 and r.json()["error"] == "model_mismatch", r.text
     # a query by vector or id does not involve the serving model
     assert requests.get(f"{app}/v1/search/a?k=2", timeout=30).status_code == 200
+
+
+def test_feedback_needs_a_key_is_checked_and_stored_and_a_replica_detects_drift(cluster, tmp_path, tiny):
+    """Labeled feedback and online drift on a real replica: traffic like the reference passes, a shifted one is
+    flagged; feedback is authenticated, validated, and answered only once its Parquet part is written."""
+    from PIL import Image
+
+    from lens.drift import Profile
+    from lens.feedback import read_feedback
+
+    ref_images = images(200, seed=11)
+    ref = tiny.predict(ref_images)
+    Profile.fit(np.stack([r.embedding for r in ref]), [r.tags[0].label for r in ref], components=8,
+                identity=tiny.identity()).save(str(tmp_path / "ref" / "drift-profile.npz"))
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k-0123456789abcdef\n")
+    app = deploy(cluster, "quality", {
+        "pool": {"drift": {"reference": str(tmp_path / "ref"), "window": 50, "every": 25}},
+        "api": {"api_keys_file": str(keys), "api_keys_env": None},
+        "feedback": {"sink": str(tmp_path / "fb"), "flush_s": 0.2}})
+    key = {"X-API-Key": "k-0123456789abcdef"}
+
+    def drift_state():
+        pools = requests.get(f"{app}/v1/models", headers=key, timeout=30).json()["pools"]
+        return pools[0]["drift"].get("test_efficientnet", {}).get("last")
+
+    answers = [post(f"{app}/v1/tag", b, headers=key).json() for b in images(60, seed=12)]
+    assert all(len(a["sha256"]) == 64 and a["predicted_at"] > 1e9 for a in answers)
+    clean = wait_for(drift_state, "a drift test on like-the-reference traffic", 30)
+    assert clean["window"] == 50 and not clean["drift"], clean
+    dark = [encode(Image.fromarray(np.full((96, 128, 3), v, np.uint8)), "JPEG") for v in range(5, 65)]
+    for b in dark:
+        assert post(f"{app}/v1/tag", b, headers=key).status_code == 200
+    moved = wait_for(lambda: (s := drift_state()) and s["drift"] and s, "drift flagged on dark images", 30)
+    assert moved["p_value"] < 0.01, moved
+
+    items = [{"sha256": a["sha256"], "predicted_at": a["predicted_at"], "labels": ["label_3"],
+              "predicted": [t["label"] for t in a["tags"]]} for a in answers[:3]]
+    fb = f"{app}/v1/feedback"
+    expect(requests.post(fb, json={"items": items}, timeout=30), 401, "unauthorized")
+    expect(requests.post(fb, json={"items": [{"sha256": "nope", "labels": ["x"], "predicted": ["y"]}]},
+                         headers=key, timeout=30), 400, "invalid_feedback", "64 lowercase hex")
+    r = requests.post(fb, json={"items": items}, headers=key, timeout=30)
+    assert r.status_code == 200 and r.json()["stored"] == 3, r.text
+    t = read_feedback(str(tmp_path / "fb"))  # durable before the answer
+    assert t.num_rows == 3 and t.column("sha256").to_pylist() == [a["sha256"] for a in answers[:3]]

@@ -16,12 +16,24 @@ from conftest import free_port, interrupt, scrape_metrics, wait_healthy
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, photos):
+def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, photos, tiny):
+    import numpy as np
+
+    from lens.drift import Profile
+    from lens.samples import augmented_jpegs
+
     port, metrics_port = free_port(), free_port()
     doc = yaml.safe_load((__import__("pathlib").Path(__file__).parents[1] / "infra" / "serve-cpu.yaml").read_text())
     pool = doc["applications"][0]["args"]["pools"][0]
     pool["model"] = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
     pool["num_cpus"] = 1
+    # drift and feedback on, so their metrics are exported too
+    jpegs = [b for _, b, _ in augmented_jpegs(80, seed=5, long_side=(128, 256))]
+    ref = tiny.predict(jpegs)
+    Profile.fit(np.stack([r.embedding for r in ref]), [r.tags[0].label for r in ref], components=8,
+                identity=tiny.identity()).save(str(tmp_path / "drift-profile.npz"))
+    pool["drift"] = {"reference": str(tmp_path / "drift-profile.npz"), "window": 50, "every": 10}
+    doc["applications"][0]["args"]["feedback"] = {"sink": str(tmp_path / "feedback"), "flush_s": 0.2}
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     proc = subprocess.Popen([sys.executable, "-m", "lens.app.cli", "serve", "--config", str(cfg), "--port", str(port),
@@ -36,6 +48,12 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
             r = requests.post(f"{url}/v1/tag", data=photos["rocket.jpg"], headers={"Content-Type": "image/jpeg"},
                               timeout=30)
             assert r.status_code == 200, r.text
+        for b in jpegs[:55]:  # a full drift window
+            last = requests.post(f"{url}/v1/tag", data=b, headers={"Content-Type": "image/jpeg"}, timeout=30).json()
+        r = requests.post(f"{url}/v1/feedback", json={"sha256": last["sha256"], "predicted_at": last["predicted_at"],
+                                                       "labels": ["x"], "predicted": [last["tags"][0]["label"]]},
+                          timeout=30)
+        assert r.status_code == 200 and r.json()["stored"] == 1, r.text
         r = requests.post(f"{url}/v1/tag", data=b"junk", headers={"Content-Type": "image/jpeg"}, timeout=30)
         assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type", r.text
         # Every serving metric the dashboard and alerts query is exported at run time (Ray exports every few

@@ -14,7 +14,7 @@ _FLAGS = {"data": "data", "output": "output", "name": "name", "mode": "mode", "v
           "dropout": "dropout", "label_smoothing": "label_smoothing", "patience": "patience",
           "recommended": "recommended", "dedup": "dedup", "dedup_threshold": "dedup_threshold",
           "target_precision": "target_precision", "seed": "seed", "overwrite": "overwrite",
-          "id_column": "id_column", "image_column": "image_column", "label_column": "label_column",
+          "id_column": "id_column", "feedback": "feedback", "image_column": "image_column", "label_column": "label_column",
           "workers": "workers", "use_gpu": "use_gpu", "unfreeze": "unfreeze", "head_epochs": "head_epochs",
           "cpus_per_worker": "cpus_per_worker", "checkpoint_storage": "checkpoint_storage"}
 
@@ -66,6 +66,8 @@ def add_parsers(sub, add_model_args) -> None:
                    "output's last path component)")
     p.add_argument("--mode", choices=["head", "finetune"], default=None, help="head (default) or finetune")
     p.add_argument("--val-data", default=None, help="validation folder (default: DATA/val, or a split of DATA)")
+    p.add_argument("--feedback", default=None, metavar="SINK", help="/v1/feedback parts (the app's feedback.sink): "
+                   "items with a readable image id and a known class are added to the training split")
     p.add_argument("--val-fraction", type=float, default=None, help="held out per class (default 0.2; 0.05-0.5)")
     p.add_argument("--train-batch-size", type=int, default=None, help="images per step (default 32; 8-64)")
     p.add_argument("--epochs", type=int, default=None, help="default 10 (5-50)")

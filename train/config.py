@@ -42,6 +42,8 @@ class TrainConfig(StrictModel):
                                               "Ray Train")
     val_data: str | None = Field(None, description="a validation folder of the same classes; default: DATA/val "
                                  "when DATA holds train/ and val/, else a stratified split of DATA")
+    feedback: str | None = Field(None, description="labeled feedback (the /v1/feedback sink): items whose id is a "
+                                 "readable image and whose first label is a training class join the training split")
     val_fraction: float = Field(0.2, description="share of each class held out for validation (seeded, "
                                 "stratified)")
     batch_size: int = Field(32, description="images per optimisation step")

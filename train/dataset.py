@@ -56,6 +56,7 @@ class Dataset:
     loc: Location | None = None
     ignored: list[str] = field(default_factory=list)  # files that are not images
     warnings: list[str] = field(default_factory=list)
+    feedback: dict | None = None  # --feedback: items added, and skipped by reason
 
     def read(self, ex: Example) -> bytes:
         if ex.data is not None:
@@ -80,7 +81,8 @@ class Dataset:
                 "images": len(self.examples), "train": len(self.split("train")), "val": len(self.split("val")),
                 "per_class": {k: {"train": self.counts("train")[k], "val": self.counts("val")[k]}
                               for k in self.classes},
-                "imbalance": round(hi / lo, 2), "ignored_files": len(self.ignored), "warnings": self.warnings}
+                "imbalance": round(hi / lo, 2), "ignored_files": len(self.ignored), "warnings": self.warnings} | (
+                    {"feedback": self.feedback} if self.feedback is not None else {})
 
     def fingerprint(self) -> str:
         """SHA-256 over (split, label, content digest) of every example, sorted: the same data gives the same
@@ -209,8 +211,47 @@ def discover(cfg: TrainConfig) -> Dataset:
     classes = sorted({e.label for e in examples})
     _check_class_names(classes)
     ds = Dataset(source=cfg.data, layout=layout, classes=classes, examples=examples, loc=loc, ignored=ignored)
+    if cfg.feedback:
+        extra, ds.feedback = _feedback_examples(cfg.feedback, set(classes))
+        ds.examples += extra
     check_counts(ds)
     return ds
+
+
+#: The largest feedback image read (the serving default's max_bytes).
+_MAX_FEEDBACK_BYTES = 20 * 1024 * 1024
+
+
+def _feedback_examples(uri: str, classes: set) -> tuple[list[Example], dict]:
+    """Training examples from /v1/feedback parts: the last item per image id whose ``id`` is a readable image
+    (local path or s3:// URI) and whose first true label is a training class; the rest counted by reason."""
+    from lens.feedback import read_feedback
+
+    try:
+        rows = read_feedback(uri).to_pylist()
+    except (ValueError, OSError) as e:
+        raise DatasetError(f"--feedback {uri}: {e}") from None
+    latest = {r["id"]: r for r in sorted(rows, key=lambda r: r.get("received_at") or 0.0)
+              if r.get("id")}  # a later label for the same image wins
+    skipped: Counter = Counter({"no image id": sum(1 for r in rows if not r.get("id"))})
+    out = []
+    for ident, r in sorted(latest.items()):
+        label = r["labels"][0]
+        if label not in classes:
+            skipped["label is not a training class"] += 1
+            continue
+        try:
+            parent, _, name = ident.rpartition("/")
+            loc = Location.parse(parent or ".")
+            data = loc.read_bytes(loc.path(name))
+        except (ValueError, OSError):
+            skipped["image not readable"] += 1
+            continue
+        if len(data) > _MAX_FEEDBACK_BYTES:
+            skipped["image too large"] += 1
+            continue
+        out.append(Example(id=f"feedback:{ident}", label=label, split="train", data=data, size=len(data)))
+    return out, {"source": uri, "items": len(rows), "added": len(out), "skipped": {k: v for k, v in skipped.items() if v}}
 
 
 def _split(examples: list[Example], cfg: TrainConfig) -> None:

@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the service up until Ctrl-C")
     p.set_defaults(func=lambda a: __import__("lens.app.demo", fromlist=["main"]).main(a))
 
+    from .drift_cli import add_parsers as add_drift_parsers, run as run_drift
+
+    add_drift_parsers(sub)
+    sub.choices["drift"].set_defaults(func=run_drift)
+
     p = sub.add_parser("models", help="supported models (no subcommand), and the model registry: package, push, "
                        "list, show, verify, alias, promote, rollback, rollout, history")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
