@@ -116,6 +116,19 @@ def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
     assert sorted(read_output(tmp_path / "out2").column("id").to_pylist()) == sorted(ids + [])
 
 
+def test_the_job_writes_a_drift_reference_profile_of_its_output(local_ray, tmp_path, rng):
+    from lens.drift import Profile
+
+    blobs = [encode(random_rgb(rng), "JPEG") for _ in range(80)]
+    write_shard(tmp_path / "in" / "a.parquet", [f"i{i}" for i in range(80)], blobs)
+    s = embed(tmp_path, tmp_path / "in", tmp_path / "out", model=TINY)
+    assert s.embedded == 80
+    prof = Profile.load(str(tmp_path / "out"))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert prof.identity == manifest["model_identity"] and prof.meta["rows"] == 80
+    assert sum(prof.classes.values()) == 80 and prof.reference.shape == (80, 32)
+
+
 def test_read_units_cut_shards_by_row_group_and_every_row_comes_out_once(local_ray, tmp_path, rng):
     from batch.shards import InputShard, read_units
 

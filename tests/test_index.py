@@ -108,8 +108,13 @@ def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
     assert json.loads(v.metadata[123]) == {"tags": ["label-img-123"]}
     assert v.manifest["model_identity"]["weights_sha256"] == MODEL["weights_sha256"] and v.manifest["dim"] == 32
     assert v.identity.embed_dim == 32 and v.identity.model == MODEL["model"]
-    assert set(v.manifest["files"]) == {"index.faiss", "ids.parquet"}
+    assert set(v.manifest["files"]) == {"index.faiss", "ids.parquet", "drift-profile.npz"}
     np.testing.assert_allclose(v.index.reconstruct(5), x[5], rtol=1e-6)
+    from lens.drift import Profile
+
+    prof = Profile.load(str(tmp_path / "idx" / v.name))  # the drift reference of what the index holds
+    assert prof.identity["weights_sha256"] == MODEL["weights_sha256"] and prof.meta["rows"] == 5000  # a sample
+    assert len(prof.classes) == 5000 and set(prof.classes) <= {f"label-{i}" for i in ids}
 
 
 def test_corrupt_or_half_written_index_gives_a_clear_error(tmp_path, data):

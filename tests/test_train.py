@@ -180,7 +180,11 @@ def test_head_mode_on_real_photos_beats_the_floor_and_writes_a_verified_package(
     m = pkg.manifest
     assert m["kind"] == "head" and m["name"] == "scenes"
     assert m["labels"] == sorted(["cat", "coffee", "astronaut", "rocket", "motorcycle", "horse", "brick", "coins"])
-    assert m["identity"] == lite0_onnx.identity().to_dict()
+    # the backbone's comparable identity (the backend that embedded, onnx or openvino under `auto`, is recorded,
+    # not compared: fp32 backends agree)
+    from lens.identity import ModelIdentity
+
+    assert ModelIdentity.from_dict(m["identity"]).mismatch(lite0_onnx.identity()) == []
     assert len(m["thresholds"]) == 8 and all(0 < t <= 1 for t in m["thresholds"])
     assert set(m["files"]) == {"head.safetensors", "metrics.json", "confusion.png", "split.json"}
     metrics = json.loads(pkg.file("metrics.json").read_text())
