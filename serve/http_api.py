@@ -37,6 +37,7 @@ from .body import HttpError, read_images, read_json
 from .config import ApiConfig, FeedbackConfig
 from .feedback import FeedbackSink, parse_feedback
 from .metrics import FeedbackMetrics, IngressMetrics
+from .schemas import BODY_MODELS, route_docs
 
 __all__ = ["HttpApi", "new_fastapi"]
 
@@ -222,8 +223,9 @@ class HttpApi:
             result = await self._dispatch("tag", (data, k, embedding), pool, _head(request))
             body = {"model": result["model"], "version": result.get("version"), "tags": result["tags"]} | \
                 _custom(result) | _receipt(data)
-            if embedding:
+            if embedding:  # with the identity of the version that made it (what an embedding part records)
                 body["embedding"] = [float(x) for x in result["embedding"]]
+                body["model_identity"] = result["model_identity"]
             return body
 
         return await self._handle(request, "/v1/tag", work)
@@ -411,16 +413,39 @@ def new_fastapi() -> FastAPI:
     api.add_exception_handler(StarletteHTTPException, _http_exception)
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(Exception, _unhandled)
-    api.post("/v1/tag")(_own_copy(HttpApi.http_tag))
-    api.post("/v1/embed")(_own_copy(HttpApi.http_embed))
-    api.post("/v1/tag:batch")(_own_copy(HttpApi.http_tag_batch))
-    api.post("/v1/search")(_own_copy(HttpApi.http_search_image))
-    api.post("/v1/search:vector")(_own_copy(HttpApi.http_search_vector))
-    api.post("/v1/feedback")(_own_copy(HttpApi.http_feedback))
-    api.get("/v1/search/{item_id:path}")(_own_copy(HttpApi.http_search_id))
-    api.get("/healthz")(_own_copy(HttpApi.http_healthz))
-    api.get("/v1/models")(_own_copy(HttpApi.http_models))
+    docs = route_docs()
+    api.post("/v1/tag", **docs["/v1/tag"])(_own_copy(HttpApi.http_tag))
+    api.post("/v1/embed", **docs["/v1/embed"])(_own_copy(HttpApi.http_embed))
+    api.post("/v1/tag:batch", **docs["/v1/tag:batch"])(_own_copy(HttpApi.http_tag_batch))
+    api.post("/v1/search", **docs["/v1/search"])(_own_copy(HttpApi.http_search_image))
+    api.post("/v1/search:vector", **docs["/v1/search:vector"])(_own_copy(HttpApi.http_search_vector))
+    api.post("/v1/feedback", **docs["/v1/feedback"])(_own_copy(HttpApi.http_feedback))
+    api.get("/v1/search/{item_id:path}", **docs["/v1/search/{item_id:path}"])(_own_copy(HttpApi.http_search_id))
+    api.get("/healthz", **docs["/healthz"])(_own_copy(HttpApi.http_healthz))
+    api.get("/v1/models", **docs["/v1/models"])(_own_copy(HttpApi.http_models))
     api.get("/openapi.json", include_in_schema=False)(_own_copy(HttpApi.http_openapi))
     api.get("/docs", include_in_schema=False)(_own_copy(HttpApi.http_docs))
     api.get("/redoc", include_in_schema=False)(_own_copy(HttpApi.http_redoc))
+    api.openapi = lambda: _openapi(api)
     return api
+
+
+def _openapi(api: FastAPI) -> dict:
+    """FastAPI's schema, plus the models that only request bodies refer to (so every $ref resolves)."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for ops in schema.get("paths", {}).values():  # Lens answers a bad parameter with 400, never FastAPI's 422
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            comps.pop(name, None)
+        for model in BODY_MODELS:
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, d in js.pop("$defs", {}).items():
+                comps.setdefault(name, d)
+            comps.setdefault(model.__name__, js)
+        api.openapi_schema = schema
+    return api.openapi_schema

@@ -349,7 +349,10 @@ def test_docs_and_models_need_a_key_unless_public_and_bearer_takes_precedence(cl
             "error": "unauthorized", "status": 401,
             "message": "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"}, (path, r.text)
         assert requests.get(f"{app}{path}", headers=good, timeout=30).status_code == 200, path
-    assert "/v1/tag" in requests.get(f"{app}/openapi.json", headers=good, timeout=30).json()["paths"]
+    served = requests.get(f"{app}/openapi.json", headers=good, timeout=30).json()  # from the real app
+    assert "image/jpeg" in served["paths"]["/v1/tag"]["post"]["requestBody"]["content"]
+    assert served["paths"]["/v1/tag"]["post"]["responses"]["415"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"}
     assert requests.get(f"{app}/healthz", timeout=30).status_code == 200  # probes never need a key
     jpeg = images(1)[0]
     # Authorization, when sent, is the only credential read: a wrong Bearer fails even beside a good X-API-Key
@@ -675,3 +678,29 @@ def test_feedback_needs_a_key_is_checked_and_stored_and_a_replica_detects_drift(
     assert r.status_code == 200 and r.json()["stored"] == 3, r.text
     t = read_feedback(str(tmp_path / "fb"))  # durable before the answer
     assert t.num_rows == 3 and t.column("sha256").to_pylist() == [a["sha256"] for a in answers[:3]]
+
+
+def test_the_python_client_over_the_real_app(main_app, photos):
+    from lens.client import AsyncLensClient, LensAPIError, LensClient
+
+    lens = LensClient(main_app)
+    assert lens.health()["status"] == "ok" and lens.models()["pools"][0]["pool"] == "Tagger"
+    one = lens.tag(photos["coffee.png"], top_k=2, embedding=True)
+    assert len(one["tags"]) == 2 and len(one["embedding"]) == one["model_identity"]["embed_dim"]
+    assert "colours" in one["custom_tags"] and len(one["sha256"]) == 64
+    batch = lens.tag_batch([photos["coffee.png"], b"junk", photos["rocket.jpg"]], top_k=1)
+    assert [r.get("status") for r in batch["results"]] == [None, 415, None]
+    assert lens.embed(photos["rocket.jpg"])["dim"] == len(one["embedding"])
+    with pytest.raises(LensAPIError) as e:
+        lens.tag(b"junk")
+    assert e.value.http_status == 415 and e.value.code == "unsupported_media_type"
+    with pytest.raises(LensAPIError) as e:
+        lens.search(id="x")
+    assert e.value.http_status == 404 and e.value.code == "search_not_configured"
+
+    async def go():
+        async with AsyncLensClient(main_app) as alens:
+            return await asyncio.gather(*(alens.tag(photos[n], top_k=1) for n in sorted(photos)[:6]))
+
+    answers = asyncio.run(go())
+    assert len(answers) == 6 and all(a["tags"] for a in answers)

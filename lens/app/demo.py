@@ -72,8 +72,7 @@ def _wait(what: str, check, timeout_s: float, interval: float = 0.5):
 
 def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-demo", port: int = 8000,
              keep: bool = False) -> dict:
-    import requests
-
+    from lens.client import LensAPIError, LensClient
     from lens.samples import augmented_jpegs, sample_path
 
     total = 10
@@ -179,7 +178,15 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
         print(f"    {change}", file=sys.stderr)
     deploy(doc, where="demo config")
     url = f"http://127.0.0.1:{port}"
-    _wait("the service", lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, 120)
+    lens = LensClient(url, timeout_s=30)
+
+    def healthy() -> bool:
+        try:
+            return lens.health()["status"] == "ok"
+        except LensAPIError:
+            return False
+
+    _wait("the service", healthy, 120)
     summary["url"] = url
     summary["steps_s"]["serve"] = round(time.perf_counter() - t, 1)
 
@@ -201,8 +208,11 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     probe_id = f"s3://{cfg.bucket}/incoming/{probe_name}"
 
     def searchable():
-        r = requests.post(f"{url}/v1/search?k=5", data=probe, headers={"Content-Type": "image/jpeg"}, timeout=30)
-        return r.json() if r.ok and r.json()["results"][0]["id"] == probe_id else None
+        try:
+            r = lens.search(probe, k=5)
+        except LensAPIError:
+            return None
+        return r if r["results"] and r["results"][0]["id"] == probe_id else None
 
     found = _wait("a new image to become searchable (delta index)", searchable, 120)
     sidecar = json.loads(s3.get_object(Bucket=results_bucket,
@@ -218,16 +228,15 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     # 9 -------------------------------------------------------------------------------------
     t = _step(9, total, "example requests over HTTP")
     coffee = sample_path("coffee.png").read_bytes()
-    tag = requests.post(f"{url}/v1/tag?top_k=3", data=coffee, headers={"Content-Type": "image/png"}, timeout=30).json()
+    tag = lens.tag(coffee, top_k=3)
     from PIL import Image
 
     cat = Image.open(sample_path("chelsea.png")).convert("RGB")
     crop = cat.crop((40, 20, cat.width - 30, cat.height - 10)).transpose(Image.FLIP_LEFT_RIGHT)
     buf = io.BytesIO()
     crop.save(buf, format="JPEG", quality=85)
-    search = requests.post(f"{url}/v1/search?k=3", data=buf.getvalue(), headers={"Content-Type": "image/jpeg"},
-                           timeout=30).json()
-    by_id = requests.get(f"{url}/v1/search/originals/coffee.png?k=3", timeout=30).json()
+    search = lens.search(buf.getvalue(), k=3)
+    by_id = lens.search(id="originals/coffee.png", k=3)
     summary["examples"] = {
         "tag coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["tags"]],
         "custom tags of coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["custom_tags"]["scenes"]],

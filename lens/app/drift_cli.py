@@ -79,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(ref: Profile, proj: np.ndarray, res, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'lens[plots]' (or matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

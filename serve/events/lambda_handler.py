@@ -16,9 +16,8 @@ import asyncio
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
 
+from lens.client import LensAPIError, LensClient
 from lens.errors import RequestFailed
 
 from .consumer import EventProcessor
@@ -30,46 +29,32 @@ logger = logging.getLogger("lens.events")
 
 
 class HttpTagger:
-    """The Lens HTTP API with the model deployment's ``tag`` contract."""
+    """The Lens HTTP API (through :class:`lens.client.LensClient`: retries on 503 honouring Retry-After) with the
+    model deployment's ``tag`` contract."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.timeout_s = timeout_s
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2) -> None:
+        self.client = LensClient(base_url, api_key=api_key, timeout_s=timeout_s, retries=retries)
         self._info: dict | None = None
-
-    def _request(self, path: str, data: bytes | None = None) -> tuple[int, dict]:
-        headers = {"Content-Type": "application/octet-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers,
-                                     method="POST" if data is not None else "GET")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            try:
-                return e.code, json.loads(e.read())
-            except ValueError:
-                return e.code, {"error": "http_error", "message": str(e), "status": e.code}
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            return 503, {"error": "unreachable", "message": f"Lens API unreachable: {e}", "status": 503}
 
     def info(self) -> dict:
         if self._info is None:
-            status, body = self._request("/v1/models")
-            pools = body.get("pools") if status == 200 else None
+            try:
+                pools = self.client.models().get("pools")
+            except LensAPIError as e:
+                logger.warning("Lens /v1/models: %s", e.message)
+                pools = None
             self._info = pools[0] if pools else {}
         return self._info
 
     async def __call__(self, data: bytes, top_k: int, embedding: bool) -> dict:
-        status, body = await asyncio.to_thread(self._request, f"/v1/tag?top_k={top_k}&embedding=true", data)
-        if status == 200:
-            return {"tags": body["tags"], "embedding": body["embedding"]} | (
-                {"custom_tags": body["custom_tags"]} if "custom_tags" in body else {})
-        # the API's error answer as the model deployment would raise it; 429/503/504: retry later, not the image
-        raise RequestFailed(str(body.get("message", "")), code=str(body.get("error", "http_error")),
-                            status=503 if status in (429, 503, 504) else int(body.get("status", status)))
+        try:
+            body = await asyncio.to_thread(self.client.tag, data, top_k=top_k, embedding=True)
+        except LensAPIError as e:
+            # the API's error answer as the model deployment would raise it; 429/503/504: retry later, not the image
+            raise RequestFailed(e.message, code=e.code,
+                                status=503 if e.http_status in (429, 503, 504) else e.http_status) from None
+        return {"tags": body["tags"], "embedding": body["embedding"]} | {
+            k: body[k] for k in ("custom_tags", "model_identity") if k in body}
 
 
 def _processor(tagger: HttpTagger) -> EventProcessor:

@@ -1,0 +1,253 @@
+"""A Python client of the Lens HTTP API: :class:`LensClient` (blocking, ``requests``) and
+:class:`AsyncLensClient` (``aiohttp``), with the same methods.
+
+* ``tag``, ``tag_batch``, ``embed``, ``search`` (by image, id or vector), ``feedback``, ``models``, ``health``;
+  images as bytes, a path, or a file object;
+* a 503 (the service shedding load, or starting) and connection errors are retried ``retries`` times, waiting
+  what ``Retry-After`` says (else an exponential backoff from ``backoff_s``), with jitter so clients that were
+  refused together do not return together; every other error raises :class:`LensAPIError` with the API's code,
+  message and status at once (a 400 is not going to succeed on retry);
+* ``timeout_s`` per request; ``api_key`` sent as ``Authorization: Bearer``.
+
+Example::
+
+    from lens.client import LensClient
+
+    lens = LensClient("http://127.0.0.1:8000", api_key="k-...")
+    answer = lens.tag("cat.jpg", top_k=3)
+    hits = lens.search(id="s3://photos/2026/cat.jpg", k=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+from typing import IO, Sequence, Union
+
+from .errors import LensError
+
+__all__ = ["LensClient", "AsyncLensClient", "LensAPIError"]
+
+Image = Union[bytes, bytearray, str, os.PathLike, IO[bytes]]
+_RETRY = (503,)
+
+
+class LensAPIError(LensError):
+    """An error answer of the Lens API (``code``, ``message``, ``http_status`` as the API gave them)."""
+
+    code = "api_error"
+    http_status = 500
+
+
+def _bytes(image: Image) -> bytes:
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    return image.read()
+
+
+def _error(status: int, body) -> LensAPIError:
+    if isinstance(body, dict) and "error" in body:
+        return LensAPIError(str(body.get("message", "")), code=str(body["error"]), status=status)
+    return LensAPIError(f"HTTP {status}: {str(body)[:300]}", code="http_error", status=status)
+
+
+class _Base:
+    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must be http(s)://host[:port][/prefix], got {url!r}")
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s, self.retries = timeout_s, retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+
+    def _wait(self, attempt: int, retry_after: str | None) -> float:
+        """Seconds before retry number ``attempt`` (0-based): Retry-After if given, else exponential; jittered."""
+        try:
+            base = float(retry_after) if retry_after is not None else self.backoff_s * 2 ** attempt
+        except ValueError:
+            base = self.backoff_s * 2 ** attempt
+        return min(self.max_backoff_s, base) * random.uniform(1.0, 1.5)
+
+    @staticmethod
+    def _params(**kw) -> dict:
+        return {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in kw.items() if v is not None}
+
+    def _plan(self, op: str, *args, **kw) -> tuple[str, str, dict]:
+        """(method, path, request keyword arguments) of an operation."""
+        head = {"serve_multiplexed_model_id": kw.pop("head")} if kw.get("head") else {}
+        kw.pop("head", None)
+        if op == "tag":
+            (image,) = args
+            return "POST", "/v1/tag", {"data": _bytes(image), "headers": {"Content-Type": "application/octet-stream"}
+                                       | head, "params": self._params(top_k=kw.get("top_k"),
+                                                                      embedding=kw.get("embedding") or None)}
+        if op == "embed":
+            (image,) = args
+            return "POST", "/v1/embed", {"data": _bytes(image),
+                                         "headers": {"Content-Type": "application/octet-stream"}}
+        if op == "tag_batch":
+            (images,) = args
+            files = [("image", (f"image-{i}", _bytes(im), "application/octet-stream")) for i, im in enumerate(images)]
+            return "POST", "/v1/tag:batch", {"files": files, "headers": head,
+                                             "params": self._params(top_k=kw.get("top_k"))}
+        if op == "search":
+            image, item_id, vector, vectors = (kw.get(x) for x in ("image", "id", "vector", "vectors"))
+            if sum(x is not None for x in (image, item_id, vector, vectors)) != 1:
+                raise ValueError("search by exactly one of image=, id=, vector= or vectors=")
+            params = self._params(k=kw.get("k"), param=kw.get("param"))
+            if image is not None:
+                return "POST", "/v1/search", {"data": _bytes(image), "params": params,
+                                              "headers": {"Content-Type": "application/octet-stream"}}
+            if item_id is not None:
+                from urllib.parse import quote
+
+                return "GET", f"/v1/search/{quote(str(item_id), safe='/:@')}", {"params": params}
+            body = {"vector": [float(x) for x in vector]} if vector is not None else {
+                "vectors": [[float(x) for x in v] for v in vectors]}
+            return "POST", "/v1/search:vector", {"json": body, "params": params}
+        if op == "feedback":
+            (items,) = args
+            return "POST", "/v1/feedback", {"json": {"items": list(items)}}
+        if op == "models":
+            return "GET", "/v1/models", {}
+        if op == "health":
+            return "GET", "/healthz", {}
+        raise ValueError(op)
+
+
+class LensClient(_Base):
+    """Blocking client (one ``requests.Session``, safe to share between threads for independent calls)."""
+
+    def __init__(self, url: str, **kw) -> None:
+        import requests
+
+        super().__init__(url, **kw)
+        self.session = requests.Session()
+        self.session.headers.update(self.headers)
+
+    def _call(self, op: str, *args, **kw) -> dict:
+        import requests
+
+        method, path, req = self._plan(op, *args, **kw)
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.session.request(method, self.url + path, timeout=self.timeout_s, **req)
+            except requests.ConnectionError as e:
+                if attempt == self.retries:
+                    raise LensAPIError(f"cannot reach {self.url}: {e}", code="unreachable", status=503) from e
+                time.sleep(self._wait(attempt, None))
+                continue
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+            if r.status_code == 200:
+                return body
+            if r.status_code in _RETRY and attempt < self.retries:
+                time.sleep(self._wait(attempt, r.headers.get("Retry-After")))
+                continue
+            raise _error(r.status_code, body)
+        raise AssertionError("unreachable")
+
+    def tag(self, image: Image, *, top_k: int | None = None, embedding: bool = False, head: str | None = None) -> dict:
+        return self._call("tag", image, top_k=top_k, embedding=embedding, head=head)
+
+    def tag_batch(self, images: Sequence[Image], *, top_k: int | None = None, head: str | None = None) -> dict:
+        return self._call("tag_batch", images, top_k=top_k, head=head)
+
+    def embed(self, image: Image) -> dict:
+        return self._call("embed", image)
+
+    def search(self, image: Image | None = None, *, id: str | None = None, vector=None, vectors=None,
+               k: int | None = None, param: int | None = None) -> dict:
+        return self._call("search", image=image, id=id, vector=vector, vectors=vectors, k=k, param=param)
+
+    def feedback(self, items: Sequence[dict]) -> dict:
+        return self._call("feedback", items)
+
+    def models(self) -> dict:
+        return self._call("models")
+
+    def health(self) -> dict:
+        return self._call("health")
+
+
+class AsyncLensClient(_Base):
+    """The same API for asyncio (``aiohttp``); use ``async with AsyncLensClient(url) as lens:``."""
+
+    def __init__(self, url: str, **kw) -> None:
+        super().__init__(url, **kw)
+        self._session = None
+
+    async def __aenter__(self) -> "AsyncLensClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(self, op: str, *args, **kw) -> dict:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self.headers,
+                                                  timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        method, path, req = self._plan(op, *args, **kw)
+        if "files" in req:  # multipart, as requests builds it
+            form = aiohttp.FormData()
+            for field, (name, data, ctype) in req.pop("files"):
+                form.add_field(field, data, filename=name, content_type=ctype)
+            req["data"] = form
+        for attempt in range(self.retries + 1):
+            try:
+                async with self._session.request(method, self.url + path, **req) as r:
+                    try:
+                        body = await r.json(content_type=None)
+                    except ValueError:
+                        body = await r.text()
+                    status, retry_after = r.status, r.headers.get("Retry-After")
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if attempt == self.retries:
+                    raise LensAPIError(f"cannot reach {self.url}: {e}", code="unreachable", status=503) from e
+                await asyncio.sleep(self._wait(attempt, None))
+                continue
+            if status == 200:
+                return body
+            if status in _RETRY and attempt < self.retries:
+                await asyncio.sleep(self._wait(attempt, retry_after))
+                continue
+            raise _error(status, body)
+        raise AssertionError("unreachable")
+
+    async def tag(self, image: Image, *, top_k: int | None = None, embedding: bool = False,
+                  head: str | None = None) -> dict:
+        return await self._call("tag", image, top_k=top_k, embedding=embedding, head=head)
+
+    async def tag_batch(self, images: Sequence[Image], *, top_k: int | None = None, head: str | None = None) -> dict:
+        return await self._call("tag_batch", images, top_k=top_k, head=head)
+
+    async def embed(self, image: Image) -> dict:
+        return await self._call("embed", image)
+
+    async def search(self, image: Image | None = None, *, id: str | None = None, vector=None, vectors=None,
+                     k: int | None = None, param: int | None = None) -> dict:
+        return await self._call("search", image=image, id=id, vector=vector, vectors=vectors, k=k, param=param)
+
+    async def feedback(self, items: Sequence[dict]) -> dict:
+        return await self._call("feedback", items)
+
+    async def models(self) -> dict:
+        return await self._call("models")
+
+    async def health(self) -> dict:
+        return await self._call("health")
