@@ -34,7 +34,8 @@ PHOTOS: tuple[str, ...] = tuple(SAMPLES) + (
 def sample_dir() -> Path:
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the sample photos come from scikit-image, which is not installed")
+        raise FileNotFoundError("the sample photos come from scikit-image, which is not installed: pip install "
+                                "'lens[samples]' (for int8, or set model.calibration to your own images)")
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 

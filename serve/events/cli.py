@@ -39,7 +39,12 @@ def events_args(doc: dict) -> EventsAppArgs:
 
 def start_local_aws(port: int = 4566) -> str:
     """moto's S3/SQS server on 127.0.0.1 (the local default), and the env for boto3 to use it."""
-    from moto.server import ThreadedMotoServer
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise ConfigError("no AWS account is configured (--aws with AWS_REGION/credentials, or AWS_ENDPOINT_URL) and "
+                          "the local S3/SQS is not installed: pip install 'lens[local]' to run on 127.0.0.1, or pass "
+                          "--aws to use a real account") from None
 
     import logging
 
