@@ -81,6 +81,10 @@ class ModelConfig(StrictModel):
     max_batch_size: PositiveInt = Field(
         DEFAULT_MAX_BATCH_SIZE, description="largest batch sent to the model at once (lens tag, index search); "
         "a Serve pool's user_config.max_batch_size and lens embed's batch_size set it for their jobs")
+    pretrained_cfg_overlay: dict | None = Field(
+        None, description="timm pretrained_cfg_overlay: preprocessing that differs from the name's pretrained config "
+        "(keys input_size, crop_pct, crop_mode, interpolation, mean, std), e.g. for a checkpoint trained at "
+        "another resolution; recorded in the model identity through the preprocessing")
     heads: tuple[str, ...] = Field((), description="lens train head packages (directories or s3:// prefixes) "
                                    "served on this model's embeddings: each adds its custom tags to every answer")
     cache_dir: Path = Field(default_factory=default_cache_dir,
@@ -93,6 +97,21 @@ class ModelConfig(StrictModel):
         if self.backend == "openvino" and self.precision in ("fp16", "bf16"):
             raise ValueError(f"the openvino backend runs fp32 or int8, not {self.precision}")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _canonical_name(cls, v: str) -> str:
+        from .models import canonical_name  # no timm import: checked against timm when the model loads
+
+        return canonical_name(v)
+
+    @field_validator("pretrained_cfg_overlay")
+    @classmethod
+    def _check_overlay(cls, v: dict | None) -> dict | None:
+        allowed = {"input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std"}
+        if v is not None and set(v) - allowed:
+            raise ValueError(f"pretrained_cfg_overlay keys must be among {sorted(allowed)}, got {sorted(set(v) - allowed)}")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .errors import UnknownModelError
 
-__all__ = ["EMBEDDED_WEIGHTS", "ModelEntry", "embedded_weights_path", "supported_models", "check_model_name"]
+__all__ = ["EMBEDDED_WEIGHTS", "ModelEntry", "embedded_weights_path", "supported_models", "check_model_name",
+           "canonical_name"]
 
 # The EfficientNet family in timm: B0-B8/L2, the TF ports, V2, Lite0-4, EdgeTPU (es/em/el),
 # CondConv, and timm's tiny random-init test variants.
@@ -51,9 +52,21 @@ class ModelEntry:
     num_classes: int | None
 
 
+def canonical_name(name: str) -> str:
+    """timm's spelling of a model: ``arch`` or ``arch.pretrained_tag``. ``hf-hub:timm/arch.tag`` (a Hugging Face
+    name) becomes ``arch.tag``: the weights still come from a local file or s3:// (no hub here), and the
+    preprocessing from timm's own pretrained config for that tag, which timm ships offline."""
+    name = str(name).strip()
+    if name.startswith("hf-hub:"):
+        name = name[len("hf-hub:"):]
+        if name.startswith("timm/"):
+            name = name[len("timm/"):]
+    return name
+
+
 def embedded_weights_path(name: str) -> Path | None:
-    """Path of the installed embedded checkpoint for ``name``, or None if there is none."""
-    entry = EMBEDDED_WEIGHTS.get(name)
+    """Path of the installed embedded checkpoint for ``name`` (``arch`` or ``arch.tag``), or None if there is none."""
+    entry = EMBEDDED_WEIGHTS.get(canonical_name(name).split(".")[0])
     if entry is None:
         return None
     _, module, cls = entry
@@ -72,10 +85,24 @@ def supported_models() -> tuple[str, ...]:
 
 
 def check_model_name(name: str) -> str:
-    """Return ``name`` if Lens supports it, else raise :class:`UnknownModelError` with suggestions."""
+    """``name`` (``arch`` or ``arch.pretrained_tag``, canonical) if Lens supports it, else
+    :class:`UnknownModelError` with suggestions: close architecture names, or the tags the architecture has."""
+    name = canonical_name(name)
     names = supported_models()
-    if name in names:
-        return name
+    arch, _, tag = name.partition(".")
+    if arch in names:
+        if not tag:
+            return name
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        try:
+            get_pretrained_cfg(name)
+            return name
+        except RuntimeError:
+            tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+            raise UnknownModelError(f"{arch} has no pretrained tag {tag!r}; its tags: {', '.join(tags) or 'none'}")
+    name = arch
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run `lens models` for the list"
     raise UnknownModelError(f"unknown or unsupported model {name!r} (Lens runs timm EfficientNets){hint}")

@@ -132,6 +132,9 @@ def onnx_cache_paths(cfg: ModelConfig, weights: WeightsRef) -> tuple[Path, Path]
     nc = cfg.num_classes or "ckpt"
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name)
     stem = f"{safe}-{size}-{nc}-{weights.sha256[:16]}-f{ONNX_FORMAT}o{ONNX_OPSET}"
+    if cfg.pretrained_cfg_overlay:  # other preprocessing: another export (its meta holds the preprocessing)
+        overlay = json.dumps(cfg.pretrained_cfg_overlay, sort_keys=True)
+        stem += "-p" + hashlib.sha256(overlay.encode()).hexdigest()[:10]
     root = Path(cfg.cache_dir) / "onnx"
     return root / f"{stem}.onnx", root / f"{stem}.json"
 
@@ -380,6 +383,8 @@ def _build_torch(cfg: ModelConfig, weights: WeightsRef):
     if weights.path is None:
         torch.manual_seed(0)  # 'random' weights are a seeded init, so every replica agrees
     try:
+        if cfg.pretrained_cfg_overlay:
+            kwargs["pretrained_cfg_overlay"] = dict(cfg.pretrained_cfg_overlay)
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - timm raises various errors for bad kwargs
         raise ConfigError(f"cannot create {cfg.name} with {kwargs}: {e}") from e

@@ -125,20 +125,17 @@ def fetch_s3(uri: str, cache_dir: Path, *, client=None) -> tuple[Path, str]:
 
 
 def read_state_dict(path: Path) -> "dict[str, torch.Tensor]":
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict (never unpickles arbitrary objects)."""
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict with timm's own loader (``.safetensors`` or a
+    torch file read with ``weights_only``: never unpickles arbitrary objects; a training checkpoint's nested
+    ``state_dict_ema``/``model_ema``/``state_dict``/``model`` taken, EMA first; a ``module.`` prefix removed)."""
     import torch
+    from timm.models import load_state_dict
 
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means an unusable checkpoint
         raise WeightsError(f"cannot read checkpoint {path}: {e}") from e
-    # Training checkpoints nest the weights; prefer EMA weights when present.
-    if isinstance(sd, dict):
+    if isinstance(sd, dict):  # timm takes nested dicts it knows; a bare "model" entry is taken here
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
             if isinstance(sd.get(key), dict):
                 sd = sd[key]

@@ -95,6 +95,42 @@ def test_unknown_model_name_is_a_clear_error(lens_cache):
         load_model(ModelConfig(name="resnet50", weights="random", cache_dir=lens_cache))
 
 
+def test_timm_native_names_tags_hub_names_and_a_preprocessing_overlay(lens_cache, tmp_path):
+    import torch
+
+    from lens.runtime import onnx_cache_paths
+    from lens.weights import resolve_weights
+
+    assert ModelConfig(name="hf-hub:timm/efficientnet_b0.ra_in1k").name == "efficientnet_b0.ra_in1k"
+    with pytest.raises(UnknownModelError, match="no pretrained tag 'nope'; its tags: r160_in1k"):
+        load_model(ModelConfig(name="test_efficientnet.nope", weights="random", cache_dir=lens_cache))
+    # a tag takes timm's pretrained config for that tag (here 160 px), the weights from a local file
+    import timm
+
+    ckpt = tmp_path / "w.pth"
+    torch.save({"state_dict_ema": timm.create_model("test_efficientnet").state_dict()}, ckpt)  # timm's loader
+    tagged = load_model(ModelConfig(name="hf-hub:timm/test_efficientnet.r160_in1k", weights=str(ckpt),
+                                    backend="onnx", cache_dir=lens_cache))
+    assert tagged.name == "test_efficientnet.r160_in1k" and tagged.preprocess.input_size == (3, 160, 160)
+    over = ModelConfig(name="test_efficientnet.r160_in1k", weights=str(ckpt), backend="onnx", cache_dir=lens_cache,
+                       pretrained_cfg_overlay={"input_size": (3, 128, 128), "crop_pct": 1.0})
+    loaded = load_model(over)
+    assert loaded.preprocess.input_size == (3, 128, 128) and loaded.preprocess.crop_pct == 1.0
+    assert loaded.identity().mismatch(tagged.identity()) == ["preprocess"]
+    ref = resolve_weights(over.name, over.weights, lens_cache)
+    assert onnx_cache_paths(over, ref)[0] != onnx_cache_paths(over.model_copy(update={"pretrained_cfg_overlay": None}),
+                                                               ref)[0]  # another export, not a stale one
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay keys"):
+        ModelConfig(pretrained_cfg_overlay={"num_classes": 3})
+    bad = tmp_path / "bad.pth"
+    sd = timm.create_model("test_efficientnet").state_dict()
+    sd["conv_stem.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(sd, bad)
+    with pytest.raises(WeightsError, match="conv_stem.weight"):  # Lens's message names the tensor
+        load_model(ModelConfig(name="test_efficientnet", weights=str(bad), backend="torch", device="cpu",
+                               cache_dir=lens_cache))
+
+
 def test_missing_weights_is_a_clear_error(lens_cache):
     with pytest.raises(WeightsError, match="--weights"):
         load_model(ModelConfig(name="efficientnet_b0", cache_dir=lens_cache))
