@@ -1,4 +1,4 @@
-"""``lens index build`` and ``lens index search``."""
+"""``lens index build``, ``search``, and the versions: ``list``, ``show``, ``use``, ``prune``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,37 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    from .store import list_versions, load_version, prune_versions, use_version
+
+    if args.index_command == "list":
+        rows = list_versions(args.index)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        for r in rows:
+            print(f"{'*' if r['current'] else ' '} {r['version']}  {r['created_at']}  {r['count']:>10,} vectors  "
+                  f"{r['type']:<8}  recall {r['recall']}  {r['bytes'] / 1e6:,.1f} MB  {r['model']}"
+                  + (f" ({r['model_version']})" if r["model_version"] else ""))
+        if not rows:
+            print(f"no versions in {args.index}", file=sys.stderr)
+        return 0
+    if args.index_command == "show":
+        v = load_version(args.index if args.version is None else f"{args.index.rstrip('/')}/{args.version}",
+                         verify=True)
+        print(json.dumps({"version": v.name, "path": str(v.path)} | {k: val for k, val in v.manifest.items()
+                                                                      if k != "files"} | {"files": v.manifest["files"]},
+                         indent=1))
+        return 0
+    if args.index_command == "use":
+        use_version(args.index, args.version)
+        print(f"{args.index}: CURRENT -> {args.version} (verified); a running searcher swaps within its refresh_s")
+        return 0
+    removed = prune_versions(args.index, args.keep)
+    print(json.dumps({"removed": removed}))
+    return 0
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("index", help="build or query a FAISS similarity index from embedding shards")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
@@ -82,3 +113,21 @@ def add_parsers(sub) -> None:
     s.add_argument("--param", type=int, default=None, help="nprobe / efSearch for this query")
     s.add_argument("--weights", default=None, help="weights of the index's model when not the embedded ones")
     s.set_defaults(func=cmd_search)
+    lst = isub.add_parser("list", help="versions under an index root, * marks CURRENT",
+                          description="Example: lens index list --index /data/index")
+    lst.add_argument("--index", required=True, help="index root")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_versions)
+    sh = isub.add_parser("show", help="one version's manifest, every checksum verified (default: CURRENT)")
+    sh.add_argument("--index", required=True, help="index root")
+    sh.add_argument("version", nargs="?", default=None)
+    sh.set_defaults(func=cmd_versions)
+    us = isub.add_parser("use", help="make a version CURRENT (verified first): roll an index back or forward",
+                         description="Example: lens index use --index /data/index v-20261122T080000-ab12cd")
+    us.add_argument("--index", required=True, help="index root")
+    us.add_argument("version")
+    us.set_defaults(func=cmd_versions)
+    pr = isub.add_parser("prune", help="delete all but the newest --keep versions (never CURRENT) and leftovers")
+    pr.add_argument("--index", required=True, help="index root")
+    pr.add_argument("--keep", type=int, default=3, help="versions kept (default 3)")
+    pr.set_defaults(func=cmd_versions)

@@ -115,6 +115,47 @@ def current_version(root: str | os.PathLike) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
+def list_versions(root: str | os.PathLike) -> list[dict]:
+    """Every complete version under ``root`` (a manifest written last), oldest first: name, created_at, count,
+    type, bytes, current."""
+    root = Path(root)
+    if not root.is_dir():
+        raise IndexCorruptError(f"no index root at {root}")
+    current = current_version(root)
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            m = json.loads((d / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue  # an interrupted build: not a version
+        out.append({"version": d.name, "created_at": m.get("created_at"), "count": m.get("count"),
+                    "type": m.get("type"), "dim": m.get("dim"), "recall": (m.get("recall") or {}).get("value"),
+                    "model": (m.get("model_identity") or {}).get("model"),
+                    "model_version": (m.get("model_identity") or {}).get("version"),
+                    "bytes": sum(f.get("bytes", 0) for f in m.get("files", {}).values()), "current": d.name == current})
+    return out
+
+
+def use_version(root: str | os.PathLike, name: str) -> None:
+    """Make ``name`` CURRENT (a rollback or roll-forward of the index): verified before the pointer moves."""
+    load_version(Path(root) / name)  # refuses a missing, incomplete or corrupt version
+    set_current(Path(root), name)
+
+
+def prune_versions(root: str | os.PathLike, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions (never CURRENT) and leftovers of interrupted builds."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(root)
+    versions = [v["version"] for v in list_versions(root)]
+    current = current_version(root)
+    doomed = [v for v in versions[:-keep] if v != current]
+    doomed += [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(".v-") and p.name.endswith(".tmp")]
+    for name in doomed:
+        shutil.rmtree(root / name)
+    return doomed
+
+
 def resolve_version(path: str | os.PathLike) -> Path:
     """An index root (follow ``CURRENT``) or a version directory itself."""
     p = Path(path)

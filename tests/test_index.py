@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import threading
 from pathlib import Path
 
@@ -331,3 +332,30 @@ def test_opq_from_the_cli_rotates_before_ivf_pq(tmp_path, data, capsys):
     rot = faiss.downcast_VectorTransform(v.index.chain.at(0))
     a = faiss.vector_to_array(rot.A).reshape(rot.d_out, rot.d_in)
     assert a.shape == (32, 32) and np.allclose(a @ a.T, np.eye(32), atol=1e-4) and not np.allclose(a, np.eye(32))
+
+
+def test_index_versions_list_show_use_and_prune(tmp_path, data, capsys):
+    from lens.app.cli import main
+
+    src = data[0]
+    first = build(tmp_path, [src], index="flat", queries=20)["version"]
+    time.sleep(1.1)  # version names carry the second
+    second = build(tmp_path, [src], index="flat", queries=20)["version"]
+    root = str(tmp_path / "idx")
+    (tmp_path / "idx" / ".v-20000101T000000-dead00.tmp").mkdir()  # an interrupted build's leftovers
+    assert main(["index", "list", "--index", root, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["version"], r["current"]) for r in rows] == [(first, False), (second, True)]
+    assert main(["index", "use", "--index", root, first]) == 0
+    assert (tmp_path / "idx" / "CURRENT").read_text().strip() == first
+    capsys.readouterr()
+    assert main(["index", "show", "--index", root]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == first
+    assert main(["index", "use", "--index", root, "v-nope"]) == 2  # verified first: CURRENT untouched
+    assert (tmp_path / "idx" / "CURRENT").read_text().strip() == first
+    capsys.readouterr()
+    assert main(["index", "prune", "--index", root, "--keep", "1"]) == 0
+    removed = json.loads(capsys.readouterr().out)["removed"]
+    # keep 1 keeps the newest (second); first is CURRENT, so it stays too; the leftover goes
+    assert removed == [".v-20000101T000000-dead00.tmp"] and {p.name for p in (tmp_path / "idx").iterdir()} == {
+        first, second, "CURRENT"}
