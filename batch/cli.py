@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from lens.errors import LensError
 
@@ -59,8 +60,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_shards(args: argparse.Namespace) -> int:
     from .shards import make_shards
 
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, shards: int) -> None:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        print(f"lens shards: {done:,}/{total:,} files ({100 * done / total:.0f} %), {shards} shard(s), "
+              f"{rate:,.0f} files/s", file=sys.stderr, flush=True)
+
     written = make_shards(args.input, args.output, rows_per_shard=args.rows_per_shard,
-                          max_shard_bytes=int(args.max_shard_mb * 2**20))
+                          max_shard_bytes=int(args.max_shard_mb * 2**20), progress=progress)
     for w in written:
         print(json.dumps(w))
     print(f"lens shards: {sum(w['rows'] for w in written)} images in {len(written)} shard(s) at {args.output}",

@@ -149,10 +149,11 @@ def _parquet_shards(loc: Location, files: list[str], id_column: str, image_colum
 
 def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_bytes: int = 256 << 20,
                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
-                prefix: str = "part") -> list[dict]:
+                prefix: str = "part", progress=None) -> list[dict]:
     """Pack the image files under ``src`` into Parquet shards at ``dst`` (``id`` = path relative to ``src``,
     ``image`` = the file's bytes). A shard closes at ``rows_per_shard`` rows or ``max_shard_bytes``.
-    Each shard is written atomically; returns one ``{"path", "rows", "bytes"}`` per shard."""
+    Each shard is written atomically; returns one ``{"path", "rows", "bytes"}`` per shard. ``progress(done, total,
+    shards)`` is called after each shard (files read so far, files in all, shards written)."""
     if rows_per_shard < 1 or max_shard_bytes < 1:
         raise ValueError("rows_per_shard and max_shard_bytes must be positive")
     src_loc, dst_loc = Location.parse(src), Location.parse(dst)
@@ -176,6 +177,8 @@ def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_byt
         dst_loc.write_table(path, table, compression="none", row_group_size=64)
         written.append({"path": dst_loc.uri_of(path), "rows": len(ids), "bytes": size})
         ids, blobs, size = [], [], 0
+        if progress is not None:
+            progress(sum(w["rows"] for w in written), len(files), len(written))
 
     for f in files:
         data = src_loc.read_bytes(f)

@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "demo run made (it holds .lens-demo-workdir and is emptied); anything else is refused")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (a free one if taken)")
     p.add_argument("--keep", action="store_true", help="leave the service up until Ctrl-C")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (on by default, on "
+                   "127.0.0.1; its URL is printed)")
     p.set_defaults(func=lambda a: __import__("lens.app.demo", fromlist=["main"]).main(a))
 
     from .drift_cli import add_parsers as add_drift_parsers, run as run_drift

@@ -71,7 +71,7 @@ def _wait(what: str, check, timeout_s: float, interval: float = 0.5):
 
 
 def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-demo", port: int = 8000,
-             keep: bool = False) -> dict:
+             keep: bool = False, dashboard: bool = True) -> dict:
     from lens.client import LensAPIError, LensClient
     from lens.samples import augmented_jpegs, sample_path
 
@@ -98,7 +98,12 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     # HAProxy's slow-client limits, with its stats/exporter ports wherever they are free on this host
     _, frontdoor = prepare_frontdoor(None)
     # log_to_driver=False: replica and worker logs stay in Ray's log files, the demo prints its own progress
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=frontdoor)
+    ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port_or_free(8265),
+                   logging_level="WARNING", log_to_driver=False, runtime_env=frontdoor)
+    if dashboard and getattr(ctx, "dashboard_url", None):
+        summary["ray_dashboard"] = f"http://{ctx.dashboard_url}"
+        print(f"    Ray dashboard: http://{ctx.dashboard_url} (jobs, actors, logs; --no-dashboard turns it off)",
+              file=sys.stderr)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=DATA_BUCKET)
     summary["steps_s"]["start"] = round(time.perf_counter() - t, 1)
@@ -278,6 +283,9 @@ def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
         p(f"  {k}: {v}")
     p(f"  timings (s)    {s['steps_s']}")
     p("\n  try it (while the service is up, e.g. with --keep):")
+    p(f"    {url}/docs   (the API, with Swagger's Try it out)   `serve status` (deployments and replicas)")
+    if s.get("ray_dashboard"):
+        p(f"    {s['ray_dashboard']}   (the Ray dashboard)")
     p(f"    curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' '{url}/v1/tag?top_k=5'")
     p(f"    curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' '{url}/v1/search?k=5'")
     p(f"    curl -s '{url}/v1/search/originals/coffee.png?k=5'")
@@ -292,7 +300,7 @@ def main(args) -> int:
     prepare_workdir(args.workdir)  # refuses a directory the demo does not own before anything starts
     try:
         summary = run_demo(images=args.images, new_images=args.new_images, workdir=args.workdir, port=args.port,
-                           keep=args.keep)
+                           keep=args.keep, dashboard=not args.no_dashboard)
     finally:
         print("shutting down ...", file=sys.stderr)
         try:
