@@ -246,7 +246,8 @@ def drift_md(d: dict) -> list[str]:
             f"* detector cost: {cost['test_ms']} ms per test, {cost['detector_cpu_s']} s CPU for {n(cost['images'])} "
             f"images and {cost['tests']} tests against {cost['decode_and_embed_cpu_s']} s CPU decoding and embedding "
             f"them: **{round(100 * cost['fraction_of_serving_cpu'], 2)} %** of the serving CPU.", "",
-            "| shift (severity 1, 2, 3) | detection rate (median KS distance, PSI) |", "|---|---|", *rows, ""] \
+            "Detection rate per shift and severity (median largest KS distance, median class PSI):", "",
+            "| shift | severity 1 | severity 2 | severity 3 |", "|---|---|---|---|", *rows, ""] \
         + targets_md(d)
 
 

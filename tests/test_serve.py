@@ -229,6 +229,32 @@ def test_every_error_has_the_lens_shape(main_app):
         assert body["status"] == status and body["error"] == code and phrase in body["message"], r.text
 
 
+def test_the_python_client_over_the_real_app(main_app, photos):
+    from lens.client import AsyncLensClient, LensAPIError, LensClient
+
+    lens = LensClient(main_app)
+    assert lens.health()["status"] == "ok" and lens.models()["pools"][0]["pool"] == "Tagger"
+    one = lens.tag(photos["coffee.png"], top_k=2, embedding=True)
+    assert len(one["tags"]) == 2 and len(one["embedding"]) == one["model_identity"]["embed_dim"]
+    assert "colours" in one["custom_tags"] and len(one["sha256"]) == 64
+    batch = lens.tag_batch([photos["coffee.png"], b"junk", photos["rocket.jpg"]], top_k=1)
+    assert [r.get("status") for r in batch["results"]] == [None, 415, None]
+    assert lens.embed(photos["rocket.jpg"])["dim"] == len(one["embedding"])
+    with pytest.raises(LensAPIError) as e:
+        lens.tag(b"junk")
+    assert e.value.http_status == 415 and e.value.code == "unsupported_media_type"
+    with pytest.raises(LensAPIError) as e:
+        lens.search(id="x")
+    assert e.value.http_status == 404 and e.value.code == "search_not_configured"
+
+    async def go():
+        async with AsyncLensClient(main_app) as alens:
+            return await asyncio.gather(*(alens.tag(photos[n], top_k=1) for n in sorted(photos)[:6]))
+
+    answers = asyncio.run(go())
+    assert len(answers) == 6 and all(a["tags"] for a in answers)
+
+
 def test_a_lone_request_never_waits_for_a_batch_to_fill(cluster):
     # batch_wait_timeout_s is 5 s (the most allowed): a lone image that waited for company would pass the
     # 4.5 s client timeout; one sent to the model at once answers in milliseconds
@@ -679,28 +705,3 @@ def test_feedback_needs_a_key_is_checked_and_stored_and_a_replica_detects_drift(
     t = read_feedback(str(tmp_path / "fb"))  # durable before the answer
     assert t.num_rows == 3 and t.column("sha256").to_pylist() == [a["sha256"] for a in answers[:3]]
 
-
-def test_the_python_client_over_the_real_app(main_app, photos):
-    from lens.client import AsyncLensClient, LensAPIError, LensClient
-
-    lens = LensClient(main_app)
-    assert lens.health()["status"] == "ok" and lens.models()["pools"][0]["pool"] == "Tagger"
-    one = lens.tag(photos["coffee.png"], top_k=2, embedding=True)
-    assert len(one["tags"]) == 2 and len(one["embedding"]) == one["model_identity"]["embed_dim"]
-    assert "colours" in one["custom_tags"] and len(one["sha256"]) == 64
-    batch = lens.tag_batch([photos["coffee.png"], b"junk", photos["rocket.jpg"]], top_k=1)
-    assert [r.get("status") for r in batch["results"]] == [None, 415, None]
-    assert lens.embed(photos["rocket.jpg"])["dim"] == len(one["embedding"])
-    with pytest.raises(LensAPIError) as e:
-        lens.tag(b"junk")
-    assert e.value.http_status == 415 and e.value.code == "unsupported_media_type"
-    with pytest.raises(LensAPIError) as e:
-        lens.search(id="x")
-    assert e.value.http_status == 404 and e.value.code == "search_not_configured"
-
-    async def go():
-        async with AsyncLensClient(main_app) as alens:
-            return await asyncio.gather(*(alens.tag(photos[n], top_k=1) for n in sorted(photos)[:6]))
-
-    answers = asyncio.run(go())
-    assert len(answers) == 6 and all(a["tags"] for a in answers)
