@@ -341,7 +341,8 @@ class TaggerCore:
             if embedding:
                 out["embedding"] = emb
                 out["model_identity"] = slot.identity.to_dict()
-            if mirror is not None:
+            # shadow work is shed first: a replica past half its queue bound answers, but mirrors nothing
+            if mirror is not None and self._in_flight < self.batching.max_pending // 2:
                 self._shadow(data, slot, mirror, out["tags"], emb, top_k)
             if self._drift_profile is not None and identity is None:  # search queries are not traffic
                 mon = self._monitor(slot)
