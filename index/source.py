@@ -28,6 +28,8 @@ from lens.storage import Location
 __all__ = ["EmbeddingSource", "Chunk", "open_sources", "as_id"]
 
 METADATA_COLUMNS = ("tags", "top1")  # kept (compactly) in the index's metadata sidecar when present
+#: The longest value of a carried column kept in the index metadata (a caption, a URL), in characters.
+MAX_CARRIED_CHARS = 1000
 
 
 @dataclass
@@ -50,8 +52,12 @@ class EmbeddingSource:
             self.kind = "lens-embed"
             self.files = [self.loc.path(f) for f in manifest["files"]]
             self.identity = ModelIdentity.from_dict(manifest)
+            # `lens embed --carry url,caption`: kept in the index metadata, so search results return them
+            self.carry = [c for c in manifest.get("carry_columns") or [] if c not in ("id", "embedding",
+                                                                                        *METADATA_COLUMNS)]
         else:
             self.kind = "parts"
+            self.carry = []
             self.files = self.loc.list_files(pattern=None)
             self.files = [f for f in self.files if f.endswith(".parquet")]
             self.identity = self._identity_from_parts() if self.files else None
@@ -86,12 +92,12 @@ class EmbeddingSource:
         for f in self.files:
             with self.loc.fs.open_input_file(f) as fh:
                 pf = self._parquet(f, fh)
-                cols = [c for c in ("id", "embedding", *METADATA_COLUMNS) if c in pf.schema_arrow.names]
+                cols = [c for c in ("id", "embedding", *METADATA_COLUMNS, *self.carry) if c in pf.schema_arrow.names]
                 for rb in pf.iter_batches(batch_size=rows, columns=cols):
-                    yield _chunk(rb, self.identity.embed_dim)
+                    yield _chunk(rb, self.identity.embed_dim, self.carry)
 
 
-def _chunk(rb: pa.RecordBatch, dim: int) -> Chunk:
+def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = ()) -> Chunk:
     emb = rb.column(rb.schema.get_field_index("embedding"))
     flat = emb.values if isinstance(emb, pa.FixedSizeListArray) else pa.concat_arrays([emb.flatten()])
     vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
@@ -99,12 +105,16 @@ def _chunk(rb: pa.RecordBatch, dim: int) -> Chunk:
     meta = []
     tags = rb.column(names.index("tags")).to_pylist() if "tags" in names else None
     top1 = rb.column(names.index("top1")).to_pylist() if "top1" in names else None
+    carried = {c: rb.column(names.index(c)).to_pylist() for c in carry if c in names}
     for i in range(rb.num_rows):
         m = {}
         if tags is not None and tags[i]:
             m["tags"] = [t["label"] for t in tags[i][:3]]
         elif top1 is not None and top1[i]:
             m["tags"] = [top1[i]]
+        for c, values in carried.items():
+            if values[i] is not None:
+                m[c] = str(values[i])[:MAX_CARRIED_CHARS]
         meta.append(json.dumps(m))
     ids = [as_id(x) for x in rb.column(names.index("id")).to_pylist()]
     return Chunk(ids, vectors, meta)

@@ -83,6 +83,14 @@ def test_job_embeddings_equal_online_and_account_for_every_row(local_ray, tmp_pa
     assert ident["embed_dim"] == 1280 and ident["model"] == "tf_efficientnet_lite0" and ident["num_classes"] == 1000
     assert ident["weights_sha256"] == lite0_onnx.model.weights.sha256 and len(ident["labels_sha256"]) == 64
     assert [sh["key"] for sh in manifest["shards"]] == ["a", "sub__b"]
+    # the carried column reaches the index metadata, so search results return it
+    from index.build import BuildConfig, build_index
+    from index.search import SearchService
+
+    build_index(BuildConfig(embeddings=[str(tmp_path / "out")], output=str(tmp_path / "idx"), queries=10),
+                log=lambda *a: None)
+    _, hits = SearchService(str(tmp_path / "idx")).search_id("coffee.png", 3)
+    assert all(h.metadata["src"] in ("x", "y") and h.metadata["tags"] for h in hits)
 
     # a second run has nothing to do; a run with another model into the same output is refused
     again = embed(tmp_path, tmp_path / "in", tmp_path / "out", carry_columns=("src",),
