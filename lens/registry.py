@@ -23,7 +23,7 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from .errors import LensError
@@ -52,6 +52,7 @@ class VersionRef:
     version: str
     uri: str
     sha256: str  # digest of the package manifest (which names every file's digest)
+    manifest: dict = field(default_factory=dict, compare=False, repr=False)  # as read when resolved (unverified)
 
     @property
     def label(self) -> str:
@@ -148,7 +149,7 @@ class Registry:
         version = ptr["version"] if ptr else ref
         m = self.manifest(name, version)
         digest = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
-        return VersionRef(name, version, self.loc.uri_of(self.loc.path(name, version)), digest)
+        return VersionRef(name, version, self.loc.uri_of(self.loc.path(name, version)), digest, m)
 
     def open(self, name: str, ref: str = STABLE, *, cache_dir=None) -> tuple[VersionRef, Package]:
         """Resolve and open a version, every checksum verified (:class:`PackageError` names a bad file)."""

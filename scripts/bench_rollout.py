@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_serve import closed_loop, jpeg_bodies  # noqa: E402
+from bench_serve import closed_loop, jpeg_bodies, start_serve  # noqa: E402
 
 
 def deploy(port: int, pool: dict) -> str:
@@ -104,19 +103,11 @@ def main() -> None:
     reg.set_alias("tagger", "stable", "v1")
     versions = {"registry": reg.root, "model": "tagger"}
 
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as `lens serve` runs it ...
     import ray
+    import requests
     from ray import serve
 
-    from serve.frontdoor import prepare
-
-    frontdoor, runtime_env = prepare(None)  # ... with its HAProxy front-door limits
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    import requests
+    port, _ = start_serve()
 
     conns = 32
     result: dict = {}

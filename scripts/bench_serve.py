@@ -137,6 +137,25 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float,
 
 
 # -- deployments -------------------------------------------------------------------------------
+def start_serve():
+    """Ray on every core and Serve as `lens serve` runs it (HAProxy mode, its front-door limits), on a free
+    loopback port; returns the port and the front door's config."""
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    import ray
+    from ray import serve
+
+    from serve.frontdoor import prepare
+
+    frontdoor, runtime_env = prepare(None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port, frontdoor
+
+
+
 def deploy_naive(port: int):
     """Floor: the same ONNX Runtime model, one image per call, no batching, Serve's defaults otherwise."""
     from fastapi import FastAPI, Request
@@ -219,19 +238,10 @@ def main() -> None:
     bodies = jpeg_bodies()
     ceiling = bench_ceiling(bodies, duration)
 
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as `lens serve` runs it ...
     import ray
     from ray import serve
 
-    from serve.frontdoor import prepare
-
-    frontdoor, runtime_env = prepare(None)  # ... with its HAProxy front-door limits
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port, frontdoor = start_serve()
     conns = (1, 8, 32, 64)
     try:
         url = deploy_naive(port)

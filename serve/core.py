@@ -26,7 +26,7 @@ from lens.drift import DriftMonitor, Profile
 from lens.errors import ConfigError, ModelError, OverloadedError, RequestFailed
 from lens.heads import Head, load_head
 from lens.identity import ModelIdentity
-from lens.package import PackageError, open_package
+from lens.package import PackageError
 from lens.predictor import ItemError, Predictor, top_k_tags
 from lens.registry import Registry, VersionRef, parse_model_ref
 
@@ -133,18 +133,19 @@ class TaggerCore:
         return predictor
 
     def _load_version(self, vref: VersionRef) -> Predictor:
-        """Open a registry version (every checksum verified), check that what loads is what its manifest says,
-        warm it up. Raises :class:`PackageError` naming the file or the field that does not match."""
+        """Load a registry version (the model and head loaders verify every checksum of its package), check that
+        what loads is what its manifest says, warm it up. Raises :class:`PackageError` naming the file or the field
+        that does not match."""
         t0 = time.perf_counter()
-        pkg = open_package(vref.uri, cache_dir=self._model_cfg.cache_dir)
-        predictor = self._new_predictor(config_for_version(self._model_cfg, vref, pkg.kind))
-        if pkg.kind != "head":  # a head's backbone is checked by the predictor (Head.check_backbone)
-            claimed = ModelIdentity.from_dict(pkg.manifest["identity"])
+        kind = vref.manifest["kind"]
+        predictor = self._new_predictor(config_for_version(self._model_cfg, vref, kind))
+        if kind != "head":  # a head's backbone is checked by the predictor (Head.check_backbone)
+            claimed = ModelIdentity.from_dict(vref.manifest["identity"])
             diff = claimed.mismatch(predictor.identity())
             if diff:
                 raise PackageError(f"{vref.label} ({vref.uri}): the loaded model differs from its manifest's identity "
                                    f"in {', '.join(diff)}; the package is inconsistent")
-        logger.info("loaded %s (%s package, sha256 %s...) in %.2fs", vref.label, pkg.kind, vref.sha256[:12],
+        logger.info("loaded %s (%s package, sha256 %s...) in %.2fs", vref.label, kind, vref.sha256[:12],
                     time.perf_counter() - t0)
         if self.version_metrics:
             self.version_metrics.loads.inc(tags={"version": vref.label, "outcome": "loaded"})
@@ -157,7 +158,7 @@ class TaggerCore:
 
     def _routing_changed(self, routing: Routing) -> None:
         if self.version_metrics:
-            self.version_metrics.set_routing(routing)
+            self.version_metrics.refresh(routing)
 
     # -- drift -------------------------------------------------------------------------------
     @staticmethod
@@ -203,8 +204,7 @@ class TaggerCore:
         self.metrics.int8_fallback.set(self._int8_fallback)
         self.metrics.in_flight.set(self._in_flight)
         if self.version_metrics is not None:
-            self.version_metrics.set_routing(self.routing)
-            self.version_metrics.refresh()
+            self.version_metrics.refresh(self.routing)
         if self.drift_metrics is not None:
             self.drift_metrics.refresh()
 

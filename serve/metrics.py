@@ -66,7 +66,6 @@ class VersionMetrics:
                                "candidate version with stable, by measure (top1, overlap, cosine), smoothed.",
                                tag_keys=("version", "measure"))
         self._ema: dict = {}
-        self._roles: set = set()
 
     def request(self, version: str, ms: float, failed: bool) -> None:
         self.latency.observe(ms, tags={"version": version})
@@ -79,18 +78,19 @@ class VersionMetrics:
             self._ema[key] = value if key not in self._ema else 0.95 * self._ema[key] + 0.05 * value
             self.agreement.set(self._ema[key], tags={"version": version, "measure": measure})
 
-    def refresh(self) -> None:
-        for (version, measure), value in list(self._ema.items()):
-            self.agreement.set(value, tags={"version": version, "measure": measure})
-
-    def set_routing(self, routing) -> None:
-        now = {(s.label, role) for role, s in (("stable", routing.stable), ("canary", routing.canary),
-                                               ("previous", routing.previous)) if s is not None and s.label}
-        for version, role in now:
-            self.role.set(1, tags={"version": version, "role": role})
-        self._roles = now
+    def refresh(self, routing) -> None:
+        """Set the gauges of the versions ``routing`` holds (Ray drops a gauge not set for ~20 s, so a version
+        no longer loaded leaves the dashboard by itself)."""
+        roles = (("stable", routing.stable), ("canary", routing.canary), ("previous", routing.previous))
+        loaded = {s.label for _, s in roles if s is not None and s.label}
+        for role, s in roles:
+            if s is not None and s.label:
+                self.role.set(1, tags={"version": s.label, "role": role})
         if routing.canary is not None and routing.canary.label:
             self.weight.set(routing.weight, tags={"version": routing.canary.label})
+        for (version, measure), value in list(self._ema.items()):
+            if version in loaded:
+                self.agreement.set(value, tags={"version": version, "measure": measure})
 
 
 class RolloutMetrics:

@@ -21,7 +21,6 @@ import hashlib
 import logging
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 

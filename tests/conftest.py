@@ -226,3 +226,16 @@ def tiny_head(tmp_path_factory, tiny):
     """A head on the tiny model: classes red and green always tagged (threshold 0), blue never (1.01)."""
     return write_head_package(tmp_path_factory.mktemp("heads") / "colours", tiny.identity(),
                               ["red", "green", "blue"], [0.0, 0.0, 1.01])
+
+
+def wait_for(cond, what: str, timeout_s: float = 60, poll_s: float = 0.05):
+    """Poll ``cond`` (a synchronisation point, not a timing claim) until true; fail naming ``what``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(poll_s)

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from conftest import free_port, scrape_metrics
+from conftest import wait_for as conftest_wait_for
 
 import ray
 import requests
@@ -93,14 +94,9 @@ def app_metrics_port() -> int:
     return _METRICS["port"]
 
 
-def wait_for(cond, what: str, timeout_s: float = 90):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
+def wait_for(cond, what: str):
+    """conftest's wait_for with this module's pace: version loads under load take tens of seconds."""
+    return conftest_wait_for(cond, what, timeout_s=90, poll_s=0.2)
 
 
 class Load:
@@ -244,8 +240,6 @@ def test_disagreeing_shadow_and_failing_canary_roll_back_automatically(app, regi
     wait_for(lambda: {b.get("version") for code, b in traffic(1.0)} == {"tagger@v1"}, "v1 only after the rollback")
     print(f"failing canary rolled back {rolled - t:.1f}s after start; {len(failures)} failed of {len(seen)}")
     # every per-version and rollout series is exported (the dashboard and alerts read them: test_infra)
-    from serve.metrics import RolloutMetrics, VersionMetrics  # noqa: F401 - the names below are theirs
-
     wanted = [f"ray_lens_{m}" for m in ("version_errors_total", "version_latency_ms_bucket",
                                         "version_loads_total", "version_serving", "version_canary_weight",
                                         "version_shadow_agreement", "rollout_canary_weight", "rollout_step",

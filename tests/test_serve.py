@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import encode, free_port
+from conftest import encode, free_port, wait_for
 
 import ray
 import requests
@@ -68,17 +68,6 @@ def expect(r, status: int, error: str, phrase: str = "") -> dict:
     assert r.status_code == status and set(body) == {"error", "message", "status"}, r.text
     assert body["status"] == status and body["error"] == error and phrase in body["message"], r.text
     return body
-
-
-def wait_for(cond, what: str, timeout_s: float = 60):
-    """Poll ``cond`` (a synchronisation point, not a timing claim) until true; fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 class Burst:
