@@ -659,7 +659,9 @@ def test_feedback_needs_a_key_is_checked_and_stored_and_a_replica_detects_drift(
 
     ref_images = images(200, seed=11)
     ref = tiny.predict(ref_images)
-    Profile.fit(np.stack([r.embedding for r in ref]), [r.tags[0].label for r in ref], components=8,
+    # embeddings only: the tiny random model's near-uniform top-1 flips with thread count and batch size, so its
+    # class mix is not a stable reference (the class test is covered on seeded data in test_drift.py)
+    Profile.fit(np.stack([r.embedding for r in ref]), None, components=8,
                 identity=tiny.identity()).save(str(tmp_path / "ref" / "drift-profile.npz"))
     keys = tmp_path / "keys.txt"
     keys.write_text("k-0123456789abcdef\n")
