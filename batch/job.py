@@ -24,7 +24,7 @@ from lens.identity import ModelIdentity
 
 from .config import EmbedConfig
 from .ledger import FORMAT, Ledger
-from .shards import InputShard, discover_shards, read_units
+from .shards import InputShard, discover_shards, output_carry, read_units
 from lens.storage import Location
 
 __all__ = ["EmbedSummary", "run_embed", "plan_workers"]
@@ -111,13 +111,13 @@ def _actor_model(cfg: EmbedConfig):
     return cfg.model.model_copy(update=update)
 
 
-def _identity(cfg: EmbedConfig, identity: ModelIdentity) -> dict:
+def _identity(cfg: EmbedConfig, identity: ModelIdentity, carry: tuple[str, ...]) -> dict:
     return {
         "format": FORMAT,
         "model_identity": identity.to_dict(),
         "top_k": cfg.top_k,
         "input": cfg.input,
-        "carry_columns": list(cfg.carry_columns),
+        "carry_columns": list(carry),
     }
 
 
@@ -132,7 +132,8 @@ def _init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
 
 
-def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[InputShard], model_info: dict):
+def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[InputShard], model_info: dict,
+                   carry: tuple[str, ...]):
     import ray.data
 
     from .stages import Embedder, decode_units, write_batch
@@ -151,7 +152,7 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
                         memory=DECODE_WORKER_BYTES + cfg.decode_batch_size * DECODE_BYTES_PER_IMAGE,
                         fn_kwargs={"input_uri": in_loc.uri, "preprocess": model_info["preprocess"],
                                    "decode": cfg.decode, "id_column": id_column, "image_column": cfg.image_column,
-                                   "carry_columns": tuple(cfg.carry_columns), "batch_size": cfg.decode_batch_size})
+                                   "carry_columns": carry, "batch_size": cfg.decode_batch_size})
     size, resources = plan_workers(cfg, ray.cluster_resources())
     pool = (ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, tuple)
             else ray.data.ActorPoolStrategy(size=size))
@@ -160,7 +161,7 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
                         **resources)
     return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=None, num_cpus=0,
                           fn_kwargs={"output": cfg.output, "id_column": id_column,
-                                     "carry_columns": tuple(cfg.carry_columns)})
+                                     "carry_columns": carry})
 
 
 def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
@@ -172,6 +173,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     in_loc, fmt, shards = discover_shards(
         cfg.input, cfg.input_format, id_column=cfg.id_column, image_column=cfg.image_column,
         carry_columns=cfg.carry_columns, extensions=cfg.image_extensions, files_per_shard=cfg.files_per_shard)
+    carry = output_carry(fmt, shards, cfg.id_column, cfg.image_column, tuple(cfg.carry_columns))
     ledger = Ledger(out)
     done = ledger.completed()
     pending = [s for s in shards if s.key not in done]
@@ -182,7 +184,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     model = load_model(cfg.model.model_copy(update={"device": "cpu"}) if cfg.uses_gpu else cfg.model)
     info, identity = model.info(), model.identity()
     del model
-    ledger.claim(_identity(cfg, identity))
+    ledger.claim(_identity(cfg, identity, carry))
     ledger.drop_manifest()  # present only when every shard is committed
     log(f"lens embed: {len(shards)} {fmt} shard(s), {sum(s.rows for s in shards)} rows; "
         f"{len(shards) - len(pending)} already done, {len(pending)} to run -> {out.uri}")
@@ -200,7 +202,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     first_out = last_out = None
     first_rows = 0
     if todo:
-        ds = _build_dataset(cfg, in_loc, fmt, todo, info)
+        ds = _build_dataset(cfg, in_loc, fmt, todo, info, carry)
         for rec in ds.iter_rows():
             now = time.perf_counter()
             if first_out is None:
@@ -236,7 +238,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
         "input": cfg.input,
         "input_format": fmt,
         "id_column": cfg.id_column if fmt == "parquet" else "relative file path",
-        "carry_columns": list(cfg.carry_columns),
+        "carry_columns": list(carry),
         "rows": embedded,
         "errors": errors,
         "input_rows": input_rows,

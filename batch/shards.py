@@ -19,7 +19,8 @@ from lens.errors import ConfigError
 from .config import IMAGE_EXTENSIONS
 from lens.storage import Location, split_glob
 
-__all__ = ["InputShard", "ReadUnit", "discover_shards", "make_shards", "read_units"]
+__all__ = ["InputShard", "ReadUnit", "LOCATION_COLUMN", "discover_shards", "make_shards", "output_carry",
+           "read_units"]
 
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
@@ -32,6 +33,7 @@ class InputShard:
     rows: int
     files: tuple[str, ...] = field(default=(), repr=False)  # image-folder input: the files in this group
     row_groups: tuple[int, ...] = field(default=(), repr=False)  # Parquet input: rows of each row group
+    columns: tuple[str, ...] = field(default=(), repr=False)  # Parquet input: the file's columns
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,18 @@ class ReadUnit:
     @classmethod
     def from_row(cls, row: dict) -> "ReadUnit":
         return cls(row["shard"], row["path"], tuple(row["row_groups"]), tuple(row["files"]), row["rows"])
+
+
+def output_carry(fmt: str, shards: list[InputShard], id_column: str, image_column: str,
+                 carry_columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The input columns an embedding job copies to its output: the asked-for ``carry_columns``, plus each image's
+    location (:data:`LOCATION_COLUMN`) when the input has one (every ``lens shards`` output; an image folder's
+    files), so an index built from the output can show every hit's image."""
+    if LOCATION_COLUMN in (id_column, image_column, *carry_columns):
+        return carry_columns
+    if fmt == "images" or (shards and all(LOCATION_COLUMN in s.columns for s in shards)):
+        return (*carry_columns, LOCATION_COLUMN)
+    return carry_columns
 
 
 def read_units(shards: list[InputShard], rows_per_unit: int) -> list[ReadUnit]:
@@ -143,48 +157,62 @@ def _parquet_shards(loc: Location, files: list[str], id_column: str, image_colum
             raise ConfigError(f"input files {keys[key]} and {path} map to the same shard key {key!r}")
         keys[key] = path
         shards.append(InputShard(key, path, md.num_rows,
-                                 row_groups=tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))))
+                                 row_groups=tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)),
+                                 columns=tuple(md.schema.to_arrow_schema().names)))
     return shards
 
 
+#: The column holding each image's location (``s3://bucket/key`` or an absolute path): ``lens shards`` writes it,
+#: ``lens embed`` carries it when its input has it, the index keeps it, and the search page's thumbnails read it.
+LOCATION_COLUMN = "uri"
+ID_SCHEMES = ("relative", "uri")
+
+
 def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_bytes: int = 256 << 20,
-                extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+                extensions: tuple[str, ...] = IMAGE_EXTENSIONS, ids: str = "relative",
                 prefix: str = "part", progress=None) -> list[dict]:
-    """Pack the image files under ``src`` into Parquet shards at ``dst`` (``id`` = path relative to ``src``,
-    ``image`` = the file's bytes). A shard closes at ``rows_per_shard`` rows or ``max_shard_bytes``.
+    """Pack the image files under ``src`` into Parquet shards at ``dst``: ``id`` (the path relative to ``src``, or
+    with ``ids="uri"`` the file's full URI, the id the event path gives an ``s3://`` object), ``image`` (the file's
+    bytes) and ``uri`` (where the file lives). A shard closes at ``rows_per_shard`` rows or ``max_shard_bytes``.
     Each shard is written atomically; returns one ``{"path", "rows", "bytes"}`` per shard. ``progress(done, total,
     shards)`` is called after each shard (files read so far, files in all, shards written)."""
     if rows_per_shard < 1 or max_shard_bytes < 1:
         raise ValueError("rows_per_shard and max_shard_bytes must be positive")
+    if ids not in ID_SCHEMES:
+        raise ValueError(f"ids must be one of {ID_SCHEMES}, got {ids!r}")
     src_loc, dst_loc = Location.parse(src), Location.parse(dst)
     exts = _suffixes(extensions)
     files = [f for f in src_loc.list_files() if f.lower().endswith(exts)]
     if not files:
         raise ConfigError(f"no image files ({', '.join(exts)}) under {src}")
-    schema = pa.schema([("id", pa.string()), ("image", pa.binary())])
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), (LOCATION_COLUMN, pa.string())])
     written: list[dict] = []
-    ids: list[str] = []
+    names: list[str] = []
     blobs: list[bytes] = []
+    uris: list[str] = []
     size = 0
 
     def flush() -> None:
-        nonlocal ids, blobs, size
-        if not ids:
+        nonlocal names, blobs, uris, size
+        if not names:
             return
         path = dst_loc.path(f"{prefix}-{len(written):05d}.parquet")
-        table = pa.table([pa.array(ids, pa.string()), pa.array(blobs, pa.binary())], schema=schema)
+        table = pa.table([pa.array(names, pa.string()), pa.array(blobs, pa.binary()), pa.array(uris, pa.string())],
+                         schema=schema)
         # images are already compressed: store them as they are, in row groups of ~64 rows for streaming reads
         dst_loc.write_table(path, table, compression="none", row_group_size=64)
-        written.append({"path": dst_loc.uri_of(path), "rows": len(ids), "bytes": size})
-        ids, blobs, size = [], [], 0
+        written.append({"path": dst_loc.uri_of(path), "rows": len(names), "bytes": size})
+        names, blobs, uris, size = [], [], [], 0
         if progress is not None:
             progress(sum(w["rows"] for w in written), len(files), len(written))
 
     for f in files:
         data = src_loc.read_bytes(f)
-        if ids and (len(ids) >= rows_per_shard or size + len(data) > max_shard_bytes):
+        if names and (len(names) >= rows_per_shard or size + len(data) > max_shard_bytes):
             flush()
-        ids.append(src_loc.relative(f))
+        uri = src_loc.uri_of(f)
+        names.append(uri if ids == "uri" else src_loc.relative(f))
+        uris.append(uri)
         blobs.append(data)
         size += len(data)
     flush()

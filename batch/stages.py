@@ -27,7 +27,7 @@ from lens.config import DecodeConfig, ModelConfig
 from lens.predictor import ItemError, Predictor
 from lens.preprocess import Preprocessor
 
-from .shards import ReadUnit
+from .shards import LOCATION_COLUMN, ReadUnit
 from lens.storage import Location
 
 __all__ = ["Decoder", "Embedder", "PartWriter", "decode_units", "write_batch", "PART_SCHEMA", "SHARD",
@@ -95,8 +95,10 @@ class Decoder:
                         blobs.append(None)
                         errors[j] = ItemError("unreadable", f"cannot read {self.loc.uri_of(f)}: {e}", 404)
                 ids = [self.loc.relative(f) for f in files]
-                yield pa.table({"id": pa.array(ids, pa.string()),
-                                self.image_column: pa.array(blobs, pa.binary())}), errors
+                cols = {"id": pa.array(ids, pa.string()), self.image_column: pa.array(blobs, pa.binary())}
+                if LOCATION_COLUMN in self.carry:
+                    cols[LOCATION_COLUMN] = pa.array([self.loc.uri_of(f) for f in files], pa.string())
+                yield pa.table(cols), errors
             return
         try:
             with self.loc.fs.open_input_file(unit.path) as f:

@@ -26,6 +26,9 @@ __all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService"]
 
 logger = logging.getLogger(__name__)
 
+#: the metadata key holding an item's image location (the ``uri`` column of ``lens shards``)
+LOCATION_KEY = "uri"
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -203,6 +206,31 @@ class SearchService:
         if row is None:
             raise NotFoundError(f"no id {id_!r} in index {v.name}")
         return _reconstruct(v, row)
+
+    def metadata_of(self, id_: str) -> dict:
+        """The stored metadata of ``id_`` (delta first: it is the fresher)."""
+        delta = self.delta.snapshot()
+        if id_ in delta.row_of:
+            return json.loads(delta.metadata[delta.row_of[id_]])
+        v = self.version
+        row = v.row_of.get(id_)
+        if row is None:
+            raise NotFoundError(f"no id {id_!r} in index {v.name}")
+        return json.loads(v.metadata[row])
+
+    def location_of(self, id_: str) -> str:
+        """Where ``id_``'s image lives: its ``uri`` metadata (``lens shards`` writes one per image, ``lens embed``
+        and ``lens index build`` keep it), else the id itself when it is a location (the event path's ids are
+        ``s3://bucket/key``; an id may be an absolute path). :class:`NotFoundError` for an unknown id or one
+        with no location."""
+        uri = self.metadata_of(id_).get(LOCATION_KEY)
+        if isinstance(uri, str) and uri:
+            return uri
+        if id_.startswith("s3://") or id_.startswith("/"):
+            return id_
+        raise NotFoundError(f"id {id_!r} has no image location in index {self.version.name}: pack images with "
+                            f"`lens shards` (it writes a {LOCATION_KEY} column) or carry a {LOCATION_KEY} column "
+                            f"through `lens embed --carry {LOCATION_KEY}`", code="no_location")
 
     def search_id(self, id_: str, k: int = 10, *, param: int | None = None) -> tuple[str, list[Hit]]:
         """Neighbours of a stored item, itself excluded."""

@@ -27,7 +27,9 @@ from lens.storage import Location
 
 __all__ = ["EmbeddingSource", "Chunk", "open_sources", "as_id"]
 
-METADATA_COLUMNS = ("tags", "top1")  # kept (compactly) in the index's metadata sidecar when present
+METADATA_COLUMNS = ("tags", "top1", "uri")  # kept (compactly) in the index's metadata sidecar when present
+#: The longest image location kept (``s3://`` + a 63-character bucket + a 1,024-byte key fits).
+MAX_LOCATION_CHARS = 1100
 #: The longest value of a carried column kept in the index metadata (a caption, a URL), in characters.
 MAX_CARRIED_CHARS = 1000
 
@@ -106,12 +108,15 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = ()) -> Chunk:
     tags = rb.column(names.index("tags")).to_pylist() if "tags" in names else None
     top1 = rb.column(names.index("top1")).to_pylist() if "top1" in names else None
     carried = {c: rb.column(names.index(c)).to_pylist() for c in carry if c in names}
+    uris = rb.column(names.index("uri")).to_pylist() if "uri" in names else None
     for i in range(rb.num_rows):
         m = {}
         if tags is not None and tags[i]:
             m["tags"] = [t["label"] for t in tags[i][:3]]
         elif top1 is not None and top1[i]:
             m["tags"] = [top1[i]]
+        if uris is not None and uris[i] and len(str(uris[i])) <= MAX_LOCATION_CHARS:  # where the image lives
+            m["uri"] = str(uris[i])
         for c, values in carried.items():
             if values[i] is not None:
                 m[c] = str(values[i])[:MAX_CARRIED_CHARS]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -10,7 +11,8 @@ from lens.config import DecodeConfig, ModelConfig, StrictModel
 
 from .versions import VersionsConfig
 
-__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs", "RolloutConfig", "DriftConfig", "FeedbackConfig"]
+__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs", "RolloutConfig", "DriftConfig", "FeedbackConfig",
+           "UiConfig"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -120,6 +122,24 @@ class FeedbackConfig(StrictModel):
     max_labels: PositiveInt = Field(20, le=1000, description="most true labels per item")
 
 
+class UiConfig(StrictModel):
+    """The search page (``/ui``) and the thumbnails it shows (``GET /v1/thumbnail/{id}``)."""
+
+    enabled: bool = Field(True, description="serve the search page at /ui (it calls the API with the user's key)")
+    thumbnails: Literal["proxy", "presign", "off"] = Field(
+        "proxy", description="how /v1/thumbnail answers for s3:// images: proxy = read, shrink and send a JPEG "
+        "(bounded); presign = redirect (307) to a presigned S3 URL of the original; off = 404. Local images are "
+        "always proxied, and only from local_roots")
+    local_roots: tuple[str, ...] = Field((), description="directories whose images /v1/thumbnail may read (a local "
+                                         "path outside them is refused with 403; none: no local images)")
+    thumbnail_px: int = Field(256, ge=32, le=1024, description="longest side of a proxied thumbnail")
+    max_image_bytes: PositiveInt = Field(20 * 1024 * 1024, description="largest source image a thumbnail is made "
+                                         "from (413 above)")
+    max_concurrent: PositiveInt = Field(4, le=64, description="thumbnails made at once per ingress replica (the rest "
+                                        "wait their turn)")
+    presign_expiry_s: int = Field(300, ge=10, le=7 * 24 * 3600, description="lifetime of a presigned URL")
+
+
 class ApiConfig(StrictModel):
     """HTTP behaviour of the ingress."""
 
@@ -136,6 +156,7 @@ class ApiConfig(StrictModel):
                               "/v1/models without a key (default: they need one too; /healthz never does)")
     health_timeout_s: PositiveFloat = Field(3.0, le=60, description="/healthz answers 503 when a deployment has "
                                             "not answered within this")
+    ui: UiConfig = Field(default_factory=UiConfig, description="the search page and its thumbnails")
 
 
 class SearchConfig(StrictModel):

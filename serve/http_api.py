@@ -1,7 +1,8 @@
 """The HTTP API, written once and mounted on either deployment that serves HTTP.
 
 Routes: ``POST /v1/tag``, ``POST /v1/embed``, ``POST /v1/tag:batch``, ``POST /v1/search`` (image),
-``GET /v1/search/{id}``, ``POST /v1/search:vector``, ``POST /v1/feedback``, ``GET /healthz``, ``GET /v1/models``.
+``GET /v1/search/{id}``, ``POST /v1/search:vector``, ``GET /v1/index``, ``GET /v1/thumbnail/{id}``,
+``POST /v1/feedback``, ``GET /healthz``, ``GET /v1/models``; the search page ``GET /ui``.
 Every error is JSON:
 ``{"error": code, "message": ..., "status": ...}``.
 
@@ -25,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lens.config import validate
@@ -38,6 +39,8 @@ from .config import ApiConfig, FeedbackConfig
 from .feedback import FeedbackSink, parse_feedback
 from .metrics import FeedbackMetrics, IngressMetrics
 from .schemas import BODY_MODELS, route_docs
+from .thumbnails import Thumbnails
+from .ui import ui_page
 
 __all__ = ["HttpApi", "new_fastapi"]
 
@@ -123,6 +126,7 @@ class HttpApi:
         self.feedback = None if feedback is None else FeedbackSink(
             validate(FeedbackConfig, feedback, where="feedback config"), FeedbackMetrics())
         self.search = search  # a handle to the IndexSearcher deployment, or None
+        self.thumbnails = Thumbnails(self.api_cfg.ui)
         self.keys = ApiKeys.load(self.api_cfg.api_keys_env, self.api_cfg.api_keys_file)
         self.http_metrics = IngressMetrics()
         self._model_names: dict = {}
@@ -180,7 +184,9 @@ class HttpApi:
                 return internal_error(route)  # no internals to the client; the reference is in the log
             headers = {"Retry-After": str(self.api_cfg.retry_after_s)} if e.http_status == 503 else None
             return error(e.http_status, e.code, e.message, headers=headers)
-        if route not in ("/v1/embed", "/v1/search:vector"):
+        if isinstance(body, Response):  # an image or a redirect (thumbnails)
+            return body
+        if route not in ("/v1/embed", "/v1/search:vector", "/v1/index"):
             body["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return JSONResponse(body)
 
@@ -293,6 +299,37 @@ class HttpApi:
                          "index_version": out["index_version"]}
 
         return await self._handle(request, "/v1/search:vector", work)
+
+    async def http_index(self, request: Request) -> JSONResponse:
+        async def work(pool):
+            self._search_args(None, None)
+            info = await self.search.info.remote()
+            return {k: info[k] for k in ("index_version", "type", "count", "dim", "delta", "model_identity")}
+
+        return await self._handle(request, "/v1/index", work)
+
+    async def http_thumbnail(self, request: Request, item_id: str, as_url: bool = Query(False)) -> Response:
+        """The image of an indexed id, shrunk (or a redirect to a presigned URL of the original; with
+        ``as_url=true``, that URL as ``{"url"}``, for a page that sets it as an image's source)."""
+        async def work(pool):
+            self._search_args(None, None)
+            if self.api_cfg.ui.thumbnails == "off":
+                raise HttpError("thumbnails are off on this service (api.ui.thumbnails)", status=404,
+                                code="thumbnails_off")
+            uri = await self.search.locate.remote(item_id)
+            if uri.startswith("s3://") and self.api_cfg.ui.thumbnails == "presign":
+                url = await asyncio.to_thread(self.thumbnails.presigned_url, uri)
+                return JSONResponse({"url": url}) if as_url else RedirectResponse(url, status_code=307)
+            jpeg = await self.thumbnails.thumbnail(uri)
+            return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+        return await self._handle(request, "/v1/thumbnail/{id}", work)
+
+    async def http_ui(self, request: Request) -> HTMLResponse:
+        """The search page: static, so it needs no key itself; its API calls send the key the user types."""
+        if not self.api_cfg.ui.enabled:
+            return error(404, "ui_off", "the search page is off on this service (api.ui.enabled)")
+        return HTMLResponse(ui_page(), headers={"Cache-Control": "no-cache"})
 
     async def http_feedback(self, request: Request) -> JSONResponse:
         """Labeled feedback: one item or ``{"items": [...]}``, each ``{"sha256"|"id", "labels", "predicted",
@@ -421,6 +458,10 @@ def new_fastapi() -> FastAPI:
     api.post("/v1/search:vector", **docs["/v1/search:vector"])(_own_copy(HttpApi.http_search_vector))
     api.post("/v1/feedback", **docs["/v1/feedback"])(_own_copy(HttpApi.http_feedback))
     api.get("/v1/search/{item_id:path}", **docs["/v1/search/{item_id:path}"])(_own_copy(HttpApi.http_search_id))
+    api.get("/v1/thumbnail/{item_id:path}", **docs["/v1/thumbnail/{item_id:path}"])(
+        _own_copy(HttpApi.http_thumbnail))
+    api.get("/v1/index", **docs["/v1/index"])(_own_copy(HttpApi.http_index))
+    api.get("/ui", include_in_schema=False)(_own_copy(HttpApi.http_ui))
     api.get("/healthz", **docs["/healthz"])(_own_copy(HttpApi.http_healthz))
     api.get("/v1/models", **docs["/v1/models"])(_own_copy(HttpApi.http_models))
     api.get("/openapi.json", include_in_schema=False)(_own_copy(HttpApi.http_openapi))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 __all__ = ["ErrorBody", "route_docs"]
@@ -93,6 +94,15 @@ class VectorSearchAnswer(BaseModel):
     index_version: str
 
 
+class IndexAnswer(BaseModel):
+    index_version: str = Field(..., description="the served version (CURRENT)")
+    type: str = Field(..., description="flat, hnsw, ivf or ivfpq")
+    count: int = Field(..., description="vectors in the version")
+    dim: int
+    delta: int = Field(..., description="fresh vectors from the event path, searchable before the next build")
+    model_identity: dict = Field(..., description="the model that embedded the index (queries must match it)")
+
+
 class VectorQuery(BaseModel):
     vector: Optional[list[float]] = Field(None, description="one query vector (the index's dimension)")
     vectors: Optional[list[list[float]]] = Field(None, description="several query vectors")
@@ -150,6 +160,7 @@ def _json_body(model: type[BaseModel], *alternatives: type[BaseModel]) -> dict:
 
 _ERRORS = {
     400: "a bad parameter or body (the message names it)", 401: "missing or wrong API key",
+    403: "a location the service may not read (api.ui.local_roots)",
     404: "not configured here (search, feedback) or unknown (id, head)", 409: "model mismatch (index, head)",
     413: "body, image or item count over its limit", 415: "not an accepted image type or format",
     500: "a server fault (the log has the details under the reference in the message)",
@@ -194,6 +205,15 @@ def route_docs() -> dict[str, dict]:
         "/v1/feedback": dict(summary="Labeled feedback (echo the /v1/tag answer with the true labels)",
                              responses={200: {"model": FeedbackAnswer}, **_errors(400, 401, 404, 413, 500, 503, 504)},
                              openapi_extra=_json_body(FeedbackRequest, FeedbackItem)),
+        "/v1/index": dict(summary="The served index: version, type, size, model",
+                          responses={200: {"model": IndexAnswer}, **_errors(401, 404, 500, 503, 504)}),
+        "/v1/thumbnail/{item_id:path}": dict(
+            summary="The image of an indexed id, as a JPEG thumbnail (or a redirect to a presigned S3 URL)",
+            response_class=Response,
+            responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "a JPEG at most api.ui.thumbnail_px on its longest side"},
+                       307: {"description": "api.ui.thumbnails: presign -- the original's presigned URL"},
+                       **_errors(401, 403, 404, 413, 415, 500, 503, 504)}),
         "/healthz": dict(summary="Ready when every pool is warm (never needs a key)",
                          responses={200: {"model": HealthAnswer}, **_errors(503)}),
         "/v1/models": dict(summary="What each pool serves", responses={200: {"model": ModelsAnswer}, **_errors(401)}),

@@ -125,6 +125,10 @@ class IndexSearcher:
         name, hits = await asyncio.to_thread(self.service.search, q, k, param=param)
         return {"index_version": name, "results": [[h.to_dict() for h in hs] for hs in hits]}
 
+    async def locate(self, item_id: str) -> str:
+        """Where ``item_id``'s image lives (``s3://...`` or a local path); :class:`NotFoundError` if unknown."""
+        return self.service.location_of(item_id)
+
     async def search_id(self, item_id: str, k: int, param: int | None = None) -> dict:
         name, hits = await asyncio.to_thread(self.service.search_id, item_id, k, param=param)
         return {"index_version": name, "results": [h.to_dict() for h in hits]}

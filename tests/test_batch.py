@@ -122,6 +122,22 @@ def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
     s2 = embed(tmp_path, tmp_path / "shards", tmp_path / "out2", model=TINY)
     assert (s2.embedded, s2.errors) == (7, 1)
     assert sorted(read_output(tmp_path / "out2").column("id").to_pylist()) == sorted(ids + [])
+    # every image keeps where it lives (lens shards' uri column; an image folder's files), so does the index
+    for out in ("out", "out2"):
+        t = read_output(tmp_path / out)
+        assert [u for u in t.column("uri").to_pylist()] == [str(folder / i) for i in t.column("id").to_pylist()]
+        assert json.loads((tmp_path / out / "manifest.json").read_text())["carry_columns"] == ["uri"]
+    from index.build import BuildConfig, build_index
+    from index.search import SearchService
+
+    build_index(BuildConfig(embeddings=[str(tmp_path / "out2")], output=str(tmp_path / "idx"), queries=10),
+                log=lambda *a: None)
+    assert SearchService(str(tmp_path / "idx")).location_of("d/3.jpg") == str(folder / "d" / "3.jpg")
+    # ids="uri": the id is the file's location, the scheme of the event path's s3:// ids
+    written = make_shards(str(folder), str(tmp_path / "shards-uri"), ids="uri")
+    t = pq.read_table(written[0]["path"])
+    assert t.column("id").to_pylist() == t.column("uri").to_pylist() and str(folder / "d" / "0.jpg") in \
+        t.column("id").to_pylist()
 
 
 def test_the_job_writes_a_drift_reference_profile_of_its_output(local_ray, tmp_path, rng):

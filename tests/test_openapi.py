@@ -22,10 +22,15 @@ def test_every_post_has_a_body_every_route_its_errors_and_every_ref_resolves():
     assert set(comps["ErrorBody"]["required"]) == {"error", "message", "status"}
     ops = [(m, path, op) for path, methods in schema["paths"].items() for m, op in methods.items()]
     assert {p for _, p, _ in ops} >= {"/v1/tag", "/v1/embed", "/v1/tag:batch", "/v1/search", "/v1/search:vector",
-                                      "/v1/feedback", "/v1/search/{item_id}", "/healthz", "/v1/models"}
+                                      "/v1/feedback", "/v1/search/{item_id}", "/healthz", "/v1/models",
+                                      "/v1/index", "/v1/thumbnail/{item_id}"}
     for method, path, op in ops:
         responses = op["responses"]
-        assert "200" in responses and responses["200"]["content"]["application/json"]["schema"].get("$ref"), path
+        if path == "/v1/thumbnail/{item_id}":  # an image, not JSON
+            assert responses["200"]["content"]["image/jpeg"]["schema"]["format"] == "binary"
+            assert "307" in responses and "403" in responses
+        else:
+            assert "200" in responses and responses["200"]["content"]["application/json"]["schema"].get("$ref"), path
         errors = {c for c in responses if c.startswith(("4", "5"))}
         assert errors and "422" not in responses, (path, sorted(responses))  # 400, never FastAPI's 422
         for code in errors:
