@@ -1,7 +1,8 @@
 # Lens: one command to set up and run the main job, one to set up and run the tests.
 #   make demo    create .venv, install Lens with the demo extra (local S3/SQS, sample photos), run the main job
 #                end to end on embedded defaults (lens demo)
-#   make test    create .venv, install Lens with every extra and the test tools, run the test suite
+#   make test    create .venv, install Lens with every extra and the test tools (and Debian's chromium for the
+#                search page's browser test, with apt-get, as root or through sudo), run the test suite
 #   make bench   run the benchmarks under scripts/ (JSON summaries on stdout, files in benchmarks/)
 #   make image   build the CPU and GPU container images (REGISTRY=ghcr.io/your-org; see Dockerfile)
 
@@ -26,13 +27,22 @@ $(DEMO_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[demo]'
 	touch $(DEMO_STAMP)
 
+# the search page's test drives a real headless Chromium: Debian's package (browser downloads fail offline)
+CHROMIUM ?= /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install Chromium at $(CHROMIUM) (or set CHROMIUM=path)"; exit 1; }
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+
 setup: $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/lens demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) $(CHROMIUM)
+	LENS_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_all.py

@@ -67,7 +67,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
         print(f"lens shards: {done:,}/{total:,} files ({100 * done / total:.0f} %), {shards} shard(s), "
               f"{rate:,.0f} files/s", file=sys.stderr, flush=True)
 
-    written = make_shards(args.input, args.output, rows_per_shard=args.rows_per_shard,
+    written = make_shards(args.input, args.output, rows_per_shard=args.rows_per_shard, ids=args.ids,
                           max_shard_bytes=int(args.max_shard_mb * 2**20), progress=progress)
     for w in written:
         print(json.dumps(w))
@@ -83,7 +83,8 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--input", default=None, help="Parquet shards: DIR, FILE, GLOB or s3://bucket/prefix; or a "
                    "folder of image files")
     p.add_argument("--output", default=None, help="output DIR or s3://bucket/prefix")
-    p.add_argument("--input-format", choices=["auto", "parquet", "images"], default=None)
+    p.add_argument("--input-format", choices=["auto", "parquet", "images"], default=None,
+                   help="default auto: Parquet if the input holds .parquet files, else image files")
     p.add_argument("--id-column", default=None, help="id column of the input shards (default id)")
     p.add_argument("--image-column", default=None, help="image bytes column (default image)")
     p.add_argument("--carry", default=None, metavar="COL,COL", help="input columns to copy to the output")
@@ -101,6 +102,9 @@ def add_parsers(sub, add_model_args) -> None:
     p = sub.add_parser("shards", help="pack a folder of images into Parquet shards (id, image) for lens embed")
     p.add_argument("--input", required=True, help="folder (or s3:// prefix) of image files")
     p.add_argument("--output", required=True, help="folder (or s3:// prefix) for the shards")
-    p.add_argument("--rows-per-shard", type=int, default=1000)
-    p.add_argument("--max-shard-mb", type=float, default=256.0)
+    p.add_argument("--rows-per-shard", type=int, default=1000, help="images per shard at most (default 1000)")
+    p.add_argument("--max-shard-mb", type=float, default=256.0, help="a shard closes at this size (default 256 MiB)")
+    p.add_argument("--ids", choices=["relative", "uri"], default="relative",
+                   help="each image's id: its path relative to --input (default), or its full URI (s3://bucket/key, "
+                   "the id the event path gives an uploaded object); every shard also keeps the URI in a uri column")
     p.set_defaults(func=cmd_shards)

@@ -116,6 +116,13 @@ class _Base:
             return "POST", "/v1/feedback", {"json": {"items": list(items)}}
         if op == "models":
             return "GET", "/v1/models", {}
+        if op == "index":
+            return "GET", "/v1/index", {}
+        if op == "thumbnail":
+            from urllib.parse import quote
+
+            (item_id,) = args
+            return "GET", f"/v1/thumbnail/{quote(str(item_id), safe='/:@')}", {}
         if op == "health":
             return "GET", "/healthz", {}
         raise ValueError(op)
@@ -143,10 +150,13 @@ class LensClient(_Base):
                     raise LensAPIError(f"cannot reach {self.url}: {e}", code="unreachable", status=503) from e
                 time.sleep(self._wait(attempt, None))
                 continue
-            try:
-                body = r.json()
-            except ValueError:
-                body = r.text
+            if r.headers.get("Content-Type", "").startswith("image/"):
+                body = r.content
+            else:
+                try:
+                    body = r.json()
+                except ValueError:
+                    body = r.text
             if r.status_code == 200:
                 return body
             if r.status_code in _RETRY and attempt < self.retries:
@@ -173,6 +183,14 @@ class LensClient(_Base):
 
     def models(self) -> dict:
         return self._call("models")
+
+    def index(self) -> dict:
+        """The served index: version, type, count, dim, delta, model identity."""
+        return self._call("index")
+
+    def thumbnail(self, id: str) -> bytes:
+        """JPEG bytes of an indexed item's image (the service follows the index's location for it)."""
+        return self._call("thumbnail", id)
 
     def health(self) -> dict:
         return self._call("health")
@@ -211,10 +229,13 @@ class AsyncLensClient(_Base):
         for attempt in range(self.retries + 1):
             try:
                 async with self._session.request(method, self.url + path, **req) as r:
-                    try:
-                        body = await r.json(content_type=None)
-                    except ValueError:
-                        body = await r.text()
+                    if r.headers.get("Content-Type", "").startswith("image/"):
+                        body = await r.read()
+                    else:
+                        try:
+                            body = await r.json(content_type=None)
+                        except ValueError:
+                            body = await r.text()
                     status, retry_after = r.status, r.headers.get("Retry-After")
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 if attempt == self.retries:
@@ -248,6 +269,12 @@ class AsyncLensClient(_Base):
 
     async def models(self) -> dict:
         return await self._call("models")
+
+    async def index(self) -> dict:
+        return await self._call("index")
+
+    async def thumbnail(self, id: str) -> bytes:
+        return await self._call("thumbnail", id)
 
     async def health(self) -> dict:
         return await self._call("health")

@@ -155,3 +155,35 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("lens models: internal error: RuntimeError: something Lens did not expect "
                    "(run with -v for the traceback)")
+
+
+def test_every_command_shows_examples_that_parse_and_every_flag_says_its_value():
+    import argparse
+    import contextlib
+    import io
+    import shlex
+
+    from lens.app.cli import build_parser
+    from lens.app.examples import COMMAND_EXAMPLES, leaf_parsers
+
+    parser = build_parser()
+    commands = dict(leaf_parsers(parser))
+    assert set(commands) == set(COMMAND_EXAMPLES), set(commands) ^ set(COMMAND_EXAMPLES)
+    for path, sub in commands.items():
+        assert sub.format_help().split("examples:\n", 1)[1].splitlines()[0].startswith(f"  lens {path.split()[0]}")
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            help_ = action.help or ""
+            assert help_, f"lens {path} {action.option_strings[0]} has no help"
+            if action.nargs != 0 and not action.choices:  # a value: an example or the default is shown
+                assert "e.g." in help_ or "default" in help_, f"lens {path} {action.option_strings[0]}: {help_}"
+    for path, lines in COMMAND_EXAMPLES.items():
+        for line in lines:
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    args = parser.parse_args(shlex.split(line)[1:])
+            except SystemExit:
+                pytest.fail(f"the example {line!r} of lens {path} does not parse: {err.getvalue()}")
+            assert callable(getattr(args, "func", None)), line

@@ -88,6 +88,23 @@ def test_thumbnails_come_from_where_the_index_says_and_only_from_allowed_roots(u
     info = requests.get(f"{url}/v1/index", timeout=30).json()
     assert info["count"] == len(paths) + 1 and info["index_version"].startswith("v-")
     assert info["model_identity"]["model"] == "test_efficientnet"
+
+    # the Python clients: the same routes
+    import asyncio
+
+    from lens.client import AsyncLensClient, LensAPIError, LensClient
+
+    lens = LensClient(url)
+    assert lens.index() == info and lens.thumbnail(f"photos/{name}") == r.content
+    with pytest.raises(LensAPIError) as e:
+        lens.thumbnail("private/secret.png")
+    assert e.value.status == 403
+
+    async def both():
+        async with AsyncLensClient(url) as alens:
+            return await alens.index(), await alens.thumbnail(f"photos/{name}")
+
+    assert asyncio.run(both()) == (info, r.content)
     page = requests.get(f"{url}/ui", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "Lens search" in page.text and "http://" not in page.text.split("<script>")[0]  # no external resources

@@ -11,6 +11,8 @@ from pathlib import Path
 from lens import __version__
 from lens.cliargs import add_model_args as _add_model_args
 from lens.cliargs import configs_from_args
+
+from .examples import add_examples
 from lens.errors import LensError
 
 __all__ = ["main", "build_parser"]
@@ -170,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="events_command", metavar="SUBCOMMAND")
     r = esub.add_parser("run", help="(default) deploy the consumer; on moto at 127.0.0.1 unless --aws")
     r.add_argument("--aws", action="store_true", help="use real AWS (or AWS_ENDPOINT_URL), do not start moto")
-    r.add_argument("--moto-port", type=int, default=4566)
+    r.add_argument("--moto-port", type=int, default=4566, help="port of the local moto S3/SQS (default 4566)")
     r.add_argument("--port", type=int, default=None, help="HTTP port of the tagging API")
     r.add_argument("--address", default=None, help="existing Ray cluster")
-    r.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy")
+    r.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
+                   help="Ray Serve's HAProxy mode (default) or its Python proxy")
     _add_serving_args(r)
     esub.add_parser("status", help="queue depth, in flight, DLQ depth, consumer counters")
     d = esub.add_parser("dlq", help="inspect or redrive the dead-letter queue")
@@ -213,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_registry_parsers(p)
     p.set_defaults(func=lambda a: run_registry(a) if a.models_command else cmd_models(a))
+    add_examples(parser)
     return parser
 
 

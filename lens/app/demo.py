@@ -242,11 +242,14 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     crop.save(buf, format="JPEG", quality=85)
     search = lens.search(buf.getvalue(), k=3)
     by_id = lens.search(id="originals/coffee.png", k=3)
+    thumb = lens.thumbnail(by_id["results"][0]["id"])  # what the search page shows, read from the bucket
+    summary["ui"] = f"{url}/ui"
     summary["examples"] = {
         "tag coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["tags"]],
         "custom tags of coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["custom_tags"]["scenes"]],
         "search with a cropped, mirrored cat": [(h["id"], round(h["score"], 3)) for h in search["results"]],
         "neighbours of originals/coffee.png": [(h["id"], round(h["score"], 3)) for h in by_id["results"]],
+        "thumbnail of the first neighbour": f"{len(thumb):,} bytes of JPEG, read from S3 by the service",
     }
     summary["steps_s"]["examples"] = round(time.perf_counter() - t, 1)
     summary["total_s"] = round(time.perf_counter() - t_all, 1)
@@ -283,6 +286,7 @@ def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
         p(f"  {k}: {v}")
     p(f"  timings (s)    {s['steps_s']}")
     p("\n  try it (while the service is up, e.g. with --keep):")
+    p(f"    {url}/ui     (the search page: drop an image, click a hit to search from it)")
     p(f"    {url}/docs   (the API, with Swagger's Try it out)   `serve status` (deployments and replicas)")
     if s.get("ray_dashboard"):
         p(f"    {s['ray_dashboard']}   (the Ray dashboard)")

@@ -25,18 +25,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", required=True, help=f"profile file to write (or a directory: {PROFILE_FILE} in it)")
     p.add_argument("--components", type=int, default=32, help="PCA dimensions (32)")
     p.add_argument("--max-reference", type=int, default=5000, help="reference rows kept (5000, seeded sample)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference sample (default 0)")
     p = dsub.add_parser("report", help="test current embeddings against a reference (profile or embeddings)")
     p.add_argument("--reference", required=True, help="a drift profile, or embeddings to profile")
     p.add_argument("--current", required=True, help="embeddings to test")
     p.add_argument("--window", type=int, default=1000, help="current rows tested (a seeded sample; 500-1,000 "
                    "keeps the test about shifts that matter)")
-    p.add_argument("--alpha", type=float, default=0.01)
-    p.add_argument("--min-ks", type=float, default=0.1)
-    p.add_argument("--min-psi", type=float, default=0.1)
+    p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    p.add_argument("--min-ks", type=float, default=0.1, help="effect-size floor: largest KS distance (default 0.1)")
+    p.add_argument("--min-psi", type=float, default=0.1, help="effect-size floor: PSI of the top-1 classes (default 0.1)")
     p.add_argument("--plot", default=None, help="PNG: the two samples on the first PCA components, and the "
                    "per-component KS distances")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults()
 
 

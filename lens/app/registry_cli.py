@@ -99,7 +99,7 @@ def add_parsers(models: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("history", parents=[common], help="every registry change of a model, oldest first")
     p.add_argument("name")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help="most recent entries shown (default 50)")
 
 
 def run(args) -> int:
