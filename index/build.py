@@ -242,7 +242,10 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
             if b > a:
                 dst[a:b] = chunk.vectors[sel[a:b] - rank0]
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    log(f"lens index: pass 2/3 read {train_n:,} training and {q_n:,} held-out query vectors in "
+        f"{time.perf_counter() - t0:.1f} s")
     if needs_training:
+        log(f"lens index: training {plan.factory} on {train_n:,} vectors ...")
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.niter = cfg.kmeans_iterations
         if plan.type == "ivf-pq":
@@ -260,7 +263,12 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     kq = k + 1 if n > 1 else 1  # the queries are stored rows: their own row is dropped from truth and answers
     best_s = np.full((q_n, kq), -np.inf, np.float32)
     best_i = np.full((q_n, kq), -1, np.int64)
+    said = time.perf_counter()
     for rank0, chunk in _kept_chunks(sources, keep, cfg.chunk_rows):
+        if time.perf_counter() - said > 10:  # progress every ~10 s on big builds
+            said = time.perf_counter()
+            log(f"lens index: pass 3/3 added {rank0:,}/{n:,} vectors ({100 * rank0 / n:.0f} %), "
+                f"{rank0 / max(said - t0, 1e-9):,.0f}/s")
         index.add(chunk.vectors)
         ids_out += chunk.ids
         meta_out += chunk.metadata
