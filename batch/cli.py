@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from lens.errors import LensError
 
@@ -58,21 +57,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
+    from .pack import _timed_progress
     from .shards import make_shards
 
-    t0 = time.perf_counter()
-
-    def progress(done: int, total: int, shards: int) -> None:
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        print(f"lens shards: {done:,}/{total:,} files ({100 * done / total:.0f} %), {shards} shard(s), "
-              f"{rate:,.0f} files/s", file=sys.stderr, flush=True)
-
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     written = make_shards(args.input, args.output, rows_per_shard=args.rows_per_shard, ids=args.ids,
-                          max_shard_bytes=int(args.max_shard_mb * 2**20), progress=progress)
+                          max_shard_bytes=int(args.max_shard_mb * 2**20), progress=_timed_progress(log),
+                          address=args.address)
     for w in written:
         print(json.dumps(w))
-    print(f"lens shards: {sum(w['rows'] for w in written)} images in {len(written)} shard(s) at {args.output}",
-          file=sys.stderr)
+    skipped = sum(w["skipped"] for w in written)
+    log(f"lens shards: {sum(w['rows'] for w in written)} images in {len(written)} shard(s) at {args.output}"
+        + (f" ({skipped} already written by an earlier run)" if skipped else ""))
     return 0
 
 
@@ -99,7 +95,9 @@ def add_parsers(sub, add_model_args) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("shards", help="pack a folder of images into Parquet shards (id, image) for lens embed")
+    p = sub.add_parser("shards", help="pack a folder of images into Parquet shards (id, image, uri) for lens embed",
+                       description="A Ray job: shards are written in parallel tasks (bounded in flight), atomically; "
+                       "re-running with the same --output skips the shards already written.")
     p.add_argument("--input", required=True, help="folder (or s3:// prefix) of image files")
     p.add_argument("--output", required=True, help="folder (or s3:// prefix) for the shards")
     p.add_argument("--rows-per-shard", type=int, default=1000, help="images per shard at most (default 1000)")

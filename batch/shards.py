@@ -11,12 +11,12 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lens.errors import ConfigError
 
 from .config import IMAGE_EXTENSIONS
+from .pack import LOCATION_COLUMN, image_suffixes
 from lens.storage import Location, split_glob
 
 __all__ = ["InputShard", "ReadUnit", "LOCATION_COLUMN", "discover_shards", "make_shards", "output_carry",
@@ -93,11 +93,6 @@ def read_units(shards: list[InputShard], rows_per_unit: int) -> list[ReadUnit]:
     return units
 
 
-def _suffixes(extensions: tuple[str, ...]) -> tuple[str, ...]:
-    """``("jpg", ".PNG")`` -> ``(".jpg", ".png")``, for matching lower-cased file names."""
-    return tuple("." + e.lower().lstrip(".") for e in extensions)
-
-
 def shard_key(rel_path: str) -> str:
     stem = rel_path[: -len(".parquet")] if rel_path.endswith(".parquet") else rel_path
     return _KEY_CHARS.sub("_", stem.replace("/", "__")).strip("_") or "shard"
@@ -122,7 +117,7 @@ def discover_shards(input_uri: str, input_format: str, *, id_column: str, image_
         return loc, fmt, _parquet_shards(loc, parquet, id_column, image_column, carry_columns)
     if carry_columns:
         raise ConfigError(f"carry columns {list(carry_columns)} need Parquet input; {input_uri} holds image files")
-    exts = _suffixes(extensions)
+    exts = image_suffixes(extensions)
     images = [f for f in files if f.lower().endswith(exts)]
     if not images:
         raise ConfigError(f"no image files ({', '.join(exts)}) at {input_uri}")
@@ -162,58 +157,12 @@ def _parquet_shards(loc: Location, files: list[str], id_column: str, image_colum
     return shards
 
 
-#: The column holding each image's location (``s3://bucket/key`` or an absolute path): ``lens shards`` writes it,
-#: ``lens embed`` carries it when its input has it, the index keeps it, and the search page's thumbnails read it.
-LOCATION_COLUMN = "uri"
-ID_SCHEMES = ("relative", "uri")
-
-
 def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_bytes: int = 256 << 20,
                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS, ids: str = "relative",
-                prefix: str = "part", progress=None) -> list[dict]:
-    """Pack the image files under ``src`` into Parquet shards at ``dst``: ``id`` (the path relative to ``src``, or
-    with ``ids="uri"`` the file's full URI, the id the event path gives an ``s3://`` object), ``image`` (the file's
-    bytes) and ``uri`` (where the file lives). A shard closes at ``rows_per_shard`` rows or ``max_shard_bytes``.
-    Each shard is written atomically; returns one ``{"path", "rows", "bytes"}`` per shard. ``progress(done, total,
-    shards)`` is called after each shard (files read so far, files in all, shards written)."""
-    if rows_per_shard < 1 or max_shard_bytes < 1:
-        raise ValueError("rows_per_shard and max_shard_bytes must be positive")
-    if ids not in ID_SCHEMES:
-        raise ValueError(f"ids must be one of {ID_SCHEMES}, got {ids!r}")
-    src_loc, dst_loc = Location.parse(src), Location.parse(dst)
-    exts = _suffixes(extensions)
-    files = [f for f in src_loc.list_files() if f.lower().endswith(exts)]
-    if not files:
-        raise ConfigError(f"no image files ({', '.join(exts)}) under {src}")
-    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), (LOCATION_COLUMN, pa.string())])
-    written: list[dict] = []
-    names: list[str] = []
-    blobs: list[bytes] = []
-    uris: list[str] = []
-    size = 0
+                prefix: str = "part", progress=None, address: str | None = None) -> list[dict]:
+    """``lens shards``: pack the image files under ``src`` into Parquet shards at ``dst`` (``id``, ``image``,
+    ``uri``), as a resumable Ray job: see :func:`batch.pack.pack_images`."""
+    from .pack import pack_images
 
-    def flush() -> None:
-        nonlocal names, blobs, uris, size
-        if not names:
-            return
-        path = dst_loc.path(f"{prefix}-{len(written):05d}.parquet")
-        table = pa.table([pa.array(names, pa.string()), pa.array(blobs, pa.binary()), pa.array(uris, pa.string())],
-                         schema=schema)
-        # images are already compressed: store them as they are, in row groups of ~64 rows for streaming reads
-        dst_loc.write_table(path, table, compression="none", row_group_size=64)
-        written.append({"path": dst_loc.uri_of(path), "rows": len(names), "bytes": size})
-        names, blobs, uris, size = [], [], [], 0
-        if progress is not None:
-            progress(sum(w["rows"] for w in written), len(files), len(written))
-
-    for f in files:
-        data = src_loc.read_bytes(f)
-        if names and (len(names) >= rows_per_shard or size + len(data) > max_shard_bytes):
-            flush()
-        uri = src_loc.uri_of(f)
-        names.append(uri if ids == "uri" else src_loc.relative(f))
-        uris.append(uri)
-        blobs.append(data)
-        size += len(data)
-    flush()
-    return written
+    return pack_images(src, dst, rows_per_shard=rows_per_shard, max_shard_bytes=max_shard_bytes,
+                       extensions=extensions, ids=ids, prefix=prefix, progress=progress, address=address)

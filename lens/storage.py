@@ -122,10 +122,14 @@ class Location:
     def list_files(self, path: str | None = None, pattern: str | None = None) -> list[str]:
         """Files under ``path`` (recursively), sorted; ``pattern`` is a glob matched against the whole path.
         Hidden and underscore-prefixed names (``_SUCCESS``, ``.tmp``) are skipped, as Spark and Arrow do."""
+        return [p for p, _ in self.list_file_sizes(path, pattern)]
+
+    def list_file_sizes(self, path: str | None = None, pattern: str | None = None) -> list[tuple[str, int]]:
+        """(file, size in bytes) for :meth:`list_files`' files, from the same one listing."""
         base = path or self.root
         info = self.fs.get_file_info(base)
         if info.type == _pafs().FileType.File:
-            return [base]
+            return [(base, info.size)]
         if info.type == _pafs().FileType.NotFound:
             return []
         out = []
@@ -137,7 +141,7 @@ class Location:
                 continue
             if pattern and not fnmatch.fnmatchcase(fi.path, pattern):
                 continue
-            out.append(fi.path)
+            out.append((fi.path, fi.size))
         return sorted(out)
 
     def delete_dir(self, path: str) -> None:
@@ -167,7 +171,6 @@ class Location:
     # -- atomic writing ------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write ``data`` so that readers see the old file, no file, or the whole new file."""
-        parent = path.rsplit("/", 1)[0]
         if self.is_s3:
             with self.fs.open_output_stream(path) as f:  # one PUT: atomic on S3
                 f.write(data)

@@ -125,8 +125,16 @@ def events_md(e: dict) -> list[str]:
            f"bucket as fast as possible; S3/SQS: {e['s3_sqs']}.", "",
            f"* {e['results']} results ({e['tagged']} tagged); sidecar PUTs counted through bucket versioning: "
            f"{e.get('sidecar_writes', '–')}; embedding rows written: {e.get('embedding_rows_written', '–')}.",
-           f"* **{e['events_per_s']} events/s** end to end against {e['online_rps_32_connections']} images/s online "
-           f"in the same run: **{e['ratios']['events_vs_online']}×**.",
+           f"* the consumer's own CPU: **{e['consumer_cpu_ms_per_event']} ms per event** "
+           f"({e['consumer_cpu_ms_per_event_less_idle']} ms less its idle polling, {e['consumer_idle_cpu_per_s']} "
+           "CPU-s/s); the model runs in the pool's replicas and S3/SQS in moto's server, neither counted."
+           if "consumer_cpu_ms_per_event" in e else "* consumer CPU per event: not measured in this run.",
+           f"* S3/SQS requests per image: **{e['aws_calls_per_image_total']}** "
+           f"({', '.join(f'{k} {v}' for k, v in e['aws_calls_per_image'].items())}); idle: "
+           f"{', '.join(f'{k} {v}/s' for k, v in e['aws_calls_idle_per_s'].items()) or 'none'}."
+           if "aws_calls_per_image" in e else "* S3/SQS requests per image: not counted in this run.",
+           f"* {e['events_per_s']} events/s end to end against {e['online_rps_32_connections']} images/s online "
+           f"in the same run ({e['ratios']['events_vs_online']}×; informational: moto's server shares the cores).",
            f"* put → result p50 {n(e['put_to_result_ms']['p50'])} ms, p95 {n(e['put_to_result_ms']['p95'])} ms "
            "(the whole burst queues)."]
     return out + targets_md(e)

@@ -140,6 +140,43 @@ def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
         t.column("id").to_pylist()
 
 
+def test_lens_shards_is_a_resumable_ray_job_with_bounded_shards(local_ray, tmp_path, rng):
+    from batch.pack import plan_shards
+    from batch.shards import make_shards
+    from lens.storage import Location
+
+    # the plan: a shard closes at rows_per_shard files or before the file that would pass max_shard_bytes
+    src, dst = Location.parse(str(tmp_path / "src")), Location.parse(str(tmp_path / "dst"))
+    files = [(src.path(f"{i}.jpg"), n) for i, n in enumerate([10, 10, 10, 50, 200, 10, 10])]
+    plans = plan_shards(files, src, dst, rows_per_shard=3, max_shard_bytes=60, ids="relative", prefix="p")
+    assert [[f.rsplit("/", 1)[1] for f in p.files] for p in plans] == [
+        ["0.jpg", "1.jpg", "2.jpg"], ["3.jpg"], ["4.jpg"], ["5.jpg", "6.jpg"]]
+    assert plans[0].ids == ("0.jpg", "1.jpg", "2.jpg") and plans[2].bytes == 200
+
+    folder = tmp_path / "imgs"
+    blobs = {}
+    for d in ("a", "b"):
+        (folder / d).mkdir(parents=True)
+        for i in range(9):
+            blobs[f"{d}/{i}.jpg"] = encode(random_rgb(rng), "JPEG")
+            (folder / d / f"{i}.jpg").write_bytes(blobs[f"{d}/{i}.jpg"])
+    seen = []
+    written = make_shards(str(folder), str(tmp_path / "shards"), rows_per_shard=4,
+                          progress=lambda *a: seen.append(a))
+    assert [w["rows"] for w in written] == [4, 4, 4, 4, 2] and not any(w["skipped"] for w in written)
+    assert seen[-1] == (18, 18, 5, 0) and len(seen) == 5
+    rows = [r for w in written for r in pq.read_table(w["path"]).to_pylist()]
+    assert [r["id"] for r in rows] == sorted(blobs)  # every file once, in order
+    assert all(r["image"] == blobs[r["id"]] and r["uri"] == str(folder / r["id"]) for r in rows)
+
+    # resumable: a lost shard is rewritten, the rest skipped; a shard whose files changed is rewritten too
+    Path(written[1]["path"]).unlink()
+    (folder / "a" / "0.jpg").rename(folder / "a" / "0x.jpg")
+    again = make_shards(str(folder), str(tmp_path / "shards"), rows_per_shard=4)
+    assert [w["skipped"] for w in again] == [False, False, True, True, True]
+    assert pq.read_table(again[0]["path"]).column("id").to_pylist() == ["a/0x.jpg", "a/1.jpg", "a/2.jpg", "a/3.jpg"]
+
+
 def test_the_job_writes_a_drift_reference_profile_of_its_output(local_ray, tmp_path, rng):
     from lens.drift import Profile
 

@@ -36,10 +36,15 @@ def _make_consumer_class():
                       health_check_period_s=10, logging_config={"enable_access_log": False})
     class EventConsumer:
         def __init__(self, args: dict) -> None:
-            from .setup import clients
+            from collections import Counter
+
+            from .setup import clients, count_calls
 
             self.args = validate(EventsAppArgs, args, where="EventConsumer args")
             s3, sqs = clients(self.args.events.region)
+            self.aws_calls: Counter = Counter()  # every S3/SQS request this consumer makes, by operation
+            count_calls(s3, self.aws_calls)
+            count_calls(sqs, self.aws_calls)
             handle = serve.get_deployment_handle(self.args.tagger_deployment, self.args.tagger_app)
 
             async def tag(data: bytes, top_k: int, embedding: bool) -> dict:
@@ -61,7 +66,12 @@ def _make_consumer_class():
                 raise RuntimeError(f"poller stopped: {self._task.exception()}")
 
         def status(self) -> dict:
-            return {"pollers": self.poller.pollers, "processed": dict(self.poller.totals)}
+            """Pollers, outcome counts, S3/SQS requests made by operation, and this process's CPU seconds (the
+            consumer's own work: the model runs in the pool's replicas, S3/SQS in their servers)."""
+            import time
+
+            return {"pollers": self.poller.pollers, "processed": dict(self.poller.totals),
+                    "aws_calls": dict(self.aws_calls), "cpu_s": time.process_time()}
 
         def __del__(self) -> None:
             self.poller.stop()

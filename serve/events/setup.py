@@ -11,7 +11,7 @@ import logging
 
 from .config import EventsConfig
 
-__all__ = ["ensure_resources", "clients"]
+__all__ = ["ensure_resources", "clients", "count_calls"]
 
 logger = logging.getLogger("lens.events")
 
@@ -21,6 +21,17 @@ def clients(region: str | None = None):
 
     session = boto3.session.Session(region_name=region)
     return session.client("s3"), session.client("sqs")
+
+
+def count_calls(client, counter) -> None:
+    """Count every API call ``client`` makes in ``counter`` (a :class:`collections.Counter`), as
+    ``service.Operation`` (``s3.GetObject``, ``sqs.ReceiveMessage``): what the event path costs in requests."""
+    service = client.meta.service_model.service_name
+
+    def before_call(model, **_) -> None:
+        counter[f"{service}.{model.name}"] += 1
+
+    client.meta.events.register("before-call", before_call)
 
 
 def _same(attr: str, current: str | None, wanted: str) -> bool:
