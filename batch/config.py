@@ -38,10 +38,13 @@ class EmbedConfig(StrictModel):
         128, description="rows per read + decode task: whole Parquet row groups (or image files) up to this many")
     decode_batch_size: PositiveInt = Field(16, description="images decoded per batch inside a decode task")
     decode_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per decode task")
-    block_mb: PositiveInt = Field(8, le=1024, description="target Ray Data block size (MiB) between stages")
+    block_mb: PositiveFloat | None = Field(
+        None, le=1024, description="target Ray Data block size (MiB) between stages; None = one decode batch of "
+        "preprocessed crops (decode_batch_size x H x W x 3 bytes, 2.4 MiB at 224 px), so each decoded batch moves "
+        "on at once")
     workers: PositiveInt | None = Field(
-        None, description="model actors; None = automatic: one per GPU / gpus_per_worker, or on CPU an "
-        "autoscaling pool whose reservations take up to half the cluster's CPUs (the rest decode)")
+        None, description="model actors; None = automatic: one per GPU / gpus_per_worker, or on CPU as many as "
+        "take half the cluster's CPUs at start (the rest decode); a fixed pool (scripts/bench_batch.py)")
     gpus_per_worker: NonNegativeFloat = Field(
         0.0, description="GPUs per model actor; 0 = CPU actors running ONNX Runtime. Fractions share a GPU")
     cpus_per_worker: PositiveFloat | None = Field(

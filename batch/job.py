@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from lens import __version__
 from lens.errors import ConfigError
@@ -67,13 +67,14 @@ class EmbedSummary:
     first_output_s: float  # run start to the first rows written: Ray's and the actors' start-up
     steady_images_per_s: float  # rows after the first part / time from the first part to the last
     manifest: str
+    breakdown: dict = field(default_factory=dict)  # where the time went (see run_embed's log line)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def plan_workers(cfg: EmbedConfig, cluster: dict) -> tuple[int | tuple[int, int], dict]:
-    """(actor pool size or (min, max), per-actor resources) for the model stage, from the config and the cluster."""
+def plan_workers(cfg: EmbedConfig, cluster: dict) -> tuple[int, dict]:
+    """(actor pool size, per-actor resources) for the model stage, from the config and the cluster."""
     if cfg.uses_gpu:
         gpus = cluster.get("GPU", 0)
         if gpus < cfg.gpus_per_worker:
@@ -89,8 +90,9 @@ def plan_workers(cfg: EmbedConfig, cluster: dict) -> tuple[int | tuple[int, int]
             raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.actor_cpus:g} leaves less than "
                               f"one of the cluster's {cpus:g} CPUs to read and decode: the job could not start")
         return cfg.workers, {"num_cpus": cfg.actor_cpus}
-    top = max(1, int((cpus / 2) // cfg.actor_cpus))  # the other half decodes
-    return ((1, top) if top > 1 else 1), {"num_cpus": cfg.actor_cpus}
+    # The other half decodes. A fixed pool, not an autoscaling one: Ray Data's pool scaled 1 -> 2 -> 1 ... during
+    # one job (5 actor start-ups in a 50 s run on 2 cores), each time with one actor idle or starting.
+    return max(1, int((cpus / 2) // cfg.actor_cpus)), {"num_cpus": cfg.actor_cpus}
 
 
 def _actor_model(cfg: EmbedConfig):
@@ -136,12 +138,15 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
                    carry: tuple[str, ...]):
     import ray.data
 
-    from .stages import Embedder, decode_units, write_batch
+    from .stages import Embedder, PartWriter, decode_units
 
     # Small blocks keep the stages streaming: a block is the unit handed from stage to stage, and one of Ray's
     # default 128 MiB would hold ~850 preprocessed images, which the model could not start on before all were
-    # decoded.
-    ray.data.DataContext.get_current().target_max_block_size = cfg.block_mb << 20
+    # decoded. One decode batch per block: with 8 MiB blocks the first model batch waited for three decode
+    # batches, and the first part came ~1.5 s later (scripts/bench_batch.py, 2 cores).
+    _, h, w = model_info["preprocess"]["input_size"]
+    block = cfg.block_mb * 2**20 if cfg.block_mb else max(1 << 20, cfg.decode_batch_size * h * w * 3 + (64 << 10))
+    ray.data.DataContext.get_current().target_max_block_size = int(block)
     # One block per read unit, so one decode task per unit; the tasks read their rows themselves.
     units = read_units(pending, cfg.read_rows)
     ds = ray.data.from_items([{"unit": json.dumps(u.to_row())} for u in units], override_num_blocks=len(units))
@@ -154,14 +159,18 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
                                    "decode": cfg.decode, "id_column": id_column, "image_column": cfg.image_column,
                                    "carry_columns": carry, "batch_size": cfg.decode_batch_size})
     size, resources = plan_workers(cfg, ray.cluster_resources())
-    pool = (ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, tuple)
-            else ray.data.ActorPoolStrategy(size=size))
+    pool = ray.data.ActorPoolStrategy(size=size)
     ds = ds.map_batches(Embedder, batch_format="pyarrow", batch_size=cfg.batch_size, compute=pool,
                         fn_constructor_kwargs={"model": _actor_model(cfg), "decode": cfg.decode, "top_k": cfg.top_k},
                         **resources)
-    return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=None, num_cpus=0,
-                          fn_kwargs={"output": cfg.output, "id_column": id_column,
-                                     "carry_columns": carry})
+    # Writers are a small pool of actors started with the pipeline (no CPU reserved: they wait on storage), not
+    # tasks: a task needs a worker process, and on a busy machine starting one delayed the first part by ~1.5 s.
+    # One writer per 8 model actors (a part of 32 rows is one PUT); each is one more process to start.
+    writers = max(1, size // 8)
+    return ds.map_batches(PartWriter, batch_format="pyarrow", batch_size=None, num_cpus=0,
+                          compute=ray.data.ActorPoolStrategy(size=writers),
+                          fn_constructor_kwargs={"output": cfg.output, "id_column": id_column,
+                                                 "carry_columns": carry})
 
 
 def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
@@ -177,13 +186,16 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     ledger = Ledger(out)
     done = ledger.completed()
     pending = [s for s in shards if s.key not in done]
+    t_discovered = time.perf_counter()
     if any(s.rows for s in pending):
         _init_ray(cfg.address)  # first, so Ray's worker processes start while the driver loads the model
+    t_ray = time.perf_counter()
     # The driver loads the model once: its checksum and preprocessing define the output, and on this node the
     # ONNX export is then cached for the actors.
     model = load_model(cfg.model.model_copy(update={"device": "cpu"}) if cfg.uses_gpu else cfg.model)
     info, identity = model.info(), model.identity()
     del model
+    t_model = time.perf_counter()
     ledger.claim(_identity(cfg, identity, carry))
     ledger.drop_manifest()  # present only when every shard is committed
     log(f"lens embed: {len(shards)} {fmt} shard(s), {sum(s.rows for s in shards)} rows; "
@@ -201,6 +213,8 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     t_run = time.perf_counter()
     first_out = last_out = None
     first_rows = 0
+    stage = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "write_s": 0.0, "commit_s": 0.0}
+    actors: set[str] = set()
     if todo:
         ds = _build_dataset(cfg, in_loc, fmt, todo, info, carry)
         for rec in ds.iter_rows():
@@ -211,11 +225,16 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
             key = rec["shard"]
             parts[key].append(rec)
             counts[key] += rec["rows"]
+            for k in ("read_s", "decode_s", "model_s", "write_s"):
+                stage[k] += rec.get(k) or 0.0
+            actors.update(rec.get("actors") or ())
             shard = by_key[key]
             if counts[key] > shard.rows:
                 raise RuntimeError(f"shard {key} produced {counts[key]} rows but has {shard.rows}")
             if counts[key] == shard.rows:
+                tc = time.perf_counter()
                 done[key] = ledger.commit(key, in_loc.uri_of(shard.path), shard.rows, parts.pop(key))
+                stage["commit_s"] += time.perf_counter() - tc
                 crash_point("embed.after_commit")
     run_s = time.perf_counter() - t_run
     missing = [s.key for s in shards if s.key not in done]
@@ -251,6 +270,9 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     if embedded + errors != input_rows:  # the markers each balance; this is a last guard
         raise RuntimeError(f"row accounting failed: {embedded} + {errors} != {input_rows}")
     elapsed = time.perf_counter() - t0
+    breakdown = _breakdown(t0, t_discovered, t_ray, t_model, t_run, first_out, run_s, stage, actors, rows_run)
+    log("lens embed: where the time went: " + ", ".join(f"{k} {v}" for k, v in breakdown.items()
+                                                        if not isinstance(v, list)))
     return EmbedSummary(output=out.uri, input_rows=input_rows, embedded=embedded, errors=errors,
                         shards=len(shards), shards_skipped=len(shards) - len(pending), shards_run=len(todo),
                         rows_run=rows_run, seconds=round(elapsed, 2), run_seconds=round(run_s, 2),
@@ -258,4 +280,31 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
                         first_output_s=round(first_out - t_run, 2) if first_out else 0.0,
                         steady_images_per_s=round((rows_run - first_rows) / (last_out - first_out), 1)
                         if first_out and last_out > first_out else 0.0,
-                        manifest=out.uri_of(out.path("manifest.json")))
+                        manifest=out.uri_of(out.path("manifest.json")), breakdown=breakdown)
+
+
+def _breakdown(t0: float, t_discovered: float, t_ray: float, t_model: float, t_run: float, first_out: float | None,
+               run_s: float, stage: dict, actors: set[str], rows: int) -> dict:
+    """Seconds from the job's start to each phase's end (driver), the model actors' start-up (each actor's own
+    model load + warm-up, and when it was ready after the run started), and each stage's summed wall time (over
+    every task or actor, so it can exceed the run's length when stages overlap)."""
+    now_unix, now = time.time(), time.perf_counter()
+    starts = []
+    for a in sorted(actors):
+        _pid, init_s, ready_at = a.split(":")
+        starts.append({"init_s": float(init_s),
+                       "ready_after_run_start_s": round(float(ready_at) - (now_unix - (now - t_run)), 2)})
+    return {
+        "discover_s": round(t_discovered - t0, 2),
+        "ray_start_s": round(t_ray - t_discovered, 2),
+        "driver_model_load_s": round(t_model - t_ray, 2),
+        "to_first_output_s": round(first_out - t_run, 2) if first_out else None,
+        "run_s": round(run_s, 2),
+        "model_actors": len(starts),
+        "first_actor_ready_s": min((s["ready_after_run_start_s"] for s in starts), default=None),
+        "actor_init_s_max": max((s["init_s"] for s in starts), default=None),
+        **{f"{k}_total": round(v, 2) for k, v in stage.items()},
+        "model_ms_per_image": round(1000 * stage["model_s"] / rows, 2) if rows else None,
+        "decode_ms_per_image": round(1000 * stage["decode_s"] / rows, 2) if rows else None,
+        "actors": starts,
+    }

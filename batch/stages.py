@@ -4,7 +4,7 @@
    with the reason.
 2. :class:`Embedder` (actor pool; holds the model): crops -> L2-normalised embedding + top-k tags through the
    same :class:`~lens.predictor.Predictor` the online path uses.
-3. :class:`PartWriter` (tasks): rows -> one Parquet part per (shard, kind) under the shard's output directory,
+3. :class:`PartWriter` (a small actor pool, no CPU reserved): rows -> one Parquet part per (shard, kind) under the shard's output directory,
    named by its content so a retried task rewrites the same file; only a small record per part goes on.
 
 Rows carry their input shard's key in ``_shard`` so the driver can tell when a shard is complete.
@@ -12,10 +12,11 @@ Rows carry their input shard's key in ``_shard`` so the driver can tell when a s
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,20 +31,25 @@ from lens.preprocess import Preprocessor
 from .shards import LOCATION_COLUMN, ReadUnit
 from lens.storage import Location
 
-__all__ = ["Decoder", "Embedder", "PartWriter", "decode_units", "write_batch", "PART_SCHEMA", "SHARD",
+__all__ = ["Decoder", "Embedder", "PartWriter", "decode_units", "PART_SCHEMA", "SHARD",
            "PIXELS"]
 
 logger = logging.getLogger(__name__)
 
 SHARD = "_shard"
 PIXELS = "_pixels"
+#: Where the time goes, carried per row from stage to stage and summed per part by the writer (seconds of each
+#: stage's wall time spent on the row's batch, split evenly over its rows; the model actor's start-up once)
+TIMING = ("_read_s", "_decode_s", "_model_s")
+ACTOR = "_actor"  # "pid:init seconds:ready unix time" of the model actor that embedded the row
 
 #: lens train heads' tags per row: JSON ``{head name: [{label, class_id, score}]}`` (present when heads are served)
 CUSTOM_TAGS = "custom_tags"
 TAG_TYPE = pa.list_(pa.struct([("label", pa.string()), ("class_id", pa.int32()), ("score", pa.float32())]))
 #: What the writer stage emits: one row per written part file.
 PART_SCHEMA = pa.schema([("shard", pa.string()), ("kind", pa.string()), ("path", pa.string()),
-                         ("rows", pa.int64())])
+                         ("rows", pa.int64()), ("read_s", pa.float64()), ("decode_s", pa.float64()),
+                         ("model_s", pa.float64()), ("write_s", pa.float64()), ("actors", pa.list_(pa.string()))])
 
 
 def _tensor_column(arr: np.ndarray) -> pa.Array:
@@ -75,8 +81,19 @@ class Decoder:
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         for text in units.column("unit").to_pylist():
             unit = ReadUnit.from_row(json.loads(text))
-            for batch, read_errors in self._read(unit):
-                yield self._decode(unit.shard, batch, read_errors)
+            batches = self._read(unit)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch, read_errors = next(batches)
+                except StopIteration:
+                    break
+                t1 = time.perf_counter()
+                out = self._decode(unit.shard, batch, read_errors)
+                t2 = time.perf_counter()
+                n = max(out.num_rows, 1)
+                out = out.append_column("_read_s", pa.array(np.full(out.num_rows, (t1 - t0) / n)))
+                yield out.append_column("_decode_s", pa.array(np.full(out.num_rows, (t2 - t1) / n)))
 
     def _read(self, unit: ReadUnit) -> Iterator[tuple[pa.Table, dict[int, ItemError]]]:
         """Batches of input rows, with the rows whose bytes could not be read (image files gone or forbidden since
@@ -140,12 +157,15 @@ class Embedder:
     """Holds one model (ONNX Runtime on CPU, torch on GPU) and embeds decoded crops; error rows pass through."""
 
     def __init__(self, model: ModelConfig, decode: DecodeConfig, top_k: int) -> None:
+        t0 = time.perf_counter()
         self.predictor = Predictor.from_config(model, decode, default_top_k=top_k)
         self.predictor.warmup(min(8, self.predictor.max_batch_size))
         self.top_k = top_k
         self.dim = self.predictor.embed_dim
+        self.actor = f"{os.getpid()}:{time.perf_counter() - t0:.3f}:{time.time():.3f}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         n = batch.num_rows
         ok = np.asarray(pc.equal(batch.column("error"), "").to_numpy(zero_copy_only=False), dtype=bool)
         emb = np.zeros((n, self.dim), dtype=np.float32)
@@ -164,22 +184,20 @@ class Embedder:
         out = out.append_column("tags", pa.array(tags, TAG_TYPE))
         if self.predictor.heads:  # head name -> tags above threshold, as JSON (heads differ in classes)
             out = out.append_column(CUSTOM_TAGS, pa.array(custom, pa.string()))
-        return out
+        out = out.append_column("_model_s", pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1))))
+        return out.append_column(ACTOR, pa.array([self.actor] * n, pa.string()))
+
+
+def _timing(rows: pa.Table) -> dict:
+    """The rows' summed stage times and the model actors that embedded them (for the job's breakdown)."""
+    out = {k[1:]: float(pc.sum(rows.column(k)).as_py() or 0.0) if k in rows.column_names else 0.0 for k in TIMING}
+    out["actors"] = pc.unique(rows.column(ACTOR)).to_pylist() if ACTOR in rows.column_names else []
+    return out
 
 
 def decode_units(units: pa.Table, **kwargs) -> Iterator[pa.Table]:
     """:class:`Decoder` as a function, so Ray Data runs it as stateless tasks (its set-up is microseconds)."""
     yield from Decoder(**kwargs)(units)
-
-
-def write_batch(batch: pa.Table, **kwargs) -> pa.Table:
-    """:class:`PartWriter` as a function, for Ray Data tasks."""
-    return _writer(**kwargs)(batch)
-
-
-@functools.lru_cache(maxsize=8)
-def _writer(output: str, id_column: str, carry_columns: tuple[str, ...]) -> "PartWriter":
-    return PartWriter(output, id_column, carry_columns)
 
 
 class PartWriter:
@@ -202,14 +220,15 @@ class PartWriter:
                               "tags": good.column("tags"),
                               **({CUSTOM_TAGS: good.column(CUSTOM_TAGS)} if CUSTOM_TAGS in good.column_names else {}),
                               **{c: good.column(c) for c in self.carry}})
-                records.append(self._write(shard, "embeddings", t))
+                records.append(self._write(shard, "embeddings", t) | _timing(good))
             if bad.num_rows:
                 t = pa.table({"id": bad.column(self.id_column), "error": bad.column("error"),
                               "message": bad.column("message"), **{c: bad.column(c) for c in self.carry}})
-                records.append(self._write(shard, "errors", t))
+                records.append(self._write(shard, "errors", t) | _timing(bad))
         return pa.Table.from_pylist(records, schema=PART_SCHEMA)
 
     def _write(self, shard: str, kind: str, table: pa.Table) -> dict:
+        t0 = time.perf_counter()
         # Named by content: a retried task (or a re-sent batch) rewrites the same file instead of adding one.
         digest = hashlib.sha1()
         for v in table.column("id").to_pylist():
@@ -217,4 +236,5 @@ class PartWriter:
             digest.update(b"\0")
         path = self.loc.path(kind, shard, f"part-{digest.hexdigest()[:20]}.parquet")
         self.loc.write_table(path, table)
-        return {"shard": shard, "kind": kind, "path": path, "rows": table.num_rows}
+        return {"shard": shard, "kind": kind, "path": path, "rows": table.num_rows,
+                "write_s": time.perf_counter() - t0}

@@ -31,7 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int) -> None:
+#: camera-size photos: long side 3,000-4,000 px (9-12 MP), as a phone or camera writes them
+CAMERA_LONG_SIDE = (3000, 4000)
+#: distinct camera-size JPEGs made (each ~0.1 s to encode); rows cycle through them under their own ids
+CAMERA_DISTINCT = 150
+
+
+def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int, camera: bool = False) -> None:
+    import itertools
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -39,7 +47,13 @@ def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int) -> None:
 
     dst.mkdir(parents=True, exist_ok=True)
     ids, blobs, n = [], [], 0
-    for name, data, _ in augmented_jpegs(rows, seed=seed):
+    if camera:
+        distinct = [data for _, data, _ in augmented_jpegs(min(rows, CAMERA_DISTINCT), seed=seed,
+                                                           long_side=CAMERA_LONG_SIDE)]
+        items = ((f"camera-{i:06d}.jpg", data) for i, data in zip(range(rows), itertools.cycle(distinct)))
+    else:
+        items = ((name, data) for name, data, _ in augmented_jpegs(rows, seed=seed))
+    for name, data in items:
         ids.append(name)
         blobs.append(data)
         if len(ids) == rows_per_shard:
@@ -117,19 +131,20 @@ class TreeMemory:
         self._t.join()
 
 
-def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float | None) -> None:
+def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float | None,
+              extra: dict | None = None) -> None:
     import ray  # noqa: F401 - Ray's vendored psutil needs ray imported first
 
     from batch.config import EmbedConfig
     from batch.job import run_embed
 
-    knobs = {"cpus_per_worker": cpus_per_worker} if cpus_per_worker else {}
+    knobs = ({"cpus_per_worker": cpus_per_worker} if cpus_per_worker else {}) | (extra or {})
     cfg = EmbedConfig(input=shards, output=out, batch_size=batch_size, workers=workers,
                       model={"backend": "onnx", "device": "cpu"}, **knobs)
     with TreeMemory() as mem:
         summary = run_embed(cfg, log=lambda *a: None)
     config = {k: getattr(cfg, k) for k in ("batch_size", "workers", "actor_cpus", "read_rows",
-                                           "decode_batch_size", "block_mb")}
+                                           "decode_batch_size", "decode_cpus", "block_mb")}
     print("RESULT " + json.dumps(summary.to_dict() | {"peak_rss_mb": round(mem.peak / 2**20), "config": config}),
           flush=True)
 
@@ -140,6 +155,8 @@ def run_job(shards: Path, out: Path, args) -> dict:
         cmd += ["--workers", str(args.workers)]
     if args.cpus_per_worker:
         cmd += ["--cpus-per-worker", str(args.cpus_per_worker)]
+    if args.knobs:
+        cmd += ["--knobs", args.knobs]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
@@ -151,7 +168,9 @@ def run_job(shards: Path, out: Path, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=3000)
-    ap.add_argument("--rows-per-shard", type=int, default=250)
+    ap.add_argument("--rows-per-shard", type=int, default=500)
+    ap.add_argument("--small-photos", action="store_true", help="long side 256-800 px instead of camera-size "
+                    "(3,000-4,000 px) JPEGs")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--cpus-per-worker", type=float, default=None, help="default: lens embed's")
@@ -159,9 +178,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="500 rows, one pair")
     ap.add_argument("--no-memory", action="store_true", help="skip the 4x run")
     ap.add_argument("--child-job", nargs=2, metavar=("SHARDS", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--knobs", default=None, help="JSON of other `lens embed` config fields for the job")
     args = ap.parse_args()
     if args.child_job:
-        return child_job(*args.child_job, args.batch_size, args.workers, args.cpus_per_worker)
+        return child_job(*args.child_job, args.batch_size, args.workers, args.cpus_per_worker,
+                         json.loads(args.knobs) if args.knobs else None)
     rows = 500 if args.quick else args.rows
     if args.quick:
         args.repeat = 1
@@ -169,7 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lens-bench-batch-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        make_shards(tmp / "x1", rows, args.rows_per_shard, seed=0)
+        make_shards(tmp / "x1", rows, args.rows_per_shard, seed=0, camera=not args.small_photos)
         made_s = time.perf_counter() - t0
         # The machine is shared and noisy: baseline and job alternate `--repeat` times; the pair with the median
         # ratio is reported, with every pair listed.
@@ -196,7 +217,7 @@ def main() -> None:
             "target_ratio": 0.8,
         }
         if not args.no_memory:
-            make_shards(tmp / "x4", rows * 4, args.rows_per_shard, seed=1)
+            make_shards(tmp / "x4", rows * 4, args.rows_per_shard, seed=1, camera=not args.small_photos)
             job4 = run_job(tmp / "x4", tmp / "out4", args)
             summary["job_4x_rows"] = job4
             summary["ratio_4x_rows_vs_pipelined"] = round(job4["images_per_s"] / base_median, 3)

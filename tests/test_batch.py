@@ -381,8 +381,8 @@ def test_config_errors_are_clear(tmp_path):
     assert plan_workers(cfg, {"CPU": 8, "GPU": 2}) == (4, {"num_gpus": 0.5, "num_cpus": 1.0})
     assert plan_workers(EmbedConfig(input="a", output="b", gpus_per_worker=1, cpus_per_worker=2),
                         {"CPU": 8, "GPU": 2}) == (2, {"num_gpus": 1, "num_cpus": 2.0})
-    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 16}) == ((1, 16), {"num_cpus": 0.5})
-    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 2}) == ((1, 2), {"num_cpus": 0.5})
+    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 16}) == (16, {"num_cpus": 0.5})
+    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 2}) == (2, {"num_cpus": 0.5})
     assert plan_workers(EmbedConfig(input="a", output="b", cpus_per_worker=1), {"CPU": 2}) == (1, {"num_cpus": 1.0})
     with pytest.raises(ConfigError, match="leaves less than one"):
         plan_workers(EmbedConfig(input="a", output="b", workers=3), {"CPU": 2})
