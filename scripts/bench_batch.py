@@ -262,6 +262,7 @@ def main() -> None:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "model": "tf_efficientnet_lite0 (embedded weights), ONNX Runtime on CPU",
             "rows": rows, "rows_per_shard": args.rows_per_shard, "make_shards_s": round(made_s, 1),
+            "photos": "small" if args.small_photos else "camera",
             "repeats": args.repeat,
             "runs": [{"baseline_images_per_s": b["images_per_s"], "job_images_per_s": j["images_per_s"],
                       "ratio": round(r, 3), "steady_ratio": round(j["steady_images_per_s"] / b["images_per_s"], 3),

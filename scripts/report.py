@@ -142,8 +142,10 @@ def events_md(e: dict) -> list[str]:
 
 def batch_md(b: dict) -> list[str]:
     base, job = b["baseline_pipelined"], b["job"]
-    out = [f"Bulk embedding (`{SCRIPT['batch']}`, `benchmarks/batch.json`): {n(b['rows'])} seeded augmented copies "
-           f"of the bundled photos in {b['rows'] // b['rows_per_shard']} shards. Baseline: the pipelined loop in "
+    photos = ("camera-size JPEGs (long side 3,000-4,000 px, made from the bundled photos)"
+              if b.get("photos") == "camera" else "seeded augmented copies of the bundled photos")
+    out = [f"Bulk embedding (`{SCRIPT['batch']}`, `benchmarks/batch.json`): {n(b['rows'])} {photos} "
+           f"in {b['rows'] // b['rows_per_shard']} Parquet shards. Baseline: the pipelined loop in "
            f"one process (decode threads feeding ONNX Runtime batches on all cores), best at batch "
            f"{base['batch_size']} with {base['decode_threads']} decode threads: {n(base['images_per_s'])} images/s "
            f"in the reported pair. Baseline and job alternate {b['repeats']} times; the median pair is reported.",
@@ -157,7 +159,21 @@ def batch_md(b: dict) -> list[str]:
         out.append(f"| dataset execution, {n(j4['rows_run'])} rows | {n(j4['images_per_s'])} | "
                    f"{b['ratio_4x_rows_vs_pipelined']}× |")
     out += ["", f"* every pair's ratio: {', '.join(str(r['ratio']) for r in b['runs'])}; first output "
-                f"{job['first_output_s']} s after the dataset started."]
+                f"{job['first_output_s']} s after the dataset started"
+                + (f", {b['first_output_after_ray_up_s']} s after Ray was up." if "first_output_after_ray_up_s" in b
+                   else ".")]
+    if job.get("breakdown"):
+        k = job["breakdown"]
+        out.append(f"* where the time went (reported pair): Ray start {k['ray_start_s']} s, driver model load "
+                   f"{k['driver_model_load_s']} s, {k['model_actors']} model actors ready {k['first_actor_ready_s']} s "
+                   f"after the run started (model load + warm-up {k['actor_init_s_max']} s each), first output at "
+                   f"{k['to_first_output_s']} s; per image: decode {k['decode_ms_per_image']} ms, model "
+                   f"{k['model_ms_per_image']} ms (wall time in their tasks); parts written in {k['write_s_total']} s "
+                   f"and committed in {k['commit_s_total']} s in all.")
+    if b.get("scaling", {}).get("ratio_2_vs_1"):
+        sc = b["scaling"]
+        out.append(f"* scale-out: {sc['setup']}: 1 node {sc['images_per_s_1_node']} images/s, 2 nodes "
+                   f"{sc['images_per_s_2_nodes']} ({sc['model_actors_2_nodes']} model actors): **{sc['ratio_2_vs_1']}×**.")
     if "peak_memory_ratio_4x" in b:
         out.append(f"* peak memory (RSS of the driver and every Ray process): {n(b['peak_rss_mb_1x_min'])} MB at "
                    f"{n(b['rows'])} rows (smallest run), {n(b['job_4x_rows']['peak_rss_mb'])} MB at 4× the rows: "
