@@ -41,7 +41,7 @@ def _make_consumer_class():
             from .setup import clients, count_calls
 
             self.args = validate(EventsAppArgs, args, where="EventConsumer args")
-            s3, sqs = clients(self.args.events.region)
+            s3, sqs = clients(self.args.events.region, concurrency=self.args.events.concurrency)
             self.aws_calls: Counter = Counter()  # every S3/SQS request this consumer makes, by operation
             count_calls(s3, self.aws_calls)
             count_calls(sqs, self.aws_calls)
@@ -91,7 +91,7 @@ async def _run(cfg: EventsConfig, model_cfg: ModelConfig, stop: asyncio.Event) -
 
     predictor = Predictor.from_config(model_cfg, DecodeConfig(max_bytes=cfg.max_object_bytes))
     predictor.warmup()
-    s3, sqs = clients(cfg.region)
+    s3, sqs = clients(cfg.region, concurrency=cfg.concurrency)
     tagger = LocalTagger(predictor)
     poller = Poller(cfg, EventProcessor(cfg, s3, tagger, predictor.info()), sqs)
     task = asyncio.create_task(poller.run())
