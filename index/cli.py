@@ -17,7 +17,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .build import BuildConfig, build_index
 
     data = {"embeddings": args.embeddings, "output": args.output, "index": args.index,
-            "target_recall": args.target_recall, "k": args.k, "seed": args.seed, "opq": args.opq}
+            "target_recall": args.target_recall, "k": args.k, "seed": args.seed, "opq": args.opq,
+            "prefer": args.prefer}
     if args.memory_budget is not None:
         data["memory_budget"] = args.memory_budget
     if args.queries is not None:
@@ -97,7 +98,12 @@ def add_parsers(sub) -> None:
                    help="a lens embed output (or event embedding parts); repeat to combine")
     b.add_argument("--output", required=True, help="index root directory")
     b.add_argument("--index", choices=["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"], default="auto",
-                   help="index type (default auto: measured on held-out queries, the smallest that meets the target)")
+                   help="index type (default auto: Flat below 20k vectors, else IVF-Flat when the vectors fit "
+                   "--memory-budget (or HNSW with --prefer hnsw), else IVF-PQ); the search parameter is then tuned on "
+                   "held-out queries to --target-recall")
+    b.add_argument("--prefer", choices=["ivf-flat", "hnsw"], default="ivf-flat",
+                   help="auto, where full vectors fit: ivf-flat (default; measured faster at the same recall, "
+                   "benchmarks/index.json) or hnsw")
     b.add_argument("--memory-budget", default=None, help="e.g. 4GB (default), 512MiB")
     b.add_argument("--target-recall", type=float, default=0.95, help="recall@k the tuned index must reach (default 0.95)")
     b.add_argument("-k", type=int, default=10, help="k of the recall target (default 10)")

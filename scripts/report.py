@@ -193,6 +193,12 @@ def _index_table(part: dict) -> list[str]:
                 f"**{sp['ratio'] if sp['ratio'] is not None else '–'}×** exact Flat's queries/s at batch 1.",
             f"* memory-bound choice (ivf-pq, 1/8 of Flat's budget): {mb['bytes_ratio_vs_flat']} of Flat's bytes "
             f"per vector at held-out recall@10 {mb['recall_at_10']}."]
+    if "auto_where_both_fit" in part:
+        a = part["auto_where_both_fit"]
+        q = a["qps_batch1_at_recall_0.95"]
+        out.append(f"* `--index auto` where HNSW and IVF-Flat both fit picks **{a['auto_pick']}**; measured at held-out "
+                   f"recall@10 ≥ 0.95 (batch 1): HNSW {n(q['hnsw']) if q['hnsw'] else 'not reached'} q/s, IVF-Flat "
+                   f"{n(q['ivf-flat']) if q['ivf-flat'] else 'not reached'} q/s.")
     return out
 
 
