@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -70,6 +71,9 @@ class BuildConfig(StrictModel):
         "2x faster and takes less memory; hnsw if your own run says otherwise")
     seed: int = Field(0, description="seeds the training sample, held-out queries and k-means")
     threads: int | None = Field(None, description="FAISS threads (default: all cores)")
+    shards: int = Field(1, ge=1, le=1024, description="IVF shards sharing one coarse quantizer, filled in parallel "
+                        "Ray tasks and searched as one (scatter-gather); 1 = one index")
+    address: str | None = Field(None, description="Ray cluster for --shards > 1 (default: RAY_ADDRESS or a local Ray)")
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -225,6 +229,14 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         raise ConfigError("the embeddings hold no rows")
     del last
     plan = choose_index(n, dim, cfg)
+    sharded = cfg.shards > 1
+    if sharded and plan.type not in ("ivf-flat", "ivf-pq"):
+        if cfg.index != "auto":
+            raise ConfigError(f"--shards {cfg.shards} needs an IVF index (one coarse quantizer shared by the shards): "
+                              f"--index ivf-flat or ivf-pq, not {cfg.index}")
+        fits = bytes_per_vector("ivf-flat", dim) <= cfg.memory_budget / n
+        plan = choose_index(n, dim, cfg.model_copy(update={"index": "ivf-flat" if fits else "ivf-pq"}))
+        plan = plan.model_copy(update={"reason": f"{cfg.shards} shards need one IVF quantizer; {plan.reason}"})
     if invalid:
         log(f"lens index: {invalid} rows with a null or empty id dropped")
     log(f"lens index: {n} vectors of dim {dim} ({total - n - invalid} duplicate ids dropped); {plan.type}: {plan.factory} "
@@ -274,20 +286,40 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     for rank0, chunk in _kept_chunks(sources, keep, cfg.chunk_rows):
         if time.perf_counter() - said > 10:  # progress every ~10 s on big builds
             said = time.perf_counter()
-            log(f"lens index: pass 3/3 added {rank0:,}/{n:,} vectors ({100 * rank0 / n:.0f} %), "
-                f"{rank0 / max(said - t0, 1e-9):,.0f}/s")
-        index.add(chunk.vectors)
-        ids_out += chunk.ids
-        meta_out += chunk.metadata
+            log(f"lens index: pass 3/3 {'read' if sharded else 'added'} {rank0:,}/{n:,} vectors "
+                f"({100 * rank0 / n:.0f} %), {rank0 / max(said - t0, 1e-9):,.0f}/s")
+        if not sharded:  # sharded: the shard tasks add; this pass only computes the exact answers
+            index.add(chunk.vectors)
+            ids_out += chunk.ids
+            meta_out += chunk.metadata
         s = queries @ chunk.vectors.T
         kk = min(kq, s.shape[1])
         top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         best_s, best_i = _merge_topk(best_s, best_i, np.take_along_axis(s, top, 1), top + rank0, kq)
-    add_s = time.perf_counter() - t0
-    assert index.ntotal == n == len(ids_out)
-
     truth = _without_self(best_i[np.arange(q_n)[:, None], np.argsort(-best_s, axis=1)], query_rank, k)
-    tuned = _tune(index, plan, queries, truth, k, cfg.target_recall, query_rank)
+    own = query_rank
+    if sharded:
+        from .shards import fill_shards
+        from .store import ShardedIndex, load_version, new_version_name
+
+        vtmp = Path(cfg.output) / f".{new_version_name()}.tmp"
+        vtmp.mkdir(parents=True)
+        shard_manifest = {"type": plan.type, "factory": plan.factory, "dim": dim, "nlist": plan.nlist,
+                          "pq_m": plan.pq_m, "model_identity": ident.to_dict(),
+                          "metric": "inner_product (cosine on L2-normalised vectors)"}
+        shard_dirs = fill_shards(index, sources, keep, cfg.shards, cfg.chunk_rows, vtmp, shard_manifest,
+                                 bytes_per_vector=plan.bytes_per_vector, address=cfg.address, log=log)
+        shard_versions = [load_version(d, mmap=False, verify=False) for d in shard_dirs]
+        index = ShardedIndex([v.index for v in shard_versions])
+        row_of = {i: r for r, i in enumerate(i for v in shard_versions for i in v.ids)}
+        # the exact answers are stream ranks; the sharded index numbers rows shard after shard
+        rank_id = _ids_of_ranks(sources, keep, set(truth.ravel().tolist()) | set(own.tolist()))
+        to_row = np.vectorize(lambda r: row_of[rank_id[r]] if r >= 0 else -1, otypes=[np.int64])
+        truth, own = to_row(truth), to_row(own)
+    add_s = time.perf_counter() - t0
+    assert index.ntotal == n and (sharded or len(ids_out) == n)
+
+    tuned = _tune(index, plan, queries, truth, k, cfg.target_recall, own)
     log(f"lens index: tuned {tuned['param'] or '(exact)'}={tuned['value']} -> recall@{k} {tuned['recall']:.3f}")
     manifest = {
         "lens_version": __version__,
@@ -317,9 +349,29 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         extra[PROFILE_FILE] = profile_of([s.uri for s in sources]).to_bytes()
     except ValueError as e:
         log(f"lens index: no drift profile ({e})")
-    vdir = write_version(cfg.output, index, ids_out, meta_out, manifest, extra_files=extra)
+    if sharded:
+        from .store import write_sharded_version
+
+        vdir = write_sharded_version(cfg.output, vtmp, shard_dirs, manifest, extra_files=extra)
+    else:
+        vdir = write_version(cfg.output, index, ids_out, meta_out, manifest, extra_files=extra)
     log(f"lens index: wrote {vdir} and made it CURRENT")
     return {**manifest, "version": vdir.name, "path": str(vdir), "count": n}
+
+
+def _ids_of_ranks(sources, keep: np.ndarray, ranks: set[int]) -> dict[int, str]:
+    """The id of each kept-row rank in ``ranks`` (reading only the id columns)."""
+    out: dict[int, str] = {}
+    pos = rank = 0
+    for src in sources:
+        for ids in src.ids():
+            for i in ids:
+                if keep[pos]:
+                    if rank in ranks:
+                        out[rank] = i
+                    rank += 1
+                pos += 1
+    return out
 
 
 def _kept_chunks(sources, keep: np.ndarray, rows: int):

@@ -18,7 +18,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     data = {"embeddings": args.embeddings, "output": args.output, "index": args.index,
             "target_recall": args.target_recall, "k": args.k, "seed": args.seed, "opq": args.opq,
-            "prefer": args.prefer}
+            "prefer": args.prefer, "shards": args.shards, "address": args.address}
     if args.memory_budget is not None:
         data["memory_budget"] = args.memory_budget
     if args.queries is not None:
@@ -110,6 +110,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--queries", type=int, default=None, help="held-out tuning queries (default 500)")
     b.add_argument("--opq", action="store_true", help="ivf-pq: learn an OPQ rotation (slow to train)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample and held-out queries (default 0)")
+    b.add_argument("--shards", type=int, default=1, help="IVF shards sharing one coarse quantizer, filled in "
+                   "parallel Ray tasks, searched as one (default 1)")
+    b.add_argument("--address", default=None, help="Ray cluster for --shards (default: RAY_ADDRESS or a local Ray)")
     b.set_defaults(func=cmd_build)
     s = isub.add_parser("search", help="query an index locally, by image or by id")
     s.add_argument("--index", required=True, help="index root (CURRENT) or a version directory")

@@ -20,7 +20,7 @@ from lens.errors import InvalidRequestError, ModelMismatchError, NotFoundError
 from lens.identity import ModelIdentity
 from lens.predictor import l2_normalize
 
-from .store import IndexVersion, current_version, load_version, search_params
+from .store import IndexVersion, ShardedIndex, current_version, load_version, search_params
 
 __all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService"]
 
@@ -242,14 +242,18 @@ _direct_map_lock = threading.Lock()
 
 
 def _reconstruct(v: IndexVersion, row: int) -> np.ndarray:
+    return v.index.reconstruct(int(row)) if isinstance(v.index, ShardedIndex) else _reconstruct_index(v.index, row)
+
+
+def _reconstruct_index(index, row: int) -> np.ndarray:
     import faiss
 
     try:
-        return v.index.reconstruct(int(row))
+        return index.reconstruct(int(row))
     except RuntimeError:
         # IVF indexes reconstruct through a direct map, built once on first use
         with _direct_map_lock:
-            ivf = faiss.extract_index_ivf(v.index)
+            ivf = faiss.extract_index_ivf(index)
             if ivf.direct_map.type == faiss.DirectMap.NoMap:
                 ivf.make_direct_map()
-        return v.index.reconstruct(int(row))
+        return index.reconstruct(int(row))

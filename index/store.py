@@ -8,6 +8,11 @@
     ROOT/v-<time>-<rand>/manifest.json  written last: type, factory, tuned parameters, recall, dim, metric,
                                         count, model, weights checksum, preprocessing, checksums of every file
 
+A sharded version (``lens index build --shards N``) is a version directory holding ``shard-000/`` ...
+``shard-NNN/``, each a complete version as above (its own manifest and checksums; IVF indexes sharing one trained
+coarse quantizer), and a manifest of format ``lens-index-sharded/1`` listing them with the SHA-256 of each shard's
+manifest. ``CURRENT`` names the sharded version, so its shards are swapped in together.
+
 A version is built in a hidden temporary directory, each file written to a temporary name and
 ``os.replace``\\d, the manifest last, then the directory is renamed into place and ``CURRENT`` replaced: a
 reader sees the previous version or the whole new one. :func:`load_version` checks every checksum and that
@@ -40,6 +45,40 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 MANIFEST = "manifest.json"
 FORMAT = "lens-index/1"
+SHARDED_FORMAT = "lens-index-sharded/1"
+
+
+class ShardedIndex:
+    """Several FAISS indexes searched as one: rows numbered shard after shard, top-k merged by score.
+
+    With IVF shards that share one trained quantizer (and PQ codebooks), probing the same lists in every shard
+    finds exactly the candidates one index over all the vectors would, with the same scores: the merged answer is
+    that index's answer (``tests/test_index.py`` checks it)."""
+
+    def __init__(self, indexes: list) -> None:
+        self.shards = indexes
+        self.offsets = np.cumsum([0] + [ix.ntotal for ix in indexes])
+        self.ntotal = int(self.offsets[-1])
+        self.d = indexes[0].d
+
+    def search(self, q: np.ndarray, k: int, params=None):
+        scores, rows = [], []
+        for off, ix in zip(self.offsets, self.shards):
+            kk = min(k, ix.ntotal)
+            if kk == 0:
+                continue
+            s, r = ix.search(q, kk, params=params)
+            scores.append(s)
+            rows.append(np.where(r >= 0, r + off, -1))
+        s, r = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)  # a missing hit scores FAISS's worst
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
+
+    def reconstruct(self, row: int) -> np.ndarray:
+        from index.search import _reconstruct_index
+
+        s = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return _reconstruct_index(self.shards[s], int(row - self.offsets[s]))
 
 
 @dataclass
@@ -62,15 +101,20 @@ class IndexVersion:
         return ModelIdentity.from_dict(self.manifest)  # model_identity, or an earlier version's "model" block
 
 
+def new_version_name() -> str:
+    return f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
 def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list[str], manifest: dict,
-                  *, make_current: bool = True, extra_files: dict[str, bytes] | None = None) -> Path:
+                  *, make_current: bool = True, extra_files: dict[str, bytes] | None = None,
+                  name: str | None = None) -> Path:
     """Persist a built index as a new version under ``root`` (with ``extra_files``, say a drift profile, listed and
     checksummed in the manifest like the index itself); returns its directory."""
     import faiss
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    name = name or new_version_name()
     tmp = root / f".{name}.tmp"
     tmp.mkdir()
     try:
@@ -96,6 +140,28 @@ def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list
     if make_current:
         set_current(root, name)
     return root / name
+
+
+def write_sharded_version(root: str | os.PathLike, tmp: Path, shard_dirs: list[Path], manifest: dict,
+                          *, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Finish a sharded version built in ``tmp`` (its shards already written there as complete versions): write
+    ``extra_files`` and its manifest (checksums of every shard's manifest and of the extra files), move it into
+    place, make it CURRENT."""
+    for fname, data in (extra_files or {}).items():
+        atomic_write_bytes(tmp / fname, data)
+    listed = [f"{d.name}/{MANIFEST}" for d in shard_dirs] + list(extra_files or {})
+    files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in listed}
+    shard_manifests = [json.loads((d / MANIFEST).read_text()) for d in shard_dirs]
+    name = tmp.name[1:-len(".tmp")]
+    manifest = {"format": SHARDED_FORMAT, "version": name, **manifest,
+                "count": sum(m["count"] for m in shard_manifests), "shards": [d.name for d in shard_dirs],
+                "shard_counts": [m["count"] for m in shard_manifests], "files": files,
+                "bytes_total": sum(f["bytes"] for m in shard_manifests for f in m["files"].values())}
+    atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    _fsync_dir(tmp)
+    os.replace(tmp, Path(root) / name)
+    set_current(Path(root), name)
+    return Path(root) / name
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,7 +198,8 @@ def list_versions(root: str | os.PathLike) -> list[dict]:
                     "type": m.get("type"), "dim": m.get("dim"), "recall": (m.get("recall") or {}).get("value"),
                     "model": (m.get("model_identity") or {}).get("model"),
                     "model_version": (m.get("model_identity") or {}).get("version"),
-                    "bytes": sum(f.get("bytes", 0) for f in m.get("files", {}).values()), "current": d.name == current})
+                    "bytes": m.get("bytes_total") or sum(f.get("bytes", 0) for f in m.get("files", {}).values()),
+                    "shards": len(m.get("shards") or []) or 1, "current": d.name == current})
     return out
 
 
@@ -184,7 +251,7 @@ def load_version(path: str | os.PathLike, *, mmap: bool | None = None, verify: b
         count = int(manifest["count"])
     except (ValueError, KeyError, TypeError) as e:
         raise IndexCorruptError(f"{mpath} is not a valid index manifest: {e}") from e
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT, SHARDED_FORMAT):
         raise IndexCorruptError(f"{mpath}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
     for fname, want in files.items():
         f = vdir / fname
@@ -195,6 +262,8 @@ def load_version(path: str | os.PathLike, *, mmap: bool | None = None, verify: b
             raise IndexCorruptError(f"{f} is {size} bytes, the manifest says {want['bytes']}: truncated or replaced")
         if verify and sha256_file(f) != want["sha256"]:
             raise IndexCorruptError(f"{f} does not match its checksum in {mpath}")
+    if manifest["format"] == SHARDED_FORMAT:
+        return _load_sharded(vdir, manifest, mmap=mmap, verify=verify)
     try:
         table = pq.read_table(vdir / IDS_FILE)
     except Exception as e:  # noqa: BLE001
@@ -214,6 +283,19 @@ def load_version(path: str | os.PathLike, *, mmap: bool | None = None, verify: b
     ids = table.column("id").to_pylist()
     return IndexVersion(vdir, manifest, index, ids, table.column("metadata").to_pylist(),
                         {i: r for r, i in enumerate(ids)})
+
+
+def _load_sharded(vdir: Path, manifest: dict, *, mmap: bool | None, verify: bool) -> IndexVersion:
+    """Every shard loaded and verified, then searched as one (:class:`ShardedIndex`); rows shard after shard."""
+    shards = [load_version(vdir / s, mmap=mmap, verify=verify) for s in manifest["shards"]]
+    ids = [i for s in shards for i in s.ids]
+    if len(ids) != int(manifest["count"]):
+        raise IndexCorruptError(f"{vdir}: the shards hold {len(ids)} vectors, the manifest says {manifest['count']}")
+    row_of = {i: r for r, i in enumerate(ids)}
+    if len(row_of) != len(ids):
+        raise IndexCorruptError(f"{vdir}: an id is in more than one shard")
+    return IndexVersion(vdir, manifest, ShardedIndex([s.index for s in shards]), ids,
+                        [m for s in shards for m in s.metadata], row_of)
 
 
 def search_params(kind: str, value: int | None):

@@ -360,3 +360,53 @@ def test_index_versions_list_show_use_and_prune(tmp_path, data, capsys):
     # keep 1 keeps the newest (second); first is CURRENT, so it stays too; the leftover goes
     assert removed == [".v-20000101T000000-dead00.tmp"] and {p.name for p in (tmp_path / "idx").iterdir()} == {
         first, second, "CURRENT"}
+
+
+def test_sharded_index_answers_exactly_as_one_index_over_the_same_data(local_ray, tmp_path, data):
+    import faiss
+
+    from index.search import SearchService
+    from index.shards import shard_of
+    from index.store import list_versions, load_version
+
+    src, ids, x, held = data
+    m = build(tmp_path, [src], index="ivf-flat", shards=3, queries=50)
+    assert m["count"] == 6000 and m["recall"]["value"] >= 0.95 and m["factory"].startswith("IVF")
+    v = load_version(tmp_path / "idx", mmap=False)
+    assert v.manifest["format"] == "lens-index-sharded/1" and len(v.manifest["shards"]) == 3
+    # every id in exactly the shard its hash names
+    for name, count in zip(v.manifest["shards"], v.manifest["shard_counts"]):
+        shard = load_version(v.path / name)
+        assert len(shard.ids) == count and set(shard_of(shard.ids, 3)) == {int(name[-3:])}
+    assert sorted(v.ids) == sorted(ids)
+
+    # one index with the shards' quantizer holding every vector: the same answers, scores included
+    single = faiss.clone_index(v.index.shards[0])
+    single.reset()
+    single.add(np.stack([v.index.reconstruct(r) for r in range(v.index.ntotal)]))
+    for nprobe in (1, m["search"]["value"], m["nlist"]):
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        s1, r1 = v.index.search(held, 10, params=params)
+        s2, r2 = single.search(held, 10, params=params)
+        assert np.allclose(s1, s2, atol=1e-5)
+        assert [[v.ids[r] for r in row] for row in r1] == [[v.ids[r] for r in row] for row in r2]
+
+    # served like any version: by vector and by id (reconstructed from its shard); listed with its shards
+    svc = SearchService(str(tmp_path / "idx"))
+    _, hits = svc.search(x[7:8], 5)
+    assert hits[0][0].id == "img-7" and hits[0][0].score > 0.999
+    _, near = svc.search_id("img-42", 5)
+    assert "img-42" not in [h.id for h in near] and len(near) == 5
+    assert list_versions(tmp_path / "idx")[-1]["shards"] == 3
+
+    # a damaged shard refuses the whole version, naming the file
+    f = v.path / v.manifest["shards"][1] / "index.faiss"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(IndexCorruptError, match="shard-001"):
+        load_version(tmp_path / "idx")
+
+    # and a non-IVF type cannot be sharded
+    from lens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs an IVF index"):
+        build(tmp_path, [src], out="idx2", index="hnsw", shards=2)

@@ -28,7 +28,8 @@ COMMAND_EXAMPLES: dict[str, list[str]] = {
                "lens shards --input s3://bucket/images --output s3://bucket/shards --ids uri --rows-per-shard 500"],
     "index build": ["lens index build --embeddings emb/ --output index/",
                     "lens index build --embeddings emb/ --embeddings s3://bucket/events/embeddings --output index/ "
-                    "--index ivf-pq --target-recall 0.9"],
+                    "--index ivf-pq --target-recall 0.9",
+                    "lens index build --embeddings s3://bucket/emb --output index/ --shards 4 --address auto"],
     "index search": ["lens index search --index index/ --image photo.jpg -k 5",
                      "lens index search --index index/ --id originals/coffee.png --param 32"],
     "index list": ["lens index list --index index/", "lens index list --index index/ --json"],
@@ -89,6 +90,7 @@ FLAG_EXAMPLES: dict[str, str] = {
     "--embeddings": "s3://bucket/emb",
     "index build:--output": "index/",
     "--target-recall": "0.9",
+    "--shards": "4",
     "--seed": "7",
     "--index": "index/",
     "--image": "photo.jpg",
