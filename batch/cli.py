@@ -105,4 +105,5 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--ids", choices=["relative", "uri"], default="relative",
                    help="each image's id: its path relative to --input (default), or its full URI (s3://bucket/key, "
                    "the id the event path gives an uploaded object); every shard also keeps the URI in a uri column")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=cmd_shards)
