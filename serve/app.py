@@ -35,8 +35,16 @@ def build_app(args: dict | None = None) -> Application:
     feedback = cfg.feedback.model_dump(mode="json") if cfg.feedback else None
     search = None
     if cfg.search is not None:
+        shards = None
+        if cfg.search.shard_deployments:
+            from .search import IndexShard, shard_count
+
+            opts = {"num_cpus": cfg.search.shard_num_cpus} | (
+                {"resources": dict(cfg.search.shard_resources)} if cfg.search.shard_resources else {})
+            shards = [IndexShard.options(name=f"IndexShard{i}", ray_actor_options=opts).bind(
+                cfg.search.model_dump(mode="json"), i) for i in range(shard_count(cfg.search.index))]
         search = IndexSearcher.options(ray_actor_options={"num_cpus": cfg.search.num_cpus}).bind(
-            cfg.search.model_dump(mode="json"))
+            cfg.search.model_dump(mode="json"), shards)
     versioned = [p.versions for p in cfg.pools if p.versions is not None]
     controller = None
     if versioned:  # one controller judges every versioned pool's rollouts

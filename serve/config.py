@@ -169,6 +169,13 @@ class SearchConfig(StrictModel):
     mmap: bool | None = Field(None, description="memory-map the index file (default: IVF indexes)")
     max_k: int = Field(100, ge=1, le=1000, description="largest k a request may ask for")
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved for the searcher replica")
+    shard_deployments: bool = Field(False, description="a sharded index (lens index build --shards N): serve each "
+                                    "shard from its own deployment (IndexShard0..N-1, placed by Ray across nodes) "
+                                    "behind the searcher, which scatters each query and merges the top-k; false: "
+                                    "the searcher loads every shard itself")
+    shard_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per shard replica")
+    shard_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per shard "
+                                              "replica (e.g. {index_node: 1} to put one shard per node that has it)")
 
 
 class AppArgs(StrictModel):

@@ -9,14 +9,17 @@ before the next build. Answers are dicts; a failure is ``{"error", "message", "s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
+from pathlib import Path
 
 import numpy as np
 from ray import serve
 
-from lens.errors import InvalidRequestError, LensError
+from lens.errors import InvalidRequestError, LensError, NotFoundError
 
-__all__ = ["IndexSearcher", "DeltaFeed"]
+__all__ = ["IndexSearcher", "IndexShard", "ShardedService", "DeltaFeed", "shard_count"]
 
 logger = logging.getLogger("lens.serve")
 
@@ -58,14 +61,15 @@ class DeltaFeed:
     logging_config={"enable_access_log": False},
 )
 class IndexSearcher:
-    def __init__(self, search: dict) -> None:
+    def __init__(self, search: dict, shards: list | None = None) -> None:
         from index.search import SearchService
         from lens.config import validate
 
         from .config import SearchConfig
 
         self.cfg = validate(SearchConfig, search, where="search config")
-        self.service = SearchService(self.cfg.index, mmap=self.cfg.mmap, max_k=self.cfg.max_k)
+        self.service = (ShardedService(self.cfg.index, shards, max_k=self.cfg.max_k) if shards else
+                        SearchService(self.cfg.index, mmap=self.cfg.mmap, max_k=self.cfg.max_k))
         self.feed = DeltaFeed(list(self.cfg.delta_sources))
         self.refresh_error: str | None = None  # why the last new version was refused, until one is taken
         self._refresh_once()
@@ -127,8 +131,250 @@ class IndexSearcher:
 
     async def locate(self, item_id: str) -> str:
         """Where ``item_id``'s image lives (``s3://...`` or a local path); :class:`NotFoundError` if unknown."""
-        return self.service.location_of(item_id)
+        return await asyncio.to_thread(self.service.location_of, item_id)
 
     async def search_id(self, item_id: str, k: int, param: int | None = None) -> dict:
         name, hits = await asyncio.to_thread(self.service.search_id, item_id, k, param=param)
         return {"index_version": name, "results": [h.to_dict() for h in hits]}
+
+
+def shard_count(root: str) -> int:
+    """The number of shards of the index version ``root``'s CURRENT names (a config error if it is not sharded)."""
+    from index.store import SHARDED_FORMAT, resolve_version
+
+    from lens.errors import ConfigError
+
+    vdir = resolve_version(root)
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    if manifest.get("format") != SHARDED_FORMAT:
+        raise ConfigError(f"search.shard_deployments needs a sharded index (lens index build --shards N); "
+                          f"{vdir} is not sharded")
+    return len(manifest["shards"])
+
+
+@serve.deployment(
+    name="IndexShard",
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=10,
+    logging_config={"enable_access_log": False},
+)
+class IndexShard:
+    """One shard of a sharded index, for the searcher's scatter-gather. It keeps the shard of the version CURRENT
+    names and of the one before (so the searcher can switch every shard at once, and queries in flight on the old
+    version finish on it); a new version is loaded aside every ``refresh_s``."""
+
+    def __init__(self, search: dict, shard: int) -> None:
+        from lens.config import validate
+
+        from .config import SearchConfig
+
+        self.cfg = validate(SearchConfig, search, where="search config")
+        self.shard = shard
+        self.loaded: dict = {}  # version name -> IndexVersion of this shard (newest last, at most 2)
+        self._load_current()
+        self._task = asyncio.get_event_loop().create_task(self._refresher())
+
+    def _load_current(self) -> None:
+        from index.store import current_version, load_version
+
+        name = current_version(self.cfg.index)
+        if name is None or name in self.loaded:
+            return
+        manifest = json.loads((Path(self.cfg.index) / name / "manifest.json").read_text())
+        shards = manifest.get("shards") or []
+        if len(shards) <= self.shard:
+            raise LensError(f"index version {name} has {len(shards)} shard(s); this is shard {self.shard}: "
+                            "redeploy with the new shard count")
+        self.loaded[name] = load_version(Path(self.cfg.index) / name / shards[self.shard], mmap=self.cfg.mmap)
+        while len(self.loaded) > 2:
+            self.loaded.pop(next(iter(self.loaded)))
+        logger.info("index shard %d of %s loaded (%d vectors)", self.shard, name, len(self.loaded[name].ids))
+
+    async def _refresher(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.refresh_s)
+            try:
+                await asyncio.to_thread(self._load_current)
+            except Exception:  # noqa: BLE001 - keep serving what is loaded
+                logger.exception("index shard %d: cannot load the new version", self.shard)
+
+    def check_health(self) -> None:
+        if self._task.done():
+            raise RuntimeError("the shard refresher stopped")
+
+    async def refresh(self) -> list[str]:
+        await asyncio.to_thread(self._load_current)
+        return list(self.loaded)
+
+    def versions(self) -> list[str]:
+        return list(self.loaded)
+
+    def node_id(self) -> str:
+        """The Ray node this shard replica runs on (placement checks, operators)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def _version(self, name: str):
+        v = self.loaded.get(name)
+        if v is None:
+            raise LensError(f"index shard {self.shard} does not hold version {name} (yet)", code="not_ready",
+                            status=503)
+        return v
+
+    async def search(self, version: str, q: np.ndarray, k: int, value: int | None) -> tuple:
+        """This shard's top-``k`` of each query: (scores, ids, metadata JSON), -1 rows dropped."""
+        from index.store import search_params
+
+        v = self._version(version)
+        kk = min(k, len(v.ids))
+        if kk == 0:
+            return np.zeros((len(q), 0), np.float32), [[] for _ in q], [[] for _ in q]
+        scores, rows = await asyncio.to_thread(v.index.search, q, kk,
+                                               params=search_params(v.manifest["type"], value))
+        ids = [[v.ids[r] if r >= 0 else None for r in row] for row in rows]
+        meta = [[v.metadata[r] if r >= 0 else "{}" for r in row] for row in rows]
+        return scores, ids, meta
+
+    async def lookup(self, version: str, item_id: str):
+        """(vector, metadata dict) of an id this shard holds, or None."""
+        from index.search import _reconstruct
+
+        v = self._version(version)
+        row = v.row_of.get(item_id)
+        if row is None:
+            return None
+        return await asyncio.to_thread(_reconstruct, v, row), json.loads(v.metadata[row])
+
+    async def holds(self, version: str, ids: list[str]) -> list[bool]:
+        v = self._version(version)
+        return [i in v.row_of for i in ids]
+
+
+class ShardedService:
+    """What :class:`index.search.SearchService` does, over :class:`IndexShard` deployments: each query is sent to
+    every shard (scatter), the per-shard top-k merged with the delta (gather). A new version is taken only when
+    every shard holds it, then by one assignment: every answer comes wholly from one version."""
+
+    def __init__(self, root: str, shards: list, *, max_k: int = 1000) -> None:
+        from index.search import DeltaIndex
+        from index.store import current_version
+
+        self.root, self.shards, self.max_k = root, shards, max_k
+        self._swap_lock = threading.Lock()
+        self._take(current_version(root))  # what every shard loads at start (handles are not called here)
+        self.delta = DeltaIndex(self.version.manifest["dim"])
+
+    def _take(self, name: str) -> None:
+        from index.store import SHARDED_FORMAT
+
+        manifest = json.loads((Path(self.root) / name / "manifest.json").read_text())
+        if manifest.get("format") != SHARDED_FORMAT or len(manifest["shards"]) != len(self.shards):
+            raise LensError(f"index version {name} is not sharded {len(self.shards)} ways: redeploy the search "
+                            "app for it", code="index_shape_changed")
+        self.version = _VersionInfo(name, manifest)
+
+    @property
+    def identity(self):
+        from lens.identity import ModelIdentity
+
+        return ModelIdentity.from_dict(self.version.manifest)
+
+    def refresh(self) -> bool:
+        from index.store import current_version
+
+        name = current_version(self.root)
+        if name is None or name == self.version.name:
+            return False
+        with self._swap_lock:
+            held = [h.refresh.remote() for h in self.shards]
+            if not all(name in r.result() for r in held):
+                return False  # a shard has not loaded it yet: the next refresh tries again
+            self._take(name)
+            ids = list(self.delta.snapshot().ids)
+            if ids:
+                held = [h.holds.remote(name, ids) for h in self.shards]
+                inside = {i for r in held for i, yes in zip(ids, r.result()) if yes}
+                self.delta.prune(lambda i: i not in inside)
+            logger.info("searching sharded index %s (%d shards)", name, len(self.shards))
+            return True
+
+    def info(self) -> dict:
+        m = self.version.manifest
+        return {"index_version": self.version.name, "type": m["type"], "factory": m["factory"], "count": m["count"],
+                "dim": m["dim"], "search": m["search"], "recall": {k: m["recall"][k] for k in ("k", "value")},
+                "model_identity": self.identity.to_dict(), "delta": len(self.delta), "shards": len(self.shards)}
+
+    def check_model(self, info: dict) -> None:
+        from index.search import SearchService
+
+        SearchService.check_model(self, info)
+
+    def _k(self, k: int) -> int:
+        if not 1 <= int(k) <= self.max_k:
+            raise InvalidRequestError(f"k must be between 1 and {self.max_k}, got {k}")
+        return int(k)
+
+    def search(self, vectors: np.ndarray, k: int = 10, *, param: int | None = None,
+               exclude: list | None = None) -> tuple[str, list]:
+        from index.search import Hit
+        from lens.predictor import l2_normalize
+
+        k = self._k(k)
+        v = self.version
+        q = l2_normalize(np.asarray(vectors, np.float32).reshape(-1, v.manifest["dim"]))
+        value = param if param is not None else v.manifest["search"]["value"]
+        extra = 1 if exclude else 0
+        answers = [r.result() for r in [h.search.remote(v.name, q, k + extra, value) for h in self.shards]]
+        d_ids, d_meta, d_vecs, _ = self.delta.snapshot()
+        d_scores = q @ d_vecs.T if len(d_ids) else None
+        out = []
+        for qi in range(len(q)):
+            best: dict = {}
+            for scores, ids, meta in answers:
+                for s, i, m in zip(scores[qi], ids[qi], meta[qi]):
+                    if i is not None:
+                        best[i] = Hit(i, float(s), json.loads(m))
+            if d_scores is not None:
+                for r in np.argsort(-d_scores[qi])[: k + extra]:
+                    i, s = d_ids[r], float(d_scores[qi][r])
+                    if i not in best or best[i].score < s:
+                        best[i] = Hit(i, s, json.loads(d_meta[r]))
+            if exclude and exclude[qi] is not None:
+                best.pop(exclude[qi], None)
+            out.append(sorted(best.values(), key=lambda h: -h.score)[:k])
+        return v.name, out
+
+    def _lookup(self, id_: str):
+        from index.shards import shard_of
+
+        delta = self.delta.snapshot()
+        if id_ in delta.row_of:
+            r = delta.row_of[id_]
+            return delta.vectors[r], json.loads(delta.metadata[r])
+        found = self.shards[int(shard_of([id_], len(self.shards))[0])].lookup.remote(self.version.name, id_).result()
+        if found is None:
+            raise NotFoundError(f"no id {id_!r} in index {self.version.name}")
+        return found
+
+    def search_id(self, id_: str, k: int = 10, *, param: int | None = None) -> tuple[str, list]:
+        vector, _ = self._lookup(id_)
+        name, hits = self.search(np.asarray(vector)[None], k, param=param, exclude=[id_])
+        return name, hits[0]
+
+    def location_of(self, id_: str) -> str:
+        from index.search import LOCATION_KEY
+
+        _, meta = self._lookup(id_)
+        uri = meta.get(LOCATION_KEY)
+        if isinstance(uri, str) and uri:
+            return uri
+        if id_.startswith("s3://") or id_.startswith("/"):
+            return id_
+        raise NotFoundError(f"id {id_!r} has no image location in index {self.version.name}", code="no_location")
+
+
+class _VersionInfo:
+    def __init__(self, name: str, manifest: dict) -> None:
+        self.name, self.manifest = name, manifest
