@@ -70,6 +70,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{'*' if r['current'] else ' '} {r['version']}  {r['created_at']}  {r['count']:>10,} vectors  "
                   f"{r['type']:<8}  recall {r['recall']}  {r['bytes'] / 1e6:,.1f} MB  {r['model']}"
+                  + (f"  {r['shards']} shards" if r.get("shards", 1) > 1 else "")
                   + (f" ({r['model_version']})" if r["model_version"] else ""))
         if not rows:
             print(f"no versions in {args.index}", file=sys.stderr)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "serve", "events", "batch", "index", "train", "rollout", "drift"]
+ORDER = ["model", "serve", "events", "batch", "index", "shards", "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -216,6 +216,23 @@ def index_md(i: dict) -> list[str]:
     return out + targets_md(i)
 
 
+def shards_md(s: dict) -> list[str]:
+    out = [f"Sharded index (`{SCRIPT['shards']}`, `benchmarks/shards.json`): {n(s['rows'])} × {s['dim']} seeded "
+           f"clustered vectors, IVF-Flat built once as one index and once as 2 shards (filled by 2 Ray tasks on this "
+           f"machine), searched the same way in-process; queries: {s['queries']}.", "",
+           "| shards | build s | index bytes per shard | tuned | recall@10 (held out) | q/s batch 1 | q/s batch 64 |",
+           "|---|---|---|---|---|---|---|"]
+    for k, b in s["builds"].items():
+        out.append(f"| {k} | {b['build_s']} | {', '.join(n(x) for x in b['shard_index_bytes'])} | "
+                   f"{b['tuned']['param']}={b['tuned']['value']} | {b['recall_at_10']} | {n(b['qps_batch1'])} | "
+                   f"{n(b['qps_batch64'])} |")
+    r = s["ratios_2_vs_1"]
+    out += ["", f"* 2 shards vs 1: largest shard **{r['largest_shard_bytes']}×** the memory, q/s {r['qps_batch1']}× "
+                f"(batch 1) and {r['qps_batch64']}× (batch 64) on one machine (each query searches both shards in turn, "
+                f"then merges), build {r['build_s']}× the time (each shard task reads all the vectors)."]
+    return out + targets_md(s)
+
+
 def train_md(t: dict) -> list[str]:
     v, d, loop = t["val_top1"], t["data"], t["plain_loop"]
     ft = t["finetune"]
@@ -282,6 +299,7 @@ def drift_md(d: dict) -> list[str]:
 
 
 RENDER = {"model": model_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md,
+          "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 
 
