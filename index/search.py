@@ -223,19 +223,25 @@ class SearchService:
         and ``lens index build`` keep it), else the id itself when it is a location (the event path's ids are
         ``s3://bucket/key``; an id may be an absolute path). :class:`NotFoundError` for an unknown id or one
         with no location."""
-        uri = self.metadata_of(id_).get(LOCATION_KEY)
-        if isinstance(uri, str) and uri:
-            return uri
-        if id_.startswith("s3://") or id_.startswith("/"):
-            return id_
-        raise NotFoundError(f"id {id_!r} has no image location in index {self.version.name}: pack images with "
-                            f"`lens shards` (it writes a {LOCATION_KEY} column) or carry a {LOCATION_KEY} column "
-                            f"through `lens embed --carry {LOCATION_KEY}`", code="no_location")
+        return location_from(id_, self.metadata_of(id_), self.version.name)
 
     def search_id(self, id_: str, k: int = 10, *, param: int | None = None) -> tuple[str, list[Hit]]:
         """Neighbours of a stored item, itself excluded."""
         name, hits = self.search(self.vector_of(id_)[None], k, param=param, exclude=[id_])
         return name, hits[0]
+
+
+def location_from(id_: str, metadata: dict, version: str) -> str:
+    """An item's image location: its ``uri`` metadata, else the id when it is one (``s3://...``, an absolute path);
+    :class:`NotFoundError` (``no_location``) otherwise."""
+    uri = metadata.get(LOCATION_KEY)
+    if isinstance(uri, str) and uri:
+        return uri
+    if id_.startswith("s3://") or id_.startswith("/"):
+        return id_
+    raise NotFoundError(f"id {id_!r} has no image location in index {version}: pack images with `lens shards` (it "
+                        f"writes a {LOCATION_KEY} column) or carry a {LOCATION_KEY} column through `lens embed "
+                        f"--carry {LOCATION_KEY}`", code="no_location")
 
 
 _direct_map_lock = threading.Lock()

@@ -364,15 +364,9 @@ class ShardedService:
         return name, hits[0]
 
     def location_of(self, id_: str) -> str:
-        from index.search import LOCATION_KEY
+        from index.search import location_from
 
-        _, meta = self._lookup(id_)
-        uri = meta.get(LOCATION_KEY)
-        if isinstance(uri, str) and uri:
-            return uri
-        if id_.startswith("s3://") or id_.startswith("/"):
-            return id_
-        raise NotFoundError(f"id {id_!r} has no image location in index {self.version.name}", code="no_location")
+        return location_from(id_, self._lookup(id_)[1], self.version.name)
 
 
 class _VersionInfo:
