@@ -14,6 +14,8 @@ float32 a shard task holds only its own vectors (N-th of the total) plus one chu
 
 from __future__ import annotations
 
+import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -58,9 +60,11 @@ def fill_shards(trained_index, sources, keep: np.ndarray, n: int, chunk_rows: in
     import faiss
     import ray
 
-    from batch.job import _init_ray
-
-    _init_ray(address)
+    if not ray.is_initialized():  # (index and batch never import each other: tests/test_layers.py)
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address or None, logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
     trained = faiss.serialize_index(trained_index).tobytes()
     keep_ref = ray.put(keep)
     per_shard = int(bytes_per_vector * keep.sum() / n)
