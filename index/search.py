@@ -185,15 +185,8 @@ class SearchService:
                     continue
                 i = v.ids[r]
                 best[i] = Hit(i, float(s), json.loads(v.metadata[r]))
-            if len(d_ids):
-                for r in np.argsort(-d_scores[qi])[: k + extra]:
-                    i = d_ids[r]
-                    s = float(d_scores[qi][r])
-                    if i not in best or best[i].score < s:  # an id in both: the fresher vector answers, once
-                        best[i] = Hit(i, s, json.loads(d_meta[r]))
-            if exclude and exclude[qi] is not None:
-                best.pop(exclude[qi], None)
-            out.append(sorted(best.values(), key=lambda h: -h.score)[:k])
+            out.append(with_delta(best, d_scores[qi] if len(d_ids) else None, d_ids, d_meta, k, extra,
+                                  exclude[qi] if exclude else None))
         return v.name, out
 
     def vector_of(self, id_: str) -> np.ndarray:
@@ -229,6 +222,19 @@ class SearchService:
         """Neighbours of a stored item, itself excluded."""
         name, hits = self.search(self.vector_of(id_)[None], k, param=param, exclude=[id_])
         return name, hits[0]
+
+
+def with_delta(best: dict, d_scores, d_ids: list, d_meta: list, k: int, extra: int, excluded) -> list:
+    """One query's answer: the main index's ``best`` (id -> Hit) joined with the delta's top ``k + extra`` (an id in
+    both: the fresher vector answers, once), ``excluded`` dropped, best ``k`` first."""
+    if d_scores is not None:
+        for r in np.argsort(-d_scores)[: k + extra]:
+            i, s = d_ids[r], float(d_scores[r])
+            if i not in best or best[i].score < s:
+                best[i] = Hit(i, s, json.loads(d_meta[r]))
+    if excluded is not None:
+        best.pop(excluded, None)
+    return sorted(best.values(), key=lambda h: -h.score)[:k]
 
 
 def location_from(id_: str, metadata: dict, version: str) -> str:

@@ -318,7 +318,7 @@ class ShardedService:
 
     def search(self, vectors: np.ndarray, k: int = 10, *, param: int | None = None,
                exclude: list | None = None) -> tuple[str, list]:
-        from index.search import Hit
+        from index.search import Hit, with_delta
         from lens.predictor import l2_normalize
 
         k = self._k(k)
@@ -336,14 +336,8 @@ class ShardedService:
                 for s, i, m in zip(scores[qi], ids[qi], meta[qi]):
                     if i is not None:
                         best[i] = Hit(i, float(s), json.loads(m))
-            if d_scores is not None:
-                for r in np.argsort(-d_scores[qi])[: k + extra]:
-                    i, s = d_ids[r], float(d_scores[qi][r])
-                    if i not in best or best[i].score < s:
-                        best[i] = Hit(i, s, json.loads(d_meta[r]))
-            if exclude and exclude[qi] is not None:
-                best.pop(exclude[qi], None)
-            out.append(sorted(best.values(), key=lambda h: -h.score)[:k])
+            out.append(with_delta(best, None if d_scores is None else d_scores[qi], d_ids, d_meta, k, extra,
+                                  exclude[qi] if exclude else None))
         return v.name, out
 
     def _lookup(self, id_: str):
