@@ -37,7 +37,15 @@ class EmbedConfig(StrictModel):
     read_rows: PositiveInt = Field(
         128, description="rows per read + decode task: whole Parquet row groups (or image files) up to this many")
     decode_batch_size: PositiveInt = Field(16, description="images decoded per batch inside a decode task")
-    decode_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per decode task")
+    decode_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per decode task (when decoding runs in "
+                                       "separate tasks: GPU actors, or decode_in_actors: false)")
+    decode_in_actors: bool | None = Field(
+        None, description="read and decode inside the model actors, in threads beside the model (the shape of the "
+        "online path: no crops through Ray's object store, one kind of worker process); None = yes for CPU actors, "
+        "no for GPU actors (a GPU outruns the CPUs of its own actor, so separate decode tasks feed it)")
+    actor_threads: PositiveInt = Field(
+        2, le=16, description="decode_in_actors: read units one CPU actor works on at once, each in its own thread "
+        "(one unit's decoding overlaps another's model call)")
     block_mb: PositiveFloat | None = Field(
         None, le=1024, description="target Ray Data block size (MiB) between stages; None = one decode batch of "
         "preprocessed crops (decode_batch_size x H x W x 3 bytes, 2.4 MiB at 224 px), so each decoded batch moves "
@@ -48,10 +56,10 @@ class EmbedConfig(StrictModel):
     gpus_per_worker: NonNegativeFloat = Field(
         0.0, description="GPUs per model actor; 0 = CPU actors running ONNX Runtime. Fractions share a GPU")
     cpus_per_worker: PositiveFloat | None = Field(
-        None, description="CPUs reserved per model actor; None = 0.5 for CPU actors, 1 for GPU actors. A CPU actor "
-        "runs 2x this many inference threads unless model.num_threads says otherwise (decoding, beside it, is the "
-        "smaller share of the work): by default one thread per actor and as many actors as cores, the fastest "
-        "when decoding shares the cores (scripts/bench_batch.py)")
+        None, description="CPUs reserved per model actor; None = 1 (CPU actors that decode too, and GPU actors) or "
+        "0.5 (CPU actors fed by decode tasks). A CPU actor runs one inference thread per reserved CPU (2x with decode "
+        "tasks beside it) unless model.num_threads says otherwise: by default one actor per CPU with one thread "
+        "each, the fastest when decoding shares the cores (scripts/bench_batch.py)")
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray")
 
     @field_validator("carry_columns")
@@ -78,8 +86,13 @@ class EmbedConfig(StrictModel):
         return self.gpus_per_worker > 0
 
     @property
+    def fused(self) -> bool:
+        """Whether the model actors read and decode their rows themselves (no separate decode tasks)."""
+        return (not self.uses_gpu) if self.decode_in_actors is None else self.decode_in_actors
+
+    @property
     def actor_cpus(self) -> float:
         """CPUs reserved per model actor."""
         if self.cpus_per_worker is not None:
             return self.cpus_per_worker
-        return 1.0 if self.uses_gpu else 0.5
+        return 1.0 if self.uses_gpu or self.fused else 0.5

@@ -82,6 +82,13 @@ def plan_workers(cfg: EmbedConfig, cluster: dict) -> tuple[int, dict]:
         n = cfg.workers or max(1, int(gpus // cfg.gpus_per_worker))
         return n, {"num_gpus": cfg.gpus_per_worker, "num_cpus": cfg.actor_cpus}
     cpus = cluster.get("CPU", 1)
+    if cfg.fused:  # the actors decode too: they may take every CPU
+        if cfg.actor_cpus > cpus:
+            raise ConfigError(f"cpus_per_worker={cfg.actor_cpus:g} is more than the cluster's {cpus:g} CPU(s)")
+        if cfg.workers and cfg.workers * cfg.actor_cpus > cpus:
+            raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.actor_cpus:g} is more than the "
+                              f"cluster's {cpus:g} CPUs: the job could not start")
+        return cfg.workers or max(1, int(cpus // cfg.actor_cpus)), {"num_cpus": cfg.actor_cpus}
     if cpus < cfg.actor_cpus + 1:
         raise ConfigError(f"cpus_per_worker={cfg.actor_cpus:g} leaves no CPU for decoding on a cluster "
                           f"with {cpus:g} CPU(s)")
@@ -103,7 +110,10 @@ def _actor_model(cfg: EmbedConfig):
             update["device"] = "cuda"
     else:
         update["device"] = "cpu"
-        if cfg.model.num_threads is None:
+        if cfg.model.num_threads is None and cfg.fused:
+            # One inference thread per reserved CPU: the actor's other threads decode beside it.
+            update["num_threads"] = max(1, math.ceil(cfg.actor_cpus))
+        elif cfg.model.num_threads is None:
             # Decoding is ~1/5 of the CPU work per image and runs beside the model, so actors run twice the threads
             # they reserve. Single-threaded actors (the default) beat fewer multi-threaded ones when decoding shares
             # the cores: a descheduled thread stalls its whole intra-op pool, not the other actors. On 2 cores,
@@ -138,7 +148,7 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
                    carry: tuple[str, ...]):
     import ray.data
 
-    from .stages import Embedder, PartWriter, decode_units
+    from .stages import Embedder, PartWriter, UnitEmbedder, decode_units
 
     # Small blocks keep the stages streaming: a block is the unit handed from stage to stage, and one of Ray's
     # default 128 MiB would hold ~850 preprocessed images, which the model could not start on before all were
@@ -147,30 +157,38 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
     _, h, w = model_info["preprocess"]["input_size"]
     block = cfg.block_mb * 2**20 if cfg.block_mb else max(1 << 20, cfg.decode_batch_size * h * w * 3 + (64 << 10))
     ray.data.DataContext.get_current().target_max_block_size = int(block)
-    # One block per read unit, so one decode task per unit; the tasks read their rows themselves.
+    # One block per read unit, so one decode task (or actor call) per unit; the tasks read their rows themselves.
     units = read_units(pending, cfg.read_rows)
     ds = ray.data.from_items([{"unit": json.dumps(u.to_row())} for u in units], override_num_blocks=len(units))
+    id_column = cfg.id_column if fmt == "parquet" else "id"
+    decoder = {"input_uri": in_loc.uri, "preprocess": model_info["preprocess"], "decode": cfg.decode,
+               "id_column": id_column, "image_column": cfg.image_column, "carry_columns": carry,
+               "batch_size": cfg.decode_batch_size}
+    writer = {"output": cfg.output, "id_column": id_column, "carry_columns": carry}
+    size, resources = plan_workers(cfg, ray.cluster_resources())
+    model = {"model": _actor_model(cfg), "decode": cfg.decode, "top_k": cfg.top_k}
+    if cfg.fused:
+        # Each actor reads, decodes (batches of the model's size), embeds and writes its units, several at once in
+        # threads: scripts/bench_batch.py measured this against decode tasks feeding the actors (see README).
+        pool = ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=cfg.actor_threads,
+                                          enable_true_multi_threading=True)
+        return ds.map_batches(UnitEmbedder, batch_format="pyarrow", batch_size=None, compute=pool,
+                              fn_constructor_kwargs={"decoder": decoder | {"batch_size": cfg.batch_size}, **model,
+                                                     **writer}, **resources)
     # Decoding holds a few full-size images per row in memory; saying so also keeps Ray Data from fusing this
     # stage into the model actors (it fuses stages with identical resource requests), so the two overlap.
-    id_column = cfg.id_column if fmt == "parquet" else "id"
     ds = ds.map_batches(decode_units, batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus,
                         memory=DECODE_WORKER_BYTES + cfg.decode_batch_size * DECODE_BYTES_PER_IMAGE,
-                        fn_kwargs={"input_uri": in_loc.uri, "preprocess": model_info["preprocess"],
-                                   "decode": cfg.decode, "id_column": id_column, "image_column": cfg.image_column,
-                                   "carry_columns": carry, "batch_size": cfg.decode_batch_size})
-    size, resources = plan_workers(cfg, ray.cluster_resources())
+                        fn_kwargs=decoder)
     pool = ray.data.ActorPoolStrategy(size=size)
     ds = ds.map_batches(Embedder, batch_format="pyarrow", batch_size=cfg.batch_size, compute=pool,
-                        fn_constructor_kwargs={"model": _actor_model(cfg), "decode": cfg.decode, "top_k": cfg.top_k},
-                        **resources)
+                        fn_constructor_kwargs=model, **resources)
     # Writers are a small pool of actors started with the pipeline (no CPU reserved: they wait on storage), not
     # tasks: a task needs a worker process, and on a busy machine starting one delayed the first part by ~1.5 s.
     # One writer per 8 model actors (a part of 32 rows is one PUT); each is one more process to start.
-    writers = max(1, size // 8)
     return ds.map_batches(PartWriter, batch_format="pyarrow", batch_size=None, num_cpus=0,
-                          compute=ray.data.ActorPoolStrategy(size=writers),
-                          fn_constructor_kwargs={"output": cfg.output, "id_column": id_column,
-                                                 "carry_columns": carry})
+                          compute=ray.data.ActorPoolStrategy(size=max(1, size // 8)),
+                          fn_constructor_kwargs=writer)
 
 
 def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:

@@ -1,4 +1,5 @@
-"""The three per-batch stages of ``lens embed``, each a plain callable Ray Data maps over Arrow batches.
+"""The three per-batch stages of ``lens embed``, each a plain callable Ray Data maps over Arrow batches (on CPU,
+:class:`UnitEmbedder` runs all three in each model actor).
 
 1. :class:`Decoder` (CPU tasks): read a unit of input rows, bytes -> (H, W, 3) uint8 crops, or an error row
    with the reason.
@@ -31,7 +32,7 @@ from lens.preprocess import Preprocessor
 from .shards import LOCATION_COLUMN, ReadUnit
 from lens.storage import Location
 
-__all__ = ["Decoder", "Embedder", "PartWriter", "decode_units", "PART_SCHEMA", "SHARD",
+__all__ = ["Decoder", "Embedder", "PartWriter", "UnitEmbedder", "decode_units", "PART_SCHEMA", "SHARD",
            "PIXELS"]
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,24 @@ class Embedder:
             out = out.append_column(CUSTOM_TAGS, pa.array(custom, pa.string()))
         out = out.append_column("_model_s", pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1))))
         return out.append_column(ACTOR, pa.array([self.actor] * n, pa.string()))
+
+
+class UnitEmbedder:
+    """CPU actors that do the whole job for their read units: read + decode (:class:`Decoder`), model
+    (:class:`Embedder`), Parquet parts (:class:`PartWriter`), yielding only the parts' records. This is the online
+    path's shape, decode threads beside the model in one process: crops never go through Ray's object store and
+    the pipeline starts one kind of worker process. Ray Data runs ``actor_threads`` calls at once per actor, so
+    one unit decodes while another's batch is in the model (ONNX Runtime and Pillow release the GIL)."""
+
+    def __init__(self, decoder: dict, model: ModelConfig, decode: DecodeConfig, top_k: int, output: str,
+                 id_column: str, carry_columns: tuple[str, ...]) -> None:
+        self.decoder = Decoder(**decoder)
+        self.embedder = Embedder(model, decode, top_k)
+        self.writer = PartWriter(output, id_column, carry_columns)
+
+    def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+        for batch in self.decoder(units):
+            yield self.writer(self.embedder(batch))
 
 
 def _timing(rows: pa.Table) -> dict:

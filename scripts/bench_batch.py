@@ -143,7 +143,7 @@ def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_
                       model={"backend": "onnx", "device": "cpu"}, **knobs)
     with TreeMemory() as mem:
         summary = run_embed(cfg, log=lambda *a: None)
-    config = {k: getattr(cfg, k) for k in ("batch_size", "workers", "actor_cpus", "read_rows",
+    config = {k: getattr(cfg, k) for k in ("batch_size", "workers", "actor_cpus", "fused", "actor_threads", "read_rows",
                                            "decode_batch_size", "decode_cpus", "block_mb")}
     print("RESULT " + json.dumps(summary.to_dict() | {"peak_rss_mb": round(mem.peak / 2**20), "config": config}),
           flush=True)

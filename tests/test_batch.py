@@ -83,6 +83,16 @@ def test_job_embeddings_equal_online_and_account_for_every_row(local_ray, tmp_pa
     assert ident["embed_dim"] == 1280 and ident["model"] == "tf_efficientnet_lite0" and ident["num_classes"] == 1000
     assert ident["weights_sha256"] == lite0_onnx.model.weights.sha256 and len(ident["labels_sha256"]) == 64
     assert [sh["key"] for sh in manifest["shards"]] == ["a", "sub__b"]
+    # the pipeline GPU actors use (decode tasks feeding the model actors) writes the same rows and errors
+    tasks = embed(tmp_path, tmp_path / "in", tmp_path / "out-tasks", carry_columns=("src",), decode_in_actors=False,
+                  model={"backend": "onnx", "device": "cpu"})
+    assert (tasks.embedded, tasks.errors) == (s.embedded, s.errors)
+    fused = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
+    other = read_output(tmp_path / "out-tasks")
+    for row_id, vec in zip(other.column("id").to_pylist(), other.column("embedding").to_pylist()):
+        assert float(np.asarray(vec) @ np.asarray(fused[row_id])) >= 0.9999, row_id
+    assert sorted(read_output(tmp_path / "out-tasks", "errors").column("id").to_pylist()) == sorted(bad)
+
     # the carried column reaches the index metadata, so search results return it
     from index.build import BuildConfig, build_index
     from index.search import SearchService
@@ -381,8 +391,16 @@ def test_config_errors_are_clear(tmp_path):
     assert plan_workers(cfg, {"CPU": 8, "GPU": 2}) == (4, {"num_gpus": 0.5, "num_cpus": 1.0})
     assert plan_workers(EmbedConfig(input="a", output="b", gpus_per_worker=1, cpus_per_worker=2),
                         {"CPU": 8, "GPU": 2}) == (2, {"num_gpus": 1, "num_cpus": 2.0})
-    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 16}) == (16, {"num_cpus": 0.5})
-    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 2}) == (2, {"num_cpus": 0.5})
-    assert plan_workers(EmbedConfig(input="a", output="b", cpus_per_worker=1), {"CPU": 2}) == (1, {"num_cpus": 1.0})
-    with pytest.raises(ConfigError, match="leaves less than one"):
+    # CPU actors that decode too: one per CPU by default, all CPUs theirs
+    assert EmbedConfig(input="a", output="b").fused and not cfg.fused
+    assert plan_workers(EmbedConfig(input="a", output="b"), {"CPU": 16}) == (16, {"num_cpus": 1.0})
+    assert plan_workers(EmbedConfig(input="a", output="b", cpus_per_worker=2), {"CPU": 5}) == (2, {"num_cpus": 2.0})
+    with pytest.raises(ConfigError, match="more than the cluster's 2 CPUs"):
         plan_workers(EmbedConfig(input="a", output="b", workers=3), {"CPU": 2})
+    # CPU actors fed by decode tasks: half the CPUs decode
+    tasks = {"input": "a", "output": "b", "decode_in_actors": False}
+    assert plan_workers(EmbedConfig(**tasks), {"CPU": 16}) == (16, {"num_cpus": 0.5})
+    assert plan_workers(EmbedConfig(**tasks), {"CPU": 2}) == (2, {"num_cpus": 0.5})
+    assert plan_workers(EmbedConfig(**tasks, cpus_per_worker=1), {"CPU": 2}) == (1, {"num_cpus": 1.0})
+    with pytest.raises(ConfigError, match="leaves less than one"):
+        plan_workers(EmbedConfig(**tasks, workers=3), {"CPU": 2})
