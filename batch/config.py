@@ -47,9 +47,9 @@ class EmbedConfig(StrictModel):
         2, le=16, description="decode_in_actors: read units one CPU actor works on at once, each in its own thread "
         "(one unit's decoding overlaps another's model call)")
     block_mb: PositiveFloat | None = Field(
-        None, le=1024, description="target Ray Data block size (MiB) between stages; None = one decode batch of "
-        "preprocessed crops (decode_batch_size x H x W x 3 bytes, 2.4 MiB at 224 px), so each decoded batch moves "
-        "on at once")
+        None, le=1024, description="with decode tasks (not decode_in_actors): target Ray Data block size (MiB) "
+        "between stages; None = one decode batch of preprocessed crops (decode_batch_size x H x W x 3 bytes, "
+        "2.4 MiB at 224 px), so each decoded batch moves on at once")
     workers: PositiveInt | None = Field(
         None, description="model actors; None = automatic: one per GPU / gpus_per_worker, or on CPU as many as "
         "take half the cluster's CPUs at start (the rest decode); a fixed pool (scripts/bench_batch.py)")

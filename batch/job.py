@@ -156,6 +156,11 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
     # batches, and the first part came ~1.5 s later (scripts/bench_batch.py, 2 cores).
     _, h, w = model_info["preprocess"]["input_size"]
     block = cfg.block_mb * 2**20 if cfg.block_mb else max(1 << 20, cfg.decode_batch_size * h * w * 3 + (64 << 10))
+    if cfg.fused:
+        # The one stage emits only the parts' records (a few hundred bytes each); a block limit below one record
+        # makes Ray Data hand each on as it is yielded rather than when its unit is done, so the driver commits
+        # shards (and sees the first output) as parts are written. (A dataset copies the context when created.)
+        block = 1
     ray.data.DataContext.get_current().target_max_block_size = int(block)
     # One block per read unit, so one decode task (or actor call) per unit; the tasks read their rows themselves.
     units = read_units(pending, cfg.read_rows)
@@ -168,13 +173,12 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
     size, resources = plan_workers(cfg, ray.cluster_resources())
     model = {"model": _actor_model(cfg), "decode": cfg.decode, "top_k": cfg.top_k}
     if cfg.fused:
-        # Each actor reads, decodes (batches of the model's size), embeds and writes its units, several at once in
-        # threads: scripts/bench_batch.py measured this against decode tasks feeding the actors (see README).
+        # Each actor reads, decodes (decode_batch_size images per model call), embeds and writes its units, several
+        # at once in threads: scripts/bench_batch.py measured this against decode tasks feeding the actors (see README).
         pool = ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=cfg.actor_threads,
                                           enable_true_multi_threading=True)
         return ds.map_batches(UnitEmbedder, batch_format="pyarrow", batch_size=None, compute=pool,
-                              fn_constructor_kwargs={"decoder": decoder | {"batch_size": cfg.batch_size}, **model,
-                                                     **writer}, **resources)
+                              fn_constructor_kwargs={"decoder": decoder, **model, **writer}, **resources)
     # Decoding holds a few full-size images per row in memory; saying so also keeps Ray Data from fusing this
     # stage into the model actors (it fuses stages with identical resource requests), so the two overlap.
     ds = ds.map_batches(decode_units, batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus,
