@@ -16,6 +16,7 @@ Writes benchmarks/batch.json.
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -234,6 +235,8 @@ def main() -> None:
     ap.add_argument("--knobs", default=None, help="JSON of other `lens embed` config fields for the job")
     ap.add_argument("--child-scaling", nargs=3, metavar=("SHARDS", "OUT", "NODES"), help=argparse.SUPPRESS)
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1-node vs 2-node runs")
+    ap.add_argument("--no-compare", action="store_true",
+                    help="skip the run with decode tasks feeding the model actors (decode_in_actors: false)")
     args = ap.parse_args()
     if args.child_scaling:
         return child_scaling(*args.child_scaling[:2], int(args.child_scaling[2]), args.batch_size)
@@ -273,6 +276,17 @@ def main() -> None:
             "ratio_steady_state": round(job["steady_images_per_s"] / base["images_per_s"], 3),
             "ratio_whole_job_incl_ray_start": round(job["rows_run"] / job["seconds"] / base["images_per_s"], 3),
         }
+        if not args.no_compare:
+            # the other pipeline shape on the same data: decode tasks feeding the model actors (what GPU actors use)
+            other = copy.copy(args)
+            other.knobs = json.dumps((json.loads(args.knobs) if args.knobs else {}) | {"decode_in_actors": False})
+            tasks = run_job(tmp / "x1", tmp / "out-tasks", other)
+            summary["job_decode_tasks"] = tasks
+            summary["decode_tasks_vs_pipelined"] = {
+                "dataset": round(tasks["images_per_s"] / base_median, 3),
+                "steady": round(tasks["steady_images_per_s"] / base_median, 3),
+                "whole_job": round(tasks["rows_run"] / tasks["seconds"] / base_median, 3),
+                "first_output_s": tasks["first_output_s"]}
         if not args.no_memory:
             make_shards(tmp / "x4", rows * 4, args.rows_per_shard, seed=1, camera=not args.small_photos)
             job4 = run_job(tmp / "x4", tmp / "out4", args)

@@ -170,6 +170,12 @@ def batch_md(b: dict) -> list[str]:
                    f"{k['to_first_output_s']} s; per image: decode {k['decode_ms_per_image']} ms, model "
                    f"{k['model_ms_per_image']} ms (wall time in their tasks); parts written in {k['write_s_total']} s "
                    f"and committed in {k['commit_s_total']} s in all.")
+    if "decode_tasks_vs_pipelined" in b:
+        t = b["decode_tasks_vs_pipelined"]
+        out.append(f"* pipeline shape: {'each model actor reads and decodes its rows in threads beside the model' if job.get('config', {}).get('fused') else 'decode tasks feed the model actors'} "
+                   f"(the CPU default). The other shape on the same data, decode tasks feeding the model actors (what "
+                   f"GPU actors use): dataset {t['dataset']}×, steady state {t['steady']}×, whole command "
+                   f"{t['whole_job']}× the pipelined loop (median), first output {t['first_output_s']} s.")
     if b.get("scaling", {}).get("ratio_2_vs_1"):
         sc = b["scaling"]
         out.append(f"* scale-out: {sc['setup']}: 1 node {sc['images_per_s_1_node']} images/s, 2 nodes "

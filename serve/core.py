@@ -360,6 +360,12 @@ class TaggerCore:
                 self.version_stats.request(slot.ref.version, ms, failed)
                 self.version_metrics.request(slot.label, ms, failed)
 
+    async def tag_many(self, items: list[bytes], top_k: int = 5, embedding: bool = False) -> list:
+        """:meth:`tag` for several images in one call, each answered on its own: its result, or its error as an
+        exception object (never raised for one image). The event consumer sends a poll's images this way, one
+        handle call instead of one per image; they still join this replica's batches one by one."""
+        return list(await asyncio.gather(*(self.tag(d, top_k, embedding) for d in items), return_exceptions=True))
+
     def _multiplexed(self) -> bool:
         try:
             serve.get_replica_context()

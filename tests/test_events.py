@@ -96,9 +96,8 @@ def test_put_object_gets_one_result_with_tags_and_embedding(env, tiny):
     rec = sidecar(s3, cfg, "cats/one.jpg")
     assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet" and len(rec["tags"]) == 5
     assert rec["etag"] == s3.head_object(Bucket=cfg.bucket, Key="cats/one.jpg")["ETag"].strip('"')
-    assert len(rec["embedding"]) == 256 and rec["weights_sha256"]
+    assert rec["weights_sha256"] and "embedding" not in rec  # the embedding is in the part, not twice
     expected = tiny.predict([images(1)[0]])[0].embedding
-    assert float(np.dot(rec["embedding"], expected)) > 0.999
     assert p.totals.get("tagged") == 1
     # the embedding part for search
     import io
@@ -108,6 +107,12 @@ def test_put_object_gets_one_result_with_tags_and_embedding(env, tiny):
     parts = s3.list_objects_v2(Bucket=cfg.bucket, Prefix=cfg.embeddings_prefix)["Contents"]
     table = pq.read_table(io.BytesIO(s3.get_object(Bucket=cfg.bucket, Key=parts[0]["Key"])["Body"].read()))
     assert table.column("key").to_pylist() == ["cats/one.jpg"] and table.schema.field("embedding").type.list_size == 256
+    assert float(np.dot(table.column("embedding").to_pylist()[0], expected)) > 0.999
+    # sidecar_embedding: the sidecar carries it too
+    with_emb = cfg.model_copy(update={"sidecar_embedding": True})
+    s3.put_object(Bucket=cfg.bucket, Key="cats/two.jpg", Body=images(1)[0])
+    drain(with_emb, s3, sqs, tiny)
+    assert float(np.dot(sidecar(s3, cfg, "cats/two.jpg")["embedding"], expected)) > 0.999
 
 
 def test_duplicate_delivery_writes_one_result(env, tiny):
@@ -307,7 +312,8 @@ def test_two_source_buckets_get_separate_sidecars_and_long_keys_a_hashed_one(env
     results = f"results-{uuid.uuid4().hex[:8]}"
     for b in (second, results):
         s3.create_bucket(Bucket=b)
-    cfg2 = EventsConfig(**(cfg.model_dump() | {"extra_buckets": (second,), "results_bucket": results}))
+    cfg2 = EventsConfig(**(cfg.model_dump() | {"extra_buckets": (second,), "results_bucket": results,
+                                               "sidecar_embedding": True}))
     long_key = "deep/" + "k" * (MAX_KEY_BYTES - 10) + ".jpg"  # fits S3 (1,019 bytes), its sidecar key would not
     assert len(long_key.encode()) <= MAX_KEY_BYTES
     s3.put_object(Bucket=cfg.bucket, Key="same.jpg", Body=images(1, seed=2)[0])
@@ -348,7 +354,7 @@ def test_a_newer_version_replaces_the_sidecar_by_compare_and_swap_and_an_older_o
     s3.create_bucket(Bucket=results)
     s3.put_bucket_versioning(Bucket=results, VersioningConfiguration={"Status": "Enabled"})
     s3.put_bucket_versioning(Bucket=cfg.bucket, VersioningConfiguration={"Status": "Enabled"})
-    cfg = cfg.model_copy(update={"results_bucket": results, "object_tags": True})
+    cfg = cfg.model_copy(update={"results_bucket": results, "object_tags": True, "sidecar_embedding": True})
     one, two = images(2, seed=31)
     v1 = s3.put_object(Bucket=cfg.bucket, Key="v.jpg", Body=one, Tagging="owner=team-a")
     v2 = s3.put_object(Bucket=cfg.bucket, Key="v.jpg", Body=two, Tagging="owner=team-a")

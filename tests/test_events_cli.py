@@ -56,6 +56,8 @@ def test_lens_events_local_default(tmp_path, lens_cache):
         keys = [f"uploads/{i}.jpg" for i in range(6)]
         etags = {k: s3.put_object(Bucket="lens-images", Key=k, Body=body)["ETag"].strip('"')
                  for k, body in zip(keys, images(6, seed=21))}
+        # an undecodable upload among them: its own skipped sidecar, the batch it rode with unharmed
+        s3.put_object(Bucket="lens-images", Key="uploads/broken.jpg", Body=b"not an image at all")
         url = sqs.get_queue_url(QueueName="lens-events")["QueueUrl"]
         sqs.send_message(QueueUrl=url, MessageBody="poison: not an S3 event")
         deadline = time.monotonic() + 120
@@ -64,12 +66,14 @@ def test_lens_events_local_default(tmp_path, lens_cache):
             listed = s3.list_objects_v2(Bucket="lens-results", Prefix="lens-tags/").get("Contents", [])
             done = sorted(o["Key"] for o in listed)
             dlq_depth = json.loads(lens("events", "--config", str(cfg), "status", env=aws).stdout)["dlq_depth"]
-            if len(done) == len(keys) and dlq_depth == 1:
+            if len(done) == len(keys) + 1 and dlq_depth == 1:
                 break
             time.sleep(1)
-        assert done == sorted(f"lens-tags/{k}.json" for k in keys)
+        assert done == sorted(f"lens-tags/{k}.json" for k in [*keys, "uploads/broken.jpg"])
         rec = json.loads(s3.get_object(Bucket="lens-results", Key="lens-tags/uploads/0.jpg.json")["Body"].read())
-        assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet"
+        assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet" and len(rec["tags"]) == 5
+        broken = json.loads(s3.get_object(Bucket="lens-results", Key="lens-tags/uploads/broken.jpg.json")["Body"].read())
+        assert broken["status"] == "skipped" and broken["reason"].startswith("unsupported_media_type")
         st = json.loads(lens("events", "--config", str(cfg), "status", env=aws).stdout)
         assert st["dlq_depth"] == 1 and st["visible"] == 0
         listed = [json.loads(line) for line in lens("events", "--config", str(cfg), "dlq", "list",
@@ -96,7 +100,8 @@ def test_lens_events_local_default(tmp_path, lens_cache):
                 break
             time.sleep(1)
         redriven = 1  # the redriven poison message went round again: back in the DLQ, nothing written for it
-        assert writes == {f"lens-tags/{k}.json": 2 if k == "uploads/1.jpg" else 1 for k in keys}, writes
+        assert writes == {f"lens-tags/{k}.json": 2 if k == "uploads/1.jpg" else 1
+                          for k in [*keys, "uploads/broken.jpg"]}, writes
         rec = json.loads(s3.get_object(Bucket="lens-results", Key="lens-tags/uploads/1.jpg.json")["Body"].read())
         assert rec["etag"] == new_etag.strip('"')
         deadline = time.monotonic() + 60

@@ -71,7 +71,7 @@ def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_
 
     cfg = EventsConfig(bucket=bucket)
     rec = sidecar(s3, cfg, "in/a photo.jpg")
-    assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet" and len(rec["embedding"]) == 256
+    assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet" and len(rec["tags"]) == 5
     assert sidecar(s3, cfg, "in/gone.jpg")["status"] == "skipped"
     # The API going away is a retry, not a skip: every object record is named.
     monkeypatch.setenv("LENS_API_URL", "http://127.0.0.1:9")

@@ -22,6 +22,9 @@ class EventsConfig(StrictModel):
     embeddings_prefix: str = Field("lens-embeddings/", description="Parquet parts of embeddings for search")
     results_bucket: str | None = Field(None, description="where outputs go; None = the event's bucket")
     object_tags: bool = Field(False, description="also set lens:* S3 object tags on the source object")
+    sidecar_embedding: bool = Field(
+        False, description="also write the embedding (a JSON list of floats) into each sidecar; it is always in the "
+        "Parquet parts under embeddings_prefix, and in the sidecar costs ~25 KB and ~0.6 ms of JSON per 1,280-d image")
     max_object_bytes: PositiveInt = Field(20 * 1024 * 1024, description="larger objects are skipped")
     top_k: PositiveInt = Field(5, description="tags written per image")
     wait_time_s: int = Field(20, ge=0, le=20, description="SQS long-poll wait")

@@ -82,7 +82,8 @@ class EventProcessor:
         self.tagger = tagger
         self.model_info = model_info
         self.store = ResultStore(s3, cfg.result_prefix, cfg.embeddings_prefix, results_bucket=cfg.results_bucket,
-                                 object_tags=cfg.object_tags, key_by_bucket=len(cfg.source_buckets) > 1)
+                                 object_tags=cfg.object_tags, key_by_bucket=len(cfg.source_buckets) > 1,
+                                 sidecar_embedding=cfg.sidecar_embedding)
         self.sources = frozenset(cfg.source_buckets)
         self._sem = asyncio.Semaphore(cfg.concurrency)
         # boto3 is blocking: its calls get their own threads (asyncio's default pool has cpu+4 of them)

@@ -36,7 +36,7 @@ class Record:
     custom_tags: dict | None = None  # head name -> tags above threshold (pools serving lens train heads)
     model_identity: dict | None = None  # the version that tagged it, when the pool serves registry versions
 
-    def to_json(self, model: dict) -> dict:
+    def to_json(self, model: dict, embedding: bool = True) -> dict:
         model = self.model_identity or model
         ident = _identity(model)
         d = {
@@ -53,7 +53,7 @@ class Record:
             d["tags"] = self.tags
         if self.custom_tags is not None:
             d["custom_tags"] = self.custom_tags
-        if self.embedding is not None:
+        if embedding and self.embedding is not None:
             d["embedding"] = [float(x) for x in self.embedding]
         return d
 
@@ -95,13 +95,14 @@ class ResultStore:
     """
 
     def __init__(self, s3, result_prefix: str, embeddings_prefix: str, *, results_bucket: str | None = None,
-                 object_tags: bool = False, key_by_bucket: bool = False) -> None:
+                 object_tags: bool = False, key_by_bucket: bool = False, sidecar_embedding: bool = False) -> None:
         self.s3 = s3
         self.result_prefix = result_prefix
         self.embeddings_prefix = embeddings_prefix
         self.results_bucket = results_bucket
         self.object_tags = object_tags
         self.key_by_bucket = key_by_bucket
+        self.sidecar_embedding = sidecar_embedding
 
     def sidecar_key(self, bucket: str, key: str) -> str:
         out = f"{self.result_prefix}{bucket}/{key}.json" if self.key_by_bucket else f"{self.result_prefix}{key}.json"
@@ -128,7 +129,7 @@ class ResultStore:
         from botocore.exceptions import ClientError
 
         bucket, key = self._where(rec.event)
-        body = json.dumps(rec.to_json(model)).encode()
+        body = json.dumps(rec.to_json(model, self.sidecar_embedding)).encode()
         try:
             self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", IfNoneMatch="*")
         except ClientError as e:
