@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,37 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def boto3_floor(bucket: str, key: str, sidecar_bucket: str, n: int = 300) -> dict:
+    """CPU ms of the two S3 requests every image needs, GetObject of the image and the sidecar's conditional
+    PutObject, made as the consumer makes them (its client settings) in this fresh process: the floor of the
+    consumer's CPU per event with boto3, measured against the same S3 server."""
+    import itertools
+
+    from serve.events.setup import clients
+
+    s3, _ = clients(concurrency=16)
+    body = json.dumps({"bucket": bucket, "key": key, "status": "tagged", "tags": [
+        {"label": "tabby, tabby cat", "class_id": 281, "score": 0.5}] * 5}).encode()
+    names = (f"lens-bench-floor/{i}.json" for i in itertools.count())
+
+    def cpu(fn) -> float:
+        for _ in range(10):
+            fn()
+        t = time.process_time()
+        for _ in range(n):
+            fn()
+        return round(1000 * (time.process_time() - t) / n, 3)
+
+    get = cpu(lambda: s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    put = cpu(lambda: s3.put_object(Bucket=sidecar_bucket, Key=next(names), Body=body,
+                                    ContentType="application/json", IfNoneMatch="*"))
+    return {"get_object_ms": get, "put_object_ms": put, "sum_ms": round(get + put, 3), "requests": n}
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--floor":  # child process: see boto3_floor
+        print("FLOOR " + json.dumps(boto3_floor(*sys.argv[2:])), flush=True)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of online load")
@@ -109,6 +140,11 @@ def main() -> None:
         writes = count_writes(s3, cfg.results_bucket, cfg.result_prefix + "bench/")
         rows = embedding_rows(s3, cfg.results_bucket, cfg.embeddings_prefix, every_version=True)
         consumer = consumer_handle.status.remote().result()
+        # the same requests from a separate process with nothing else in it (moto runs in this one)
+        p = subprocess.run([sys.executable, __file__, "--floor", cfg.bucket, "bench/000000.jpg", cfg.results_bucket],
+                           capture_output=True, text=True, env=os.environ.copy())
+        line = next((x for x in p.stdout.splitlines() if x.startswith("FLOOR ")), None)
+        floor = json.loads(line[len("FLOOR "):]) if line else {"error": p.stderr[-2000:]}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -145,6 +181,7 @@ def main() -> None:
         "aws_calls_per_image": {k: round(v / n, 3) for k, v in run_calls.items()},
         "aws_calls_per_image_total": round(sum(run_calls.values()) / n, 3),
         "aws_calls_idle_per_s": {k: round(v / idle_s, 2) for k, v in idle_calls.items()},
+        "boto3_floor_ms_per_image": floor,
         "ratios": {"events_vs_online": round(events_per_s / online["throughput_rps"], 2)},
         "note": "events_vs_online is informational: moto's server shares this machine's cores with the model",
     }

@@ -133,6 +133,11 @@ def events_md(e: dict) -> list[str]:
            f"({', '.join(f'{k} {v}' for k, v in e['aws_calls_per_image'].items())}); idle: "
            f"{', '.join(f'{k} {v}/s' for k, v in e['aws_calls_idle_per_s'].items()) or 'none'}."
            if "aws_calls_per_image" in e else "* S3/SQS requests per image: not counted in this run.",
+           *([f"* the floor with boto3: the two requests every image needs, made as the consumer makes them from a "
+              f"process with nothing else in it, against the same server: GetObject {e['boto3_floor_ms_per_image']['get_object_ms']} "
+              f"ms + the sidecar's conditional PutObject {e['boto3_floor_ms_per_image']['put_object_ms']} ms = "
+              f"**{e['boto3_floor_ms_per_image']['sum_ms']} ms** of CPU per image before any other work."]
+             if "sum_ms" in e.get("boto3_floor_ms_per_image", {}) else []),
            f"* {e['events_per_s']} events/s end to end against {e['online_rps_32_connections']} images/s online "
            f"in the same run ({e['ratios']['events_vs_online']}×; informational: moto's server shares the cores).",
            f"* put → result p50 {n(e['put_to_result_ms']['p50'])} ms, p95 {n(e['put_to_result_ms']['p95'])} ms "
