@@ -1,10 +1,10 @@
 """``lens embed``: the bulk embedding job on Ray Data.
 
-read units (Parquet row groups or image files) -> read + decode + resize/crop (CPU tasks) -> model (actor pool,
-GPU when asked)
--> Parquet parts (tasks) -> the driver counts rows per input shard and commits each shard when all its rows are
-accounted for (embedded + errors = input rows). Execution is streaming, so every stage runs at once and memory
-is bounded by Ray Data's backpressure, not by the dataset size.
+read units (Parquet row groups or image files) -> on CPU, model actors that read + decode (threads), embed and
+write Parquet parts themselves; with GPU actors, read + decode CPU tasks -> model actors -> writer actors
+-> the driver counts rows per input shard and commits each shard when all its rows are accounted for
+(embedded + errors = input rows). Execution is streaming, so every stage runs at once and memory is bounded by
+Ray Data's backpressure, not by the dataset size.
 """
 
 from __future__ import annotations
