@@ -51,8 +51,8 @@ class EmbedConfig(StrictModel):
         "between stages; None = one decode batch of preprocessed crops (decode_batch_size x H x W x 3 bytes, "
         "2.4 MiB at 224 px), so each decoded batch moves on at once")
     workers: PositiveInt | None = Field(
-        None, description="model actors; None = automatic: one per GPU / gpus_per_worker, or on CPU as many as "
-        "take half the cluster's CPUs at start (the rest decode); a fixed pool (scripts/bench_batch.py)")
+        None, description="model actors; None = automatic: one per GPU / gpus_per_worker, or on CPU one per "
+        "cpus_per_worker of the cluster's CPUs (half of them with decode tasks); a fixed pool (scripts/bench_batch.py)")
     gpus_per_worker: NonNegativeFloat = Field(
         0.0, description="GPUs per model actor; 0 = CPU actors running ONNX Runtime. Fractions share a GPU")
     cpus_per_worker: PositiveFloat | None = Field(
