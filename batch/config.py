@@ -35,7 +35,8 @@ class EmbedConfig(StrictModel):
     batch_size: PositiveInt = Field(DEFAULT_MAX_BATCH_SIZE,
                                     description="images per model call in a worker (sets model.max_batch_size)")
     read_rows: PositiveInt = Field(
-        128, description="rows per read + decode task: whole Parquet row groups (or image files) up to this many")
+        128, description="most rows per read unit (one actor call or decode task): whole Parquet row groups (or "
+        "image files); a job small for its pool gets smaller units, at least 8 per concurrent slot, down to one row group")
     decode_batch_size: PositiveInt = Field(16, description="images decoded per batch inside a decode task")
     decode_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per decode task (when decoding runs in "
                                        "separate tasks: GPU actors, or decode_in_actors: false)")

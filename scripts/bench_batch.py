@@ -150,7 +150,7 @@ def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_
           flush=True)
 
 
-def child_scaling(shards: str, out: str, nodes: int, batch_size: int) -> None:
+def child_scaling(shards: str, out: str, nodes: int, batch_size: int, knobs: dict | None = None) -> None:
     """`lens embed` on a local cluster of ``nodes`` nodes, each pinned to its own core (2 logical CPUs each):
     node i's raylet, and every worker it starts, inherit the affinity the process had when the node was added.
     The driver stays on core 0 with the head node, as a driver does on a real head node."""
@@ -169,8 +169,8 @@ def child_scaling(shards: str, out: str, nodes: int, batch_size: int) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR")
     try:
-        cfg = EmbedConfig(input=shards, output=out, batch_size=batch_size, address=cluster.address,
-                          model={"backend": "onnx", "device": "cpu"})
+        cfg = EmbedConfig(**(knobs or {}) | dict(input=shards, output=out, batch_size=batch_size,
+                                                    address=cluster.address, model={"backend": "onnx", "device": "cpu"}))
         summary = run_embed(cfg, log=lambda *a: None)
         nodes_used = len({n["NodeID"] for n in ray.nodes() if n["Alive"]})
     finally:
@@ -187,7 +187,7 @@ def scaling(shards: Path, tmp: Path, args, rounds: int = 2) -> dict:
     for r in range(rounds):
         for nodes in (1, 2):
             cmd = [sys.executable, __file__, "--child-scaling", str(shards), str(tmp / f"scale-{nodes}-{r}"),
-                   str(nodes), "--batch-size", str(args.batch_size)]
+                   str(nodes), "--batch-size", str(args.batch_size)] + (["--knobs", args.knobs] if args.knobs else [])
             p = subprocess.run(cmd, capture_output=True, text=True,
                                env=dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1"))
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -239,7 +239,8 @@ def main() -> None:
                     help="skip the run with decode tasks feeding the model actors (decode_in_actors: false)")
     args = ap.parse_args()
     if args.child_scaling:
-        return child_scaling(*args.child_scaling[:2], int(args.child_scaling[2]), args.batch_size)
+        return child_scaling(*args.child_scaling[:2], int(args.child_scaling[2]), args.batch_size,
+                             json.loads(args.knobs) if args.knobs else None)
     if args.child_job:
         return child_job(*args.child_job, args.batch_size, args.workers, args.cpus_per_worker,
                          json.loads(args.knobs) if args.knobs else None)

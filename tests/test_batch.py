@@ -404,3 +404,18 @@ def test_config_errors_are_clear(tmp_path):
     assert plan_workers(EmbedConfig(**tasks, cpus_per_worker=1), {"CPU": 2}) == (1, {"num_cpus": 1.0})
     with pytest.raises(ConfigError, match="leaves less than one"):
         plan_workers(EmbedConfig(**tasks, workers=3), {"CPU": 2})
+
+
+def test_unit_rows_keep_every_slot_busy_to_the_end():
+    from batch.job import unit_rows
+    from batch.shards import InputShard, read_units
+
+    assert unit_rows(3000, 4, 128) == 94  # small job: >= 8 units per slot
+    assert unit_rows(3000, 8, 128) == 47
+    assert unit_rows(1_000_000, 8, 128) == 128  # big job: read_rows
+    assert unit_rows(5, 64, 128) == 1
+    # units are whole row groups: 47 rows per unit with 64-row groups gives one group per unit
+    shard = InputShard("s", "s.parquet", rows=500, row_groups=(64,) * 7 + (52,))
+    units = read_units([shard], unit_rows(3000, 8, 128))
+    assert [u.rows for u in units] == [64] * 7 + [52] and units[0].row_groups == (0,)
+    assert [u.rows for u in read_units([shard], unit_rows(3000, 4, 128))] == [128, 128, 128, 116]
