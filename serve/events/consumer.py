@@ -186,7 +186,7 @@ class EventProcessor:
         # ResultStore.write settles them (a duplicate costs a model call, a new object one fewer S3 call).
         kw = {"VersionId": ev.version_id} if ev.version_id else ({"IfMatch": ev.etag} if ev.etag else {})
         try:
-            obj = await self._io_call(self.s3.get_object, Bucket=ev.bucket, Key=ev.key, **kw)
+            size, data = await self._io_call(self._fetch, ev.bucket, ev.key, kw)
         except ClientError as e:
             code = e.response["Error"]["Code"]
             if code in ("NoSuchKey", "404", "NoSuchVersion"):
@@ -196,11 +196,8 @@ class EventProcessor:
                 out.count("superseded")
                 return None
             raise RetryLater(f"get_object: {code}") from e
-        size = obj.get("ContentLength") or 0
-        if size > self.cfg.max_object_bytes:
-            obj["Body"].close()
+        if data is None:
             return self._skip(ev, f"object is {size} bytes; the limit is {self.cfg.max_object_bytes}")
-        data = await self._io_call(obj["Body"].read)
         try:
             result = await self.tagger(data, self.cfg.top_k, True)
         except Exception as exc:  # noqa: BLE001 - sorted below: the image's fault, or retry later
@@ -210,6 +207,15 @@ class EventProcessor:
             return self._skip(ev, f"{e.code}: {e.message}")
         return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"],
                       custom_tags=result.get("custom_tags"), model_identity=result.get("model_identity"))
+
+    def _fetch(self, bucket: str, key: str, kw: dict) -> tuple[int, bytes | None]:
+        """(size, bytes) of an object in one thread hop; bytes ``None`` (body unread) when over the size limit."""
+        obj = self.s3.get_object(Bucket=bucket, Key=key, **kw)
+        size = obj.get("ContentLength") or 0
+        if size > self.cfg.max_object_bytes:
+            obj["Body"].close()
+            return size, None
+        return size, obj["Body"].read()
 
     @staticmethod
     def _skip(ev: ObjectEvent, reason: str) -> Record:
