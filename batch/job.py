@@ -109,8 +109,9 @@ UNITS_PER_SLOT = 8
 def unit_rows(total_rows: int, slots: int, read_rows: int) -> int:
     """Rows per read unit: ``read_rows``, or fewer where the job is small for its pool. A job ends when its last unit
     does; with few units per slot, the slots that finish early sit idle while the slow ones (a busier node) work
-    through a whole unit. On a 2-node cluster (3,000 rows, 8 slots) 128-row units scaled 1.64x one node and 64-row
-    units 1.79x (scripts/bench_batch.py); on big jobs ``read_rows`` wins (fewer, larger reads and parts)."""
+    through a whole unit. On a 2-node cluster (3,000 rows, 8 slots; one run each of scripts/bench_batch.py's scaling
+    child) 128-row units scaled 1.64x one node and 64-row units 1.79x; benchmarks/batch.json has the committed figure.
+    On big jobs ``read_rows`` wins (fewer, larger reads and parts)."""
     return max(1, min(read_rows, math.ceil(total_rows / (UNITS_PER_SLOT * max(1, slots)))))
 
 
