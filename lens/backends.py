@@ -28,8 +28,13 @@ ONNX_OPSET = 18
 
 
 class Backend(Protocol):
+    """``run`` is safe to call from several threads at once on one instance (tests/test_concurrency.py): ONNX
+    Runtime's ``InferenceSession.run`` and torch's inference are; OpenVINO keeps one infer request per caller."""
+
     name: str
     device: str
+    precision: str
+    version: str  # the runtime's version (part of every cache key of model outputs)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -67,6 +72,7 @@ class TorchBackend:
         if not self._cuda and precision != "fp32":
             raise ValueError(f"precision {precision} needs CUDA; CPU runs fp32")
         self.precision = precision
+        self.version = torch.__version__
         self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
         if num_threads and not self._cuda:
             torch.set_num_threads(num_threads)
@@ -112,6 +118,7 @@ class OnnxBackend:
             # its proxy, decode threads and other replicas) spinning steals the cores the rest needs.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
+        self.version = ort.__version__
         self._session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
 

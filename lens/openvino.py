@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,12 @@ def cpu_flags() -> list[str]:
 
 
 class OpenVinoBackend:
-    """OpenVINO Runtime on CPU over an IR model (``.xml`` + ``.bin``)."""
+    """OpenVINO Runtime on CPU over an IR model (``.xml`` + ``.bin``).
+
+    Safe under concurrent :meth:`run` calls by construction: an ``InferRequest`` holds its input and output
+    tensors, so each caller takes one of its own from a free list (a new one is created when every request is
+    busy, so the pool grows to the number of concurrent callers and is never shared by two of them). One request
+    shared between threads once gave rows another image's embedding, or failed with "Infer Request is busy"."""
 
     name = "openvino"
     device = "cpu"
@@ -67,15 +74,34 @@ class OpenVinoBackend:
             config["INFERENCE_NUM_THREADS"] = int(num_threads)
         self.path = Path(xml)
         self.precision = precision
+        self.version = openvino_version()
         self._compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
-        self._request = self._compiled.create_infer_request()
-        outs = {o.get_any_name(): i for i, o in enumerate(self._compiled.outputs)}
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()  # requests no caller holds
+        self._idle.put(self._compiled.create_infer_request())
+        self._made = 1
+        self._made_lock = threading.Lock()
+        outs = {o.get_any_name(): o for o in self._compiled.outputs}
         self._logits, self._features = outs["logits"], outs["features"]
 
+    @property
+    def requests(self) -> int:
+        """How many infer requests exist: the most callers that ran at once (for tests and stats)."""
+        return self._made
+
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        res = self._request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        return (np.asarray(res[self._compiled.outputs[self._logits]], np.float32),
-                np.asarray(res[self._compiled.outputs[self._features]], np.float32))
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+            with self._made_lock:
+                self._made += 1
+        try:
+            # share_outputs=False: the arrays returned are copies, still valid after the request runs again
+            res = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=False,
+                                share_outputs=False)
+            return (np.asarray(res[self._logits], np.float32), np.asarray(res[self._features], np.float32))
+        finally:
+            self._idle.put(request)
 
 
 def _variant_dir(onnx_path: Path, tag: str) -> Path:
