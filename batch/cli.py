@@ -63,7 +63,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     written = make_shards(args.input, args.output, rows_per_shard=args.rows_per_shard, ids=args.ids,
                           max_shard_bytes=int(args.max_shard_mb * 2**20), progress=_timed_progress(log),
-                          address=args.address)
+                          address=args.address, log=log)
     for w in written:
         print(json.dumps(w))
     skipped = sum(w["skipped"] for w in written)

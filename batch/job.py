@@ -18,9 +18,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from lens import __version__
+from lens.cluster import absolute, init_ray
 from lens.errors import ConfigError
 from lens.faults import crash_point
 from lens.identity import ModelIdentity
+from lens.runtime import load_model, served_line
 
 from .config import EmbedConfig
 from .ledger import FORMAT, Ledger
@@ -68,6 +70,7 @@ class EmbedSummary:
     steady_images_per_s: float  # rows after the first part / time from the first part to the last
     manifest: str
     breakdown: dict = field(default_factory=dict)  # where the time went (see run_embed's log line)
+    served: dict = field(default_factory=dict)  # what ran: backend, precision, release, auto's and the gate's say
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,17 +149,6 @@ def _identity(cfg: EmbedConfig, identity: ModelIdentity, carry: tuple[str, ...])
     }
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None, logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-
-
 def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[InputShard], model_info: dict,
                    carry: tuple[str, ...]):
     import ray.data
@@ -211,9 +203,10 @@ def _build_dataset(cfg: EmbedConfig, in_loc: Location, fmt: str, pending: list[I
 
 def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     """Embed every input shard not yet committed in ``cfg.output``; write the manifest when all are."""
-    from lens.runtime import load_model
-
     t0 = time.perf_counter()
+    # local paths absolute before any Ray task sees them (a joined cluster's workers have another working folder)
+    cfg = cfg.model_copy(update={"input": absolute(cfg.input), "output": absolute(cfg.output),
+                                 "model": cfg.model.with_absolute_paths()})
     out = Location.parse(cfg.output)
     in_loc, fmt, shards = discover_shards(
         cfg.input, cfg.input_format, id_column=cfg.id_column, image_column=cfg.image_column,
@@ -224,7 +217,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     pending = [s for s in shards if s.key not in done]
     t_discovered = time.perf_counter()
     if any(s.rows for s in pending):
-        _init_ray(cfg.address)  # first, so Ray's worker processes start while the driver loads the model
+        init_ray(cfg.address, log=log, what="lens embed")  # first: Ray's workers start while the driver loads the model
     t_ray = time.perf_counter()
     # The driver loads the model once: its checksum and preprocessing define the output, and on this node the
     # ONNX export is then cached for the actors.
@@ -232,6 +225,11 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
     info, identity = model.info(), model.identity()
     del model
     t_model = time.perf_counter()
+    log(f"lens embed: model {identity.model}: {served_line(info['served'])}")
+    if not cfg.uses_gpu and cfg.model.backend == "auto":
+        # the driver's choice is the job's: every actor runs the backend the manifest names (on a cluster whose
+        # nodes differ, auto could otherwise pick another backend on another CPU)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backend": identity.backend})})
     ledger.claim(_identity(cfg, identity, carry))
     ledger.drop_manifest()  # present only when every shard is committed
     log(f"lens embed: {len(shards)} {fmt} shard(s), {sum(s.rows for s in shards)} rows; "
@@ -287,6 +285,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
         "lens_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model_identity": identity.to_dict(),
+        "served": info["served"],
         "weights": info["weights"],
         "embedding": "L2-normalised float32; cosine similarity = inner product",
         "top_k": cfg.top_k,
@@ -316,7 +315,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
                         first_output_s=round(first_out - t_run, 2) if first_out else 0.0,
                         steady_images_per_s=round((rows_run - first_rows) / (last_out - first_out), 1)
                         if first_out and last_out > first_out else 0.0,
-                        manifest=out.uri_of(out.path("manifest.json")), breakdown=breakdown)
+                        manifest=out.uri_of(out.path("manifest.json")), breakdown=breakdown, served=info["served"])
 
 
 def _breakdown(t0: float, t_discovered: float, t_ray: float, t_model: float, t_run: float, first_out: float | None,

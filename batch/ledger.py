@@ -43,10 +43,12 @@ class Ledger:
         if existing is None:
             self.out.write_json(path, identity)
             return
+        details = _ran_differently(existing, identity)
         existing, identity = _comparable(existing), _comparable(identity)
-        diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
-        if diff:
-            details = "; ".join(f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now" for k in diff)
+        details += [f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now"
+                    for k in sorted(set(existing) | set(identity)) if existing.get(k) != identity.get(k)]
+        if details:
+            details = "; ".join(details)
             raise ConfigError(f"{self.out.uri} holds embeddings from a different job ({details}); "
                               "use a new --output, or delete it to start over")
 
@@ -98,6 +100,17 @@ class Ledger:
 
 
 _IDENTITY_KEYS = ("model_identity", "model", "weights_sha256", "num_classes", "embed_dim", "dim", "preprocess")
+
+
+def _ran_differently(a: dict, b: dict) -> list[str]:
+    """``backend``/``precision`` where both job files record them and they differ: a resume on another backend or
+    precision would mix its vectors with the first run's under one manifest."""
+    try:
+        ia, ib = ModelIdentity.from_dict(a), ModelIdentity.from_dict(b)
+    except ValueError:
+        return []
+    return [f"{k}: {getattr(ia, k)!r} there, {getattr(ib, k)!r} now" for k in ("backend", "precision")
+            if getattr(ia, k) and getattr(ib, k) and getattr(ia, k) != getattr(ib, k)]
 
 
 def _comparable(job: dict) -> dict:

@@ -97,7 +97,7 @@ def write_shard(src_uri: str, dst_uri: str, plan: ShardPlan) -> dict:
 
 def pack_images(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_bytes: int = 256 << 20,
                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS, ids: str = "relative", prefix: str = "part",
-                max_in_flight: int | None = None, address: str | None = None, progress=None) -> list[dict]:
+                max_in_flight: int | None = None, address: str | None = None, progress=None, log=None) -> list[dict]:
     """Pack the image files under ``src`` into Parquet shards at ``dst`` on Ray (see the module docstring).
 
     Each shard holds ``id`` (the path relative to ``src``, or with ``ids="uri"`` the file's full URI, the id the
@@ -106,7 +106,7 @@ def pack_images(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_byt
     shards_done, shards_skipped)`` is called as shards finish."""
     import ray
 
-    from .job import _init_ray
+    from lens.cluster import init_ray
 
     if rows_per_shard < 1 or max_shard_bytes < 1:
         raise ValueError("rows_per_shard and max_shard_bytes must be positive")
@@ -120,7 +120,7 @@ def pack_images(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_byt
     plans = plan_shards(files, src_loc, dst_loc, rows_per_shard=rows_per_shard, max_shard_bytes=max_shard_bytes,
                         ids=ids, prefix=prefix)
 
-    _init_ray(address)
+    init_ray(address, log=log, what="lens shards")
     if max_in_flight is None:  # enough to keep every CPU reading; memory ~ this x max_shard_bytes
         max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     largest = max(p.bytes for p in plans)

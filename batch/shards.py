@@ -159,10 +159,11 @@ def _parquet_shards(loc: Location, files: list[str], id_column: str, image_colum
 
 def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_bytes: int = 256 << 20,
                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS, ids: str = "relative",
-                prefix: str = "part", progress=None, address: str | None = None) -> list[dict]:
+                prefix: str = "part", progress=None, address: str | None = None, log=None) -> list[dict]:
     """``lens shards``: pack the image files under ``src`` into Parquet shards at ``dst`` (``id``, ``image``,
     ``uri``), as a resumable Ray job: see :func:`batch.pack.pack_images`."""
     from .pack import pack_images
 
     return pack_images(src, dst, rows_per_shard=rows_per_shard, max_shard_bytes=max_shard_bytes,
-                       extensions=extensions, ids=ids, prefix=prefix, progress=progress, address=address)
+                       extensions=extensions, ids=ids, prefix=prefix, progress=progress, address=address,
+                       log=log)

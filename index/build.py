@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from lens import __version__
+from lens.cluster import absolute
 from lens.config import StrictModel
 from lens.errors import ConfigError
 
@@ -207,6 +208,9 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)
     t_start = time.perf_counter()
+    # local paths absolute before a Ray task (--shards) sees them: a joined cluster's workers work elsewhere
+    cfg = cfg.model_copy(update={"embeddings": tuple(absolute(e) for e in cfg.embeddings),
+                                 "output": absolute(cfg.output)})
     sources, ident = open_sources(list(cfg.embeddings))
     dim = ident.embed_dim
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lens.cluster import init_ray
+
 __all__ = ["shard_of", "fill_shards"]
 
 
@@ -60,11 +62,7 @@ def fill_shards(trained_index, sources, keep: np.ndarray, n: int, chunk_rows: in
     import faiss
     import ray
 
-    if not ray.is_initialized():  # (index and batch never import each other: tests/test_layers.py)
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address or None, logging_level=logging.WARNING)
-        else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(address, log=log, what="lens index build")
     trained = faiss.serialize_index(trained_index).tobytes()
     keep_ref = ray.put(keep)
     per_shard = int(bytes_per_vector * keep.sum() / n)

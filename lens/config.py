@@ -90,6 +90,16 @@ class ModelConfig(StrictModel):
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="ONNX exports and downloaded weights; default $LENS_CACHE_DIR, else ~/.cache/lens")
 
+    def with_absolute_paths(self) -> "ModelConfig":
+        """This config with every local path made absolute (weights, labels, heads, calibration, cache), as the
+        driver resolves them: Ray workers of a joined cluster do not share the driver's working directory."""
+        from .cluster import absolute
+
+        return self.model_copy(update={
+            "weights": self.weights if self.weights in (None, "random") else absolute(self.weights),
+            "labels": absolute(self.labels), "calibration": absolute(self.calibration),
+            "heads": tuple(absolute(h) for h in self.heads), "cache_dir": Path(absolute(self.cache_dir))})
+
     @model_validator(mode="after")
     def _check_precision(self) -> "ModelConfig":
         if self.precision == "int8" and self.backend not in ("openvino", "auto"):

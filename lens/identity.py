@@ -10,6 +10,7 @@ wrote (a flat ``dim`` or ``embed_dim``, the index manifest's nested ``model`` bl
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -20,6 +21,8 @@ PARQUET_KEY = b"lens_model_identity"
 LEGACY_PARQUET_KEY = b"lens_model"
 #: Fields that must agree for two embeddings to be comparable.
 COMPARED = ("model", "weights_sha256", "preprocess", "embed_dim")
+#: Bump to orphan every cache of model outputs (see :meth:`ModelIdentity.outputs_key`).
+OUTPUTS_KEY_FORMAT = 2
 
 
 def labels_digest(labels: Sequence[str]) -> str:
@@ -39,6 +42,8 @@ class ModelIdentity:
     #                             gated on recall against fp32 before it serves)
     version: str | None = None  # registry name@version the model was served from: recorded, not compared (the
     #                             weights digest already decides comparability)
+    backend_version: str | None = None  # the runtime's release (onnxruntime, openvino, torch): recorded, and part
+    #                                     of every cache key of model outputs (outputs_key)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,11 +63,26 @@ class ModelIdentity:
             raise ValueError(f"not a model identity: missing {', '.join(missing)}")
         return cls(model=str(d["model"]), weights_sha256=str(d["weights_sha256"]), preprocess=dict(d["preprocess"]),
                    embed_dim=int(dim), num_classes=d.get("num_classes"), labels_sha256=d.get("labels_sha256"),
-                   precision=d.get("precision") or "fp32", backend=d.get("backend"), version=d.get("version"))
+                   precision=d.get("precision") or "fp32", backend=d.get("backend"), version=d.get("version"),
+                   backend_version=d.get("backend_version"))
 
     def comparable(self) -> dict:
         """The fields that decide whether embeddings can be compared."""
         return {k: getattr(self, k) for k in COMPARED}
+
+    def outputs_key(self) -> str:
+        """A digest of everything that changes the model's outputs bit for bit: the comparable fields, the
+        classifier, and the backend, precision and backend release that computed them. Every cache of model outputs
+        is keyed by it (an entry from another backend, precision or release is never read)."""
+        fields = self.comparable() | {"num_classes": self.num_classes, "labels_sha256": self.labels_sha256,
+                                      "backend": self.backend, "precision": self.precision,
+                                      "backend_version": self.backend_version, "format": OUTPUTS_KEY_FORMAT}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def describe(self) -> str:
+        """``backend precision (release)``, as summaries and logs say what ran."""
+        return f"{self.backend or '?'} {self.precision}" + (f" ({self.backend} {self.backend_version})"
+                                                           if self.backend_version else "")
 
     def mismatch(self, other: "ModelIdentity") -> list[str]:
         """The :data:`COMPARED` fields on which ``other`` differs (empty: comparable)."""

@@ -36,7 +36,7 @@ from .weights import (
     resolve_weights,
 )
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_backend", "onnx_cache_paths"]
+__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_backend", "onnx_cache_paths", "served_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +76,54 @@ class LoadedModel:
             "backend": self.backend.name,
             "device": self.backend.device,
             "precision": getattr(self.backend, "precision", "fp32"),
+            "backend_version": getattr(self.backend, "version", None),
             "labels_sha256": self.labels_sha256,
+            "served": self.served(),
         } | ({"package": {k: v for k, v in self.package.items() if k != "thresholds"}} if self.package else {}) | (
             {"quantization": self.quantization} if self.quantization else {}) | (
             {"backend_choice": self.backend_choice} if self.backend_choice else {})
+
+    def served(self) -> dict:
+        """What actually runs, after ``backend: auto`` and the int8 gate chose: backend, device, precision, the
+        backend's release, and why (the auto measurement, the gate's verdict and numbers)."""
+        out = {"backend": self.backend.name, "device": self.backend.device,
+               "precision": getattr(self.backend, "precision", "fp32"),
+               "backend_version": getattr(self.backend, "version", None)}
+        if self.backend_choice:
+            out["backend_auto"] = {k: self.backend_choice[k] for k in ("picked", "images_per_s_batch8", "reason")
+                                   if k in self.backend_choice}
+        if self.quantization:
+            q = self.quantization
+            out["int8_gate"] = {"passed": q.get("passed"), "failed": q.get("failed", []), "served": q.get("served")} | {
+                k: q[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine", "recall_at_10_vs_fp32_index")
+                if k in q}
+        return out
 
     def identity(self) -> ModelIdentity:
         return ModelIdentity(model=self.name, weights_sha256=self.weights.sha256, preprocess=self.preprocess.to_dict(),
                              embed_dim=self.embed_dim, num_classes=self.num_classes,
                              labels_sha256=self.labels_sha256,
                              precision=getattr(self.backend, "precision", "fp32"), backend=self.backend.name,
-                             version=(self.package or {}).get("version"))
+                             version=(self.package or {}).get("version"),
+                             backend_version=getattr(self.backend, "version", None))
+
+
+def served_line(served: dict) -> str:
+    """One line for summaries and logs: ``openvino int8 on cpu (openvino 2025.3.0; int8 gate passed: ...)``."""
+    why = []
+    if served.get("backend_version"):
+        why.append(f"{served['backend']} {served['backend_version']}")
+    auto = served.get("backend_auto")
+    if auto and "images_per_s_batch8" in auto:
+        why.append("auto picked it: " + ", ".join(f"{k} {v:g}" for k, v in auto["images_per_s_batch8"].items())
+                   + " images/s at batch 8")
+    gate = served.get("int8_gate")
+    if gate:
+        nums = ", ".join(f"{k} {gate[k]}" for k in ("top1_agreement", "mean_cosine", "recall_at_10_vs_fp32_index")
+                         if k in gate)
+        why.append(f"int8 gate {'passed' if gate['passed'] else 'REFUSED (' + ', '.join(gate['failed']) + ')'}: "
+                   f"{nums}; serving {gate['served']}")
+    return f"{served['backend']} {served['precision']} on {served['device']}" + (f" ({'; '.join(why)})" if why else "")
 
 
 def resolve_device(device: str) -> str:
@@ -214,8 +251,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     loaded.quantization = quantization
     loaded.backend_choice = choice
     loaded.load_seconds = time.perf_counter() - t0
-    logger.info("loaded %s (%s on %s) in %.2fs", cfg.name, loaded.backend.name, loaded.backend.device,
-                loaded.load_seconds)
+    logger.info("loaded %s (%s) in %.2fs", cfg.name, served_line(loaded.served()), loaded.load_seconds)
     return loaded
 
 

@@ -140,7 +140,7 @@ def main() -> None:
     # versioned results: every sidecar PUT is kept, so a doubled result shows as a second version
     s3.put_bucket_versioning(Bucket=cfg.results_bucket, VersioningConfiguration={"Status": "Enabled"})
     bodies = jpeg_bodies()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         deploy(doc, where="bench events")
         url = f"http://127.0.0.1:{port}/v1/tag"

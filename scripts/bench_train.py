@@ -132,7 +132,7 @@ def main() -> None:
     data = work / "data"
     scene_dataset(data, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=0)
     classes = sorted(SCENES.values())
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     head = run_train(TrainConfig(data=str(data), output=str(work / "head")), log=log)

@@ -16,8 +16,10 @@ import threading
 import time
 from typing import NamedTuple
 
+from lens.cluster import init_ray, requested_address
 from lens.config import read_yaml_mapping, validate
 from lens.errors import ConfigError
+from lens.runtime import served_line
 
 from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig
 
@@ -158,6 +160,29 @@ def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600, *, ch
     return names
 
 
+def served_pools(app_names: list[str], timeout_s: float = 60) -> list[dict]:
+    """What each model pool of these applications serves once they run: ``{app, pool, model, served}`` (the
+    backend, precision and int8 verdict its replica chose; see :meth:`lens.runtime.LoadedModel.served`)."""
+    from ray import serve
+
+    out = []
+    apps = serve.status().applications
+    for app in app_names:
+        for dep in (apps[app].deployments if app in apps else {}):
+            if dep in _NOT_POOLS or dep.startswith("IndexShard"):
+                continue
+            try:
+                info = serve.get_deployment_handle(dep, app).info.remote().result(timeout_s=timeout_s)
+            except Exception:  # noqa: BLE001 - a deployment without info() is not a model pool
+                continue
+            if isinstance(info, dict) and "served" in info:
+                out.append({"app": app, "pool": info.get("pool", dep), "model": info["model"], "served": info["served"]})
+    return out
+
+
+_NOT_POOLS = {"LensIngress", "IndexSearcher", "EventConsumer", "RolloutController"}  # and IndexShardN
+
+
 def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
     from ray import serve
 
@@ -223,7 +248,8 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
     import ray
     from ray import serve
 
-    init: dict = {"address": address} if address else {"include_dashboard": False}
+    own = requested_address(address) is None  # Lens's own local Ray (else a cluster it joins)
+    init: dict = {}
     if proxy == "haproxy":
         # Ray Serve's HAProxy mode: a C proxy in front of replicas that serve HTTP themselves.
         # Set before Ray starts so every Serve process sees it.
@@ -235,9 +261,9 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
               file=sys.stderr)
     elif proxy != "python":
         raise ConfigError(f"proxy must be haproxy or python, got {proxy!r}")
-    if metrics_port and not address:
+    if metrics_port and own:
         init["_metrics_export_port"] = metrics_port
-    ray.init(logging_level="WARNING", **init)
+    init_ray(address, log=lambda m: print(m, file=sys.stderr), what="lens serve", **init)
     try:
         t0 = time.monotonic()
         names = deploy(doc, where=where, check_fit=check_fit)
@@ -246,8 +272,11 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
         raise
     url = f"http://{http['host']}:{http['port']}"
     summary = {"url": url, "applications": names, "ready_s": round(time.monotonic() - t0, 1),
-               "metrics": f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port and not address else None}
+               "metrics": f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port and own else None,
+               "pools": served_pools(names)}
     print(f"Lens is serving {', '.join(names)} at {url} (ready in {summary['ready_s']}s)", file=sys.stderr)
+    for p in summary["pools"]:
+        print(f"  pool {p['pool']} ({p['app']}): {p['model']} on {served_line(p['served'])}", file=sys.stderr)
     print(f"  curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' '{url}/v1/tag?top_k=5'",
           file=sys.stderr)
     if summary["metrics"]:

@@ -59,7 +59,7 @@ def local_ray():
     if ray.is_initialized():
         ray.shutdown()
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -239,3 +239,92 @@ def wait_for(cond, what: str, timeout_s: float = 60, poll_s: float = 0.05):
             return value
         assert time.monotonic() < deadline, what
         time.sleep(poll_s)
+
+
+#: where `ray start` says which cluster a bare `ray.init()` joins
+RAY_ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
+
+
+def _high_port() -> int:
+    """A free port outside Ray's default worker-port range (10002-19999), which `ray start` refuses."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20_000, 30_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-30000")
+
+
+def own_instance(out: str, what: str) -> None:
+    """``what`` (``lens embed`` ...) said it ran on its own local Ray instance."""
+    assert f"{what}: on its own local Ray instance" in out, out[-3000:]
+
+
+def ray_jobs(address: str, *, joined: bool = False) -> list[dict]:
+    """Every driver the cluster at ``address`` has seen, except the probes (this function) that asked and the
+    commands that were told to join it (``--address`` on their command line); with ``joined``, only those."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, ray, ray._private.state as st\n"
+            f"ray.init(address={address!r}, logging_level='ERROR')\n"
+            "jobs = [(j, set(j.get('Entrypoint', '').split())) for j in st.jobs()]  # LENS_PROBE\n"
+            f"print(json.dumps([j for j, w in jobs if 'LENS_PROBE' not in w and ('--address' in w) == {joined}]))\n")
+    # Ray 2.60 turns token authentication on for a new cluster (~/.ray/auth_token); a client that names the
+    # address (not `auto`) must say it uses the token
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def foreign_ray(tmp_path_factory):
+    """Someone else's cluster: ``ray start --head`` on this host, the one a bare ``ray.init()`` would join (its
+    address file is restored afterwards). Every test that runs a Lens command that starts Ray takes it and checks,
+    with :func:`ray_jobs`, that no driver of the command joined it."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    address_file = Path(RAY_ADDRESS_FILE)
+    saved = address_file.read_text() if address_file.is_file() else None
+    port = _high_port()
+    ports = [f"--port={port}", f"--ray-client-server-port={_high_port()}",
+             f"--dashboard-agent-listen-port={_high_port()}", f"--metrics-export-port={_high_port()}"]
+    log = open(tmp_path_factory.mktemp("foreign-ray") / "ray-start.log", "w+")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=1",
+                             "--include-dashboard=false", "--disable-usage-stats", *ports],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def mine() -> bool:
+        return address_file.is_file() and address_file.read_text().strip().endswith(f":{port}")
+
+    try:
+        wait_for(lambda: mine() or proc.poll() is not None, "the foreign cluster did not start", timeout_s=120,
+                 poll_s=0.5)
+        log.seek(0)
+        assert proc.poll() is None, log.read()
+        address = address_file.read_text().strip()
+        assert ray_jobs(address) == []
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        if saved is not None:
+            address_file.write_text(saved)
+        elif mine():
+            address_file.unlink()

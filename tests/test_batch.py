@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import encode, free_port, random_rgb
+from conftest import encode, free_port, own_instance, random_rgb, ray_jobs
 
 TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
 
@@ -268,7 +268,7 @@ def test_null_or_empty_ids_become_error_rows_never_ids(tmp_path, rng):
     assert "null or empty id" in out.column("message")[1].as_py()
 
 
-def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng):
+def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng, foreign_ray):
     ids = []
     shards = 8
     for s in range(shards):
@@ -294,6 +294,9 @@ def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng):
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
+    # with someone else's `ray start` cluster on the host, lens embed ran on its own Ray, both times
+    own_instance(second.stderr, "lens embed")
+    assert ray_jobs(foreign_ray) == []
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["shards_skipped"] == 3 and summary["shards_run"] == shards - 3
     table = read_output(out)
@@ -312,7 +315,7 @@ def test_s3_input_and_output_through_moto(tmp_path, rng, moto_endpoint):
     # Ray's workers read S3 with the endpoint and credentials of their environment, as on a real cluster: start
     # this Ray after moto's variables are set.
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
 
     from lens.storage import Location
 

@@ -9,10 +9,12 @@ import sys
 
 import pytest
 
+from conftest import own_instance, ray_jobs
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path):
+def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path, foreign_ray):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the demo starts its own moto
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     p = subprocess.run([sys.executable, "-m", "lens.app.cli", "demo", "--images", "40", "--new-images", "3",
@@ -29,6 +31,9 @@ def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path):
     assert set(s["events"]["example_custom_tags"]) == {"scenes"}  # and the event path writes its tags
     assert "=== Lens demo: done" in p.stderr
     assert (tmp_path / "demo" / "index" / "CURRENT").is_file()
+    # someone else's `ray start` cluster on the host: the demo ran on its own Ray and left no driver there
+    own_instance(p.stderr, "lens demo")
+    assert ray_jobs(foreign_ray) == []
 
 
 def test_demo_workdir_empties_only_what_an_earlier_demo_made(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, interrupt, scrape_metrics, wait_healthy
+from conftest import free_port, interrupt, own_instance, ray_jobs, scrape_metrics, wait_healthy
 from test_events import _record, images
 
 
@@ -25,7 +25,7 @@ def lens(*args, env):
                           env=env)
 
 
-def test_lens_events_local_default(tmp_path, lens_cache):
+def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
     import boto3
 
     moto_port, http_port, metrics_port = free_port(), free_port(), free_port()
@@ -114,7 +114,9 @@ def test_lens_events_local_default(tmp_path, lens_cache):
         wanted = sorted(f"ray_{m}" for m in used_metrics() if m.startswith("lens_events_"))
         assert len(wanted) >= 5
         scrape_metrics(metrics_port, wanted)
+        assert ray_jobs(foreign_ray) == []  # someone else's `ray start` cluster on the host: never joined
     finally:
         out = interrupt(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "created queue lens-events" in out and "shutting down Lens" in out
+    own_instance(out, "lens serve")

@@ -22,7 +22,7 @@ def lens_api(lens_cache):
     from serve.run import deploy
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": "lens", "route_prefix": "/", "import_path": "serve.app:build_app",

@@ -71,7 +71,7 @@ def app(registry, lens_cache):
     from serve.run import deploy
 
     port, metrics_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"pools": [{"name": "Tagger", "model": MODEL, "num_cpus": 1,

@@ -22,7 +22,7 @@ TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "de
 @pytest.fixture(scope="module")
 def cluster(lens_cache):
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

@@ -10,13 +10,13 @@ import pytest
 import requests
 import yaml
 
-from conftest import free_port, interrupt, scrape_metrics, wait_healthy
+from conftest import free_port, interrupt, own_instance, ray_jobs, scrape_metrics, wait_healthy
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, photos, tiny):
+def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, photos, tiny, foreign_ray):
     import numpy as np
 
     from lens.drift import Profile
@@ -66,7 +66,13 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
         assert len(wanted) >= 8
         text = scrape_metrics(metrics_port, wanted)
         assert 'route="/v1/tag"' in text and 'status="415"' in text
+        assert ray_jobs(foreign_ray) == []  # someone else's `ray start` cluster on the host: never joined
+        served = requests.get(f"{url}/v1/models", timeout=30).json()["pools"][0]["served"]
+        assert served["backend"] == "onnx" and served["precision"] == "fp32" and served["backend_version"]
     finally:
         out = interrupt(proc)
     assert proc.returncode == 0, out[-2000:]
     assert "shutting down Lens" in out
+    own_instance(out, "lens serve")
+    # the start-up line says what each pool runs, after auto and the int8 gate chose
+    assert f"  pool Tagger (lens): test_efficientnet on onnx fp32 on cpu (onnx {served['backend_version']})" in out

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import encode, random_rgb
+from conftest import encode, own_instance, random_rgb, ray_jobs
 
 TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
 #: validation top-1 that Lite0 head mode must reach on the real-photo scenes (8 classes; chance is 0.125)
@@ -376,23 +376,27 @@ def test_parquet_input_with_id_image_and_label_columns(local_ray, tmp_path, rng)
 
 
 @pytest.mark.slow
-def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_package(local_ray, tmp_path):
+def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_package(tmp_path, foreign_ray):
     from lens.config import ModelConfig
     from lens.package import open_package
     from lens.samples import scene_dataset
-    from train.job import run_train
 
     scenes = {"chelsea.png": "cat", "coffee.png": "coffee", "rocket.jpg": "rocket"}
     scene_dataset(tmp_path / "data", train_per_class=8, val_per_class=3, seed=1, scenes=scenes)
-    # rank 0 dies after its 4th checkpoint in one process: in the second phase, after epoch 4 (the 1-epoch first
-    # phase never gets there, and the restarted group has only epoch 5 left)
-    os.environ["LENS_CRASH_AT"] = "train.after_checkpoint:4"
-    try:
-        summary = run_train(cfg(data=str(tmp_path / "data"), output=str(tmp_path / "pkg"), mode="finetune",
-                                model=ModelConfig(**TINY), workers=2, head_epochs=1, epochs=5, lr=5e-3,
-                                patience=0, batch_size=8), log=lambda m: None)
-    finally:
-        os.environ.pop("LENS_CRASH_AT", None)
+    # `lens train` as a user runs it, from its folder with relative paths, while someone else's `ray start`
+    # cluster is up on the host: it runs on its own Ray. Rank 0 dies after its 4th checkpoint in one process: in
+    # the second phase, after epoch 4 (the 1-epoch first phase never gets there, and the restarted group has only
+    # epoch 5 left)
+    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "train", "--mode", "finetune", "--data", "data",
+                        "--output", "pkg", "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx",
+                        "--workers", "2", "--head-epochs", "1", "--epochs", "5", "--lr", "5e-3", "--patience", "0",
+                        "--train-batch-size", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+                       | {"LENS_CRASH_AT": "train.after_checkpoint:4", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    own_instance(r.stderr, "lens train")
+    assert ray_jobs(foreign_ray) == []
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["restarts"] == 1, summary
     fine = [r for r in summary["epochs"] if r["phase"] == "finetune"]
     assert [r["epoch"] for r in fine] == [1, 2, 3, 4, 5]  # epoch 5 ran after the restart; none ran twice

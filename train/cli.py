@@ -16,7 +16,7 @@ _FLAGS = {"data": "data", "output": "output", "name": "name", "mode": "mode", "v
           "target_precision": "target_precision", "seed": "seed", "overwrite": "overwrite",
           "id_column": "id_column", "feedback": "feedback", "image_column": "image_column", "label_column": "label_column",
           "workers": "workers", "use_gpu": "use_gpu", "unfreeze": "unfreeze", "head_epochs": "head_epochs",
-          "cpus_per_worker": "cpus_per_worker", "checkpoint_storage": "checkpoint_storage"}
+          "cpus_per_worker": "cpus_per_worker", "checkpoint_storage": "checkpoint_storage", "address": "address"}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -98,5 +98,7 @@ def add_parsers(sub, add_model_args) -> None:
     g.add_argument("--checkpoint-storage", default=None, metavar="PATH|s3://",
                    help="Ray Train checkpoints (shared storage on a multi-node cluster; default: a local temp dir)")
     g.add_argument("--head-epochs", type=int, default=None, help="first phase, backbone frozen (default 2)")
+    p.add_argument("--address", default=None, help="Ray cluster to run the embedding job and Ray Train on: auto, "
+                   "ray://HOST:10001 or HOST:6379 (default: RAY_ADDRESS, else Lens's own local Ray)")
     add_model_args(p)
     p.set_defaults(func=cmd_train)

@@ -82,6 +82,8 @@ class TrainConfig(StrictModel):
                                            "temporary directory (one machine)")
     max_failures: int = Field(2, ge=0, description="finetune: worker failures survived by resuming from the last "
                               "checkpoint")
+    address: str | None = Field(None, description="Ray cluster to join (auto, ray://HOST:10001, HOST:6379); None = "
+                                "RAY_ADDRESS, else Lens's own local Ray instance")
     model: ModelConfig = Field(default_factory=ModelConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
 

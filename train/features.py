@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from batch.config import EmbedConfig
 from batch.job import run_embed
+from lens.cluster import init_ray
 from lens.config import DecodeConfig, ModelConfig
 from lens.identity import ModelIdentity
 from lens.storage import atomic_write_bytes
@@ -35,10 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 class EmbeddingCache:
-    """``{cache_dir}/train-embeddings/{identity digest}/part-*.parquet`` of (sha256, embedding)."""
+    """``{cache_dir}/train-embeddings/{outputs key}/part-*.parquet`` of (sha256, embedding), keyed by the full
+    model identity (:meth:`~lens.identity.ModelIdentity.outputs_key`: model, weights, preprocessing, backend,
+    precision and the backend's release), so vectors another backend or release made are never read."""
 
     def __init__(self, cache_dir: str | os.PathLike, identity: ModelIdentity) -> None:
-        key = hashlib.sha256(json.dumps(identity.comparable(), sort_keys=True).encode()).hexdigest()[:24]
+        key = identity.outputs_key()[:24]
         self.root = Path(cache_dir) / "train-embeddings" / key
         self.dim = identity.embed_dim
 
@@ -111,6 +114,7 @@ def embed_dataset(ds: Dataset, model: ModelConfig, decode: DecodeConfig, identit
             writer.close()
         errors: dict[str, str] = {}
         if pending:
+            init_ray(address, log=log, what="lens train")
             log(f"lens train: embedding {len(pending)} new image(s) with the bulk-embedding job "
                 f"({len(cached)} cached)")
             cfg = EmbedConfig(input=str(work / "in"), output=str(work / "out"), input_format="parquet",
@@ -118,8 +122,9 @@ def embed_dataset(ds: Dataset, model: ModelConfig, decode: DecodeConfig, identit
             run_embed(cfg, log=lambda m: logger.info("%s", m))
             manifest = json.loads((work / "out" / "manifest.json").read_text())
             got = ModelIdentity.from_dict(manifest)
-            if got.mismatch(identity):
-                raise RuntimeError(f"the embedding job ran another model than expected: {got.mismatch(identity)}")
+            if got.outputs_key() != identity.outputs_key():
+                raise RuntimeError(f"the embedding job ran another model than expected: {got.describe()} "
+                                   f"{got.comparable()} instead of {identity.describe()} {identity.comparable()}")
             digests, vectors = [], []
             for f in manifest["files"]:
                 t = pq.read_table(work / "out" / f if not os.path.isabs(f) else f, columns=["id", "embedding"])

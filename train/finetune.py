@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lens import __version__
+from lens.cluster import init_ray
 from lens.decode import DecodeLimits
 from lens.faults import crash_point
 from lens.package import write_package
@@ -233,8 +234,7 @@ def run_finetune(cfg: TrainConfig, prep, *, log, started: float) -> dict:
     from lens.runtime import _build_torch
     from lens.weights import resolve_weights
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="WARNING")
+    init_ray(cfg.address, log=log, what="lens train")
     parent_ref = resolve_weights(cfg.model.name, cfg.model.weights, Path(cfg.model.cache_dir))
     parent, pp, _, _ = _build_torch(cfg.model, parent_ref)
     import timm

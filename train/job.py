@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from lens import __version__
+from lens.cluster import absolute
 from lens.identity import ModelIdentity
 from lens.package import is_package, write_package
 
@@ -24,6 +25,10 @@ __all__ = ["run_train", "Prepared"]
 def run_train(cfg: TrainConfig, *, log=print) -> dict:
     """Train ``cfg.mode`` on ``cfg.data`` and write the package to ``cfg.output``; returns the summary."""
     t0 = time.perf_counter()
+    # local paths absolute before any Ray task sees them (a joined cluster's workers have another working folder)
+    cfg = cfg.model_copy(update={k: absolute(getattr(cfg, k)) for k in ("data", "val_data", "output", "feedback",
+                                                                         "checkpoint_storage")}
+                         | {"model": cfg.model.with_absolute_paths()})
     if is_package(cfg.output) and not cfg.overwrite:  # before any compute
         raise DatasetError(f"{cfg.output} already holds a package; choose a new --output or pass --overwrite",
                            code="usage")
@@ -73,7 +78,7 @@ def _prepare(cfg: TrainConfig, ds: Dataset, log) -> Prepared:
     identity = model.identity()
     del model
     t_emb = time.perf_counter()
-    emb, emb_report = embed_dataset(ds, cfg.model, cfg.decode, identity, log=log)
+    emb, emb_report = embed_dataset(ds, cfg.model, cfg.decode, identity, log=log, address=cfg.address)
     emb_seconds = time.perf_counter() - t_emb
     if emb_report["errors"]:
         log(f"lens train: {emb_report['errors']} image(s) could not be used: {emb_report['errors_by_code']}")

@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the service up until Ctrl-C")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (on by default, on "
                    "127.0.0.1; its URL is printed)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://HOST:10001, HOST:6379; default: "
+                   "RAY_ADDRESS, else the demo's own local Ray); its nodes must reach the demo's S3 on 127.0.0.1")
     p.set_defaults(func=lambda a: __import__("lens.app.demo", fromlist=["main"]).main(a))
 
     from .drift_cli import add_parsers as add_drift_parsers, run as run_drift

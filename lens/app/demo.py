@@ -71,7 +71,7 @@ def _wait(what: str, check, timeout_s: float, interval: float = 0.5):
 
 
 def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-demo", port: int = 8000,
-             keep: bool = False, dashboard: bool = True) -> dict:
+             keep: bool = False, dashboard: bool = True, address: str | None = None) -> dict:
     from lens.client import LensAPIError, LensClient
     from lens.samples import augmented_jpegs, sample_path
 
@@ -93,16 +93,19 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
 
     endpoint = start_local_aws(port_or_free(4566))
     import boto3
-    import ray
+
+    from lens.cluster import init_ray
 
     # HAProxy's slow-client limits, with its stats/exporter ports wherever they are free on this host
     _, frontdoor = prepare_frontdoor(None)
     # log_to_driver=False: replica and worker logs stay in Ray's log files, the demo prints its own progress
-    ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port_or_free(8265),
-                   logging_level="WARNING", log_to_driver=False, runtime_env=frontdoor)
-    if dashboard and getattr(ctx, "dashboard_url", None):
-        summary["ray_dashboard"] = f"http://{ctx.dashboard_url}"
-        print(f"    Ray dashboard: http://{ctx.dashboard_url} (jobs, actors, logs; --no-dashboard turns it off)",
+    start = {"include_dashboard": dashboard, "dashboard_host": "127.0.0.1", "dashboard_port": port_or_free(8265)}
+    ctx = init_ray(address, log=lambda m: print(f"    {m}", file=sys.stderr), what="lens demo", log_to_driver=False,
+                   runtime_env=frontdoor, **start)
+    dashboard_url = getattr(ctx, "dashboard_url", None) if dashboard else None
+    if dashboard_url:
+        summary["ray_dashboard"] = f"http://{dashboard_url}"
+        print(f"    Ray dashboard: http://{dashboard_url} (jobs, actors, logs; --no-dashboard turns it off)",
               file=sys.stderr)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=DATA_BUCKET)
@@ -304,7 +307,7 @@ def main(args) -> int:
     prepare_workdir(args.workdir)  # refuses a directory the demo does not own before anything starts
     try:
         summary = run_demo(images=args.images, new_images=args.new_images, workdir=args.workdir, port=args.port,
-                           keep=args.keep, dashboard=not args.no_dashboard)
+                           keep=args.keep, dashboard=not args.no_dashboard, address=args.address)
     finally:
         print("shutting down ...", file=sys.stderr)
         try:

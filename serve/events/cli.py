@@ -81,9 +81,10 @@ def status(cfg) -> dict:
         import ray
         from ray import serve
 
-        if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-            if not ray.is_initialized():
-                ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+        from lens.cluster import init_ray
+
+        if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):  # only a cluster the user named: never start one
+            init_ray(os.environ.get("RAY_ADDRESS"), what="lens events status", logging_level="ERROR")
             out |= serve.get_deployment_handle("EventConsumer", "lens-events").status.remote().result(timeout_s=10)
     except Exception as e:  # noqa: BLE001 - queue numbers are still useful without the consumer
         out["consumer"] = f"unavailable: {type(e).__name__}"

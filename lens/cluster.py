@@ -1,0 +1,80 @@
+"""Which Ray a Lens command runs on: its own local instance unless it is told an address.
+
+Ray's own ``ray.init()`` with no address joins the most recent cluster started with ``ray start`` on the host, so
+a plain ``lens embed`` used to run inside someone else's cluster (their resources, runtime environment and
+Python) or time out. Every Lens command that starts Ray comes here instead:
+
+* no ``--address`` and no ``RAY_ADDRESS``: a new local instance (``address="local"``), private to the command;
+* ``--address auto`` (the cluster ``ray start`` made on this host), ``ray://host:10001`` or ``host:6379``, or
+  ``RAY_ADDRESS`` in the environment: join that cluster.
+
+The first line a command logs says which one it runs on. Paths handed to Ray tasks must be absolute
+(:func:`absolute`): a joined cluster's workers do not share the driver's working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["init_ray", "describe_ray", "requested_address", "absolute"]
+
+logger = logging.getLogger(__name__)
+
+
+def requested_address(address: str | None = None) -> str | None:
+    """The cluster the user asked to join (``address``, else ``RAY_ADDRESS``), or None for a private instance."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(address: str | None = None, *, log=None, what: str = "lens", runtime_env: dict | None = None,
+             logging_level: int | str = logging.WARNING, log_to_driver: bool = True, **start):
+    """Start (or join) Ray for a Lens command; ``log`` gets the line that says which cluster it runs on. Returns
+    ``ray.init``'s context (None when Ray was already initialised in this process). ``start`` (``num_cpus``, ``include_dashboard``, ``dashboard_port`` ...) applies only to a new
+    local instance: a joined cluster keeps its own resources. Nothing happens when Ray is already initialised in
+    this process (a test's, or the caller's)."""
+    import ray
+
+    ctx = None
+    if ray.is_initialized():
+        line = f"{what}: on the Ray already initialised in this process ({describe_ray()})"
+    else:
+        joined = requested_address(address)
+        common = {"logging_level": logging_level, "log_to_driver": log_to_driver}
+        if runtime_env is not None:
+            common["runtime_env"] = runtime_env
+        if joined:
+            ctx = ray.init(address=joined, **common)
+            line = f"{what}: joined the Ray cluster at {joined} ({describe_ray()})"
+        else:
+            start.setdefault("include_dashboard", False)
+            ctx = ray.init(address="local", **common, **start)
+            line = f"{what}: on its own local Ray instance ({describe_ray()}; --address or RAY_ADDRESS joins a cluster)"
+    if log is not None:
+        log(line)
+    else:
+        logger.info("%s", line)
+    return ctx
+
+
+def describe_ray() -> str:
+    """``GCS address, N CPUs[, M GPUs]`` of the Ray this process is connected to."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    res = ray.cluster_resources()
+    gcs = getattr(ctx, "gcs_address", None) or "?"
+    gpus = int(res.get("GPU", 0))
+    return f"GCS {gcs}, {res.get('CPU', 0):g} CPU(s)" + (f", {gpus} GPU(s)" if gpus else "")
+
+
+def absolute(path: str | os.PathLike | None) -> str | None:
+    """A local path made absolute on the driver (``s3://`` URIs and None pass through unchanged), before any Ray
+    task sees it: a worker of a joined cluster resolves a relative path against its own working directory."""
+    if path is None:
+        return None
+    s = str(path)
+    if "://" in s:
+        return s
+    return str(Path(s).expanduser().absolute())
