@@ -21,11 +21,11 @@ def config_from_args(args: argparse.Namespace):
     """An :class:`~batch.config.EmbedConfig` from ``--config FILE`` (sections ``embed``, ``model``, ``decode``)
     with the command-line flags on top."""
     from lens.cliargs import configs_from_args
-    from lens.config import read_yaml_mapping, validate
+    from lens.config import read_config, validate
 
     from .config import EmbedConfig
 
-    data = read_yaml_mapping(args.config) if args.config else {}
+    data = read_config(args.config) if args.config else {}
     model, decode = configs_from_args(args, data)
     embed = dict(data.get("embed") or {})
     for key, attr in _EMBED_FLAGS.items():

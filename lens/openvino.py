@@ -30,15 +30,20 @@ logger = logging.getLogger(__name__)
 OV_FORMAT = 1
 
 
-def openvino_version() -> str:
-    """The installed OpenVINO's version, from its package metadata (importing openvino itself takes a while, and
-    ``backend: auto`` asks on every start); ImportError when it is not installed."""
+def package_version(name: str) -> str:
+    """An installed package's version from its metadata, without importing it (openvino takes a while to import,
+    nncf about 5 s); ImportError when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("openvino")
+        return version(name)
     except PackageNotFoundError:
-        raise ImportError("openvino is not installed") from None
+        raise ImportError(f"{name} is not installed") from None
+
+
+def openvino_version() -> str:
+    """The installed OpenVINO's version (``backend: auto`` asks on every start)."""
+    return package_version("openvino")
 
 
 def cpu_flags() -> list[str]:
@@ -143,12 +148,12 @@ def ensure_fp32(onnx_path: Path) -> Path:
 def ensure_int8(onnx_path: Path, calibration, calibration_digest: str, gate) -> tuple[Path, dict]:
     """The NNCF int8 IR for this calibration set (cached) and its gate report, built and judged once:
     ``calibration() -> (N, 3, H, W)`` is called only when building, and ``gate(int8_xml) -> report`` runs then
-    too, its report stored as ``gate.json`` beside the model."""
-    import nncf
-
-    target = _variant_dir(onnx_path, f"int8-nncf{nncf.__version__}-cal{calibration_digest[:16]}")
+    too, its report stored as ``gate.json`` beside the model. A warm start (the model cached) never imports NNCF:
+    its version, part of the cache key, comes from package metadata."""
+    target = _variant_dir(onnx_path, f"int8-nncf{package_version('nncf')}-cal{calibration_digest[:16]}")
 
     def make(stage: Path) -> None:
+        import nncf
         import openvino as ov
 
         model = ov.Core().read_model(str(ensure_fp32(onnx_path)))

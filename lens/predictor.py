@@ -125,7 +125,7 @@ class Predictor:
 
     def __init__(self, model: LoadedModel, limits: DecodeLimits = DecodeLimits(), *,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 default_top_k: int = 5, heads: Sequence[Head] = ()) -> None:
+                 default_top_k: int = 5, heads: Sequence[Head] = (), custom_top_k: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         names = [h.name for h in heads]
@@ -138,6 +138,7 @@ class Predictor:
         self.preprocessor = Preprocessor(model.preprocess, limits)
         self.max_batch_size = max_batch_size
         self.default_top_k = default_top_k
+        self.custom_top_k = custom_top_k  # None: custom tags are the thresholded classes; K: each head's K best
         self.warmed_up = False
 
     @classmethod
@@ -146,6 +147,7 @@ class Predictor:
         model_cfg = model_cfg or ModelConfig()
         decode_cfg = decode_cfg or DecodeConfig()
         kwargs.setdefault("max_batch_size", model_cfg.max_batch_size)
+        kwargs.setdefault("custom_top_k", model_cfg.custom_top_k)
         if model_cfg.heads and "heads" not in kwargs:
             kwargs["heads"] = [load_head(uri, cache_dir=model_cfg.cache_dir) for uri in model_cfg.heads]
         return cls(load_model(model_cfg), decode_cfg.limits(), **kwargs)
@@ -215,32 +217,38 @@ class Predictor:
         ``infer(stack(prepare(item)))``."""
         return self.infer(self.preprocessor.normalize(pixels))
 
-    def custom_tags(self, embeddings: np.ndarray, logits: np.ndarray | None = None) -> list[dict[str, list[dict]]] | None:
-        """Per row, each custom classifier's tags (its classes at or above their own threshold): every head's,
-        and a fine-tuned model package's own (from ``logits``). None when there are none."""
+    def custom_tags(self, embeddings: np.ndarray, logits: np.ndarray | None = None,
+                    top_k: int | None = None) -> list[dict[str, list[dict]]] | None:
+        """Per row, each custom classifier's tags: every head's, and a fine-tuned model package's own (from
+        ``logits``). By default a classifier's classes at or above their own thresholds (possibly none); with
+        ``top_k`` (else the predictor's ``custom_top_k``) its ``top_k`` best, each marked ``passed`` or not. None
+        when there are no custom classifiers."""
+        top_k = top_k or self.custom_top_k
         pkg = self.model.package
         own = bool(pkg and pkg.get("thresholds") and logits is not None)
         if not self.heads and not own:
             return None
-        per_head = {h.name: h.tags(embeddings) for h in self.heads}
+        per_head = {h.name: h.tags(embeddings, top_k) for h in self.heads}
         if own:
             per_head[pkg["name"]] = threshold_tags(softmax(logits), self.model.labels,
-                                                   np.asarray(pkg["thresholds"], np.float32))
+                                                   np.asarray(pkg["thresholds"], np.float32), top_k)
         return [{name: rows[i] for name, rows in per_head.items()} for i in range(len(embeddings))]
 
-    def postprocess(self, logits: np.ndarray, embeddings: np.ndarray, top_k: int | None = None) -> list[Prediction]:
+    def postprocess(self, logits: np.ndarray, embeddings: np.ndarray, top_k: int | None = None,
+                    custom_top_k: int | None = None) -> list[Prediction]:
         tags = top_k_tags(logits, self.model.labels, top_k or self.default_top_k)
-        custom = self.custom_tags(embeddings, logits) or [None] * len(tags)
+        custom = self.custom_tags(embeddings, logits, custom_top_k) or [None] * len(tags)
         return [Prediction(t, e, c) for t, e, c in zip(tags, embeddings, custom)]
 
     # -- the whole thing ---------------------------------------------------------------------
     def predict(self, items: Sequence[Item], top_k: int | None = None,
-                executor: Executor | None = None) -> list[Result]:
+                executor: Executor | None = None, custom_top_k: int | None = None) -> list[Result]:
         """One result per item, in order: a :class:`Prediction` or an :class:`ItemError`."""
         prepared = self.prepare_many(items, executor)
-        return self.predict_prepared(prepared, top_k)
+        return self.predict_prepared(prepared, top_k, custom_top_k)
 
-    def predict_prepared(self, prepared: Sequence[np.ndarray | ItemError], top_k: int | None = None) -> list[Result]:
+    def predict_prepared(self, prepared: Sequence[np.ndarray | ItemError], top_k: int | None = None,
+                         custom_top_k: int | None = None) -> list[Result]:
         """Run the model over already-prepared items, keeping the errors in place."""
         good = [i for i, p in enumerate(prepared) if isinstance(p, np.ndarray)]
         results: list[Result] = list(prepared)  # errors stay where they are
@@ -248,7 +256,7 @@ class Predictor:
             batch = np.stack([prepared[i] for i in good])
             logits, emb = self.infer(batch)
             finite = np.isfinite(logits).all(axis=1) & np.isfinite(emb).all(axis=1)
-            for i, ok, pred in zip(good, finite, self.postprocess(logits, emb, top_k)):
+            for i, ok, pred in zip(good, finite, self.postprocess(logits, emb, top_k, custom_top_k)):
                 results[i] = pred if ok else ItemError(
                     "model_output_not_finite", f"the model ({self.name}) produced non-finite outputs for this image",
                     500)

@@ -36,7 +36,8 @@ from .weights import (
     resolve_weights,
 )
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_backend", "onnx_cache_paths", "served_line"]
+__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_backend", "onnx_cache_paths", "served_line",
+           "config_for_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,23 @@ def served_line(served: dict) -> str:
         why.append(f"int8 gate {'passed' if gate['passed'] else 'REFUSED (' + ', '.join(gate['failed']) + ')'}: "
                    f"{nums}; serving {gate['served']}")
     return f"{served['backend']} {served['precision']} on {served['device']}" + (f" ({'; '.join(why)})" if why else "")
+
+
+def config_for_identity(identity: ModelIdentity, **overrides) -> ModelConfig:
+    """The model config that embeds in ``identity``'s model space: its architecture, and the backend and precision
+    it was embedded with (not what ``auto`` would pick here), so queries meet an index on its own terms. An
+    identity made on a GPU in fp16/bf16 is queried with torch fp32 on a host without CUDA (the closest this host
+    can run; the caller can compare the loaded identity and say so). ``overrides`` (weights, cache_dir ...) win."""
+    backend, precision = identity.backend or "auto", identity.precision or "auto"
+    if backend == "torch":
+        device = resolve_device("auto")
+        if device == "cpu":
+            precision = "fp32"
+        return ModelConfig(name=identity.model, backend="torch", device=device, precision=precision, **overrides)
+    if backend not in ("onnx", "openvino"):
+        backend = "auto"
+    return ModelConfig(name=identity.model, backend=backend, device="cpu" if backend != "auto" else "auto",
+                       precision=precision if precision in ("fp32", "int8") else "auto", **overrides)
 
 
 def resolve_device(device: str) -> str:

@@ -297,9 +297,12 @@ class TaggerCore:
             "batching": self.batching.model_dump(),
         }
 
-    async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False, identity: dict | None = None) -> dict:
+    async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False, identity: dict | None = None,
+                  custom_top_k: int | None = None) -> dict:
         """Tag one image: ``{"tags", "version", ["custom_tags"], ["embedding", "model_identity"]}``. ``identity``
-        (search): embed with the loaded version whose embeddings are comparable with it. Raises
+        (search): embed with the loaded version whose embeddings are comparable with it. ``custom_top_k``: each
+        custom classifier's K best classes, marked passed or not (default: the pool's ``model.custom_top_k``, else
+        the classes at or above their thresholds). Raises
         :class:`OverloadedError` (queue full), the image's own error (a :class:`RequestFailed` with its code and
         status) or :class:`ModelError`."""
         if self._in_flight >= self.batching.max_pending:
@@ -328,13 +331,14 @@ class TaggerCore:
             out: dict = {"tags": [t.to_dict() for t in top_k_tags(logits[None], slot.predictor.model.labels,
                                                                   top_k)[0]],
                          "model": slot.identity.model, "version": slot.label}
-            custom = slot.predictor.custom_tags(emb[None], logits[None])
+            custom = slot.predictor.custom_tags(emb[None], logits[None], custom_top_k)
             if head is not None:
                 diff = head.backbone.mismatch(slot.identity)
                 if diff:
                     raise RequestFailed(f"head {head_id!r} was trained on another backbone than {slot.label or slot.identity.model} "
                                         f"(differs in {', '.join(diff)})", code="head_backbone_mismatch", status=409)
-                custom = [dict(custom[0] if custom else {}, **{head.name: head.tags(emb[None])[0]})]
+                custom = [dict(custom[0] if custom else {},
+                               **{head.name: head.tags(emb[None], custom_top_k or slot.predictor.custom_top_k)[0]})]
                 out["head"] = {"id": head_id, "name": head.name, "sha256": head.sha256}
             if custom is not None:
                 out["custom_tags"] = custom[0]

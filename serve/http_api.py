@@ -193,6 +193,10 @@ class HttpApi:
     def _top_k(self, top_k: Optional[int]) -> int:
         return check_top_k(self.api_cfg.default_top_k if top_k is None else top_k, self.api_cfg.max_top_k)
 
+    def _custom_top_k(self, custom_top_k: Optional[int]) -> Optional[int]:
+        """None: the pool's default (thresholded custom tags, or its model.custom_top_k); else checked like top_k."""
+        return None if custom_top_k is None else check_top_k(custom_top_k, self.api_cfg.max_top_k)
+
     async def _model_info(self, pool: Optional[str]) -> dict:
         name = pool or self._pool_names()[0]
         if name not in self._model_names:
@@ -222,11 +226,11 @@ class HttpApi:
 
     # -- routes ------------------------------------------------------------------------------
     async def http_tag(self, request: Request, top_k: Optional[int] = Query(None),
-                       embedding: bool = Query(False)) -> JSONResponse:
+                       embedding: bool = Query(False), custom_top_k: Optional[int] = Query(None)) -> JSONResponse:
         async def work(pool):
-            k = self._top_k(top_k)
+            k, ck = self._top_k(top_k), self._custom_top_k(custom_top_k)
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
-            result = await self._dispatch("tag", (data, k, embedding), pool, _head(request))
+            result = await self._dispatch("tag", (data, k, embedding, None, ck), pool, _head(request))
             body = {"model": result["model"], "version": result.get("version"), "tags": result["tags"]} | \
                 _custom(result) | _receipt(data)
             if embedding:  # with the identity of the version that made it (what an embedding part records)
@@ -246,9 +250,10 @@ class HttpApi:
 
         return await self._handle(request, "/v1/embed", work)
 
-    async def http_tag_batch(self, request: Request, top_k: Optional[int] = Query(None)) -> JSONResponse:
+    async def http_tag_batch(self, request: Request, top_k: Optional[int] = Query(None),
+                             custom_top_k: Optional[int] = Query(None)) -> JSONResponse:
         async def work(pool):
-            k = self._top_k(top_k)
+            k, ck = self._top_k(top_k), self._custom_top_k(custom_top_k)
             images = await read_images(request, self.api_cfg.max_batch_body_bytes,
                                        max_items=self.api_cfg.max_batch_items)
             for i, img in enumerate(images):
@@ -256,7 +261,8 @@ class HttpApi:
                     raise HttpError(f"image {i} is {len(img)} bytes; the per-image limit is "
                                     f"{self.api_cfg.max_body_bytes}", status=413, code="image_too_large")
             head = _head(request)
-            results = await asyncio.gather(*(self._dispatch("tag", (img, k, False), pool, head) for img in images),
+            results = await asyncio.gather(*(self._dispatch("tag", (img, k, False, None, ck), pool, head)
+                                             for img in images),
                                            return_exceptions=True)
             out = [{"index": i} | (_item_error(r, "/v1/tag:batch") if isinstance(r, BaseException)
                                    else {"tags": r["tags"], "version": r.get("version")} | _custom(r)

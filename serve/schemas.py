@@ -28,6 +28,11 @@ class Tag(BaseModel):
     score: float = Field(..., description="softmax probability")
 
 
+class CustomTag(Tag):
+    passed: Optional[bool] = Field(None, description="with custom_top_k: whether the class reached its tuned "
+                                   "threshold (absent in the default, thresholded list, where all did)")
+
+
 class HeadInfo(BaseModel):
     id: str = Field(..., description="the serve_multiplexed_model_id that chose it")
     name: str
@@ -38,8 +43,9 @@ class TagAnswer(BaseModel):
     model: str = Field(..., description="timm architecture")
     version: Optional[str] = Field(None, description="registry name@version that answered (null: fixed weights)")
     tags: list[Tag]
-    custom_tags: Optional[dict[str, list[Tag]]] = Field(None, description="head name -> its classes at or above "
-                                                        "their threshold (pools serving lens train heads)")
+    custom_tags: Optional[dict[str, list[CustomTag]]] = Field(
+        None, description="head name -> its classes at or above their threshold, best first (pools serving lens "
+        "train heads; may be empty); with custom_top_k=K its K best classes, each marked passed or not")
     head: Optional[HeadInfo] = None
     embedding: Optional[list[float]] = Field(None, description="with ?embedding=true: L2-normalised")
     model_identity: Optional[dict] = Field(None, description="with ?embedding=true: the identity of the version "
@@ -60,7 +66,7 @@ class BatchItem(BaseModel):
     index: int = Field(..., description="position of the image in the request")
     tags: Optional[list[Tag]] = None
     version: Optional[str] = None
-    custom_tags: Optional[dict[str, list[Tag]]] = None
+    custom_tags: Optional[dict[str, list[CustomTag]]] = None
     sha256: Optional[str] = None
     predicted_at: Optional[float] = None
     error: Optional[str] = Field(None, description="this image's error code (the others still answered)")

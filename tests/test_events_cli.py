@@ -31,7 +31,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
     moto_port, http_port, metrics_port = free_port(), free_port(), free_port()
     doc = yaml.safe_load((Path(__file__).parents[1] / "infra" / "events.yaml").read_text())
     doc["applications"][0]["args"]["pools"][0].update(
-        model={"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}, num_cpus=1)
+        model={"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"})  # shipped size
     doc["applications"][1]["args"]["events"].update(wait_time_s=1, visibility_timeout_s=2, max_receive_count=2,
                                                     scale_interval_s=1)
     cfg = tmp_path / "events.yaml"

@@ -26,7 +26,18 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
     doc = yaml.safe_load((__import__("pathlib").Path(__file__).parents[1] / "infra" / "serve-cpu.yaml").read_text())
     pool = doc["applications"][0]["args"]["pools"][0]
     pool["model"] = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
-    pool["num_cpus"] = 1
+    # the shipped CPU sizes, with search enabled, on this 2-core machine (the resource check is on)
+    from test_index import write_part
+
+    from index.build import BuildConfig, build_index
+
+    seeded = [b for _, b, _ in augmented_jpegs(12, seed=6, long_side=(128, 256))]
+    vectors = np.stack([r.embedding for r in tiny.predict(seeded)])
+    write_part(tmp_path / "emb" / "part-0.parquet", [f"img-{i}" for i in range(len(vectors))], vectors,
+               model=tiny.identity().to_dict())
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "index"), index="flat"),
+                log=lambda *a: None)
+    doc["applications"][0]["args"]["search"] = {"index": str(tmp_path / "index"), "num_cpus": 0.5}
     # drift and feedback on, so their metrics are exported too
     jpegs = [b for _, b, _ in augmented_jpegs(80, seed=5, long_side=(128, 256))]
     ref = tiny.predict(jpegs)
@@ -67,6 +78,9 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
         text = scrape_metrics(metrics_port, wanted)
         assert 'route="/v1/tag"' in text and 'status="415"' in text
         assert ray_jobs(foreign_ray) == []  # someone else's `ray start` cluster on the host: never joined
+        hits = requests.post(f"{url}/v1/search?k=3", data=seeded[3], headers={"Content-Type": "image/jpeg"},
+                             timeout=30).json()["results"]
+        assert hits[0]["id"] == "img-3" and hits[0]["score"] > 0.999
         served = requests.get(f"{url}/v1/models", timeout=30).json()["pools"][0]["served"]
         assert served["backend"] == "onnx" and served["precision"] == "fp32" and served["backend_version"]
     finally:

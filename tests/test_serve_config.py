@@ -19,6 +19,20 @@ def test_shipped_profiles_validate(name):
     assert app.import_path == "serve.app:build_app"
 
 
+@pytest.mark.parametrize("name", ["serve-cpu.yaml", "events.yaml"])
+def test_shipped_cpu_configs_fit_two_cores_with_search_enabled(name):
+    """A laptop VM or a small cloud instance: the shipped CPU configs, with the search section the comments
+    describe, fit 2 cores (tests/test_serve_cli.py and tests/test_events_cli.py start them on this machine)."""
+    from serve.run import check_resources, resource_demand
+
+    doc = load_serve_config(str(INFRA / name))
+    doc["applications"][0]["args"]["search"] = {"index": "some-index", "num_cpus": 0.5}
+    check_serve_config(doc, name)
+    two_cores = {"total": {"CPU": 2.0}, "nodes": [{"CPU": 2.0}]}
+    check_resources(doc, two_cores)  # raises with the arithmetic if it does not fit
+    assert sum(d.replicas * d.cpus for d in resource_demand(doc)) == 2.0
+
+
 def test_gpu_profile_requests_gpus_and_runs_cpu_beside_it():
     from serve.config import AppArgs
 

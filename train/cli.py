@@ -24,12 +24,12 @@ def config_from_args(args: argparse.Namespace):
     with the command-line flags on top; settings given either way count as explicit (``--recommended`` leaves
     them alone)."""
     from lens.cliargs import configs_from_args
-    from lens.config import read_yaml_mapping, validate
+    from lens.config import read_config, validate
     from lens.errors import LensError
 
     from .config import TrainConfig
 
-    data = read_yaml_mapping(args.config) if args.config else {}
+    data = read_config(args.config) if args.config else {}
     model, decode = configs_from_args(args, data)
     train = dict(data.get("train") or {})
     for key, attr in _FLAGS.items():

@@ -27,6 +27,7 @@ def _read_limited(path: Path, limit: int) -> bytes:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     from lens.predictor import ItemError, Predictor, check_top_k
+    from lens.runtime import served_line
     from lens.samples import sample_paths
 
     paths = [Path(p) for p in args.images]
@@ -37,6 +38,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     check_top_k(args.top_k)
     model_cfg, decode_cfg = configs_from_args(args)
     predictor = Predictor.from_config(model_cfg, decode_cfg, default_top_k=args.top_k)
+    served = served_line(predictor.model.served())
+    print(f"lens tag: {predictor.name} on {served}", file=sys.stderr, flush=True)
     limit = predictor.preprocessor.limits.max_bytes
     failures = 0
     out = sys.stdout
@@ -60,6 +63,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
                 rec |= r.to_dict()
             out.write(json.dumps(rec) + "\n")
         out.flush()
+    print(f"lens tag: {len(paths)} image(s), {len(paths) - failures} tagged, {failures} failed; {predictor.name} on "
+          f"{served}", file=sys.stderr)
     return 1 if failures else 0
 
 
