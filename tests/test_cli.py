@@ -187,3 +187,43 @@ def test_every_command_shows_examples_that_parse_and_every_flag_says_its_value()
             except SystemExit:
                 pytest.fail(f"the example {line!r} of lens {path} does not parse: {err.getvalue()}")
             assert callable(getattr(args, "func", None)), line
+
+
+def test_every_backend_the_config_accepts_the_cli_accepts_and_the_summary_says_what_ran(lite0_onnx):
+    from lens.samples import sample_path
+
+    r = lens("tag", str(sample_path("coffee.png")), "--backend", "openvino", "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tags"][0]["label"] == "espresso"
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lens tag: 1 image(s), 1 tagged, 0 failed; tf_efficientnet_lite0 on openvino fp32 on cpu "
+                           "(openvino "), r.stderr
+    r = lens("tag", "--help")
+    for value in ("auto", "torch", "onnx", "openvino", "int8", "--custom-top-k"):
+        assert value in r.stdout
+
+
+@pytest.mark.parametrize("text,says", [
+    ("custom_top_k: 3\n", "unknown top-level key 'custom_top_k': no Lens command reads it; it is a key of the "
+                          "model: section"),
+    ("modle:\n  name: x\n", "unknown top-level key 'modle': no Lens command reads it; did you mean 'model'?"),
+    ("model:\n  custom_topk: 3\n", "custom_topk: Extra inputs are not permitted; did you mean 'custom_top_k'?"),
+    ("model:\n  backend: onnx\ntrain:\n  epohcs: 3\n", "epohcs: Extra inputs are not permitted; did you mean 'epochs'?"),
+])
+def test_a_config_key_no_command_reads_is_refused_naming_the_nearest_valid_one(tmp_path, text, says):
+    cfg = tmp_path / "lens.yaml"
+    cfg.write_text(text)
+    command = ["train", "--data", str(tmp_path), "--output", str(tmp_path / "o")] if "train:" in text else \
+        ["tag", "--samples"]
+    r = lens(*command, "--config", str(cfg))
+    assert r.returncode == 2 and says in r.stderr and str(cfg) in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_section_of_another_command_is_allowed(tmp_path, lite0_onnx):
+    from lens.samples import sample_path
+
+    cfg = tmp_path / "lens.yaml"
+    cfg.write_text("model:\n  backend: onnx\nembed:\n  top_k: 3\ntrain:\n  epochs: 5\nserve: {}\n")
+    r = lens("tag", str(sample_path("coffee.png")), "--config", str(cfg))
+    assert r.returncode == 0, r.stderr

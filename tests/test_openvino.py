@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -125,3 +126,48 @@ def test_int8_needs_the_openvino_backend():
     with pytest.raises(ConfigError, match="precision int8 runs on the openvino backend"):
         validate(ModelConfig, {"backend": "onnx", "precision": "int8"})
     assert ModelConfig(precision="int8").backend == "auto"  # auto + int8 resolves to openvino
+
+
+def test_a_warm_int8_start_imports_neither_nncf_nor_torch(lite0_int8, lens_cache):
+    """NNCF (about 5 s to import) is needed only to build an int8 model: a warm start reads its version, part of
+    the cache key, from package metadata, and imports only openvino."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from lens.config import ModelConfig\nfrom lens.predictor import Predictor\n"
+            "p = Predictor.from_config(ModelConfig(backend='openvino', precision='int8'))\n"
+            "print(json.dumps([p.identity().precision, sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'nncf', 'torch', 'timm'})]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=__import__("os").environ | {"LENS_CACHE_DIR": str(lens_cache)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ["int8", []]
+
+
+def test_an_image_search_embeds_in_the_index_model_space(lite0_int8, lite0_onnx, photos, tmp_path, capsys):
+    """An index built with OpenVINO int8, searched by image from a command whose `auto` picks an fp32 backend:
+    the query is embedded with the index's backend and precision, so a stored image finds itself exactly."""
+    from test_index import write_part
+
+    from index.build import BuildConfig, build_index
+    from lens.app import cli
+
+    names = sorted(photos)
+    vectors = np.stack([r.embedding for r in lite0_int8.predict([photos[n] for n in names])])
+    ident = lite0_int8.identity()
+    assert (ident.backend, ident.precision) == ("openvino", "int8")
+    write_part(tmp_path / "emb" / "part-0.parquet", names, vectors, model=ident.to_dict())
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index="flat"),
+                log=lambda *a: None)
+    query = tmp_path / "query.png"
+    query.write_bytes(photos["chelsea.png"])
+    assert cli.main(["index", "search", "--index", str(tmp_path / "idx"), "--image", str(query), "-k", "3"]) == 0
+    out = capsys.readouterr()
+    hits = json.loads(out.out)["results"]
+    assert hits[0]["id"] == "chelsea.png" and hits[0]["score"] > 0.9999, hits
+    assert "query embedded with tf_efficientnet_lite0 on openvino int8 on cpu" in out.err
+    # the fp32 embedding of the same photo is close but not the stored vector: the test tells the two apart
+    (fp32,) = lite0_onnx.predict([photos["chelsea.png"]])
+    assert float(fp32.embedding @ vectors[names.index("chelsea.png")]) < 0.9999

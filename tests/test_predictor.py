@@ -90,3 +90,4 @@ def test_info_describes_the_model(tiny):
     assert info["model"] == "test_efficientnet" and info["backend"] == tiny.model.backend.name
     assert info["embed_dim"] == tiny.embed_dim == 256
     assert info["preprocess"]["input_size"] == [3, 160, 160]
+

@@ -149,6 +149,17 @@ def test_routes_and_errors(main_app, photos, tiny_head):
     assert [t["label"] for t in custom["colours"]] == [t["label"] for t in want]  # blue is never above 1.01
     assert np.allclose([t["score"] for t in custom["colours"]], [t["score"] for t in want], atol=1e-4)
     assert info["heads"] == [head.info()]
+    # custom_top_k: the head's best guesses, blue included, each marked whether it passed its threshold
+    ranked = post(f"{main_app}/v1/tag?custom_top_k=3", jpeg).json()["custom_tags"]["colours"]
+    probs = head.probabilities(emb[None])[0]
+    assert [t["label"] for t in ranked] == [head.labels[i] for i in np.argsort(-probs)]
+    assert {t["label"]: t["passed"] for t in ranked} == {"red": True, "green": True, "blue": False}
+    r = post(f"{main_app}/v1/tag:batch?custom_top_k=1", jpeg)
+    assert len(r.json()["results"][0]["custom_tags"]["colours"]) == 1
+    r = post(f"{main_app}/v1/tag?custom_top_k=0", jpeg)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    # what the pool runs, after auto and the int8 gate chose
+    assert info["served"]["backend"] == "onnx" and info["served"]["precision"] == "fp32"
 
 
 def test_malformed_corpus_gets_typed_errors_without_restarting_the_replica(main_app, photos):

@@ -205,6 +205,27 @@ def test_a_second_run_reuses_embeddings_by_content_hash(head_pkg, scenes, tmp_pa
     assert again["metrics"]["top1"] >= ACCURACY_FLOOR
 
 
+def test_the_embedding_cache_is_keyed_by_the_full_model_identity(tmp_path, tiny):
+    """Vectors cached from one backend, precision or backend release are never read by another (a corrupted
+    OpenVINO run once lasted in this cache); nor is an entry under the earlier, comparable-fields-only key."""
+    import dataclasses
+    import hashlib
+
+    from train.features import EmbeddingCache
+
+    ident = tiny.identity()
+    assert ident.backend == "onnx" and ident.backend_version
+    cache = EmbeddingCache(tmp_path, ident)
+    cache.add(["digest-1"], np.ones((1, ident.embed_dim), np.float32))
+    assert list(cache.load()) == ["digest-1"]
+    for change in ({"backend": "openvino"}, {"precision": "int8"}, {"backend_version": "0.0.0"},
+                   {"preprocess": ident.preprocess | {"crop_pct": 0.5}}):
+        other = EmbeddingCache(tmp_path, dataclasses.replace(ident, **change))
+        assert other.root != cache.root and other.load() == {}, change
+    old_key = hashlib.sha256(json.dumps(ident.comparable(), sort_keys=True).encode()).hexdigest()[:24]
+    assert cache.root.name != old_key
+
+
 @pytest.mark.slow
 def test_custom_tags_from_the_predictor_match_the_validation_class(head_pkg, scenes, lite0_onnx):
     from lens.heads import load_head
@@ -444,3 +465,26 @@ def test_s3_data_and_package_through_moto(local_ray, tmp_path, rng, moto_endpoin
     s3.put_object(Bucket="lens-train", Key="packages/colours/head.safetensors", Body=b"not the head")
     with pytest.raises(PackageError, match="head.safetensors does not match its checksum"):
         load_head("s3://lens-train/packages/colours", cache_dir=tmp_path / "cache2")
+
+
+def test_custom_top_k_gives_each_heads_best_classes_marked_passed_or_not(tiny, tiny_head, photos):
+    """Thresholded custom tags can be empty (blue's threshold is 1.01, never reached); custom_top_k asks for a
+    classifier's best guesses instead, best first, each marked whether it passed its threshold."""
+    from lens.config import ModelConfig
+    from lens.heads import load_head
+    from lens.predictor import Predictor
+
+    head = load_head(tiny_head)
+    cfg = ModelConfig(name="test_efficientnet", weights="random", backend="onnx", heads=(tiny_head,))
+    default = Predictor.from_config(cfg)
+    ranked = Predictor.from_config(cfg.model_copy(update={"custom_top_k": 3}))
+    items = [photos["coffee.png"], photos["rocket.jpg"]]
+    for d, r in zip(default.predict(items), ranked.predict(items)):
+        assert {t["label"] for t in d.custom["colours"]} <= {"red", "green"} and "passed" not in str(d.custom)
+        probs = head.probabilities(d.embedding[None])[0]
+        assert [t["label"] for t in r.custom["colours"]] == [head.labels[i] for i in np.argsort(-probs)]
+        assert [t["passed"] for t in r.custom["colours"]] == [bool(probs[i] >= head.thresholds[i])
+                                                             for i in np.argsort(-probs)]
+    # a per-call value overrides the configured one
+    (one,) = ranked.predict(items[:1], custom_top_k=1)
+    assert len(one.custom["colours"]) == 1
