@@ -66,6 +66,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_embeddings, verify_index
+
+    if args.sample < 1:
+        raise LensError(f"--sample must be at least 1, got {args.sample}", code="usage")
+    log = lambda m: print(f"lens index verify: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    model = {"weights": args.weights} if args.weights else {}
+    if args.index:
+        report = verify_index(args.index, args.sample, seed=args.seed, log=log, **model)
+    else:
+        report = verify_embeddings(args.embeddings, args.sample, seed=args.seed, log=log, **model)
+    for row in report.disagree:
+        log(f"DISAGREES: {row['id']} (cosine {row['cosine']:.4f})")
+    for row in report.unverifiable[:20]:
+        log(f"not checked: {row['id']}: {row['reason']}")
+    log(f"{report.checked} row(s) re-embedded, {len(report.disagree)} disagree, {len(report.unverifiable)} not "
+        f"checked; min cosine {report.min_cosine}")
+    print(json.dumps(report.to_dict()))
+    if report.checked == 0:
+        return 2
+    return 0 if report.ok else 1
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
     from .store import list_versions, load_version, prune_versions, use_version
 
@@ -149,3 +172,16 @@ def add_parsers(sub) -> None:
     pr.add_argument("--index", required=True, help="index root")
     pr.add_argument("--keep", type=int, default=3, help="versions kept (default 3)")
     pr.set_defaults(func=cmd_versions)
+    ve = isub.add_parser(
+        "verify", help="re-embed a sample of stored rows from their source images; exit 1 if any disagree",
+        description="Re-embeds --sample seeded random rows of an index (or of an embeddings folder) from their "
+        "source images, with the model, backend and precision the rows record, and lists the rows whose stored "
+        "vector disagrees (cosine < 0.999). Exit 0: all agree; 1: some disagree (rebuild them); 2: nothing could "
+        "be checked. For CI or cron.")
+    g = ve.add_mutually_exclusive_group(required=True)
+    g.add_argument("--index", help="index root (its CURRENT version) or a version directory")
+    g.add_argument("--embeddings", metavar="PATH|s3://", help="a lens embed output or event embedding parts")
+    ve.add_argument("--sample", type=int, default=100, help="rows re-embedded (default 100)")
+    ve.add_argument("--seed", type=int, default=0, help="which rows (default 0)")
+    ve.add_argument("--weights", default=None, help="weights of the rows' model when not the embedded ones")
+    ve.set_defaults(func=cmd_verify)

@@ -22,7 +22,7 @@ from lens.predictor import l2_normalize
 
 from .store import IndexVersion, ShardedIndex, current_version, load_version, search_params
 
-__all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService"]
+__all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService", "stored_vector"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class SearchService:
         row = v.row_of.get(id_)
         if row is None:
             raise NotFoundError(f"no id {id_!r} in index {v.name}")
-        return _reconstruct(v, row)
+        return stored_vector(v, row)
 
     def metadata_of(self, id_: str) -> dict:
         """The stored metadata of ``id_`` (delta first: it is the fresher)."""
@@ -253,7 +253,8 @@ def location_from(id_: str, metadata: dict, version: str) -> str:
 _direct_map_lock = threading.Lock()
 
 
-def _reconstruct(v: IndexVersion, row: int) -> np.ndarray:
+def stored_vector(v: IndexVersion, row: int) -> np.ndarray:
+    """The vector the index stores at ``row`` (exact for Flat, IVF-Flat and HNSW; IVF-PQ's approximation)."""
     return v.index.reconstruct(int(row)) if isinstance(v.index, ShardedIndex) else _reconstruct_index(v.index, row)
 
 

@@ -50,6 +50,7 @@ class EmbeddingSource:
         self.uri = uri
         self.loc = Location.parse(uri)
         manifest = self.loc.read_json(self.loc.path("manifest.json")) if not self.loc.uri.endswith(".parquet") else None
+        self.manifest = manifest
         if manifest is not None:
             self.kind = "lens-embed"
             self.files = [self.loc.path(f) for f in manifest["files"]]

@@ -239,13 +239,13 @@ class IndexShard:
 
     async def lookup(self, version: str, item_id: str):
         """(vector, metadata dict) of an id this shard holds, or None."""
-        from index.search import _reconstruct
+        from index.search import stored_vector
 
         v = self._version(version)
         row = v.row_of.get(item_id)
         if row is None:
             return None
-        return await asyncio.to_thread(_reconstruct, v, row), json.loads(v.metadata[row])
+        return await asyncio.to_thread(stored_vector, v, row), json.loads(v.metadata[row])
 
     async def holds(self, version: str, ids: list[str]) -> list[bool]:
         v = self._version(version)

@@ -422,3 +422,47 @@ def test_unit_rows_keep_every_slot_busy_to_the_end():
     units = read_units([shard], unit_rows(3000, 8, 128))
     assert [u.rows for u in units] == [64] * 7 + [52] and units[0].row_groups == (0,)
     assert [u.rows for u in read_units([shard], unit_rows(3000, 4, 128))] == [128, 128, 128, 116]
+
+
+@pytest.mark.slow
+def test_verify_finds_rows_holding_another_images_embedding(local_ray, tmp_path, rng):
+    """`lens index verify` re-embeds a sample from the source images: a clean output and its index pass; two rows
+    whose vectors were swapped (what a shared OpenVINO infer request did) are listed, exit 1, in the embeddings
+    folder and in an index built from it."""
+    from index.build import BuildConfig, build_index
+    from index.verify import verify_embeddings, verify_index
+    from lens.app import cli
+
+    ids = [f"img-{i:02d}" for i in range(24)]
+    write_shard(tmp_path / "in" / "part-0.parquet", ids, [encode(random_rgb(rng, 96, 80), "JPEG") for _ in ids])
+    from lens.config import ModelConfig
+
+    s = embed(tmp_path, tmp_path / "in", tmp_path / "out", model=ModelConfig(**TINY))
+    assert s.embedded == 24 and s.served["backend"] == "onnx" and s.served["backend_version"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["lens_version"] and manifest["served"]["precision"] == "fp32"
+    assert manifest["model_identity"]["backend"] == "onnx" and manifest["model_identity"]["backend_version"]
+    clean = verify_embeddings(str(tmp_path / "out"), 10, weights="random")
+    assert clean.ok and clean.checked == 10 and clean.min_cosine > 0.9999
+    build_index(BuildConfig(embeddings=[str(tmp_path / "out")], output=str(tmp_path / "idx"), index="flat"),
+                log=lambda *a: None)
+    assert verify_index(str(tmp_path / "idx"), 24, weights="random").ok
+
+    # swap two rows' vectors, wherever their parts are
+    parts = {f: pq.read_table(tmp_path / "out" / f) for f in manifest["files"]}
+    where = {i: (f, r) for f, t in parts.items() for r, i in enumerate(t.column("id").to_pylist())}
+    vec = {i: parts[f].column("embedding")[r].as_py() for i, (f, r) in where.items()}
+    vec["img-03"], vec["img-17"] = vec["img-17"], vec["img-03"]
+    for f, t in parts.items():
+        emb = pa.array([vec[i] for i in t.column("id").to_pylist()], t.schema.field("embedding").type)
+        pq.write_table(t.set_column(t.column_names.index("embedding"), "embedding", emb), tmp_path / "out" / f)
+    bad = verify_embeddings(str(tmp_path / "out"), 24, weights="random")
+    assert sorted(r["id"] for r in bad.disagree) == ["img-03", "img-17"] and bad.checked == 24
+    build_index(BuildConfig(embeddings=[str(tmp_path / "out")], output=str(tmp_path / "idx2"), index="flat"),
+                log=lambda *a: None)
+    assert cli.main(["index", "verify", "--index", str(tmp_path / "idx2"), "--sample", "24", "--weights",
+                     "random"]) == 1
+    assert cli.main(["index", "verify", "--embeddings", str(tmp_path / "out"), "--sample", "24", "--weights",
+                     "random"]) == 1
+    assert cli.main(["index", "verify", "--index", str(tmp_path / "idx"), "--sample", "5", "--weights",
+                     "random"]) == 0

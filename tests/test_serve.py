@@ -154,8 +154,9 @@ def test_routes_and_errors(main_app, photos, tiny_head):
     probs = head.probabilities(emb[None])[0]
     assert [t["label"] for t in ranked] == [head.labels[i] for i in np.argsort(-probs)]
     assert {t["label"]: t["passed"] for t in ranked} == {"red": True, "green": True, "blue": False}
-    r = post(f"{main_app}/v1/tag:batch?custom_top_k=1", jpeg)
-    assert len(r.json()["results"][0]["custom_tags"]["colours"]) == 1
+    r = requests.post(f"{main_app}/v1/tag:batch?custom_top_k=1", files=[("image", ("a.jpg", jpeg, "image/jpeg"))],
+                      timeout=60)
+    assert len(r.json()["results"][0]["custom_tags"]["colours"]) == 1, r.text
     r = post(f"{main_app}/v1/tag?custom_top_k=0", jpeg)
     assert r.status_code == 400 and r.json()["error"] == "bad_request"
     # what the pool runs, after auto and the int8 gate chose
