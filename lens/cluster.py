@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["init_ray", "describe_ray", "requested_address", "absolute"]
+__all__ = ["init_ray", "describe_ray", "requested_address", "absolute", "quiet_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,28 @@ def init_ray(address: str | None = None, *, log=None, what: str = "lens", runtim
             start.setdefault("include_dashboard", False)
             ctx = ray.init(address="local", **common, **start)
             line = f"{what}: on its own local Ray instance ({describe_ray()}; --address or RAY_ADDRESS joins a cluster)"
+        if not log_to_driver:
+            line += "; worker logs stay in Ray's session folder (/tmp/ray/session_latest/logs on the head node)"
     if log is not None:
         log(line)
     else:
         logger.info("%s", line)
     return ctx
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own progress and INFO logging (Ray Data's execution plans and progress, Ray Train's checkpoint and
+    placement-group messages) off a command's terminal, for commands that print their own progress; warnings and
+    errors still show."""
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    for name in ("ray.data", "ray.train", "ray.tune", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
+        pass
 
 
 def describe_ray() -> str:

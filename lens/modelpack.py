@@ -21,11 +21,11 @@ def model_package_files(cfg: ModelConfig, *, state_dict_hook=None) -> tuple[dict
     ``state_dict_hook(sd) -> sd`` may change the tensors first (tests build deliberately different checkpoints)."""
     from safetensors.torch import save
 
-    from .runtime import _build_torch
+    from .runtime import build_torch
     from .weights import resolve_weights
 
     weights = resolve_weights(cfg.name, cfg.weights, Path(cfg.cache_dir))
-    model, pp, num_classes, labels = _build_torch(cfg, weights)
+    model, pp, num_classes, labels = build_torch(cfg, weights)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if state_dict_hook is not None:
         sd = state_dict_hook(sd)

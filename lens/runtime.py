@@ -37,7 +37,7 @@ from .weights import (
 )
 
 __all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_backend", "onnx_cache_paths", "served_line",
-           "config_for_identity"]
+           "build_torch", "config_for_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             onnx_path=onnx_path,
         )
     else:
-        model, pp, num_classes, labels = _build_torch(cfg, weights)
+        model, pp, num_classes, labels = build_torch(cfg, weights)
         backend = TorchBackend(heads_module(model), device=device, precision=cfg.precision,
                                num_threads=cfg.num_threads)
         loaded = LoadedModel(
@@ -283,7 +283,7 @@ def _ensure_onnx(cfg: ModelConfig, weights: WeightsRef) -> tuple[Path, dict]:
         with FileLock(str(onnx_path) + ".lock", timeout=600):
             meta = _read_meta(meta_path, onnx_path)  # another process may have exported meanwhile
             if meta is None:
-                model, pp, num_classes, labels = _build_torch(cfg, weights)
+                model, pp, num_classes, labels = build_torch(cfg, weights)
                 te = time.perf_counter()
                 export_onnx(model, onnx_path, pp.input_size)
                 meta = {
@@ -410,7 +410,7 @@ def _read_meta(meta_path: Path, onnx_path: Path) -> dict | None:
     return meta if meta.get("format") == ONNX_FORMAT else None
 
 
-def _build_torch(cfg: ModelConfig, weights: WeightsRef):
+def build_torch(cfg: ModelConfig, weights: WeightsRef):
     """Create the timm model, load weights strictly, and resolve its preprocessing and labels."""
     import timm
     import torch

@@ -49,12 +49,12 @@ def timed(fn, *, min_time: float, repeats: int) -> float:
 
 def bench_backends(cfg, batch_sizes, min_time, repeats):
     from lens.backends import OnnxBackend, TorchBackend, heads_module
-    from lens.runtime import _build_torch, load_model
+    from lens.runtime import build_torch, load_model
     from lens.weights import resolve_weights
 
     onnx = load_model(cfg.model_copy(update={"backend": "onnx"}))  # exports once if the cache is cold
     weights = resolve_weights(cfg.name, cfg.weights, cfg.cache_dir)
-    model, pp, _, _ = _build_torch(cfg, weights)
+    model, pp, _, _ = build_torch(cfg, weights)
     ov_fp32 = load_model(cfg.model_copy(update={"backend": "openvino"}))
     ov_int8 = load_model(cfg.model_copy(update={"backend": "openvino", "precision": "int8"}))
     backends = {

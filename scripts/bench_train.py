@@ -63,14 +63,14 @@ def plain_loop(data: Path, classes: list[str], model_name: str, batch_size: int,
     from timm.data import create_transform, resolve_data_config
 
     from lens.decode import decode_image
-    from lens.runtime import _build_torch
+    from lens.runtime import build_torch
     from lens.config import ModelConfig
     from lens.weights import resolve_weights
     from train.finetune import _set_trainable, _train_mode
 
     torch.set_num_threads(threads)
     cfg = ModelConfig(name=model_name)
-    parent, pp, _, _ = _build_torch(cfg, resolve_weights(cfg.name, cfg.weights, Path(cfg.cache_dir)))
+    parent, pp, _, _ = build_torch(cfg, resolve_weights(cfg.name, cfg.weights, Path(cfg.cache_dir)))
     model = timm.create_model(model_name, num_classes=len(classes), drop_rate=0.2)
     model.load_state_dict({k: v for k, v in parent.state_dict().items() if not k.startswith("classifier.")},
                           strict=False)

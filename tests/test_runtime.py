@@ -69,7 +69,7 @@ def test_onnx_export_is_cached_and_reused(lite0_onnx, lens_cache, monkeypatch):
         raise AssertionError("re-exported although the cache is warm")
 
     monkeypatch.setattr(lens.runtime, "export_onnx", no_export)
-    monkeypatch.setattr(lens.runtime, "_build_torch", no_export)
+    monkeypatch.setattr(lens.runtime, "build_torch", no_export)
     model = load_model(ModelConfig(backend="onnx", cache_dir=lens_cache))
     assert model.onnx_path == lite0_onnx.model.onnx_path and model.onnx_path.is_file()
     meta = json.loads(onnx_cache_paths(ModelConfig(cache_dir=lens_cache), model.weights)[1].read_text())

@@ -17,8 +17,9 @@ import pytest
 from conftest import encode, own_instance, random_rgb, ray_jobs
 
 TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
-#: validation top-1 that Lite0 head mode must reach on the real-photo scenes (8 classes; chance is 0.125)
-ACCURACY_FLOOR = 0.9
+#: test top-1 that Lite0 head mode must reach on the real-photo scenes (8 classes; chance is 0.125): measured on the
+#: test split (3 images per class, which chose nothing), no longer on the validation images that picked the epoch
+ACCURACY_FLOOR = 0.85
 
 
 def cfg(**kw):
@@ -113,9 +114,24 @@ def test_the_split_is_stratified_seeded_and_never_empties_a_class(tmp_path, rng)
     two = discover(cfg(data=str(tmp_path), output="o", seed=3))
     other = discover(cfg(data=str(tmp_path), output="o", seed=4))
     assert one.counts("val") == {"a": 4, "b": 1, "c": 2}
-    assert one.counts("train") == {"a": 16, "b": 4, "c": 9}
-    assert [e.split for e in one.examples] == [e.split for e in two.examples]
-    assert [e.split for e in one.examples] != [e.split for e in other.examples]
+    assert one.counts("test") == {"a": 4, "b": 1, "c": 2}  # the test split chooses nothing, it only measures
+    assert one.counts("train") == {"a": 12, "b": 3, "c": 7}
+    assert [(e.id, e.split) for e in one.examples] == [(e.id, e.split) for e in two.examples]
+    assert [(e.id, e.split) for e in one.examples] != [(e.id, e.split) for e in other.examples]
+
+
+def test_a_given_validation_folder_is_split_into_validation_and_test_unless_a_test_folder_is_given(tmp_path, rng):
+    from train.dataset import discover
+
+    write_images(tmp_path / "train", {"a": 6, "b": 6}, rng, size=(16, 16))
+    write_images(tmp_path / "val", {"a": 4, "b": 1}, rng, size=(16, 16))
+    ds = discover(cfg(data=str(tmp_path), output="o"))
+    assert ds.counts("train") == {"a": 6, "b": 6}  # no training image is ever moved to a held-out split
+    assert ds.counts("val") == {"a": 2, "b": 1} and ds.counts("test") == {"a": 2, "b": 0}
+    assert any(w.startswith("no test images of 'b'") for w in ds.warnings)
+    write_images(tmp_path / "test", {"a": 3, "b": 3}, rng, size=(16, 16))
+    ds = discover(cfg(data=str(tmp_path), output="o"))
+    assert ds.counts("val") == {"a": 4, "b": 1} and ds.counts("test") == {"a": 3, "b": 3}
 
 
 def test_a_given_validation_folder_must_cover_the_classes(tmp_path, rng):
@@ -124,7 +140,7 @@ def test_a_given_validation_folder_must_cover_the_classes(tmp_path, rng):
     write_images(tmp_path / "train", {"a": 6, "b": 6}, rng, size=(16, 16))
     write_images(tmp_path / "val", {"a": 2, "b": 2}, rng, size=(16, 16))
     ds = discover(cfg(data=str(tmp_path), output="o"))
-    assert ds.layout == "train-val-folders" and ds.counts("val") == {"a": 2, "b": 2}
+    assert ds.layout == "train-val-folders" and ds.counts("val") == {"a": 1, "b": 1} == ds.counts("test")
     shutil.rmtree(tmp_path / "val" / "b")
     write_images(tmp_path / "val", {"c": 5}, rng, size=(16, 16))
     with pytest.raises(DatasetError, match="classes the training set lacks: 'c'|no images of 'b'"):
@@ -133,7 +149,8 @@ def test_a_given_validation_folder_must_cover_the_classes(tmp_path, rng):
 
 @pytest.mark.parametrize("setting,value,range_", [
     ("epochs", 60, "5..50"), ("batch_size", 4, "8..64"), ("lr", 0.01, "0.0001..0.005"),
-    ("dropout", 0.7, "0..0.5"), ("val_fraction", 0.9, "0.05..0.5"),
+    ("dropout", 0.7, "0..0.5"), ("val_fraction", 0.9, "0.05..0.5"), ("test_fraction", 0.6, "0.05..0.5"),
+    ("finetune_epochs", 0, "1..50"), ("backbone_lr_mult", 2.0, "0.001..1"),
 ])
 def test_settings_outside_the_card_range_are_refused_naming_the_range(setting, value, range_):
     from lens.config import validate
@@ -173,7 +190,10 @@ def test_head_mode_on_real_photos_beats_the_floor_and_writes_a_verified_package(
 
     out, summary, logs = head_pkg
     assert summary["metrics"]["top1"] >= ACCURACY_FLOOR, summary
-    assert summary["classes"] == 8 and summary["train"] == 160 and summary["val"] == 48
+    assert summary["classes"] == 8 and summary["train"] == 160 and summary["val"] == 24 and summary["test"] == 24
+    # measured on the test split, which chose nothing (the thresholds and the epoch were chosen on validation)
+    assert summary["metrics"]["n"] == 24 and summary["validation"]["n"] == 24
+    assert summary["metrics"]["macro_precision_at_thresholds"] is not None and summary["mode"] == "head"
     assert summary["errors"] == 0 and summary["near_duplicates"]["pairs"] == 0
     assert any("only 208 images" in w for w in summary["warnings"])
     pkg = open_package(str(out))
@@ -188,8 +208,11 @@ def test_head_mode_on_real_photos_beats_the_floor_and_writes_a_verified_package(
     assert len(m["thresholds"]) == 8 and all(0 < t <= 1 for t in m["thresholds"])
     assert set(m["files"]) == {"head.safetensors", "metrics.json", "confusion.png", "split.json"}
     metrics = json.loads(pkg.file("metrics.json").read_text())
-    assert set(metrics["per_class"]["cat"]) >= {"precision", "recall", "f1", "support", "threshold"}
-    assert np.asarray(metrics["confusion"]).sum() == 48 and metrics["ece"] is not None
+    assert set(metrics["validation"]["per_class"]["cat"]) >= {"precision", "recall", "f1", "support", "threshold"}
+    assert set(metrics["test"]["at_thresholds"]["per_class"]["cat"]) >= {"precision", "recall", "threshold"}
+    assert np.asarray(metrics["test"]["confusion"]).sum() == 24 and metrics["test"]["ece"] is not None
+    split = json.loads(pkg.file("split.json").read_text())
+    assert not set(split["test"]) & (set(split["val"]) | set(split["train"]))
     assert Image.open(pkg.file("confusion.png")).size[0] > 100
     assert len(m["dataset"]["fingerprint"]) == 64 and m["training"]["mode"] == "head"
     assert any("epoch 1/" in line for line in logs)
@@ -236,8 +259,14 @@ def test_custom_tags_from_the_predictor_match_the_validation_class(head_pkg, sce
     predictor = Predictor(lite0_onnx.model, heads=[head])
     files = sorted((scenes / "val").glob("*/*.jpg"))
     results = predictor.predict([f.read_bytes() for f in files])
-    right = sum(1 for f, r in zip(files, results) if r.custom["scenes"] and r.custom["scenes"][0]["label"] == f.parent.name)
-    assert right / len(files) >= ACCURACY_FLOOR * 0.9  # thresholds may leave a hard image untagged
+    # the thresholds were tuned for precision 0.9 on 3 validation images per class: the tags they give are right,
+    # and an image they leave untagged still has the head's best guess (custom_top_k)
+    tagged = [(f, r) for f, r in zip(files, results) if r.custom["scenes"]]
+    right = sum(1 for f, r in tagged if r.custom["scenes"][0]["label"] == f.parent.name)
+    assert len(tagged) >= len(files) // 2 and right / len(tagged) >= 0.9
+    guesses = predictor.predict([f.read_bytes() for f in files], custom_top_k=1)
+    best = sum(1 for f, r in zip(files, guesses) if r.custom["scenes"][0]["label"] == f.parent.name)
+    assert best / len(files) >= ACCURACY_FLOOR
     assert results[0].to_dict()["custom_tags"]["scenes"] == results[0].custom["scenes"]
     assert "heads" in predictor.info() and predictor.info()["heads"][0]["classes"] == 8
 
@@ -268,8 +297,16 @@ def test_lens_embed_with_head_writes_custom_tags(head_pkg, scenes, tmp_path, loc
     manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
     t = pa.concat_tables([pq.read_table(tmp_path / "emb" / f) for f in manifest["files"]])
     custom = [json.loads(c) for c in t.column("custom_tags").to_pylist()]
-    assert len(custom) == 6 and sum(c["scenes"][:1] == [c["scenes"][0]] and c["scenes"][0]["label"] == "rocket"
-                                    for c in custom if c["scenes"]) >= 5
+    # the thresholded tags, where given, are right (thresholds tuned for precision 0.9)
+    assert len(custom) == 6 and all(c["scenes"][0]["label"] == "rocket" for c in custom if c["scenes"])
+    # model.custom_top_k reaches the bulk job too: every row gets the head's best guesses, marked passed or not
+    run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "emb2"),
+                          model=ModelConfig(heads=(str(out),), custom_top_k=2)), log=lambda m: None)
+    manifest = json.loads((tmp_path / "emb2" / "manifest.json").read_text())
+    t = pa.concat_tables([pq.read_table(tmp_path / "emb2" / f) for f in manifest["files"]])
+    ranked = [json.loads(c)["scenes"] for c in t.column("custom_tags").to_pylist()]
+    assert all(len(r) == 2 and {"passed"} <= set(r[0]) for r in ranked)
+    assert sum(r[0]["label"] == "rocket" for r in ranked) >= 5
 
 
 @pytest.mark.slow
@@ -283,9 +320,12 @@ def test_event_sidecars_carry_custom_tags(head_pkg, scenes, lite0_onnx):
     from serve.events.s3events import ObjectEvent
 
     out, _, _ = head_pkg
-    tagger = LocalTagger(Predictor(lite0_onnx.model, heads=[load_head(str(out))]))
-    img = sorted((scenes / "val" / "horse").glob("*.jpg"))[0].read_bytes()
-    result = asyncio.run(tagger(img, 3, True))
+    head = load_head(str(out))
+    tagger = LocalTagger(Predictor(lite0_onnx.model, heads=[head]))
+    imgs = [f.read_bytes() for f in sorted((scenes / "val" / "horse").glob("*.jpg"))]
+    results = [asyncio.run(tagger(b, 3, True)) for b in imgs]
+    # one that its tuned threshold tags (thresholds are tuned for precision 0.9: some images get no tag)
+    img, result = next((b, r) for b, r in zip(imgs, results) if r["custom_tags"]["scenes"])
     assert result["custom_tags"]["scenes"][0]["label"] == "horse"
     ev = ObjectEvent(bucket="b", key="k.jpg", etag="e", version_id=None, size=len(img), sequencer="1",
                      event_name="ObjectCreated:Put")
@@ -390,7 +430,50 @@ def test_parquet_input_with_id_image_and_label_columns(local_ray, tmp_path, rng)
                              "tag": ["x"] * 6 + ["y"] * 6}), tmp_path / "pq" / "part-0.parquet")
     summary = run_train(cfg(data=str(tmp_path / "pq"), output=str(tmp_path / "pkg"), model=ModelConfig(**TINY),
                             id_column="key", label_column="tag"), log=lambda m: None)
-    assert summary["classes"] == 2 and summary["train"] + summary["val"] == 12
+    assert summary["classes"] == 2 and (summary["train"], summary["val"], summary["test"]) == (8, 2, 2)
+    # --mode auto on a small set: the head, saying why
+    assert summary["mode"] == "head" and "below finetune_min_per_class 200" in summary["chosen_because"]
+
+
+def test_auto_packages_the_better_on_validation_and_finetune_mode_the_finetune():
+    from train.job import Trained, _choose
+
+    def cand(kind, val, test):
+        return Trained(kind, {}, None, None, {"top1": val}, {"top1": test}, {}, {})
+
+    head, better, worse, tie = (cand("head", 0.8, 0.9), cand("finetune", 0.85, 0.7), cand("finetune", 0.7, 0.99),
+                                cand("finetune", 0.8, 0.99))
+    auto, ft = cfg(data="d", output="o", mode="auto"), cfg(data="d", output="o", mode="finetune")
+    assert _choose(auto, {"head": head, "finetune": better}) is better  # validation chooses, never test
+    assert _choose(auto, {"head": head, "finetune": worse}) is head
+    assert _choose(auto, {"head": head, "finetune": tie}) is head  # a tie: the head rides on the shared backbone
+    assert _choose(ft, {"head": head, "finetune": worse}) is worse  # asked for
+    assert _choose(auto, {"head": head}) is head
+
+
+@pytest.mark.slow
+def test_head_mode_repeats_bit_for_bit_with_a_seed(local_ray, tmp_path):
+    """Two runs, each embedding anew (own caches) through OpenVINO's per-caller infer requests: the same split,
+    metrics and head weights, bit for bit; the seed is in the package."""
+    from lens.config import ModelConfig
+    from lens.package import open_package
+    from lens.samples import scene_dataset
+    from train.job import run_train
+
+    scene_dataset(tmp_path / "data", train_per_class=10, val_per_class=4, seed=3,
+                  scenes={"chelsea.png": "cat", "coffee.png": "coffee", "rocket.jpg": "rocket"})
+    runs = []
+    for i in (1, 2):
+        model = ModelConfig(**(TINY | {"backend": "openvino"}), cache_dir=tmp_path / f"cache{i}")
+        runs.append(run_train(cfg(data=str(tmp_path / "data"), output=str(tmp_path / f"pkg{i}"), model=model,
+                                  seed=7), log=lambda m: None))
+    assert runs[0]["from_cache"] == runs[1]["from_cache"] == 0  # both embedded
+    for key in ("metrics", "validation", "compare", "train", "val", "test", "settings"):
+        assert runs[0][key] == runs[1][key], key
+    a, b = open_package(str(tmp_path / "pkg1")), open_package(str(tmp_path / "pkg2"))
+    for name in ("head.safetensors", "split.json"):
+        assert a.file(name).read_bytes() == b.file(name).read_bytes(), name
+    assert a.manifest["training"]["seed"] == 7 and a.manifest["thresholds"] == b.manifest["thresholds"]
 
 
 # -- finetune on Ray Train (tiny model, 2 CPU workers) ---------------------------------------------
@@ -405,12 +488,11 @@ def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_packa
     scenes = {"chelsea.png": "cat", "coffee.png": "coffee", "rocket.jpg": "rocket"}
     scene_dataset(tmp_path / "data", train_per_class=8, val_per_class=3, seed=1, scenes=scenes)
     # `lens train` as a user runs it, from its folder with relative paths, while someone else's `ray start`
-    # cluster is up on the host: it runs on its own Ray. Rank 0 dies after its 4th checkpoint in one process: in
-    # the second phase, after epoch 4 (the 1-epoch first phase never gets there, and the restarted group has only
-    # epoch 5 left)
+    # cluster is up on the host: it runs on its own Ray. Rank 0 dies after its 4th checkpoint in one process: after
+    # epoch 3 (epoch 0 validates the probe's classifier and checkpoints too); the restarted group does 4 and 5
     r = subprocess.run([sys.executable, "-m", "lens.app.cli", "train", "--mode", "finetune", "--data", "data",
                         "--output", "pkg", "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx",
-                        "--workers", "2", "--head-epochs", "1", "--epochs", "5", "--lr", "5e-3", "--patience", "0",
+                        "--workers", "2", "--finetune-epochs", "5", "--lr", "5e-3", "--patience", "0",
                         "--train-batch-size", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
                        | {"LENS_CRASH_AT": "train.after_checkpoint:4", "PYTHONPATH": str(Path(__file__).parents[1])})
@@ -419,13 +501,17 @@ def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_packa
     assert ray_jobs(foreign_ray) == []
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["restarts"] == 1, summary
-    fine = [r for r in summary["epochs"] if r["phase"] == "finetune"]
-    assert [r["epoch"] for r in fine] == [1, 2, 3, 4, 5]  # epoch 5 ran after the restart; none ran twice
-    # the loss goes down: within the second phase (its first epoch pays for unfrozen BatchNorm layers meeting
-    # batch statistics), and on validation across both phases
-    assert fine[-1]["train_loss"] < fine[0]["train_loss"]
-    assert summary["epochs"][-1]["val_loss"] < summary["epochs"][0]["val_loss"]
+    assert "PlacementGroupCleaner" not in r.stderr and "Checkpoint successfully created" not in r.stderr  # no noise
+    rows = summary["epochs"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5] and rows[0]["phase"] == "probe"  # none ran twice
+    # LP-FT: the package is the best state validation saw, the probe's classifier included: never worse than it
+    best = max(r["val_top1"] for r in rows)
+    assert summary["validation"]["top1"] >= rows[0]["val_top1"] and rows[summary["best_epoch"]]["val_top1"] == best
+    assert set(summary["compare"]) == {"head", "finetune"} and summary["mode"] == "finetune"
+    assert summary["test"] >= 3 and summary["metrics"]["n"] == summary["test"]
     pkg = open_package(str(tmp_path / "pkg"))
+    t = pkg.manifest["training"]
+    assert t["backbone_lr_mult"] == 0.1 and t["bn_statistics_frozen"] and t["seed"] == 0 and t["probe"]["epochs_run"]
     assert pkg.kind == "finetune" and pkg.manifest["labels"] == ["cat", "coffee", "rocket"]
     # the package is a model: lens tag --weights PKG answers with its classes, and its thresholded custom tags
     img = sorted((tmp_path / "data" / "val" / "coffee").glob("*.jpg"))[0]
@@ -456,7 +542,7 @@ def test_s3_data_and_package_through_moto(local_ray, tmp_path, rng, moto_endpoin
         s3.upload_file(str(f), "lens-train", f"data/{f.relative_to(tmp_path / 'local')}")
     summary = run_train(cfg(data="s3://lens-train/data", output="s3://lens-train/packages/colours",
                             model=ModelConfig(**TINY)), log=lambda m: None)
-    assert summary["classes"] == 2 and summary["train"] + summary["val"] == 12
+    assert summary["classes"] == 2 and (summary["train"], summary["val"], summary["test"]) == (8, 2, 2)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="lens-train", Prefix="packages/")["Contents"]}
     assert "packages/colours/lens-package.json" in keys and "packages/colours/head.safetensors" in keys
     head = load_head("s3://lens-train/packages/colours", cache_dir=tmp_path / "cache")

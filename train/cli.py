@@ -15,7 +15,8 @@ _FLAGS = {"data": "data", "output": "output", "name": "name", "mode": "mode", "v
           "recommended": "recommended", "dedup": "dedup", "dedup_threshold": "dedup_threshold",
           "target_precision": "target_precision", "seed": "seed", "overwrite": "overwrite",
           "id_column": "id_column", "feedback": "feedback", "image_column": "image_column", "label_column": "label_column",
-          "workers": "workers", "use_gpu": "use_gpu", "unfreeze": "unfreeze", "head_epochs": "head_epochs",
+          "workers": "workers", "use_gpu": "use_gpu", "unfreeze": "unfreeze", "test_data": "test_data",
+          "test_fraction": "test_fraction", "finetune_epochs": "finetune_epochs", "backbone_lr_mult": "backbone_lr_mult",
           "cpus_per_worker": "cpus_per_worker", "checkpoint_storage": "checkpoint_storage", "address": "address"}
 
 
@@ -64,11 +65,19 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--output", default=None, help="package DIR or s3://bucket/prefix")
     p.add_argument("--name", default=None, help="package name, the key of its tags in answers (default: the "
                    "output's last path component)")
-    p.add_argument("--mode", choices=["head", "finetune"], default=None, help="head (default) or finetune")
+    p.add_argument("--mode", choices=["auto", "head", "finetune"], default=None,
+                   help="auto (default): the head, and a fine-tune too on large sets (200+ images per class), "
+                   "packaging the better on validation; head: seconds on a CPU; finetune: the network on Ray Train, "
+                   "compared with the head on the test split")
     p.add_argument("--val-data", default=None, help="validation folder (default: DATA/val, or a split of DATA)")
     p.add_argument("--feedback", default=None, metavar="SINK", help="/v1/feedback parts (the app's feedback.sink): "
                    "items with a readable image id and a known class are added to the training split")
-    p.add_argument("--val-fraction", type=float, default=None, help="held out per class (default 0.2; 0.05-0.5)")
+    p.add_argument("--val-fraction", type=float, default=None, help="held out per class for validation "
+                   "(default 0.2; 0.05-0.5)")
+    p.add_argument("--test-data", default=None, help="test folder (default: DATA/test, else half of the validation "
+                   "folder, else a split of DATA)")
+    p.add_argument("--test-fraction", type=float, default=None, help="held out per class for the test split, where "
+                   "accuracy is reported (default 0.2; 0.05-0.5)")
     p.add_argument("--train-batch-size", type=int, default=None, help="images per step (default 32; 8-64)")
     p.add_argument("--epochs", type=int, default=None, help="default 10 (5-50)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; 1e-4 to 5e-3)")
@@ -97,7 +106,10 @@ def add_parsers(sub, add_model_args) -> None:
                    "or the whole backbone")
     g.add_argument("--checkpoint-storage", default=None, metavar="PATH|s3://",
                    help="Ray Train checkpoints (shared storage on a multi-node cluster; default: a local temp dir)")
-    g.add_argument("--head-epochs", type=int, default=None, help="first phase, backbone frozen (default 2)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="epochs of the whole network after its "
+                   "classifier is trained on frozen features (default 5; 1-50)")
+    g.add_argument("--backbone-lr-mult", type=float, default=None, help="the backbone learns at --lr x this "
+                   "(default 0.1)")
     p.add_argument("--address", default=None, help="Ray cluster to run the embedding job and Ray Train on: auto, "
                    "ray://HOST:10001 or HOST:6379 (default: RAY_ADDRESS, else Lens's own local Ray)")
     add_model_args(p)

@@ -17,6 +17,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "lr": (1e-4, 5e-3),
     "dropout": (0.0, 0.5),
     "val_fraction": (0.05, 0.5),
+    "test_fraction": (0.05, 0.5),
+    "finetune_epochs": (1, 50),
+    "backbone_lr_mult": (0.001, 1.0),
     "label_smoothing": (0.0, 0.3),
     "target_precision": (0.5, 1.0),
     "dedup_threshold": (0.8, 1.0),
@@ -37,15 +40,22 @@ class TrainConfig(StrictModel):
     output: str = Field(..., description="model package directory or s3:// prefix (written atomically)")
     name: str | None = Field(None, description="the package's name (the key of its tags in answers); default: "
                              "the output's last path component")
-    mode: Literal["head", "finetune"] = Field("head", description="head: a classifier on the frozen backbone's "
-                                              "embeddings (seconds on a CPU); finetune: the network itself, on "
-                                              "Ray Train")
+    mode: Literal["auto", "head", "finetune"] = Field(
+        "auto", description="head: a classifier on the frozen backbone's embeddings (seconds on a CPU); finetune: "
+        "the network itself on Ray Train, starting from a classifier trained on its frozen features (LP-FT), the "
+        "head trained too for comparison; auto: the head, and a fine-tune as well where the training set has at "
+        "least finetune_min_per_class images per class, packaging whichever is better on validation")
     val_data: str | None = Field(None, description="a validation folder of the same classes; default: DATA/val "
                                  "when DATA holds train/ and val/, else a stratified split of DATA")
+    test_data: str | None = Field(None, description="a test folder of the same classes, never used to choose "
+                                  "anything, only to report; default: DATA/test when present, else half of the "
+                                  "given validation set, else a stratified split of DATA (test_fraction)")
     feedback: str | None = Field(None, description="labeled feedback (the /v1/feedback sink): items whose id is a "
                                  "readable image and whose first label is a training class join the training split")
-    val_fraction: float = Field(0.2, description="share of each class held out for validation (seeded, "
-                                "stratified)")
+    val_fraction: float = Field(0.2, description="share of each class held out for validation: early stopping, "
+                                "the best checkpoint and the per-class thresholds are chosen on it (seeded, stratified)")
+    test_fraction: float = Field(0.2, description="share of each class held out for the test split, where the "
+                                 "reported accuracy, precision and recall are measured (seeded, stratified)")
     batch_size: int = Field(32, description="images per optimisation step")
     epochs: int = Field(10, description="passes over the training set (early stopping may end sooner)")
     lr: float = Field(1e-3, description="peak learning rate (AdamW, cosine schedule)")
@@ -62,7 +72,8 @@ class TrainConfig(StrictModel):
                                    "duplicates")
     target_precision: float = Field(0.9, description="per-class score thresholds are tuned on validation to "
                                     "reach this precision")
-    seed: int = Field(0, description="seeds the split, the shuffling and the initialisation")
+    seed: int = Field(0, description="seeds the split, the shuffling and the initialisation: head mode repeats "
+                      "bit for bit on the same machine; recorded in the package")
     overwrite: bool = Field(False, description="replace a package already at output")
     id_column: str = Field("id", description="Parquet input: the id column")
     image_column: str = Field("image", description="Parquet input: the encoded-image column")
@@ -75,8 +86,17 @@ class TrainConfig(StrictModel):
                                           "decode and augmentation tasks")
     unfreeze: Literal["top", "all"] = Field("top", description="finetune, second phase: unfreeze the top blocks "
                                             "or the whole backbone")
-    head_epochs: int = Field(2, ge=0, le=50, description="finetune: first-phase epochs with the backbone frozen")
-    finetune_lr_factor: float = Field(0.1, gt=0, le=1, description="finetune: second-phase lr = lr x this")
+    finetune_epochs: int = Field(5, description="finetune: epochs of the network after the classifier is trained on "
+                                 "its frozen features (validated after each; the best checkpoint is kept, the "
+                                 "starting classifier included)")
+    backbone_lr_mult: float = Field(0.1, description="finetune: the backbone learns at lr x this (the classifier at "
+                                    "lr): a trained classifier is not undone by large backbone steps")
+    warmup_epochs: float = Field(1.0, ge=0, le=10, description="finetune: linear learning-rate warm-up, then cosine "
+                                 "decay to zero")
+    freeze_bn_below: int = Field(64, ge=0, description="finetune: BatchNorm running statistics stay frozen when a "
+                                 "worker's batch is smaller than this (small batches give noisy statistics)")
+    finetune_min_per_class: int = Field(200, ge=1, description="mode auto: fine-tune too when the training split "
+                                        "has at least this many images per class on average")
     checkpoint_storage: str | None = Field(None, description="finetune: where Ray Train keeps checkpoints (a "
                                            "shared path or s3:// prefix on a multi-node cluster); None = a local "
                                            "temporary directory (one machine)")

@@ -2,10 +2,16 @@
 
 Layouts (local or ``s3://``):
 
-* ``DATA/<class>/...``: one folder per class (files deeper in a class folder belong to it); validation is a
-  seeded stratified split of each class (``val_fraction``).
-* ``DATA/train/<class>/...`` and ``DATA/val/<class>/...``: the validation set is given.
+* ``DATA/<class>/...``: one folder per class (files deeper in a class folder belong to it); validation and test
+  are seeded stratified splits of each class (``val_fraction``, ``test_fraction``).
+* ``DATA/train/<class>/...`` and ``DATA/val/<class>/...`` (and optionally ``DATA/test/<class>/...``): the splits
+  are given; without a test folder, the validation folder is split in two (seeded, stratified), so test images
+  share no pixels with training images whenever the given folders don't.
 * Parquet shards with an id, an encoded-image and a label column.
+
+Three splits, each with one job: training fits the weights; validation chooses (early stopping, the best
+checkpoint, the per-class thresholds, head or fine-tune); test only measures what was chosen, so the reported
+accuracy, precision and recall are not those of the set that chose them.
 
 Class names are kept exactly as written; two names equal after Unicode (NFKC) and case folding are refused,
 since they would be one tag to a person and two to the model.
@@ -28,6 +34,7 @@ from .config import GUIDANCE, MIN_PER_CLASS, SMALL_DATASET, TrainConfig
 __all__ = ["Example", "Dataset", "DatasetError", "discover", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
 
 
 class DatasetError(LensError):
@@ -39,7 +46,7 @@ class DatasetError(LensError):
 class Example:
     id: str  # path relative to the data root, or the Parquet id
     label: str
-    split: str = "train"  # "train" | "val"
+    split: str = "train"  # "train" | "val" | "test"
     path: str | None = None  # folder input: the file in the location's filesystem
     size: int = 0
     data: bytes | None = None  # Parquet input: the encoded image
@@ -78,9 +85,8 @@ class Dataset:
         total = self.counts()
         lo, hi = min(total.values()), max(total.values())
         return {"source": self.source, "layout": self.layout, "classes": len(self.classes),
-                "images": len(self.examples), "train": len(self.split("train")), "val": len(self.split("val")),
-                "per_class": {k: {"train": self.counts("train")[k], "val": self.counts("val")[k]}
-                              for k in self.classes},
+                "images": len(self.examples), **{s: len(self.split(s)) for s in SPLITS},
+                "per_class": {k: {s: self.counts(s)[k] for s in SPLITS} for k in self.classes},
                 "imbalance": round(hi / lo, 2), "ignored_files": len(self.ignored), "warnings": self.warnings} | (
                     {"feedback": self.feedback} if self.feedback is not None else {})
 
@@ -191,13 +197,7 @@ def discover(cfg: TrainConfig) -> Dataset:
         if cfg.val_data is not None:
             layout = "folders+val"
             examples = _folder_examples(loc, loc.root, "train", ignored)
-            try:
-                vloc = Location.parse(cfg.val_data)
-            except ValueError as e:
-                raise DatasetError(str(e)) from None
-            if vloc.fs.__class__ is not loc.fs.__class__:
-                raise DatasetError("--val-data must be on the same storage as --data (both local or both s3://)")
-            examples += _folder_examples(vloc, vloc.root, "val", ignored)
+            examples += _folder_examples(*_other(cfg.val_data, loc, "--val-data"), "val", ignored)
         elif given_val:
             layout = "train-val-folders"
             examples = (_folder_examples(loc, loc.path("train"), "train", ignored)
@@ -205,7 +205,15 @@ def discover(cfg: TrainConfig) -> Dataset:
         else:
             layout = "folders"
             examples = _folder_examples(loc, loc.root, "train", ignored)
-            _split(examples, cfg)
+        if cfg.test_data is not None:
+            examples += _folder_examples(*_other(cfg.test_data, loc, "--test-data"), "test", ignored)
+        elif given_val and "test" in tops and cfg.val_data is None:
+            examples += _folder_examples(loc, loc.path("test"), "test", ignored)
+        elif given_val:
+            _split_off_test(examples, cfg)
+        if not given_val:
+            _split(examples, cfg, test=cfg.test_data is None)
+    examples.sort(key=lambda e: (SPLITS.index(e.split), e.label, e.id))  # one order, whatever the listing's
     if not examples:
         raise DatasetError(f"no images found in {cfg.data} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     classes = sorted({e.label for e in examples})
@@ -254,16 +262,47 @@ def _feedback_examples(uri: str, classes: set) -> tuple[list[Example], dict]:
     return out, {"source": uri, "items": len(rows), "added": len(out), "skipped": {k: v for k, v in skipped.items() if v}}
 
 
-def _split(examples: list[Example], cfg: TrainConfig) -> None:
-    """Seeded, stratified: each class keeps ``round(val_fraction * n)`` (at least 1) images for validation."""
-    rng = np.random.default_rng(cfg.seed)
+def _other(uri: str, loc: Location, flag: str) -> tuple[Location, str]:
+    """(location, root) of a --val-data or --test-data folder, on the same storage as --data."""
+    try:
+        other = Location.parse(uri)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    if other.fs.__class__ is not loc.fs.__class__:
+        raise DatasetError(f"{flag} must be on the same storage as --data (both local or both s3://)")
+    return other, other.root
+
+
+def _by_class(examples: list[Example], split: str) -> list[list[Example]]:
+    """The examples of ``split``, per class, each class's in id order (the seeded draws depend on nothing else)."""
     by_class: dict[str, list[Example]] = {}
-    for e in sorted(examples, key=lambda e: e.id):
+    for e in sorted((e for e in examples if e.split == split), key=lambda e: e.id):
         by_class.setdefault(e.label, []).append(e)
-    for label, items in sorted(by_class.items()):
-        n_val = min(len(items) - 1, max(1, round(cfg.val_fraction * len(items))))
-        for j in rng.permutation(len(items))[:n_val]:
+    return [items for _, items in sorted(by_class.items())]
+
+
+def _split(examples: list[Example], cfg: TrainConfig, *, test: bool = True) -> None:
+    """Seeded, stratified: each class keeps ``round(val_fraction * n)`` images for validation and (unless the
+    test set is given) ``round(test_fraction * n)`` for test, at least 1 each and at least 1 left to train on."""
+    rng = np.random.default_rng(cfg.seed)
+    for items in _by_class(examples, "train"):
+        n = len(items)
+        n_val = min(n - 1, max(1, round(cfg.val_fraction * n)))
+        n_test = min(n - 1 - n_val, max(1, round(cfg.test_fraction * n))) if test else 0
+        order = rng.permutation(n)
+        for j in order[:n_val]:
             items[j].split = "val"
+        for j in order[n_val : n_val + n_test]:
+            items[j].split = "test"
+
+
+def _split_off_test(examples: list[Example], cfg: TrainConfig) -> None:
+    """A given validation set without a test set: half of each class's validation images (seeded) become the
+    test split; a class with a single validation image keeps it for validation (and gets no test image)."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    for items in _by_class(examples, "val"):
+        for j in rng.permutation(len(items))[: len(items) // 2]:
+            items[j].split = "test"
 
 
 def check_counts(ds: Dataset, *, after: str = "") -> None:
@@ -283,6 +322,10 @@ def check_counts(ds: Dataset, *, after: str = "") -> None:
         missing = [k for k, v in val.items() if v == 0]
         if missing:
             raise DatasetError(f"the validation set has no images of {', '.join(map(repr, missing))}")
+        no_test = [k for k, v in ds.counts("test").items() if v == 0]
+        if no_test and not any(w.startswith("no test images") for w in ds.warnings):
+            ds.warnings.append(f"no test images of {', '.join(map(repr, no_test[:10]))}: the test metrics leave "
+                               "them out (give 2+ validation images per class, or a test folder)")
         no_train = [k for k, v in ds.counts("train").items() if v == 0]
         if no_train:
             raise DatasetError(f"the validation set has classes the training set lacks: {', '.join(map(repr, no_train))}")

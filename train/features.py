@@ -114,7 +114,7 @@ def embed_dataset(ds: Dataset, model: ModelConfig, decode: DecodeConfig, identit
             writer.close()
         errors: dict[str, str] = {}
         if pending:
-            init_ray(address, log=log, what="lens train")
+            init_ray(address, log=log, what="lens train", log_to_driver=False)  # Lens prints the progress
             log(f"lens train: embedding {len(pending)} new image(s) with the bulk-embedding job "
                 f"({len(cached)} cached)")
             cfg = EmbedConfig(input=str(work / "in"), output=str(work / "out"), input_format="parquet",

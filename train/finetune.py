@@ -1,35 +1,41 @@
-"""Mode ``finetune``: the network itself, trained with Ray Train.
+"""Mode ``finetune``: the network itself, trained with Ray Train, starting from a trained classifier (LP-FT).
 
-Two phases, each its own ``TorchTrainer.fit()`` (changing ``requires_grad`` inside a DDP-wrapped model silently
-breaks gradient sync): the classifier first with the backbone frozen (``head_epochs``), then the top blocks (or
-all of them) unfrozen at ``lr x finetune_lr_factor``. timm's ``create_model(num_classes, drop_rate)`` and its
-training transforms (derived from the model's pretrained config), label smoothing, AdamW with a cosine schedule,
-AMP on GPU, early stopping on validation top-1. Images stream from Ray Data: decode (Lens's safe decoder) and
-augment in CPU tasks, then to the workers. Every epoch is checkpointed; ``FailureConfig(max_failures)`` restarts a
-lost worker group from the last checkpoint. Validation uses Lens's own preprocessing, the one serving uses.
+1. **Linear probe.** The backbone's pooled features of the training and validation images (serving's
+   preprocessing, no augmentation) are computed once in the driver; a classifier is trained on them with the head
+   recipe (:func:`train.head.train_head`) and becomes the network's classifier. Fine-tuning starts from a
+   classifier that already works, so its first steps do not tear down the backbone's features (Kumar et al.,
+   "Fine-Tuning can Distort Pretrained Features", 2022).
+2. **Fine-tune.** One ``TorchTrainer.fit()``: the classifier learns at ``lr``, the unfrozen backbone (its top
+   blocks, or all of it) at ``lr x backbone_lr_mult``; linear warm-up, then cosine decay; BatchNorm running
+   statistics frozen when a worker's batch is small; label smoothing, AdamW, AMP on GPU. Validation runs before the
+   first step (the probe's own accuracy, "epoch 0") and after every epoch; the best state seen is what is packaged,
+   so it is never worse on validation than the classifier it started from.
+
+Images stream from Ray Data (decode with Lens's safe decoder and augment with timm's training transform, derived
+from the model's pretrained config, in CPU tasks; order preserved, so one worker repeats its run). Every epoch is
+checkpointed; ``FailureConfig(max_failures)`` restarts a lost worker group from the last checkpoint. Validation
+and test use Lens's own preprocessing, the one serving uses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from lens import __version__
-from lens.cluster import init_ray
+from lens.cluster import init_ray, quiet_ray
 from lens.decode import DecodeLimits
 from lens.faults import crash_point
-from lens.package import write_package
 
 from .config import TrainConfig, effective_settings
 from .dataset import Dataset
-from .metrics import assess, confusion_png
+from .metrics import measure
 
 __all__ = ["run_finetune", "train_loop"]
 
@@ -38,8 +44,8 @@ _TOP_MODULES = ("conv_head", "bn2", "classifier")
 
 
 def _decode_batch(batch: dict, *, preprocess: dict, limits: DecodeLimits, training: bool, seed: int) -> dict:
-    """Ray Data task: encoded images -> (N, 3, H, W) float32 tensors. Training rows get timm's augmentation;
-    validation rows Lens's own preprocessing (what serving does). Undecodable rows were dropped before."""
+    """Ray Data task: encoded images -> (N, 3, H, W) float32 tensors. Training rows get timm's augmentation
+    (seeded per batch); validation rows Lens's own preprocessing (what serving does)."""
     from lens.decode import decode_image
     from lens.preprocess import PreprocessConfig, Preprocessor
 
@@ -61,10 +67,6 @@ def _decode_batch(batch: dict, *, preprocess: dict, limits: DecodeLimits, traini
 def _set_trainable(model, unfreeze: str) -> None:
     for p in model.parameters():
         p.requires_grad = unfreeze == "all"
-    if unfreeze == "head":
-        for p in model.get_classifier().parameters():
-            p.requires_grad = True
-        return
     if unfreeze == "top":
         mods = [getattr(model, n) for n in _TOP_MODULES if hasattr(model, n)] + list(model.blocks[-2:])
         for m in mods:
@@ -72,8 +74,15 @@ def _set_trainable(model, unfreeze: str) -> None:
                 p.requires_grad = True
 
 
+def _schedule(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
+
+
 def train_loop(config: dict) -> None:
-    """One Ray Train worker: one phase of fine-tuning (``config["phase"]``)."""
+    """One Ray Train worker of the fine-tuning phase."""
     import ray.train
     import timm
     import torch
@@ -87,7 +96,7 @@ def train_loop(config: dict) -> None:
     model = timm.create_model(config["model"], pretrained=False, num_classes=config["num_classes"],
                               drop_rate=config["dropout"])
     model.load_state_dict(config["state"], strict=True)
-    start_epoch, best, stale, history = 1, (-1.0, math.inf), 0, []
+    start_epoch, best, stale, history = 0, (-1.0, math.inf), 0, []
     best_state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restarted worker group: resume where the last checkpoint left off
@@ -100,32 +109,38 @@ def train_loop(config: dict) -> None:
     _set_trainable(model, config["unfreeze"])  # before DDP wraps it: DDP syncs what requires grad at wrap time
     model = prepare_model(model, move_to_device=True)
     core = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    head = {id(p) for p in core.get_classifier().parameters()}
+    groups = [{"params": [p for p in core.parameters() if p.requires_grad and id(p) in head], "lr": config["lr"]},
+              {"params": [p for p in core.parameters() if p.requires_grad and id(p) not in head],
+               "lr": config["lr"] * config["backbone_lr_mult"]}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config["weight_decay"])
     steps_per_epoch = max(1, math.ceil(config["n_train"] / world / config["batch_size"]))
     total = config["epochs"] * steps_per_epoch
-    done = (start_epoch - 1) * steps_per_epoch  # a resumed run continues the schedule where it stopped
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + done, total) / total)))
+    warmup = min(total, round(config["warmup_epochs"] * steps_per_epoch))
+    done = max(0, start_epoch - 1) * steps_per_epoch  # a resumed run continues the schedule where it stopped
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s + done, warmup, total))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, config["epochs"] + 1):
-        _train_mode(core)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
-                                                    dtypes={"x": torch.float32, "y": torch.int64}):
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(model(batch["x"]), batch["y"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            seen += len(batch["y"])
-            loss_sum += float(loss.detach()) * len(batch["y"])
+        if epoch > 0:  # epoch 0 only validates the starting point: the probe's classifier on frozen features
+            _train_mode(core, freeze_bn=config["freeze_bn"])
+            for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
+                                                        dtypes={"x": torch.float32, "y": torch.int64},
+                                                        local_shuffle_buffer_size=4 * config["batch_size"],
+                                                        local_shuffle_seed=config["seed"] * 1000 + epoch):
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    loss = loss_fn(model(batch["x"]), batch["y"])
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                seen += len(batch["y"])
+                loss_sum += float(loss.detach()) * len(batch["y"])
         train_s = time.perf_counter() - t0
         model.eval()
         stats = torch.zeros(5, dtype=torch.float64, device=device)  # correct, n, val loss sum, trained, loss sum
@@ -141,9 +156,11 @@ def train_loop(config: dict) -> None:
             torch.distributed.all_reduce(stats)
         top1 = float(stats[0] / stats[1]) if stats[1] else math.nan
         val_loss = float(stats[2] / stats[1]) if stats[1] else math.nan
-        row = {"phase": config["phase"], "epoch": epoch, "train_loss": round(float(stats[4] / max(stats[3], 1)), 5),
+        row = {"phase": "finetune" if epoch else "probe", "epoch": epoch,
+               "train_loss": round(float(stats[4] / max(stats[3], 1)), 5) if epoch else None,
                "val_loss": round(val_loss, 5), "val_top1": round(top1, 5),
-               "images_per_s": round(float(stats[3]) / max(train_s, 1e-9), 2), "train_seconds": round(train_s, 3)}
+               "images_per_s": round(float(stats[3]) / max(train_s, 1e-9), 2) if epoch else None,
+               "train_seconds": round(train_s, 3)}
         history.append(row)
         if (top1, -val_loss) > (best[0], -best[1]):
             best, stale = (top1, val_loss), 0
@@ -165,19 +182,22 @@ def train_loop(config: dict) -> None:
             break
 
 
-def _train_mode(model) -> None:
-    """Training mode, except BatchNorm layers whose parameters are frozen: their running statistics stay."""
+def _train_mode(model, *, freeze_bn: bool) -> None:
+    """Training mode, except BatchNorm layers whose running statistics stay: all of them with ``freeze_bn`` (small
+    batches), else those whose parameters are frozen."""
     import torch
 
     model.train()
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+                freeze_bn or not any(p.requires_grad for p in m.parameters())):
             m.eval()
 
 
 def _datasets(ds: Dataset, class_id: dict, preprocess: dict, limits: DecodeLimits, seed: int):
     import ray.data
 
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # one worker repeats its run
     out = {}
     for split in ("train", "val"):
         rows = [{"row": i, "image": ds.read(e), "label": class_id[e.label]}
@@ -188,13 +208,11 @@ def _datasets(ds: Dataset, class_id: dict, preprocess: dict, limits: DecodeLimit
     return out
 
 
-def _fit(phase: str, state: dict, cfg: TrainConfig, datasets, common: dict, epochs: int, lr: float, storage: str,
-         log) -> tuple[dict, list]:
+def _fit(state: dict, cfg: TrainConfig, datasets, common: dict, storage: str, log) -> tuple[dict, list]:
+    import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import ray
 
     env = {k: os.environ[k] for k in ("LENS_CRASH_AT", "LENS_CACHE_DIR") if k in os.environ}
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -203,11 +221,10 @@ def _fit(phase: str, state: dict, cfg: TrainConfig, datasets, common: dict, epoc
                        else max(1, int(cfg.cpus_per_worker))}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=common | {"phase": phase, "state": state, "epochs": epochs, "lr": lr,
-                                    "unfreeze": "head" if phase == "head" else cfg.unfreeze},
+        train_loop_config=common | {"state": state, "unfreeze": cfg.unfreeze},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=RunConfig(name=f"lens-train-{phase}-{os.getpid()}-{int(time.time())}", storage_path=storage,
+        run_config=RunConfig(name=f"lens-train-finetune-{os.getpid()}-{int(time.time())}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              worker_runtime_env={"env_vars": env} if env else None),
@@ -215,113 +232,121 @@ def _fit(phase: str, state: dict, cfg: TrainConfig, datasets, common: dict, epoc
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"fine-tuning phase {phase} ended without a checkpoint: {result.error}")
+        raise RuntimeError(f"fine-tuning ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         saved = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
     for row in saved["history"]:
-        if "epoch" in row:
-            log(f"lens train: {phase} epoch {row['epoch']}/{epochs} train_loss {row['train_loss']:.4f} "
-                f"val_top1 {row['val_top1']:.4f} ({row['images_per_s']:.1f} images/s)")
+        if row.get("phase") == "probe":
+            log(f"lens train: finetune epoch 0 (the probe's classifier) val_top1 {row['val_top1']:.4f}")
+        elif "epoch" in row:
+            log(f"lens train: finetune epoch {row['epoch']}/{common['epochs']} train_loss {row['train_loss']:.4f} "
+                f"val_top1 {row['val_top1']:.4f} ({row['images_per_s']:.1f} images/s, {row['train_seconds']:.0f} s)")
     return saved["best_model"] or saved["model"], saved["history"]
 
 
-def run_finetune(cfg: TrainConfig, prep, *, log, started: float) -> dict:
-    """Fine-tune on ``prep`` (a :class:`train.job.Prepared`) and write a ``finetune`` package."""
-    import ray
+def _forward(model, ds: Dataset, rows: list, preprocessor, *, features: bool = False, batch: int = 32) -> np.ndarray:
+    """The network's logits (or, with ``features``, its pooled features before the classifier) for ``rows``'
+    images: serving's preprocessing, eval mode, in this process."""
+    import torch
+
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch):
+            x = torch.from_numpy(np.stack([preprocessor(ds.read(ds.examples[r])) for r in rows[i : i + batch]]))
+            y = model.forward_head(model.forward_features(x), pre_logits=True) if features else model(x)
+            out.append(y.float().numpy())
+    width = model.num_features if features else model.num_classes
+    return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+
+def run_finetune(cfg: TrainConfig, prep, *, log):
+    """LP-FT on ``prep`` (a :class:`train.job.Prepared`): the candidate a ``finetune`` package is written from
+    (a :class:`train.job.Trained`)."""
+    import timm
     import torch
     from safetensors.torch import save
 
-    from lens.runtime import _build_torch
+    from lens.identity import ModelIdentity, labels_digest
+    from lens.preprocess import Preprocessor
+    from lens.runtime import build_torch
     from lens.weights import resolve_weights
 
-    init_ray(cfg.address, log=log, what="lens train")
-    parent_ref = resolve_weights(cfg.model.name, cfg.model.weights, Path(cfg.model.cache_dir))
-    parent, pp, _, _ = _build_torch(cfg.model, parent_ref)
-    import timm
+    from .head import train_head
+    from .job import Trained
 
-    ds = prep.ds  # undecodable images are already out (found by the embedding job's decoder), leaked ones too
-    n_train = len(ds.split("train"))
-    settings, applied = effective_settings(cfg, n_train)
-    class_id = {c: i for i, c in enumerate(ds.classes)}
-    model = timm.create_model(cfg.model.name, pretrained=False, num_classes=len(ds.classes),
-                              drop_rate=settings["dropout"])
+    init_ray(cfg.address, log=log, what="lens train", log_to_driver=False)  # Lens prints each epoch itself
+    quiet_ray()
+    torch.manual_seed(cfg.seed)
+    parent_ref = resolve_weights(cfg.model.name, cfg.model.weights, Path(cfg.model.cache_dir))
+    parent, pp, _, _ = build_torch(cfg.model, parent_ref)
+    ds, y, tr, va, te = prep.ds, prep.y, prep.tr.tolist(), prep.va.tolist(), prep.te.tolist()
+    settings, applied = effective_settings(cfg, len(tr))
+    classes = len(ds.classes)
+    model = timm.create_model(cfg.model.name, pretrained=False, num_classes=classes, drop_rate=settings["dropout"])
     sd = {k: v for k, v in parent.state_dict().items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or any(not k.startswith("classifier.") for k in missing):
         raise RuntimeError(f"parent weights do not fit {cfg.model.name}: missing {missing}, unexpected {unexpected}")
     del parent
-    # a fresh classifier starts small: timm's EfficientNet init draws it from +-1/sqrt(num_classes), which on
-    # 1280 ReLU6 features gives logits in the tens and a first phase spent unlearning them
-    torch.nn.init.normal_(model.get_classifier().weight, std=0.01)
-    torch.nn.init.zeros_(model.get_classifier().bias)
-    unusable = prep.unusable
     limits = cfg.decode.limits()
-    datasets = _datasets(ds, class_id, pp.to_dict(), limits, settings["seed"])
-    common = {"model": cfg.model.name, "num_classes": len(ds.classes), "dropout": settings["dropout"],
+    preprocessor = Preprocessor(pp, limits)
+
+    # 1. the linear probe: the head recipe on the network's own (unnormalised) pooled features
+    t_probe = time.perf_counter()
+    feats = _forward(model, ds, tr + va, preprocessor, features=True)
+    probe = train_head(feats[: len(tr)], y[tr], feats[len(tr):], y[va], classes, epochs=settings["epochs"],
+                       lr=settings["lr"], batch_size=settings["batch_size"], dropout=settings["dropout"],
+                       label_smoothing=settings["label_smoothing"], weight_decay=settings["weight_decay"],
+                       patience=settings["patience"], seed=settings["seed"])
+    with torch.no_grad():
+        model.get_classifier().weight.copy_(torch.from_numpy(probe.weight))
+        model.get_classifier().bias.copy_(torch.from_numpy(probe.bias))
+    probe_s = time.perf_counter() - t_probe
+    log(f"lens train: finetune: classifier trained on frozen features (best epoch {probe.best_epoch} of "
+        f"{probe.epochs_run}, {probe_s:.1f} s with the features)")
+
+    # 2. the network, from there
+    freeze_bn = settings["batch_size"] < cfg.freeze_bn_below
+    datasets = _datasets(ds, {c: i for i, c in enumerate(ds.classes)}, pp.to_dict(), limits, settings["seed"])
+    common = {"model": cfg.model.name, "num_classes": classes, "dropout": settings["dropout"],
               "batch_size": settings["batch_size"], "label_smoothing": settings["label_smoothing"],
               "weight_decay": settings["weight_decay"], "patience": settings["patience"], "seed": settings["seed"],
-              "n_train": n_train}
+              "n_train": len(tr), "epochs": cfg.finetune_epochs, "lr": settings["lr"],
+              "backbone_lr_mult": cfg.backbone_lr_mult, "warmup_epochs": cfg.warmup_epochs, "freeze_bn": freeze_bn}
     storage = cfg.checkpoint_storage or tempfile.mkdtemp(prefix="lens-train-ray-")
     t_fit = time.perf_counter()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    history: list = []
-    if cfg.head_epochs:
-        state, h = _fit("head", state, cfg, datasets, common, cfg.head_epochs, settings["lr"], storage, log)
-        history += h
-    state, h = _fit("finetune", state, cfg, datasets, common, settings["epochs"],
-                    settings["lr"] * cfg.finetune_lr_factor, storage, log)
-    history += h
+    state, history = _fit({k: v.clone() for k, v in model.state_dict().items()}, cfg, datasets, common, storage,
+                          log)
     fit_seconds = time.perf_counter() - t_fit
-
     model.load_state_dict(state)
-    model.eval()
     weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
-    # validation with the serving path's preprocessing, in this process
-    from lens.preprocess import Preprocessor
 
-    preprocessor = Preprocessor(pp, limits)
-    val = ds.split("val")
-    with torch.no_grad():
-        logits = np.concatenate([model(torch.from_numpy(np.stack([preprocessor(ds.read(e))
-                                                                   for e in val[i:i + 32]]))).numpy()
-                                 for i in range(0, len(val), 32)])
-    y = np.array([class_id[e.label] for e in val])
-    metrics, thresholds = assess(logits, y, ds.classes, cfg.target_precision)
-    import hashlib
-
-    from lens.identity import ModelIdentity, labels_digest
-
+    # 3. measured with the serving path's preprocessing, in this process: thresholds on validation, test reported
+    val, test, thresholds = measure(_forward(model, ds, va, preprocessor), y[va], _forward(model, ds, te, preprocessor),
+                                    y[te], ds.classes, cfg.target_precision)
     identity = ModelIdentity(model=cfg.model.name, weights_sha256=hashlib.sha256(weights).hexdigest(),
-                             preprocess=pp.to_dict(), embed_dim=int(model.num_features),
-                             num_classes=len(ds.classes), labels_sha256=labels_digest(ds.classes))
+                             preprocess=pp.to_dict(), embed_dim=int(model.num_features), num_classes=classes,
+                             labels_sha256=labels_digest(ds.classes))
     epochs_rows = [r for r in history if "epoch" in r]
-    summary_metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion")}
-    training = {"mode": "finetune", **settings, "workers": cfg.workers, "use_gpu": cfg.use_gpu,
-                "unfreeze": cfg.unfreeze, "head_epochs": cfg.head_epochs,
-                "finetune_lr_factor": cfg.finetune_lr_factor, "recommended_applied": applied, "history": history,
-                "fit_seconds": round(fit_seconds, 3),
-                "restarts": sum(1 for r in history if "resumed_after_epoch" in r)}
-    files = {"model.safetensors": weights, "labels.json": json.dumps(ds.classes).encode(),
-             "metrics.json": json.dumps(metrics, indent=1).encode(),
-             "confusion.png": confusion_png(np.asarray(metrics["confusion"]), ds.classes),
-             "split.json": json.dumps({"train": [e.id for e in ds.split("train")], "val": [e.id for e in val],
-                                       "removed_near_duplicates": [e.id for e in prep.removed],
-                                       "unusable": [{"id": e.id, "error": e.error} for e in unusable]}).encode()}
-    manifest = {"kind": "finetune", "name": cfg.package_name, "created": datetime.now(timezone.utc).isoformat(),
-                "lens_version": __version__, "labels": ds.classes, "thresholds": [float(t) for t in thresholds],
-                "target_precision": cfg.target_precision, "identity": identity.to_dict(),
-                "parent_weights_sha256": parent_ref.sha256, "training": training,
-                "dataset": ds.report() | {"errors": len(unusable), "embedding": prep.emb_report,
-                                          "near_duplicates": prep.dedup},
-                "metrics": summary_metrics}
-    where = write_package(cfg.output, files, manifest, overwrite=cfg.overwrite)
-    log(f"lens train: validation top-1 {metrics['top1']}; package written to {where}")
-    return {"package": where, "name": cfg.package_name, "mode": "finetune", "classes": len(ds.classes),
-            "train": n_train, "val": len(val), "metrics": summary_metrics, "settings": settings,
-            "recommended_applied": applied, "errors": len(unusable), "restarts": training["restarts"],
-            "near_duplicates": {k: prep.dedup[k] for k in ("pairs", "removed")},
-            "epochs": epochs_rows, "fit_seconds": round(fit_seconds, 3),
-            "seconds": round(time.perf_counter() - started, 3), "warnings": ds.warnings}
+    trained = [r for r in epochs_rows if r["epoch"] > 0]
+    best = max(epochs_rows, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    training = {"mode": "finetune", **settings, "finetune_epochs": cfg.finetune_epochs,
+                "backbone_lr_mult": cfg.backbone_lr_mult, "warmup_epochs": cfg.warmup_epochs,
+                "bn_statistics_frozen": freeze_bn, "workers": cfg.workers, "use_gpu": cfg.use_gpu,
+                "unfreeze": cfg.unfreeze, "target_precision": cfg.target_precision, "recommended_applied": applied,
+                "probe": {"best_epoch": probe.best_epoch, "epochs_run": probe.epochs_run,
+                          "seconds": round(probe_s, 3)},
+                "best_epoch": best["epoch"], "history": history, "fit_seconds": round(fit_seconds, 3),
+                "seconds_per_epoch": round(float(np.mean([r["train_seconds"] for r in trained])), 3) if trained
+                else None, "restarts": sum(1 for r in history if "resumed_after_epoch" in r)}
+    log(f"lens train: finetune: best validation at epoch {best['epoch']}" + (" (the probe itself)"
+                                                                             if best["epoch"] == 0 else ""))
+    return Trained("finetune", {"model.safetensors": weights, "labels.json": json.dumps(ds.classes).encode()},
+                   identity, thresholds, val, test, training,
+                   {"manifest": {"parent_weights_sha256": parent_ref.sha256}, "epochs": epochs_rows,
+                    "restarts": training["restarts"], "fit_seconds": round(fit_seconds, 3),
+                    "seconds_per_epoch": training["seconds_per_epoch"], "best_epoch": best["epoch"]})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,8 @@
-"""Validation metrics of a trained classifier, per-class score thresholds, and the confusion-matrix picture."""
+"""Metrics of a trained classifier, per-class score thresholds, and the confusion-matrix picture.
+
+Thresholds are tuned on the validation split (:func:`assess`); :func:`measure` then reports accuracy and the
+precision and recall those thresholds give on the test split, which chose nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import numpy as np
 
 from lens.heads import softmax
 
-__all__ = ["assess", "evaluate", "tune_thresholds", "confusion_png"]
+__all__ = ["assess", "measure", "evaluate", "tune_thresholds", "at_thresholds", "summary", "confusion_png"]
 
 
 def _ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
@@ -91,6 +95,40 @@ def assess(logits: np.ndarray, y: np.ndarray, labels: list[str], target_precisio
     for j, name in enumerate(labels):
         metrics["per_class"][name]["threshold"] = per_class[j]
     return metrics, thresholds
+
+
+def at_thresholds(probs: np.ndarray, y: np.ndarray, thresholds: np.ndarray, labels: list[str]) -> dict:
+    """Per class, the precision and recall of the tags ``thresholds`` give (an image is tagged with a class when
+    its probability reaches the class's threshold), and their macro means over classes with test images."""
+    per = {}
+    for j, name in enumerate(labels):
+        tagged, pos = probs[:, j] >= thresholds[j], y == j
+        tp = int((tagged & pos).sum())
+        per[name] = {"threshold": round(float(thresholds[j]), 6), "tagged": int(tagged.sum()), "support": int(pos.sum()),
+                     "precision": round(tp / tagged.sum(), 4) if tagged.any() else None,
+                     "recall": round(tp / pos.sum(), 4) if pos.any() else None}
+    prec = [v["precision"] for v in per.values() if v["precision"] is not None]
+    rec = [v["recall"] for v in per.values() if v["recall"] is not None]
+    return {"per_class": per, "macro_precision": round(float(np.mean(prec)), 4) if prec else None,
+            "macro_recall": round(float(np.mean(rec)), 4) if rec else None}
+
+
+def measure(val_logits: np.ndarray, y_val: np.ndarray, test_logits: np.ndarray, y_test: np.ndarray,
+            labels: list[str], target_precision: float) -> tuple[dict, dict, np.ndarray]:
+    """(validation metrics with the thresholds tuned on them, test metrics of those thresholds, thresholds)."""
+    val, thresholds = assess(val_logits, y_val, labels, target_precision)
+    probs = softmax(test_logits)
+    test = evaluate(probs, y_test, labels) if len(y_test) else {"n": 0}
+    test["at_thresholds"] = at_thresholds(probs, y_test, thresholds, labels)
+    return val, test, thresholds
+
+
+def summary(metrics: dict) -> dict:
+    """The headline numbers of a metrics dict (no per-class tables, no confusion matrix)."""
+    out = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion", "at_thresholds")}
+    if "at_thresholds" in metrics:
+        out |= {f"{k}_at_thresholds": metrics["at_thresholds"][k] for k in ("macro_precision", "macro_recall")}
+    return out
 
 
 def confusion_png(cm: np.ndarray, labels: list[str]) -> bytes:
