@@ -86,7 +86,8 @@ class _Base:
             (image,) = args
             return "POST", "/v1/tag", {"data": _bytes(image), "headers": {"Content-Type": "application/octet-stream"}
                                        | head, "params": self._params(top_k=kw.get("top_k"),
-                                                                      embedding=kw.get("embedding") or None)}
+                                                                      embedding=kw.get("embedding") or None,
+                                                                      custom_top_k=kw.get("custom_top_k"))}
         if op == "embed":
             (image,) = args
             return "POST", "/v1/embed", {"data": _bytes(image),
@@ -95,7 +96,8 @@ class _Base:
             (images,) = args
             files = [("image", (f"image-{i}", _bytes(im), "application/octet-stream")) for i, im in enumerate(images)]
             return "POST", "/v1/tag:batch", {"files": files, "headers": head,
-                                             "params": self._params(top_k=kw.get("top_k"))}
+                                             "params": self._params(top_k=kw.get("top_k"),
+                                                                    custom_top_k=kw.get("custom_top_k"))}
         if op == "search":
             image, item_id, vector, vectors = (kw.get(x) for x in ("image", "id", "vector", "vectors"))
             if sum(x is not None for x in (image, item_id, vector, vectors)) != 1:
@@ -165,11 +167,13 @@ class LensClient(_Base):
             raise _error(r.status_code, body)
         raise AssertionError("unreachable")
 
-    def tag(self, image: Image, *, top_k: int | None = None, embedding: bool = False, head: str | None = None) -> dict:
-        return self._call("tag", image, top_k=top_k, embedding=embedding, head=head)
+    def tag(self, image: Image, *, top_k: int | None = None, embedding: bool = False, head: str | None = None,
+            custom_top_k: int | None = None) -> dict:
+        return self._call("tag", image, top_k=top_k, embedding=embedding, head=head, custom_top_k=custom_top_k)
 
-    def tag_batch(self, images: Sequence[Image], *, top_k: int | None = None, head: str | None = None) -> dict:
-        return self._call("tag_batch", images, top_k=top_k, head=head)
+    def tag_batch(self, images: Sequence[Image], *, top_k: int | None = None, head: str | None = None,
+                  custom_top_k: int | None = None) -> dict:
+        return self._call("tag_batch", images, top_k=top_k, head=head, custom_top_k=custom_top_k)
 
     def embed(self, image: Image) -> dict:
         return self._call("embed", image)
@@ -251,11 +255,12 @@ class AsyncLensClient(_Base):
         raise AssertionError("unreachable")
 
     async def tag(self, image: Image, *, top_k: int | None = None, embedding: bool = False,
-                  head: str | None = None) -> dict:
-        return await self._call("tag", image, top_k=top_k, embedding=embedding, head=head)
+                  head: str | None = None, custom_top_k: int | None = None) -> dict:
+        return await self._call("tag", image, top_k=top_k, embedding=embedding, head=head, custom_top_k=custom_top_k)
 
-    async def tag_batch(self, images: Sequence[Image], *, top_k: int | None = None, head: str | None = None) -> dict:
-        return await self._call("tag_batch", images, top_k=top_k, head=head)
+    async def tag_batch(self, images: Sequence[Image], *, top_k: int | None = None, head: str | None = None,
+                        custom_top_k: int | None = None) -> dict:
+        return await self._call("tag_batch", images, top_k=top_k, head=head, custom_top_k=custom_top_k)
 
     async def embed(self, image: Image) -> dict:
         return await self._call("embed", image)

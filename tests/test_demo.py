@@ -26,7 +26,7 @@ def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path, foreign_ray)
     assert s["index"]["count"] == 47
     assert s["events"]["tagged"] == 3 and s["events"]["example_search_top1"]["id"].startswith("s3://lens-images/")
     assert s["examples"]["tag coffee.png"][0][0] == "espresso"
-    assert s["custom_tags"]["classes"] == 8 and s["custom_tags"]["val_top1"] >= 0.8
+    assert s["custom_tags"]["classes"] == 8 and s["custom_tags"]["test_top1"] >= 0.75  # the test split chose nothing
     assert s["examples"]["custom tags of coffee.png"][0][0] == "coffee"  # the pool serves the trained head
     assert set(s["events"]["example_custom_tags"]) == {"scenes"}  # and the event path writes its tags
     assert "=== Lens demo: done" in p.stderr

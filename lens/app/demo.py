@@ -161,11 +161,11 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     from train.config import TrainConfig
     from train.job import run_train
 
-    scene_dataset(work / "scenes", train_per_class=12, val_per_class=4, seed=0)
+    scene_dataset(work / "scenes", train_per_class=12, val_per_class=6, seed=0)  # val: 3 validation + 3 test
     head = run_train(TrainConfig(data=str(work / "scenes"), output=str(work / "packages" / "scenes")),
                      log=lambda m: print("    " + m, file=sys.stderr))
     summary["custom_tags"] = {"package": head["package"], "classes": head["classes"], "train": head["train"],
-                              "val": head["val"], "val_top1": head["metrics"]["top1"],
+                              "val": head["val"], "test": head["test"], "test_top1": head["metrics"]["top1"],
                               "head_seconds": head["head_seconds"]}
     summary["steps_s"]["train"] = round(time.perf_counter() - t, 1)
 
@@ -236,7 +236,7 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     # 9 -------------------------------------------------------------------------------------
     t = _step(9, total, "example requests over HTTP")
     coffee = sample_path("coffee.png").read_bytes()
-    tag = lens.tag(coffee, top_k=3)
+    tag = lens.tag(coffee, top_k=3, custom_top_k=3)  # the head's best guesses, each marked passed or not
     from PIL import Image
 
     cat = Image.open(sample_path("chelsea.png")).convert("RGB")
@@ -249,7 +249,8 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     summary["ui"] = f"{url}/ui"
     summary["examples"] = {
         "tag coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["tags"]],
-        "custom tags of coffee.png": [(x["label"], round(x["score"], 3)) for x in tag["custom_tags"]["scenes"]],
+        "custom tags of coffee.png": [(x["label"], round(x["score"], 3), "passed" if x["passed"] else "below threshold")
+                                      for x in tag["custom_tags"]["scenes"]],
         "search with a cropped, mirrored cat": [(h["id"], round(h["score"], 3)) for h in search["results"]],
         "neighbours of originals/coffee.png": [(h["id"], round(h["score"], 3)) for h in by_id["results"]],
         "thumbnail of the first neighbour": f"{len(thumb):,} bytes of JPEG, read from S3 by the service",
@@ -280,8 +281,8 @@ def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
     i = s["index"]
     p(f"  index          {i['type']} over {i['count']} vectors, recall@10 {i['recall_at_10']} -> {i['path']}")
     c = s["custom_tags"]
-    p(f"  custom tags    a head on {c['classes']} scene classes ({c['train']} train / {c['val']} val images), "
-      f"validation top-1 {c['val_top1']}, trained in {c['head_seconds']} s -> {c['package']}")
+    p(f"  custom tags    a head on {c['classes']} scene classes ({c['train']} train / {c['val']} val / {c['test']} "
+      f"test images), test top-1 {c['test_top1']}, trained in {c['head_seconds']} s -> {c['package']}")
     ev = s["events"]
     p(f"  event path     {ev['uploaded']} uploads tagged in {ev['tagged_in_s']} s, searchable in "
       f"{ev['searchable_in_s']} s; e.g. {ev['example_sidecar']}: {', '.join(ev['example_tags'])}")
