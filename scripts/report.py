@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "serve", "events", "batch", "index", "shards", "train", "rollout", "drift"]
+ORDER = ["model", "tag", "serve", "events", "batch", "index", "shards", "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -248,23 +248,39 @@ def shards_md(s: dict) -> list[str]:
 
 
 def train_md(t: dict) -> list[str]:
-    v, d, loop = t["val_top1"], t["data"], t["plain_loop"]
-    ft = t["finetune"]
-    out = [f"Custom tags (`{SCRIPT['train']}`, `benchmarks/train.json|png`): {d['classes']} classes of real photos, "
-           f"{d['train']} training / {d['val']} validation images ({d['source']}).", "",
-           "| on the same split | validation top-1 |", "|---|---|",
-           f"| baseline: k-NN (k=5) on ImageNet Lite0 embeddings | {v['knn5_imagenet_embeddings']} |",
-           f"| `lens train` head mode | {v['head']} |",
-           f"| `lens train --mode finetune` ({ft['workers']} Ray Train worker, {ft.get('head_epochs', '?')} epochs "
-           f"frozen + {ft.get('finetune_epochs', '?')} fine-tuning, lr {ft.get('lr', '?')}) | {v['finetune']} |", "",
-           "The set gives 10 steps per epoch, so the benchmark uses the card's top learning rate for the "
-           "classifier phase; the k-NN baseline is hard to beat on 8 visually distinct scenes.", "",
-           f"* head mode: {t['head']['embedding_seconds_cold_cache']} s embedding {d['train'] + d['val']} images "
-           f"(cold cache, the bulk-embedding job), {t['head']['head_seconds']} s training the head; on 10,000 "
-           f"embeddings (10 epochs, batch 32) **{t['head_10k_embeddings_seconds']} s** (median of 3).",
-           f"* fine-tuning throughput, second phase (top blocks unfrozen): Ray Train "
-           f"{n(ft['ray_train_images_per_s_phase2'])} images/s vs a plain single-process timm loop "
-           f"{n(loop['images_per_s'])} images/s in the same run: **{t['ratio_ray_train_vs_plain_loop']}×**."]
+    d, st, loop = t["data"], t["settings"], t["plain_loop"]
+    out = [f"Custom tags (`{SCRIPT['train']}`, `benchmarks/train.json|png`): two different sets of real photos, one "
+           f"class per photo, {d['train_per_class']} training and {d['held_out_per_class']} held-out images per "
+           f"class ({d['source']}). Validation chooses (epochs, thresholds, the best checkpoint); test only "
+           f"measures. Fine-tuning: LP-FT, {st['finetune_epochs']} epochs, lr {st['lr']} for the classifier and "
+           f"x{st['backbone_lr_mult']} for the backbone ({st['unfreeze']} blocks), batch {st['batch_size']}, "
+           f"{st['workers']} Ray Train worker.", "",
+           "| set | classes | k-NN (k=5) on Lite0 embeddings | head | fine-tune | best epoch | s per epoch |",
+           "|---|---|---|---|---|---|---|"]
+    for name, x in t["sets"].items():
+        v = x["test_top1"]
+        out.append(f"| {name} | {x['classes']} | {v['knn5_imagenet_embeddings']} | {v['head']} | "
+                   f"**{v['finetune']}** | {x['best_epoch']} | {n(x['seconds_per_epoch'])} |")
+    out += ["", "(test top-1; best epoch 0 is the classifier trained on frozen features, kept because no later "
+                "epoch beat it on validation)", "",
+            f"* head mode on 10,000 embeddings (10 epochs, batch 32): **{t['head_10k_embeddings_seconds']} s** "
+            f"(median of 3).",
+            f"* fine-tuning throughput: Ray Train {n(t['ray_train_images_per_s'])} images/s vs a plain "
+            f"single-process timm loop {n(loop['images_per_s'])} images/s in the same run: "
+            f"**{t['ratio_ray_train_vs_plain_loop']}×**."]
+    return out + targets_md(t)
+
+
+def tag_md(t: dict) -> list[str]:
+    c = t["configs"]
+    out = [f"`lens tag` whole runs (`{SCRIPT['tag']}`, `benchmarks/tag.json`), warm caches, {t['images']} camera-size "
+           f"JPEGs, median of {t['rounds']} alternating rounds; CPU flags {', '.join(t['machine']['cpu_flags'])}:", "",
+           "| configuration | what ran | images/s (whole run) | start-up to first result (s) |", "|---|---|---|---|"]
+    for name, row in c.items():
+        ran = t["served"][name].split(" on ", 1)[-1]
+        out.append(f"| {name} | {ran} | {n(row['images_per_s_whole_run'])} | {row['first_result_s']} |")
+    out += ["", f"* int8 vs the faster fp32 ({t['fp32_baseline']}): **{t['ratio_int8_vs_fp32_whole_run']}×** the "
+                f"whole-run rate, start-up {t['int8_first_result_minus_fp32_s']:+} s."]
     return out + targets_md(t)
 
 
@@ -312,7 +328,7 @@ def drift_md(d: dict) -> list[str]:
         + targets_md(d)
 
 
-RENDER = {"model": model_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md,
+RENDER = {"model": model_md, "tag": tag_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 
