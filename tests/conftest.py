@@ -112,27 +112,30 @@ def random_rgb(rng, w=64, h=48) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
 
 
-def free_port() -> int:
+def free_port(lo: int = 10_000, hi: int | None = None) -> int:
     """A free loopback port for a server that cannot bind port 0 itself (Serve's proxy, HAProxy, a CLI flag).
 
-    Picked at random below the kernel's ephemeral range, so no outgoing connection of this machine (which
-    takes its local port from that range) can take it between this check and the server's bind."""
+    Picked at random in ``lo..hi``, by default below the kernel's ephemeral range, so no outgoing connection of
+    this machine (which takes its local port from that range) can take it between this check and the server's
+    bind. (`ray start` refuses ports in its worker range, 10002-19999: the foreign cluster asks for 20000-30000.)"""
     import random
     import socket
 
-    try:
-        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+    if hi is None:
+        try:
+            low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        except (OSError, ValueError, IndexError):
+            low = 32768
+        hi = max(lo + 1, low - 1)
     for _ in range(200):
-        port = random.randint(10_000, max(10_001, low - 1))
+        port = random.randint(lo, hi)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free loopback port found below the ephemeral range")
+    raise RuntimeError(f"no free loopback port in {lo}..{hi}")
 
 
 def wait_healthy(url: str, proc, timeout_s: float = 240) -> None:
@@ -245,22 +248,6 @@ def wait_for(cond, what: str, timeout_s: float = 60, poll_s: float = 0.05):
 RAY_ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
 
 
-def _high_port() -> int:
-    """A free port outside Ray's default worker-port range (10002-19999), which `ray start` refuses."""
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randint(20_000, 30_000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-30000")
-
-
 def own_instance(out: str, what: str) -> None:
     """``what`` (``lens embed`` ...) said it ran on its own local Ray instance."""
     assert f"{what}: on its own local Ray instance" in out, out[-3000:]
@@ -297,9 +284,9 @@ def foreign_ray(tmp_path_factory):
 
     address_file = Path(RAY_ADDRESS_FILE)
     saved = address_file.read_text() if address_file.is_file() else None
-    port = _high_port()
-    ports = [f"--port={port}", f"--ray-client-server-port={_high_port()}",
-             f"--dashboard-agent-listen-port={_high_port()}", f"--metrics-export-port={_high_port()}"]
+    port, client, agent, metrics = (free_port(20_000, 30_000) for _ in range(4))
+    ports = [f"--port={port}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+             f"--metrics-export-port={metrics}"]
     log = open(tmp_path_factory.mktemp("foreign-ray") / "ray-start.log", "w+")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=1",
                              "--include-dashboard=false", "--disable-usage-stats", *ports],
