@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field

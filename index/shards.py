@@ -14,8 +14,6 @@ float32 a shard task holds only its own vectors (N-th of the total) plus one chu
 
 from __future__ import annotations
 
-import logging
-import os
 import zlib
 from pathlib import Path
 
