@@ -153,9 +153,18 @@ def ensure_int8(onnx_path: Path, calibration, calibration_digest: str, gate) -> 
     target = _variant_dir(onnx_path, f"int8-nncf{package_version('nncf')}-cal{calibration_digest[:16]}")
 
     def make(stage: Path) -> None:
+        import contextlib
+        import sys
+
         import nncf
         import openvino as ov
 
+        # NNCF logs and draws progress bars on stdout, where `lens tag` writes its JSON lines: to stderr instead
+        nncf.set_log_level(logging.WARNING)
+        with contextlib.redirect_stdout(sys.stderr):
+            _quantize(nncf, ov, stage)
+
+    def _quantize(nncf, ov, stage: Path) -> None:
         model = ov.Core().read_model(str(ensure_fp32(onnx_path)))
         x = calibration()
         batches = [x[i : i + 1] for i in range(len(x))]

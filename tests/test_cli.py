@@ -227,3 +227,16 @@ def test_a_section_of_another_command_is_allowed(tmp_path, lite0_onnx):
     cfg.write_text("model:\n  backend: onnx\nembed:\n  top_k: 3\ntrain:\n  epochs: 5\nserve: {}\n")
     r = lens("tag", str(sample_path("coffee.png")), "--config", str(cfg))
     assert r.returncode == 0, r.stderr
+
+
+def test_a_cold_int8_build_keeps_stdout_json_lines_only(tmp_path):
+    """NNCF logs and draws progress bars on stdout while it builds an int8 model: `lens tag`'s stdout must stay
+    one JSON object per image (the tiny random model fails the accuracy gate, which is said on stderr)."""
+    from lens.samples import sample_path
+
+    r = lens("tag", str(sample_path("coffee.png")), "--model", "test_efficientnet", "--weights", "random",
+             "--precision", "int8", env=__import__("os").environ | {"LENS_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["tags"], r.stdout[:2000]
+    assert "int8 gate REFUSED" in r.stderr
