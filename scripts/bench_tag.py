@@ -42,7 +42,9 @@ def run(args: list[str], env: dict) -> tuple[float, float, str]:
                          stderr=subprocess.PIPE, text=True, env=env)
     first = p.stdout.readline()
     t_first = time.perf_counter() - t0
-    rest, err = p.communicate(timeout=600)
+    rest = p.stdout.read()  # (communicate() would miss what readline already buffered)
+    err = p.stderr.read()  # a few lines: it cannot fill its pipe while stdout is read
+    p.wait(timeout=600)
     t_end = time.perf_counter() - t0
     if p.returncode != 0 or not first:
         raise RuntimeError(f"lens tag {' '.join(args)} failed: {err[-2000:]}")
