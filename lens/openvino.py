@@ -73,14 +73,17 @@ class OpenVinoBackend:
         import openvino as ov
 
         core = ov.Core()
+        self.path = Path(xml)
+        # OpenVINO's own cache of compiled models (keyed by it: the model file, device, config and its release),
+        # beside Lens's variants: a warm start loads the compiled blob instead of compiling (0.27 -> 0.07 s, Lite0)
+        core.set_property({"CACHE_DIR": str(self.path.parent.parent / "compiled")})
         # fp32 means fp32: on CPUs with AMX/AVX512-BF16 OpenVINO would otherwise run "fp32" models in bf16
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if num_threads:
             config["INFERENCE_NUM_THREADS"] = int(num_threads)
-        self.path = Path(xml)
         self.precision = precision
         self.version = openvino_version()
-        self._compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+        self._compiled = core.compile_model(str(self.path), "CPU", config)
         self._idle: queue.SimpleQueue = queue.SimpleQueue()  # requests no caller holds
         self._idle.put(self._compiled.create_infer_request())
         self._made = 1

@@ -6,7 +6,7 @@ Each configuration is a whole `lens tag` process (Python start, imports, model l
 run in alternating rounds in the same run, after one untimed run that fills every cache (ONNX export, OpenVINO IR,
 the int8 model and its accuracy gate, auto's backend measurement):
 
-* whole run: 50 augmented crops of real photos (camera-size JPEGs) -> images/s = 50 / wall seconds;
+* whole run: 50 augmented crops of real photos (JPEGs, 256-800 px long side) -> images/s = 50 / wall seconds;
 * start-up to the first result: one image, wall seconds from process start to its JSON line.
 
 Configurations: `--precision int8` (OpenVINO, behind the gate), and the fp32 baselines `--backend auto` (the

@@ -273,7 +273,7 @@ def train_md(t: dict) -> list[str]:
 
 def tag_md(t: dict) -> list[str]:
     c = t["configs"]
-    out = [f"`lens tag` whole runs (`{SCRIPT['tag']}`, `benchmarks/tag.json`), warm caches, {t['images']} camera-size "
+    out = [f"`lens tag` whole runs (`{SCRIPT['tag']}`, `benchmarks/tag.json`), warm caches, {t['images']} augmented photo "
            f"JPEGs, median of {t['rounds']} alternating rounds; CPU flags {', '.join(t['machine']['cpu_flags'])}:", "",
            "| configuration | what ran | images/s (whole run) | start-up to first result (s) |", "|---|---|---|---|"]
     for name, row in c.items():
