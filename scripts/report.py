@@ -261,8 +261,8 @@ def train_md(t: dict) -> list[str]:
         v = x["test_top1"]
         out.append(f"| {name} | {x['classes']} | {v['knn5_imagenet_embeddings']} | {v['head']} | "
                    f"**{v['finetune']}** | {x['best_epoch']} | {n(x['seconds_per_epoch'])} |")
-    out += ["", "(test top-1; best epoch 0 is the classifier trained on frozen features, kept because no later "
-                "epoch beat it on validation)", "",
+    out += ["", "(test top-1; a best epoch of 0 would mean the classifier trained on frozen features was kept, no later "
+                "epoch having beaten it on validation)", "",
             f"* head mode on 10,000 embeddings (10 epochs, batch 32): **{t['head_10k_embeddings_seconds']} s** "
             f"(median of 3).",
             f"* fine-tuning throughput: Ray Train {n(t['ray_train_images_per_s'])} images/s vs a plain "
