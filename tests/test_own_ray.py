@@ -3,10 +3,11 @@
 foreign cluster; ``--address auto`` joins it. Commands run from a working folder with relative paths, as a user
 types them.
 
-Every command that starts Ray is checked against the foreign cluster: ``lens shards``, ``lens index build
---shards`` and ``lens train --mode head`` here; ``lens embed`` in tests/test_batch.py (the resume test),
-``lens train --mode finetune`` in tests/test_train.py, ``lens serve`` in tests/test_serve_cli.py, ``lens events
-run`` in tests/test_events_cli.py and ``lens demo`` in tests/test_demo.py. tests/test_layers.py checks that no
+Every command that starts Ray is checked against the foreign cluster: ``lens shards`` and ``lens index build
+--shards`` here; ``lens embed`` in tests/test_batch.py (the resume test), ``lens train`` in tests/test_train.py
+(the fine-tune test: its embedding step starts Ray as a head run does, then Ray Train runs on it), ``lens serve``
+in tests/test_serve_cli.py, ``lens events run`` in tests/test_events_cli.py and ``lens demo`` in
+tests/test_demo.py. tests/test_layers.py checks that no
 other module calls ``ray.init`` (every command goes through :func:`lens.cluster.init_ray`)."""
 
 from __future__ import annotations
@@ -59,14 +60,6 @@ def test_shards_and_a_sharded_index_build_run_on_their_own_ray(foreign_ray, work
     assert r.returncode == 0, r.stderr[-3000:]
     own_instance(r.stderr, "lens index build")
     assert (work / "idx" / "CURRENT").is_file()
-    assert ray_jobs(foreign_ray) == []
-
-
-def test_train_head_runs_on_its_own_ray(foreign_ray, work):
-    r = lens("train", "--data", "data", "--output", "head-pkg", *TINY, cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    own_instance(r.stderr, "lens train")
-    assert (work / "head-pkg" / "lens-package.json").is_file()
     assert ray_jobs(foreign_ray) == []
 
 

@@ -489,7 +489,8 @@ def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_packa
     scene_dataset(tmp_path / "data", train_per_class=8, val_per_class=3, seed=1, scenes=scenes)
     # `lens train` as a user runs it, from its folder with relative paths, while someone else's `ray start`
     # cluster is up on the host: it runs on its own Ray. Rank 0 dies after its 4th checkpoint in one process: after
-    # epoch 3 (epoch 0 validates the probe's classifier and checkpoints too); the restarted group does 4 and 5
+    # epoch 3 (epoch 0 validates the probe's classifier and checkpoints too); the restarted group resumes from the
+    # last checkpoint it has and runs fewer than 4 epochs, so it is not killed again
     r = subprocess.run([sys.executable, "-m", "lens.app.cli", "train", "--mode", "finetune", "--data", "data",
                         "--output", "pkg", "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx",
                         "--workers", "2", "--finetune-epochs", "5", "--lr", "5e-3", "--patience", "0",
