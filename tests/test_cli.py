@@ -210,14 +210,17 @@ def test_every_backend_the_config_accepts_the_cli_accepts_and_the_summary_says_w
     ("model:\n  custom_topk: 3\n", "custom_topk: Extra inputs are not permitted; did you mean 'custom_top_k'?"),
     ("model:\n  backend: onnx\ntrain:\n  epohcs: 3\n", "epohcs: Extra inputs are not permitted; did you mean 'epochs'?"),
 ])
-def test_a_config_key_no_command_reads_is_refused_naming_the_nearest_valid_one(tmp_path, text, says):
+def test_a_config_key_no_command_reads_is_refused_naming_the_nearest_valid_one(tmp_path, text, says, capsys):
+    from lens.app import cli
+
     cfg = tmp_path / "lens.yaml"
     cfg.write_text(text)
     command = ["train", "--data", str(tmp_path), "--output", str(tmp_path / "o")] if "train:" in text else \
         ["tag", "--samples"]
-    r = lens(*command, "--config", str(cfg))
-    assert r.returncode == 2 and says in r.stderr and str(cfg) in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert cli.main([*command, "--config", str(cfg)]) == 2  # before any model loads
+    err = capsys.readouterr().err
+    assert says in err and str(cfg) in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_a_section_of_another_command_is_allowed(tmp_path, lite0_onnx):

@@ -19,6 +19,12 @@ TINY = {"name": "test_efficientnet", "weights": "random"}
 
 
 @pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """This module's own model cache: its tiny int8 variant and gate report stay out of the session's."""
+    return tmp_path_factory.mktemp("concurrency-cache")
+
+
+@pytest.fixture(scope="module")
 def images(tiny):
     """512 distinct preprocessed crops of the bundled photos (seeded), one (3, H, W) array each."""
     from lens.samples import augmented_jpegs
@@ -29,7 +35,7 @@ def images(tiny):
     return x
 
 
-def _backend(kind: str, lens_cache, tiny):
+def _backend(kind: str, cache, tiny):
     from lens.config import ModelConfig
     from lens.predictor import Predictor
 
@@ -38,22 +44,22 @@ def _backend(kind: str, lens_cache, tiny):
     if kind == "torch":
         return Predictor.from_config(ModelConfig(**TINY, backend="torch", device="cpu")).model.backend
     if kind == "openvino-fp32":
-        return Predictor.from_config(ModelConfig(**TINY, backend="openvino")).model.backend
+        return Predictor.from_config(ModelConfig(**TINY, backend="openvino", cache_dir=cache)).model.backend
     # int8: the quantized model itself (random weights fail the accuracy gate, so a Predictor would serve fp32)
     from pathlib import Path
 
     from lens.openvino import OpenVinoBackend
     from lens.runtime import load_model
 
-    int8 = load_model(ModelConfig(**TINY, backend="openvino", precision="int8", cache_dir=lens_cache))
+    int8 = load_model(ModelConfig(**TINY, backend="openvino", precision="int8", cache_dir=cache))
     assert int8.quantization["served"] == "fp32"  # the gate refused it; the int8 model is built all the same
-    (xml,) = Path(lens_cache).glob(f"openvino/{int8.onnx_path.stem}-*int8*/model.xml")
+    (xml,) = Path(cache).glob(f"openvino/{int8.onnx_path.stem}-*int8*/model.xml")
     return OpenVinoBackend(xml, "int8")
 
 
 @pytest.mark.parametrize("kind", ["onnx", "torch", "openvino-fp32", "openvino-int8"])
-def test_concurrent_runs_give_the_sequential_results(kind, images, lens_cache, tiny):
-    backend = _backend(kind, lens_cache, tiny)
+def test_concurrent_runs_give_the_sequential_results(kind, images, cache, tiny):
+    backend = _backend(kind, cache, tiny)
     sizes = (1, 3, 4, 8)  # batches of several sizes: concurrent callers never line up
 
     def batches(rows):
