@@ -39,6 +39,19 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_ingress_drain_wait():
+    """No load balancer stands in front of the tests' Serve apps: a stopping ingress replica need not stay
+    reachable 30 s for one to deregister it (Ray's default in HAProxy mode), so shutdowns don't wait for nothing."""
+    old = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", None)
+    else:
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def lens_cache(tmp_path_factory):
     """Every test session gets its own cache (ONNX exports, downloaded weights)."""
     path = tmp_path_factory.mktemp("lens-cache")
