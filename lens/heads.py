@@ -76,11 +76,13 @@ class Head:
         return {"name": self.name, "uri": self.uri, "sha256": self.sha256, "classes": len(self.labels)}
 
 
-def load_head(uri: str, *, cache_dir=None) -> Head:
-    """A ``head`` package, verified; :class:`~lens.package.PackageError` naming the file otherwise."""
+def load_head(uri: str, *, cache_dir=None, max_bytes: int | None = None, deadline_s: float | None = None) -> Head:
+    """A ``head`` package, verified; :class:`~lens.package.PackageError` naming the file otherwise. ``max_bytes``
+    and ``deadline_s`` bound a download (:func:`lens.package.open_package`)."""
     from safetensors.numpy import load_file
 
-    pkg: Package = open_package(uri, cache_dir=cache_dir)
+    limits = {"max_bytes": max_bytes} if max_bytes is not None else {}
+    pkg: Package = open_package(uri, cache_dir=cache_dir, deadline_s=deadline_s, **limits)
     if pkg.kind != "head":
         raise PackageError(f"{uri} is a {pkg.kind} package: give it as the model's weights, not as a head",
                            code="usage", status=400)

@@ -42,4 +42,5 @@ def model_package_files(cfg: ModelConfig, *, state_dict_hook=None) -> tuple[dict
 def package_model(cfg: ModelConfig, dest: str, *, name: str, overwrite: bool = False, state_dict_hook=None) -> str:
     """Write a ``model`` package named ``name`` with ``cfg``'s weights to ``dest`` (local or s3://)."""
     files, manifest = model_package_files(cfg, state_dict_hook=state_dict_hook)
-    return write_package(dest, files, dict(manifest, name=name), overwrite=overwrite)
+    return write_package(dest, files, dict(manifest, name=name), overwrite=overwrite,
+                         keep=(cfg.weights if cfg.weights not in (None, "random") else None, cfg.labels))

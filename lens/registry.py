@@ -9,7 +9,12 @@ Layout under the registry root (``.../models``)::
 
 Aliases are pointers like an index's ``CURRENT``: a reader sees the old pointer or the new one, never a mix. The
 ``stable`` pointer keeps the versions it pointed at before (``previous``), so :meth:`Registry.rollback` returns to
-the last stable version without reading history. Serving resolves an alias to a version, opens that version's
+the last stable version without reading history.
+
+Concurrent writers never lose each other's work, locally and on S3: a push claims its version number with a
+create-only write (``<name>/<version>/_claim``: ``If-None-Match: *`` on S3, a hard link locally) and takes the next
+number if another push claimed it; aliases and the rollout state are read-modify-written by compare-and-swap
+(``If-Match`` on the ETag; a file lock locally), retried on conflict; history files have unique names. Serving resolves an alias to a version, opens that version's
 package (every checksum verified) and records ``name@version`` in everything it writes.
 """
 
@@ -36,6 +41,7 @@ STABLE = "stable"
 CANARY = "canary"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RESERVED = {"aliases", "history", "rollout.json"}
+_CLAIM = "_claim"  # <name>/<version>/_claim: the create-only marker a push takes before writing (never listed)
 _KEEP_PREVIOUS = 20
 
 
@@ -179,17 +185,22 @@ class Registry:
 
     def push(self, package_uri: str, *, name: str | None = None, version: str | None = None,
              by: str | None = None, why: str | None = None, cache_dir=None) -> VersionRef:
-        """Copy a verified package in as a new, immutable version (``v1``, ``v2``... unless ``version``)."""
+        """Copy a verified package in as a new, immutable version (``v1``, ``v2``... unless ``version``). The
+        version is claimed first with a create-only write, so concurrent pushes each get their own."""
         pkg = open_package(package_uri, cache_dir=cache_dir)  # refuses a corrupt package before anything is copied
         name = _check_name(name or pkg.name, "model name")
         existing = self.versions(name)
-        if version is None:
-            nums = [int(v[1:]) for v in existing if re.fullmatch(r"v\d+", v)]
-            version = f"v{max(nums, default=0) + 1}"
-        _check_name(version, "version")
-        if version in existing:
-            raise RegistryError(f"{name}@{version} already exists; versions are immutable (push a new one)",
-                                code="version_exists", status=409)
+        claim = json.dumps({"by": by or _who(), "at": _now(), "source": str(package_uri)}).encode()
+        if version is not None:
+            _check_name(version, "version")
+            if version in existing or not self.loc.create_only(self.loc.path(name, version, _CLAIM), claim):
+                raise RegistryError(f"{name}@{version} already exists; versions are immutable (push a new one)",
+                                    code="version_exists", status=409)
+        else:
+            n = max((int(v[1:]) for v in existing if re.fullmatch(r"v\d+", v)), default=0) + 1
+            while not self.loc.create_only(self.loc.path(name, f"v{n}", _CLAIM), claim):
+                n += 1  # another push claimed it first: the next number
+            version = f"v{n}"
         dest = self.loc.path(name, version)
         for fname in pkg.manifest["files"]:  # files first, the manifest last: a reader never sees a partial version
             self.loc.write_bytes(self.loc.path(name, version, fname), pkg.file(fname).read_bytes())
@@ -202,24 +213,33 @@ class Registry:
         return vref
 
     def set_alias(self, name: str, alias: str, version: str, *, by: str | None = None, why: str | None = None,
-                  action: str = "alias") -> dict:
+                  action: str = "alias", cache_dir=None) -> dict:
+        """Point ``alias`` at ``version``, which must exist and pass verification (every file against its
+        checksum); the pointer keeps where it pointed before (``previous``). Compare-and-swap: concurrent sets
+        each land, none loses another's ``previous``."""
         _check_name(alias, "alias")
-        self.manifest(name, version)  # the version must exist
-        old = self.alias(name, alias)
-        previous = ([old["version"]] + list(old.get("previous", [])) if old and old["version"] != version
-                    else list(old.get("previous", [])) if old else [])
-        ptr = {"version": version, "previous": previous[:_KEEP_PREVIOUS], "set_at": _now(), "by": by or _who(),
-               "why": why or ""}
-        self.loc.write_json(self.loc.path(name, "aliases", f"{alias}.json"), ptr)
+        self.verify(name, version, cache_dir=cache_dir)  # refuses a missing or corrupted version (PackageError)
+        ptr = {"version": version, "set_at": _now(), "by": by or _who(), "why": why or ""}
+
+        def change(old: dict | None) -> dict:
+            previous = ([old["version"]] + list(old.get("previous", [])) if old and old["version"] != version
+                        else list(old.get("previous", [])) if old else [])
+            return {"version": version, "previous": previous[:_KEEP_PREVIOUS]} | {k: v for k, v in ptr.items()
+                                                                                  if k != "version"}
+
+        old, new = self.loc.update_json(self._alias_path(name, alias), change)
         self._record(name, action, by=by, why=why, alias=alias, version=version,
                      was=old["version"] if old else None)
-        return ptr
+        return new
+
+    def _alias_path(self, name: str, alias: str) -> str:
+        return self.loc.path(_check_name(name, "model name"), "aliases", f"{_check_name(alias, 'alias')}.json")
 
     def clear_alias(self, name: str, alias: str, *, by: str | None = None, why: str | None = None) -> None:
         old = self.alias(name, alias)
         if old is None:
             return
-        self.loc.delete_file(self.loc.path(name, "aliases", f"{alias}.json"))
+        self.loc.delete_file(self._alias_path(name, alias))
         self._record(name, "alias_cleared", by=by, why=why, alias=alias, was=old["version"])
 
     def promote(self, name: str, version: str | None = None, *, by: str | None = None,
@@ -243,14 +263,15 @@ class Registry:
             self.clear_alias(name, CANARY, by=by, why=why)
             self.end_rollout(name, "rolled_back", by=by, why=why)
             return self.alias(name, STABLE) or {}
-        stable = self.alias(name, STABLE)
-        if not stable or not stable.get("previous"):
-            raise RegistryError(f"{name}: nothing to roll back to (no canary, and stable has no previous version)",
-                                code="nothing_to_roll_back", status=409)
-        target, rest = stable["previous"][0], stable["previous"][1:]
-        ptr = {"version": target, "previous": rest, "set_at": _now(), "by": by or _who(), "why": why or ""}
-        self.loc.write_json(self.loc.path(name, "aliases", f"{STABLE}.json"), ptr)
-        self._record(name, "rollback", by=by, why=why, alias=STABLE, version=target, was=stable["version"])
+        def change(stable: dict | None) -> dict:
+            if not stable or not stable.get("previous"):
+                raise RegistryError(f"{name}: nothing to roll back to (no canary, and stable has no previous "
+                                    "version)", code="nothing_to_roll_back", status=409)
+            return {"version": stable["previous"][0], "previous": stable["previous"][1:], "set_at": _now(),
+                    "by": by or _who(), "why": why or ""}
+
+        stable, ptr = self.loc.update_json(self._alias_path(name, STABLE), change)
+        self._record(name, "rollback", by=by, why=why, alias=STABLE, version=ptr["version"], was=stable["version"])
         return ptr
 
     # -- the live traffic split --------------------------------------------------------------
@@ -289,12 +310,14 @@ class Registry:
         return state
 
     def end_rollout(self, name: str, status: str, *, by: str | None = None, why: str | None = None) -> None:
-        state = self.rollout(name)
-        if not state or state.get("status") != "running":
-            return
-        state = dict(state, status=status, weight=0.0, shadow=0.0, ended_at=_now())
-        self.loc.write_json(self.loc.path(name, "rollout.json"), state)
-        self._record(name, f"rollout_{status}", by=by, why=why, version=state.get("canary"))
+        def change(state: dict | None) -> dict | None:
+            if not state or state.get("status") != "running":
+                return None
+            return dict(state, status=status, weight=0.0, shadow=0.0, ended_at=_now())
+
+        _, state = self.loc.update_json(self.loc.path(_check_name(name, "model name"), "rollout.json"), change)
+        if state is not None:
+            self._record(name, f"rollout_{status}", by=by, why=why, version=state.get("canary"))
 
     def set_traffic(self, name: str, *, weight: float | None = None, shadow: float | None = None,
                     by: str | None = None, why: str | None = None) -> dict:

@@ -180,6 +180,86 @@ class Location:
     def write_json(self, path: str, obj: dict) -> None:
         self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
+    # -- concurrent writers -----------------------------------------------------------------------
+    def create_only(self, path: str, data: bytes) -> bool:
+        """Write ``data`` at ``path`` only if nothing is there: True if this call created it, False if another
+        writer had. Atomic against concurrent writers: on S3 a conditional PUT (``If-None-Match: *``), locally a
+        complete temporary file hard-linked into place (``link`` fails if the name exists)."""
+        if self.is_s3:
+            return self._s3_put(path, data, IfNoneMatch="*")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def update_json(self, path: str, change, *, attempts: int = 100):
+        """Read-modify-write the JSON object at ``path`` so no concurrent writer's update is lost: ``change(old)``
+        (old: the object or None) returns the new object, or None to leave the file as it is. Locally under a
+        file lock; on S3 by compare-and-swap (``If-Match`` on the ETag read, ``If-None-Match`` when there was no
+        file), re-reading and calling ``change`` again after a conflict. Returns (old, new)."""
+        if not self.is_s3:
+            from filelock import FileLock
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(Path(path).parent / f".{Path(path).name}.lock"), timeout=600):
+                old = self.read_json(path)
+                new = change(old)
+                if new is not None:
+                    self.write_json(path, new)
+                return old, new
+        import random
+        import time
+
+        for i in range(attempts):
+            old, etag = self._s3_get_json(path)
+            new = change(old)
+            if new is None:
+                return old, None
+            body = (json.dumps(new, indent=2) + "\n").encode()
+            if self._s3_put(path, body, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"})):
+                return old, new
+            time.sleep(random.uniform(0, 0.01 * (i + 1)))  # another writer won this round: read theirs, again
+        raise RuntimeError(f"{self.uri_of(path)}: still conflicting after {attempts} attempts")
+
+    def _s3_client(self):
+        import boto3
+
+        return boto3.client("s3")
+
+    def _s3_put(self, path: str, data: bytes, **condition) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        try:
+            self._s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict",
+                                                           "409"):
+                return False
+            raise
+
+    def _s3_get_json(self, path: str) -> tuple[dict | None, str | None]:
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        try:
+            r = self._s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return json.loads(r["Body"].read()), r["ETag"]
+
     def write_table(self, path: str, table: pa.Table, **kwargs) -> None:
         """A Parquet file written atomically (to memory first: output parts are small)."""
         buf = io.BytesIO()

@@ -81,6 +81,29 @@ class PoolConfig(StrictModel):
     head_registry: str | None = Field(None, description="registry where per-request heads "
                                       "(serve_multiplexed_model_id: NAME[@VERSION]) are found; default: versions' "
                                       "registry")
+    heads_allowed: dict[str, str] = Field(
+        default_factory=dict, description="per-request heads by name besides the registry's: NAME -> a head "
+        "package (directory or s3:// prefix) the operator chose. A request names a head only by NAME[@VERSION]: "
+        "never a path or a URI")
+    max_head_bytes: int = Field(64 << 20, gt=0, description="largest per-request head package downloaded (a head "
+                                "is kilobytes): a larger one is refused before any byte is fetched")
+    head_download_s: float = Field(30.0, gt=0, description="a per-request head's download stops after this long "
+                                   "(the request has been answered 504 by then); nothing unverified is kept")
+
+    @field_validator("heads_allowed")
+    @classmethod
+    def _head_names(cls, v: dict[str, str]) -> dict[str, str]:
+        from lens.errors import LensError
+        from lens.registry import parse_model_ref
+
+        for name in v:
+            try:
+                ok = "@" not in name and parse_model_ref(name)[0] == name
+            except LensError:
+                ok = False
+            if not ok:
+                raise ValueError(f"heads_allowed names must be plain names (letters, digits, ._-), got {name!r}")
+        return v
 
     @model_validator(mode="after")
     def _device_matches_resources(self) -> "PoolConfig":

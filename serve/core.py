@@ -226,23 +226,45 @@ class TaggerCore:
 
     @serve.multiplexed(max_num_models_per_replica=16)
     async def _get_head(self, head_id: str) -> Head:
-        """A custom head chosen per request (``serve_multiplexed_model_id`` header): ``NAME[@ALIAS_OR_VERSION]``
-        in the pool's registry, or a package path/URI. Loaded once per replica (LRU), verified."""
-        registry = self.cfg.head_registry or (self.cfg.versions.registry if self.cfg.versions else None)
-        cache = self._model_cfg.cache_dir
+        """A custom head chosen per request (``serve_multiplexed_model_id`` header). The request names it only as
+        ``NAME[@ALIAS_OR_VERSION]``: a name the operator allowed (``heads_allowed``), else a model of the pool's
+        head registry. Never a path or a URI: nothing a client sends chooses what the replica reads or fetches.
+        Loaded once per replica (LRU), every checksum verified, downloads capped (``max_head_bytes``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._load_head, head_id)
 
-        def load() -> Head:
-            if "/" in head_id or registry is None:
-                return load_head(head_id, cache_dir=cache)
-            vref = Registry(registry).resolve(*parse_model_ref(head_id))
-            return load_head(vref.uri, cache_dir=cache)
+    def _load_head(self, head_id: str) -> Head:
+        from lens.errors import LensError
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, load)
-        except PackageError as e:
-            raise RequestFailed(f"head {head_id!r}: {e.message}", code="unknown_head", status=404) from None
-        except Exception as e:  # noqa: BLE001 - an unknown name is the client's mistake
-            raise RequestFailed(f"head {head_id!r} cannot be loaded: {e}", code="unknown_head", status=404) from None
+            name, ref = parse_model_ref(head_id)
+        except LensError:
+            raise RequestFailed("a head is named NAME or NAME@VERSION (letters, digits, ._-; at most 64 "
+                                "characters), never a path or a URI", code="bad_head_id", status=400) from None
+        registry = self.cfg.head_registry or (self.cfg.versions.registry if self.cfg.versions else None)
+        cache = self._model_cfg.cache_dir
+        limits = {"max_bytes": self.cfg.max_head_bytes, "deadline_s": self.cfg.head_download_s}
+        try:
+            if name in self.cfg.heads_allowed and "@" not in head_id:
+                return load_head(self.cfg.heads_allowed[name], cache_dir=cache, **limits)
+            if registry is None:
+                raise RequestFailed(f"unknown head {head_id!r}: this pool allows "
+                                    f"{sorted(self.cfg.heads_allowed) or 'no heads'} and has no head registry",
+                                    code="unknown_head", status=404)
+            vref = Registry(registry).resolve(name, ref)
+            return load_head(vref.uri, cache_dir=cache, **limits)
+        except RequestFailed:
+            raise
+        except LensError as e:
+            if e.code in ("unknown_version", "registry"):
+                raise RequestFailed(f"unknown head {head_id!r}", code="unknown_head", status=404) from None
+            # what went wrong stays in the server's log: a message could name registry paths or file details
+            logger.warning("head %r cannot be loaded: %s", head_id, e.message)
+            status = e.http_status if e.http_status in (413, 504) else 404
+            raise RequestFailed(f"head {head_id!r} cannot be loaded ({e.code})", code="unknown_head",
+                                status=status) from None
+        except Exception as e:  # noqa: BLE001 - logged, answered without server details
+            logger.warning("head %r cannot be loaded: %s: %s", head_id, type(e).__name__, e)
+            raise RequestFailed(f"head {head_id!r} cannot be loaded", code="unknown_head", status=404) from None
 
     # -- live knobs --------------------------------------------------------------------------
     def reconfigure(self, user_config: dict) -> None:

@@ -189,7 +189,7 @@ def test_feedback_joins_the_training_split(tmp_path):
     from lens.feedback import write_feedback_part
     from lens.storage import Location
     from train.config import TrainConfig
-    from train.dataset import discover
+    from train.dataset import DatasetError, discover
 
     rng = np.random.default_rng(0)
     for cls in ("red", "blue"):
@@ -207,14 +207,31 @@ def test_feedback_joins_the_training_split(tmp_path):
              "predicted_at": None, "received_at": 2.0},
             {"id": str(extra), "sha256": None, "labels": ["green"], "predicted": ["red"], "version": None,
              "head": None, "predicted_at": None, "received_at": 3.0}]
-    write_feedback_part(Location.parse(str(tmp_path / "fb")), rows[:3])
+    # a client's feedback id naming a file outside any data folder: never opened (not an id the index holds)
+    rows.insert(2, {"id": "/etc/passwd", "sha256": None, "labels": ["blue"], "predicted": ["red"], "version": None,
+                    "head": None, "predicted_at": None, "received_at": 2.0})
+    write_feedback_part(Location.parse(str(tmp_path / "fb")), rows[:4])
+    # the index the service searched: it holds the uploads (ids that are absolute paths are their own locations)
+    from test_index import clustered, write_part
+
+    from index.build import BuildConfig, build_index
+
+    write_part(tmp_path / "emb" / "part-0.parquet", [str(extra), str(tmp_path / "uploads" / "gone.png")],
+               clustered(2, 16, seed=0))
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "index"), index="flat"),
+                log=lambda *a: None)
     cfg = TrainConfig(data=str(tmp_path / "data"), output=str(tmp_path / "out"), feedback=str(tmp_path / "fb"),
                       model=ModelConfig(name="test_efficientnet", weights="random"))
+    with pytest.raises(DatasetError, match="--feedback needs --feedback-index"):
+        discover(cfg)
+    cfg = cfg.model_copy(update={"feedback_index": str(tmp_path / "index")})
     ds = discover(cfg)
     added = [e for e in ds.examples if e.id.startswith("feedback:")]
     assert [(e.label, e.split) for e in added] == [("blue", "train")]
-    assert ds.report()["feedback"] == {"source": str(tmp_path / "fb"), "items": 3, "added": 1,
-                                       "skipped": {"no image id": 1, "image not readable": 1}}
+    assert ds.report()["feedback"] == {"source": str(tmp_path / "fb"), "index": str(tmp_path / "index"), "items": 4,
+                                       "added": 1, "skipped": {"no image id": 1, "image not readable": 1,
+                                                               "id not in the index": 1}}
+    rows.pop(2)
     write_feedback_part(Location.parse(str(tmp_path / "fb")), rows[3:])  # a later label for the same image wins
     ds = discover(cfg)
     assert not [e for e in ds.examples if e.id.startswith("feedback:")]

@@ -243,7 +243,11 @@ def test_watcher_swaps_versions_refuses_a_corrupt_one_and_keeps_serving(tmp_path
                            on_load_failure=lambda v, why: refused.append((v, why)))
     f = tmp_path / "models" / "tagger" / "v1" / "model.safetensors"
     f.write_bytes(bytes([f.read_bytes()[0] ^ 0xFF]) + f.read_bytes()[1:])
-    reg.set_alias("tagger", "stable", "v1")
+    with pytest.raises(PackageError, match="does not match its checksum"):  # alias set verifies first
+        reg.set_alias("tagger", "stable", "v1")
+    # the pointer written behind Lens's back (another tool; a file that rotted after its alias was set)
+    reg.loc.write_json(reg.loc.path("tagger", "aliases", "stable.json"), dict(reg.alias("tagger", "stable"),
+                                                                              version="v1"))
     fresh.poll_once()
     assert fresh.routing.stable.ref.version == "v2"
     assert refused and refused[-1][0] == "v1" and "model.safetensors does not match its checksum" in refused[-1][1]

@@ -13,6 +13,8 @@ from collections import Counter
 
 import pytest
 
+from lens.package import PackageError
+
 from conftest import free_port, scrape_metrics
 from conftest import wait_for as conftest_wait_for
 
@@ -187,8 +189,12 @@ def test_promote_rollback_and_alias_flip_under_load_fail_no_request(app, registr
         t = time.monotonic()
         reg.rollback("tagger", why="operator: forced rollback in test")
         wait_for(lambda: load.all_on("tagger@v1", t), "the canary gone after the forced rollback")
-        # 4. a corrupt version made stable: refused by every replica, v1 keeps serving
-        reg.set_alias("tagger", "stable", "v5", why="test corrupt")
+        # 4. a corrupt version made stable (`alias set` refuses it: the pointer is written behind Lens's back, as
+        # another tool or a file that rotted after the set would leave it): refused by every replica, v1 serves
+        with pytest.raises(PackageError, match="does not match its checksum"):
+            reg.set_alias("tagger", "stable", "v5", why="test corrupt")
+        reg.loc.write_json(reg.loc.path("tagger", "aliases", "stable.json"), dict(reg.alias("tagger", "stable"),
+                                                                                  version="v5"))
         wait_for(lambda: "v5" in info(app)["versions"]["refused"], "v5 refused")
         time.sleep(1.0)
         assert load.all_on("tagger@v1", time.monotonic() - 1.0, n=20)

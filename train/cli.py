@@ -16,7 +16,7 @@ _FLAGS = {"data": "data", "output": "output", "name": "name", "mode": "mode", "v
           "target_precision": "target_precision", "seed": "seed", "overwrite": "overwrite",
           "id_column": "id_column", "feedback": "feedback", "image_column": "image_column", "label_column": "label_column",
           "workers": "workers", "use_gpu": "use_gpu", "unfreeze": "unfreeze", "test_data": "test_data",
-          "test_fraction": "test_fraction", "finetune_epochs": "finetune_epochs", "backbone_lr_mult": "backbone_lr_mult",
+          "test_fraction": "test_fraction", "feedback_index": "feedback_index", "finetune_epochs": "finetune_epochs", "backbone_lr_mult": "backbone_lr_mult",
           "cpus_per_worker": "cpus_per_worker", "checkpoint_storage": "checkpoint_storage", "address": "address"}
 
 
@@ -74,6 +74,8 @@ def add_parsers(sub, add_model_args) -> None:
                    "items with a readable image id and a known class are added to the training split")
     p.add_argument("--val-fraction", type=float, default=None, help="held out per class for validation "
                    "(default 0.2; 0.05-0.5)")
+    p.add_argument("--feedback-index", default=None, metavar="INDEX", help="with --feedback: the index the service "
+                   "searched (feedback ids are looked up among its ids, never opened as paths)")
     p.add_argument("--test-data", default=None, help="test folder (default: DATA/test, else half of the validation "
                    "folder, else a split of DATA)")
     p.add_argument("--test-fraction", type=float, default=None, help="held out per class for the test split, where "

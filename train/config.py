@@ -50,8 +50,11 @@ class TrainConfig(StrictModel):
     test_data: str | None = Field(None, description="a test folder of the same classes, never used to choose "
                                   "anything, only to report; default: DATA/test when present, else half of the "
                                   "given validation set, else a stratified split of DATA (test_fraction)")
-    feedback: str | None = Field(None, description="labeled feedback (the /v1/feedback sink): items whose id is a "
-                                 "readable image and whose first label is a training class join the training split")
+    feedback: str | None = Field(None, description="labeled feedback (the /v1/feedback sink): items whose id the "
+                                 "feedback_index holds and whose first label is a training class join the training split")
+    feedback_index: str | None = Field(None, description="with feedback: the index the service searched; feedback ids "
+                                       "are looked up among its ids and their images read from where it says, never "
+                                       "opened as paths")
     val_fraction: float = Field(0.2, description="share of each class held out for validation: early stopping, "
                                 "the best checkpoint and the per-class thresholds are chosen on it (seeded, stratified)")
     test_fraction: float = Field(0.2, description="share of each class held out for the test split, where the "

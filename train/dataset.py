@@ -20,6 +20,7 @@ since they would be one tag to a person and two to the model.
 from __future__ import annotations
 
 import hashlib
+import json
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -118,7 +119,8 @@ def _check_class_names(names) -> None:
 
 
 def _list(loc: Location, base: str) -> list[tuple[str, int]]:
-    """(path, size) of every file under ``base``, hidden and ``_`` names skipped."""
+    """(path, size) of every file under ``base``, hidden and ``_`` names skipped. Locally, a symlink is followed only
+    to a file inside ``base``: a linked folder is never entered (no loops, nothing pulled in from elsewhere)."""
     import pyarrow.fs as pafs
 
     info = loc.fs.get_file_info(base)
@@ -126,12 +128,33 @@ def _list(loc: Location, base: str) -> list[tuple[str, int]]:
         raise DatasetError(f"training data {loc.uri_of(base)} does not exist")
     if info.type == pafs.FileType.File:
         return [(base, info.size)]
+    if loc.is_s3:
+        out = []
+        for fi in loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            rel = fi.path[len(base):].lstrip("/")
+            if fi.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
+                continue
+            out.append((fi.path, fi.size))
+        return sorted(out)
+    return _local_files(base)
+
+
+def _local_files(base: str) -> list[tuple[str, int]]:
+    import os
+
+    root = os.path.realpath(base)
     out = []
-    for fi in loc.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        rel = fi.path[len(base):].lstrip("/")
-        if fi.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
-            continue
-        out.append((fi.path, fi.size))
+    for folder, dirs, files in os.walk(base, followlinks=False):  # a linked folder is listed, never entered
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_")) and not os.path.islink(os.path.join(folder, d))]
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.startswith((".", "_")):
+                continue
+            real = os.path.realpath(path)
+            if real != root and not real.startswith(root + os.sep):
+                continue  # a link out of the data folder
+            if os.path.isfile(real):
+                out.append((path, os.path.getsize(real)))
     return sorted(out)
 
 
@@ -220,7 +243,7 @@ def discover(cfg: TrainConfig) -> Dataset:
     _check_class_names(classes)
     ds = Dataset(source=cfg.data, layout=layout, classes=classes, examples=examples, loc=loc, ignored=ignored)
     if cfg.feedback:
-        extra, ds.feedback = _feedback_examples(cfg.feedback, set(classes))
+        extra, ds.feedback = _feedback_examples(cfg.feedback, set(classes), cfg.feedback_index)
         ds.examples += extra
     check_counts(ds)
     return ds
@@ -230,15 +253,27 @@ def discover(cfg: TrainConfig) -> Dataset:
 _MAX_FEEDBACK_BYTES = 20 * 1024 * 1024
 
 
-def _feedback_examples(uri: str, classes: set) -> tuple[list[Example], dict]:
-    """Training examples from /v1/feedback parts: the last item per image id whose ``id`` is a readable image
-    (local path or s3:// URI) and whose first true label is a training class; the rest counted by reason."""
+def _feedback_examples(uri: str, classes: set, index: str | None) -> tuple[list[Example], dict]:
+    """Training examples from /v1/feedback parts: the last item per image id whose label is a training class and
+    whose id the index at ``index`` holds. A feedback id is a client's string: it is only ever looked up among the
+    index's ids, and the image is read from where the index says it lives (its ``uri``, or the id when the event
+    path made it an ``s3://`` location), never opened as a path of the client's choosing."""
+    from index.search import location_from
+    from index.store import load_version
+    from lens.errors import LensError
     from lens.feedback import read_feedback
 
+    if index is None:
+        raise DatasetError("--feedback needs --feedback-index INDEX: feedback ids are looked up among the ids of the "
+                           "index the service searched, never opened as paths", code="usage")
     try:
         rows = read_feedback(uri).to_pylist()
     except (ValueError, OSError) as e:
         raise DatasetError(f"--feedback {uri}: {e}") from None
+    try:
+        version = load_version(index, mmap=True)
+    except (LensError, ValueError, OSError) as e:
+        raise DatasetError(f"--feedback-index {index}: {e}") from None
     latest = {r["id"]: r for r in sorted(rows, key=lambda r: r.get("received_at") or 0.0)
               if r.get("id")}  # a later label for the same image wins
     skipped: Counter = Counter({"no image id": sum(1 for r in rows if not r.get("id"))})
@@ -248,18 +283,24 @@ def _feedback_examples(uri: str, classes: set) -> tuple[list[Example], dict]:
         if label not in classes:
             skipped["label is not a training class"] += 1
             continue
+        row = version.row_of.get(ident)
+        if row is None:
+            skipped["id not in the index"] += 1
+            continue
         try:
-            parent, _, name = ident.rpartition("/")
+            where = location_from(ident, json.loads(version.metadata[row]), version.name)
+            parent, _, name = where.rpartition("/")
             loc = Location.parse(parent or ".")
+            if loc.info(loc.path(name)).size > _MAX_FEEDBACK_BYTES:
+                skipped["image too large"] += 1
+                continue
             data = loc.read_bytes(loc.path(name))
-        except (ValueError, OSError):
+        except (LensError, ValueError, OSError, TypeError):
             skipped["image not readable"] += 1
             continue
-        if len(data) > _MAX_FEEDBACK_BYTES:
-            skipped["image too large"] += 1
-            continue
         out.append(Example(id=f"feedback:{ident}", label=label, split="train", data=data, size=len(data)))
-    return out, {"source": uri, "items": len(rows), "added": len(out), "skipped": {k: v for k, v in skipped.items() if v}}
+    return out, {"source": uri, "index": index, "items": len(rows), "added": len(out),
+                 "skipped": {k: v for k, v in skipped.items() if v}}
 
 
 def _other(uri: str, loc: Location, flag: str) -> tuple[Location, str]:

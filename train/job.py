@@ -18,7 +18,7 @@ import numpy as np
 from lens import __version__
 from lens.cluster import absolute, quiet_ray
 from lens.identity import ModelIdentity
-from lens.package import is_package, write_package
+from lens.package import check_output, is_package, write_package
 
 from .config import TrainConfig, effective_settings
 from .dataset import Dataset, DatasetError, check_counts, discover
@@ -34,11 +34,13 @@ def run_train(cfg: TrainConfig, *, log=print) -> dict:
     quiet_ray()  # lens train prints its own progress: Ray's progress bars and INFO logs stay off the terminal
     # local paths absolute before any Ray task sees them (a joined cluster's workers have another working folder)
     cfg = cfg.model_copy(update={k: absolute(getattr(cfg, k)) for k in ("data", "val_data", "test_data", "output",
-                                                                         "feedback", "checkpoint_storage")}
+                                                                         "feedback", "feedback_index",
+                                                                         "checkpoint_storage")}
                          | {"model": cfg.model.with_absolute_paths()})
     if is_package(cfg.output) and not cfg.overwrite:  # before any compute
         raise DatasetError(f"{cfg.output} already holds a package; choose a new --output or pass --overwrite",
                            code="usage")
+    check_output(cfg.output, keep=(cfg.data, cfg.val_data, cfg.test_data, cfg.feedback))  # before any compute too
     ds = discover(cfg)
     for w in ds.warnings:
         log(f"lens train: warning: {w}")
@@ -223,7 +225,8 @@ def _write(cfg: TrainConfig, prep: Prepared, chosen: Trained, candidates: dict, 
                                                                                      "chosen_because": why},
                 "dataset": dataset, "metrics": summary(chosen.test), "validation": summary(chosen.val),
                 "compare": compare} | chosen.extra.get("manifest", {})
-    where = write_package(cfg.output, files, manifest, overwrite=cfg.overwrite)
+    where = write_package(cfg.output, files, manifest, overwrite=cfg.overwrite,
+                          keep=(cfg.data, cfg.val_data, cfg.test_data, cfg.feedback))
     log(f"lens train: test top-1 {chosen.test.get('top1')} ({chosen.kind}); package written to {where}")
     return {"package": where, "name": cfg.package_name, "mode": chosen.kind, "requested_mode": cfg.mode,
             "chosen_because": why, "classes": len(ds.classes), "train": int(len(prep.tr)), "val": int(len(prep.va)),

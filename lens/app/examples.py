@@ -40,7 +40,8 @@ COMMAND_EXAMPLES: dict[str, list[str]] = {
                      "lens index verify --embeddings s3://bucket/emb --sample 100 --seed 7"],
     "train": ["lens train --data my-classes/ --output heads/scenes",
               "lens train --data s3://bucket/labeled --output s3://bucket/models/ft --mode finetune --epochs 5",
-              "lens train --data my-classes/ --output heads/v2 --feedback s3://bucket/feedback"],
+              "lens train --data my-classes/ --output heads/v2 --feedback s3://bucket/feedback "
+              "--feedback-index /data/index"],
     "demo": ["lens demo", "lens demo --keep --port 8080", "lens demo --images 1000 --no-dashboard"],
     "drift profile": ["lens drift profile --embeddings emb/ --output ref.npz"],
     "drift report": ["lens drift report --reference emb/ --current s3://bucket/events/embeddings",
@@ -103,6 +104,7 @@ FLAG_EXAMPLES: dict[str, str] = {
     "--data": "my-classes/ (one folder per class)",
     "train:--output": "heads/scenes",
     "--feedback": "s3://bucket/feedback",
+    "--feedback-index": "/data/index",
     "--images": "1000",
     "--new-images": "24",
     "--workdir": "/tmp/lens-demo",
