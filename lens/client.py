@@ -32,7 +32,19 @@ from .errors import LensError
 __all__ = ["LensClient", "AsyncLensClient", "LensAPIError"]
 
 Image = Union[bytes, bytearray, str, os.PathLike, IO[bytes]]
-_RETRY = (503,)
+#: Answers retried (with backoff, honouring Retry-After): the service or its front door could not take the request
+#: now (a replica restarting, draining or lost), nothing was done. Every call is retried on them, and on connection
+#: errors, except feedback, which is not idempotent: it is retried only on 503, which it answers when nothing was
+#: stored.
+_RETRY = (502, 503, 504)
+_NOT_IDEMPOTENT = {"feedback"}
+
+
+def _retry(op: str, status: int | None) -> bool:
+    """Whether ``op`` is retried after ``status`` (None: a connection error)."""
+    if op in _NOT_IDEMPOTENT:
+        return status == 503
+    return status is None or status in _RETRY
 
 
 class LensAPIError(LensError):
@@ -148,7 +160,7 @@ class LensClient(_Base):
             try:
                 r = self.session.request(method, self.url + path, timeout=self.timeout_s, **req)
             except requests.ConnectionError as e:
-                if attempt == self.retries:
+                if attempt == self.retries or not _retry(op, None):
                     raise LensAPIError(f"cannot reach {self.url}: {e}", code="unreachable", status=503) from e
                 time.sleep(self._wait(attempt, None))
                 continue
@@ -161,7 +173,7 @@ class LensClient(_Base):
                     body = r.text
             if r.status_code == 200:
                 return body
-            if r.status_code in _RETRY and attempt < self.retries:
+            if _retry(op, r.status_code) and attempt < self.retries:
                 time.sleep(self._wait(attempt, r.headers.get("Retry-After")))
                 continue
             raise _error(r.status_code, body)
@@ -242,13 +254,13 @@ class AsyncLensClient(_Base):
                             body = await r.text()
                     status, retry_after = r.status, r.headers.get("Retry-After")
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                if attempt == self.retries:
+                if attempt == self.retries or not _retry(op, None):
                     raise LensAPIError(f"cannot reach {self.url}: {e}", code="unreachable", status=503) from e
                 await asyncio.sleep(self._wait(attempt, None))
                 continue
             if status == 200:
                 return body
-            if status in _RETRY and attempt < self.retries:
+            if _retry(op, status) and attempt < self.retries:
                 await asyncio.sleep(self._wait(attempt, retry_after))
                 continue
             raise _error(status, body)

@@ -319,6 +319,18 @@ class TaggerCore:
             "batching": self.batching.model_dump(),
         }
 
+    def vocabulary(self) -> dict:
+        """Every class name this pool can answer (its versions' models, their packages' and heads') and the
+        versions it holds: the only strings feedback metrics use as label values."""
+        labels: set = set()
+        versions: set = set()
+        for slot in self.routing.slots():
+            p = slot.predictor
+            labels |= set(p.model.labels) | {lab for h in p.heads for lab in h.labels}
+            if slot.label:
+                versions.add(slot.label)
+        return {"labels": sorted(labels), "versions": sorted(versions)}
+
     async def tag(self, data: bytes, top_k: int = 5, embedding: bool = False, identity: dict | None = None,
                   custom_top_k: int | None = None) -> dict:
         """Tag one image: ``{"tags", "version", ["custom_tags"], ["embedding", "model_identity"]}``. ``identity``

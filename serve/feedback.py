@@ -92,6 +92,7 @@ class FeedbackSink:
         self.cfg = cfg
         self.loc = Location.parse(cfg.sink)
         self.metrics = metrics
+        self.vocabulary: dict | None = None  # {"labels", "versions"} the served pools know (set by the ingress)
         self._pending: list[tuple[list[dict], asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -130,7 +131,7 @@ class FeedbackSink:
                 if not fut.done():
                     fut.set_result(name)
             if self.metrics is not None:
-                self.metrics.count(rows)
+                self.metrics.count(rows, self.vocabulary)
 
     def _write_part(self, rows: list[dict]) -> str:
         name = write_feedback_part(self.loc, rows)

@@ -14,7 +14,11 @@ What the edited configuration does:
 * ``timeout client``: a connection idle that long mid-request is closed;
 * a per-client-address cap on open connections (``max_conn_per_client``; more are refused at accept) and a total
   cap (``maxconn``, Ray's ``RAY_SERVE_HAPROXY_MAXCONN``);
-* the stats page and the Prometheus exporter bound to ``admin_host`` (loopback by default) on configurable ports.
+* the stats page and the Prometheus exporter bound to ``admin_host`` (loopback by default) on configurable ports;
+* a request with a header value that is not ASCII gets a 400 in Lens's JSON shape from HAProxy itself (Ray's
+  replica would fail decoding it with a text/plain 500, before any Lens code or key check);
+* HAProxy's own 502/503/504 (no replica could answer: one restarting, draining, or lost) become one JSON 503 in
+  Lens's shape with ``Retry-After``, which clients retry, instead of Serve's text/plain 500 page.
 
 A template that no longer has the expected shape (another Ray version) is not edited half-way: the hook logs an
 error naming what it could not find and leaves Serve's configuration as it is.
@@ -101,9 +105,22 @@ def prepare(cfg: FrontDoorConfig | None) -> tuple[FrontDoorConfig, dict]:
     return cfg, env
 
 
+#: The body of HAProxy's answer to a header value that is not ASCII (Lens's error shape)
+BAD_HEADER = '{"error": "bad_header", "message": "header values must be ASCII", "status": 400}'
+#: HAProxy's answer when no replica could take a request (its 502, 503 and 504), in Lens's shape: clients retry it
+UNAVAILABLE = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               "Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+               '{"error": "unavailable", "message": "no replica could answer this request now (one is restarting, '
+               'draining or gone); retry", "status": 503}\n')
+
+
 # (what Serve's template says, what Lens puts there); every one must be found or nothing is changed
-def _edits(cfg: FrontDoorConfig) -> list[tuple[str, str]]:
+def _edits(cfg: FrontDoorConfig, error_file: str) -> list[tuple[str, str]]:
     host = cfg.admin_host
+    cap = ("    stick-table type ipv6 size 100k expire 60s store conn_cur\n"
+           "    tcp-request connection track-sc0 src\n"
+           f"    tcp-request connection reject if {{ sc_conn_cur(0) gt {cfg.max_conn_per_client} }}\n"
+           if cfg.max_conn_per_client else "")
     return [
         ("{% if config.timeout_http_request_s is not none %}timeout http-request "
          "{{ config.timeout_http_request_s }}s{% endif %}",
@@ -111,17 +128,19 @@ def _edits(cfg: FrontDoorConfig) -> list[tuple[str, str]]:
         ("bind :{{ config.metrics_port }}", f"bind {host}:{{{{ config.metrics_port }}}}"),
         ("bind *:{{ config.stats_port }}", f"bind {host}:{{{{ config.stats_port }}}}"),
         ("    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n",
-         "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n"
-         "    stick-table type ipv6 size 100k expire 60s store conn_cur\n"
-         "    tcp-request connection track-sc0 src\n"
-         f"    tcp-request connection reject if {{ sc_conn_cur(0) gt {cfg.max_conn_per_client} }}\n"),
+         "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n" + cap +
+         f"    http-request return status 400 content-type application/json string '{BAD_HEADER}' "
+         "if { req.hdrs -m reg '[\\x80-\\xff]' }\n"),
+        *[(f"    errorfile {code} {{{{ config.error_file_path }}}}", f"    errorfile {code} {error_file}")
+          for code in (502, 503, 504)],
     ]
 
 
-def edit_template(template: str, cfg: FrontDoorConfig) -> str:
-    """``template`` with Lens's edits; raises ``ValueError`` naming the first part it cannot find."""
+def edit_template(template: str, cfg: FrontDoorConfig, error_file: str = "/dev/null") -> str:
+    """``template`` with Lens's edits (``error_file``: where :data:`UNAVAILABLE` is written); raises
+    ``ValueError`` naming the first part it cannot find."""
     out = template
-    for old, new in _edits(cfg)[: None if cfg.max_conn_per_client else -1]:
+    for old, new in _edits(cfg, error_file):
         if old not in out:
             raise ValueError(f"Ray Serve's HAProxy template has no {old.strip()!r}")
         out = out.replace(old, new, 1)
@@ -140,8 +159,13 @@ def apply() -> None:
     if getattr(haproxy, "_lens_frontdoor", False):
         return
     cfg = FrontDoorConfig.model_validate(json.loads(raw))
+    import tempfile
+
+    fd, error_file = tempfile.mkstemp(prefix="lens-haproxy-", suffix="-503.http")  # read by HAProxy on this host
+    with os.fdopen(fd, "w") as f:
+        f.write(UNAVAILABLE)
     try:
-        haproxy.HAPROXY_CONFIG_TEMPLATE = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, cfg)
+        haproxy.HAPROXY_CONFIG_TEMPLATE = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, cfg, error_file)
     except ValueError as e:
         logger.error("Lens front-door limits NOT applied (%s); HAProxy runs with Ray Serve's defaults", e)
         return

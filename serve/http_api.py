@@ -197,6 +197,24 @@ class HttpApi:
         """None: the pool's default (thresholded custom tags, or its model.custom_top_k); else checked like top_k."""
         return None if custom_top_k is None else check_top_k(custom_top_k, self.api_cfg.max_top_k)
 
+    async def _vocabulary(self) -> dict:
+        """The class names and versions the pools serve (what feedback metrics may use as label values), asked
+        at most every 30 s."""
+        now = time.monotonic()
+        cached = getattr(self, "_vocab", None)
+        if cached is None or now - cached[0] > 30.0:
+            labels, versions = set(), set()
+            for name in self._pool_names():
+                try:
+                    v = await self._dispatch("vocabulary", (), name)
+                except Exception:  # noqa: BLE001 - a pool that cannot answer adds nothing: its strings count as other
+                    continue
+                labels |= set(v["labels"])
+                versions |= set(v["versions"])
+            cached = (now, {"labels": labels, "versions": versions})
+            self._vocab = cached
+        return cached[1]
+
     async def _model_info(self, pool: Optional[str]) -> dict:
         name = pool or self._pool_names()[0]
         if name not in self._model_names:
@@ -345,6 +363,7 @@ class HttpApi:
                 raise HttpError("feedback is not configured on this service (app args `feedback:`)", status=404,
                                 code="feedback_not_configured")
             rows = parse_feedback(await read_json(request, self.api_cfg.max_batch_body_bytes), self.feedback.cfg)
+            self.feedback.vocabulary = await self._vocabulary()
             await self.feedback.write(rows)
             return {"stored": len(rows)}
 

@@ -157,6 +157,10 @@ class DriftMetrics:
 _LAG_S = [1, 10, 60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400]
 
 
+#: The label value of everything a metric does not know (client strings outside the served vocabulary)
+OTHER = "other"
+
+
 class FeedbackMetrics:
     """Labeled feedback: top-1 accuracy and per-class counts by model version, and label lag."""
 
@@ -168,10 +172,20 @@ class FeedbackMetrics:
         self.lag = Histogram("lens_feedback_label_lag_s", description="Time from an answer to its label arriving.",
                              boundaries=_LAG_S)
 
-    def count(self, rows: list[dict]) -> None:
+    def count(self, rows: list[dict], vocabulary: dict | None = None) -> None:
+        """Count feedback rows. Labels and versions are clients' strings: only those in ``vocabulary`` (the
+        served models' and heads' class names, the loaded versions) become label values; any other is counted as
+        ``other``, so a client cannot grow the number of series (the cardinality is bounded by the classes)."""
+        labels = (vocabulary or {}).get("labels") or set()
+        versions = (vocabulary or {}).get("versions") or set()
+
+        def known(value: str | None, allowed: set, missing: str) -> str:
+            return missing if value is None else value if value in allowed else OTHER
+
         for r in rows:
-            version = r.get("version") or "unknown"
-            top1, truth = r["predicted"][0], set(r["labels"])
+            version = known(r.get("version"), versions, "unknown")
+            top1 = known(r["predicted"][0], labels, OTHER)
+            truth = {known(t, labels, OTHER) for t in r["labels"]}
             self.items.inc(tags={"version": version, "outcome": "correct" if top1 in truth else "wrong"})
             self.classes.inc(tags={"version": version, "label": top1, "kind": "tp" if top1 in truth else "fp"})
             for t in truth - {top1}:

@@ -111,3 +111,29 @@ def test_an_unreachable_service_is_a_clear_error():
     assert e.value.code == "unreachable" and e.value.http_status == 503
     with pytest.raises(ValueError, match="http"):
         LensClient("127.0.0.1:8000")
+
+
+def test_failover_answers_are_retried_and_feedback_only_when_nothing_was_stored(server):
+    """A replica restarting, draining or lost shows up as 502/503/504 (HAProxy's page, in Lens's shape) or a
+    reset connection: idempotent calls retry them all; feedback, which is not idempotent, only 503 (its answer
+    when nothing was stored)."""
+    url, script = server
+    gateway = [(code, {"error": "unavailable", "message": "no replica", "status": code}, {}) for code in (502, 504)]
+    script.answers = [*gateway, OK]
+    lens = LensClient(url, retries=3, backoff_s=0.01)
+    assert lens.tag(b"x")["model"] == "m" and len(script.seen) == 3
+    script.answers = [gateway[0], BUSY, (200, {"results": []}, {})]
+    assert lens.search(id="a") == {"results": []} and len(script.seen) == 6
+    script.answers = [gateway[0]]
+    with pytest.raises(LensAPIError) as e:
+        lens.feedback([{"sha256": "a" * 64, "labels": ["x"], "predicted": ["y"]}])
+    assert e.value.http_status == 502 and len(script.seen) == 7  # not retried: it may have been stored
+    script.answers = [BUSY, (200, {"stored": 1}, {})]
+    assert lens.feedback([{"sha256": "a" * 64, "labels": ["x"], "predicted": ["y"]}]) == {"stored": 1}
+
+    async def go():
+        script.answers = [gateway[1], OK]
+        async with AsyncLensClient(url, retries=2, backoff_s=0.01) as alens:
+            return await alens.tag(b"a")
+
+    assert asyncio.run(go())["model"] == "m"

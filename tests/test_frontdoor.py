@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import socket
@@ -36,6 +37,10 @@ def test_template_edits_apply_to_rays_template_and_refuse_an_unknown_one():
     assert "bind *:" not in out and "bind :" not in out and "bind 127.0.0.1:{{ config.stats_port }}" in out
     assert "reject if { sc_conn_cur(0) gt 9 }" in out
     assert "sc_conn_cur" not in edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, FrontDoorConfig(max_conn_per_client=0))
+    # non-ASCII header values answered by HAProxy in Lens's shape; its 502/503/504 pages are Lens's JSON 503
+    assert "http-request return status 400 content-type application/json" in out and "req.hdrs -m reg" in out
+    out = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, FrontDoorConfig(), "/x/lens-503.http")
+    assert all(f"errorfile {c} /x/lens-503.http" in out for c in (502, 503, 504)) and "error_file_path }}" not in out
     with pytest.raises(ValueError, match="no 'bind :{{ config.metrics_port }}'"):
         edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE.replace("bind :{{ config.metrics_port }}", "bind x"),
                       FrontDoorConfig())
@@ -71,6 +76,24 @@ def _png(w=1600, h=1200, seed=0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_a_header_value_that_is_not_ascii_gets_a_json_400_without_a_key(server):
+    """Ray's replica would fail decoding it (a text/plain 500, even on /healthz): HAProxy answers first."""
+    import http.client
+
+    for path, header in (("/healthz", "X-Request-Id"), ("/v1/tag", "serve_multiplexed_model_id")):
+        conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+        conn.putrequest("POST" if path == "/v1/tag" else "GET", path)
+        conn.putheader(header, b"caf\xe9-\xff")
+        conn.putheader("Content-Length", "0")
+        conn.endheaders()
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        assert r.status == 400 and r.getheader("Content-Type") == "application/json", body
+        assert json.loads(body) == {"error": "bad_header", "message": "header values must be ASCII", "status": 400}
+    assert requests.get(f"{server['url']}/healthz", timeout=30).status_code == 200  # ASCII still passes
 
 
 def test_admin_ports_are_the_configured_ones_on_loopback_only(server):

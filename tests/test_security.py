@@ -263,3 +263,31 @@ def test_a_registry_package_naming_files_outside_itself_or_too_big_is_refused_wi
                   Body=_evil_manifest({"head.safetensors": big}))
     r = _tag(url, "huge@v1", photos["rocket.jpg"])
     assert r.status_code == 413 and r.json()["error"] == "unknown_head", r.text
+
+
+def test_feedback_metric_labels_stay_within_the_served_vocabulary():
+    """Labels and versions in feedback are client strings: 10,000 distinct ones make no more series than the
+    served classes and versions allow (the rest count as `other`)."""
+    from serve.metrics import OTHER, FeedbackMetrics
+
+    class Recorder:
+        def __init__(self):
+            self.series = set()
+
+        def inc(self, value=1, tags=None):
+            self.series.add(tuple(sorted((tags or {}).items())))
+
+        def observe(self, value, tags=None):
+            pass
+
+    m = FeedbackMetrics.__new__(FeedbackMetrics)
+    m.items, m.classes, m.lag = Recorder(), Recorder(), Recorder()
+    vocab = {"labels": {"cat", "dog"}, "versions": {"tagger@v1"}}
+    rows = [{"version": f"evil@{i}", "predicted": [f"junk-{i}"], "labels": [f"junk-{i}-x", "cat"],
+             "predicted_at": None} for i in range(10_000)]
+    rows.append({"version": "tagger@v1", "predicted": ["cat"], "labels": ["dog"], "predicted_at": None})
+    m.count(rows, vocab)
+    labels = {dict(t)["label"] for t in m.classes.series}
+    versions = {dict(t)["version"] for t in m.items.series}
+    assert labels <= {"cat", "dog", OTHER} and versions <= {"tagger@v1", OTHER}
+    assert len(m.classes.series) <= 3 * 2 * 3  # labels x versions x kinds
