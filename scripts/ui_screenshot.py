@@ -73,7 +73,8 @@ def main() -> None:
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1280, "height": 860})
+                # wait_for_function evaluates in the page, which the page's own CSP forbids: bypass it here
+                page = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 860}).new_page()
                 page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
                 page.on("pageerror", lambda e: problems.append(str(e)))
                 t0 = time.perf_counter()

@@ -40,7 +40,7 @@ from .feedback import FeedbackSink, parse_feedback
 from .metrics import FeedbackMetrics, IngressMetrics
 from .schemas import BODY_MODELS, route_docs
 from .thumbnails import Thumbnails
-from .ui import ui_page
+from .ui import API_CSP, ui_csp, ui_page
 
 __all__ = ["HttpApi", "new_fastapi"]
 
@@ -493,7 +493,34 @@ def new_fastapi() -> FastAPI:
     api.get("/docs", include_in_schema=False)(_own_copy(HttpApi.http_docs))
     api.get("/redoc", include_in_schema=False)(_own_copy(HttpApi.http_redoc))
     api.openapi = lambda: _openapi(api)
+    api.add_middleware(_SecurityHeaders)
     return api
+
+
+class _SecurityHeaders:
+    """Every answer: ``nosniff`` and no framing; API answers a CSP that allows nothing, the search page its own
+    hashed CSP (:func:`serve.ui.ui_csp`). The docs pages (FastAPI's, which load their script from a CDN) get no CSP.
+    A plain ASGI middleware: it adds headers and never buffers or reads a body."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        csp = ui_csp() if path.endswith("/ui") else None if path.endswith(("/docs", "/redoc")) else API_CSP
+
+        async def with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+                if csp:
+                    headers.append((b"content-security-policy", csp.encode()))
+                message = dict(message, headers=headers)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def _openapi(api: FastAPI) -> dict:

@@ -107,6 +107,14 @@ def test_thumbnails_come_from_where_the_index_says_and_only_from_allowed_roots(u
     assert asyncio.run(both()) == (info, r.content)
     page = requests.get(f"{url}/ui", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    # security headers: the page's script and style allowed by hash only, no framing, no sniffing; the API allows
+    # a browser nothing
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'sha256-" in csp and "'unsafe-inline'" not in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+    api = requests.get(f"{url}/v1/index", timeout=30)
+    assert api.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    assert api.headers["x-content-type-options"] == "nosniff"
     assert "Lens search" in page.text and "http://" not in page.text.split("<script>")[0]  # no external resources
 
 
@@ -120,7 +128,9 @@ def test_search_page_in_headless_chromium(ui_app, tmp_path):
     problems: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        # the walk-through below asks the page questions with wait_for_function (an eval, which the page's own CSP
+        # forbids): its context bypasses the CSP; the strict page at the end checks the CSP itself
+        page = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900}).new_page()
         page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
@@ -162,5 +172,22 @@ def test_search_page_in_headless_chromium(ui_app, tmp_path):
         page.click("#id-search")
         page.wait_for_function(f"document.getElementById('status').textContent.includes('result(s) for photos/{cat}')")
         assert f"photos/{cat}" not in [h.get_attribute("data-id") for h in page.query_selector_all(".hit")]
+
+        # under its own CSP (no bypass), the page loads and works without a violation (a violation is a console
+        # error); an id from the address bar is one path segment: it cannot make the page call another route with
+        # the user's key
+        strict = browser.new_page()
+        violations: list[str] = []
+        strict.on("console", lambda m: violations.append(m.text) if m.type == "error" else None)
+        strict.goto(f"{url}/ui")
+        strict.wait_for_load_state("networkidle")
+        assert "v-" in strict.text_content("#index-info") and not violations, violations
+        requested: list[str] = []
+        strict.on("request", lambda r: requested.append(r.url))
+        strict.goto(f"{url}/ui?id=../../v1/models")
+        strict.wait_for_load_state("networkidle")
+        assert not [u for u in requested if u.split("?")[0].endswith("/v1/models")], requested
+        assert any("/v1/search/..%2F..%2Fv1%2Fmodels" in u for u in requested), requested
+        assert not [v for v in violations if "Content Security Policy" in v], violations
         browser.close()
     assert not problems, problems
