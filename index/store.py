@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -177,8 +178,19 @@ def set_current(root: Path, name: str) -> None:
 
 
 def current_version(root: str | os.PathLike) -> str | None:
+    """The version ``CURRENT`` names: one directory name inside the root (a ``..``, a path or anything but a plain
+    name is refused: the pointer never leads out of the index root)."""
     p = Path(root) / "CURRENT"
-    return p.read_text().strip() if p.is_file() else None
+    if not p.is_file():
+        return None
+    name = p.read_text().strip()
+    if not _VERSION_NAME.match(name) or name in (".", ".."):
+        raise IndexCorruptError(f"{p} names {name[:80]!r}, not a version directory of this index")
+    return name
+
+
+#: what CURRENT may name: a directory inside the index root (Lens writes v-<time>-<random>)
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def list_versions(root: str | os.PathLike) -> list[dict]:
@@ -205,6 +217,8 @@ def list_versions(root: str | os.PathLike) -> list[dict]:
 
 def use_version(root: str | os.PathLike, name: str) -> None:
     """Make ``name`` CURRENT (a rollback or roll-forward of the index): verified before the pointer moves."""
+    if not _VERSION_NAME.match(name):
+        raise IndexCorruptError(f"{name[:80]!r} is not a version name of {root}")
     load_version(Path(root) / name)  # refuses a missing, incomplete or corrupt version
     set_current(Path(root), name)
 

@@ -327,7 +327,9 @@ def sample_embeddings(uri: str, max_rows: int = 5000, seed: int = 0) -> tuple[np
     else:
         files, identity = [f for f in loc.list_files() if f.endswith(".parquet")], None
     if not files:
-        raise ValueError(f"no embedding parts under {uri}")
+        from .errors import ConfigError
+
+        raise ConfigError(f"no embedding parts under {uri}")
     counts = []
     for f in files:
         with loc.fs.open_input_file(f) as fh:

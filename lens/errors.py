@@ -74,6 +74,13 @@ class ConfigError(LensError, ValueError):
     http_status = 500
 
 
+class CorruptFileError(LensError, ValueError):
+    """A file Lens reads (a manifest, a pointer) is not what it should be: named in the message."""
+
+    code = "corrupt_file"
+    http_status = 500
+
+
 class UnknownModelError(ConfigError):
     code = "unknown_model"
 

@@ -162,11 +162,18 @@ class Location:
             return f.read()
 
     def read_json(self, path: str) -> dict | None:
-        """The JSON object at ``path``, or None if there is none."""
+        """The JSON object at ``path``, or None if there is none; :class:`~lens.errors.CorruptFileError` naming the
+        file if it is not JSON."""
         try:
-            return json.loads(self.read_bytes(path))
+            raw = self.read_bytes(path)
         except FileNotFoundError:
             return None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            from .errors import CorruptFileError
+
+            raise CorruptFileError(f"{self.uri_of(path)} is not valid JSON ({str(e)[:120]})") from None
 
     # -- atomic writing ------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:

@@ -90,9 +90,15 @@ async def read_images(request: Request, limit: int, *, field: str = "image", max
 
 
 async def read_json(request: Request, limit: int) -> dict:
-    """A JSON object body of at most ``limit`` bytes; 400 if it is not one."""
+    """A JSON object body of at most ``limit`` bytes, sent as ``application/json`` (415 otherwise: a form or a
+    text/plain body, which a browser page of another origin can send without a CORS preflight, is not read);
+    400 if it is not a JSON object."""
     import json
 
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise HttpError(f"send the body as application/json, not {ctype or 'no content type'}", status=415,
+                        code="unsupported_media_type")
     raw = await read_body(request, limit)
     try:
         body = json.loads(raw)

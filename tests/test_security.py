@@ -291,3 +291,41 @@ def test_feedback_metric_labels_stay_within_the_served_vocabulary():
     versions = {dict(t)["version"] for t in m.items.series}
     assert labels <= {"cat", "dog", OTHER} and versions <= {"tagger@v1", OTHER}
     assert len(m.classes.series) <= 3 * 2 * 3  # labels x versions x kinds
+
+
+def test_current_never_leads_out_of_the_index_root(tmp_path):
+    from test_index import clustered, write_part
+
+    from index.build import BuildConfig, build_index
+    from index.store import IndexCorruptError, load_version, use_version
+
+    write_part(tmp_path / "emb" / "part-0.parquet", [f"i{n}" for n in range(20)], clustered(20, 8, seed=1))
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index="flat"),
+                log=lambda *a: None)
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "idx" / "CURRENT").write_text("../elsewhere\n")
+    with pytest.raises(IndexCorruptError, match="not a version directory of this index"):
+        load_version(tmp_path / "idx")
+    with pytest.raises(IndexCorruptError, match="not a version name"):
+        use_version(tmp_path / "idx", "../elsewhere")
+    assert not elsewhere.exists()
+
+
+def test_named_cli_failures_are_one_line_exit_2(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from lens.app import cli
+
+    (tmp_path / "models" / "x" / "v1").mkdir(parents=True)
+    (tmp_path / "models" / "x" / "v1" / "lens-package.json").write_text("{garbage")
+    assert cli.main(["models", "list", "--registry", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err
+    assert "lens-package.json is not valid JSON" in err and "internal error" not in err
+    assert cli.main(["drift", "report", "--reference", str(tmp_path / "nope"), "--current", str(tmp_path)]) == 2
+    assert "no embedding parts under" in capsys.readouterr().err
+    env = os.environ | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+                        "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
+    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "models", "list", "--registry", "s3://unreachable/m"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "lens models: error: S3:" in r.stderr and len(r.stderr.strip().splitlines()) == 1

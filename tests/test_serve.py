@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -589,9 +590,13 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
         assert r.status_code == 400 and r.json()["error"] == "invalid_vector", r.text
         assert "Error" not in r.json()["message"] and "pid" not in r.json()["message"], r.text
     nested = b"[" * 100_000 + b"]" * 100_000
-    r = requests.post(f"{app}/v1/search:vector", data=nested, timeout=30)
+    js = {"Content-Type": "application/json"}
+    r = requests.post(f"{app}/v1/search:vector", data=nested, headers=js, timeout=30)
     assert r.status_code == 400 and r.json()["error"] == "bad_request" and "nested" in r.json()["message"], r.text
-    expect(requests.post(f"{app}/v1/search:vector", data=b"{nope", timeout=30), 400, "bad_request")
+    expect(requests.post(f"{app}/v1/search:vector", data=b"{nope", headers=js, timeout=30), 400, "bad_request")
+    # a JSON body only as application/json (a page of another origin can send text/plain without a preflight)
+    expect(requests.post(f"{app}/v1/search:vector", data=b'{"vector": [0.1]}', timeout=30,
+                         headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type", "application/json")
     expect(post(f"{app}/v1/search", b"not an image"), 415, "unsupported_media_type")
 
     # an image tagged by the event path becomes searchable without a rebuild (delta) ...
@@ -701,6 +706,8 @@ def test_feedback_needs_a_key_is_checked_and_stored_and_a_replica_detects_drift(
               "predicted": [t["label"] for t in a["tags"]]} for a in answers[:3]]
     fb = f"{app}/v1/feedback"
     expect(requests.post(fb, json={"items": items}, timeout=30), 401, "unauthorized")
+    expect(requests.post(fb, data=json.dumps({"items": items}), headers=key | {"Content-Type": "text/plain"},
+                         timeout=30), 415, "unsupported_media_type")
     expect(requests.post(fb, json={"items": [{"sha256": "nope", "labels": ["x"], "predicted": ["y"]}]},
                          headers=key, timeout=30), 400, "invalid_feedback", "64 lowercase hex")
     r = requests.post(fb, json={"items": items}, headers=key, timeout=30)

@@ -236,6 +236,8 @@ def user_error(e: BaseException) -> str | None:
         return f"a file is not UTF-8 text: {e.reason} at byte {e.start}"
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, OSError) and "AWS Error" in str(e):  # pyarrow's S3 filesystem: an unreachable or refused S3
+        return f"S3: {str(e).splitlines()[0][:300]}"
     try:
         import botocore.exceptions as bx
     except ImportError:  # pragma: no cover - boto3 is a dependency
