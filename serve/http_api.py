@@ -27,6 +27,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lens.config import validate
@@ -178,6 +179,9 @@ class HttpApi:
             body = await asyncio.wait_for(work(pool), timeout=self.api_cfg.request_timeout_s)
         except asyncio.TimeoutError:
             return error(504, "timeout", f"no result within {self.api_cfg.request_timeout_s}s")
+        except ClientDisconnect:  # the client went away mid-body: one line, no traceback (499, as nginx logs it)
+            logger.info("%s: the client disconnected before its request was read", route)
+            return error(499, "client_closed_request", "the client disconnected")
         except Exception as exc:  # noqa: BLE001 - every failure becomes the JSON error here, and only here
             e = _shown(exc)
             if e is None:
