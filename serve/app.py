@@ -50,7 +50,7 @@ def build_app(args: dict | None = None) -> Application:
     if versioned:  # one controller judges every versioned pool's rollouts
         models = list({(v.registry, v.model): {"registry": v.registry, "model": v.model} for v in versioned}.values())
         controller = RolloutController.bind(models, cfg.rollout.model_dump(mode="json"))
-    if len(cfg.pools) == 1:
+    if len(cfg.pools) == 1 and not cfg.separate_ingress:
         (pool,) = cfg.pools
         return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api, search, controller,
                                                             feedback)

@@ -205,6 +205,10 @@ class AppArgs(StrictModel):
     """Everything ``serve.app:build_app`` takes. Pools are tried in order; a full pool overflows to the next."""
 
     pools: tuple[PoolConfig, ...] = (PoolConfig(),)
+    separate_ingress: bool | None = Field(
+        None, description="serve HTTP from a LensIngress deployment in front of the pools (no CPUs of its own); None "
+        "= only with several pools (one pool answers HTTP itself, one hop less). lens serve --skip-resource-check "
+        "turns it on for one pool the cluster cannot place yet, so /healthz answers 503 until it is")
     api: ApiConfig = ApiConfig()
     search: SearchConfig | None = None
     rollout: RolloutConfig = RolloutConfig()

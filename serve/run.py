@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from lens.cluster import init_ray, requested_address
 from lens.config import read_yaml_mapping, validate
-from lens.errors import ConfigError
+from lens.errors import ConfigError, LensError
 from lens.runtime import served_line
 
 from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig
@@ -34,6 +34,11 @@ DEFAULT_CONFIG = {
     "http_options": {"host": "127.0.0.1", "port": 8000},
     "applications": [{"name": "lens", "route_prefix": "/", "import_path": BUILDER, "args": {}}],
 }
+
+
+class NotRunningError(LensError, TimeoutError):
+    code = "not_running"
+    http_status = 503
 
 
 def load_serve_config(path: str | None) -> dict:
@@ -152,6 +157,8 @@ def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600, *, ch
     schema = check_serve_config(doc, where)
     if check_fit:
         check_resources(doc, cluster_resources())
+    elif _separate_unplaceable_ingress(doc, where):
+        schema = check_serve_config(doc, where)
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
     names = [a.name for a in schema.applications]
@@ -183,6 +190,28 @@ def served_pools(app_names: list[str], timeout_s: float = 60) -> list[dict]:
 _NOT_POOLS = {"LensIngress", "IndexSearcher", "EventConsumer", "RolloutController"}  # and IndexShardN
 
 
+def _separate_unplaceable_ingress(doc: dict, where: str) -> bool:
+    """``--skip-resource-check`` with a config this cluster cannot place now (an autoscaling cluster, say): an
+    application whose only pool would also be its HTTP ingress gets a separate ingress instead, so ``/healthz``
+    answers (503, naming what is not up) instead of nothing until a node can take the pool. Returns whether
+    ``doc`` changed."""
+    try:
+        check_resources(doc, cluster_resources())
+        return False
+    except ConfigError as e:
+        why = e.message
+    changed = False
+    for app in doc.get("applications", []):
+        args = app.get("args") or {}
+        if app.get("import_path") == BUILDER and len(args.get("pools") or [{}]) == 1 \
+                and args.get("separate_ingress") is None:
+            app["args"] = dict(args, separate_ingress=True)
+            print(f"application {app.get('name')!r}: {why}; deploying anyway (--skip-resource-check) with a separate "
+                  "HTTP ingress, so /healthz answers 503 until its pool is placed", file=sys.stderr)
+            changed = True
+    return changed
+
+
 def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
     from ray import serve
 
@@ -196,7 +225,8 @@ def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
         if all(s == "RUNNING" for s in states.values()):
             return
         time.sleep(0.5)
-    raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
+    raise NotRunningError(f"applications not running after {timeout_s:g}s: {states} (a replica that cannot be "
+                          "placed or fails to start; `serve status` says which)")
 
 
 def drain(app_names: list[str], grace_s: float) -> bool:

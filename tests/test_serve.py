@@ -426,6 +426,14 @@ def test_healthz_answers_503_quickly_while_a_deployment_cannot_be_placed_and_len
     body, answered_in = _first_json_health(f"{cluster}/unplaced/healthz", lambda b: "model pools" in b["message"])
     assert body["error"] == "not_ready" and body["status"] == 503 and answered_in < 10, body
 
+    # one pool that cannot be placed (its replica would be the ingress too): --skip-resource-check gives it a
+    # separate ingress, so /healthz answers 503 instead of nothing
+    doc["applications"][0]["args"] = {"pools": [{"name": "Alone", "model": TINY, "num_cpus": 64}]}
+    deploy_doc(doc, where="test", check_fit=False, wait=False)
+    assert doc["applications"][0]["args"]["separate_ingress"] is True
+    body, answered_in = _first_json_health(f"{cluster}/unplaced/healthz", lambda b: "model pools" in b["message"])
+    assert body["error"] == "not_ready" and body["status"] == 503 and answered_in < 10, body
+
 
 def _first_json_health(url: str, want=lambda body: True) -> tuple[dict, float]:
     """The first JSON answer of ``url`` (once the ingress replica is up) that ``want`` accepts, and how long it
