@@ -105,6 +105,8 @@ def prepare(cfg: FrontDoorConfig | None) -> tuple[FrontDoorConfig, dict]:
     return cfg, env
 
 
+#: The header HAProxy sets on every request: when it received it, in ms since the epoch
+RECEIVED_HEADER = "X-Lens-Received"
 #: The body of HAProxy's answer to a header value that is not ASCII (Lens's error shape)
 BAD_HEADER = '{"error": "bad_header", "message": "header values must be ASCII", "status": 400}'
 #: HAProxy's answer when no replica could take a request (its 502, 503 and 504), in Lens's shape: clients retry it
@@ -129,6 +131,9 @@ def _edits(cfg: FrontDoorConfig, error_file: str) -> list[tuple[str, str]]:
         ("bind *:{{ config.stats_port }}", f"bind {host}:{{{{ config.stats_port }}}}"),
         ("    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n",
          "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n" + cap +
+         # when the front door took the request (ms; replaces whatever a client sent): a drain serves what arrived
+         # before it began and answers the rest 503 (serve.drain)
+         f"    http-request set-header {RECEIVED_HEADER} %[date(0,ms)]\n" +
          f"    http-request return status 400 content-type application/json string '{BAD_HEADER}' "
          "if { req.hdrs -m reg '[\\x80-\\xff]' }\n"),
         *[(f"    errorfile {code} {{{{ config.error_file_path }}}}", f"    errorfile {code} {error_file}")

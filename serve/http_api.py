@@ -27,8 +27,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.requests import ClientDisconnect
+from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lens.config import validate
 from lens.errors import LensError, lens_error_of
@@ -38,6 +39,7 @@ from .auth import ApiKeys
 from .body import HttpError, read_images, read_json
 from .config import ApiConfig, FeedbackConfig
 from .feedback import FeedbackSink, parse_feedback
+from .frontdoor import RECEIVED_HEADER
 from .metrics import FeedbackMetrics, IngressMetrics
 from .schemas import BODY_MODELS, route_docs
 from .thumbnails import Thumbnails
@@ -86,6 +88,17 @@ def error(status: int, code: str, message: str, headers: Optional[dict] = None) 
     return JSONResponse({"error": code, "message": message, "status": status}, status_code=status, headers=headers)
 
 
+def _gate_watcher(in_flight):
+    """This ingress replica's watch on its application's drain gate (:mod:`serve.drain`); None outside Serve."""
+    try:
+        ctx = serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests): no drain
+        return None
+    from .drain import GateWatcher
+
+    return GateWatcher(ctx.app_name, ctx.deployment, ctx.replica_id.unique_id, in_flight)
+
+
 def internal_error(route: str) -> JSONResponse:
     """A 500 that tells the client nothing of the server's insides: the details go to the log under a reference."""
     ref = uuid.uuid4().hex[:12]
@@ -131,6 +144,8 @@ class HttpApi:
         self.keys = ApiKeys.load(self.api_cfg.api_keys_env, self.api_cfg.api_keys_file)
         self.http_metrics = IngressMetrics()
         self._model_names: dict = {}
+        self._http_in_flight = 0
+        self._gate = _gate_watcher(lambda: self._http_in_flight)
 
     # -- to implement ------------------------------------------------------------------------
     async def _dispatch(self, method: str, args: tuple, pool: Optional[str], head: Optional[str] = None) -> Any:
@@ -162,7 +177,15 @@ class HttpApi:
     async def _handle(self, request: Request, route: str,
                       work: Callable[[Optional[str]], Awaitable[dict]]) -> JSONResponse:
         t0 = time.perf_counter()
-        resp = await self._guarded(request, route, work, t0)
+        self._http_in_flight += 1  # counted before the drain check: a request past it is waited for
+        try:
+            if self._gate is not None and self._gate.refuses(request.headers.get(RECEIVED_HEADER)):
+                resp = error(503, "draining", "this server is shutting down; retry (another replica or server "
+                             "answers)", headers={"Retry-After": str(self.api_cfg.retry_after_s)})
+            else:
+                resp = await self._guarded(request, route, work, t0)
+        finally:
+            self._http_in_flight -= 1
         self.http_metrics.latency.observe((time.perf_counter() - t0) * 1000,
                                           tags={"route": route, "status": str(resp.status_code)})
         if resp.status_code >= 400:
@@ -389,6 +412,9 @@ class HttpApi:
         """200 only when every model pool is warm and the index searcher (if configured) answers; otherwise a
         503 within ``health_timeout_s``, naming what is not ready. Never needs an API key (load balancers)."""
         timeout = self.api_cfg.health_timeout_s
+        if self._gate is not None and self._gate.draining:  # a load balancer takes this server out first
+            return error(503, "draining", "this server is shutting down",
+                         headers={"Retry-After": str(self.api_cfg.retry_after_s)})
         try:
             infos = await self._answer_within("model pools", self._infos(), timeout)
             if not infos or not all(i.get("warmed_up") for i in infos):

@@ -229,29 +229,50 @@ def _wait_running(app_names: list[str], timeout_s: float = 600) -> None:
                           "placed or fails to start; `serve status` says which)")
 
 
-def drain(app_names: list[str], grace_s: float) -> bool:
-    """Stop taking new requests and let the ones in flight finish, for at most ``grace_s`` seconds.
+def drain(app_names: list[str], grace_s: float, http_apps: tuple[str, ...] = ()) -> bool:
+    """Stop taking new requests and let the ones in flight finish, for at most ``grace_s`` seconds; the caller
+    then stops Serve.
 
-    Deleting the applications stops each replica gracefully: it leaves the proxy's routing, then waits for its
-    ongoing requests (up to its ``graceful_shutdown_timeout_s``) before it exits; the proxy stays up meanwhile,
-    so answers in flight reach their clients. Returns whether every application was gone in time.
+    ``http_apps`` (Lens applications that answer HTTP) are gated, not deleted: their ingress replicas answer new
+    requests with a JSON 503 (``Retry-After``), which clients retry elsewhere, until each has nothing in flight
+    (:mod:`serve.drain`); deleting them first would remove their routes at once, and every request arriving
+    meanwhile would get the proxy's text/plain 404. The other applications (the event consumer) are deleted, which
+    stops each replica gracefully after its work in hand. Returns whether everything finished in time.
     """
     from ray import serve
 
-    for name in app_names:
+    from .drain import open_gates, wait_idle
+
+    deadline = time.monotonic() + grace_s
+    gated = [n for n in app_names if n in http_apps]
+    gates = open_gates(gated) if gated else []
+    others = [n for n in app_names if n not in http_apps]
+    for name in others:
         try:
             serve.delete(name, _blocking=False)
         except Exception:  # noqa: BLE001 - already gone
             logger.warning("could not delete application %s", name, exc_info=True)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+    while others and time.monotonic() < deadline:
         try:
-            if not any(n in serve.status().applications for n in app_names):
-                return True
+            if not any(n in serve.status().applications for n in others):
+                break
         except Exception:  # noqa: BLE001 - the controller is going away
             return False
         time.sleep(0.25)
-    return False
+    else:
+        if others:
+            return False
+    try:
+        return wait_idle(gates, gated, deadline) if gates else True
+    except Exception:  # noqa: BLE001 - the controller or a gate going away: stop anyway
+        logger.warning("drain: could not wait for the requests in flight", exc_info=True)
+        return False
+
+
+def http_apps_of(doc: dict) -> tuple[str, ...]:
+    """The Lens applications of a Serve config that answer HTTP (a route prefix: not the event consumer)."""
+    return tuple(a["name"] for a in doc.get("applications", [])
+                 if a.get("import_path") == BUILDER and a.get("route_prefix", "/") is not None)
 
 
 def run(config: str | dict | None = None, *, host: str | None = None, port: int | None = None,
@@ -320,7 +341,7 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
         stop.wait()
     finally:
         print(f"shutting down Lens: draining requests in flight (at most {grace_s:g}s) ...", file=sys.stderr)
-        drained = drain(names, grace_s)
+        drained = drain(names, grace_s, http_apps_of(doc))
         if not drained:
             print(f"  grace period of {grace_s:g}s over; stopping what is left", file=sys.stderr)
         serve.shutdown()

@@ -723,3 +723,29 @@ def test_feedback_needs_a_key_is_checked_and_stored_and_a_replica_detects_drift(
     t = read_feedback(str(tmp_path / "fb"))  # durable before the answer
     assert t.num_rows == 3 and t.column("sha256").to_pylist() == [a["sha256"] for a in answers[:3]]
 
+
+
+def test_a_drain_gate_turns_new_requests_into_json_503_and_serves_what_arrived_before(cluster, photos):
+    """What `lens serve` does on SIGTERM before it stops Serve (serve/drain.py): once its application's gate is up,
+    an ingress replica answers requests that arrived after it with a JSON 503 (retry elsewhere; /healthz too, so a
+    load balancer takes the server out), serves those the front door took before it, and reports that it has
+    nothing in flight."""
+    import ray
+
+    from serve.drain import open_gates, wait_idle
+    from serve.frontdoor import RECEIVED_HEADER
+
+    url = deploy(cluster, "drain", {})
+    assert post(f"{url}/v1/tag", photos["rocket.jpg"]).status_code == 200
+    (gate,) = open_gates(["drain"])
+    body = wait_for(lambda: (r := post(f"{url}/v1/tag", photos["rocket.jpg"])).status_code == 503 and r.json(),
+                    "the replica saw the gate", timeout_s=60)
+    assert body["error"] == "draining"
+    r = requests.get(f"{url}/healthz", timeout=30)
+    assert r.status_code == 503 and r.json()["error"] == "draining" and r.headers["Retry-After"]
+    opened_ms = int(ray.get(gate.state.remote())["opened_at"] * 1000)
+    early = post(f"{url}/v1/tag", photos["rocket.jpg"], headers={RECEIVED_HEADER: str(opened_ms - 1)})
+    assert early.status_code == 200, early.text  # the front door took it before the drain began
+    assert wait_idle([gate], ["drain"], time.monotonic() + 60)
+    serve.delete("drain")
+    ray.kill(gate)
