@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "tag.json"))
     args = ap.parse_args()
 
-    from lens.openvino import cpu_flags
     from lens.samples import augmented_jpegs
 
     work = Path(tempfile.mkdtemp(prefix="lens-bench-tag-"))
@@ -88,8 +86,10 @@ def main() -> None:
     best_fp32 = max(("fp32_auto", "fp32_openvino"), key=lambda n: med[n]["images_per_s_whole_run"])
     ratio = round(med["int8"]["images_per_s_whole_run"] / med[best_fp32]["images_per_s_whole_run"], 3)
     extra = round(med["int8"]["first_result_s"] - med[best_fp32]["first_result_s"], 3)
+    from machine import describe
+
     out = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": cpu_flags()},
+        "machine": describe(),
         "images": args.images, "rounds": args.rounds, "served": served, "configs": med,
         "fp32_baseline": best_fp32,
         "ratio_int8_vs_fp32_whole_run": ratio,

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -171,7 +170,6 @@ def main() -> None:
 
     import ray
 
-    from lens.openvino import cpu_flags
     from train.head import train_head
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -208,9 +206,10 @@ def main() -> None:
                       args.use_gpu, threads)
     ratio = round(ray_ips / loop["images_per_s"], 3)
 
+    from machine import describe
+
     out = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": args.use_gpu,
-                    "cpu_flags": cpu_flags()},
+        "machine": describe(gpu=args.use_gpu),
         "data": {"source": "scikit-image photos, one class per photo; train from the left 60 % of each photo, "
                            "held-out from the rest, split by lens train into validation and test",
                  "train_per_class": args.train_per_class, "held_out_per_class": args.held_out_per_class},

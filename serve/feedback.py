@@ -127,11 +127,14 @@ class FeedbackSink:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
+            if self.metrics is not None:  # counted before anyone is answered: an acknowledged item is counted
+                try:
+                    self.metrics.count(rows, self.vocabulary)
+                except Exception:  # noqa: BLE001 - the rows are stored; a metrics fault must not stop the flusher
+                    logger.exception("feedback metrics not updated for %d stored items", len(rows))
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(name)
-            if self.metrics is not None:
-                self.metrics.count(rows, self.vocabulary)
 
     def _write_part(self, rows: list[dict]) -> str:
         name = write_feedback_part(self.loc, rows)

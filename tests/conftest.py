@@ -28,6 +28,14 @@ def pytest_runtest_logreport(report):
         _SKIPPED.append((report.nodeid, reason))
 
 
+def pytest_collectreport(report):
+    """Skips at collection (a module-level ``pytest.importorskip``) count too: a missing dependency that skips a
+    whole module must fail the run like any other skip the README does not allow."""
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append((report.nodeid, reason))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run on any skip whose reason the README does not list: a missing dependency must not pass."""
     allowed = _allowed_skips()

@@ -154,7 +154,7 @@ def test_feedback_is_group_committed_and_a_failed_write_is_never_acknowledged(tm
         def __init__(self):
             self.rows = []
 
-        def count(self, rows):
+        def count(self, rows, vocabulary=None):
             self.rows += rows
 
     cfg = FeedbackConfig(sink=str(tmp_path / "fb"), flush_s=0.2)
