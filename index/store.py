@@ -25,9 +25,9 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 from lens.errors import IndexCorruptError
 from lens.identity import ModelIdentity
 from lens.storage import atomic_write_bytes, sha256_file
-
 
 __all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "current_version",
            "search_params"]
@@ -103,7 +102,9 @@ class IndexVersion:
 
 
 def new_version_name() -> str:
-    return f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    """``v-<UTC time to the microsecond>-<random>``: names sort in build order, two builds in one second included
+    (names from before microseconds, ``v-<second>-<random>``, sort before any later build of the same second)."""
+    return f"v-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex[:6]}"
 
 
 def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list[str], manifest: dict,

@@ -21,10 +21,9 @@ __all__ = ["GateThresholds", "judge", "rejudge", "calibration_images", "held_out
 
 @dataclass(frozen=True)
 class GateThresholds:
-    """Defaults from measurements on Lite0 with the bundled photos (README, int8): Lens's recipe agrees with fp32
-    on top-1 for 0.93 of the 96 held-out augmented crops (sampling noise about +-0.03), top-5 overlap 0.87, mean
-    cosine 0.993, recall@10 0.978; quantizing every layer gives 0.71-0.78 top-1 and 0.955-0.983 cosine, and a
-    broken calibration (all-black images) falls further. The thresholds sit between the two."""
+    """Defaults from measurements on Lite0 with the bundled photos (``benchmarks/model.json``, shown in the README's
+    Performance section): Lens's recipe passes each with margin on 96 held-out crops (sampling noise about +-0.03
+    in top-1 agreement); quantizing every layer, or a broken calibration (all-black images), falls below them."""
 
     min_top1_agreement: float = 0.85
     min_mean_cosine: float = 0.98

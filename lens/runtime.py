@@ -79,6 +79,7 @@ class LoadedModel:
             "precision": getattr(self.backend, "precision", "fp32"),
             "backend_version": getattr(self.backend, "version", None),
             "labels_sha256": self.labels_sha256,
+            "version": (self.package or {}).get("version"),  # NAME@vN when loaded from a registry version
             "served": self.served(),
         } | ({"package": {k: v for k, v in self.package.items() if k != "thresholds"}} if self.package else {}) | (
             {"quantization": self.quantization} if self.quantization else {}) | (

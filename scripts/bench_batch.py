@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
+
 
 #: camera-size photos: long side 3,000-4,000 px (9-12 MP), as a phone or camera writes them
 CAMERA_LONG_SIDE = (3000, 4000)
@@ -263,7 +265,7 @@ def main() -> None:
         ratio, base, job = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]
         base_median = statistics.median(b["images_per_s"] for _, b, _ in pairs)
         summary = {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": describe(python=platform.python_version()),
             "model": "tf_efficientnet_lite0 (embedded weights), ONNX Runtime on CPU",
             "rows": rows, "rows_per_shard": args.rows_per_shard, "make_shards_s": round(made_s, 1),
             "photos": "small" if args.small_photos else "camera",

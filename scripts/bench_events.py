@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
@@ -201,7 +202,7 @@ def main() -> None:
     idle_calls = calls(idle0["aws_calls"], idle1["aws_calls"])
     summary = {
         "benchmark": "events",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": describe(),
         "s3_sqs": f"moto server at {endpoint} (same machine)",
         "images": n,
         "results": len(results),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ from PIL import Image
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
 
 def timed(fn, *, min_time: float, repeats: int) -> float:
@@ -237,7 +238,7 @@ def main() -> None:
     eager_b8 = throughput["torch_eager_fp32"]["batch_8"]
     summary = {
         "benchmark": "model",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": describe(python=platform.python_version()),
         "model": cfg.name,
         "auto_backend_on_this_machine": auto_backend,
         "auto_backend_choice": auto_choice,

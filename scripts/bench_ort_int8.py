@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
+
 
 def main() -> None:
     logging.disable(logging.WARNING)
@@ -52,7 +54,7 @@ def main() -> None:
         return round(k / (time.perf_counter() - t0), 1)
 
     keys = ("top1_agreement", "mean_cosine", "recall_at_10_vs_fp32_index")
-    out = {"cpu_flags": cpu_flags(),
+    out = {"machine": describe(), "cpu_flags": cpu_flags(),
            "images_per_s_batch8": {"onnxruntime_fp32": speed(m.backend), "openvino_int8": speed(ov.backend)},
            "openvino_int8_gate": {k: ov.quantization[k] for k in keys}, "onnxruntime_int8": {}}
     variants = {

@@ -20,8 +20,6 @@ Writes benchmarks/rollout.json.
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
 from bench_serve import closed_loop, jpeg_bodies, start_serve  # noqa: E402
 
@@ -200,7 +200,7 @@ def main() -> None:
         ray.shutdown()
 
     summary = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": describe(),
         "model": "tf_efficientnet_lite0 (embedded ImageNet weights), ONNX Runtime, 1 replica",
         **result,
         "targets": {"router_overhead_0pct_canary_ge_0.95x": result["overhead"]["ratio_0pct_vs_no_router"] >= 0.95,

@@ -11,8 +11,6 @@ same sample. On one machine sharding buys memory per process, not speed: the fig
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +21,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     from index.build import BuildConfig, build_index
     from index.search import SearchService
 
-    out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows, "dim": 1280,
+    out = {"machine": describe(), "rows": rows, "dim": 1280,
            "queries": "200 held out, same distribution, never indexed", "builds": {}}
     with tempfile.TemporaryDirectory(prefix="lens-bench-shards-") as tmp:
         tmp = Path(tmp)

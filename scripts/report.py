@@ -78,8 +78,21 @@ def model_md(m: dict) -> list[str]:
                        f"{a['mean_cosine']} (5th percentile {a['p5_cosine']}), recall@10 against an fp32 index "
                        f"{a['recall_at_10_vs_fp32_index']}.")
         g = m["int8_gate"]
-        out.append(f"* int8 accuracy gate (96 held-out crops, calibration on the other photos): "
-                   f"{'passed' if g['passed'] else 'REFUSED'}, served {g['served']}.")
+        out.append(f"* int8 accuracy gate ({g['images']} held-out crops, calibration on the other photos): "
+                   f"{'passed' if g['passed'] else 'REFUSED'}, served {g['served']}; top-1 agreement "
+                   f"{g['top1_agreement']}, top-5 overlap {g['top5_overlap']}, mean cosine {g['mean_cosine']}, "
+                   f"recall@10 against an fp32 index {g['recall_at_10_vs_fp32_index']}.")
+    ort = load("ort_int8")
+    if ort is not None:
+        best = max(ort["onnxruntime_int8"].items(), key=lambda kv: kv[1]["top1_agreement"])
+        ips = ort["images_per_s_batch8"]
+        out.append(f"* ONNX Runtime's static int8 (`scripts/bench_ort_int8.py`, `benchmarks/ort_int8.json`, CPU: "
+                   f"{', '.join(ort.get('cpu_flags', []))}): its most accurate format, {best[0]}, "
+                   f"{n(best[1]['images_per_s_batch8'])} images/s at batch 8 with top-1 agreement "
+                   f"{best[1]['top1_agreement']}; OpenVINO int8 {n(ips['openvino_int8'])} images/s at "
+                   f"{ort['openvino_int8_gate']['top1_agreement']} (ONNX Runtime fp32 {n(ips['onnxruntime_fp32'])}); "
+                   "every format: " + "; ".join(f"{k} {v['top1_agreement']} at {n(v['images_per_s_batch8'])}/s"
+                                               for k, v in ort["onnxruntime_int8"].items()) + ".")
     if "onnx_export" in m:
         out.append(f"* first load into an empty cache (torch build + ONNX export, fresh process): "
                    f"{m['onnx_export']['first_load_with_export_s']} s.")
@@ -90,20 +103,25 @@ def serve_md(s: dict) -> list[str]:
     c = s["ceiling"]
     lens = {p["connections"]: p for p in s["lens"]["by_connections"]}
     naive = {p["connections"]: p for p in s["naive"]["by_connections"]}
+    rounds = s.get("rounds", 1)
     out = [f"Online service (`{SCRIPT['serve']}`, `benchmarks/serve.json|png`): {s['seconds_per_point']:g} s per "
-           f"point, the {s['bodies']['count']} bundled photos as JPEG bodies (mean {n(s['bodies']['mean_bytes'])} "
+           f"point, {rounds} round(s) of every point (medians; spread = (max - min) / median), the "
+           f"{s['bodies']['count']} bundled photos as JPEG bodies (mean {n(s['bodies']['mean_bytes'])} "
            "bytes), closed-loop clients on loopback, HAProxy mode with the front-door limits `lens serve` applies.",
-           "", "| connections | Lens images/s | Lens p50 / p99 ms | floor images/s |", "|---|---|---|---|"]
+           "", "| connections | Lens images/s | spread | Lens p50 / p99 ms | floor images/s |", "|---|---|---|---|---|"]
     for k in sorted(lens):
         p, f = lens[k], naive.get(k, {})
-        out.append(f"| {k} | {n(p['throughput_rps'])} | {n(p['p50_ms'])} / {n(p['p99_ms'])} | "
+        out.append(f"| {k} | {n(p['throughput_rps'])} | {p.get('spread', '–')} | {n(p['p50_ms'])} / {n(p['p99_ms'])} | "
                    f"{n(f.get('throughput_rps'))} |")
     r = s["ratios"]
     o = s["lens"]["overload_4x"]
     out += ["",
             f"* Ceiling: {c.get('loop', 'in-process loop')}, best at batch {c.get('best_batch')} with "
             f"{c.get('best_decode_threads', '?')} decode threads: {n(c['images_per_s'])} images/s. Lens at 32 "
-            f"connections: **{r['lens_32_vs_ceiling']}×** it.",
+            f"connections: **{r['lens_32_vs_ceiling']}×** it"
+            + (f" (median of the rounds' paired ratios {r['lens_32_vs_ceiling_rounds']}; the ceiling measured "
+               f"again in each round: {r.get('ceiling_rounds', c.get('images_per_s_rounds'))})"
+               if "lens_32_vs_ceiling_rounds" in r else "") + ".",
             f"* Floor: a Serve deployment of the same ONNX Runtime model without batching, one image per call: "
             f"Lens at 32 connections is **{r['lens_32_vs_naive_32']}×** it.",
             f"* 1 connection: p50 {lens[1]['p50_ms']} ms against {c['single_image_latency_ms_p50']} ms in-process "
@@ -210,9 +228,11 @@ def _index_table(part: dict) -> list[str]:
     if "auto_where_both_fit" in part:
         a = part["auto_where_both_fit"]
         q = a["qps_batch1_at_recall_0.95"]
+        split = (" (each operating point chosen on one half of the held-out queries, its q/s and recall measured "
+                 "on the other)") if "chosen_on" in a else ""
         out.append(f"* `--index auto` where HNSW and IVF-Flat both fit picks **{a['auto_pick']}**; measured at held-out "
-                   f"recall@10 ≥ 0.95 (batch 1): HNSW {n(q['hnsw']) if q['hnsw'] else 'not reached'} q/s, IVF-Flat "
-                   f"{n(q['ivf-flat']) if q['ivf-flat'] else 'not reached'} q/s.")
+                   f"recall@10 ≥ 0.95 (batch 1){split}: HNSW {n(q['hnsw']) if q['hnsw'] else 'not reached'} q/s, "
+                   f"IVF-Flat {n(q['ivf-flat']) if q['ivf-flat'] else 'not reached'} q/s.")
     return out
 
 
@@ -227,6 +247,13 @@ def index_md(i: dict) -> list[str]:
     out += ["", f"Near-duplicates on real photos: {nd['originals']} tiles of {nd['photos']} photos, each queried by "
                 f"a cropped (≥ 60 %), possibly mirrored, colour-jittered, re-encoded copy: its tile is in the top 5 "
                 f"for **{nd['top5_hit_rate']}** (top 1: {nd['top1_hit_rate']})."]
+    ui = load("ui")
+    if ui is not None:
+        out += ["", f"Search page (`scripts/ui_screenshot.py`, `benchmarks/ui.json|png`, Chromium {ui['browser']}, "
+                    f"{ui['index']}): {ui['query']} → first hit `{ui['hits'][0]['id']}`; page load "
+                    f"{ui['page_load_s']} s, search with every thumbnail loaded {ui['search_with_thumbnails_s']} s, "
+                    f"click-through {ui['click_through_with_thumbnails_s']} s, console errors: "
+                    f"{len(ui['console_errors'])}."]
     return out + targets_md(i)
 
 
@@ -266,8 +293,11 @@ def train_md(t: dict) -> list[str]:
             f"* head mode on 10,000 embeddings (10 epochs, batch 32): **{t['head_10k_embeddings_seconds']} s** "
             f"(median of 3).",
             f"* fine-tuning throughput: Ray Train {n(t['ray_train_images_per_s'])} images/s vs a plain "
-            f"single-process timm loop {n(loop['images_per_s'])} images/s in the same run: "
-            f"**{t['ratio_ray_train_vs_plain_loop']}×**."]
+            f"single-process timm loop {n(loop['images_per_s'])} images/s in the same run"
+            + (f" (torch DataLoader, {loop['dataloader_workers']} workers: the fastest of "
+               + ", ".join(f"{r['dataloader_workers']} → {n(r['images_per_s'])}" for r in loop["runs"]) + ")"
+               if "runs" in loop else " (decoding inline)")
+            + f": **{t['ratio_ray_train_vs_plain_loop']}×**."]
     return out + targets_md(t)
 
 

@@ -98,6 +98,7 @@ class TaggerCore:
         self._decoding = 0
         self._batches = self._images = self._max_batch_seen = 0
         self._overloaded = 0
+        self._dispatched = {"at_once": 0, "held_open": 0}  # images sent to the model at once / with a wait for company
         self._recent_batches: collections.deque = collections.deque(maxlen=64)  # sizes, newest last
         self._recycle_reason: str | None = None
         self._model_gate = asyncio.Event()  # cleared by hold_batches(): batches wait before the model
@@ -314,6 +315,7 @@ class TaggerCore:
         return self.predictor.info() | versions | drift | {
             "version": r.stable.label,
             "pool": self.cfg.name,
+            "replica": self._replica,
             "cold_start_s": round(self.cold_start_s, 3),
             "ready_at": self.ready_at,
             "batching": self.batching.model_dump(),
@@ -426,7 +428,9 @@ class TaggerCore:
             raise prepared.to_error()
         # Adaptive wait: hold a batch open for up to batch_wait_timeout_s only while other images are
         # still decoding and will join it; a lone request goes to the model at once.
-        self._run_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s if self._decoding else 0.0)
+        wait = self.batching.batch_wait_timeout_s if self._decoding else 0.0
+        self._dispatched["held_open" if wait else "at_once"] += 1
+        self._run_batch.set_batch_wait_timeout_s(wait)
         try:
             result = await self._run_batch((prepared, time.perf_counter(), slot))
         except Exception as e:  # noqa: BLE001 - a failed model call fails its batch, never the replica
@@ -495,5 +499,5 @@ class TaggerCore:
         return {"pid": os.getpid(), "batches": self._batches, "images": self._images,
                 "max_batch_seen": self._max_batch_seen, "in_flight": self._in_flight, "decoding": self._decoding,
                 "overloaded": self._overloaded, "held": not self._model_gate.is_set(),
-                "recent_batch_sizes": list(self._recent_batches),
+                "recent_batch_sizes": list(self._recent_batches), "dispatch": dict(self._dispatched),
                 "batching": self.batching.model_dump()}

@@ -252,7 +252,7 @@ def tiny_head(tmp_path_factory, tiny):
                               ["red", "green", "blue"], [0.0, 0.0, 1.01])
 
 
-def wait_for(cond, what: str, timeout_s: float = 60, poll_s: float = 0.05):
+def wait_for(cond, what: str, timeout_s: float = 120, poll_s: float = 0.05):
     """Poll ``cond`` (a synchronisation point, not a timing claim) until true; fail naming ``what``."""
     import time
 

@@ -59,11 +59,9 @@ def test_503_is_retried_after_retry_after_and_4xx_is_not(server):
     url, script = server
     script.answers = [BUSY, BUSY, OK]
     lens = LensClient(url, api_key="k-1", retries=3, backoff_s=0.01)
-    t0 = time.monotonic()
     assert lens.tag(b"\xff\xd8\xffjpeg", top_k=3, head="pets")["tags"][0]["label"] == "cat"
     times = [s[4] for s in script.seen]
     assert len(times) == 3 and times[1] - times[0] >= 1.0 and times[2] - times[1] >= 1.0  # Retry-After: 1 honoured
-    assert time.monotonic() - t0 < 1.5 * 2 + 1
     method, path, headers, body, _ = script.seen[0]
     assert (method, path, body) == ("POST", "/v1/tag?top_k=3", b"\xff\xd8\xffjpeg")
     assert headers["Authorization"] == "Bearer k-1" and headers["serve_multiplexed_model_id"] == "pets"

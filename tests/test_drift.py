@@ -163,8 +163,8 @@ def test_feedback_is_group_committed_and_a_failed_write_is_never_acknowledged(tm
     items = [parse_feedback({"sha256": SHA, "labels": ["cat"], "predicted": [p], "version": "m@v1",
                              "predicted_at": 1.0}, cfg) for p in ("cat", "dog", "cat")]
 
-    async def go():
-        return await asyncio.gather(*(sink.write(rows) for rows in items))
+    async def go():  # the three writes queue in one turn of the loop, before the flusher first runs: one part
+        return await asyncio.gather(*(sink.write(rows) for rows in items))  # whatever flush_s and the machine
 
     parts = asyncio.run(go())
     assert len(set(parts)) == 1 and sink.parts == 1  # three requests, one part

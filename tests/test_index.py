@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import threading
 from pathlib import Path
 
@@ -340,7 +339,6 @@ def test_index_versions_list_show_use_and_prune(tmp_path, data, capsys):
 
     src = data[0]
     first = build(tmp_path, [src], index="flat", queries=20)["version"]
-    time.sleep(1.1)  # version names carry the second
     second = build(tmp_path, [src], index="flat", queries=20)["version"]
     root = str(tmp_path / "idx")
     (tmp_path / "idx" / ".v-20000101T000000-dead00.tmp").mkdir()  # an interrupted build's leftovers

@@ -56,6 +56,22 @@ def test_int8_passes_the_gate_and_serves_int8(lite0_int8, lite0_onnx, photos):
     assert info["precision"] == "int8" and info["quantization"]["served"] == "int8"
 
 
+def test_int8_agreement_holds_on_images_that_never_chose_the_recipe(lite0_int8, lite0_onnx):
+    """The gate's 96 crops chose the int8 recipe; its verdict is re-measured on 96 new crops (a new seed, photos
+    calibration never saw), against the same thresholds: the recipe is not fitted to the gate's sample."""
+    from lens import int8_gate
+    from lens.preprocess import Preprocessor
+    from lens.samples import augmented_jpegs
+
+    fresh = [b for _, b, _ in augmented_jpegs(96, seed=20261203, paths=int8_gate._photos(1))]
+    assert not set(fresh) & (set(int8_gate.held_out_images(96)) | set(int8_gate.calibration_images(None)))
+    x = int8_gate.preprocess_all(fresh, Preprocessor(lite0_onnx.model.preprocess), what="fresh")
+    verdict = int8_gate.judge(lite0_onnx.model.backend.run, lite0_int8.model.backend.run, x,
+                              lite0_onnx.model.labels, int8_gate.GateThresholds())
+    print(f"\nint8 vs fp32 on 96 fresh crops: {verdict}")
+    assert verdict["passed"], verdict
+
+
 def test_gate_report_is_stored_and_shown_by_lens_models(lite0_int8, lens_cache, capsys):
     from lens.app import cli
     from lens.openvino import gate_reports

@@ -13,6 +13,7 @@ import pytest
 
 from lens.package import PackageError, write_package
 from lens.registry import Registry, RegistryError, parse_model_ref
+from test_events import env  # noqa: F401 - the event path's bucket and queue fixture
 
 
 def tiny_package(path, name="tagger", seed=0) -> str:
@@ -257,16 +258,38 @@ def test_watcher_swaps_versions_refuses_a_corrupt_one_and_keeps_serving(tmp_path
     assert json.loads(Path(tmp_path / "models" / "tagger" / "aliases" / "stable.json").read_text())["version"] == "v1"
 
 
-def test_versions_are_recorded_in_identities_and_sidecars():
-    from lens.identity import ModelIdentity
-    from serve.events.results import Record
-    from serve.events.s3events import ObjectEvent
+@pytest.mark.slow
+def test_versions_are_recorded_in_identities_and_sidecars(env, lens_cache, tmp_path):
+    """A registry version served by the real event consumer: its sidecar and embedding part name the version."""
+    import io
 
-    ident = ModelIdentity(model="m", weights_sha256="abc", preprocess={}, embed_dim=4, version="tagger@v2")
+    import pyarrow.parquet as pq
+
+    from lens.config import ModelConfig
+    from lens.identity import ModelIdentity
+    from lens.modelpack import package_model
+    from lens.predictor import Predictor
+    from test_events import drain, images, sidecar
+
+    cfg, s3, sqs = env
+    reg = Registry(str(tmp_path / "models"))
+    tiny_cfg = ModelConfig(name="test_efficientnet", weights="random", backend="onnx", cache_dir=lens_cache)
+    pkg = package_model(tiny_cfg, str(tmp_path / "pkg"), name="tagger")
+    reg.push(pkg), reg.push(pkg)
+    vref = reg.resolve("tagger", "v2")
+    served = Predictor.from_config(ModelConfig(weights=vref.uri, backend="onnx", cache_dir=lens_cache))
+    ident = served.identity()
+    assert ident.version == "tagger@v2"
     again = ModelIdentity.from_dict({"model_identity": ident.to_dict()})
     assert again.version == "tagger@v2" and not again.mismatch(ModelIdentity.from_dict(ident.to_dict() | {"version": None}))
-    ev = ObjectEvent(bucket="b", key="k.jpg", etag="e", version_id=None, size=1, sequencer="1",
-                     event_name="ObjectCreated:Put")
-    side = Record(ev, "tagged", tags=[], model_identity=ident.to_dict()).to_json({"model": "other"})
-    assert side["version"] == "tagger@v2" and side["model_identity"]["version"] == "tagger@v2"
-    assert side["model"] == "m" and side["weights_sha256"] == "abc"
+
+    s3.put_object(Bucket=cfg.bucket, Key="cats/one.jpg", Body=images(1)[0])
+    drain(cfg, s3, sqs, served)
+    side = sidecar(s3, cfg, "cats/one.jpg")
+    assert side["status"] == "tagged" and side["version"] == "tagger@v2", side
+    assert side["model_identity"]["version"] == "tagger@v2" and side["weights_sha256"] == ident.weights_sha256
+    (part,) = s3.list_objects_v2(Bucket=cfg.bucket, Prefix=cfg.embeddings_prefix)["Contents"]
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=cfg.bucket, Key=part["Key"])["Body"].read()))
+    from lens.identity import PARQUET_KEY
+
+    assert json.loads(table.schema.metadata[PARQUET_KEY])["version"] == "tagger@v2"

@@ -73,7 +73,9 @@ def app(registry, lens_cache):
     from serve.run import deploy
 
     port, metrics_port = free_port(), free_port()
+    # metrics exported every 2 s (Ray's default 10 s): a gauge not refreshed expires after two exports (4 s)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 2000},
              runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"pools": [{"name": "Tagger", "model": MODEL, "num_cpus": 1,
@@ -98,7 +100,7 @@ def app_metrics_port() -> int:
 
 def wait_for(cond, what: str):
     """conftest's wait_for with this module's pace: version loads under load take tens of seconds."""
-    return conftest_wait_for(cond, what, timeout_s=90, poll_s=0.2)
+    return conftest_wait_for(cond, what, timeout_s=240, poll_s=0.2)
 
 
 class Load:
@@ -144,6 +146,31 @@ def info(url):
     return requests.get(url + "/v1/models", timeout=30).json()["pools"][0]
 
 
+_CANARY_SEEN: dict = {}
+
+
+def replicas_with_canary(url, canary: str) -> int:
+    """How many of the pool's replicas have answered ``/v1/models`` holding ``canary`` (each answer is one
+    replica's own state; a replica keeps the canary until the rollout ends, so the count only grows)."""
+    i = info(url)
+    seen = _CANARY_SEEN.setdefault(canary, set())
+    if i["versions"]["canary"] == canary:
+        seen.add(i["replica"])
+    return len(seen)
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_registry_as_found(registry, request):
+    """Whatever a test did, on failure too: no rollout left running, ``stable`` back on v1."""
+    yield
+    state = registry.rollout("tagger") or {}
+    if registry.alias("tagger", "canary") is not None or state.get("status") == "running":
+        registry.rollback("tagger", why=f"test teardown: {request.node.name}")  # drops the canary only
+    if registry.routing("tagger")["stable"] != "v1":
+        registry.set_alias("tagger", "stable", "v1", why=f"test teardown: {request.node.name}")
+    _CANARY_SEEN.clear()
+
+
 @pytest.fixture(scope="module")
 def images():
     from lens.samples import augmented_jpegs, photo_paths
@@ -178,10 +205,10 @@ def test_promote_rollback_and_alias_flip_under_load_fail_no_request(app, registr
         t = time.monotonic()
         reg.start_rollout("tagger", "v3", steps=(), weight=50, why="test canary")
         wait_for(lambda: {"tagger@v1", "tagger@v3"} <= {r[2] for r in load.since(t)}, "both versions answering")
-        # sticky: an image meets one version while the weight stands (after every replica has the canary)
-        time.sleep(1.5)
+        # sticky: an image meets one version while the weight stands, once every replica has the canary
+        wait_for(lambda: replicas_with_canary(app, "tagger@v3") == 2, "both replicas holding the canary")
         t_sticky = time.monotonic()
-        time.sleep(3)
+        wait_for(lambda: len(load.since(t_sticky)) >= 200, "200 answers while the canary weight stands")
         per_image: dict = {}
         for _, status, version, i in load.since(t_sticky):
             per_image.setdefault(i, set()).add(version)
@@ -196,8 +223,9 @@ def test_promote_rollback_and_alias_flip_under_load_fail_no_request(app, registr
         reg.loc.write_json(reg.loc.path("tagger", "aliases", "stable.json"), dict(reg.alias("tagger", "stable"),
                                                                                   version="v5"))
         wait_for(lambda: "v5" in info(app)["versions"]["refused"], "v5 refused")
-        time.sleep(1.0)
-        assert load.all_on("tagger@v1", time.monotonic() - 1.0, n=20)
+        t = time.monotonic()
+        wait_for(lambda: len(load.since(t)) >= 20, "20 answers after the refusal")
+        assert load.all_on("tagger@v1", t, n=20)
         t_end = time.monotonic()
     statuses = Counter(r[1] for r in load.results)
     assert set(statuses) == {200}, (statuses, [r for r in load.results if r[1] != 200][:5])
@@ -257,7 +285,16 @@ def test_disagreeing_shadow_and_failing_canary_roll_back_automatically(app, regi
     feeder.start()
     try:
         text = scrape_metrics(app_metrics_port(), wanted)
-        time.sleep(25)  # past Ray's gauge expiry (about two export intervals): refreshed gauges are still there
+        # past Ray's gauge expiry (two exports without a new value): counted in exports, each seen as a new value
+        # of a counter the traffic moves; the gauges Lens refreshes are still there after it
+        values: set = set()
+
+        def exported(n: int) -> bool:
+            page = scrape_metrics(app_metrics_port(), wanted, timeout_s=30)
+            values.add(tuple(ln for ln in page.splitlines() if ln.startswith("ray_lens_version_latency_ms_count")))
+            return len(values) > n
+
+        wait_for(lambda: exported(4), "four more metric exports")
         text = scrape_metrics(app_metrics_port(), wanted, timeout_s=10)
     finally:
         stop.set()

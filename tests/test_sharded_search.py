@@ -1,6 +1,6 @@
 """A sharded index on a 2-node local Ray cluster: shards filled by Ray tasks, one Serve deployment per shard (one per
-node), the searcher's scatter-gather answering exactly what the in-process sharded index answers, and a new
-version swapped in for every shard at once."""
+node), the searcher's scatter-gather answering exactly what one unsharded index over the same data answers, and a
+new version swapped in for every shard at once, with queries running through the swap."""
 
 from __future__ import annotations
 
@@ -68,8 +68,22 @@ def test_shards_on_two_nodes_answer_as_one_index_and_swap_together(two_nodes, tm
     nodes = {i: serve.get_deployment_handle(f"IndexShard{i}", "sharded").node_id.remote().result() for i in (0, 1)}
     assert len(set(nodes.values())) == 2 and set(nodes.values()) <= {n["NodeID"] for n in ray.nodes()}, nodes
 
-    # the same answers as the sharded index in-process (itself exactly one index over the data: test_index)
-    local = SearchService(str(tmp_path / "idx"))
+    # the same answers as ONE unsharded index over the same data: the shards' trained quantizer, every vector in
+    # it, searched with the same nprobe (sharding must change nothing but where the lists live)
+    import faiss
+
+    from index.store import load_version, write_version
+
+    sharded = load_version(tmp_path / "idx")
+    shard0 = load_version(sharded.path / sharded.manifest["shards"][0], mmap=False)  # in memory: cloneable
+    one = faiss.clone_index(shard0.index)
+    one.reset()  # trained and empty
+    one.add(x)
+    meta_of = dict(zip(sharded.ids, sharded.metadata))
+    write_version(tmp_path / "one", one, ids, [meta_of[i] for i in ids],
+                  {k: v for k, v in sharded.manifest.items() if k not in ("shards", "files", "version", "count", "format")})
+    local = SearchService(str(tmp_path / "one"))
+    assert local.version.index.ntotal == 4000 and not hasattr(local.version.index, "shards")
     r = requests.post(f"{url}/v1/search:vector?k=10", json={"vectors": held[:20].tolist()}, timeout=60)
     assert r.status_code == 200, r.text
     served = r.json()
@@ -82,15 +96,49 @@ def test_shards_on_two_nodes_answer_as_one_index_and_swap_together(two_nodes, tm
     assert r.status_code == 200 and "img-7" not in [h["id"] for h in r.json()["results"]], r.text
     assert requests.get(f"{url}/v1/search/nope?k=5", timeout=60).status_code == 404
 
-    # a new version: every shard loads it, then the searcher switches at once
+    # a new version: every shard loads it, then the searcher switches at once; a client queries all along, and
+    # every answer is one version's whole answer (never shard 0 of one and shard 1 of the other)
+    import threading
+
     more = clustered(300, 32, seed=4)
-    write_part(tmp_path / "emb" / "part-1.parquet", [f"new-{i}" for i in range(300)], more)
-    m2 = build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index="ivf-flat",
-                                 shards=2, queries=50), log=lambda *a: None)
-    searcher = serve.get_deployment_handle("IndexSearcher", "sharded")
-    wait_for(lambda: searcher.refresh.remote().result()["index_version"] == m2["version"], "the new version",
-             timeout_s=60)
-    r = requests.post(f"{url}/v1/search:vector?k=1", json={"vector": more[5].tolist()}, timeout=60)
-    assert r.json()["index_version"] == m2["version"] and r.json()["results"][0]["id"] == "new-5", r.text
+    answers: list = []
+    stop = threading.Event()
+
+    def query() -> None:
+        s = requests.Session()
+        while not stop.is_set():
+            r = s.post(f"{url}/v1/search:vector?k=50", json={"vector": more[5].tolist()}, timeout=60)
+            answers.append((r.status_code, r.json()))
+
+    client = threading.Thread(target=query, daemon=True)
+    client.start()
+    try:
+        wait_for(lambda: len(answers) >= 5, "answers before the new version")
+        write_part(tmp_path / "emb" / "part-1.parquet", [f"new-{i}" for i in range(300)], more)
+        m2 = build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"),
+                                     index="ivf-flat", shards=2, queries=50), log=lambda *a: None)
+        searcher = serve.get_deployment_handle("IndexSearcher", "sharded")
+        wait_for(lambda: searcher.refresh.remote().result()["index_version"] == m2["version"], "the new version",
+                 timeout_s=180)
+        n = len(answers)
+        wait_for(lambda: len(answers) >= n + 5, "answers after the swap")
+    finally:
+        stop.set()
+        client.join(timeout=60)
+    assert {code for code, _ in answers} == {200}
+    order = [b["index_version"] for _, b in answers]
+    assert order[0] == m1["version"] and order[-1] == m2["version"], order
+    assert set(order[order.index(m2["version"]):]) == {m2["version"]}, "an answer went back to the old version"
+    # each answer is exactly the first answer of its version: a shard of one version merged with a shard of the
+    # other would differ (new-* ids come from both shards)
+    whole = {}
+    for _, b in answers:
+        got = [(h["id"], round(h["score"], 5)) for h in b["results"]]
+        assert whole.setdefault(b["index_version"], got) == got, "an answer mixed two versions"
+    assert not any(i.startswith("new-") for i, _ in whole[m1["version"]])
+    new_ids = [i for i, _ in whole[m2["version"]] if i.startswith("new-")]
+    from index.shards import shard_of
+
+    assert new_ids[0] == "new-5" and set(shard_of(new_ids, 2).tolist()) == {0, 1}, new_ids  # both shards' new rows
     info = searcher.info.remote().result()
     assert info["count"] == 4300 and info["shards"] == 2

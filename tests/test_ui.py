@@ -172,6 +172,18 @@ def test_search_page_in_headless_chromium(ui_app, tmp_path):
         page.click("#id-search")
         page.wait_for_function(f"document.getElementById('status').textContent.includes('result(s) for photos/{cat}')")
         assert f"photos/{cat}" not in [h.get_attribute("data-id") for h in page.query_selector_all(".hit")]
+        page.fill("#id", "photos/no-such-image.jpg")
+        page.click("#id-search")
+        page.wait_for_function("document.getElementById('status').className === 'error'")
+        assert "no-such-image.jpg" in page.text_content("#status"), page.text_content("#status")
+        expected_404 = [p for p in problems if p.startswith("HTTP 404") and "no-such-image.jpg" in p]
+        assert len(expected_404) == 1, problems  # the page asked, the API said 404, the page showed it
+        problems.remove(expected_404[0])
+        problems[:] = [p for p in problems if not (p.startswith("console error") and "404" in p)]
+        page.fill("#id", f"photos/{cat}")  # and the page still works after the error
+        page.click("#id-search")
+        page.wait_for_function("document.getElementById('status').className === '' && document.getElementById("
+                               f"'status').textContent.includes('result(s) for photos/{cat}')")
 
         # under its own CSP (no bypass), the page loads and works without a violation (a violation is a console
         # error); an id from the address bar is one path segment: it cannot make the page call another route with
