@@ -120,7 +120,7 @@ def serve_md(s: dict) -> list[str]:
             f"{c.get('best_decode_threads', '?')} decode threads: {n(c['images_per_s'])} images/s. Lens at 32 "
             f"connections: **{r['lens_32_vs_ceiling']}×** it"
             + (f" (median of the rounds' paired ratios {r['lens_32_vs_ceiling_rounds']}; the ceiling measured "
-               f"again in each round: {r.get('ceiling_rounds', c.get('images_per_s_rounds'))})"
+               f"again in each round: {c.get('images_per_s_rounds')})"
                if "lens_32_vs_ceiling_rounds" in r else "") + ".",
             f"* Floor: a Serve deployment of the same ONNX Runtime model without batching, one image per call: "
             f"Lens at 32 connections is **{r['lens_32_vs_naive_32']}×** it.",

@@ -334,6 +334,14 @@ def test_opq_from_the_cli_rotates_before_ivf_pq(tmp_path, data, capsys):
     assert a.shape == (32, 32) and np.allclose(a @ a.T, np.eye(32), atol=1e-4) and not np.allclose(a, np.eye(32))
 
 
+def test_version_names_sort_in_build_order_within_one_second():
+    from index.store import new_version_name
+
+    names = [new_version_name() for _ in range(200)]  # far more than one per second: the same second
+    assert names == sorted(names) and len(set(names)) == 200
+    assert "v-20261203T101010-ffffff" < "v-20261203T101010.000001-000000"  # an older-format name of the same second
+
+
 def test_index_versions_list_show_use_and_prune(tmp_path, data, capsys):
     from lens.app.cli import main
 
