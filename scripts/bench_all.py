@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["model", "tag", "serve", "events", "batch", "index", "shards", "train", "rollout", "drift"]
+ORDER = ["model", "tag", "serve", "failover", "events", "batch", "index", "shards", "train", "rollout", "drift"]
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "tag", "serve", "events", "batch", "index", "shards", "train", "rollout", "drift"]
+ORDER = ["model", "tag", "serve", "failover", "events", "batch", "index", "shards", "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -314,6 +314,20 @@ def tag_md(t: dict) -> list[str]:
     return out + targets_md(t)
 
 
+def failover_md(f: dict) -> list[str]:
+    def line(name: str, d: dict) -> str:
+        fails = ", ".join(f"{k}: {v}" for k, v in d["failures"].items()) or "none"
+        window = (f", all within {d['failure_window_s'][0]}..{d['failure_window_s'][1]} s of the kill"
+                  if d["failure_window_s"] else "")
+        return f"* {name}: {n(d['requests'])} requests, **{d['failed']} failed** ({fails}){window}."
+
+    return [f"Replica loss under load (`{SCRIPT['failover']}`, `benchmarks/failover.json`): `lens serve` with two "
+            f"replicas behind HAProxy, {f['clients_each']} closed-loop clients of each kind for {f['seconds']:g} s; "
+            f"one replica's process SIGKILLed at {f['killed_at_s']} s (replaced by Serve: {f['replica_replaced']}).",
+            "", line("`LensClient` (retries 502/503/504 and connection errors)", f["with_client_retries"]),
+            line("plain HTTP, no retry", f["without_retries"])] + targets_md(f)
+
+
 def rollout_md(r: dict) -> list[str]:
     o, rb = r["overhead"], r["rollback"]
     flips = "; ".join(f"to {f['to']}: {f['flip_s']} s, {f['failed']} failed of {n(f['requests'])}"
@@ -358,7 +372,7 @@ def drift_md(d: dict) -> list[str]:
         + targets_md(d)
 
 
-RENDER = {"model": model_md, "tag": tag_md, "serve": serve_md, "events": events_md, "batch": batch_md, "index": index_md,
+RENDER = {"model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 
