@@ -2,8 +2,9 @@
 """Benchmark the online tagging service over HTTP on loopback; prints one JSON summary.
 
 In one run, on the same machine:
-* ceiling: the in-process pipelined loop (scripts/baselines.py: decode threads feeding ONNX Runtime batches,
-  all cores, no server) at its best batch size and thread count; and the single-image latency in-process;
+* ceiling: the in-process pipelined loop (scripts/baselines.py: decode threads feeding model batches, all cores,
+  no server) at its best batch size and thread count, on the backend the shipped profile serves (its ratio) and on
+  every other installed fp32 backend (the ratio against the best loop); and the single-image latency in-process;
 * floor: a naive Serve deployment of the same ONNX Runtime model: no batching, one image per call;
 * Lens: the Serve app (one pool, HAProxy in front), closed-loop clients at
   1, 8, 32 and 64 connections with real JPEG bodies, then an open-loop overload at
@@ -55,13 +56,20 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 # -- in-process ceiling ------------------------------------------------------------------------
-def bench_ceiling(bodies: list[bytes], duration: float) -> dict:
+def installed_fp32_backends() -> list[str]:
+    """Every CPU backend this install can run the model on (fp32)."""
+    import importlib.util
+
+    return ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
+def bench_ceiling(bodies: list[bytes], duration: float, backend: str = "onnx") -> dict:
     from baselines import best_pipelined, for_seconds
 
     from lens.config import ModelConfig
     from lens.predictor import Predictor
 
-    predictor = Predictor.from_config(ModelConfig(backend="onnx", device="cpu", max_batch_size=64))
+    predictor = Predictor.from_config(ModelConfig(backend=backend, device="cpu", max_batch_size=64))
     predictor.warmup()
     single = []
     for _ in range(3):
@@ -70,7 +78,7 @@ def bench_ceiling(bodies: list[bytes], duration: float) -> dict:
             predictor.predict([b])
             single.append((time.perf_counter() - t0) * 1000)
     best = best_pipelined(predictor, lambda: for_seconds(bodies, duration))
-    return {"loop": "pipelined: decode threads feed ONNX Runtime batches (scripts/baselines.py)",
+    return {"loop": f"pipelined: decode threads feed {backend} batches (scripts/baselines.py)", "backend": backend,
             "images_per_s": best["images_per_s"], "best_batch": best["batch_size"],
             "best_decode_threads": best["decode_threads"], "points": best["points"],
             "single_image_latency_ms_p50": round(percentile(single, 50), 2), "_predictor": predictor}
@@ -263,7 +271,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     bodies = jpeg_bodies()
-    ceiling = bench_ceiling(bodies, duration)
+    import yaml
+
+    chosen = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())[
+        "applications"][0]["args"]["pools"][0]["model"]["backend"]  # the backend the shipped profile serves
+    loops = {b: bench_ceiling(bodies, duration, b) for b in installed_fp32_backends()}
+    ceiling = loops[chosen]
 
     import ray
     from ray import serve
@@ -279,9 +292,11 @@ def main() -> None:
         serve.delete("naive")
         url = deploy_lens(port)
         asyncio.run(closed_loop(url, bodies, 8, 2))  # warm
-        rounds, ceilings = [], []
-        for r in range(args.rounds):  # each round: the ceiling's loop (Lens idle), then every Lens point
+        rounds, ceilings, others = [], [], {b: [] for b in loops if b != chosen}
+        for r in range(args.rounds):  # each round: every backend's loop (Lens idle), then every Lens point
             ceilings.append(ceiling_again(ceiling, bodies, duration))
+            for b in others:
+                others[b].append(ceiling_again(loops[b], bodies, duration))
             rounds.append([asyncio.run(closed_loop(url, bodies, c, duration)) for c in conns])
             print(f"round {r + 1}: ceiling {ceilings[-1]}, lens {[p['throughput_rps'] for p in rounds[-1]]}",
                   file=sys.stderr)
@@ -306,10 +321,14 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    ceiling.pop("_predictor")
-    ceiling["images_per_s_first"] = ceiling["images_per_s"]  # the grid search's best point
-    ceiling["images_per_s_rounds"] = ceilings
-    ceiling["images_per_s"] = round(statistics.median(ceilings), 2)
+    for b, loop in loops.items():
+        loop.pop("_predictor")
+        loop["images_per_s_first"] = loop["images_per_s"]  # the grid search's best point
+        loop["images_per_s_rounds"] = ceilings if b == chosen else others[b]
+        loop["images_per_s"] = round(statistics.median(loop["images_per_s_rounds"]), 2)
+    best_backend = max(loops, key=lambda b: loops[b]["images_per_s"])
+    per_round_best = [rnd[conns.index(32)]["throughput_rps"] / max(
+        loops[b]["images_per_s_rounds"][i] for b in loops) for i, rnd in enumerate(rounds)]
     at = {p["connections"]: p for p in lens}
     naive_at = {p["connections"]: p for p in naive}
     summary = {
@@ -321,6 +340,9 @@ def main() -> None:
         "rounds": args.rounds,
         "frontdoor": frontdoor.model_dump(),
         "ceiling": ceiling,
+        "served_backend": chosen,
+        "loops_by_backend": {b: {k: v for k, v in loop.items() if k != "points"} for b, loop in loops.items()},
+        "best_backend_loop": best_backend,
         "lens": {"by_connections": lens, "overload_4x": overload, "healthy_after_overload": healthy_after},
         "naive": {"by_connections": naive},
         "lens_openvino_int8": {"by_connections": lens_int8, "served": gate["served"],
@@ -330,6 +352,7 @@ def main() -> None:
             "int8_32_vs_fp32_32": round(lens_int8[1]["throughput_rps"] / at[32]["throughput_rps"], 2),
             "lens_32_vs_ceiling": round(statistics.median(per_round_32), 2),
             "lens_32_vs_ceiling_rounds": [round(x, 3) for x in per_round_32],
+            "lens_32_vs_best_backend_loop": round(statistics.median(per_round_best), 2),
             "lens_32_vs_naive_32": round(at[32]["throughput_rps"] / naive_at[32]["throughput_rps"], 2),
             "lens_p50_at_1_minus_inprocess_ms": round(at[1]["p50_ms"] - ceiling["single_image_latency_ms_p50"], 2),
         },

@@ -122,6 +122,10 @@ def serve_md(s: dict) -> list[str]:
             + (f" (median of the rounds' paired ratios {r['lens_32_vs_ceiling_rounds']}; the ceiling measured "
                f"again in each round: {c.get('images_per_s_rounds')})"
                if "lens_32_vs_ceiling_rounds" in r else "") + ".",
+            *([f"* Against the best installed backend's loop ({s['best_backend_loop']}: "
+               + ", ".join(f"{b} {n(v['images_per_s'])}" for b, v in s["loops_by_backend"].items())
+               + f" images/s): Lens ({s['served_backend']}) at 32 connections **{r['lens_32_vs_best_backend_loop']}×**."]
+              if "loops_by_backend" in s else []),
             f"* Floor: a Serve deployment of the same ONNX Runtime model without batching, one image per call: "
             f"Lens at 32 connections is **{r['lens_32_vs_naive_32']}×** it.",
             f"* 1 connection: p50 {lens[1]['p50_ms']} ms against {c['single_image_latency_ms_p50']} ms in-process "
