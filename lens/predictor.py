@@ -21,7 +21,7 @@ from PIL import Image
 
 from .config import DEFAULT_MAX_BATCH_SIZE, DecodeConfig, ModelConfig
 from .decode import DecodeLimits
-from .errors import ConfigError, ImageError
+from .errors import ConfigError, ImageError, LensError
 from .heads import Head, load_head, softmax, threshold_tags
 from .preprocess import Preprocessor
 from .runtime import LoadedModel, load_model
@@ -84,7 +84,7 @@ class ItemError:
     def to_dict(self) -> dict:
         return {"error": self.code, "message": self.message, "status": self.status}
 
-    def to_error(self) -> "LensError":
+    def to_error(self) -> LensError:
         """This failure as an exception (how it crosses a Serve handle)."""
         from .errors import RequestFailed
 

@@ -259,7 +259,7 @@ def test_watcher_swaps_versions_refuses_a_corrupt_one_and_keeps_serving(tmp_path
 
 
 @pytest.mark.slow
-def test_versions_are_recorded_in_identities_and_sidecars(env, lens_cache, tmp_path):
+def test_versions_are_recorded_in_identities_and_sidecars(env, lens_cache, tmp_path):  # noqa: F811 - the fixture
     """A registry version served by the real event consumer: its sidecar and embedding part name the version."""
     import io
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from conftest import free_port, wait_for
-from test_index import MODEL, clustered, write_part
+from test_index import clustered, write_part
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -316,7 +316,7 @@ def test_lens_embed_with_head_writes_custom_tags(head_pkg, scenes, tmp_path, loc
 
 
 @pytest.mark.slow
-def test_event_sidecars_carry_custom_tags(head_pkg, scenes, lite0_onnx, env):
+def test_event_sidecars_carry_custom_tags(head_pkg, scenes, lite0_onnx, env):  # noqa: F811 - the fixture
     """The real event consumer (S3 + SQS on moto) tags uploads with the head: the sidecars it writes carry them."""
     from lens.heads import load_head
     from lens.predictor import Predictor
