@@ -4,11 +4,13 @@
 Images are seeded augmented crops (random crop, flip, size, JPEG quality 75-95) of the bundled real photos,
 embedded by the embedded Lite0 (ONNX Runtime), all in one run:
 
-* reference: a profile fitted on 2,000 crops of the left 60 % of each *reference photo* (all but three);
-* clean traffic: 3,000 crops of the right 40 % of the same photos (pixels the reference never saw, another
-  seed); 200 windows of ``--window`` images drawn from it without replacement -> the false-positive rate
-  (target <= 5 %);
-* shifts, each at three severities, on a pool of 1,000 crops of the right 40 % per severity, ``--shift-windows``
+* reference: a profile fitted on 2,000 crops of the *reference photos* (all but three);
+* clean traffic: a disjoint pool of 3,000 crops of the same photos (another seed); 200 windows of ``--window``
+  images drawn from it without replacement -> a false-positive rate on the reference's own photos;
+* photos the reference never saw: a profile fitted on crops of 50 LFW faces, windows of crops of 50 other faces
+  (a homogeneous set: the false-positive target, <= 5 %); and a profile of each photo's left 60 % against windows
+  of its right 40 % (new content of the same scenes, reported);
+* shifts, each at three severities, on a pool of 1,000 crops per severity (another seed), ``--shift-windows``
   windows drawn from it: Gaussian blur, darkening, JPEG quality, and new content (a share of each window replaced
   by crops of the three held-out photos) -> the detection rate (target >= 95 % at the middle severity);
 * cost: CPU seconds of the detector (projecting every image into its window, plus one test every ``--every``
@@ -60,7 +62,7 @@ def crops(paths, n: int, seed: int, shift: str | None = None, level=None, part: 
     from lens.samples import augment
 
     rng = np.random.default_rng(seed)
-    photos = [_part(Image.open(p).convert("RGB"), part) for p in paths]
+    photos = [_part(p if isinstance(p, Image.Image) else Image.open(p).convert("RGB"), part) for p in paths]
     out = []
     for i in range(n):
         img = augment(photos[int(rng.integers(len(photos)))], rng, long_side=(256, 480))
@@ -110,9 +112,9 @@ def main() -> None:
     held_out, ref_paths = paths[:3], paths[3:]
     predictor = Predictor.from_config(ModelConfig(backend="onnx", device="cpu"))
     pool = ThreadPoolExecutor(os.cpu_count() or 2)
-    ref_emb, ref_top1, _ = embed(predictor, crops(ref_paths, 2000, seed=1, part="left"), pool)
+    ref_emb, ref_top1, _ = embed(predictor, crops(ref_paths, 2000, seed=1), pool)
     profile = Profile.fit(ref_emb, ref_top1, identity=predictor.identity(), source="bench_drift reference")
-    clean_imgs = crops(ref_paths, 3000, seed=2, part="right")
+    clean_imgs = crops(ref_paths, 3000, seed=2)
     clean_emb, clean_top1, clean_cpu = embed(predictor, clean_imgs, pool)
     clean_proj = profile.project(clean_emb)
     rng = np.random.default_rng(7)
@@ -136,6 +138,34 @@ def main() -> None:
     p_values = [r.p_value for r in clean]
     print(f"clean: false-positive rate {fpr:.3f} over {len(clean)} windows", file=sys.stderr)
 
+    # false positives on photos the reference never saw: (a) a homogeneous set, LFW faces (scikit-image's
+    # lfw_subset: 100 faces), a profile fitted on crops of 50 of them, clean windows from crops of the other 50;
+    # (b) the bundled photos, a profile of each photo's left 60 %, windows from its right 40 % (new content of the
+    # same scenes)
+    from PIL import Image
+    from skimage.data import lfw_subset
+
+    faces = [Image.fromarray((f * 255).astype(np.uint8)).convert("RGB") for f in lfw_subset()[:100]]
+    unseen = {}
+    for name, (seen, never) in {"lfw_faces_50_vs_50": (faces[:50], faces[50:]),
+                                "photo_left_vs_right": ("left", "right")}.items():
+        if name == "photo_left_vs_right":
+            r_emb, r_top1, _ = embed(predictor, crops(ref_paths, 2000, seed=21, part="left"), pool)
+            t_emb, t_top1, _ = embed(predictor, crops(ref_paths, 3000, seed=22, part="right"), pool)
+        else:
+            r_emb, r_top1, _ = embed(predictor, crops(seen, 2000, seed=23), pool)
+            t_emb, t_top1, _ = embed(predictor, crops(never, 3000, seed=24), pool)
+        prof = Profile.fit(r_emb, r_top1, identity=predictor.identity(), source=f"bench_drift {name}")
+        proj = prof.project(t_emb)
+        res = []
+        for _ in range(args.clean_windows):
+            idx = rng.choice(len(proj), size=args.window, replace=False)
+            res.append(compare(prof, proj[idx], [t_top1[i] for i in idx], alpha=args.alpha))
+        unseen[name] = {"windows": len(res), "false_positive_rate": round(sum(r.drift for r in res) / len(res), 4),
+                        "median_p_value": float(np.median([r.p_value for r in res])),
+                        "median_ks_max": round(float(np.median([r.ks_max for r in res])), 4)}
+        print(f"unseen {name}: false-positive rate {unseen[name]['false_positive_rate']}", file=sys.stderr)
+
     new_emb, new_top1, _ = embed(predictor, crops(held_out, 1000, seed=3), pool)
     new_proj = profile.project(new_emb)
     shifts: dict = {}
@@ -145,7 +175,7 @@ def main() -> None:
             if shift == "new_content":
                 res = windows(clean_proj, clean_top1, args.shift_windows, mix=(level, new_proj, new_top1))
             else:
-                emb, top1, _ = embed(predictor, crops(ref_paths, 1000, seed=10 + li, shift=shift, level=level, part="right"), pool)
+                emb, top1, _ = embed(predictor, crops(ref_paths, 1000, seed=10 + li, shift=shift, level=level), pool)
                 res = windows(profile.project(emb), top1, args.shift_windows)
             rate = sum(r.drift for r in res) / len(res)
             shifts[shift].append({"level": level, "detection_rate": round(rate, 3),
@@ -173,7 +203,9 @@ def main() -> None:
         "profile": profile.meta,
         "window": args.window, "alpha": args.alpha,
         "clean": {"windows": len(clean), "false_positive_rate": round(fpr, 4),
+                  "traffic": "other crops (another seed) of the reference photos",
                   "p_value_quantiles": {q: float(np.quantile(p_values, q / 100)) for q in (5, 25, 50)}},
+        "unseen_photos": unseen,
         "shifts": shifts,
         "cost": {"images": len(clean_emb), "tests": tests, "every": args.every,
                  "detector_cpu_s": round(detector_cpu, 3), "decode_and_embed_cpu_s": round(clean_cpu, 2),
@@ -182,7 +214,9 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     summary["targets"] = {
-        "false_positive_rate_le_0.05": fpr <= 0.05,
+        "false_positive_rate_le_0.05 (photos the reference never saw: LFW faces)":
+            unseen["lfw_faces_50_vs_50"]["false_positive_rate"] <= 0.05,
+        "false_positive_rate_le_0.05 (other crops of the reference photos)": fpr <= 0.05,
         "detection_ge_0.95_at_middle_severity": all(v[MIDDLE]["detection_rate"] >= 0.95 for v in shifts.values()),
         "detector_cpu_le_2pct_of_serving": cost <= 0.02,
     }

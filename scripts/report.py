@@ -368,6 +368,9 @@ def drift_md(d: dict) -> list[str]:
             f"windows of {d['window']}, alpha {d['alpha']}; {d['test']}.", "",
             f"* clean traffic (another seed, same photos): false-positive rate **{c['false_positive_rate']}** over "
             f"{c['windows']} windows (p-value 5th percentile {c['p_value_quantiles']['5']:.3g}).",
+            *[f"* photos the reference never saw, {k.replace('_', ' ')}: false-positive rate "
+              f"**{u['false_positive_rate']}** over {u['windows']} windows (median KS {u['median_ks_max']})."
+              for k, u in d.get("unseen_photos", {}).items()],
             f"* detector cost: {cost['test_ms']} ms per test, {cost['detector_cpu_s']} s CPU for {n(cost['images'])} "
             f"images and {cost['tests']} tests against {cost['decode_and_embed_cpu_s']} s CPU decoding and embedding "
             f"them: **{round(100 * cost['fraction_of_serving_cpu'], 2)} %** of the serving CPU.", "",
