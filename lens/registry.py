@@ -224,8 +224,7 @@ class Registry:
         def change(old: dict | None) -> dict:
             previous = ([old["version"]] + list(old.get("previous", [])) if old and old["version"] != version
                         else list(old.get("previous", [])) if old else [])
-            return {"version": version, "previous": previous[:_KEEP_PREVIOUS]} | {k: v for k, v in ptr.items()
-                                                                                  if k != "version"}
+            return ptr | {"previous": previous[:_KEEP_PREVIOUS]}
 
         old, new = self.loc.update_json(self._alias_path(name, alias), change)
         self._record(name, action, by=by, why=why, alias=alias, version=version,

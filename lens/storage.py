@@ -40,6 +40,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a local ``path`` so readers see the old file, no file, or the whole new one: a temporary
     file in the same directory, fsync'd, then ``os.replace``."""
+    tmp = _synced_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _synced_temp(path: str | os.PathLike, data: bytes) -> str:
+    """``data`` in a complete, fsync'd temporary file beside ``path`` (its folder created); the caller moves it
+    into place (rename or link) and removes it if that fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -48,10 +59,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 # pyarrow is imported where a Location is used, not with this module: the model runtime (weights, ONNX cache)
@@ -194,13 +205,8 @@ class Location:
         complete temporary file hard-linked into place (``link`` fails if the name exists)."""
         if self.is_s3:
             return self._s3_put(path, data, IfNoneMatch="*")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+        tmp = _synced_temp(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, path)
             return True
         except FileExistsError:
