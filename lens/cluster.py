@@ -29,11 +29,18 @@ def requested_address(address: str | None = None) -> str | None:
 
 
 def init_ray(address: str | None = None, *, log=None, what: str = "lens", runtime_env: dict | None = None,
-             logging_level: int | str = logging.WARNING, log_to_driver: bool = True, **start):
+             logging_level: int | str = logging.WARNING, log_to_driver: bool = True, loopback: bool = False,
+             **start):
     """Start (or join) Ray for a Lens command; ``log`` gets the line that says which cluster it runs on. Returns
     ``ray.init``'s context (None when Ray was already initialised in this process). ``start`` (``num_cpus``, ``include_dashboard``, ``dashboard_port`` ...) applies only to a new
     local instance: a joined cluster keeps its own resources. Nothing happens when Ray is already initialised in
-    this process (a test's, or the caller's)."""
+    this process (a test's, or the caller's).
+
+    ``loopback``: a new local instance takes 127.0.0.1 as its node address, so the ports Ray binds to the node
+    address (its Prometheus metrics exporter among them) listen on loopback only. Ray otherwise resolves a loopback
+    node address to the machine's address (so other machines can join) and its exporter listens on every
+    interface; the switch Ray keeps for single-machine use (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) is set for this
+    process and the Ray processes it starts. A joined cluster keeps its own addresses."""
     import ray
 
     ctx = None
@@ -49,6 +56,9 @@ def init_ray(address: str | None = None, *, log=None, what: str = "lens", runtim
             line = f"{what}: joined the Ray cluster at {joined} ({describe_ray()})"
         else:
             start.setdefault("include_dashboard", False)
+            if loopback:
+                _single_machine()
+                start["_node_ip_address"] = "127.0.0.1"
             ctx = ray.init(address="local", **common, **start)
             line = f"{what}: on its own local Ray instance ({describe_ray()}; --address or RAY_ADDRESS joins a cluster)"
         if not log_to_driver:
@@ -58,6 +68,15 @@ def init_ray(address: str | None = None, *, log=None, what: str = "lens", runtim
     else:
         logger.info("%s", line)
     return ctx
+
+
+def _single_machine() -> None:
+    """Ray's own switch for a machine that no other node joins: a loopback node address stays loopback (read by
+    Ray from the environment at import in the processes it starts, and from ``ray_constants`` in this one)."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def quiet_ray() -> None:

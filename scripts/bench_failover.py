@@ -86,6 +86,15 @@ def start(tmp: Path, port: int) -> subprocess.Popen:
     raise SystemExit("lens serve did not become healthy with two replicas")
 
 
+def _reason(e: BaseException) -> str:
+    """The innermost cause of a ``requests`` failure (RemoteDisconnected, ConnectionResetError, BrokenPipeError...)."""
+    while True:
+        inner = e.__cause__ or e.__context__ or (e.args[0] if e.args and isinstance(e.args[0], BaseException) else None)
+        if inner is None or inner is e:
+            return type(e).__name__
+        e = inner
+
+
 def plain_client(url: str, bodies: list[bytes], stop: threading.Event, out: list, t0: float, k: int) -> None:
     import requests
 
@@ -96,10 +105,14 @@ def plain_client(url: str, bodies: list[bytes], stop: threading.Event, out: list
         try:
             r = s.post(f"{url}/v1/tag", data=bodies[i % len(bodies)], headers={"Content-Type": "image/jpeg"},
                        timeout=60)
-            is_json = r.headers.get("Content-Type", "").startswith("application/json")
+            try:  # Lens's shape: a JSON object naming the status
+                is_json = r.headers.get("Content-Type", "").startswith("application/json") \
+                    and r.json().get("status") == r.status_code
+            except ValueError:
+                is_json = False
             kind = "ok" if r.status_code == 200 else f"{r.status_code} {'json' if is_json else 'not json'}"
         except requests.RequestException as e:
-            kind = f"connection error ({type(e).__name__})"
+            kind = f"connection error ({_reason(e)})"
         out.append((time.monotonic() - t0, kind))
 
 

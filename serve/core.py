@@ -30,6 +30,7 @@ from lens.package import PackageError
 from lens.predictor import ItemError, Predictor, top_k_tags
 from lens.registry import Registry, VersionRef, parse_model_ref
 
+from .logs import to_replica_log
 from .config import BatchingConfig, PoolConfig
 from .metrics import DriftMetrics, InputMetrics, TaggerMetrics, VersionMetrics
 from .versions import Routing, Slot, VersionStats, VersionWatcher, agreement, check_versions_model, \
@@ -65,6 +66,7 @@ class TaggerCore:
     version :func:`~serve.versions.route` picks for its bytes."""
 
     def __init__(self, pool: dict, controller=None) -> None:
+        to_replica_log()
         t0 = time.perf_counter()
         cfg = validate(PoolConfig, pool, where="Tagger args")
         cpus = _assigned_cpus()

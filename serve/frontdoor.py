@@ -110,10 +110,11 @@ RECEIVED_HEADER = "X-Lens-Received"
 #: The body of HAProxy's answer to a header value that is not ASCII (Lens's error shape)
 BAD_HEADER = '{"error": "bad_header", "message": "header values must be ASCII", "status": 400}'
 #: HAProxy's answer when no replica could take a request (its 502, 503 and 504), in Lens's shape: clients retry it
+_UNAVAILABLE_BODY = ('{"error": "unavailable", "message": "no replica could answer this request now (one is restarting, '
+                     'draining or gone); retry", "status": 503}\n')
 UNAVAILABLE = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-               "Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
-               '{"error": "unavailable", "message": "no replica could answer this request now (one is restarting, '
-               'draining or gone); retry", "status": 503}\n')
+               f"Cache-Control: no-cache\r\nContent-Length: {len(_UNAVAILABLE_BODY.encode())}\r\n"
+               "Connection: close\r\n\r\n" + _UNAVAILABLE_BODY)
 
 
 # (what Serve's template says, what Lens puts there); every one must be found or nothing is changed
@@ -164,11 +165,17 @@ def apply() -> None:
     if getattr(haproxy, "_lens_frontdoor", False):
         return
     cfg = FrontDoorConfig.model_validate(json.loads(raw))
+    import hashlib
     import tempfile
 
-    fd, error_file = tempfile.mkstemp(prefix="lens-haproxy-", suffix="-503.http")  # read by HAProxy on this host
-    with os.fdopen(fd, "w") as f:
-        f.write(UNAVAILABLE)
+    from lens.storage import atomic_write_bytes
+
+    # read by HAProxy on this host; named by its content, so every HAProxy manager (each reload, each Lens on
+    # the host) shares one file instead of leaving one behind per start
+    page = UNAVAILABLE.encode()
+    error_file = os.path.join(tempfile.gettempdir(), f"lens-haproxy-503-{hashlib.sha256(page).hexdigest()[:16]}.http")
+    if not os.path.exists(error_file):
+        atomic_write_bytes(error_file, page)
     try:
         haproxy.HAPROXY_CONFIG_TEMPLATE = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, cfg, error_file)
     except ValueError as e:

@@ -40,6 +40,7 @@ from .body import HttpError, read_images, read_json
 from .config import ApiConfig, FeedbackConfig
 from .feedback import FeedbackSink, parse_feedback
 from .frontdoor import RECEIVED_HEADER
+from .logs import to_replica_log
 from .metrics import FeedbackMetrics, IngressMetrics
 from .schemas import BODY_MODELS, route_docs
 from .thumbnails import Thumbnails
@@ -136,6 +137,7 @@ class HttpApi:
     """Route handlers. Subclasses implement ``_dispatch``, ``_infos`` and ``_pool_names``."""
 
     def _init_http(self, api_config: dict, search=None, feedback: Optional[dict] = None) -> None:
+        to_replica_log()
         self.api_cfg = validate(ApiConfig, api_config, where="api config")
         self.feedback = None if feedback is None else FeedbackSink(
             validate(FeedbackConfig, feedback, where="feedback config"), FeedbackMetrics())

@@ -32,6 +32,7 @@ from ray import serve
 from lens.config import validate
 from lens.registry import Registry
 
+from .logs import to_replica_log
 from .config import RolloutConfig
 from .metrics import RolloutMetrics
 from .versions import LATENCY_BOUNDS_MS
@@ -133,6 +134,7 @@ class RolloutController:
     """Collects the versioned pools' reports and drives running rollouts (one replica; state in the registry)."""
 
     def __init__(self, models: list[dict], rollout: dict | None = None) -> None:
+        to_replica_log()
         self.cfg = validate(RolloutConfig, rollout or {}, where="rollout config")
         self.models = {(m["registry"], m["model"]): Registry(m["registry"]) for m in models}
         self._reports: dict[tuple, dict] = {}  # (registry, model, replica) -> {"at", "stats", "failures"}

@@ -275,14 +275,21 @@ def http_apps_of(doc: dict) -> tuple[str, ...]:
                  if a.get("import_path") == BUILDER and a.get("route_prefix", "/") is not None)
 
 
+#: Where Ray's metrics exporter can listen: loopback, or every interface (Ray binds nothing in between)
+METRICS_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
+
+
 def run(config: str | dict | None = None, *, host: str | None = None, port: int | None = None,
         address: str | None = None, proxy: str = "haproxy", metrics_port: int | None = 8080,
-        block: bool = True, frontdoor=None, check_fit: bool = True, grace_s: float = 30.0) -> dict:
+        metrics_host: str = "127.0.0.1", block: bool = True, frontdoor=None, check_fit: bool = True, grace_s: float = 30.0) -> dict:
     """Deploy the config (a path, a loaded document, or None for the default) and, if ``block``,
     serve until SIGINT/SIGTERM, then drain (at most ``grace_s``) and shut down cleanly.
 
     ``frontdoor`` (a :class:`serve.frontdoor.FrontDoorConfig`; default limits if None) hardens the HAProxy
-    front door: slow-client timeouts, connection caps, admin ports bound to one address."""
+    front door: slow-client timeouts, connection caps, admin ports bound to one address.
+
+    ``metrics_host``: where Lens's own local Ray exports its Prometheus metrics (``metrics_port``): loopback
+    (the default) or ``0.0.0.0`` for every interface; a joined cluster keeps its own."""
     from . import frontdoor as front
 
     doc = copy.deepcopy(config) if isinstance(config, dict) else load_serve_config(config)
@@ -295,6 +302,9 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
     check_serve_config(doc, where=where)  # fail before Ray starts
+    if metrics_host not in METRICS_HOSTS:
+        raise ConfigError(f"metrics host must be one of {', '.join(METRICS_HOSTS)} (Ray's exporter listens on "
+                          f"loopback or on every interface), got {metrics_host!r}")
 
     import ray
     from ray import serve
@@ -314,7 +324,8 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
         raise ConfigError(f"proxy must be haproxy or python, got {proxy!r}")
     if metrics_port and own:
         init["_metrics_export_port"] = metrics_port
-    init_ray(address, log=lambda m: print(m, file=sys.stderr), what="lens serve", **init)
+    init_ray(address, log=lambda m: print(m, file=sys.stderr), what="lens serve",
+             loopback=metrics_host != "0.0.0.0", **init)
     try:
         t0 = time.monotonic()
         names = deploy(doc, where=where, check_fit=check_fit)
@@ -323,7 +334,8 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
         raise
     url = f"http://{http['host']}:{http['port']}"
     summary = {"url": url, "applications": names, "ready_s": round(time.monotonic() - t0, 1),
-               "metrics": f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port and own else None,
+               "metrics": f"http://{'127.0.0.1' if metrics_host == '0.0.0.0' else metrics_host}:{metrics_port}"
+                          "/metrics" if metrics_port and own else None,
                "pools": served_pools(names)}
     print(f"Lens is serving {', '.join(names)} at {url} (ready in {summary['ready_s']}s)", file=sys.stderr)
     for p in summary["pools"]:

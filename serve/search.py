@@ -19,6 +19,8 @@ from ray import serve
 
 from lens.errors import InvalidRequestError, LensError, NotFoundError
 
+from .logs import to_replica_log
+
 __all__ = ["IndexSearcher", "IndexShard", "ShardedService", "DeltaFeed", "shard_count"]
 
 logger = logging.getLogger("lens.serve")
@@ -62,6 +64,7 @@ class DeltaFeed:
 )
 class IndexSearcher:
     def __init__(self, search: dict, shards: list | None = None) -> None:
+        to_replica_log()
         from index.search import SearchService
         from lens.config import validate
 
@@ -165,6 +168,7 @@ class IndexShard:
     version finish on it); a new version is loaded aside every ``refresh_s``."""
 
     def __init__(self, search: dict, shard: int) -> None:
+        to_replica_log()
         from lens.config import validate
 
         from .config import SearchConfig

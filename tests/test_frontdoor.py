@@ -184,6 +184,60 @@ def _forwarded(stats_port: int) -> int:
     return _stats(stats_port, "BACKEND", "stot")
 
 
+def _session_logs(proc) -> str:
+    """The log folder of the Ray that `lens serve` (``proc``) started: its GCS names the session."""
+    import psutil
+
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        for arg in p.cmdline():
+            if arg.startswith("--session-dir="):
+                return os.path.join(arg.split("=", 1)[1], "logs")
+    raise AssertionError("no Ray session under the lens serve process")
+
+
+def _log_lines(folder: str, text: str) -> list[str]:
+    import glob
+
+    found = []
+    for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, errors="replace") as f:
+                found += [ln for ln in f if text in ln]
+    return found
+
+
+def _replicas_up(stats_port: int) -> list[str]:
+    import csv
+
+    text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
+    rows = list(csv.DictReader(text.lstrip("# ").splitlines()))
+    return [r["svname"] for r in rows if r["svname"].startswith("SERVE_REPLICA") and r["status"] == "UP"]
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line_and_the_replica_serves_on(server):
+    """Past HAProxy's first buffer the body streams to the replica; a client that hangs up there is Lens's one
+    INFO line (a 499 in its metrics), never a traceback, and the replica goes on serving."""
+    import socket
+
+    logs = os.path.join(_session_logs(server["proc"]), "serve")  # the replicas' own log files
+    line = "the client disconnected before its request was read"
+    before = len(_log_lines(logs, line))
+    # a replica serves HTTP itself once HAProxy has it UP (before that, Serve's fallback proxy answers)
+    wait_for(lambda: _replicas_up(server["stats"]), "a replica UP in HAProxy")
+    forwarded = _stats(server["stats"], "BACKEND", "stot")
+    with socket.create_connection(("127.0.0.1", server["port"])) as s:  # promises 2 MB, sends 64 kB, hangs up
+        s.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: lens\r\nContent-Type: image/jpeg\r\n"
+                  b"Content-Length: 2000000\r\n\r\n" + b"\xff\xd8\xff" + b"\x00" * 65536)
+        # HAProxy drops a request whose client leaves before a replica has it (abortonclose): hang up once a
+        # replica is reading this one
+        wait_for(lambda: _stats(server["stats"], "BACKEND", "stot") > forwarded, "the request reaches a replica")
+    wait_for(lambda: len(_log_lines(logs, line)) > before, "the replica logs the disconnect")
+    assert len(_log_lines(logs, line)) == before + 1  # one line for one disconnect
+    assert not _log_lines(logs, "ClientDisconnect"), "a traceback of the disconnect reached a log"
+    r = requests.post(f"{server['url']}/v1/tag", data=_png(64, 48), headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def test_sigterm_under_load_drains_the_requests_in_flight(server):
     import aiohttp
 

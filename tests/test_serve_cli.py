@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 import requests
 import yaml
@@ -77,6 +78,9 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
         assert len(wanted) >= 8
         text = scrape_metrics(metrics_port, wanted)
         assert 'route="/v1/tag"' in text and 'status="415"' in text
+        # Ray's exporter (Ray binds it to the node address) listens on loopback only, as HAProxy's admin ports do
+        bound = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == metrics_port}
+        assert bound and bound <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, bound
         assert ray_jobs(foreign_ray) == []  # someone else's `ray start` cluster on the host: never joined
         hits = requests.post(f"{url}/v1/search?k=3", data=seeded[3], headers={"Content-Type": "image/jpeg"},
                              timeout=30).json()["results"]

@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.run import run
 
     run(args.config, host=args.host, port=args.port, address=args.address, proxy=args.proxy,
-        metrics_port=args.metrics_port or None, frontdoor=from_args(args),
+        metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, frontdoor=from_args(args),
         check_fit=not args.skip_resource_check, grace_s=args.grace_period_s)
     return 0
 
@@ -128,6 +128,9 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
                    help="HAProxy Prometheus exporter port (default 9101, or a free one if taken)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
                    "(0 = Ray picks one)")
+    p.add_argument("--metrics-host", default="127.0.0.1", choices=("127.0.0.1", "localhost", "0.0.0.0"),
+                   help="where the local Ray's metrics exporter listens: loopback (default), or 0.0.0.0 for a "
+                   "Prometheus on another machine (Ray binds loopback or every interface, nothing in between)")
     p.add_argument("--grace-period-s", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, let requests in flight finish for at most this long (default 30)")
     p.add_argument("--skip-resource-check", action="store_true",

@@ -38,6 +38,10 @@ def _make_consumer_class():
         def __init__(self, args: dict) -> None:
             from collections import Counter
 
+            from ..logs import to_replica_log
+
+            to_replica_log()
+
             from .setup import clients, count_calls
 
             self.args = validate(EventsAppArgs, args, where="EventConsumer args")

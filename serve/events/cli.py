@@ -131,6 +131,7 @@ def main(args) -> int:
 
         run_events(doc, aws=args.aws, moto_port=args.moto_port, port=args.port, address=args.address,
                    proxy=args.proxy, frontdoor=from_args(args), metrics_port=args.metrics_port or None,
+                   metrics_host=getattr(args, "metrics_host", "127.0.0.1"),
                    check_fit=not getattr(args, "skip_resource_check", False),
                    grace_s=getattr(args, "grace_period_s", 30.0))
     elif args.events_command == "status":
