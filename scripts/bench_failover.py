@@ -8,7 +8,10 @@ process is killed with SIGKILL (what the OOM killer or a lost node does); Serve 
 its status, whether the body was Lens's JSON, and when.
 
 Targets (the security issue's probe): with the client's retries, 0 failed requests; without them, every failure is
-a 502/503 in Lens's JSON shape (retryable), never Ray's text/plain page or a dropped connection.
+a 502/503 in Lens's JSON shape (retryable), never Ray's text/plain page or a dropped connection. The second is
+not met: on a keep-alive connection that already carried a request, HAProxy answers a server that died mid-request
+by closing the client connection without a response or a log line (its documented signal that the request was
+not processed and may be replayed: haproxy/haproxy#1109, #2375); failures are counted by their innermost cause.
 
     python scripts/bench_failover.py [--seconds 30] [--clients 8]
 
