@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Benchmark bulk embedding (`lens embed` on Ray Data) against the in-process pipelined loop; prints JSON.
 
-Makes a seeded shard set of augmented copies of the bundled real photos (JPEG, long side 256-800 px), then
-  - baseline: one process reading the shards, decode threads feeding ONNX Runtime batches on all cores
-    (scripts/baselines.py), at its best batch size and thread count;
-  - job: `lens embed` on a fresh local Ray (read + decode tasks -> model actor pool -> Parquet parts),
-    each run in its own process, whose peak memory (RSS summed over the driver and every Ray process it
-    started, sampled every 0.2 s) is recorded;
+Makes a seeded shard set of camera-size JPEGs made from the bundled real photos, then, --repeat times in turn:
+  - baselines: one process reading the shards, decode threads feeding batches to the model on all cores
+    (scripts/baselines.py), at its best batch size and thread count, on every installed fp32 CPU backend
+    (ONNX Runtime, and OpenVINO where installed);
+  - job: `lens embed` as a user runs it (`backend: auto`: the faster CPU backend, measured once per machine and
+    model and cached) on a fresh local Ray (read -> decode + model actors -> Parquet parts), in its own process,
+    whose peak memory (RSS summed over the driver and every Ray process it started, sampled every 0.2 s) is
+    recorded;
   - the job again on 4x the rows, to check that peak memory stays flat.
-Ratios against the baseline: the job's images/s over its dataset execution (actor start-up included), in
-steady state (first part written to last), and over the whole command (Ray start included). Baseline and job
-alternate --repeat times (the machine is shared); the median pair is reported and every pair listed. The 4x
-run is compared with the median baseline.
+Ratios, each against the loops of the same round: against the loop on the backend the job ran (the fair one),
+and against the best loop of any backend. Three measures of the job: its dataset execution (actor start-up
+included), steady state (first part written to last) and the whole command (Ray start included). The round with
+the median ratio (against the chosen backend) is reported, every round listed. The start-up phases (Ray start,
+the driver's model load with auto's choice, the actors' start, the first block) are reported separately.
 Writes benchmarks/batch.json.
 """
 
@@ -68,8 +71,15 @@ def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int, camera: bo
                        dst / f"part-{n:05d}.parquet", compression="none", row_group_size=64)
 
 
-def baseline(shards: Path, batch_size: int) -> dict:
-    """The pipelined loop over the shards' images, the same backend on all cores: its best configuration."""
+def installed_fp32_backends() -> list[str]:
+    """Every CPU backend this install can run the model on (fp32)."""
+    import importlib.util
+
+    return ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
+def baseline(shards: Path, batch_size: int, backend: str = "onnx") -> dict:
+    """The pipelined loop over the shards' images on ``backend`` on all cores: its best configuration."""
     import pyarrow.parquet as pq
 
     from baselines import best_pipelined, pipelined
@@ -77,7 +87,7 @@ def baseline(shards: Path, batch_size: int) -> dict:
     from lens.config import ModelConfig
     from lens.predictor import Predictor
 
-    pred = Predictor.from_config(ModelConfig(backend="onnx", device="cpu", max_batch_size=64))
+    pred = Predictor.from_config(ModelConfig(backend=backend, device="cpu", max_batch_size=64))
     pred.warmup(batch_size)
 
     def images(limit: int | None = None):
@@ -93,7 +103,7 @@ def baseline(shards: Path, batch_size: int) -> dict:
     # its best batch size and decode threads, found on the first 400 rows, then the whole set with them
     probe = best_pipelined(pred, lambda: images(400), batch_sizes=sorted({16, batch_size}))
     run = pipelined(pred, images(), batch_size=probe["batch_size"], decode_threads=probe["decode_threads"])
-    return run | {"rows": run["images"], "probe": probe["points"]}
+    return run | {"backend": backend, "rows": run["images"], "probe": probe["points"]}
 
 
 class TreeMemory:
@@ -135,7 +145,7 @@ class TreeMemory:
 
 
 def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float | None,
-              extra: dict | None = None) -> None:
+              extra: dict | None = None, backend: str = "auto") -> None:
     import ray  # noqa: F401 - Ray's vendored psutil needs ray imported first
 
     from batch.config import EmbedConfig
@@ -143,7 +153,7 @@ def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_
 
     knobs = ({"cpus_per_worker": cpus_per_worker} if cpus_per_worker else {}) | (extra or {})
     cfg = EmbedConfig(input=shards, output=out, batch_size=batch_size, workers=workers,
-                      model={"backend": "onnx", "device": "cpu"}, **knobs)
+                      model={"backend": backend, "device": "cpu"}, **knobs)
     with TreeMemory() as mem:
         summary = run_embed(cfg, log=lambda *a: None)
     config = {k: getattr(cfg, k) for k in ("batch_size", "workers", "actor_cpus", "fused", "actor_threads", "read_rows",
@@ -152,7 +162,8 @@ def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_
           flush=True)
 
 
-def child_scaling(shards: str, out: str, nodes: int, batch_size: int, knobs: dict | None = None) -> None:
+def child_scaling(shards: str, out: str, nodes: int, batch_size: int, knobs: dict | None = None,
+                  backend: str = "auto") -> None:
     """`lens embed` on a local cluster of ``nodes`` nodes, each pinned to its own core (2 logical CPUs each):
     node i's raylet, and every worker it starts, inherit the affinity the process had when the node was added.
     The driver stays on core 0 with the head node, as a driver does on a real head node."""
@@ -172,7 +183,8 @@ def child_scaling(shards: str, out: str, nodes: int, batch_size: int, knobs: dic
     ray.init(address=cluster.address, logging_level="ERROR")
     try:
         cfg = EmbedConfig(**(knobs or {}) | dict(input=shards, output=out, batch_size=batch_size,
-                                                    address=cluster.address, model={"backend": "onnx", "device": "cpu"}))
+                                                    address=cluster.address,
+                                                    model={"backend": backend, "device": "cpu"}))
         summary = run_embed(cfg, log=lambda *a: None)
         nodes_used = len({n["NodeID"] for n in ray.nodes() if n["Alive"]})
     finally:
@@ -189,7 +201,8 @@ def scaling(shards: Path, tmp: Path, args, rounds: int = 2) -> dict:
     for r in range(rounds):
         for nodes in (1, 2):
             cmd = [sys.executable, __file__, "--child-scaling", str(shards), str(tmp / f"scale-{nodes}-{r}"),
-                   str(nodes), "--batch-size", str(args.batch_size)] + (["--knobs", args.knobs] if args.knobs else [])
+                   str(nodes), "--batch-size", str(args.batch_size), "--backend", args.backend] \
+                + (["--knobs", args.knobs] if args.knobs else [])
             p = subprocess.run(cmd, capture_output=True, text=True,
                                env=dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1"))
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -206,7 +219,8 @@ def scaling(shards: Path, tmp: Path, args, rounds: int = 2) -> dict:
 
 
 def run_job(shards: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--child-job", str(shards), str(out), "--batch-size", str(args.batch_size)]
+    cmd = [sys.executable, __file__, "--child-job", str(shards), str(out), "--batch-size", str(args.batch_size),
+           "--backend", args.backend]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     if args.cpus_per_worker:
@@ -228,11 +242,13 @@ def main() -> None:
     ap.add_argument("--small-photos", action="store_true", help="long side 256-800 px instead of camera-size "
                     "(3,000-4,000 px) JPEGs")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--backend", default="auto", help="the job's backend (default auto, as `lens embed` runs)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--cpus-per-worker", type=float, default=None, help="default: lens embed's")
     ap.add_argument("--repeat", type=int, default=3, help="baseline/job pairs at --rows (median reported)")
     ap.add_argument("--quick", action="store_true", help="500 rows, one pair")
     ap.add_argument("--no-memory", action="store_true", help="skip the 4x run")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "batch.json"))
     ap.add_argument("--child-job", nargs=2, metavar=("SHARDS", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--knobs", default=None, help="JSON of other `lens embed` config fields for the job")
     ap.add_argument("--child-scaling", nargs=3, metavar=("SHARDS", "OUT", "NODES"), help=argparse.SUPPRESS)
@@ -242,10 +258,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.child_scaling:
         return child_scaling(*args.child_scaling[:2], int(args.child_scaling[2]), args.batch_size,
-                             json.loads(args.knobs) if args.knobs else None)
+                             json.loads(args.knobs) if args.knobs else None, args.backend)
     if args.child_job:
         return child_job(*args.child_job, args.batch_size, args.workers, args.cpus_per_worker,
-                         json.loads(args.knobs) if args.knobs else None)
+                         json.loads(args.knobs) if args.knobs else None, args.backend)
     rows = 500 if args.quick else args.rows
     if args.quick:
         args.repeat = 1
@@ -255,29 +271,66 @@ def main() -> None:
         t0 = time.perf_counter()
         make_shards(tmp / "x1", rows, args.rows_per_shard, seed=0, camera=not args.small_photos)
         made_s = time.perf_counter() - t0
-        # The machine is shared and noisy: baseline and job alternate `--repeat` times; the pair with the median
-        # ratio is reported, with every pair listed.
-        pairs = []
+        # The machine is shared and noisy: every backend's loop and the job alternate `--repeat` times; the round
+        # with the median ratio (against the loop on the backend the job chose) is reported, every round listed.
+        backends = installed_fp32_backends()
+        rounds = []
         for i in range(args.repeat):
-            base = baseline(tmp / "x1", args.batch_size)
+            bases = {b: baseline(tmp / "x1", args.batch_size, b) for b in backends}
             job = run_job(tmp / "x1", tmp / f"out1-{i}", args)
-            pairs.append((job["images_per_s"] / base["images_per_s"], base, job))
-        ratio, base, job = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]
-        base_median = statistics.median(b["images_per_s"] for _, b, _ in pairs)
+            chosen = job["served"]["backend"]
+            if chosen not in bases:  # a backend no loop ran (torch on CPU by request): measure it too
+                bases[chosen] = baseline(tmp / "x1", args.batch_size, chosen)
+            rounds.append({"bases": bases, "job": job, "chosen": chosen,
+                           "best": max(bases, key=lambda b: bases[b]["images_per_s"])})
+
+        def ratios(job: dict, loop_ips: float) -> dict:
+            return {"dataset": round(job["images_per_s"] / loop_ips, 3),
+                    "steady": round(job["steady_images_per_s"] / loop_ips, 3),
+                    "whole_job": round(job["rows_run"] / job["seconds"] / loop_ips, 3)}
+
+        for r in rounds:
+            r["vs_chosen"] = ratios(r["job"], r["bases"][r["chosen"]]["images_per_s"])
+            r["vs_best"] = ratios(r["job"], r["bases"][r["best"]]["images_per_s"])
+        rep = sorted(rounds, key=lambda r: r["vs_chosen"]["dataset"])[len(rounds) // 2]
+        job, chosen = rep["job"], rep["chosen"]
+        base = rep["bases"][chosen]
+        base_median = statistics.median(r["bases"][r["chosen"]]["images_per_s"] for r in rounds)
+        b = job["breakdown"]
         summary = {
+            "benchmark": "batch",
             "machine": describe(python=platform.python_version()),
-            "model": "tf_efficientnet_lite0 (embedded weights), ONNX Runtime on CPU",
+            "model": "tf_efficientnet_lite0 (embedded weights), CPU",
             "rows": rows, "rows_per_shard": args.rows_per_shard, "make_shards_s": round(made_s, 1),
             "photos": "small" if args.small_photos else "camera",
             "repeats": args.repeat,
-            "runs": [{"baseline_images_per_s": b["images_per_s"], "job_images_per_s": j["images_per_s"],
-                      "ratio": round(r, 3), "steady_ratio": round(j["steady_images_per_s"] / b["images_per_s"], 3),
-                      "first_output_s": j["first_output_s"]} for r, b, j in pairs],
+            "job_backend": args.backend,
+            "chosen_backend": chosen,
+            "served": job["served"],
+            "loops_by_backend": {bk: {"images_per_s_rounds": [r["bases"][bk]["images_per_s"] for r in rounds
+                                                             if bk in r["bases"]],
+                                      "images_per_s_median": statistics.median(
+                                          r["bases"][bk]["images_per_s"] for r in rounds if bk in r["bases"])}
+                                 for bk in rounds[0]["bases"]},
+            "runs": [{"chosen": r["chosen"], "best_loop": r["best"],
+                      "loops_images_per_s": {bk: v["images_per_s"] for bk, v in r["bases"].items()},
+                      "job_images_per_s": r["job"]["images_per_s"],
+                      "job_steady_images_per_s": r["job"]["steady_images_per_s"],
+                      "job_whole_images_per_s": round(r["job"]["rows_run"] / r["job"]["seconds"], 1),
+                      "vs_chosen": r["vs_chosen"], "vs_best": r["vs_best"],
+                      "first_output_s": r["job"]["first_output_s"]} for r in rounds],
             "baseline_pipelined": base,
             "job": job,
-            "ratio_vs_pipelined": round(ratio, 3),
-            "ratio_steady_state": round(job["steady_images_per_s"] / base["images_per_s"], 3),
-            "ratio_whole_job_incl_ray_start": round(job["rows_run"] / job["seconds"] / base["images_per_s"], 3),
+            "vs_chosen_backend_loop": rep["vs_chosen"],
+            "vs_best_loop": rep["vs_best"] | {"backend": rep["best"]},
+            # the start-up phases of the reported run, in order (seconds)
+            "phases": {"ray_start_s": b["ray_start_s"],
+                       "driver_model_load_s": b["driver_model_load_s"],
+                       "first_actor_ready_after_run_start_s": b["first_actor_ready_s"],
+                       "actor_model_load_max_s": b["actor_init_s_max"],
+                       "first_output_after_run_start_s": b["to_first_output_s"],
+                       "not_embedding_s": round(job["seconds"] - b["run_s"] + b["to_first_output_s"], 2),
+                       "whole_job_s": job["seconds"]},
         }
         if not args.no_compare:
             # the other pipeline shape on the same data: decode tasks feeding the model actors (what GPU actors use)
@@ -285,7 +338,7 @@ def main() -> None:
             other.knobs = json.dumps((json.loads(args.knobs) if args.knobs else {}) | {"decode_in_actors": False})
             tasks = run_job(tmp / "x1", tmp / "out-tasks", other)
             summary["job_decode_tasks"] = tasks
-            summary["decode_tasks_vs_pipelined"] = {
+            summary["decode_tasks_vs_chosen_backend_loop"] = {
                 "dataset": round(tasks["images_per_s"] / base_median, 3),
                 "steady": round(tasks["steady_images_per_s"] / base_median, 3),
                 "whole_job": round(tasks["rows_run"] / tasks["seconds"] / base_median, 3),
@@ -294,27 +347,26 @@ def main() -> None:
             make_shards(tmp / "x4", rows * 4, args.rows_per_shard, seed=1, camera=not args.small_photos)
             job4 = run_job(tmp / "x4", tmp / "out4", args)
             summary["job_4x_rows"] = job4
-            summary["ratio_4x_rows_vs_pipelined"] = round(job4["images_per_s"] / base_median, 3)
+            summary["ratio_4x_rows_vs_chosen_backend_loop"] = round(job4["images_per_s"] / base_median, 3)
             # against the smallest 1x peak, the least favourable comparison
-            summary["peak_rss_mb_1x_min"] = min(j["peak_rss_mb"] for _, _, j in pairs)
+            summary["peak_rss_mb_1x_min"] = min(r["job"]["peak_rss_mb"] for r in rounds)
             summary["peak_memory_ratio_4x"] = round(job4["peak_rss_mb"] / summary["peak_rss_mb_1x_min"], 3)
             summary["target_memory_ratio"] = 1.5
-        b = job["breakdown"]
         summary["first_output_after_ray_up_s"] = round(b["driver_model_load_s"] + b["to_first_output_s"], 2)
         if not args.no_scaling:
             summary["scaling"] = scaling(tmp / "x1", tmp, args)
+        vs = summary["vs_chosen_backend_loop"]
         summary["targets"] = {
-            "whole job (Ray start included) >= 0.75x the pipelined loop":
-                summary["ratio_whole_job_incl_ray_start"] >= 0.75,
-            "steady state >= 0.9x the pipelined loop": summary["ratio_steady_state"] >= 0.9,
-            "first output <= 5 s after Ray is up": summary["first_output_after_ray_up_s"] <= 5.0,
+            "steady state >= 0.95x the loop on the chosen backend": vs["steady"] >= 0.95,
+            "whole job (Ray start included) >= 0.75x the loop on the chosen backend": vs["whole_job"] >= 0.75,
+            "first output within Ray's start + 3 s": summary["first_output_after_ray_up_s"] <= 3.0,
         }
         if "scaling" in summary and "ratio_2_vs_1" in summary["scaling"]:
             summary["targets"]["2 nodes >= 1.7x one node"] = summary["scaling"]["ratio_2_vs_1"] >= 1.7
         if "peak_memory_ratio_4x" in summary:
             summary["targets"]["peak memory at 4x rows <= 1.5x"] = summary["peak_memory_ratio_4x"] <= 1.5
-    out = ROOT / "benchmarks" / "batch.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
