@@ -174,38 +174,52 @@ def batch_md(b: dict) -> list[str]:
     base, job = b["baseline_pipelined"], b["job"]
     photos = ("camera-size JPEGs (long side 3,000-4,000 px, made from the bundled photos)"
               if b.get("photos") == "camera" else "seeded augmented copies of the bundled photos")
+    chosen, vc, vb = b["chosen_backend"], b["vs_chosen_backend_loop"], b["vs_best_loop"]
+    loops = ", ".join(f"{bk} {n(v['images_per_s_median'])}" for bk, v in b["loops_by_backend"].items())
     out = [f"Bulk embedding (`{SCRIPT['batch']}`, `benchmarks/batch.json`): {n(b['rows'])} {photos} "
-           f"in {b['rows'] // b['rows_per_shard']} Parquet shards. Baseline: the pipelined loop in "
-           f"one process (decode threads feeding ONNX Runtime batches on all cores), best at batch "
-           f"{base['batch_size']} with {base['decode_threads']} decode threads: {n(base['images_per_s'])} images/s "
-           f"in the reported pair. Baseline and job alternate {b['repeats']} times; the median pair is reported.",
-           "", "| `lens embed` (fresh local Ray) | images/s | vs pipelined loop |", "|---|---|---|",
-           f"| dataset execution (actor start-up included) | {n(job['images_per_s'])} | **{b['ratio_vs_pipelined']}×** |",
-           f"| steady state (first part written → last) | {n(job['steady_images_per_s'])} | {b['ratio_steady_state']}× |",
+           f"in {b['rows'] // b['rows_per_shard']} Parquet shards; `lens embed` with `backend: {b['job_backend']}` "
+           f"(here it ran **{chosen}**). Baselines: the pipelined loop in one process (decode threads feeding "
+           f"batches to the model on all cores) on every installed fp32 backend, each at its best batch size and "
+           f"thread count (median images/s: {loops}). Loops and job alternate {b['repeats']} times; the round with "
+           f"the median ratio is reported.",
+           "", f"| `lens embed` (fresh local Ray) | images/s | vs the {chosen} loop (chosen) | "
+               f"vs the best loop ({vb['backend']}) |", "|---|---|---|---|",
+           f"| dataset execution (actor start-up included) | {n(job['images_per_s'])} | {vc['dataset']}× | "
+           f"{vb['dataset']}× |",
+           f"| steady state (first part written → last) | {n(job['steady_images_per_s'])} | **{vc['steady']}×** | "
+           f"{vb['steady']}× |",
            f"| whole command (Ray start included) | {n(round(job['rows_run'] / job['seconds'], 1))} | "
-           f"{b['ratio_whole_job_incl_ray_start']}× |"]
+           f"**{vc['whole_job']}×** | {vb['whole_job']}× |"]
     if "job_4x_rows" in b:
         j4 = b["job_4x_rows"]
         out.append(f"| dataset execution, {n(j4['rows_run'])} rows | {n(j4['images_per_s'])} | "
-                   f"{b['ratio_4x_rows_vs_pipelined']}× |")
-    out += ["", f"* every pair's ratio: {', '.join(str(r['ratio']) for r in b['runs'])}; first output "
-                f"{job['first_output_s']} s after the dataset started"
-                + (f", {b['first_output_after_ray_up_s']} s after Ray was up." if "first_output_after_ray_up_s" in b
-                   else ".")]
-    if job.get("breakdown"):
-        k = job["breakdown"]
-        out.append(f"* where the time went (reported pair): Ray start {k['ray_start_s']} s, driver model load "
-                   f"{k['driver_model_load_s']} s, {k['model_actors']} model actors ready {k['first_actor_ready_s']} s "
-                   f"after the run started (model load + warm-up {k['actor_init_s_max']} s each), first output at "
-                   f"{k['to_first_output_s']} s; per image: decode {k['decode_ms_per_image']} ms, model "
-                   f"{k['model_ms_per_image']} ms (wall time in their tasks); parts written in {k['write_s_total']} s "
-                   f"and committed in {k['commit_s_total']} s in all.")
-    if "decode_tasks_vs_pipelined" in b:
-        t = b["decode_tasks_vs_pipelined"]
+                   f"{b['ratio_4x_rows_vs_chosen_backend_loop']}× | |")
+    auto = (b.get("served") or {}).get("backend_auto")
+    if auto:
+        out += ["", f"* `auto` picked {auto['picked']} from its cached one-second measurement of the model alone "
+                    f"(batch 8, images/s: {auto.get('images_per_s_batch8')})."]
+    else:
+        out.append("")
+    out.append(f"* every round, vs the chosen loop (dataset / steady / whole): "
+               + "; ".join(f"{r['vs_chosen']['dataset']} / {r['vs_chosen']['steady']} / {r['vs_chosen']['whole_job']}"
+                           for r in b["runs"]))
+    p = b["phases"]
+    out.append(f"* start-up phases (reported round): Ray start {p['ray_start_s']} s, the driver's model load "
+               f"(with auto's choice) {p['driver_model_load_s']} s, first model actor ready "
+               f"{p['first_actor_ready_after_run_start_s']} s after the run started (its model load + warm-up "
+               f"{p['actor_model_load_max_s']} s), first output at {p['first_output_after_run_start_s']} s: "
+               f"{b['first_output_after_ray_up_s']} s after Ray was up; {p['not_embedding_s']} s of the "
+               f"{p['whole_job_s']} s command were not embedding.")
+    k = job["breakdown"]
+    out.append(f"* per image (wall time in their tasks): decode {k['decode_ms_per_image']} ms, model "
+               f"{k['model_ms_per_image']} ms; parts written in {k['write_s_total']} s and committed in "
+               f"{k['commit_s_total']} s in all.")
+    if "decode_tasks_vs_chosen_backend_loop" in b:
+        t = b["decode_tasks_vs_chosen_backend_loop"]
         out.append(f"* pipeline shape: {'each model actor reads and decodes its rows in threads beside the model' if job.get('config', {}).get('fused') else 'decode tasks feed the model actors'} "
                    f"(the CPU default). The other shape on the same data, decode tasks feeding the model actors (what "
                    f"GPU actors use): dataset {t['dataset']}×, steady state {t['steady']}×, whole command "
-                   f"{t['whole_job']}× the pipelined loop (median), first output {t['first_output_s']} s.")
+                   f"{t['whole_job']}× the chosen backend's loop (median), first output {t['first_output_s']} s.")
     if b.get("scaling", {}).get("ratio_2_vs_1"):
         sc = b["scaling"]
         out.append(f"* scale-out: {sc['setup']}: 1 node {sc['images_per_s_1_node']} images/s, 2 nodes "
