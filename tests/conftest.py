@@ -102,6 +102,74 @@ def lens_cache(tmp_path_factory):
         os.environ["LENS_CACHE_DIR"] = old
 
 
+# -- one Serve cluster shared by the modules that deploy Lens apps in-process -----------------------------------
+
+#: the fixture those modules use; every module that uses it runs in one block (pytest_collection_modifyitems)
+SHARED_SERVE = "serve_cluster"
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(lens_cache, moto_endpoint):
+    """A local Ray of 2 CPUs with Serve (Python proxy) on a free loopback port, started once for every module that
+    deploys Lens applications in-process (``test_lambda``, ``test_security``, ``test_serve``, ``test_ui``) and shut
+    down as soon as the next test is in a module that does not use it. Each module deploys its own applications
+    (a Serve config replaces every application not in it) and deletes them when it ends. Replicas see the
+    session's Lens cache and moto's endpoint."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():  # a module's own Ray that outlived it
+        ray.shutdown()
+    port = free_port()
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")} | {"LENS_CACHE_DIR": str(lens_cache)}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": env})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _SHARED["up"] = True
+    yield f"http://127.0.0.1:{port}"
+    _stop_shared_serve()
+
+
+def _stop_shared_serve() -> None:
+    if _SHARED.pop("up", False):
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _uses_shared_serve(item) -> bool:
+    return item.module.__name__ in _SHARED.get("modules", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that use :data:`SHARED_SERVE` run one after another, where the first of them would run, each in
+    its own order: their Serve cluster starts once and stops before any other module starts its own Ray."""
+    users = []
+    for item in items:
+        if SHARED_SERVE in getattr(item, "fixturenames", ()) and item.module.__name__ not in users:
+            users.append(item.module.__name__)
+    _SHARED["modules"] = tuple(users)
+    if not users:
+        return
+    block = [i for i in items if i.module.__name__ in users]
+    block.sort(key=lambda i: users.index(i.module.__name__))  # stable: each module keeps its order
+    first = next(k for k, i in enumerate(items) if i.module.__name__ in users)
+    rest = [i for i in items if i.module.__name__ not in users]
+    items[:] = rest[:first] + block + rest[first:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test of the block (and its module's fixtures), the shared Serve cluster stops."""
+    yield
+    if _SHARED.get("up") and (nextitem is None or not _uses_shared_serve(nextitem)):
+        _stop_shared_serve()
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray of 2 CPUs for one test module (Ray Data and Ray Train jobs), shut down after it."""

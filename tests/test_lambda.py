@@ -6,9 +6,7 @@ import json
 import uuid
 
 import pytest
-import ray
 
-from conftest import free_port
 from test_events import images, sidecar
 
 
@@ -16,22 +14,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def lens_api(lens_cache):
+def lens_api(serve_cluster):
     from ray import serve
 
     from serve.run import deploy
 
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
+    port = int(serve_cluster.rsplit(":", 1)[1])
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": "lens", "route_prefix": "/", "import_path": "serve.app:build_app",
                              "args": {"pools": [{"model": {"name": "test_efficientnet", "weights": "random",
                                                            "backend": "onnx", "device": "cpu"}}]}}]}
     deploy(doc, where="lambda test")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield serve_cluster
+    serve.delete("lens")
 
 
 def _sqs_record(body: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port, write_head_package
+from conftest import write_head_package
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -188,8 +188,7 @@ def test_the_registry_is_safe_under_concurrent_writers(where, tmp_path, tiny, s3
 
 
 @pytest.fixture(scope="module")
-def app(s3, moto_endpoint, tiny, tiny_head, lens_cache, tmp_path_factory):
-    import ray
+def app(s3, serve_cluster, tiny, tiny_head, tmp_path_factory):
     from ray import serve
 
     from lens.registry import Registry
@@ -198,21 +197,15 @@ def app(s3, moto_endpoint, tiny, tiny_head, lens_cache, tmp_path_factory):
     reg = Registry("s3://lens-models/models")
     reg.push(tiny_head, name="colours", cache_dir=tmp_path_factory.mktemp("push-cache"))
     reg.set_alias("colours", "stable", "v1")
-    port = free_port()
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                      "AWS_DEFAULT_REGION")} | {"LENS_CACHE_DIR": str(lens_cache)}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": env})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = int(serve_cluster.rsplit(":", 1)[1])  # the session's shared Serve cluster (conftest)
     pool = {"name": "Tagger", "model": TINY, "num_cpus": 1, "head_registry": reg.root,
             "heads_allowed": {"local-colours": tiny_head}, "max_head_bytes": 1 << 20}
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": "sec", "route_prefix": "/sec", "import_path": "serve.app:build_app",
                              "args": {"pools": [pool]}, "deployments": [{"name": "Tagger"}]}]}
     deploy(doc, where="security test app", timeout_s=300)
-    yield f"http://127.0.0.1:{port}/sec", reg
-    serve.shutdown()
-    ray.shutdown()
+    yield f"{serve_cluster}/sec", reg
+    serve.delete("sec")
 
 
 def _tag(url: str, head: str, image: bytes) -> requests.Response:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import encode, free_port, wait_for
+from conftest import encode, wait_for
 
 import ray
 import requests
@@ -21,14 +21,11 @@ TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "de
 
 
 @pytest.fixture(scope="module")
-def cluster(lens_cache):
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"LENS_CACHE_DIR": str(lens_cache)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+def cluster(serve_cluster):
+    """The session's shared Serve cluster (conftest); this module's applications are deleted when it ends."""
+    yield serve_cluster
+    for name in serve.status().applications:
+        serve.delete(name)
 
 
 def deploy(cluster, name: str, args: dict, **overrides) -> str:
