@@ -219,8 +219,9 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
         init_ray(cfg.address, log=log, what="lens embed")  # first: Ray's workers start while the driver loads the model
     t_ray = time.perf_counter()
     # The driver loads the model once: its checksum and preprocessing define the output, and on this node the
-    # ONNX export is then cached for the actors.
-    model = load_model(cfg.model.model_copy(update={"device": "cpu"}) if cfg.uses_gpu else cfg.model)
+    # ONNX export is then cached for the actors. On CPU it loads it as the actors run it (their thread count),
+    # so `auto` picks the runtime that is faster there.
+    model = load_model(cfg.model.model_copy(update={"device": "cpu"}) if cfg.uses_gpu else _actor_model(cfg))
     info, identity = model.info(), model.identity()
     del model
     t_model = time.perf_counter()

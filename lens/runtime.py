@@ -92,8 +92,8 @@ class LoadedModel:
                "precision": getattr(self.backend, "precision", "fp32"),
                "backend_version": getattr(self.backend, "version", None)}
         if self.backend_choice:
-            out["backend_auto"] = {k: self.backend_choice[k] for k in ("picked", "images_per_s_batch8", "reason")
-                                   if k in self.backend_choice}
+            out["backend_auto"] = {k: self.backend_choice[k] for k in ("picked", "images_per_s_batch8", "threads",
+                                                                          "reason") if k in self.backend_choice}
         if self.quantization:
             q = self.quantization
             out["int8_gate"] = {"passed": q.get("passed"), "failed": q.get("failed", []), "served": q.get("served")} | {
@@ -118,7 +118,7 @@ def served_line(served: dict) -> str:
     auto = served.get("backend_auto")
     if auto and "images_per_s_batch8" in auto:
         why.append("auto picked it: " + ", ".join(f"{k} {v:g}" for k, v in auto["images_per_s_batch8"].items())
-                   + " images/s at batch 8")
+                   + f" images/s at batch 8, {auto.get('threads', 'default')} thread(s)")
     gate = served.get("int8_gate")
     if gate:
         nums = ", ".join(f"{k} {gate[k]}" for k in ("top1_agreement", "mean_cosine", "recall_at_10_vs_fp32_index")
@@ -301,16 +301,23 @@ def _ensure_onnx(cfg: ModelConfig, weights: WeightsRef) -> tuple[Path, dict]:
     return onnx_path, meta
 
 
+#: auto's measurement: rounds alternating the two runtimes (each ROUND_S seconds at batch 8), the median kept
+AUTO_ROUNDS, AUTO_ROUND_S = 3, 0.4
+
+
 def _measured_cpu_backend(cfg: ModelConfig, onnx_path: Path, meta: dict) -> tuple[str, dict]:
     """``auto`` on CPU: ONNX Runtime or OpenVINO (both fp32, the same answers to 1e-3), whichever ran this model
-    faster on this machine. Measured once (batch 8, about a second each) and cached per model export, OpenVINO
-    version and CPU; later starts read the choice and import only the runtime they use."""
+    faster on this machine at the thread count the caller runs it with (a `lens embed` actor's one thread beside
+    its decode threads ranks them differently from a replica's every core). Measured once, in alternating rounds
+    (so a burst of other work on the machine does not fall on one runtime only), and cached per model export,
+    OpenVINO version, CPU and thread count; later starts read the choice and import only the runtime they use."""
     import platform
 
     from .openvino import cpu_flags
 
+    threads = cfg.num_threads or 0  # 0: the runtimes' default (one per core)
     key = hashlib.sha256(json.dumps([onnx_path.stem, platform.machine(), os.cpu_count(), cpu_flags(),
-                                     _openvino_version_or_none()]).encode()).hexdigest()[:16]
+                                     _openvino_version_or_none(), threads]).encode()).hexdigest()[:16]
     path = Path(cfg.cache_dir) / "backend-choice" / f"{onnx_path.stem}-{key}.json"
     try:
         choice = json.loads(path.read_text())
@@ -328,20 +335,25 @@ def _measured_cpu_backend(cfg: ModelConfig, onnx_path: Path, meta: dict) -> tupl
             choice = json.loads(path.read_text())
             return choice["picked"], choice
         x = np.zeros((8, *PreprocessConfig.from_dict(meta["preprocess"]).input_size), np.float32)
-        measured = {}
-        for name, backend in (("onnx", OnnxBackend(onnx_path, num_threads=cfg.num_threads)),
-                              ("openvino", OpenVinoBackend(ensure_fp32(onnx_path), "fp32", cfg.num_threads))):
-            backend.run(x)
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 1.0:
-                backend.run(x)
-                n += len(x)
-            measured[name] = round(n / (time.perf_counter() - t0), 1)
+        runtimes = {"onnx": OnnxBackend(onnx_path, num_threads=cfg.num_threads),
+                    "openvino": OpenVinoBackend(ensure_fp32(onnx_path), "fp32", cfg.num_threads)}
+        rates: dict[str, list[float]] = {name: [] for name in runtimes}
+        for backend in runtimes.values():
+            backend.run(x)  # first-call allocations out of the measurement
+        for _ in range(AUTO_ROUNDS):
+            for name, backend in runtimes.items():
+                t0, n = time.perf_counter(), 0
+                while time.perf_counter() - t0 < AUTO_ROUND_S:
+                    backend.run(x)
+                    n += len(x)
+                rates[name].append(n / (time.perf_counter() - t0))
+        measured = {name: round(float(np.median(r)), 1) for name, r in rates.items()}
         picked = max(measured, key=measured.get)
-        choice = {"picked": picked, "images_per_s_batch8": measured, "measured_at": time.time()}
+        choice = {"picked": picked, "images_per_s_batch8": measured, "threads": threads or "default",
+                  "measured_at": time.time()}
         atomic_write_bytes(path, json.dumps(choice).encode())
-    logger.warning("backend auto: measured %s images/s at batch 8 on this CPU; picked %s (cached in %s)",
-                   measured, picked, path)
+    logger.warning("backend auto: measured %s images/s at batch 8 on this CPU (%s threads); picked %s (cached in "
+                   "%s)", measured, threads or "default", picked, path)
     return picked, choice
 
 
