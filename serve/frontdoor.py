@@ -174,8 +174,18 @@ def apply() -> None:
     # the host) shares one file instead of leaving one behind per start
     page = UNAVAILABLE.encode()
     error_file = os.path.join(tempfile.gettempdir(), f"lens-haproxy-503-{hashlib.sha256(page).hexdigest()[:16]}.http")
-    if not os.path.exists(error_file):
-        atomic_write_bytes(error_file, page)
+    try:
+        with open(error_file, "rb") as f:
+            same = f.read() == page
+    except OSError:
+        same = False
+    if not same:
+        try:
+            atomic_write_bytes(error_file, page)
+        except OSError:  # another user's file of that name in a shared /tmp: a private one instead
+            fd, error_file = tempfile.mkstemp(prefix="lens-haproxy-", suffix="-503.http")
+            with os.fdopen(fd, "wb") as f:
+                f.write(page)
     try:
         haproxy.HAPROXY_CONFIG_TEMPLATE = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, cfg, error_file)
     except ValueError as e:

@@ -22,6 +22,8 @@ def to_replica_log(level: int = logging.INFO) -> None:
     from ray.serve._private.constants import SERVE_LOGGER_NAME
 
     handlers = logging.getLogger(SERVE_LOGGER_NAME).handlers
+    if not handlers:  # not in a Serve replica (Serve has not configured its logger): leave logging as it is
+        return
     for name in LOGGERS:
         lg = logging.getLogger(name)
         lg.setLevel(level)

@@ -97,3 +97,40 @@ def test_batch_size_bounds_are_config_errors_before_any_model_loads(monkeypatch)
     doc["applications"][0]["deployments"][0].pop("max_ongoing_requests", None)
     with pytest.raises(ConfigError, match=f"max_ongoing_requests {MODEL_MAX_ONGOING_REQUESTS}"):
         check_serve_config(doc, "test")
+
+
+def test_lens_log_lines_go_through_serves_replica_handlers_once_and_only_inside_a_replica():
+    """Serve writes a replica's log file through the ``ray.serve`` logger's handlers only; Lens's INFO lines must
+    reach them (once), and outside a replica (no handler there) logging is left as it was."""
+    import logging
+
+    from serve.logs import LOGGERS, to_replica_log
+
+    serve_logger = logging.getLogger("ray.serve")
+    saved = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate, list(logging.getLogger(n).handlers))
+             for n in ("ray.serve", *LOGGERS)}
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    try:
+        serve_logger.handlers = []
+        before = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate, list(logging.getLogger(n).handlers))
+                  for n in LOGGERS}
+        to_replica_log()  # not in a replica: nothing changes
+        assert before == {n: (logging.getLogger(n).level, logging.getLogger(n).propagate,
+                              list(logging.getLogger(n).handlers)) for n in LOGGERS}
+        serve_logger.handlers = [Keep()]
+        to_replica_log()
+        to_replica_log()  # idempotent: still one handler each
+        logging.getLogger("lens.serve").info("client left")
+        logging.getLogger("index.search").info("index swapped")
+        assert [r.getMessage() for r in records] == ["client left", "index swapped"]
+    finally:
+        for n, (level, propagate, handlers) in saved.items():
+            lg = logging.getLogger(n)
+            lg.setLevel(level)
+            lg.propagate = propagate
+            lg.handlers = handlers
