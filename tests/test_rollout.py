@@ -80,7 +80,11 @@ def app(registry, lens_cache):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"pools": [{"name": "Tagger", "model": MODEL, "num_cpus": 1,
                        "versions": {"registry": registry.root, "model": "tagger", "poll_s": 0.5}}],
-            "rollout": {"eval_interval_s": 1.0, "min_requests": 10, "min_shadow_pairs": 10}}
+            # no latency rollbacks here: on a machine this busy (the suite must pass beside CPU hogs) a one-second
+            # p95 of a few requests is noise, and it rolled a canary back in the middle of the sticky check; the
+            # latency rule is tested as the pure judge it is (tests/test_registry.py)
+            "rollout": {"eval_interval_s": 1.0, "min_requests": 10, "min_shadow_pairs": 10,
+                        "max_p95_ratio": 1000.0}}
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": "versions", "route_prefix": "/versions", "import_path": "serve.app:build_app",
                              "args": args, "deployments": [{"name": "Tagger", "num_replicas": 2}]}]}
@@ -108,7 +112,8 @@ class Load:
 
     def __init__(self, url: str, images: list[bytes], clients: int = 32) -> None:
         self.url, self.images = url + "/v1/tag", images
-        self.results: list[tuple[float, int, str | None, int]] = []  # (time, status, version, image index)
+        # (answered at, status, version, image index, sent at)
+        self.results: list[tuple[float, int, str | None, int, float]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
@@ -117,12 +122,13 @@ class Load:
         i = seed
         while not self._stop.is_set():
             i = (i + 7) % len(self.images)
+            sent = time.monotonic()
             try:
                 r = s.post(self.url, data=self.images[i], headers={"Content-Type": "image/jpeg"}, timeout=60)
                 version = r.json().get("version") if r.status_code == 200 else r.text[:200]
-                self.results.append((time.monotonic(), r.status_code, version, i))
+                self.results.append((time.monotonic(), r.status_code, version, i, sent))
             except requests.RequestException as e:
-                self.results.append((time.monotonic(), -1, repr(e), i))
+                self.results.append((time.monotonic(), -1, repr(e), i, sent))
 
     def __enter__(self):
         for t in self._threads:
@@ -135,7 +141,13 @@ class Load:
             t.join(timeout=90)
 
     def since(self, t0: float) -> list:
+        """The answers that came after ``t0``."""
         return [r for r in list(self.results) if r[0] >= t0]
+
+    def sent_since(self, t0: float) -> list:
+        """The answers to requests sent after ``t0`` (a request queued in a replica before then may have met the
+        routing of that moment)."""
+        return [r for r in list(self.results) if r[4] >= t0]
 
     def all_on(self, version: str, t0: float, n: int = 40) -> bool:
         recent = [r for r in self.since(t0)][-n:]
@@ -208,11 +220,12 @@ def test_promote_rollback_and_alias_flip_under_load_fail_no_request(app, registr
         # sticky: an image meets one version while the weight stands, once every replica has the canary
         wait_for(lambda: replicas_with_canary(app, "tagger@v3") == 2, "both replicas holding the canary")
         t_sticky = time.monotonic()
-        wait_for(lambda: len(load.since(t_sticky)) >= 200, "200 answers while the canary weight stands")
+        wait_for(lambda: len(load.sent_since(t_sticky)) >= 200, "200 answers while the canary weight stands")
         per_image: dict = {}
-        for _, status, version, i in load.since(t_sticky):
+        for _, status, version, i, _ in load.sent_since(t_sticky):
             per_image.setdefault(i, set()).add(version)
-        assert per_image and all(len(v) == 1 for v in per_image.values()), per_image
+        assert per_image and all(len(v) == 1 for v in per_image.values()), (per_image, reg.history("tagger")[-3:])
+        assert reg.rollout("tagger")["status"] == "running"  # the weight stood through the window
         t = time.monotonic()
         reg.rollback("tagger", why="operator: forced rollback in test")
         wait_for(lambda: load.all_on("tagger@v1", t), "the canary gone after the forced rollback")
