@@ -503,10 +503,14 @@ def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_packa
     own_instance(r.stderr, "lens train")
     assert ray_jobs(foreign_ray) == []
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["restarts"] == 1, (summary, r.stderr[-6000:])
+    # at least one resume: how many depends on which checkpoints Ray Train had registered when rank 0 died (on a
+    # busy machine the controller may not have taken the last reports yet; resumed from an earlier epoch, the new
+    # process passes the crash point a 4th time and dies again), so not exactly one
+    assert summary["restarts"] >= 1, (summary, r.stderr[-6000:])
     assert "PlacementGroupCleaner" not in r.stderr and "Checkpoint successfully created" not in r.stderr  # no noise
     rows = summary["epochs"]
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5] and rows[0]["phase"] == "probe"  # none ran twice
+    # the package's history is the chain of the checkpoints it resumed from: each epoch once, in order
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5] and rows[0]["phase"] == "probe"
     # LP-FT: the package is the best state validation saw, the probe's classifier included: never worse than it
     best = max(r["val_top1"] for r in rows)
     assert summary["validation"]["top1"] >= rows[0]["val_top1"] and rows[summary["best_epoch"]]["val_top1"] == best
