@@ -18,9 +18,13 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["init_ray", "describe_ray", "requested_address", "absolute", "quiet_ray"]
+__all__ = ["init_ray", "describe_ray", "requested_address", "absolute", "quiet_ray", "METRICS_HOSTS"]
 
 logger = logging.getLogger(__name__)
+
+#: Where Ray's metrics exporter of a local instance can listen: loopback (``init_ray(loopback=True)``), or every
+#: interface (Ray binds nothing in between)
+METRICS_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 
 
 def requested_address(address: str | None = None) -> str | None:

@@ -17,7 +17,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["pipelined", "best_pipelined", "for_seconds"]
+__all__ = ["pipelined", "best_pipelined", "for_seconds", "installed_fp32_backends"]
+
+
+def installed_fp32_backends() -> list[str]:
+    """Every CPU backend this install can run the model on (fp32)."""
+    import importlib.util
+
+    return ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
 
 
 def for_seconds(bodies: list[bytes], seconds: float) -> Iterator[bytes]:

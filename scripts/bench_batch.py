@@ -71,13 +71,6 @@ def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int, camera: bo
                        dst / f"part-{n:05d}.parquet", compression="none", row_group_size=64)
 
 
-def installed_fp32_backends() -> list[str]:
-    """Every CPU backend this install can run the model on (fp32)."""
-    import importlib.util
-
-    return ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
-
-
 def baseline(shards: Path, batch_size: int, backend: str = "onnx") -> dict:
     """The pipelined loop over the shards' images on ``backend`` on all cores: its best configuration."""
     import pyarrow.parquet as pq
@@ -273,6 +266,8 @@ def main() -> None:
         made_s = time.perf_counter() - t0
         # The machine is shared and noisy: every backend's loop and the job alternate `--repeat` times; the round
         # with the median ratio (against the loop on the backend the job chose) is reported, every round listed.
+        from baselines import installed_fp32_backends
+
         backends = installed_fp32_backends()
         rounds = []
         for i in range(args.repeat):

@@ -56,13 +56,6 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 # -- in-process ceiling ------------------------------------------------------------------------
-def installed_fp32_backends() -> list[str]:
-    """Every CPU backend this install can run the model on (fp32)."""
-    import importlib.util
-
-    return ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
-
-
 def bench_ceiling(bodies: list[bytes], duration: float, backend: str = "onnx") -> dict:
     from baselines import best_pipelined, for_seconds
 
@@ -275,6 +268,8 @@ def main() -> None:
 
     chosen = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())[
         "applications"][0]["args"]["pools"][0]["model"]["backend"]  # the backend the shipped profile serves
+    from baselines import installed_fp32_backends
+
     loops = {b: bench_ceiling(bodies, duration, b) for b in installed_fp32_backends()}
     ceiling = loops[chosen]
 

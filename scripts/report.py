@@ -171,7 +171,7 @@ def events_md(e: dict) -> list[str]:
 
 
 def batch_md(b: dict) -> list[str]:
-    base, job = b["baseline_pipelined"], b["job"]
+    job = b["job"]
     photos = ("camera-size JPEGs (long side 3,000-4,000 px, made from the bundled photos)"
               if b.get("photos") == "camera" else "seeded augmented copies of the bundled photos")
     chosen, vc, vb = b["chosen_backend"], b["vs_chosen_backend_loop"], b["vs_best_loop"]
@@ -200,7 +200,7 @@ def batch_md(b: dict) -> list[str]:
                     f"(batch 8, images/s: {auto.get('images_per_s_batch8')})."]
     else:
         out.append("")
-    out.append(f"* every round, vs the chosen loop (dataset / steady / whole): "
+    out.append("* every round, vs the chosen loop (dataset / steady / whole): "
                + "; ".join(f"{r['vs_chosen']['dataset']} / {r['vs_chosen']['steady']} / {r['vs_chosen']['whole_job']}"
                            for r in b["runs"]))
     p = b["phases"]

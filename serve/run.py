@@ -16,7 +16,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from lens.cluster import init_ray, requested_address
+from lens.cluster import METRICS_HOSTS, init_ray, requested_address
 from lens.config import read_yaml_mapping, validate
 from lens.errors import ConfigError, LensError
 from lens.runtime import served_line
@@ -273,10 +273,6 @@ def http_apps_of(doc: dict) -> tuple[str, ...]:
     """The Lens applications of a Serve config that answer HTTP (a route prefix: not the event consumer)."""
     return tuple(a["name"] for a in doc.get("applications", [])
                  if a.get("import_path") == BUILDER and a.get("route_prefix", "/") is not None)
-
-
-#: Where Ray's metrics exporter can listen: loopback, or every interface (Ray binds nothing in between)
-METRICS_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 
 
 def run(config: str | dict | None = None, *, host: str | None = None, port: int | None = None,

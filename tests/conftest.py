@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -348,6 +349,28 @@ def tiny_head(tmp_path_factory, tiny):
     """A head on the tiny model: classes red and green always tagged (threshold 0), blue never (1.01)."""
     return write_head_package(tmp_path_factory.mktemp("heads") / "colours", tiny.identity(),
                               ["red", "green", "blue"], [0.0, 0.0, 1.01])
+
+
+def at_once(n: int, call) -> list:
+    """``call(i)`` for i in 0..n-1 in n threads released together by a barrier; their results in order (fails
+    naming every exception raised)."""
+    barrier = threading.Barrier(n)
+    results, errors = [None] * n, []
+
+    def one(i):
+        try:
+            barrier.wait()
+            results[i] = call(i)
+        except BaseException as e:  # noqa: BLE001 - every writer's failure is reported
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
 
 
 def wait_for(cond, what: str, timeout_s: float = 120, poll_s: float = 0.05):

@@ -5,10 +5,10 @@ backend, int8 included: what is tested is the backend's handling of concurrent c
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
+
+from conftest import at_once
 
 pytestmark = pytest.mark.slow
 
@@ -79,23 +79,12 @@ def test_concurrent_runs_give_the_sequential_results(kind, images, cache, tiny):
 
     logits = np.full_like(ref_logits, np.nan)
     feats = np.full_like(ref_feats, np.nan)
-    start = threading.Barrier(THREADS)
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            start.wait()
-            for rows in batches(np.arange(t * PER_THREAD, (t + 1) * PER_THREAD)):
-                logits[rows], feats[rows] = backend.run(images[rows])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for rows in batches(np.arange(t * PER_THREAD, (t + 1) * PER_THREAD)):
+            logits[rows], feats[rows] = backend.run(images[rows])
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    at_once(THREADS, worker)  # released together; fails naming any thread's exception
     cos = (feats * ref_feats).sum(1) / (np.linalg.norm(feats, axis=1) * np.linalg.norm(ref_feats, axis=1))
     wrong = np.flatnonzero(~(cos > 0.9999))
     assert wrong.size == 0, f"{kind}: {wrong.size} of {len(images)} rows differ (min cosine {np.nanmin(cos):.3f})"

@@ -106,15 +106,19 @@ def test_admin_ports_are_the_configured_ones_on_loopback_only(server):
     assert "haproxy_" in requests.get(f"http://127.0.0.1:{server['exporter']}/metrics", timeout=10).text
 
 
-def _stats(stats_port: int, svname: str, field: str) -> int:
-    """Sum of one column of HAProxy's stats CSV over the rows named ``svname`` (FRONTEND, BACKEND), its own
-    stats proxy left out."""
+def _stats_rows(stats_port: int) -> list[dict]:
+    """HAProxy's stats CSV, one dict per proxy/server row."""
     import csv
 
     text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
-    rows = list(csv.reader(text.lstrip("# ").splitlines()))
-    px, sv, col = (rows[0].index(c) for c in ("pxname", "svname", field))
-    return sum(int(r[col] or 0) for r in rows[1:] if len(r) > col and r[sv] == svname and r[px] != "stats")
+    return list(csv.DictReader(text.lstrip("# ").splitlines()))
+
+
+def _stats(stats_port: int, svname: str, field: str) -> int:
+    """Sum of one column of HAProxy's stats CSV over the rows named ``svname`` (FRONTEND, BACKEND), its own
+    stats proxy left out."""
+    return sum(int(r[field] or 0) for r in _stats_rows(stats_port)
+               if r["svname"] == svname and r["pxname"] != "stats")
 
 
 def test_slow_clients_get_408_and_normal_clients_are_still_served(server):
@@ -207,11 +211,8 @@ def _log_lines(folder: str, text: str) -> list[str]:
 
 
 def _replicas_up(stats_port: int) -> list[str]:
-    import csv
-
-    text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
-    rows = list(csv.DictReader(text.lstrip("# ").splitlines()))
-    return [r["svname"] for r in rows if r["svname"].startswith("SERVE_REPLICA") and r["status"] == "UP"]
+    return [r["svname"] for r in _stats_rows(stats_port)
+            if r["svname"].startswith("SERVE_REPLICA") and r["status"] == "UP"]
 
 
 def test_a_client_that_leaves_mid_body_is_one_log_line_and_the_replica_serves_on(server):

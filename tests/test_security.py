@@ -7,13 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import write_head_package
+from conftest import at_once, write_head_package
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -133,28 +132,6 @@ def test_training_data_never_follows_a_link_out_of_its_folder_or_into_a_loop(tmp
     assert ds.counts() == {"cats": 5, "flowers": 6} and len(ds.examples) == 11
 
 
-def _at_once(n: int, call) -> list:
-    """``call(i)`` for i in 0..n-1 in n threads released together by a barrier; their results in order (fails
-    naming every exception raised)."""
-    barrier = threading.Barrier(n)
-    results, errors = [None] * n, []
-
-    def one(i):
-        try:
-            barrier.wait()
-            results[i] = call(i)
-        except BaseException as e:  # noqa: BLE001 - every writer's failure is reported
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return results
-
-
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_the_registry_is_safe_under_concurrent_writers(where, tmp_path, tiny, s3):
     """10 pushes at once: 10 distinct versions, each its own package; 10 alias sets at once: every one in the
@@ -164,14 +141,14 @@ def test_the_registry_is_safe_under_concurrent_writers(where, tmp_path, tiny, s3
 
     root = str(tmp_path / "models") if where == "local" else f"s3://lens-models/race-{os.getpid()}"
     pkgs = [write_head_package(tmp_path / f"h{i}", tiny.identity(), ["a", "b"], [0.0, 0.0], seed=i) for i in range(10)]
-    results = _at_once(10, lambda i: Registry(root).push(pkgs[i], name="race", cache_dir=tmp_path / "cache"))
+    results = at_once(10, lambda i: Registry(root).push(pkgs[i], name="race", cache_dir=tmp_path / "cache"))
     reg = Registry(root)
     assert sorted(r.version for r in results) == sorted(f"v{i}" for i in range(1, 11)) == sorted(reg.versions("race"))
     for i, r in enumerate(results):  # each version is the package that claimed it
         want = hashlib.sha256(Path(pkgs[i], "head.safetensors").read_bytes()).hexdigest()
         assert reg.manifest("race", r.version)["files"]["head.safetensors"] == want
 
-    _at_once(10, lambda i: Registry(root).set_alias("race", "stable", f"v{i + 1}", why=f"set {i}",
+    at_once(10, lambda i: Registry(root).set_alias("race", "stable", f"v{i + 1}", why=f"set {i}",
                                                    cache_dir=tmp_path / "cache"))
     ptr = reg.alias("race", "stable")
     assert sorted([ptr["version"], *ptr["previous"]]) == sorted(f"v{i}" for i in range(1, 11))  # none lost

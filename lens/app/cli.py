@@ -11,6 +11,7 @@ from pathlib import Path
 from lens import __version__
 from lens.cliargs import add_model_args as _add_model_args
 from lens.cliargs import configs_from_args
+from lens.cluster import METRICS_HOSTS
 
 from .examples import add_examples
 from lens.errors import LensError
@@ -128,7 +129,7 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
                    help="HAProxy Prometheus exporter port (default 9101, or a free one if taken)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
                    "(0 = Ray picks one)")
-    p.add_argument("--metrics-host", default="127.0.0.1", choices=("127.0.0.1", "localhost", "0.0.0.0"),
+    p.add_argument("--metrics-host", default="127.0.0.1", choices=METRICS_HOSTS,
                    help="where the local Ray's metrics exporter listens: loopback (default), or 0.0.0.0 for a "
                    "Prometheus on another machine (Ray binds loopback or every interface, nothing in between)")
     p.add_argument("--grace-period-s", type=float, default=30.0,
