@@ -402,6 +402,26 @@ def test_corrupt_and_oversized_images_become_counted_error_rows(local_ray, tmp_p
     assert {u["id"].rsplit("/", 1)[-1] for u in split["unusable"]} == {"broken.jpg", "huge.png"}
 
 
+def test_the_embedding_job_runs_the_backend_auto_chose_for_the_training_job(local_ray, tmp_path, rng, monkeypatch):
+    """`auto` is chosen once per job: lens train's embedding step runs the backend its own load picked, even where
+    a measurement at the embedding actors' thread count would pick the other runtime (a near tie did so in CI)."""
+    import lens.runtime as runtime
+    from lens.config import ModelConfig
+    from train.job import run_train
+
+    def by_threads(cfg, onnx_path, meta):  # a machine where the two runtimes rank differently by thread count
+        picked = "openvino" if not cfg.num_threads else "onnx"
+        return picked, {"picked": picked, "threads": cfg.num_threads or "default"}
+
+    monkeypatch.setattr(runtime, "_measured_cpu_backend", by_threads)
+    write_images(tmp_path / "data", {"a": 6, "b": 6}, rng, size=(40, 40))
+    summary = run_train(cfg(data=str(tmp_path / "data"), output=str(tmp_path / "pkg"),
+                            model=ModelConfig(**(TINY | {"backend": "auto"}))), log=lambda m: None)
+    assert summary["errors"] == 0
+    manifest = json.loads((tmp_path / "pkg" / "lens-package.json").read_text())
+    assert manifest["identity"]["backend"] == "openvino"
+
+
 @pytest.mark.slow
 def test_near_duplicates_across_the_split_are_reported_and_removed_with_dedup(local_ray, tmp_path, rng):
     from lens.config import ModelConfig

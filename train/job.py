@@ -124,8 +124,11 @@ def _prepare(cfg: TrainConfig, ds: Dataset, log) -> Prepared:
     model = load_model(cfg.model)
     identity = model.identity()
     del model
+    # One choice per job: `backend: auto` chose here, and the embedding job runs exactly that backend (its own
+    # driver would measure again at its actors' thread count and, near a tie, could pick the other runtime).
+    pinned = cfg.model.model_copy(update={"backend": identity.backend or cfg.model.backend})
     t_emb = time.perf_counter()
-    emb, emb_report = embed_dataset(ds, cfg.model, cfg.decode, identity, log=log, address=cfg.address)
+    emb, emb_report = embed_dataset(ds, pinned, cfg.decode, identity, log=log, address=cfg.address)
     emb_seconds = time.perf_counter() - t_emb
     if emb_report["errors"]:
         log(f"lens train: {emb_report['errors']} image(s) could not be used: {emb_report['errors_by_code']}")
