@@ -22,9 +22,11 @@ COPY --chown=ray:users serve ./serve
 COPY --chown=ray:users batch ./batch
 COPY --chown=ray:users index ./index
 COPY --chown=ray:users train ./train
+COPY --chown=ray:users cli ./cli
+COPY --chown=ray:users LICENSE ./
 COPY --chown=ray:users infra ./infra
 # Ray itself stays the image's version (the pin makes pip keep it); Lens and its extras on top.
-RUN pip install --no-cache-dir ".[samples,train,plots]" "ray[serve,data,train]==${RAY_VERSION}"
+RUN pip install --no-cache-dir ".[samples,train,plots,int8]" "ray[serve,data,train]==${RAY_VERSION}"
 
 # Replicas start warm: the embedded model's ONNX export (and the backend choice) built into the image's cache.
 ENV LENS_CACHE_DIR=/home/ray/.cache/lens

@@ -2,7 +2,8 @@
 #   make demo    create .venv, install Lens with the demo extra (local S3/SQS, sample photos), run the main job
 #                end to end on embedded defaults (lens demo)
 #   make test    create .venv, install Lens with every extra and the test tools (and Debian's chromium for the
-#                search page's browser test, with apt-get, as root or through sudo), run the test suite
+#                search page's browser test, with apt-get, as root or through sudo), build the manual
+#                (mkdocs build --strict), run the test suite
 #   make bench   run the benchmarks under scripts/ (JSON summaries on stdout, files in benchmarks/)
 #   make image   build the CPU and GPU container images (REGISTRY=ghcr.io/your-org; see Dockerfile)
 
@@ -18,6 +19,7 @@ DEMO_STAMP := $(VENV)/.lens-demo-installed
 # the tests: Lens with every extra and the test tools
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip uninstall -y -q lens 2>/dev/null || true  # the distribution's name before 0.1.0's rename
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $(STAMP) $(DEMO_STAMP)
 
@@ -42,6 +44,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/lens demo
 
 test: $(STAMP) $(CHROMIUM)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q   # the manual (docs/): no broken link, anchor or snippet
 	LENS_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

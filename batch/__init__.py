@@ -1,1 +1,1 @@
-"""Offline bulk embedding on Ray Data (built on :mod:`lens.predictor`)."""
+"""Offline bulk embedding on Ray Data (built on :mod:`lens.runtime.predictor`)."""

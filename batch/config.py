@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from lens.config import DEFAULT_MAX_BATCH_SIZE, DecodeConfig, ModelConfig, StrictModel
+from lens.runtime.config import DEFAULT_MAX_BATCH_SIZE, DecodeConfig, ModelConfig, StrictModel
 
 __all__ = ["EmbedConfig", "IMAGE_EXTENSIONS"]
 

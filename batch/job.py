@@ -21,12 +21,12 @@ from lens.cluster import absolute, init_ray
 from lens.errors import ConfigError
 from lens.faults import crash_point
 from lens.identity import ModelIdentity
-from lens.runtime import load_model, served_line
+from lens.runtime.loading import load_model, served_line
+from lens.storage import Location
 
 from .config import EmbedConfig
 from .ledger import FORMAT, Ledger
 from .shards import InputShard, discover_shards, output_carry, read_units
-from lens.storage import Location
 
 __all__ = ["EmbedSummary", "run_embed", "plan_workers"]
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 def _write_profile(out: Location) -> None:
     """The drift reference profile of this output (``drift-profile.npz`` beside the manifest), for serving to test
     live traffic against; a job too small for one (fewer than 64 rows) writes none."""
-    from lens.drift import PROFILE_FILE, profile_of
+    from lens.quality.drift import PROFILE_FILE, profile_of
 
     try:
         profile = profile_of(out.uri)

@@ -19,7 +19,6 @@ import time
 
 from lens.errors import ConfigError
 from lens.identity import ModelIdentity
-
 from lens.storage import Location
 
 __all__ = ["Ledger", "MANIFEST", "FORMAT"]

@@ -145,7 +145,7 @@ def pack_images(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_byt
     return [results[i] for i in range(len(plans))]
 
 
-def _timed_progress(log):
+def timed_progress(log):
     """A progress callback printing files done, share, shards and rate (for the CLI)."""
     t0 = time.perf_counter()
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from lens.errors import ConfigError
+from lens.storage import Location, split_glob
 
 from .config import IMAGE_EXTENSIONS
 from .pack import LOCATION_COLUMN, image_suffixes
-from lens.storage import Location, split_glob
 
 __all__ = ["InputShard", "ReadUnit", "LOCATION_COLUMN", "discover_shards", "make_shards", "output_carry",
            "read_units"]
@@ -161,7 +161,7 @@ def make_shards(src: str, dst: str, *, rows_per_shard: int = 1000, max_shard_byt
                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS, ids: str = "relative",
                 prefix: str = "part", progress=None, address: str | None = None, log=None) -> list[dict]:
     """``lens shards``: pack the image files under ``src`` into Parquet shards at ``dst`` (``id``, ``image``,
-    ``uri``), as a resumable Ray job: see :func:`batch.pack.pack_images`."""
+    ``uri``), as a resumable Ray job: see :func:`lens.batch.pack.pack_images`."""
     from .pack import pack_images
 
     return pack_images(src, dst, rows_per_shard=rows_per_shard, max_shard_bytes=max_shard_bytes,

@@ -4,7 +4,7 @@
 1. :class:`Decoder` (CPU tasks): read a unit of input rows, bytes -> (H, W, 3) uint8 crops, or an error row
    with the reason.
 2. :class:`Embedder` (actor pool; holds the model): crops -> L2-normalised embedding + top-k tags through the
-   same :class:`~lens.predictor.Predictor` the online path uses.
+   same :class:`~lens.runtime.predictor.Predictor` the online path uses.
 3. :class:`PartWriter` (a small actor pool, no CPU reserved): rows -> one Parquet part per (shard, kind) under the shard's output directory,
    named by its content so a retried task rewrites the same file; only a small record per part goes on.
 
@@ -25,12 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lens.config import DecodeConfig, ModelConfig
-from lens.predictor import ItemError, Predictor
-from lens.preprocess import Preprocessor
+from lens.runtime.config import DecodeConfig, ModelConfig
+from lens.runtime.predictor import ItemError, Predictor
+from lens.runtime.preprocess import Preprocessor
+from lens.storage import Location
 
 from .shards import LOCATION_COLUMN, ReadUnit
-from lens.storage import Location
 
 __all__ = ["Decoder", "Embedder", "PartWriter", "UnitEmbedder", "decode_units", "PART_SCHEMA", "SHARD",
            "PIXELS"]
@@ -60,7 +60,7 @@ def _tensor_column(arr: np.ndarray) -> pa.Array:
 
 
 class Decoder:
-    """Read + decode + resize/crop on CPU. Input: a block of :class:`~batch.shards.ReadUnit` rows (JSON in
+    """Read + decode + resize/crop on CPU. Input: a block of :class:`~lens.batch.shards.ReadUnit` rows (JSON in
     ``unit``); output, ``batch_size`` rows at a time: the id column, carried columns, ``_shard``, ``_pixels``
     (uint8 crops; zeros for a failed row), ``error`` and ``message`` (empty when the row is fine). For image-file
     input the id is the file's path relative to the input location.
@@ -70,7 +70,7 @@ class Decoder:
 
     def __init__(self, input_uri: str, preprocess: dict, decode: DecodeConfig, id_column: str, image_column: str,
                  carry_columns: tuple[str, ...], batch_size: int) -> None:
-        from lens.preprocess import PreprocessConfig
+        from lens.runtime.preprocess import PreprocessConfig
 
         self.loc = Location.parse(input_uri)
         self.preprocessor = Preprocessor(PreprocessConfig.from_dict(preprocess), decode.limits())

@@ -22,10 +22,10 @@ from pydantic import Field, field_validator
 
 from lens import __version__
 from lens.cluster import absolute
-from lens.config import StrictModel
 from lens.errors import ConfigError
+from lens.runtime.config import StrictModel
 
-from .source import open_sources
+from .source import kept_chunks, open_sources
 from .store import search_params, write_version
 
 __all__ = ["BuildConfig", "IndexPlan", "choose_index", "build_index", "parse_bytes", "bytes_per_vector",
@@ -258,7 +258,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     train = np.empty((train_n, dim), np.float32)
     queries = np.empty((q_n, dim), np.float32)
     t0 = time.perf_counter()
-    for rank0, chunk in _kept_chunks(sources, keep, cfg.chunk_rows):
+    for rank0, chunk in kept_chunks(sources, keep, cfg.chunk_rows):
         hi = rank0 + len(chunk.ids)
         for sel, dst in ((train_rank, train), (query_rank, queries)):
             a, b = np.searchsorted(sel, [rank0, hi])
@@ -287,7 +287,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     best_s = np.full((q_n, kq), -np.inf, np.float32)
     best_i = np.full((q_n, kq), -1, np.int64)
     said = time.perf_counter()
-    for rank0, chunk in _kept_chunks(sources, keep, cfg.chunk_rows):
+    for rank0, chunk in kept_chunks(sources, keep, cfg.chunk_rows):
         if time.perf_counter() - said > 10:  # progress every ~10 s on big builds
             said = time.perf_counter()
             log(f"lens index: pass 3/3 {'read' if sharded else 'added'} {rank0:,}/{n:,} vectors "
@@ -348,7 +348,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     }
     extra = {}
     try:  # the drift reference of the embeddings this index holds (serving tests live traffic against it)
-        from lens.drift import PROFILE_FILE, profile_of
+        from lens.quality.drift import PROFILE_FILE, profile_of
 
         extra[PROFILE_FILE] = profile_of([s.uri for s in sources]).to_bytes()
     except ValueError as e:
@@ -376,18 +376,3 @@ def _ids_of_ranks(sources, keep: np.ndarray, ranks: set[int]) -> dict[int, str]:
                     rank += 1
                 pos += 1
     return out
-
-
-def _kept_chunks(sources, keep: np.ndarray, rows: int):
-    """(rank of the chunk's first kept row, chunk of kept rows), in order."""
-    pos = rank = 0
-    for src in sources:
-        for chunk in src.chunks(rows):
-            m = keep[pos : pos + len(chunk.ids)]
-            pos += len(chunk.ids)
-            if not m.any():
-                continue
-            if not m.all():
-                chunk = chunk.take(np.flatnonzero(m))
-            yield rank, chunk
-            rank += len(chunk.ids)

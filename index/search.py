@@ -1,6 +1,6 @@
 """Searching an index version plus a small delta of fresh embeddings, and swapping versions under load.
 
-:class:`SearchService` holds a reference to the current :class:`~index.store.IndexVersion` and a
+:class:`SearchService` holds a reference to the current :class:`~lens.index.store.IndexVersion` and a
 :class:`DeltaIndex`. A query takes the reference once, so a hot swap (build aside, load, replace the reference)
 never changes an index under a running query: each answer comes wholly from the old or the new version.
 Search parameters travel with each call (FAISS ``SearchParameters``), never set on the shared index.
@@ -18,11 +18,11 @@ import numpy as np
 
 from lens.errors import InvalidRequestError, ModelMismatchError, NotFoundError
 from lens.identity import ModelIdentity
-from lens.predictor import l2_normalize
+from lens.runtime.predictor import l2_normalize
 
-from .store import IndexVersion, ShardedIndex, current_version, load_version, search_params
+from .store import IndexVersion, ShardedIndex, current_version, load_version, reconstruct, search_params
 
-__all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "SearchService", "stored_vector"]
+__all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "LocalIndex", "SearchService", "stored_vector"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,38 +106,82 @@ class DeltaIndex:
         return dropped
 
 
-class SearchService:
-    """The current index version + a delta; thread-safe, hot-swappable."""
+class LocalIndex:
+    """The main index of a :class:`SearchService` held in this process: one :class:`IndexVersion`."""
 
-    def __init__(self, root: str, *, mmap: bool | None = None, max_k: int = 1000) -> None:
-        self.root = root
-        self.mmap = mmap
-        self.max_k = max_k
-        self._swap_lock = threading.Lock()
+    def __init__(self, root: str, *, mmap: bool | None = None) -> None:
+        self.root, self.mmap = root, mmap
         self.version: IndexVersion = load_version(root, mmap=mmap)
+
+    def take(self, name: str) -> bool:
+        """Load version ``name`` aside, then make it the one searched (one reference assignment)."""
+        new = load_version(f"{self.root}/{name}", mmap=self.mmap)  # aside: the old one keeps serving
+        if new.identity.mismatch(self.version.identity):
+            logger.warning("index %s uses another model than %s; swapping anyway", new.name, self.version.name)
+        self.version = new
+        return True
+
+    def holds(self, v: IndexVersion, ids: list[str]) -> set[str]:
+        return {i for i in ids if i in v.row_of}
+
+    def top_k(self, v: IndexVersion, q: np.ndarray, k: int, value) -> list[dict[str, Hit]]:
+        """Each query's best ``k`` of version ``v``: id -> :class:`Hit`."""
+        scores, rows = v.index.search(q, min(k, v.index.ntotal), params=search_params(v.manifest["type"], value))
+        return [{v.ids[r]: Hit(v.ids[r], float(s), json.loads(v.metadata[r])) for s, r in zip(sc, rs) if r >= 0}
+                for sc, rs in zip(scores, rows)]
+
+    def lookup(self, v: IndexVersion, id_: str, *, vector: bool = True):
+        """(stored vector or None, metadata dict) of ``id_`` in ``v``, or None when ``v`` does not hold it."""
+        row = v.row_of.get(id_)
+        if row is None:
+            return None
+        return (stored_vector(v, row) if vector else None), json.loads(v.metadata[row])
+
+    def info(self) -> dict:
+        return {}
+
+
+class SearchService:
+    """The current index version + a delta; thread-safe, hot-swappable. Where the main index lives is ``main``:
+    :class:`LocalIndex` (this process, the default) or the serving layer's shard deployments, which answer the
+    same five calls (``version``, ``take``, ``holds``, ``top_k``, ``lookup``); everything else (the delta, the
+    swap, merging, ``k``, the model check) is this one class."""
+
+    def __init__(self, root: str, *, mmap: bool | None = None, max_k: int = 1000, main=None) -> None:
+        self.root = root
+        self.max_k = max_k
+        self.main = main if main is not None else LocalIndex(root, mmap=mmap)
+        self._swap_lock = threading.Lock()
         self.delta = DeltaIndex(self.version.manifest["dim"])
 
     # -- versions ------------------------------------------------------------------------------
+    @property
+    def version(self):
+        """The version searched now (an :class:`IndexVersion` for a :class:`LocalIndex`)."""
+        return self.main.version
+
     @property
     def identity(self) -> ModelIdentity:
         return self.version.identity
 
     def refresh(self) -> bool:
-        """Load the version ``CURRENT`` names if it is new, then swap to it. Returns whether it swapped."""
+        """Take the version ``CURRENT`` names if it is new (loaded aside, then swapped in); delta rows the new
+        version holds leave the delta. Returns whether it swapped."""
         name = current_version(self.root)
         if name is None or name == self.version.name:
             return False
         with self._swap_lock:
             if name == self.version.name:
                 return False
-            new = load_version(f"{self.root}/{name}", mmap=self.mmap)  # aside: the old one keeps serving
             old = self.version
-            if new.identity.mismatch(old.identity):
-                logger.warning("index %s uses another model than %s; swapping anyway", new.name, old.name)
-            self.version = new  # the swap: one reference assignment
-            pruned = self.delta.prune(lambda i: i not in new.row_of)
+            if not self.main.take(name):
+                return False  # not ready everywhere yet: the next refresh tries again
+            new = self.version
+            ids = list(self.delta.snapshot().ids)
+            inside = self.main.holds(new, ids) if ids else set()
+            pruned = self.delta.prune(lambda i: i not in inside)
             logger.info("swapped index %s -> %s (%d vectors); %d delta rows now in the main index",
-                        old.name, new.name, new.index.ntotal, pruned)
+                        old.name, new.name, new.manifest["count"], pruned)
             return True
 
     def info(self) -> dict:
@@ -145,7 +189,7 @@ class SearchService:
         m = v.manifest
         return {"index_version": v.name, "type": m["type"], "factory": m["factory"], "count": m["count"],
                 "dim": m["dim"], "search": m["search"], "recall": {k: m["recall"][k] for k in ("k", "value")},
-                "model_identity": self.identity.to_dict(), "delta": len(self.delta)}
+                "model_identity": self.identity.to_dict(), "delta": len(self.delta)} | self.main.info()
 
     # -- queries -------------------------------------------------------------------------------
     def check_model(self, info: dict) -> None:
@@ -172,44 +216,30 @@ class SearchService:
         q = l2_normalize(np.asarray(vectors, np.float32).reshape(-1, v.manifest["dim"]))
         value = param if param is not None else v.manifest["search"]["value"]
         extra = 1 if exclude else 0
-        kk = min(k + extra, v.index.ntotal)
-        scores, rows = v.index.search(q, kk, params=search_params(v.manifest["type"], value))
+        best = self.main.top_k(v, q, k + extra, value)
         d_ids, d_meta, d_vecs, _ = self.delta.snapshot()
-        if len(d_ids):
-            d_scores = q @ d_vecs.T
-        out = []
-        for qi in range(len(q)):
-            best: dict[str, Hit] = {}
-            for s, r in zip(scores[qi], rows[qi]):
-                if r < 0:
-                    continue
-                i = v.ids[r]
-                best[i] = Hit(i, float(s), json.loads(v.metadata[r]))
-            out.append(with_delta(best, d_scores[qi] if len(d_ids) else None, d_ids, d_meta, k, extra,
-                                  exclude[qi] if exclude else None))
-        return v.name, out
+        d_scores = q @ d_vecs.T if len(d_ids) else None
+        return v.name, [with_delta(best[qi], None if d_scores is None else d_scores[qi], d_ids, d_meta, k, extra,
+                                   exclude[qi] if exclude else None) for qi in range(len(q))]
+
+    def _lookup(self, id_: str, *, vector: bool) -> tuple:
+        delta = self.delta.snapshot()
+        if id_ in delta.row_of:
+            r = delta.row_of[id_]
+            return delta.vectors[r], json.loads(delta.metadata[r])
+        v = self.version
+        found = self.main.lookup(v, id_, vector=vector)
+        if found is None:
+            raise NotFoundError(f"no id {id_!r} in index {v.name}")
+        return found
 
     def vector_of(self, id_: str) -> np.ndarray:
         """The stored vector of ``id_`` (delta first: it is the fresher)."""
-        delta = self.delta.snapshot()
-        if id_ in delta.row_of:
-            return delta.vectors[delta.row_of[id_]]
-        v = self.version
-        row = v.row_of.get(id_)
-        if row is None:
-            raise NotFoundError(f"no id {id_!r} in index {v.name}")
-        return stored_vector(v, row)
+        return np.asarray(self._lookup(id_, vector=True)[0])
 
     def metadata_of(self, id_: str) -> dict:
         """The stored metadata of ``id_`` (delta first: it is the fresher)."""
-        delta = self.delta.snapshot()
-        if id_ in delta.row_of:
-            return json.loads(delta.metadata[delta.row_of[id_]])
-        v = self.version
-        row = v.row_of.get(id_)
-        if row is None:
-            raise NotFoundError(f"no id {id_!r} in index {v.name}")
-        return json.loads(v.metadata[row])
+        return self._lookup(id_, vector=False)[1]
 
     def location_of(self, id_: str) -> str:
         """Where ``id_``'s image lives: its ``uri`` metadata (``lens shards`` writes one per image, ``lens embed``
@@ -250,23 +280,8 @@ def location_from(id_: str, metadata: dict, version: str) -> str:
                         f"--carry {LOCATION_KEY}`", code="no_location")
 
 
-_direct_map_lock = threading.Lock()
-
-
 def stored_vector(v: IndexVersion, row: int) -> np.ndarray:
     """The vector the index stores at ``row`` (exact for Flat, IVF-Flat and HNSW; IVF-PQ's approximation)."""
-    return v.index.reconstruct(int(row)) if isinstance(v.index, ShardedIndex) else _reconstruct_index(v.index, row)
+    return v.index.reconstruct(int(row)) if isinstance(v.index, ShardedIndex) else reconstruct(v.index, row)
 
 
-def _reconstruct_index(index, row: int) -> np.ndarray:
-    import faiss
-
-    try:
-        return index.reconstruct(int(row))
-    except RuntimeError:
-        # IVF indexes reconstruct through a direct map, built once on first use
-        with _direct_map_lock:
-            ivf = faiss.extract_index_ivf(index)
-            if ivf.direct_map.type == faiss.DirectMap.NoMap:
-                ivf.make_direct_map()
-        return index.reconstruct(int(row))

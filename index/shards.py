@@ -33,15 +33,14 @@ def _fill(trained: bytes, uris: list[str], keep: np.ndarray, shard: int, n: int,
           manifest: dict) -> dict:
     import faiss
 
-    from .build import _kept_chunks
-    from .source import open_sources
+    from .source import kept_chunks, open_sources
     from .store import write_version
 
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     sources, _ = open_sources(uris)
     ids: list[str] = []
     meta: list[str] = []
-    for _, chunk in _kept_chunks(sources, keep, chunk_rows):
+    for _, chunk in kept_chunks(sources, keep, chunk_rows):
         mine = np.flatnonzero(shard_of(chunk.ids, n) == shard)
         if len(mine) == 0:
             continue

@@ -4,7 +4,7 @@ Two kinds, both Parquet with ``id`` and ``embedding`` (``fixed_size_list<float32
 
 * a ``lens embed`` output directory (local or ``s3://``): its ``manifest.json`` lists the files and names the
   model, weights checksum and preprocessing;
-* the event path's embedding parts (``serve.events.results``): any ``*.parquet`` under a prefix, each carrying the
+* the event path's embedding parts (``lens.serve.events.results``): any ``*.parquet`` under a prefix, each carrying the
   model's identity in its schema metadata (``lens_model_identity``; ``lens_model`` from earlier versions).
 
 Every source must come from the same model, weights and preprocessing, or the build is refused: vectors
@@ -25,7 +25,7 @@ from lens.errors import ConfigError
 from lens.identity import LEGACY_PARQUET_KEY, PARQUET_KEY, ModelIdentity
 from lens.storage import Location
 
-__all__ = ["EmbeddingSource", "Chunk", "open_sources", "as_id"]
+__all__ = ["EmbeddingSource", "Chunk", "open_sources", "kept_chunks", "as_id"]
 
 METADATA_COLUMNS = ("tags", "top1", "uri")  # kept (compactly) in the index's metadata sidecar when present
 #: The longest image location kept (``s3://`` + a 63-character bucket + a 1,024-byte key fits).
@@ -147,3 +147,18 @@ def open_sources(uris: list[str]) -> tuple[list[EmbeddingSource], ModelIdentity]
             raise ConfigError(f"{s.uri} was embedded with a different {', '.join(diff)} than {known[0].uri}; "
                               "an index needs one model")
     return [s for s in sources if s.files], ident
+
+
+def kept_chunks(sources, keep: np.ndarray, rows: int):
+    """(rank of the chunk's first kept row, chunk of kept rows), in order."""
+    pos = rank = 0
+    for src in sources:
+        for chunk in src.chunks(rows):
+            m = keep[pos : pos + len(chunk.ids)]
+            pos += len(chunk.ids)
+            if not m.any():
+                continue
+            if not m.all():
+                chunk = chunk.take(np.flatnonzero(m))
+            yield rank, chunk
+            rank += len(chunk.ids)

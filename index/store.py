@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ from lens.identity import ModelIdentity
 from lens.storage import atomic_write_bytes, sha256_file
 
 __all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "current_version",
-           "search_params"]
+           "search_params", "reconstruct"]
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -75,10 +76,9 @@ class ShardedIndex:
         return np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
 
     def reconstruct(self, row: int) -> np.ndarray:
-        from index.search import _reconstruct_index
 
         s = int(np.searchsorted(self.offsets, row, side="right") - 1)
-        return _reconstruct_index(self.shards[s], int(row - self.offsets[s]))
+        return reconstruct(self.shards[s], int(row - self.offsets[s]))
 
 
 @dataclass
@@ -322,3 +322,21 @@ def search_params(kind: str, value: int | None):
     if kind == "hnsw":
         return faiss.SearchParametersHNSW(efSearch=int(value))
     return faiss.SearchParametersIVF(nprobe=int(value))
+
+
+_direct_map_lock = threading.Lock()
+
+
+def reconstruct(index, row: int) -> np.ndarray:
+    """The vector ``index`` stores at ``row`` (IVF indexes get a direct map, built once on first use)."""
+    import faiss
+
+    try:
+        return index.reconstruct(int(row))
+    except RuntimeError:
+        # IVF indexes reconstruct through a direct map, built once on first use
+        with _direct_map_lock:
+            ivf = faiss.extract_index_ivf(index)
+            if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.make_direct_map()
+        return index.reconstruct(int(row))

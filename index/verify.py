@@ -1,5 +1,5 @@
 """``lens index verify``: re-embed a seeded sample of stored rows from their source images and list the rows whose
-stored vector disagrees (cosine below :data:`lens.verify.MIN_COSINE`).
+stored vector disagrees (cosine below :data:`lens.runtime.verify.MIN_COSINE`).
 
 Two kinds of store:
 
@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from lens.errors import ConfigError
 from lens.identity import ModelIdentity
+from lens.runtime.verify import Row, VerifyReport, reembed_and_compare
 from lens.storage import Location, split_glob
-from lens.verify import Row, VerifyReport, reembed_and_compare
 
 from .source import EmbeddingSource, as_id, open_sources
 

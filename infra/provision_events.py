@@ -14,8 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,9 +23,9 @@ def main() -> int:
     ap.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     args = ap.parse_args()
 
-    from serve.events.cli import events_args
-    from serve.events.setup import ensure_resources
-    from serve.run import load_serve_config
+    from lens.cli.events import events_args
+    from lens.serve.events.setup import ensure_resources
+    from lens.serve.run import load_serve_config
 
     cfg = events_args(load_serve_config(args.config)).events
     if args.region:

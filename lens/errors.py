@@ -24,7 +24,13 @@ __all__ = [
     "ModelError",
     "RequestFailed",
     "lens_error_of",
+    "error_body",
 ]
+
+
+def error_body(code: str, message: str, status: int) -> dict:
+    """Lens's one error shape, for every error answer and every failed item: ``{error, message, status}``."""
+    return {"error": code, "message": message, "status": status}
 
 
 class LensError(Exception):
@@ -49,7 +55,7 @@ class LensError(Exception):
         return _rebuild, (type(self), self.message, self.code, self.http_status)
 
     def to_dict(self) -> dict:
-        return {"error": self.code, "message": self.message, "status": self.http_status}
+        return error_body(self.code, self.message, self.http_status)
 
 
 def _rebuild(cls, message: str, code: str, status: int) -> "LensError":

@@ -1,8 +1,9 @@
 """A model's identity: what makes two embeddings comparable, and the one way Lens writes it into an artefact.
 
-Every artefact that holds embeddings or results records ``"model_identity": ModelIdentity.to_dict()``: the
-bulk-embedding job file and manifest, the index manifest, event embedding parts (Parquet schema metadata
-``lens_model_identity``) and sidecars. :meth:`ModelIdentity.from_dict` also reads what earlier Lens versions
+Every artefact that holds embeddings or results records ``"model_identity": ModelIdentity.to_dict()``
+(:data:`IDENTITY_KEY`): the bulk-embedding job file and manifest, the index manifest, model packages, drift
+profiles, event embedding parts (Parquet schema metadata ``lens_model_identity``), sidecars and the HTTP API.
+:func:`identity_of` reads it, and also the ``identity`` key packages and drift profiles used before. :meth:`ModelIdentity.from_dict` also reads what earlier Lens versions
 wrote (a flat ``dim`` or ``embed_dim``, the index manifest's nested ``model`` block, a replica's whole
 ``info()`` in ``lens_model``), so existing outputs stay readable.
 """
@@ -14,7 +15,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-__all__ = ["ModelIdentity", "labels_digest", "PARQUET_KEY", "LEGACY_PARQUET_KEY"]
+__all__ = ["ModelIdentity", "labels_digest", "identity_of", "IDENTITY_KEY", "PARQUET_KEY", "LEGACY_PARQUET_KEY"]
+
+#: The one JSON key every artefact writes a model identity under.
+IDENTITY_KEY = "model_identity"
+#: What model packages and drift profiles wrote before (read, never written).
+LEGACY_IDENTITY_KEY = "identity"
 
 #: Parquet schema-metadata key of an embedding part's identity (and the key earlier versions used).
 PARQUET_KEY = b"lens_model_identity"
@@ -23,6 +29,15 @@ LEGACY_PARQUET_KEY = b"lens_model"
 COMPARED = ("model", "weights_sha256", "preprocess", "embed_dim")
 #: Bump to orphan every cache of model outputs (see :meth:`ModelIdentity.outputs_key`).
 OUTPUTS_KEY_FORMAT = 2
+
+
+def identity_of(doc: dict) -> dict | None:
+    """The identity dict an artefact (a manifest, a profile header) holds, under :data:`IDENTITY_KEY` or the
+    earlier ``identity``; None when it holds none."""
+    for key in (IDENTITY_KEY, LEGACY_IDENTITY_KEY):
+        if isinstance(doc.get(key), dict):
+            return doc[key]
+    return None
 
 
 def labels_digest(labels: Sequence[str]) -> str:

@@ -7,7 +7,7 @@ matches (:func:`open_package`), so a half-written or tampered package is refused
 Kinds:
 
 * ``head``: a classifier trained on a frozen backbone's embeddings (``head.safetensors``: ``weight`` (C, D),
-  ``bias`` (C)); served on top of the backbone's forward pass (:mod:`lens.heads`).
+  ``bias`` (C)); served on top of the backbone's forward pass (:mod:`lens.runtime.heads`).
 * ``finetune``: whole-model weights (``model.safetensors``) of a timm architecture with its own classes.
 * ``model``: whole-model weights as they are (``lens models package``: the embedded ImageNet model or any
   checkpoint), so a base model can be versioned in the registry beside the fine-tuned ones.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LensError
-from .storage import Location, sha256_file
+from .storage import Location, default_cache_dir, sha256_file
 
 __all__ = ["MANIFEST", "FORMAT", "PackageError", "Package", "write_package", "open_package", "is_package",
            "check_file_names", "check_output", "DEFAULT_MAX_PACKAGE_BYTES"]
@@ -195,7 +195,6 @@ def open_package(uri: str, *, cache_dir: str | os.PathLike | None = None,
         raise PackageError(f"{uri}/{MANIFEST} lists no files")
     check_file_names(files, f"{uri}/{MANIFEST}")
     if loc.is_s3:
-        from .config import default_cache_dir
 
         digest = hashlib.sha256(raw).hexdigest()
         root = Path(cache_dir or default_cache_dir()) / "packages" / digest[:32]

@@ -11,22 +11,21 @@ single PUT, which readers never see half-written.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
-from urllib.parse import urlparse
-
-import hashlib
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-__all__ = ["Location", "s3_filesystem", "split_glob", "atomic_write_bytes", "sha256_file"]
+__all__ = ["Location", "s3_filesystem", "split_glob", "atomic_write_bytes", "sha256_file", "default_cache_dir"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -296,3 +295,12 @@ def split_glob(uri: str) -> tuple[str, str | None]:
         if GLOB_CHARS & set(part):
             return scheme + ("/".join(parts[:i]) or "."), "/".join(parts[i:])
     return uri, None
+
+
+def default_cache_dir() -> Path:
+    """``$LENS_CACHE_DIR``, else ``$XDG_CACHE_HOME/lens``, else ``~/.cache/lens``."""
+    env = os.environ.get("LENS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lens"

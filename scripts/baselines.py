@@ -39,7 +39,7 @@ def for_seconds(bodies: list[bytes], seconds: float) -> Iterator[bytes]:
 def pipelined(predictor, items: Iterable[bytes], *, batch_size: int, decode_threads: int,
               prefetch_batches: int = 2, top_k: int = 5) -> dict:
     """Decode threads feed model batches; decoding of the next batches overlaps the model on this one."""
-    from lens.predictor import ItemError, top_k_tags
+    from lens.runtime.predictor import ItemError, top_k_tags
 
     def prepare(data: bytes):
         return predictor.prepare_many([data])[0]

@@ -32,10 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
-
 
 #: camera-size photos: long side 3,000-4,000 px (9-12 MP), as a phone or camera writes them
 CAMERA_LONG_SIDE = (3000, 4000)
@@ -49,7 +47,7 @@ def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int, camera: bo
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lens.samples import augmented_jpegs
+    from lens.runtime.samples import augmented_jpegs
 
     dst.mkdir(parents=True, exist_ok=True)
     ids, blobs, n = [], [], 0
@@ -74,11 +72,10 @@ def make_shards(dst: Path, rows: int, rows_per_shard: int, seed: int, camera: bo
 def baseline(shards: Path, batch_size: int, backend: str = "onnx") -> dict:
     """The pipelined loop over the shards' images on ``backend`` on all cores: its best configuration."""
     import pyarrow.parquet as pq
-
     from baselines import best_pipelined, pipelined
 
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     pred = Predictor.from_config(ModelConfig(backend=backend, device="cpu", max_batch_size=64))
     pred.warmup(batch_size)
@@ -140,9 +137,8 @@ class TreeMemory:
 def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float | None,
               extra: dict | None = None, backend: str = "auto") -> None:
     import ray  # noqa: F401 - Ray's vendored psutil needs ray imported first
-
-    from batch.config import EmbedConfig
-    from batch.job import run_embed
+    from lens.batch.config import EmbedConfig
+    from lens.batch.job import run_embed
 
     knobs = ({"cpus_per_worker": cpus_per_worker} if cpus_per_worker else {}) | (extra or {})
     cfg = EmbedConfig(input=shards, output=out, batch_size=batch_size, workers=workers,
@@ -161,10 +157,9 @@ def child_scaling(shards: str, out: str, nodes: int, batch_size: int, knobs: dic
     node i's raylet, and every worker it starts, inherit the affinity the process had when the node was added.
     The driver stays on core 0 with the head node, as a driver does on a real head node."""
     import ray
+    from lens.batch.config import EmbedConfig
+    from lens.batch.job import run_embed
     from ray.cluster_utils import Cluster
-
-    from batch.config import EmbedConfig
-    from batch.job import run_embed
 
     os.sched_setaffinity(0, {0})
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
@@ -59,7 +58,7 @@ def _part(img, part: str | None):
 def crops(paths, n: int, seed: int, shift: str | None = None, level=None, part: str | None = None) -> list[bytes]:
     from PIL import Image, ImageEnhance, ImageFilter
 
-    from lens.samples import augment
+    from lens.runtime.samples import augment
 
     rng = np.random.default_rng(seed)
     photos = [_part(p if isinstance(p, Image.Image) else Image.open(p).convert("RGB"), part) for p in paths]
@@ -102,10 +101,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from lens.config import ModelConfig
-    from lens.drift import DriftMonitor, Profile, compare
-    from lens.predictor import Predictor
-    from lens.samples import photo_paths
+    from lens.quality.drift import DriftMonitor, Profile, compare
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
+    from lens.runtime.samples import photo_paths
 
     t_start = time.perf_counter()
     paths = sorted(photo_paths())

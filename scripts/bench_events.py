@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
+
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
@@ -54,7 +54,7 @@ def boto3_floor(bucket: str, key: str, sidecar_bucket: str, n: int = 300) -> dic
     PutObject, made as the consumer makes them (its client settings) in this fresh process: the floor of the
     consumer's CPU per event with boto3, measured against the same S3 server, and against a moto server that keeps
     connections open (as AWS does), in a process of its own."""
-    from serve.events.setup import clients
+    from lens.serve.events.setup import clients
 
     s3, _ = clients(concurrency=16)
     out = _floor(s3, bucket, key, sidecar_bucket, n)
@@ -112,19 +112,17 @@ def main() -> None:
     n, duration = (100, 4.0) if args.quick else (args.images, args.duration)
 
     from bench_serve import closed_loop, jpeg_bodies, percentile
-
-    from serve.events.cli import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
-    from serve.events.setup import clients, ensure_resources
-    from serve.events.results import count_writes, embedding_rows
+    from lens.cli.events import DEFAULT_EVENTS_CONFIG, events_args, start_local_aws
+    from lens.serve.events.results import count_writes, embedding_rows
+    from lens.serve.events.setup import clients, ensure_resources
 
     endpoint = start_local_aws(_port())
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     import copy
 
     import ray
+    from lens.serve.run import deploy
     from ray import serve
-
-    from serve.run import deploy
 
     port = _port()
     doc = copy.deepcopy(DEFAULT_EVENTS_CONFIG)

@@ -34,7 +34,6 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
@@ -71,7 +70,7 @@ def start(tmp: Path, port: int) -> subprocess.Popen:
     dep["health_check_period_s"] = 1
     cfg = tmp / "serve.yaml"
     cfg.write_text(yaml.safe_dump(doc))
-    proc = subprocess.Popen([sys.executable, "-m", "lens.app.cli", "serve", "--config", str(cfg), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "lens.cli.main", "serve", "--config", str(cfg), "--port", str(port),
                              "--metrics-port", "0", "--stats-port", str(free_port()),
                              "--exporter-port", str(free_port())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
@@ -70,14 +69,14 @@ def qps(svc, q: np.ndarray, batch: int, param=None, min_time: float = 2.0) -> fl
 
 
 def _params(svc, value):
-    from index.store import search_params
+    from lens.index.store import search_params
 
     m = svc.version.manifest
     return search_params(m["type"], value if value is not None else m["search"]["value"])
 
 
 def recall(svc, q: np.ndarray, truth: np.ndarray, param=None) -> float:
-    from index.build import recall_at_k
+    from lens.index.build import recall_at_k
 
     found = svc.version.index.search(q, 10, params=_params(svc, param))[1]
     return recall_at_k(found, truth)
@@ -99,8 +98,8 @@ def synthetic(tmp: Path, rows: int, budget_pq: str) -> dict:
 
 def compare_types(tmp: Path, name: str, q: np.ndarray, truth: np.ndarray, rows: int, budget_pq: str) -> dict:
     """Build every index type on ``tmp/name`` and measure each against exact search on ``q``."""
-    from index.build import BuildConfig, build_index
-    from index.search import SearchService
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
 
     out = {"types": {}}
     src = tmp / ("emb" if name == "syn" else name)
@@ -160,7 +159,7 @@ def qps_at_recall(res: dict, target: float = 0.95) -> float | None:
 def auto_vs_measured(t: dict, rows: int) -> dict:
     """What `--index auto` picks when both HNSW and IVF-Flat fit the memory budget, and which of the two measured
     faster (batch 1) at held-out recall@10 >= 0.95 in this run."""
-    from index.build import BuildConfig, choose_index
+    from lens.index.build import BuildConfig, choose_index
 
     pick = choose_index(rows, 1280, BuildConfig(embeddings=["x"], output="y", memory_budget="1000GB")).type
     measured = {k: qps_at_recall(t[k]) for k in ("hnsw", "ivf-flat")}
@@ -175,7 +174,7 @@ def auto_vs_measured(t: dict, rows: int) -> dict:
 def _tiles(grid: int):
     from PIL import Image
 
-    from lens.samples import photo_paths
+    from lens.runtime.samples import photo_paths
 
     out = []
     for path in photo_paths():
@@ -193,9 +192,9 @@ def real_embeddings(tmp: Path, rows: int, grid: int) -> dict:
     import io
     from concurrent.futures import ThreadPoolExecutor
 
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
-    from lens.samples import augment
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
+    from lens.runtime.samples import augment
 
     t0 = time.perf_counter()
     tiles = _tiles(grid)
@@ -244,12 +243,12 @@ def near_duplicates(tmp: Path, grid: int) -> dict:
     the area), maybe mirrored, colour-jittered, resized and re-encoded copy of each tile."""
     import io
 
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
 
-    from index.build import BuildConfig, build_index
-    from index.search import SearchService
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
-    from lens.samples import augment, photo_paths
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
+    from lens.runtime.samples import augment, photo_paths
 
     pred = Predictor.from_config(ModelConfig())
     ids, tiles = map(list, zip(*_tiles(grid)))

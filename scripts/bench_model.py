@@ -22,10 +22,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +49,9 @@ def timed(fn, *, min_time: float, repeats: int) -> float:
 
 
 def bench_backends(cfg, batch_sizes, min_time, repeats):
-    from lens.backends import OnnxBackend, TorchBackend, heads_module
-    from lens.runtime import build_torch, load_model
-    from lens.weights import resolve_weights
+    from lens.runtime.backends import OnnxBackend, TorchBackend, heads_module
+    from lens.runtime.loading import build_torch, load_model
+    from lens.runtime.weights import resolve_weights
 
     onnx = load_model(cfg.model_copy(update={"backend": "onnx"}))  # exports once if the cache is cold
     weights = resolve_weights(cfg.name, cfg.weights, cfg.cache_dir)
@@ -78,9 +78,9 @@ def bench_backends(cfg, batch_sizes, min_time, repeats):
 def agreement_on_photos(onnx, *others) -> dict:
     """Top-1 agreement and embedding cosine of each backend with ONNX Runtime fp32 on the bundled photos and 96
     seeded augmented copies (the int8 gate's held-out half)."""
-    from lens import int8_gate
-    from lens.preprocess import Preprocessor
-    from lens.samples import sample_paths
+    from lens.runtime import int8_gate
+    from lens.runtime.preprocess import Preprocessor
+    from lens.runtime.samples import sample_paths
 
     prep = Preprocessor(onnx.preprocess)
     x = np.concatenate([np.stack([prep(p.read_bytes()) for p in sample_paths()]),
@@ -104,8 +104,8 @@ def bench_decode(predictor, photo: bytes, min_time, repeats):
     """
     from timm.data import create_transform
 
-    from lens.decode import DecodeLimits, decode_image
-    from lens.preprocess import Preprocessor
+    from lens.runtime.decode import DecodeLimits, decode_image
+    from lens.runtime.preprocess import Preprocessor
 
     cfg = predictor.model.preprocess
     draft = Preprocessor(cfg, DecodeLimits(draft=True))
@@ -147,7 +147,7 @@ def bench_decode(predictor, photo: bytes, min_time, repeats):
 
 def decode_inputs() -> dict[str, bytes]:
     """Real ~1 MP JPEGs from the installed sample photos."""
-    from lens.samples import sample_dir, sample_path
+    from lens.runtime.samples import sample_dir, sample_path
 
     hubble = sample_path("hubble_deep_field.jpg").read_bytes()  # as shipped: 872x1000, 4:4:4, ~4.8 bits/px
     retina = Image.open(sample_dir() / "retina.jpg").convert("RGB")  # a real 1411x1411 photograph
@@ -158,8 +158,8 @@ def decode_inputs() -> dict[str, bytes]:
 
 COLD_START = """
 import time; t0 = time.perf_counter()
-from lens.config import ModelConfig
-from lens.predictor import Predictor
+from lens.runtime.config import ModelConfig
+from lens.runtime.predictor import Predictor
 p = Predictor.from_config(ModelConfig(backend=%r))
 t1 = time.perf_counter(); p.warmup(); t2 = time.perf_counter()
 print(t1 - t0, t2 - t1, t2 - t0)
@@ -186,8 +186,8 @@ def bench_cold_start(backend: str, runs: int) -> dict:
 
 EXPORT = """
 import sys, time; t0 = time.perf_counter()
-from lens.config import ModelConfig
-from lens.runtime import load_model
+from lens.runtime.config import ModelConfig
+from lens.runtime.loading import load_model
 load_model(ModelConfig(backend="onnx", cache_dir=sys.argv[1]))
 print(time.perf_counter() - t0)
 """
@@ -213,12 +213,12 @@ def main() -> None:
     args = ap.parse_args()
     min_time, repeats = (0.5, 3) if args.quick else (2.0, 5)
 
-    from lens.config import ModelConfig
-    from lens.openvino import cpu_flags
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.openvino import cpu_flags
+    from lens.runtime.predictor import Predictor
     cfg = ModelConfig()
     predictor = Predictor.from_config(cfg.model_copy(update={"backend": "onnx"}))
-    from lens.runtime import load_model
+    from lens.runtime.loading import load_model
 
     auto = load_model(cfg)  # what `auto` picks here (measured once per machine and cached)
     auto_backend = auto.backend.name

@@ -5,13 +5,11 @@ Prints JSON and writes benchmarks/ort_int8.json."""
 
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
@@ -21,12 +19,12 @@ def main() -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from lens import int8_gate
-    from lens.backends import OnnxBackend
-    from lens.config import ModelConfig
-    from lens.openvino import cpu_flags
-    from lens.preprocess import Preprocessor
-    from lens.runtime import load_model
+    from lens.runtime import int8_gate
+    from lens.runtime.backends import OnnxBackend
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.loading import load_model
+    from lens.runtime.openvino import cpu_flags
+    from lens.runtime.preprocess import Preprocessor
 
     m = load_model(ModelConfig(backend="onnx"))
     prep = Preprocessor(m.preprocess)

@@ -26,18 +26,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
-
 from bench_serve import closed_loop, jpeg_bodies, start_serve  # noqa: E402
+from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
 
 def deploy(port: int, pool: dict) -> str:
     import yaml
-
-    from serve.run import deploy as deploy_doc
+    from lens.serve.run import deploy as deploy_doc
 
     doc = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())
     doc["http_options"].update(host="127.0.0.1", port=port)
@@ -83,9 +80,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     bodies = jpeg_bodies()
 
-    from lens.config import ModelConfig
-    from lens.modelpack import package_model
-    from lens.registry import Registry
+    from lens.registry.modelpack import package_model
+    from lens.registry.store import Registry
+    from lens.runtime.config import ModelConfig
 
     work = Path(tempfile.mkdtemp(prefix="lens-bench-rollout-"))
     reg = Registry(str(work / "models"))

@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402 - after the path: the benchmarks' machine record
 
@@ -38,7 +36,7 @@ def jpeg_bodies() -> list[bytes]:
     """The bundled real photographs, each as a quality-90 JPEG (300x451 up to 1000x872)."""
     from PIL import Image
 
-    from lens.samples import sample_paths
+    from lens.runtime.samples import sample_paths
 
     out = []
     for p in sample_paths():
@@ -59,8 +57,8 @@ def percentile(xs: list[float], q: float) -> float:
 def bench_ceiling(bodies: list[bytes], duration: float, backend: str = "onnx") -> dict:
     from baselines import best_pipelined, for_seconds
 
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     predictor = Predictor.from_config(ModelConfig(backend=backend, device="cpu", max_batch_size=64))
     predictor.warmup()
@@ -169,9 +167,8 @@ def start_serve():
     loopback port; returns the port and the front door's config."""
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     import ray
+    from lens.serve.frontdoor import prepare
     from ray import serve
-
-    from serve.frontdoor import prepare
 
     frontdoor, runtime_env = prepare(None)
     with socket.socket() as s:
@@ -196,8 +193,8 @@ def deploy_naive(port: int):
     @serve.ingress(api)
     class Naive:
         def __init__(self):
-            from lens.config import ModelConfig
-            from lens.predictor import Predictor
+            from lens.runtime.config import ModelConfig
+            from lens.runtime.predictor import Predictor
 
             self.p = Predictor.from_config(ModelConfig(backend="onnx", device="cpu", num_threads=os.cpu_count()))
 
@@ -215,8 +212,7 @@ def deploy_lens(port: int, model: dict | None = None) -> str:
     """The shipped CPU profile (infra/serve-cpu.yaml), with one fixed replica: this machine holds one;
     ``model`` changes the pool's model settings (the int8 run)."""
     import yaml
-
-    from serve.run import deploy
+    from lens.serve.run import deploy
 
     doc = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())
     doc["http_options"].update(host="127.0.0.1", port=port)
@@ -305,8 +301,8 @@ def main() -> None:
         probe = asyncio.run(closed_loop(url, bodies, 1, 2))
         healthy_after = set(probe["statuses"]) == {"200"}
         # the same service with OpenVINO int8 (built and gated here first, so the replica starts warm)
-        from lens.config import ModelConfig
-        from lens.runtime import load_model
+        from lens.runtime.config import ModelConfig
+        from lens.runtime.loading import load_model
 
         int8 = {"backend": "openvino", "precision": "int8"}
         gate = load_model(ModelConfig(**int8)).quantization

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
@@ -33,9 +32,8 @@ def main() -> None:
     rows = 50_000 if args.quick else args.rows
 
     from bench_index import MODEL, clustered, qps, write_parts
-
-    from index.build import BuildConfig, build_index
-    from index.search import SearchService
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
 
     out = {"machine": describe(), "rows": rows, "dim": 1280,
            "queries": "200 held out, same distribution, never indexed", "builds": {}}
@@ -82,8 +80,8 @@ def main() -> None:
 
 
 def recall_ranked(svc, q: np.ndarray, truth: np.ndarray, rank: np.ndarray) -> float:
-    from index.build import recall_at_k
-    from index.store import search_params
+    from lens.index.build import recall_at_k
+    from lens.index.store import search_params
 
     m = svc.version.manifest
     rows = svc.version.index.search(q, 10, params=search_params(m["type"], m["search"]["value"]))[1]

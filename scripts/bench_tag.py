@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = {"int8": ["--precision", "int8"], "fp32_auto": ["--backend", "auto"],
            "fp32_openvino": ["--backend", "openvino"]}
@@ -37,7 +36,7 @@ CONFIGS = {"int8": ["--precision", "int8"], "fp32_auto": ["--backend", "auto"],
 def run(args: list[str], env: dict) -> tuple[float, float, str]:
     """(seconds to the first JSON line, seconds to exit, stderr) of one `lens tag` process."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "lens.app.cli", "tag", *args], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "lens.cli.main", "tag", *args], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
     first = p.stdout.readline()
     t_first = time.perf_counter() - t0
@@ -58,7 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "tag.json"))
     args = ap.parse_args()
 
-    from lens.samples import augmented_jpegs
+    from lens.runtime.samples import augmented_jpegs
 
     work = Path(tempfile.mkdtemp(prefix="lens-bench-tag-"))
     env = os.environ | {"LENS_CACHE_DIR": os.environ.get("LENS_CACHE_DIR", str(work / "cache")),

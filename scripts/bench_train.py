@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def knn_top1(train_x, train_y, val_x, val_y, k: int = 5) -> float:
@@ -51,8 +50,9 @@ def knn_top1(train_x, train_y, val_x, val_y, k: int = 5) -> float:
 
 def embeddings_of(files: list[Path], model_cfg) -> np.ndarray:
     """The cached embeddings `lens train` computed for ``files`` (by content hash)."""
-    from lens.runtime import load_model
-    from train.features import EmbeddingCache
+    from lens.train.features import EmbeddingCache
+
+    from lens.runtime.loading import load_model
 
     cache = EmbeddingCache(model_cfg.cache_dir, load_model(model_cfg).identity()).load()
     return np.stack([cache[hashlib.sha256(f.read_bytes()).hexdigest()] for f in files])
@@ -68,7 +68,7 @@ class _Files:
         return len(self.files)
 
     def __getitem__(self, i):
-        from lens.decode import decode_image
+        from lens.runtime.decode import decode_image
 
         return self.tf(decode_image(self.files[i].read_bytes()).convert("RGB")), self.labels[i]
 
@@ -86,13 +86,13 @@ def plain_loop(data: Path, classes: list[str], model_name: str, batch_size: int,
     fastest is the baseline)."""
     import timm
     import torch
+    from lens.train.finetune import _set_trainable, _train_mode
     from timm.data import create_transform, resolve_data_config
     from torch.utils.data import DataLoader, RandomSampler
 
-    from lens.runtime import build_torch
-    from lens.config import ModelConfig
-    from lens.weights import resolve_weights
-    from train.finetune import _set_trainable, _train_mode
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.loading import build_torch
+    from lens.runtime.weights import resolve_weights
 
     torch.set_num_threads(threads)
     cfg = ModelConfig(name=model_name)
@@ -153,10 +153,11 @@ SETS = {
 
 
 def one_set(name: str, scenes: dict, work: Path, args, log) -> dict:
-    from lens.config import ModelConfig
-    from lens.samples import scene_dataset
-    from train.config import TrainConfig
-    from train.job import run_train
+    from lens.train.config import TrainConfig
+    from lens.train.job import run_train
+
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.samples import scene_dataset
 
     data = work / name
     scene_dataset(data, train_per_class=args.train_per_class, val_per_class=args.held_out_per_class, seed=0,
@@ -201,8 +202,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
-
-    from train.head import train_head
+    from lens.train.head import train_head
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     work = Path(tempfile.mkdtemp(prefix="lens-bench-train-"))
@@ -212,7 +212,7 @@ def main() -> None:
     sets = {name: one_set(name, SETS[name], work, args, log) for name in args.sets.split(",")}
 
     # head training time on 10k embeddings: the real training embeddings, resampled with a little noise
-    from lens.config import ModelConfig
+    from lens.runtime.config import ModelConfig
 
     first = next(iter(sets))
     tr_files = sorted((work / first / "train").glob("*/*.jpg"))

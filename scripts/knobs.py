@@ -19,17 +19,24 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from batch.config import EmbedConfig  # noqa: E402
-from index.build import BuildConfig  # noqa: E402
-from lens.config import DecodeConfig, ModelConfig  # noqa: E402
-from serve.config import (ApiConfig, BatchingConfig, DriftConfig, FeedbackConfig, PoolConfig,  # noqa: E402
-                          RolloutConfig, SearchConfig)
-from serve.versions import VersionsConfig  # noqa: E402
-from serve.events.config import EventsConfig  # noqa: E402
-from serve.frontdoor import FrontDoorConfig  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from lens.batch.config import EmbedConfig  # noqa: E402
+from lens.index.build import BuildConfig  # noqa: E402
+from lens.serve.config import (  # noqa: E402
+    ApiConfig,
+    BatchingConfig,
+    DriftConfig,
+    FeedbackConfig,
+    PoolConfig,
+    RolloutConfig,
+    SearchConfig,
+)
+from lens.serve.events.config import EventsConfig  # noqa: E402
+from lens.serve.frontdoor import FrontDoorConfig  # noqa: E402
+from lens.serve.versions import VersionsConfig  # noqa: E402
+from lens.train.config import TrainConfig  # noqa: E402
+
+from lens.runtime.config import DecodeConfig, ModelConfig  # noqa: E402
 
 OUT = ROOT / "infra" / "lens.yaml"
 COMMENT_COLUMN = 40

@@ -7,17 +7,15 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 __all__ = ["describe"]
 
 
 def describe(**extra) -> dict:
-    from lens.openvino import cpu_flags
+    from lens.runtime.openvino import cpu_flags
 
     def git(*args: str) -> str:
         try:

@@ -34,7 +34,7 @@ ALL_THUMBS_LOADED = ("n => document.querySelectorAll('.hit .thumb img').length =
 def query_image(path: Path) -> None:
     from PIL import Image
 
-    from lens.samples import sample_path
+    from lens.runtime.samples import sample_path
 
     cat = Image.open(sample_path("chelsea.png")).convert("RGB")
     crop = cat.crop((40, 20, cat.width - 30, cat.height - 10)).transpose(Image.FLIP_LEFT_RIGHT)
@@ -44,10 +44,10 @@ def query_image(path: Path) -> None:
 
 
 def start_demo(workdir: Path) -> tuple[subprocess.Popen, str]:
-    from serve.frontdoor import port_or_free
+    from lens.serve.frontdoor import port_or_free
 
     port = port_or_free(18000)
-    proc = subprocess.Popen([sys.executable, "-m", "lens.app.cli", "demo", "--keep", "--no-dashboard",
+    proc = subprocess.Popen([sys.executable, "-m", "lens.cli.main", "demo", "--keep", "--no-dashboard",
                              "--workdir", str(workdir), "--port", str(port)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:

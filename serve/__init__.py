@@ -1,1 +1,1 @@
-"""Online and event-driven tagging on Ray Serve (built on :mod:`lens.predictor`)."""
+"""Online and event-driven tagging on Ray Serve (built on :mod:`lens.runtime.predictor`)."""

@@ -1,10 +1,10 @@
-"""The application builder named by the Serve config YAMLs: ``import_path: serve.app:build_app``."""
+"""The application builder named by the Serve config YAMLs: ``import_path: lens.serve.app:build_app``."""
 
 from __future__ import annotations
 
 from ray.serve import Application
 
-from lens.config import validate
+from lens.runtime.config import validate
 
 from .config import AppArgs, PoolConfig
 from .deployments import LensIngress, Tagger, TaggerIngress
@@ -22,7 +22,7 @@ def _options(pool: PoolConfig) -> dict:
 
 
 def build_app(args: dict | None = None) -> Application:
-    """Validate ``args`` (see :class:`serve.config.AppArgs`) and bind the deployments.
+    """Validate ``args`` (see :class:`lens.serve.config.AppArgs`) and bind the deployments.
 
     One pool: a single ``TaggerIngress`` deployment serves HTTP and runs the model.
     Several pools: a ``LensIngress`` router in front of one ``Tagger`` deployment per pool.

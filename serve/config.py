@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from lens.config import DecodeConfig, ModelConfig, StrictModel
+from lens.runtime.config import DecodeConfig, ModelConfig, StrictModel
 
 from .versions import VersionsConfig
 
@@ -94,7 +94,7 @@ class PoolConfig(StrictModel):
     @classmethod
     def _head_names(cls, v: dict[str, str]) -> dict[str, str]:
         from lens.errors import LensError
-        from lens.registry import parse_model_ref
+        from lens.registry.store import parse_model_ref
 
         for name in v:
             try:
@@ -202,7 +202,7 @@ class SearchConfig(StrictModel):
 
 
 class AppArgs(StrictModel):
-    """Everything ``serve.app:build_app`` takes. Pools are tried in order; a full pool overflows to the next."""
+    """Everything ``lens.serve.app:build_app`` takes. Pools are tried in order; a full pool overflows to the next."""
 
     pools: tuple[PoolConfig, ...] = (PoolConfig(),)
     separate_ingress: bool | None = Field(

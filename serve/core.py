@@ -1,4 +1,4 @@
-"""The model pool's replica logic, wrapping the predictor core (see :mod:`serve.deployments`).
+"""The model pool's replica logic, wrapping the predictor core (see :mod:`lens.serve.deployments`).
 
 Each request's image is decoded and preprocessed on a thread pool as soon as it
 arrives, so decoding overlaps the model; prepared arrays are gathered by
@@ -20,21 +20,29 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from lens.config import validate
-from lens.decode import sniff_format
-from lens.drift import DriftMonitor, Profile
 from lens.errors import ConfigError, ModelError, OverloadedError, RequestFailed
-from lens.heads import Head, load_head
-from lens.identity import ModelIdentity
+from lens.identity import ModelIdentity, identity_of
 from lens.package import PackageError
-from lens.predictor import ItemError, Predictor, top_k_tags
-from lens.registry import Registry, VersionRef, parse_model_ref
+from lens.quality.drift import DriftMonitor, Profile
+from lens.registry.store import Registry, VersionRef, parse_model_ref
+from lens.runtime.config import validate
+from lens.runtime.decode import sniff_format
+from lens.runtime.heads import Head, load_head
+from lens.runtime.predictor import ItemError, Predictor, top_k_tags
 
-from .logs import to_replica_log
 from .config import BatchingConfig, PoolConfig
+from .logs import to_replica_log
 from .metrics import DriftMetrics, InputMetrics, TaggerMetrics, VersionMetrics
-from .versions import Routing, Slot, VersionStats, VersionWatcher, agreement, check_versions_model, \
-    config_for_version, route
+from .versions import (
+    Routing,
+    Slot,
+    VersionStats,
+    VersionWatcher,
+    agreement,
+    check_versions_model,
+    config_for_version,
+    route,
+)
 
 __all__ = ["TaggerCore"]
 
@@ -61,9 +69,9 @@ def _replica_id() -> str:
 class TaggerCore:
     """Loads and warms the model in the constructor, so a replica is healthy only once it is warm.
 
-    With ``versions:`` the model comes from the registry: a :class:`~serve.versions.VersionWatcher` keeps the
+    With ``versions:`` the model comes from the registry: a :class:`~lens.serve.versions.VersionWatcher` keeps the
     stable (and a rollout's canary) version loaded and swaps them without a restart; each request meets the
-    version :func:`~serve.versions.route` picks for its bytes."""
+    version :func:`~lens.serve.versions.route` picks for its bytes."""
 
     def __init__(self, pool: dict, controller=None) -> None:
         to_replica_log()
@@ -143,7 +151,7 @@ class TaggerCore:
         kind = vref.manifest["kind"]
         predictor = self._new_predictor(config_for_version(self._model_cfg, vref, kind))
         if kind != "head":  # a head's backbone is checked by the predictor (Head.check_backbone)
-            claimed = ModelIdentity.from_dict(vref.manifest["identity"])
+            claimed = ModelIdentity.from_dict(identity_of(vref.manifest) or {})
             diff = claimed.mismatch(predictor.identity())
             if diff:
                 raise PackageError(f"{vref.label} ({vref.uri}): the loaded model differs from its manifest's identity "
@@ -271,7 +279,7 @@ class TaggerCore:
 
     # -- live knobs --------------------------------------------------------------------------
     def reconfigure(self, user_config: dict) -> None:
-        # both bounds of max_batch_size are checked before deploying (BatchingConfig, serve.run.check_serve_config)
+        # both bounds of max_batch_size are checked before deploying (BatchingConfig, lens.serve.run.check_serve_config)
         batching = validate(BatchingConfig, user_config or {}, where="user_config")
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)

@@ -16,7 +16,7 @@ import math
 import time
 
 from lens.errors import OverloadedError
-from lens.feedback import write_feedback_part
+from lens.quality.feedback import write_feedback_part
 from lens.storage import Location
 
 from .body import HttpError

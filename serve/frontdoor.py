@@ -32,7 +32,8 @@ import os
 
 from pydantic import Field, PositiveInt
 
-from lens.config import StrictModel
+from lens.errors import error_body
+from lens.runtime.config import StrictModel
 
 __all__ = ["FrontDoorConfig", "runtime_env", "prepare", "from_args", "port_or_free", "apply", "ENV"]
 
@@ -40,7 +41,7 @@ logger = logging.getLogger("lens.serve")
 
 #: The environment variable carrying the JSON of a :class:`FrontDoorConfig` to the HAProxy manager's process.
 ENV = "LENS_FRONTDOOR"
-HOOK = "serve.frontdoor.apply"
+HOOK = "lens.serve.frontdoor.apply"
 
 
 class FrontDoorConfig(StrictModel):
@@ -86,7 +87,7 @@ def port_or_free(preferred: int, host: str = "127.0.0.1") -> int:
 
 def from_args(args) -> FrontDoorConfig | None:
     """The limits from command-line flags named like the fields; ``None`` when no flag was given."""
-    from lens.config import validate
+    from lens.runtime.config import validate
 
     given = {k: getattr(args, k) for k in FrontDoorConfig.model_fields if getattr(args, k, None) is not None}
     return validate(FrontDoorConfig, given, where="command line") if given else None
@@ -108,10 +109,10 @@ def prepare(cfg: FrontDoorConfig | None) -> tuple[FrontDoorConfig, dict]:
 #: The header HAProxy sets on every request: when it received it, in ms since the epoch
 RECEIVED_HEADER = "X-Lens-Received"
 #: The body of HAProxy's answer to a header value that is not ASCII (Lens's error shape)
-BAD_HEADER = '{"error": "bad_header", "message": "header values must be ASCII", "status": 400}'
+BAD_HEADER = json.dumps(error_body("bad_header", "header values must be ASCII", 400))
 #: HAProxy's answer when no replica could take a request (its 502, 503 and 504), in Lens's shape: clients retry it
-_UNAVAILABLE_BODY = ('{"error": "unavailable", "message": "no replica could answer this request now (one is restarting, '
-                     'draining or gone); retry", "status": 503}\n')
+_UNAVAILABLE_BODY = json.dumps(error_body("unavailable", "no replica could answer this request now (one is restarting, "
+                                          "draining or gone); retry", 503)) + "\n"
 UNAVAILABLE = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                f"Cache-Control: no-cache\r\nContent-Length: {len(_UNAVAILABLE_BODY.encode())}\r\n"
                "Connection: close\r\n\r\n" + _UNAVAILABLE_BODY)
@@ -133,7 +134,7 @@ def _edits(cfg: FrontDoorConfig, error_file: str) -> list[tuple[str, str]]:
         ("    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n",
          "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n" + cap +
          # when the front door took the request (ms; replaces whatever a client sent): a drain serves what arrived
-         # before it began and answers the rest 503 (serve.drain)
+         # before it began and answers the rest 503 (lens.serve.drain)
          f"    http-request set-header {RECEIVED_HEADER} %[date(0,ms)]\n" +
          f"    http-request return status 400 content-type application/json string '{BAD_HEADER}' "
          "if { req.hdrs -m reg '[\\x80-\\xff]' }\n"),

@@ -31,9 +31,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from lens.config import validate
-from lens.errors import LensError, lens_error_of
-from lens.predictor import check_top_k
+from lens.errors import LensError, error_body, lens_error_of
+from lens.runtime.config import validate
+from lens.runtime.predictor import check_top_k
 
 from .auth import ApiKeys
 from .body import HttpError, read_images, read_json
@@ -81,16 +81,16 @@ def _item_error(exc: BaseException, route: str) -> dict:
     e = _shown(exc)
     if e is None:
         logger.error("%s: item failed", route, exc_info=exc)
-        return {"error": "internal_error", "message": "internal error; see the server log", "status": 500}
+        return error_body("internal_error", "internal error; see the server log", 500)
     return e.to_dict()
 
 
 def error(status: int, code: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, "status": status}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, status), status_code=status, headers=headers)
 
 
 def _gate_watcher(in_flight):
-    """This ingress replica's watch on its application's drain gate (:mod:`serve.drain`); None outside Serve."""
+    """This ingress replica's watch on its application's drain gate (:mod:`lens.serve.drain`); None outside Serve."""
     try:
         ctx = serve.get_replica_context()
     except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests): no drain
@@ -531,7 +531,7 @@ def new_fastapi() -> FastAPI:
 
 class _SecurityHeaders:
     """Every answer: ``nosniff`` and no framing; API answers a CSP that allows nothing, the search page its own
-    hashed CSP (:func:`serve.ui.ui_csp`). The docs pages (FastAPI's, which load their script from a CDN) get no CSP.
+    hashed CSP (:func:`lens.serve.ui.ui_csp`). The docs pages (FastAPI's, which load their script from a CDN) get no CSP.
     A plain ASGI middleware: it adds headers and never buffers or reads a body."""
 
     def __init__(self, app) -> None:

@@ -13,7 +13,7 @@ import logging
 
 __all__ = ["to_replica_log", "LOGGERS"]
 
-#: the loggers of Lens code that runs inside Serve replicas (``lens.serve``, ``lens.events``, ``index.search`` ...)
+#: the loggers of Lens code that runs inside Serve replicas (``lens.serve``, ``lens.events``, ``lens.index.search`` ...)
 LOGGERS = ("lens", "index")
 
 

@@ -1,6 +1,6 @@
 """Automatic canary rollouts: the judge (a pure function) and the controller deployment that applies it.
 
-Every replica of a versioned pool reports its cumulative per-version counters (:class:`serve.versions.
+Every replica of a versioned pool reports its cumulative per-version counters (:class:`lens.serve.versions.
 VersionStats`) and refused loads to one :class:`RolloutController` replica. Every ``eval_interval_s`` the
 controller sums the replicas' increments into two windows for each model with a running rollout: the last
 interval and the current step so far, and asks :func:`judge`:
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from ray import serve
 
-from lens.config import validate
-from lens.registry import Registry
+from lens.registry.store import Registry
+from lens.runtime.config import validate
 
-from .logs import to_replica_log
 from .config import RolloutConfig
+from .logs import to_replica_log
 from .metrics import RolloutMetrics
 from .versions import LATENCY_BOUNDS_MS
 

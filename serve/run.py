@@ -17,9 +17,9 @@ import time
 from typing import NamedTuple
 
 from lens.cluster import METRICS_HOSTS, init_ray, requested_address
-from lens.config import read_yaml_mapping, validate
 from lens.errors import ConfigError, LensError
-from lens.runtime import served_line
+from lens.runtime.config import read_yaml_mapping, validate
+from lens.runtime.loading import served_line
 
 from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig
 
@@ -27,7 +27,7 @@ __all__ = ["load_serve_config", "check_serve_config", "check_resources", "resour
 
 logger = logging.getLogger("lens.serve")
 
-BUILDER = "serve.app:build_app"
+BUILDER = "lens.serve.app:build_app"
 
 DEFAULT_CONFIG = {
     "proxy_location": "HeadOnly",
@@ -169,7 +169,7 @@ def deploy(doc: dict, where: str = "Serve config", timeout_s: float = 600, *, ch
 
 def served_pools(app_names: list[str], timeout_s: float = 60) -> list[dict]:
     """What each model pool of these applications serves once they run: ``{app, pool, model, served}`` (the
-    backend, precision and int8 verdict its replica chose; see :meth:`lens.runtime.LoadedModel.served`)."""
+    backend, precision and int8 verdict its replica chose; see :meth:`lens.runtime.loading.LoadedModel.served`)."""
     from ray import serve
 
     out = []
@@ -235,7 +235,7 @@ def drain(app_names: list[str], grace_s: float, http_apps: tuple[str, ...] = ())
 
     ``http_apps`` (Lens applications that answer HTTP) are gated, not deleted: their ingress replicas answer new
     requests with a JSON 503 (``Retry-After``), which clients retry elsewhere, until each has nothing in flight
-    (:mod:`serve.drain`); deleting them first would remove their routes at once, and every request arriving
+    (:mod:`lens.serve.drain`); deleting them first would remove their routes at once, and every request arriving
     meanwhile would get the proxy's text/plain 404. The other applications (the event consumer) are deleted, which
     stops each replica gracefully after its work in hand. Returns whether everything finished in time.
     """
@@ -281,7 +281,7 @@ def run(config: str | dict | None = None, *, host: str | None = None, port: int 
     """Deploy the config (a path, a loaded document, or None for the default) and, if ``block``,
     serve until SIGINT/SIGTERM, then drain (at most ``grace_s``) and shut down cleanly.
 
-    ``frontdoor`` (a :class:`serve.frontdoor.FrontDoorConfig`; default limits if None) hardens the HAProxy
+    ``frontdoor`` (a :class:`lens.serve.frontdoor.FrontDoorConfig`; default limits if None) hardens the HAProxy
     front door: slow-client timeouts, connection caps, admin ports bound to one address.
 
     ``metrics_host``: where Lens's own local Ray exports its Prometheus metrics (``metrics_port``): loopback

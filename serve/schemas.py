@@ -1,6 +1,6 @@
 """The HTTP API's documented shapes: request bodies, answers and the error body, for ``/openapi.json``.
 
-Handlers build their JSON directly (the answers are produced once, in :mod:`serve.http_api`); these models only
+Handlers build their JSON directly (the answers are produced once, in :mod:`lens.serve.http_api`); these models only
 describe them, so Swagger's "Try it out" can upload an image and a generated client knows every field. Each
 route documents its error statuses with :class:`ErrorBody`; ``tests/test_openapi.py`` checks that every POST
 route has a request body and every route its errors.

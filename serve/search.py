@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
 from ray import serve
 
-from lens.errors import InvalidRequestError, LensError, NotFoundError
+from lens.errors import InvalidRequestError, LensError
 
 from .logs import to_replica_log
 
-__all__ = ["IndexSearcher", "IndexShard", "ShardedService", "DeltaFeed", "shard_count"]
+__all__ = ["IndexSearcher", "IndexShard", "ShardDeployments", "DeltaFeed", "shard_count"]
 
 logger = logging.getLogger("lens.serve")
 
@@ -36,7 +35,7 @@ class DeltaFeed:
         self.seen: set[str] = set()
 
     def poll(self) -> list:
-        from index.source import EmbeddingSource
+        from lens.index.source import EmbeddingSource
 
         chunks = []
         for loc in self.locs:
@@ -65,14 +64,15 @@ class DeltaFeed:
 class IndexSearcher:
     def __init__(self, search: dict, shards: list | None = None) -> None:
         to_replica_log()
-        from index.search import SearchService
-        from lens.config import validate
+        from lens.index.search import SearchService
+
+        from lens.runtime.config import validate
 
         from .config import SearchConfig
 
         self.cfg = validate(SearchConfig, search, where="search config")
-        self.service = (ShardedService(self.cfg.index, shards, max_k=self.cfg.max_k) if shards else
-                        SearchService(self.cfg.index, mmap=self.cfg.mmap, max_k=self.cfg.max_k))
+        main = ShardDeployments(self.cfg.index, shards) if shards else None
+        self.service = SearchService(self.cfg.index, mmap=self.cfg.mmap, max_k=self.cfg.max_k, main=main)
         self.feed = DeltaFeed(list(self.cfg.delta_sources))
         self.refresh_error: str | None = None  # why the last new version was refused, until one is taken
         self._refresh_once()
@@ -143,7 +143,7 @@ class IndexSearcher:
 
 def shard_count(root: str) -> int:
     """The number of shards of the index version ``root``'s CURRENT names (a config error if it is not sharded)."""
-    from index.store import SHARDED_FORMAT, resolve_version
+    from lens.index.store import SHARDED_FORMAT, resolve_version
 
     from lens.errors import ConfigError
 
@@ -169,7 +169,7 @@ class IndexShard:
 
     def __init__(self, search: dict, shard: int) -> None:
         to_replica_log()
-        from lens.config import validate
+        from lens.runtime.config import validate
 
         from .config import SearchConfig
 
@@ -180,7 +180,7 @@ class IndexShard:
         self._task = asyncio.get_event_loop().create_task(self._refresher())
 
     def _load_current(self) -> None:
-        from index.store import current_version, load_version
+        from lens.index.store import current_version, load_version
 
         name = current_version(self.cfg.index)
         if name is None or name in self.loaded:
@@ -229,7 +229,7 @@ class IndexShard:
 
     async def search(self, version: str, q: np.ndarray, k: int, value: int | None) -> tuple:
         """This shard's top-``k`` of each query: (scores, ids, metadata JSON), -1 rows dropped."""
-        from index.store import search_params
+        from lens.index.store import search_params
 
         v = self._version(version)
         kk = min(k, len(v.ids))
@@ -243,7 +243,7 @@ class IndexShard:
 
     async def lookup(self, version: str, item_id: str):
         """(vector, metadata dict) of an id this shard holds, or None."""
-        from index.search import stored_vector
+        from lens.index.search import stored_vector
 
         v = self._version(version)
         row = v.row_of.get(item_id)
@@ -256,22 +256,19 @@ class IndexShard:
         return [i in v.row_of for i in ids]
 
 
-class ShardedService:
-    """What :class:`index.search.SearchService` does, over :class:`IndexShard` deployments: each query is sent to
-    every shard (scatter), the per-shard top-k merged with the delta (gather). A new version is taken only when
-    every shard holds it, then by one assignment: every answer comes wholly from one version."""
+class ShardDeployments:
+    """The main index of a :class:`lens.index.search.SearchService` held by :class:`IndexShard` deployments: each
+    query is sent to every shard (scatter), the per-shard top-k gathered. A new version is taken only when every
+    shard holds it, then by one assignment: every answer comes wholly from one version."""
 
-    def __init__(self, root: str, shards: list, *, max_k: int = 1000) -> None:
-        from index.search import DeltaIndex
-        from index.store import current_version
+    def __init__(self, root: str, shards: list) -> None:
+        from lens.index.store import current_version
 
-        self.root, self.shards, self.max_k = root, shards, max_k
-        self._swap_lock = threading.Lock()
-        self._take(current_version(root))  # what every shard loads at start (handles are not called here)
-        self.delta = DeltaIndex(self.version.manifest["dim"])
+        self.root, self.shards = root, shards
+        self._set(current_version(root))  # what every shard loads at start (handles are not called here)
 
-    def _take(self, name: str) -> None:
-        from index.store import SHARDED_FORMAT
+    def _set(self, name: str) -> None:
+        from lens.index.store import SHARDED_FORMAT
 
         manifest = json.loads((Path(self.root) / name / "manifest.json").read_text())
         if manifest.get("format") != SHARDED_FORMAT or len(manifest["shards"]) != len(self.shards):
@@ -279,60 +276,22 @@ class ShardedService:
                             "app for it", code="index_shape_changed")
         self.version = _VersionInfo(name, manifest)
 
-    @property
-    def identity(self):
-        from lens.identity import ModelIdentity
+    def take(self, name: str) -> bool:
+        held = [h.refresh.remote() for h in self.shards]
+        if not all(name in r.result() for r in held):
+            return False  # a shard has not loaded it yet
+        self._set(name)
+        logger.info("searching sharded index %s (%d shards)", name, len(self.shards))
+        return True
 
-        return ModelIdentity.from_dict(self.version.manifest)
+    def holds(self, v, ids: list[str]) -> set[str]:
+        held = [h.holds.remote(v.name, ids) for h in self.shards]
+        return {i for r in held for i, yes in zip(ids, r.result()) if yes}
 
-    def refresh(self) -> bool:
-        from index.store import current_version
+    def top_k(self, v, q: np.ndarray, k: int, value) -> list[dict]:
+        from lens.index.search import Hit
 
-        name = current_version(self.root)
-        if name is None or name == self.version.name:
-            return False
-        with self._swap_lock:
-            held = [h.refresh.remote() for h in self.shards]
-            if not all(name in r.result() for r in held):
-                return False  # a shard has not loaded it yet: the next refresh tries again
-            self._take(name)
-            ids = list(self.delta.snapshot().ids)
-            if ids:
-                held = [h.holds.remote(name, ids) for h in self.shards]
-                inside = {i for r in held for i, yes in zip(ids, r.result()) if yes}
-                self.delta.prune(lambda i: i not in inside)
-            logger.info("searching sharded index %s (%d shards)", name, len(self.shards))
-            return True
-
-    def info(self) -> dict:
-        m = self.version.manifest
-        return {"index_version": self.version.name, "type": m["type"], "factory": m["factory"], "count": m["count"],
-                "dim": m["dim"], "search": m["search"], "recall": {k: m["recall"][k] for k in ("k", "value")},
-                "model_identity": self.identity.to_dict(), "delta": len(self.delta), "shards": len(self.shards)}
-
-    def check_model(self, info: dict) -> None:
-        from index.search import SearchService
-
-        SearchService.check_model(self, info)
-
-    def _k(self, k: int) -> int:
-        if not 1 <= int(k) <= self.max_k:
-            raise InvalidRequestError(f"k must be between 1 and {self.max_k}, got {k}")
-        return int(k)
-
-    def search(self, vectors: np.ndarray, k: int = 10, *, param: int | None = None,
-               exclude: list | None = None) -> tuple[str, list]:
-        from index.search import Hit, with_delta
-        from lens.predictor import l2_normalize
-
-        k = self._k(k)
-        v = self.version
-        q = l2_normalize(np.asarray(vectors, np.float32).reshape(-1, v.manifest["dim"]))
-        value = param if param is not None else v.manifest["search"]["value"]
-        extra = 1 if exclude else 0
-        answers = [r.result() for r in [h.search.remote(v.name, q, k + extra, value) for h in self.shards]]
-        d_ids, d_meta, d_vecs, _ = self.delta.snapshot()
-        d_scores = q @ d_vecs.T if len(d_ids) else None
+        answers = [r.result() for r in [h.search.remote(v.name, q, k, value) for h in self.shards]]
         out = []
         for qi in range(len(q)):
             best: dict = {}
@@ -340,33 +299,24 @@ class ShardedService:
                 for s, i, m in zip(scores[qi], ids[qi], meta[qi]):
                     if i is not None:
                         best[i] = Hit(i, float(s), json.loads(m))
-            out.append(with_delta(best, None if d_scores is None else d_scores[qi], d_ids, d_meta, k, extra,
-                                  exclude[qi] if exclude else None))
-        return v.name, out
+            out.append(best)
+        return out
 
-    def _lookup(self, id_: str):
-        from index.shards import shard_of
+    def lookup(self, v, id_: str, *, vector: bool = True):
+        from lens.index.shards import shard_of
 
-        delta = self.delta.snapshot()
-        if id_ in delta.row_of:
-            r = delta.row_of[id_]
-            return delta.vectors[r], json.loads(delta.metadata[r])
-        found = self.shards[int(shard_of([id_], len(self.shards))[0])].lookup.remote(self.version.name, id_).result()
-        if found is None:
-            raise NotFoundError(f"no id {id_!r} in index {self.version.name}")
-        return found
+        return self.shards[int(shard_of([id_], len(self.shards))[0])].lookup.remote(v.name, id_).result()
 
-    def search_id(self, id_: str, k: int = 10, *, param: int | None = None) -> tuple[str, list]:
-        vector, _ = self._lookup(id_)
-        name, hits = self.search(np.asarray(vector)[None], k, param=param, exclude=[id_])
-        return name, hits[0]
-
-    def location_of(self, id_: str) -> str:
-        from index.search import location_from
-
-        return location_from(id_, self._lookup(id_)[1], self.version.name)
+    def info(self) -> dict:
+        return {"shards": len(self.shards)}
 
 
 class _VersionInfo:
     def __init__(self, name: str, manifest: dict) -> None:
         self.name, self.manifest = name, manifest
+
+    @property
+    def identity(self):
+        from lens.identity import ModelIdentity
+
+        return ModelIdentity.from_dict(self.manifest)

@@ -1,11 +1,11 @@
 """Thumbnails for the search page: an indexed item's image, read from where it lives, shrunk, sent as JPEG.
 
-The location comes from the index (:meth:`index.search.SearchService.location_of`): an ``s3://`` object or a
+The location comes from the index (:meth:`lens.index.search.SearchService.location_of`): an ``s3://`` object or a
 local path. An ``s3://`` image is read (bounded by ``max_image_bytes``) and shrunk here, or, with
 ``thumbnails: presign``, answered with a redirect to a short-lived presigned URL of the original. A local path is
 read only when it lies inside one of ``local_roots`` (after resolving symlinks and ``..``): an index's metadata
 must not turn the service into a file server for the rest of the disk. Decoding goes through
-:func:`lens.decode.decode_image` (the same bomb and format guards as tagging); at most ``max_concurrent``
+:func:`lens.runtime.decode.decode_image` (the same bomb and format guards as tagging); at most ``max_concurrent``
 thumbnails are made at once per replica, in threads, so the event loop keeps serving.
 """
 
@@ -15,8 +15,8 @@ import asyncio
 import io
 import os
 
-from lens.decode import DecodeLimits, decode_image
 from lens.errors import ImageTooLargeError, NotFoundError
+from lens.runtime.decode import DecodeLimits, decode_image
 
 from .body import HttpError
 from .config import UiConfig

@@ -1,6 +1,6 @@
 """Model versions inside a pool replica: which versions are loaded, and which one a request meets.
 
-A pool with ``versions:`` names a model in the registry (:mod:`lens.registry`) instead of fixed weights. Each
+A pool with ``versions:`` names a model in the registry (:mod:`lens.registry.store`) instead of fixed weights. Each
 replica runs a :class:`VersionWatcher` thread that reads the registry's routing (stable and canary aliases, the
 canary weight and shadow share of a running rollout) every ``poll_s``, loads a version it does not hold yet
 **beside** the ones serving (checksums and identity verified, then warmed up) and swaps the :class:`Routing`
@@ -27,11 +27,11 @@ from typing import Callable
 import numpy as np
 from pydantic import Field, PositiveFloat
 
-from lens.config import ModelConfig, StrictModel
 from lens.errors import ConfigError, LensError
 from lens.identity import ModelIdentity
-from lens.predictor import Predictor
-from lens.registry import CANARY, STABLE, Registry, VersionRef
+from lens.registry.store import CANARY, STABLE, Registry, VersionRef
+from lens.runtime.config import ModelConfig, StrictModel
+from lens.runtime.predictor import Predictor
 
 __all__ = ["VersionsConfig", "Slot", "Routing", "VersionWatcher", "route", "agreement", "VersionStats",
            "LATENCY_BOUNDS_MS", "config_for_version"]

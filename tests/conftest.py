@@ -186,23 +186,23 @@ def local_ray():
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
-    from lens.samples import SAMPLES, sample_path
+    from lens.runtime.samples import SAMPLES, sample_path
 
     return {name: sample_path(name).read_bytes() for name in SAMPLES}
 
 
 @pytest.fixture(scope="session")
 def lite0_onnx(lens_cache):
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     return Predictor.from_config(ModelConfig(backend="onnx", cache_dir=lens_cache))
 
 
 @pytest.fixture(scope="session")
 def lite0_torch(lens_cache):
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     return Predictor.from_config(ModelConfig(backend="torch", device="cpu", cache_dir=lens_cache))
 
@@ -210,8 +210,8 @@ def lite0_torch(lens_cache):
 @pytest.fixture(scope="session")
 def tiny(lens_cache):
     """timm's ``test_efficientnet`` with seeded random weights on ONNX Runtime: real inference, fast."""
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     return Predictor.from_config(ModelConfig(name="test_efficientnet", weights="random", backend="onnx",
                                              cache_dir=lens_cache, max_batch_size=4))

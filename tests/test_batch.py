@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import encode, free_port, own_instance, random_rgb, ray_jobs
 
 TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
@@ -37,8 +36,8 @@ def read_output(out: Path | str, kind: str = "embeddings", filesystem=None) -> p
 
 
 def embed(tmp_path, input_, output, **kw):
-    from batch.config import EmbedConfig
-    from batch.job import run_embed
+    from lens.batch.config import EmbedConfig
+    from lens.batch.job import run_embed
 
     cfg = EmbedConfig(input=str(input_), output=str(output), **kw)
     return run_embed(cfg, log=lambda *a: None)
@@ -93,8 +92,8 @@ def test_job_embeddings_equal_online_and_account_for_every_row(local_ray, tmp_pa
     assert sorted(read_output(tmp_path / "out-tasks", "errors").column("id").to_pylist()) == sorted(bad)
 
     # the carried column reaches the index metadata, so search results return it
-    from index.build import BuildConfig, build_index
-    from index.search import SearchService
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
 
     build_index(BuildConfig(embeddings=[str(tmp_path / "out")], output=str(tmp_path / "idx"), queries=10),
                 log=lambda *a: None)
@@ -112,7 +111,7 @@ def test_job_embeddings_equal_online_and_account_for_every_row(local_ray, tmp_pa
 
 
 def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
-    from batch.shards import make_shards
+    from lens.batch.shards import make_shards
 
     folder = tmp_path / "imgs"
     (folder / "d").mkdir(parents=True)
@@ -136,8 +135,8 @@ def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
         t = read_output(tmp_path / out)
         assert [u for u in t.column("uri").to_pylist()] == [str(folder / i) for i in t.column("id").to_pylist()]
         assert json.loads((tmp_path / out / "manifest.json").read_text())["carry_columns"] == ["uri"]
-    from index.build import BuildConfig, build_index
-    from index.search import SearchService
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
 
     build_index(BuildConfig(embeddings=[str(tmp_path / "out2")], output=str(tmp_path / "idx"), queries=10),
                 log=lambda *a: None)
@@ -150,8 +149,9 @@ def test_image_folder_input_and_make_shards(local_ray, tmp_path, rng):
 
 
 def test_lens_shards_is_a_resumable_ray_job_with_bounded_shards(local_ray, tmp_path, rng):
-    from batch.pack import plan_shards
-    from batch.shards import make_shards
+    from lens.batch.pack import plan_shards
+    from lens.batch.shards import make_shards
+
     from lens.storage import Location
 
     # the plan: a shard closes at rows_per_shard files or before the file that would pass max_shard_bytes
@@ -187,7 +187,7 @@ def test_lens_shards_is_a_resumable_ray_job_with_bounded_shards(local_ray, tmp_p
 
 
 def test_the_job_writes_a_drift_reference_profile_of_its_output(local_ray, tmp_path, rng):
-    from lens.drift import Profile
+    from lens.quality.drift import Profile
 
     blobs = [encode(random_rgb(rng), "JPEG") for _ in range(80)]
     write_shard(tmp_path / "in" / "a.parquet", [f"i{i}" for i in range(80)], blobs)
@@ -200,7 +200,7 @@ def test_the_job_writes_a_drift_reference_profile_of_its_output(local_ray, tmp_p
 
 
 def test_read_units_cut_shards_by_row_group_and_every_row_comes_out_once(local_ray, tmp_path, rng):
-    from batch.shards import InputShard, read_units
+    from lens.batch.shards import InputShard, read_units
 
     units = read_units([InputShard("a", "a.parquet", 23, row_groups=(5, 5, 0, 5, 5, 3)),
                         InputShard("f", "x/0.jpg", 5, files=tuple(f"x/{i}.jpg" for i in range(5)))], 8)
@@ -226,10 +226,11 @@ def test_read_units_cut_shards_by_row_group_and_every_row_comes_out_once(local_r
 
 
 def test_decoder_records_unreadable_files_and_names_an_unreadable_parquet_file(tmp_path, rng):
-    from batch.shards import ReadUnit
-    from batch.stages import PIXELS, Decoder
-    from lens.config import DecodeConfig
-    from lens.preprocess import PreprocessConfig
+    from lens.batch.shards import ReadUnit
+    from lens.batch.stages import PIXELS, Decoder
+
+    from lens.runtime.config import DecodeConfig
+    from lens.runtime.preprocess import PreprocessConfig
 
     (tmp_path / "imgs").mkdir()
     for name in ("a.jpg", "c.jpg"):
@@ -252,10 +253,11 @@ def test_decoder_records_unreadable_files_and_names_an_unreadable_parquet_file(t
 
 
 def test_null_or_empty_ids_become_error_rows_never_ids(tmp_path, rng):
-    from batch.shards import ReadUnit
-    from batch.stages import Decoder
-    from lens.config import DecodeConfig
-    from lens.preprocess import PreprocessConfig
+    from lens.batch.shards import ReadUnit
+    from lens.batch.stages import Decoder
+
+    from lens.runtime.config import DecodeConfig
+    from lens.runtime.preprocess import PreprocessConfig
 
     jpeg = encode(random_rgb(rng), "JPEG")
     pq.write_table(pa.table({"id": ["a", None, "", "d"], "image": [jpeg] * 4}), tmp_path / "s.parquet")
@@ -276,7 +278,7 @@ def test_resume_after_sigkill_no_duplicates_nothing_missing(tmp_path, rng, forei
                     [encode(random_rgb(rng, 160, 120), "JPEG") for _ in shard_ids])
         ids += shard_ids
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lens.app.cli", "embed", "--input", str(tmp_path / "in"), "--output", str(out),
+    cmd = [sys.executable, "-m", "lens.cli.main", "embed", "--input", str(tmp_path / "in"), "--output", str(out),
            "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx", "--batch-size", "4",
            "--no-progress"]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
@@ -369,10 +371,11 @@ def test_two_node_cluster_places_actors_on_both_nodes(tmp_path, rng):
 
 
 def test_config_errors_are_clear(tmp_path):
-    from batch.config import EmbedConfig
-    from batch.job import plan_workers
-    from lens.config import validate
+    from lens.batch.config import EmbedConfig
+    from lens.batch.job import plan_workers
+
     from lens.errors import ConfigError
+    from lens.runtime.config import validate
 
     with pytest.raises(ConfigError, match="input and output must differ"):
         validate(EmbedConfig, {"input": "a", "output": "a/"})
@@ -409,8 +412,8 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_unit_rows_keep_every_slot_busy_to_the_end():
-    from batch.job import unit_rows
-    from batch.shards import InputShard, read_units
+    from lens.batch.job import unit_rows
+    from lens.batch.shards import InputShard, read_units
 
     assert unit_rows(3000, 4, 128) == 94  # small job: >= 8 units per slot
     assert unit_rows(3000, 8, 128) == 47
@@ -428,13 +431,13 @@ def test_verify_finds_rows_holding_another_images_embedding(local_ray, tmp_path,
     """`lens index verify` re-embeds a sample from the source images: a clean output and its index pass; two rows
     whose vectors were swapped (what a shared OpenVINO infer request did) are listed, exit 1, in the embeddings
     folder and in an index built from it."""
-    from index.build import BuildConfig, build_index
-    from index.verify import verify_embeddings, verify_index
-    from lens.app import cli
+    from lens.cli import main as cli
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.verify import verify_embeddings, verify_index
 
     ids = [f"img-{i:02d}" for i in range(24)]
     write_shard(tmp_path / "in" / "part-0.parquet", ids, [encode(random_rgb(rng, 96, 80), "JPEG") for _ in ids])
-    from lens.config import ModelConfig
+    from lens.runtime.config import ModelConfig
 
     s = embed(tmp_path, tmp_path / "in", tmp_path / "out", model=ModelConfig(**TINY))
     assert s.embedded == 24 and s.served["backend"] == "onnx" and s.served["backend_version"]

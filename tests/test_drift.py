@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from lens.drift import DriftMonitor, Profile, chi2_homogeneity, chi2_sf, compare, ks_2samp
+from lens.quality.drift import DriftMonitor, Profile, chi2_homogeneity, chi2_sf, compare, ks_2samp
 
 
 def test_statistics_match_reference_values():
@@ -96,7 +96,7 @@ def _parts(path, x, labels, identity):
 
 
 def test_drift_cli_profile_and_report_with_a_plot(tmp_path, capsys):
-    from lens.app.cli import main
+    from lens.cli.main import main
 
     ident = {"model": "m", "weights_sha256": "w", "preprocess": {}, "embed_dim": 64}
     ref, labels = _world(seed=0, n=1200)
@@ -135,9 +135,9 @@ SHA = "a" * 64
     ({"items": [1]}, 400, "item 0 must be an object"),
 ])
 def test_feedback_items_are_checked(body, status, phrase):
-    from serve.body import HttpError
-    from serve.config import FeedbackConfig
-    from serve.feedback import parse_feedback
+    from lens.serve.body import HttpError
+    from lens.serve.config import FeedbackConfig
+    from lens.serve.feedback import parse_feedback
 
     with pytest.raises(HttpError) as e:
         parse_feedback(body, FeedbackConfig(sink="x", max_items=2))
@@ -145,10 +145,11 @@ def test_feedback_items_are_checked(body, status, phrase):
 
 
 def test_feedback_is_group_committed_and_a_failed_write_is_never_acknowledged(tmp_path):
+    from lens.serve.config import FeedbackConfig
+    from lens.serve.feedback import FeedbackSink, parse_feedback
+
     from lens.errors import OverloadedError
-    from lens.feedback import read_feedback
-    from serve.config import FeedbackConfig
-    from serve.feedback import FeedbackSink, parse_feedback
+    from lens.quality.feedback import read_feedback
 
     class Counted:
         def __init__(self):
@@ -183,13 +184,13 @@ def test_feedback_is_group_committed_and_a_failed_write_is_never_acknowledged(tm
 
 
 def test_feedback_joins_the_training_split(tmp_path):
+    from lens.train.config import TrainConfig
+    from lens.train.dataset import DatasetError, discover
     from PIL import Image
 
-    from lens.config import ModelConfig
-    from lens.feedback import write_feedback_part
+    from lens.quality.feedback import write_feedback_part
+    from lens.runtime.config import ModelConfig
     from lens.storage import Location
-    from train.config import TrainConfig
-    from train.dataset import DatasetError, discover
 
     rng = np.random.default_rng(0)
     for cls in ("red", "blue"):
@@ -212,9 +213,8 @@ def test_feedback_joins_the_training_split(tmp_path):
                     "head": None, "predicted_at": None, "received_at": 2.0})
     write_feedback_part(Location.parse(str(tmp_path / "fb")), rows[:4])
     # the index the service searched: it holds the uploads (ids that are absolute paths are their own locations)
+    from lens.index.build import BuildConfig, build_index
     from test_index import clustered, write_part
-
-    from index.build import BuildConfig, build_index
 
     write_part(tmp_path / "emb" / "part-0.parquet", [str(extra), str(tmp_path / "uploads" / "gone.png")],
                clustered(2, 16, seed=0))

@@ -7,9 +7,16 @@ import pickle
 
 import pytest
 
-from lens.errors import (LensError, ModelError, ModelMismatchError, OverloadedError, RequestFailed,
-                         UnsupportedImageTypeError, lens_error_of)
-from lens.predictor import ItemError
+from lens.errors import (
+    LensError,
+    ModelError,
+    ModelMismatchError,
+    OverloadedError,
+    RequestFailed,
+    UnsupportedImageTypeError,
+    lens_error_of,
+)
+from lens.runtime.predictor import ItemError
 
 
 @pytest.mark.parametrize("err", [OverloadedError("full"), ModelError("boom"), ModelMismatchError("other model"),
@@ -21,7 +28,7 @@ def test_errors_keep_code_and_status_through_pickling(err):
 
 
 def test_http_errors_are_lens_errors_and_item_errors_become_them():
-    from serve.body import BodyTooLarge, HttpError
+    from lens.serve.body import BodyTooLarge, HttpError
 
     assert issubclass(HttpError, LensError) and BodyTooLarge("big").to_dict()["status"] == 413
     assert HttpError("bad k", status=404, code="nope").to_dict() == {"error": "nope", "message": "bad k",

@@ -13,7 +13,6 @@ import uuid
 
 import numpy as np
 import pytest
-
 from conftest import encode
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -24,8 +23,8 @@ TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "de
 @pytest.fixture
 def env(moto_endpoint, lens_cache):
     """A fresh bucket, queue and DLQ (with redrive) and the bucket notification, per test."""
-    from serve.events.config import EventsConfig
-    from serve.events.setup import clients, ensure_resources
+    from lens.serve.events.config import EventsConfig
+    from lens.serve.events.setup import clients, ensure_resources
 
     tag = uuid.uuid4().hex[:8]
     cfg = EventsConfig(bucket=f"img-{tag}", queue=f"q-{tag}", dlq=f"dlq-{tag}", max_receive_count=3,
@@ -44,21 +43,21 @@ def images(n, seed=0):
 
 
 def processor(cfg, s3, tiny):
-    from serve.events.consumer import EventProcessor, LocalTagger
+    from lens.serve.events.consumer import EventProcessor, LocalTagger
 
     p = EventProcessor(cfg, s3, LocalTagger(tiny), tiny.info())
     return p
 
 
 def poller(cfg, s3, sqs, tiny):
-    from serve.events.consumer import Poller
+    from lens.serve.events.consumer import Poller
 
     return Poller(cfg, processor(cfg, s3, tiny), sqs)
 
 
 def drain(cfg, s3, sqs, tiny, rounds=20):
     """Poll until the queue is empty (visible and in flight)."""
-    from serve.events.consumer import queue_depth
+    from lens.serve.events.consumer import queue_depth
 
     p = poller(cfg, s3, sqs, tiny)
     for _ in range(rounds):
@@ -167,7 +166,7 @@ def test_poison_message_goes_to_the_dlq_and_the_queue_drains(env, tiny):
     dlq = sqs.get_queue_url(QueueName=cfg.dlq)["QueueUrl"]
     sqs.send_message(QueueUrl=url, MessageBody='{"Records": [{"eventName": "ObjectCreated:Put"}]}')
     s3.put_object(Bucket=cfg.bucket, Key="fine.jpg", Body=images(1)[0])
-    from serve.events.consumer import queue_depth
+    from lens.serve.events.consumer import queue_depth
 
     p = poller(cfg, s3, sqs, tiny)
     deadline = time.monotonic() + 60
@@ -201,9 +200,10 @@ def test_out_of_order_events_keep_the_newest_version(env, tiny):
 @pytest.mark.parametrize("point,polled_before", [("events.before_delete", (2, 20)), ("events.before_sidecars", (1, 10))])
 def test_consumer_killed_mid_batch_then_restarted_gives_exactly_one_result_per_key(env, tiny, lens_cache, tmp_path,
                                                                                    point, polled_before):
-    from index.build import BuildConfig, build_index
-    from serve.events.consumer import queue_depth
-    from serve.events.results import count_writes as sidecar_writes, embedding_rows
+    from lens.index.build import BuildConfig, build_index
+    from lens.serve.events.consumer import queue_depth
+    from lens.serve.events.results import count_writes as sidecar_writes
+    from lens.serve.events.results import embedding_rows
 
     cfg, s3, sqs = env
     results = f"res-{uuid.uuid4().hex[:8]}"  # versioned: every sidecar and part write is kept and counted
@@ -214,7 +214,7 @@ def test_consumer_killed_mid_batch_then_restarted_gives_exactly_one_result_per_k
     keys = [f"batch/{i:03d}.jpg" for i in range(40)]
     for k, body in zip(keys, images(40, seed=9)):
         s3.put_object(Bucket=cfg.bucket, Key=k, Body=body)
-    cmd = [sys.executable, "-m", "serve.events.app", cfg.model_dump_json(), json.dumps(TINY)]
+    cmd = [sys.executable, "-m", "lens.serve.events.app", cfg.model_dump_json(), json.dumps(TINY)]
     env_vars = os.environ | {"LENS_CACHE_DIR": str(lens_cache)}
     # The consumer dies in its second poll: after writing its parts and sidecars but before deleting its messages
     # (before_delete), or after writing its embedding parts but before any sidecar (before_sidecars).
@@ -261,7 +261,7 @@ def test_poller_count_follows_the_backlog(env, tiny):
 
 
 def test_s3_object_tags_respect_limits_and_keep_user_tags():
-    from serve.events.results import s3_tags
+    from lens.serve.events.results import s3_tags
 
     existing = [{"Key": f"user{i}", "Value": "x"} for i in range(7)] + [{"Key": "lens:tag1", "Value": "old"}]
     tags = [{"label": "tabby, tabby cat", "class_id": 281, "score": 0.5}] * 5
@@ -304,8 +304,8 @@ def test_events_naming_an_unconfigured_bucket_are_skipped_without_a_read(env, ti
 
 
 def test_two_source_buckets_get_separate_sidecars_and_long_keys_a_hashed_one(env, tiny):
-    from serve.events.config import EventsConfig
-    from serve.events.results import MAX_KEY_BYTES
+    from lens.serve.events.config import EventsConfig
+    from lens.serve.events.results import MAX_KEY_BYTES
 
     cfg, s3, sqs = env
     second = f"second-{uuid.uuid4().hex[:8]}"
@@ -334,7 +334,7 @@ def test_two_source_buckets_get_separate_sidecars_and_long_keys_a_hashed_one(env
 
 
 def test_a_message_with_too_many_records_is_poison(env, tiny):
-    from serve.events.s3events import PoisonMessage, parse_message
+    from lens.serve.events.s3events import PoisonMessage, parse_message
 
     cfg, s3, sqs = env
     body = json.dumps({"Records": [_record(cfg.bucket, f"{i}.jpg") for i in range(cfg.max_records_per_message + 1)]})
@@ -347,7 +347,7 @@ def test_a_message_with_too_many_records_is_poison(env, tiny):
 
 
 def test_a_newer_version_replaces_the_sidecar_by_compare_and_swap_and_an_older_one_never_does(env, tiny):
-    from serve.events.results import count_writes
+    from lens.serve.events.results import count_writes
 
     cfg, s3, sqs = env
     results = f"res-{uuid.uuid4().hex[:8]}"
@@ -379,7 +379,7 @@ def test_a_newer_version_replaces_the_sidecar_by_compare_and_swap_and_an_older_o
 
 
 def test_an_event_for_an_object_changed_since_writes_nothing(env, tiny):
-    from serve.events.results import count_writes
+    from lens.serve.events.results import count_writes
 
     cfg, s3, sqs = env
     results = f"res-{uuid.uuid4().hex[:8]}"
@@ -400,7 +400,7 @@ def test_an_event_for_an_object_changed_since_writes_nothing(env, tiny):
 
 
 def test_poll_loops_scale_up_with_the_backlog_and_back_down_when_it_drains(env, tiny):
-    from serve.events.consumer import EventProcessor, LocalTagger, Poller, queue_depth
+    from lens.serve.events.consumer import EventProcessor, LocalTagger, Poller, queue_depth
 
     cfg, s3, sqs = env
     cfg = cfg.model_copy(update={"min_pollers": 1, "max_pollers": 3, "messages_per_poller": 5, "messages_per_poll": 2,

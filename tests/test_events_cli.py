@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, interrupt, own_instance, ray_jobs, scrape_metrics, wait_healthy
 from test_events import _record, images
-
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def lens(*args, env):
-    return subprocess.run([sys.executable, "-m", "lens.app.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "lens.cli.main", *args], capture_output=True, text=True, timeout=120,
                           env=env)
 
 
@@ -39,7 +37,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
     # no load balancer in front here: skip Serve's 30 s ingress drain on stop
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
         "LENS_CACHE_DIR": str(lens_cache), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "lens.app.cli", "events", "--config", str(cfg), "run", "--moto-port",
+    proc = subprocess.Popen([sys.executable, "-m", "lens.cli.main", "events", "--config", str(cfg), "run", "--moto-port",
                              str(moto_port), "--port", str(http_port), "--metrics-port", str(metrics_port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     endpoint = f"http://127.0.0.1:{moto_port}"
@@ -83,8 +81,8 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
 
         # at-least-once and out-of-order delivery, through the deployed consumer: uploads/0.jpg's event twice more;
         # uploads/1.jpg overwritten, then its old event delivered late
-        from serve.events.consumer import queue_depth
-        from serve.events.results import count_writes
+        from lens.serve.events.consumer import queue_depth
+        from lens.serve.events.results import count_writes
 
         dup = json.dumps({"Records": [_record("lens-images", "uploads/0.jpg", etags["uploads/0.jpg"])]})
         sqs.send_message(QueueUrl=url, MessageBody=dup)

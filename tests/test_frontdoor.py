@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-
 from conftest import free_port, wait_for, wait_healthy
-
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -28,9 +26,8 @@ CAP = 170  # connections per client address: above the 150 slow clients + 1, bel
 
 
 def test_template_edits_apply_to_rays_template_and_refuse_an_unknown_one():
+    from lens.serve.frontdoor import FrontDoorConfig, edit_template
     from ray.serve._private import haproxy
-
-    from serve.frontdoor import FrontDoorConfig, edit_template
 
     out = edit_template(haproxy.HAPROXY_CONFIG_TEMPLATE, FrontDoorConfig(header_timeout_s=7, max_conn_per_client=9))
     assert "timeout http-request 7s" in out and "option http-buffer-request" in out
@@ -57,7 +54,7 @@ def server(tmp_path_factory, lens_cache):
     cfg.write_text(yaml.safe_dump(doc))
     port, stats, exporter = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lens.app.cli", "serve", "--config", str(cfg), "--port", str(port), "--metrics-port", "0",
+        [sys.executable, "-m", "lens.cli.main", "serve", "--config", str(cfg), "--port", str(port), "--metrics-port", "0",
          "--header-timeout-s", "2", "--max-conn-per-client", str(CAP), "--stats-port", str(stats),
          "--exporter-port", str(exporter), "--grace-period-s", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -256,9 +253,11 @@ def test_sigterm_under_load_drains_the_requests_in_flight(server):
                     return type(e).__name__, None
 
             tasks = [asyncio.create_task(one()) for _ in range(48)]
-            deadline = time.monotonic() + 60
-            while await asyncio.to_thread(_forwarded, server["stats"]) < before + 48:  # all 48 reached Serve
-                assert time.monotonic() < deadline, "the 48 requests did not all reach the backend"
+            deadline = time.monotonic() + 300  # bounds the wait only: a loaded machine may take long to forward
+            while (forwarded := await asyncio.to_thread(_forwarded, server["stats"])) < before + 48:  # all reached
+                failed = [t.result()[0] for t in tasks if t.done() and t.result()[0] != 200]
+                assert not failed, f"requests failed before all 48 reached the backend: {failed}"
+                assert time.monotonic() < deadline, f"only {forwarded - before} of 48 requests reached the backend"
                 await asyncio.sleep(0.05)
             os.kill(proc.pid, signal.SIGTERM)  # what Kubernetes and systemd send
             answered_before = sum(task.done() for task in tasks)  # the rest are in flight through the drain

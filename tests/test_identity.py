@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lens.identity import LEGACY_PARQUET_KEY, PARQUET_KEY, ModelIdentity
+from lens.identity import IDENTITY_KEY, LEGACY_PARQUET_KEY, PARQUET_KEY, ModelIdentity, identity_of
 
 PRE = {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
        "crop_pct": 0.875, "crop_mode": "center"}
@@ -52,9 +52,9 @@ def _part(path, key: bytes, meta: dict) -> None:
 
 
 def test_an_index_builds_from_old_and_new_parts_together_and_records_one_identity(tmp_path):
-    from index.build import BuildConfig, build_index
-    from index.source import EmbeddingSource
-    from index.store import load_version
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.source import EmbeddingSource
+    from lens.index.store import load_version
 
     _part(tmp_path / "old" / "part-0.parquet", LEGACY_PARQUET_KEY, OLD_PART_METADATA)
     _part(tmp_path / "new" / "part-0.parquet", PARQUET_KEY, NOW.to_dict())
@@ -70,7 +70,8 @@ def test_an_index_builds_from_old_and_new_parts_together_and_records_one_identit
 
 
 def test_resuming_a_job_whose_file_an_earlier_version_wrote(tmp_path):
-    from batch.ledger import Ledger
+    from lens.batch.ledger import Ledger
+
     from lens.errors import ConfigError
     from lens.storage import Location
 
@@ -80,3 +81,25 @@ def test_resuming_a_job_whose_file_an_earlier_version_wrote(tmp_path):
     Ledger(out).claim(now)  # the same job: no refusal
     with pytest.raises(ConfigError, match="different job"):
         Ledger(out).claim(now | {"model_identity": NOW.to_dict() | {"weights_sha256": "00" * 32}})
+
+
+def test_one_identity_key_written_and_the_earlier_identity_key_still_read(tmp_path):
+    """Packages and drift profiles wrote ``identity`` before; every artefact now writes ``model_identity``."""
+    import io
+
+    from lens.quality.drift import Profile
+
+    assert IDENTITY_KEY == "model_identity"
+    assert identity_of({"model_identity": NOW.to_dict()}) == identity_of({"identity": NOW.to_dict()}) == NOW.to_dict()
+    assert identity_of({"model": "m"}) is None
+    rng = np.random.default_rng(0)
+    prof = Profile.fit(rng.normal(size=(200, 16)).astype(np.float32), ["a", "b"] * 100, components=4, seed=0,
+                       identity=NOW.to_dict())
+    z = dict(np.load(io.BytesIO(prof.to_bytes())))
+    header = json.loads(bytes(z["header"]).decode())
+    assert header["model_identity"] == NOW.to_dict() and "identity" not in header
+    header["identity"] = header.pop("model_identity")  # as an earlier version wrote it
+    z["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **z)
+    assert Profile.from_bytes(buf.getvalue()).identity == NOW.to_dict()

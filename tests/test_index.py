@@ -36,7 +36,7 @@ def write_part(path: Path, ids, vectors: np.ndarray, model: dict = MODEL, top1=N
 
 
 def build(tmp_path, sources, out="idx", **kw):
-    from index.build import BuildConfig, build_index
+    from lens.index.build import BuildConfig, build_index
 
     return build_index(BuildConfig(embeddings=[str(s) for s in sources], output=str(tmp_path / out), **kw),
                        log=lambda *a: None)
@@ -60,8 +60,8 @@ def data(tmp_path_factory):
 def test_approximate_matches_exact_within_stated_recall(tmp_path, data, kind, target):
     """What the README states: the tuned index reaches --target-recall, and the recall it records holds on
     queries it never saw (up to the sampling noise of 200 queries)."""
-    from index.build import recall_at_k
-    from index.search import SearchService
+    from lens.index.build import recall_at_k
+    from lens.index.search import SearchService
 
     src, ids, x, held = data
     m = build(tmp_path, [src], index=kind, target_recall=target, queries=200)
@@ -88,7 +88,7 @@ def test_an_unreachable_recall_target_is_recorded_as_not_reached(tmp_path, data)
 
 
 def test_auto_choice_follows_size_and_budget():
-    from index.build import BuildConfig, choose_index
+    from lens.index.build import BuildConfig, choose_index
 
     cfg = lambda **kw: BuildConfig(embeddings=["x"], output="y", **kw)  # noqa: E731
     assert choose_index(5000, 1280, cfg()).type == "flat"
@@ -100,7 +100,7 @@ def test_auto_choice_follows_size_and_budget():
 
 
 def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
-    from index.store import load_version
+    from lens.index.store import load_version
 
     src, ids, x, _ = data
     m = build(tmp_path, [src], index="hnsw", queries=50)
@@ -111,7 +111,7 @@ def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
     assert v.identity.embed_dim == 32 and v.identity.model == MODEL["model"]
     assert set(v.manifest["files"]) == {"index.faiss", "ids.parquet", "drift-profile.npz"}
     np.testing.assert_allclose(v.index.reconstruct(5), x[5], rtol=1e-6)
-    from lens.drift import Profile
+    from lens.quality.drift import Profile
 
     prof = Profile.load(str(tmp_path / "idx" / v.name))  # the drift reference of what the index holds
     assert prof.identity["weights_sha256"] == MODEL["weights_sha256"] and prof.meta["rows"] == 5000  # a sample
@@ -119,7 +119,7 @@ def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
 
 
 def test_corrupt_or_half_written_index_gives_a_clear_error(tmp_path, data):
-    from index.store import load_version
+    from lens.index.store import load_version
 
     src, _, _, _ = data
     m = build(tmp_path, [src], index="ivf-flat", queries=50)
@@ -150,7 +150,7 @@ def test_corrupt_or_half_written_index_gives_a_clear_error(tmp_path, data):
 
 
 def test_hot_swap_under_concurrent_queries(tmp_path):
-    from index.search import SearchService
+    from lens.index.search import SearchService
 
     xa, xb = clustered(2000, 32, seed=2), clustered(2000, 32, seed=3)
     write_part(tmp_path / "a" / "p.parquet", [f"a-{i}" for i in range(2000)], xa)
@@ -174,7 +174,7 @@ def test_hot_swap_under_concurrent_queries(tmp_path):
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    from index.store import set_current
+    from lens.index.store import set_current
 
     for i in range(6):  # swap back and forth under load
         set_current(tmp_path / "idx", (vb if i % 2 == 0 else va)["version"])
@@ -190,8 +190,8 @@ def test_hot_swap_under_concurrent_queries(tmp_path):
 
 
 def test_delta_results_appear_before_the_merge_and_are_not_duplicated_after(tmp_path, data):
-    from index.search import SearchService
-    from index.source import EmbeddingSource
+    from lens.index.search import SearchService
+    from lens.index.source import EmbeddingSource
 
     src, ids, x, _ = data
     build(tmp_path, [src], index="hnsw", queries=50)
@@ -219,7 +219,7 @@ def test_delta_results_appear_before_the_merge_and_are_not_duplicated_after(tmp_
 
 
 def test_mismatched_model_is_refused(tmp_path, data):
-    from index.search import SearchService
+    from lens.index.search import SearchService
 
     src, _, _, _ = data
     build(tmp_path, [src], index="flat", queries=50)
@@ -238,8 +238,9 @@ def test_mismatched_model_is_refused(tmp_path, data):
 
 
 def test_cli_build_and_search_by_image_and_id(tmp_path, photos, lite0_onnx, capsys):
-    from lens.app.cli import main
-    from lens.samples import sample_path
+    from lens.cli.main import main
+
+    from lens.runtime.samples import sample_path
 
     names = sorted(photos)
     emb = np.stack([r.embedding for r in lite0_onnx.predict([photos[n] for n in names])])
@@ -263,7 +264,7 @@ def test_cli_build_and_search_by_image_and_id(tmp_path, photos, lite0_onnx, caps
 
 
 def test_null_and_empty_ids_are_never_indexed(tmp_path):
-    from index.search import SearchService
+    from lens.index.search import SearchService
 
     x = clustered(40, 8, seed=3)
     ids = [None, "", "  "] + [f"ok-{i}" for i in range(37)]
@@ -279,7 +280,7 @@ def test_null_and_empty_ids_are_never_indexed(tmp_path):
 
 
 def test_a_duplicate_id_keeps_its_last_vector(tmp_path):
-    from index.search import SearchService
+    from lens.index.search import SearchService
 
     x = clustered(200, 16, seed=4)
     ids = [f"id-{i}" for i in range(200)]
@@ -301,7 +302,7 @@ def _mapped(path) -> bool:
 
 
 def test_ivf_indexes_are_memory_mapped_by_default_and_others_loaded(tmp_path, data):
-    from index.store import INDEX_FILE, load_version
+    from lens.index.store import INDEX_FILE, load_version
 
     src, ids, x, _ = data
     ivf = build(tmp_path, [src], out="ivf", index="ivf-flat", queries=50)
@@ -318,9 +319,8 @@ def test_ivf_indexes_are_memory_mapped_by_default_and_others_loaded(tmp_path, da
 
 def test_opq_from_the_cli_rotates_before_ivf_pq(tmp_path, data, capsys):
     import faiss
-
-    from index.store import load_version
-    from lens.app.cli import main
+    from lens.cli.main import main
+    from lens.index.store import load_version
 
     src, ids, x, _ = data
     assert main(["index", "build", "--embeddings", str(src), "--output", str(tmp_path / "idx"), "--index", "ivf-pq",
@@ -335,7 +335,7 @@ def test_opq_from_the_cli_rotates_before_ivf_pq(tmp_path, data, capsys):
 
 
 def test_version_names_sort_in_build_order_within_one_second():
-    from index.store import new_version_name
+    from lens.index.store import new_version_name
 
     names = [new_version_name() for _ in range(200)]  # far more than one per second: the same second
     assert names == sorted(names) and len(set(names)) == 200
@@ -343,7 +343,7 @@ def test_version_names_sort_in_build_order_within_one_second():
 
 
 def test_index_versions_list_show_use_and_prune(tmp_path, data, capsys):
-    from lens.app.cli import main
+    from lens.cli.main import main
 
     src = data[0]
     first = build(tmp_path, [src], index="flat", queries=20)["version"]
@@ -370,10 +370,9 @@ def test_index_versions_list_show_use_and_prune(tmp_path, data, capsys):
 
 def test_sharded_index_answers_exactly_as_one_index_over_the_same_data(local_ray, tmp_path, data):
     import faiss
-
-    from index.search import SearchService
-    from index.shards import shard_of
-    from index.store import list_versions, load_version
+    from lens.index.search import SearchService
+    from lens.index.shards import shard_of
+    from lens.index.store import list_versions, load_version
 
     src, ids, x, held = data
     m = build(tmp_path, [src], index="ivf-flat", shards=3, queries=50)

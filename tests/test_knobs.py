@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import yaml
+from lens.batch.config import EmbedConfig
+from lens.index.build import BuildConfig
+from lens.serve.config import AppArgs
+from lens.serve.events.config import EventsConfig
+from lens.serve.frontdoor import FrontDoorConfig
 
-from batch.config import EmbedConfig
-from index.build import BuildConfig
-from lens.config import DecodeConfig, ModelConfig
-from serve.config import AppArgs
-from serve.events.config import EventsConfig
-from serve.frontdoor import FrontDoorConfig
+from lens.runtime.config import DecodeConfig, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_every_section_is_valid_and_gives_the_defaults():
     assert embed == EmbedConfig(input="in", output="out", model=embed.model)
     assert BuildConfig.model_validate(data["index"] | {"embeddings": ["e"], "output": "o"}) == \
         BuildConfig(embeddings=("e",), output="o")
-    from train.config import TrainConfig
+    from lens.train.config import TrainConfig
 
     train = TrainConfig.model_validate(data["train"] | {"data": "d", "output": "o"})
     assert train == TrainConfig(data="d", output="o", model=train.model)
@@ -56,9 +56,8 @@ def test_a_new_field_makes_the_reference_stale(monkeypatch):
     import knobs
 
     before = knobs.generate()
+    from lens.serve.events import config as events_config
     from pydantic import Field
-
-    from serve.events import config as events_config
 
     class Wider(events_config.EventsConfig):
         brand_new_knob: int = Field(7, description="a knob nobody documented")

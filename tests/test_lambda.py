@@ -6,22 +6,19 @@ import json
 import uuid
 
 import pytest
-
 from test_events import images, sidecar
-
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def lens_api(serve_cluster):
+    from lens.serve.run import deploy
     from ray import serve
-
-    from serve.run import deploy
 
     port = int(serve_cluster.rsplit(":", 1)[1])
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "lens", "route_prefix": "/", "import_path": "serve.app:build_app",
+           "applications": [{"name": "lens", "route_prefix": "/", "import_path": "lens.serve.app:build_app",
                              "args": {"pools": [{"model": {"name": "test_efficientnet", "weights": "random",
                                                            "backend": "onnx", "device": "cpu"}}]}}]}
     deploy(doc, where="lambda test")
@@ -42,8 +39,7 @@ def _s3_event(bucket: str, key: str, etag: str) -> dict:
 
 def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_endpoint, monkeypatch):
     import boto3
-
-    from serve.events.lambda_handler import handler
+    from lens.serve.events.lambda_handler import handler
 
     s3 = boto3.client("s3")
     bucket = f"lambda-{uuid.uuid4().hex[:8]}"
@@ -62,7 +58,7 @@ def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_
     monkeypatch.setenv("LENS_EVENTS_CONFIG", json.dumps({"bucket": bucket}))  # the function's source bucket
     out = handler({"Records": records}, None)
     assert out == {"batchItemFailures": [{"itemIdentifier": records[1]["messageId"]}]}
-    from serve.events.config import EventsConfig
+    from lens.serve.events.config import EventsConfig
 
     cfg = EventsConfig(bucket=bucket)
     rec = sidecar(s3, cfg, "in/a photo.jpg")
@@ -79,8 +75,7 @@ def test_partial_batch_response_names_exactly_the_failed_records(lens_api, moto_
 
 def test_direct_s3_event(lens_api, moto_endpoint, monkeypatch):
     import boto3
-
-    from serve.events.lambda_handler import handler
+    from lens.serve.events.lambda_handler import handler
 
     s3 = boto3.client("s3")
     bucket = f"lambda-{uuid.uuid4().hex[:8]}"
@@ -89,7 +84,7 @@ def test_direct_s3_event(lens_api, moto_endpoint, monkeypatch):
     monkeypatch.setenv("LENS_API_URL", lens_api)
     monkeypatch.setenv("LENS_EVENTS_CONFIG", json.dumps({"bucket": bucket}))  # the function's source bucket
     assert handler(_s3_event(bucket, "x.jpg", etag), None)["processed"] == {"tagged": 1}
-    from serve.events.config import EventsConfig
+    from lens.serve.events.config import EventsConfig
 
     rec = sidecar(s3, EventsConfig(bucket=bucket), "x.jpg")
     assert rec["status"] == "tagged" and rec["etag"] == etag and len(rec["tags"]) == 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from serve.http_api import new_fastapi
+from lens.serve.http_api import new_fastapi
 
 
 def _refs(node) -> set[str]:

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def held(lite0_onnx):
-    from lens import int8_gate
-    from lens.preprocess import Preprocessor
+    from lens.runtime import int8_gate
+    from lens.runtime.preprocess import Preprocessor
 
     return int8_gate.preprocess_all(int8_gate.held_out_images(32), Preprocessor(lite0_onnx.model.preprocess),
                                     what="held-out")
@@ -23,15 +23,15 @@ def held(lite0_onnx):
 
 @pytest.fixture(scope="module")
 def lite0_int8(lens_cache):
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     return Predictor.from_config(ModelConfig(backend="openvino", precision="int8", cache_dir=lens_cache))
 
 
 def test_openvino_fp32_matches_onnx_runtime_on_real_photos(lens_cache, lite0_onnx, photos, held):
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     ov = Predictor.from_config(ModelConfig(backend="openvino", cache_dir=lens_cache))
     assert ov.info()["backend"] == "openvino" and ov.identity().precision == "fp32"
@@ -59,9 +59,9 @@ def test_int8_passes_the_gate_and_serves_int8(lite0_int8, lite0_onnx, photos):
 def test_int8_agreement_holds_on_images_that_never_chose_the_recipe(lite0_int8, lite0_onnx):
     """The gate's 96 crops chose the int8 recipe; its verdict is re-measured on 96 new crops (a new seed, photos
     calibration never saw), against the same thresholds: the recipe is not fitted to the gate's sample."""
-    from lens import int8_gate
-    from lens.preprocess import Preprocessor
-    from lens.samples import augmented_jpegs
+    from lens.runtime import int8_gate
+    from lens.runtime.preprocess import Preprocessor
+    from lens.runtime.samples import augmented_jpegs
 
     fresh = [b for _, b, _ in augmented_jpegs(96, seed=20261203, paths=int8_gate._photos(1))]
     assert not set(fresh) & (set(int8_gate.held_out_images(96)) | set(int8_gate.calibration_images(None)))
@@ -73,8 +73,9 @@ def test_int8_agreement_holds_on_images_that_never_chose_the_recipe(lite0_int8, 
 
 
 def test_gate_report_is_stored_and_shown_by_lens_models(lite0_int8, lens_cache, capsys):
-    from lens.app import cli
-    from lens.openvino import gate_reports
+    from lens.cli import main as cli
+
+    from lens.runtime.openvino import gate_reports
 
     (report,) = [r for r in gate_reports(lens_cache) if r["calibration"].startswith("bundled")]
     assert report["passed"] and report["model"] == "tf_efficientnet_lite0"
@@ -84,12 +85,12 @@ def test_gate_report_is_stored_and_shown_by_lens_models(lite0_int8, lens_cache, 
 
 
 def test_a_broken_calibration_is_refused_and_fp32_serves_loudly(lite0_int8, lens_cache, tmp_path):
+    from conftest import encode
     from PIL import Image
 
-    from conftest import encode
-    from lens.config import ModelConfig
-    from lens.openvino import gate_reports
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.openvino import gate_reports
+    from lens.runtime.predictor import Predictor
 
     black = tmp_path / "black"
     black.mkdir()
@@ -98,12 +99,12 @@ def test_a_broken_calibration_is_refused_and_fp32_serves_loudly(lite0_int8, lens
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    logging.getLogger("lens.runtime").addHandler(handler)
+    logging.getLogger("lens.runtime.loading").addHandler(handler)
     try:
         p = Predictor.from_config(ModelConfig(backend="openvino", precision="int8", calibration=str(black),
                                               cache_dir=lens_cache))
     finally:
-        logging.getLogger("lens.runtime").removeHandler(handler)
+        logging.getLogger("lens.runtime.loading").removeHandler(handler)
     q = p.model.quantization
     assert q["served"] == "fp32" and not q["passed"] and q["failed"]
     assert p.model.backend.precision == "fp32" and p.identity().precision == "fp32"
@@ -118,8 +119,8 @@ def test_a_broken_calibration_is_refused_and_fp32_serves_loudly(lite0_int8, lens
 
 def test_bad_calibration_inputs_get_clear_errors(tmp_path):
     from lens.errors import ConfigError
-    from lens.int8_gate import calibration_images, preprocess_all
-    from lens.preprocess import PreprocessConfig, Preprocessor
+    from lens.runtime.int8_gate import calibration_images, preprocess_all
+    from lens.runtime.preprocess import PreprocessConfig, Preprocessor
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no images"):
@@ -136,12 +137,27 @@ def test_bad_calibration_inputs_get_clear_errors(tmp_path):
 
 
 def test_int8_needs_the_openvino_backend():
-    from lens.config import ModelConfig, validate
     from lens.errors import ConfigError
+    from lens.runtime.config import ModelConfig, validate
 
     with pytest.raises(ConfigError, match="precision int8 runs on the openvino backend"):
         validate(ModelConfig, {"backend": "onnx", "precision": "int8"})
     assert ModelConfig(precision="int8").backend == "auto"  # auto + int8 resolves to openvino
+
+
+def test_int8_without_nncf_installed_names_the_extra(tmp_path, monkeypatch):
+    """NNCF is the optional ``int8`` extra: asking for int8 without it is one clear error, before any work."""
+    import lens.runtime.openvino as ov
+    from lens.errors import ConfigError
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.loading import load_model
+
+    real = ov.package_version
+    monkeypatch.setattr(ov, "package_version", lambda name: (_ for _ in ()).throw(ImportError(name)) if name == "nncf"
+                        else real(name))
+    with pytest.raises(ConfigError, match=r"pip install 'lens-vision\[int8\]'"):
+        load_model(ModelConfig(name="test_efficientnet", weights="random", backend="openvino", precision="int8",
+                               cache_dir=tmp_path))
 
 
 def test_a_warm_int8_start_imports_neither_nncf_nor_torch(lite0_int8, lens_cache):
@@ -152,7 +168,7 @@ def test_a_warm_int8_start_imports_neither_nncf_nor_torch(lite0_int8, lens_cache
     import sys
 
     code = ("import json, sys\n"
-            "from lens.config import ModelConfig\nfrom lens.predictor import Predictor\n"
+            "from lens.runtime.config import ModelConfig\nfrom lens.runtime.predictor import Predictor\n"
             "p = Predictor.from_config(ModelConfig(backend='openvino', precision='int8'))\n"
             "print(json.dumps([p.identity().precision, sorted({m.split('.')[0] for m in sys.modules} & "
             "{'nncf', 'torch', 'timm'})]))\n")
@@ -165,10 +181,9 @@ def test_a_warm_int8_start_imports_neither_nncf_nor_torch(lite0_int8, lens_cache
 def test_an_image_search_embeds_in_the_index_model_space(lite0_int8, lite0_onnx, photos, tmp_path, capsys):
     """An index built with OpenVINO int8, searched by image from a command whose `auto` picks an fp32 backend:
     the query is embedded with the index's backend and precision, so a stored image finds itself exactly."""
+    from lens.cli import main as cli
+    from lens.index.build import BuildConfig, build_index
     from test_index import write_part
-
-    from index.build import BuildConfig, build_index
-    from lens.app import cli
 
     names = sorted(photos)
     vectors = np.stack([r.embedding for r in lite0_int8.predict([photos[n] for n in names])])

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import own_instance, ray_jobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -30,14 +29,14 @@ TINY = ["--model", "test_efficientnet", "--weights", "random", "--backend", "onn
 def lens(*args, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
                                                                            "PYTHONPATH": str(ROOT)} | (env or {})
-    return subprocess.run([sys.executable, "-m", "lens.app.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lens.cli.main", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=environ)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A working folder with photos in it: every command below gets relative paths."""
-    from lens.samples import scene_dataset
+    from lens.runtime.samples import scene_dataset
 
     root = tmp_path_factory.mktemp("own-ray")
     scene_dataset(root / "data", train_per_class=6, val_per_class=2, seed=2,

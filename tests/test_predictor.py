@@ -6,16 +6,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from conftest import encode, random_rgb
-from lens.predictor import ItemError, Prediction, l2_normalize, top_k_tags
+
+from lens.runtime.predictor import ItemError, Prediction, l2_normalize, top_k_tags
 
 
 @pytest.fixture(scope="module", params=["onnx", "openvino", "torch"])
 def tiny(request, lens_cache):
     """The tiny seeded model on every CPU backend: each must pass the same predictor tests."""
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     return Predictor.from_config(ModelConfig(name="test_efficientnet", weights="random", backend=request.param,
                                              device="cpu", cache_dir=lens_cache, max_batch_size=4))

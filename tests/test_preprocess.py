@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lens.preprocess import PreprocessConfig, Preprocessor
+from lens.runtime.preprocess import PreprocessConfig, Preprocessor
 
 GOLDEN_PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png"]
 
@@ -64,7 +64,7 @@ def test_golden_logits_match_timm_transform_on_real_photos(lite0_torch, photos):
 @pytest.mark.slow
 def test_draft_decoding_keeps_top1_on_a_1mp_jpeg(lite0_torch, photos):
     """Hubble deep field is a real ~0.9 MP JPEG; an upscaled copy of the cat gives a 4 MP one."""
-    from lens.decode import DecodeLimits
+    from lens.runtime.decode import DecodeLimits
 
     cat = Image.open(io.BytesIO(photos["chelsea.png"])).convert("RGB")
     big_cat = cat.resize((cat.width * 4, cat.height * 4), Image.Resampling.BICUBIC)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_events import env  # noqa: F401 - the event path's bucket and queue fixture
 
 from lens.package import PackageError, write_package
-from lens.registry import Registry, RegistryError, parse_model_ref
-from test_events import env  # noqa: F401 - the event path's bucket and queue fixture
+from lens.registry.store import Registry, RegistryError, parse_model_ref
 
 
 def tiny_package(path, name="tagger", seed=0) -> str:
@@ -118,14 +118,15 @@ class _P:
 
 
 def _slot(version):
-    from lens.registry import VersionRef
-    from serve.versions import Slot
+    from lens.serve.versions import Slot
+
+    from lens.registry.store import VersionRef
 
     return Slot(VersionRef("tagger", version, f"/r/{version}", version), _P(version))
 
 
 def test_routing_is_sticky_proportional_and_monotone():
-    from serve.versions import Routing, route
+    from lens.serve.versions import Routing, route
 
     stable, canary = _slot("v1"), _slot("v2")
     images = [np.random.default_rng(i).bytes(256) for i in range(4000)]
@@ -143,7 +144,7 @@ def test_routing_is_sticky_proportional_and_monotone():
 
 
 def test_search_finds_the_version_its_index_was_built_with():
-    from serve.versions import Routing
+    from lens.serve.versions import Routing
 
     r = Routing(stable=_slot("v2"), previous=_slot("v1"))
     assert r.for_identity(_slot("v1").identity.to_dict()).ref.version == "v1"
@@ -152,7 +153,7 @@ def test_search_finds_the_version_its_index_was_built_with():
 
 
 def test_agreement_measures():
-    from serve.versions import agreement
+    from lens.serve.versions import agreement
 
     e = np.array([1.0, 0, 0], np.float32)
     same = agreement([{"label": "a"}, {"label": "b"}], [{"label": "a"}, {"label": "b"}], e, e)
@@ -164,8 +165,8 @@ def test_agreement_measures():
 
 # -- the judge -----------------------------------------------------------------------------------------
 def _window(**versions):
-    from serve.rollout import Window
-    from serve.versions import LATENCY_BOUNDS_MS
+    from lens.serve.rollout import Window
+    from lens.serve.versions import LATENCY_BOUNDS_MS
 
     w = Window()
     for v, (n, errors, ms, pairs, top1) in versions.items():
@@ -186,8 +187,8 @@ STATE = {"canary": "v2", "stable": "v1", "weight": 25.0, "steps": [25.0, 100.0],
     ((100, 0, 40, 50, 0.5), "top-1 agreement with stable 0.500"),
 ])
 def test_judge_rolls_back_on_each_breach(canary, reason):
-    from serve.config import RolloutConfig
-    from serve.rollout import judge
+    from lens.serve.config import RolloutConfig
+    from lens.serve.rollout import judge
 
     w = _window(v1=(300, 0, 50, 0, 0), v2=canary)
     d = judge(STATE, w, w, {}, RolloutConfig(), now=1001.0)
@@ -196,8 +197,8 @@ def test_judge_rolls_back_on_each_breach(canary, reason):
 
 
 def test_judge_waits_advances_promotes_and_rolls_back_a_failed_load():
-    from serve.config import RolloutConfig
-    from serve.rollout import Window, judge
+    from lens.serve.config import RolloutConfig
+    from lens.serve.rollout import Window, judge
 
     cfg = RolloutConfig()
     healthy = _window(v1=(300, 0, 50, 0, 0), v2=(100, 1, 50, 30, 0.97))
@@ -215,7 +216,7 @@ def test_judge_waits_advances_promotes_and_rolls_back_a_failed_load():
 
 # -- the watcher ---------------------------------------------------------------------------------------
 def test_watcher_swaps_versions_refuses_a_corrupt_one_and_keeps_serving(tmp_path):
-    from serve.versions import VersionsConfig, VersionWatcher
+    from lens.serve.versions import VersionsConfig, VersionWatcher
 
     reg = Registry(str(tmp_path / "models"))
     for seed in (1, 2, 3):
@@ -264,12 +265,12 @@ def test_versions_are_recorded_in_identities_and_sidecars(env, lens_cache, tmp_p
     import io
 
     import pyarrow.parquet as pq
-
-    from lens.config import ModelConfig
-    from lens.identity import ModelIdentity
-    from lens.modelpack import package_model
-    from lens.predictor import Predictor
     from test_events import drain, images, sidecar
+
+    from lens.identity import ModelIdentity
+    from lens.registry.modelpack import package_model
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     cfg, s3, sqs = env
     reg = Registry(str(tmp_path / "models"))

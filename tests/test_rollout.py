@@ -12,15 +12,13 @@ import time
 from collections import Counter
 
 import pytest
-
-from lens.package import PackageError
-
-from conftest import free_port, scrape_metrics
-from conftest import wait_for as conftest_wait_for
-
 import ray
 import requests
+from conftest import free_port, scrape_metrics
+from conftest import wait_for as conftest_wait_for
 from ray import serve
+
+from lens.package import PackageError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -47,9 +45,9 @@ def _diverged(sd):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, lens_cache):
-    from lens.config import ModelConfig
-    from lens.modelpack import package_model
-    from lens.registry import Registry
+    from lens.registry.modelpack import package_model
+    from lens.registry.store import Registry
+    from lens.runtime.config import ModelConfig
 
     root = tmp_path_factory.mktemp("registry")
     reg = Registry(str(root / "models"))
@@ -70,7 +68,7 @@ def registry(tmp_path_factory, lens_cache):
 
 @pytest.fixture(scope="module")
 def app(registry, lens_cache):
-    from serve.run import deploy
+    from lens.serve.run import deploy
 
     port, metrics_port = free_port(), free_port()
     # metrics exported every 2 s (Ray's default 10 s): a gauge not refreshed expires after two exports (4 s)
@@ -86,7 +84,7 @@ def app(registry, lens_cache):
             "rollout": {"eval_interval_s": 1.0, "min_requests": 10, "min_shadow_pairs": 10,
                         "max_p95_ratio": 1000.0}}
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "versions", "route_prefix": "/versions", "import_path": "serve.app:build_app",
+           "applications": [{"name": "versions", "route_prefix": "/versions", "import_path": "lens.serve.app:build_app",
                              "args": args, "deployments": [{"name": "Tagger", "num_replicas": 2}]}]}
     deploy(doc, where="versions test app", timeout_s=300)
     _METRICS["port"] = metrics_port
@@ -185,7 +183,7 @@ def leaves_the_registry_as_found(registry, request):
 
 @pytest.fixture(scope="module")
 def images():
-    from lens.samples import augmented_jpegs, photo_paths
+    from lens.runtime.samples import augmented_jpegs, photo_paths
 
     return [p.read_bytes() for p in photo_paths()] + [b for _, b, _ in augmented_jpegs(41, seed=3, long_side=(256, 480))]
 
@@ -324,7 +322,7 @@ def test_multiplexed_heads_keep_each_request_on_its_own_head(app, registry, tmp_
 
     from lens.identity import ModelIdentity
 
-    ident = ModelIdentity.from_dict(registry.manifest("tagger", "v1")["identity"])
+    ident = ModelIdentity.from_dict(registry.manifest("tagger", "v1")["model_identity"])
     write_head_package(tmp_path / "pets", ident, ["cat", "dog"], [0.0, 0.0], seed=1)
     write_head_package(tmp_path / "scenes", ident, ["indoor", "outdoor", "sea"], [0.0, 0.0, 0.0], seed=2)
     registry.push(str(tmp_path / "pets"), name="pets")
@@ -353,8 +351,8 @@ def test_multiplexed_heads_keep_each_request_on_its_own_head(app, registry, tmp_
 
 def test_a_registry_version_records_itself_in_the_identity(registry, lens_cache, photos):
     """What lens embed and lens index build write comes from this identity: they record the version too."""
-    from lens.config import ModelConfig
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
 
     vref = registry.resolve("tagger", "v1")
     p = Predictor.from_config(ModelConfig(weights=vref.uri, backend="onnx", device="cpu", cache_dir=lens_cache))

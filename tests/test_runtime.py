@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from lens.config import ModelConfig
 from lens.errors import ConfigError, UnknownModelError, WeightsError
-from lens.predictor import Predictor
-from lens.runtime import load_model, onnx_cache_paths
+from lens.runtime.config import ModelConfig
+from lens.runtime.loading import load_model, onnx_cache_paths
+from lens.runtime.predictor import Predictor
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +63,13 @@ def test_auto_picks_the_faster_cpu_runtime_once_and_reports_it(lite0_onnx, lens_
 
 def test_onnx_export_is_cached_and_reused(lite0_onnx, lens_cache, monkeypatch):
     """A second replica opens the cached export; it neither re-exports nor imports the model code."""
-    import lens.runtime
+    import lens.runtime.loading
 
     def no_export(*a, **k):
         raise AssertionError("re-exported although the cache is warm")
 
-    monkeypatch.setattr(lens.runtime, "export_onnx", no_export)
-    monkeypatch.setattr(lens.runtime, "build_torch", no_export)
+    monkeypatch.setattr(lens.runtime.loading, "export_onnx", no_export)
+    monkeypatch.setattr(lens.runtime.loading, "build_torch", no_export)
     model = load_model(ModelConfig(backend="onnx", cache_dir=lens_cache))
     assert model.onnx_path == lite0_onnx.model.onnx_path and model.onnx_path.is_file()
     meta = json.loads(onnx_cache_paths(ModelConfig(cache_dir=lens_cache), model.weights)[1].read_text())
@@ -98,8 +98,8 @@ def test_unknown_model_name_is_a_clear_error(lens_cache):
 def test_timm_native_names_tags_hub_names_and_a_preprocessing_overlay(lens_cache, tmp_path):
     import torch
 
-    from lens.runtime import onnx_cache_paths
-    from lens.weights import resolve_weights
+    from lens.runtime.loading import onnx_cache_paths
+    from lens.runtime.weights import resolve_weights
 
     assert ModelConfig(name="hf-hub:timm/efficientnet_b0.ra_in1k").name == "efficientnet_b0.ra_in1k"
     with pytest.raises(UnknownModelError, match="no pretrained tag 'nope'; its tags: r160_in1k"):
@@ -203,7 +203,7 @@ def test_labels_file_must_match_the_head(tmp_path, lens_cache):
 def test_embedded_mapping_checks_every_shape():
     import torch
 
-    from lens.weights import map_by_order
+    from lens.runtime.weights import map_by_order
 
     model_sd = {"a.weight": torch.zeros(2, 3), "b.bias": torch.zeros(2)}
     assert set(map_by_order({"x": torch.ones(2, 3), "y": torch.ones(2)}, model_sd, "pkg")) == {"a.weight", "b.bias"}
@@ -256,7 +256,7 @@ def test_config_rejects_bad_values_before_loading():
 
 
 def test_onnx_on_cuda_is_refused():
-    from lens.runtime import resolve_backend
+    from lens.runtime.loading import resolve_backend
 
     with pytest.raises(ConfigError, match="ONNX Runtime on CPU"):
         resolve_backend("onnx", "cuda")
@@ -266,8 +266,8 @@ def test_onnx_on_cuda_is_refused():
 _LOAD = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from lens.config import ModelConfig
-from lens.predictor import Predictor
+from lens.runtime.config import ModelConfig
+from lens.runtime.predictor import Predictor
 p = Predictor.from_config(ModelConfig(name="test_efficientnet", weights="random", backend="onnx", cache_dir=sys.argv[1]))
 print(json.dumps({"onnx": str(p.model.onnx_path), "embedding": [float(v) for v in p.predict([open(sys.argv[2], "rb").read()])[0].embedding[:8]]}))
 """
@@ -279,7 +279,7 @@ def test_replicas_starting_together_export_once_under_the_lock(tmp_path):
     import subprocess
     import sys
 
-    from lens.samples import sample_path
+    from lens.runtime.samples import sample_path
 
     cache = tmp_path / "cache"
     procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(cache), str(sample_path("coffee.png"))],

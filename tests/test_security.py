@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import at_once, write_head_package
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -99,11 +98,9 @@ def test_overwrite_replaces_only_a_package_lens_wrote(tmp_path, tiny):
 
 
 def test_lens_train_never_writes_over_its_data(tmp_path):
-    from lens.app import cli
-
-    from test_train import write_images
-
     import numpy as np
+    from lens.cli import main as cli
+    from test_train import write_images
 
     write_images(tmp_path / "data", {"a": 6, "b": 6}, np.random.default_rng(0), size=(16, 16))
     for output in (tmp_path / "data", tmp_path):
@@ -113,10 +110,9 @@ def test_lens_train_never_writes_over_its_data(tmp_path):
 
 
 def test_training_data_never_follows_a_link_out_of_its_folder_or_into_a_loop(tmp_path):
+    from lens.train.config import TrainConfig
+    from lens.train.dataset import discover
     from PIL import Image
-
-    from train.config import TrainConfig
-    from train.dataset import discover
 
     for cls in ("flowers", "cats"):
         (tmp_path / "data" / cls).mkdir(parents=True)
@@ -138,7 +134,7 @@ def test_the_registry_is_safe_under_concurrent_writers(where, tmp_path, tiny, s3
     """10 pushes at once: 10 distinct versions, each its own package; 10 alias sets at once: every one in the
     history and in the pointer's previous versions; a corrupted version cannot be made an alias."""
     from lens.package import PackageError
-    from lens.registry import Registry
+    from lens.registry.store import Registry
 
     root = str(tmp_path / "models") if where == "local" else f"s3://lens-models/race-{os.getpid()}"
     pkgs = [write_head_package(tmp_path / f"h{i}", tiny.identity(), ["a", "b"], [0.0, 0.0], seed=i) for i in range(10)]
@@ -167,10 +163,10 @@ def test_the_registry_is_safe_under_concurrent_writers(where, tmp_path, tiny, s3
 
 @pytest.fixture(scope="module")
 def app(s3, serve_cluster, tiny, tiny_head, tmp_path_factory):
+    from lens.serve.run import deploy
     from ray import serve
 
-    from lens.registry import Registry
-    from serve.run import deploy
+    from lens.registry.store import Registry
 
     reg = Registry("s3://lens-models/models")
     reg.push(tiny_head, name="colours", cache_dir=tmp_path_factory.mktemp("push-cache"))
@@ -179,7 +175,7 @@ def app(s3, serve_cluster, tiny, tiny_head, tmp_path_factory):
     pool = {"name": "Tagger", "model": TINY, "num_cpus": 1, "head_registry": reg.root,
             "heads_allowed": {"local-colours": tiny_head}, "max_head_bytes": 1 << 20}
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "sec", "route_prefix": "/sec", "import_path": "serve.app:build_app",
+           "applications": [{"name": "sec", "route_prefix": "/sec", "import_path": "lens.serve.app:build_app",
                              "args": {"pools": [pool]}, "deployments": [{"name": "Tagger"}]}]}
     deploy(doc, where="security test app", timeout_s=300)
     yield f"{serve_cluster}/sec", reg
@@ -237,7 +233,7 @@ def test_a_registry_package_naming_files_outside_itself_or_too_big_is_refused_wi
 def test_feedback_metric_labels_stay_within_the_served_vocabulary():
     """Labels and versions in feedback are client strings: 10,000 distinct ones make no more series than the
     served classes and versions allow (the rest count as `other`)."""
-    from serve.metrics import OTHER, FeedbackMetrics
+    from lens.serve.metrics import OTHER, FeedbackMetrics
 
     class Recorder:
         def __init__(self):
@@ -263,10 +259,9 @@ def test_feedback_metric_labels_stay_within_the_served_vocabulary():
 
 
 def test_current_never_leads_out_of_the_index_root(tmp_path):
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.store import IndexCorruptError, load_version, use_version
     from test_index import clustered, write_part
-
-    from index.build import BuildConfig, build_index
-    from index.store import IndexCorruptError, load_version, use_version
 
     write_part(tmp_path / "emb" / "part-0.parquet", [f"i{n}" for n in range(20)], clustered(20, 8, seed=1))
     build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index="flat"),
@@ -284,7 +279,7 @@ def test_named_cli_failures_are_one_line_exit_2(tmp_path, capsys):
     import subprocess
     import sys
 
-    from lens.app import cli
+    from lens.cli import main as cli
 
     (tmp_path / "models" / "x" / "v1").mkdir(parents=True)
     (tmp_path / "models" / "x" / "v1" / "lens-package.json").write_text("{garbage")
@@ -295,6 +290,6 @@ def test_named_cli_failures_are_one_line_exit_2(tmp_path, capsys):
     assert "no embedding parts under" in capsys.readouterr().err
     env = os.environ | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
                         "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
-    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "models", "list", "--registry", "s3://unreachable/m"],
+    r = subprocess.run([sys.executable, "-m", "lens.cli.main", "models", "list", "--registry", "s3://unreachable/m"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and "lens models: error: S3:" in r.stderr and len(r.stderr.strip().splitlines()) == 1

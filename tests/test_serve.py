@@ -8,11 +8,9 @@ import time
 
 import numpy as np
 import pytest
-
-from conftest import encode, wait_for
-
 import ray
 import requests
+from conftest import encode, wait_for
 from ray import serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -33,13 +31,13 @@ def deploy(cluster, name: str, args: dict, **overrides) -> str:
 
     Like `serve deploy`, a config replaces every application not in it, so each test's app
     replaces the previous one and the cluster never holds more than a couple of replicas."""
-    from serve.run import deploy as deploy_doc
+    from lens.serve.run import deploy as deploy_doc
 
     args = {"pools": [{"name": "Tagger", "model": TINY, "num_cpus": 1} | args.pop("pool", {})]} | args
     deployment = {"name": args["pools"][0]["name"]} | overrides
     port = int(cluster.rsplit(":", 1)[1])
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": name, "route_prefix": f"/{name}", "import_path": "serve.app:build_app",
+           "applications": [{"name": name, "route_prefix": f"/{name}", "import_path": "lens.serve.app:build_app",
                              "args": args, "deployments": [deployment]}]}
     deploy_doc(doc, where=f"test app {name}", timeout_s=300)
     return f"{cluster}/{name}"
@@ -138,7 +136,7 @@ def test_routes_and_errors(main_app, photos, tiny_head):
     r = post(f"{main_app}/v1/tag?top_k=0", jpeg)
     assert r.status_code == 400 and r.json()["error"] == "bad_request"
     # the pool serves the head on the same forward pass: its custom tags are the head applied to the embedding
-    from lens.heads import load_head
+    from lens.runtime.heads import load_head
 
     head = load_head(tiny_head)
     emb = np.asarray(post(f"{main_app}/v1/embed", jpeg).json()["embedding"], np.float32)
@@ -399,8 +397,9 @@ def test_docs_and_models_need_a_key_unless_public_and_bearer_takes_precedence(cl
 
 def test_healthz_answers_503_quickly_while_a_deployment_cannot_be_placed_and_lens_refuses_such_a_config(
         cluster, tmp_path, tiny):
+    from lens.serve.run import deploy as deploy_doc
+
     from lens.errors import ConfigError
-    from serve.run import deploy as deploy_doc
 
     root = _index_from(tmp_path, "idx-unplaced", ["a", "b", "c"], np.eye(3, tiny.embed_dim), tiny.info(),
                        index="flat")
@@ -408,7 +407,7 @@ def test_healthz_answers_503_quickly_while_a_deployment_cannot_be_placed_and_len
     args = {"pools": [{"name": "Tagger", "model": TINY, "num_cpus": 1}],
             "search": {"index": root, "num_cpus": 64}}  # this cluster has 2 CPUs
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "unplaced", "route_prefix": "/unplaced", "import_path": "serve.app:build_app",
+           "applications": [{"name": "unplaced", "route_prefix": "/unplaced", "import_path": "lens.serve.app:build_app",
                              "args": args}]}
     with pytest.raises(ConfigError, match=r"needs 65 CPUs \(Tagger 1 x 1, IndexSearcher 1 x 64\) but this Ray "
                                           r"cluster has 2"):
@@ -507,12 +506,12 @@ def test_scale_from_zero_serves_the_first_request_after_warm_up(cluster):
 
 
 def test_two_pools_side_by_side_with_overflow(cluster):
-    from serve.run import deploy as deploy_doc
+    from lens.serve.run import deploy as deploy_doc
 
     port = int(cluster.rsplit(":", 1)[1])
     small = {"model": TINY, "num_cpus": 1}
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "pools", "route_prefix": "/pools", "import_path": "serve.app:build_app",
+           "applications": [{"name": "pools", "route_prefix": "/pools", "import_path": "lens.serve.app:build_app",
                              "args": {"pools": [{"name": "First"} | small, {"name": "Second"} | small]},
                              "deployments": [{"name": "First", "user_config": {
                                  "max_batch_size": 4, "batch_wait_timeout_s": 1.0, "max_pending": 4}}]}]}
@@ -539,8 +538,7 @@ def _index_from(tmp_path, name: str, ids: list[str], vectors, model_info: dict, 
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from index.build import BuildConfig, build_index
+    from lens.index.build import BuildConfig, build_index
 
     part = tmp_path / f"{name}-emb" / "part-0.parquet"
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -558,8 +556,7 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from index.build import BuildConfig, build_index
+    from lens.index.build import BuildConfig, build_index
 
     bodies = images(30, seed=11)
     ids = [f"img-{i}" for i in range(30)]
@@ -640,7 +637,7 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
     assert got[0] == "s3://b/new.jpg" and got.count("s3://b/new.jpg") == 1
 
     # ?param= reaches the index: nprobe=1 of the IVF lists finds a few neighbours, nprobe=nlist all of them
-    from index.store import load_version, set_current
+    from lens.index.store import load_version, set_current
 
     v2 = load_version(root)
     nlist = v2.manifest["nlist"]
@@ -679,8 +676,8 @@ def test_feedback_needs_a_key_is_checked_and_stored_and_a_replica_detects_drift(
     flagged; feedback is authenticated, validated, and answered only once its Parquet part is written."""
     from PIL import Image
 
-    from lens.drift import Profile
-    from lens.feedback import read_feedback
+    from lens.quality.drift import Profile
+    from lens.quality.feedback import read_feedback
 
     ref_images = images(200, seed=11)
     ref = tiny.predict(ref_images)
@@ -731,9 +728,8 @@ def test_a_drain_gate_turns_new_requests_into_json_503_and_serves_what_arrived_b
     load balancer takes the server out), serves those the front door took before it, and reports that it has
     nothing in flight."""
     import ray
-
-    from serve.drain import open_gates, wait_idle
-    from serve.frontdoor import RECEIVED_HEADER
+    from lens.serve.drain import open_gates, wait_idle
+    from lens.serve.frontdoor import RECEIVED_HEADER
 
     url = deploy(cluster, "drain", {})
     assert post(f"{url}/v1/tag", photos["rocket.jpg"]).status_code == 200

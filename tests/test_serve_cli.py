@@ -10,9 +10,7 @@ import psutil
 import pytest
 import requests
 import yaml
-
 from conftest import free_port, interrupt, own_instance, ray_jobs, scrape_metrics, wait_healthy
-
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -20,17 +18,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, photos, tiny, foreign_ray):
     import numpy as np
 
-    from lens.drift import Profile
-    from lens.samples import augmented_jpegs
+    from lens.quality.drift import Profile
+    from lens.runtime.samples import augmented_jpegs
 
     port, metrics_port = free_port(), free_port()
     doc = yaml.safe_load((__import__("pathlib").Path(__file__).parents[1] / "infra" / "serve-cpu.yaml").read_text())
     pool = doc["applications"][0]["args"]["pools"][0]
     pool["model"] = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
     # the shipped CPU sizes, with search enabled, on this 2-core machine (the resource check is on)
+    from lens.index.build import BuildConfig, build_index
     from test_index import write_part
-
-    from index.build import BuildConfig, build_index
 
     seeded = [b for _, b, _ in augmented_jpegs(12, seed=6, long_side=(128, 256))]
     vectors = np.stack([r.embedding for r in tiny.predict(seeded)])
@@ -48,7 +45,7 @@ def test_lens_serve_runs_a_config_exports_metrics_and_stops_cleanly(tmp_path, ph
     doc["applications"][0]["args"]["feedback"] = {"sink": str(tmp_path / "feedback"), "flush_s": 0.2}
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump(doc))
-    proc = subprocess.Popen([sys.executable, "-m", "lens.app.cli", "serve", "--config", str(cfg), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "lens.cli.main", "serve", "--config", str(cfg), "--port", str(port),
                              "--metrics-port", str(metrics_port)], stdout=subprocess.PIPE,
                             # no load balancer in front here: skip Serve's 30 s ingress drain on stop
                             env=os.environ | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"},

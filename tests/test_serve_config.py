@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lens.serve.run import check_serve_config, load_serve_config
 
 from lens.errors import ConfigError
-from serve.run import check_serve_config, load_serve_config
 
 INFRA = Path(__file__).parents[1] / "infra"
 
@@ -16,14 +16,14 @@ INFRA = Path(__file__).parents[1] / "infra"
 def test_shipped_profiles_validate(name):
     schema = check_serve_config(load_serve_config(str(INFRA / name)), name)
     (app,) = schema.applications
-    assert app.import_path == "serve.app:build_app"
+    assert app.import_path == "lens.serve.app:build_app"
 
 
 @pytest.mark.parametrize("name", ["serve-cpu.yaml", "events.yaml"])
 def test_shipped_cpu_configs_fit_two_cores_with_search_enabled(name):
     """A laptop VM or a small cloud instance: the shipped CPU configs, with the search section the comments
     describe, fit 2 cores (tests/test_serve_cli.py and tests/test_events_cli.py start them on this machine)."""
-    from serve.run import check_resources, resource_demand
+    from lens.serve.run import check_resources, resource_demand
 
     doc = load_serve_config(str(INFRA / name))
     doc["applications"][0]["args"]["search"] = {"index": "some-index", "num_cpus": 0.5}
@@ -34,7 +34,7 @@ def test_shipped_cpu_configs_fit_two_cores_with_search_enabled(name):
 
 
 def test_gpu_profile_requests_gpus_and_runs_cpu_beside_it():
-    from serve.config import AppArgs
+    from lens.serve.config import AppArgs
 
     doc = load_serve_config(str(INFRA / "serve-gpu.yaml"))
     args = AppArgs.model_validate(doc["applications"][0]["args"])
@@ -44,7 +44,7 @@ def test_gpu_profile_requests_gpus_and_runs_cpu_beside_it():
 
 
 def _doc(args=None, **deployment):
-    return {"applications": [{"name": "lens", "route_prefix": "/", "import_path": "serve.app:build_app",
+    return {"applications": [{"name": "lens", "route_prefix": "/", "import_path": "lens.serve.app:build_app",
                               "args": args or {}, "deployments": [{"name": "Tagger"} | deployment]}]}
 
 
@@ -55,7 +55,7 @@ def test_batch_larger_than_ongoing_is_refused():
 
 def test_bad_values_are_refused():
     with pytest.raises(ConfigError, match="matches no deployment"):
-        check_serve_config({"applications": [{"name": "a", "import_path": "serve.app:build_app",
+        check_serve_config({"applications": [{"name": "a", "import_path": "lens.serve.app:build_app",
                                               "deployments": [{"name": "Taggr"}]}]})
     with pytest.raises(ConfigError, match="num_gpus"):
         check_serve_config(_doc({"pools": [{"model": {"device": "cuda"}}]}))
@@ -68,7 +68,7 @@ def test_bad_values_are_refused():
 
 
 def test_api_keys_are_checked_in_constant_time_against_all(tmp_path, monkeypatch):
-    from serve.auth import ApiKeys
+    from lens.serve.auth import ApiKeys
 
     monkeypatch.setenv("LENS_TEST_KEYS", "key-aaaaaaaaaaaaaaaa, key-bbbbbbbbbbbbbbbb")
     keys = ApiKeys.load("LENS_TEST_KEYS", None)
@@ -81,11 +81,12 @@ def test_api_keys_are_checked_in_constant_time_against_all(tmp_path, monkeypatch
 
 
 def test_batch_size_bounds_are_config_errors_before_any_model_loads(monkeypatch):
-    import lens.runtime
-    from lens.config import validate
-    from serve.config import MODEL_MAX_ONGOING_REQUESTS, BatchingConfig
+    from lens.serve.config import MODEL_MAX_ONGOING_REQUESTS, BatchingConfig
 
-    monkeypatch.setattr(lens.runtime, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    import lens.runtime.loading
+    from lens.runtime.config import validate
+
+    monkeypatch.setattr(lens.runtime.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError, match=r"max_batch_size \(32\) must be <= max_pending \(16\)"):
         validate(BatchingConfig, {"max_batch_size": 32, "max_pending": 16}, where="test")
     doc = load_serve_config(str(INFRA / "serve-cpu.yaml"))
@@ -104,7 +105,7 @@ def test_lens_log_lines_go_through_serves_replica_handlers_once_and_only_inside_
     reach them (once), and outside a replica (no handler there) logging is left as it was."""
     import logging
 
-    from serve.logs import LOGGERS, to_replica_log
+    from lens.serve.logs import LOGGERS, to_replica_log
 
     serve_logger = logging.getLogger("ray.serve")
     saved = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate, list(logging.getLogger(n).handlers))
@@ -126,7 +127,7 @@ def test_lens_log_lines_go_through_serves_replica_handlers_once_and_only_inside_
         to_replica_log()
         to_replica_log()  # idempotent: still one handler each
         logging.getLogger("lens.serve").info("client left")
-        logging.getLogger("index.search").info("index swapped")
+        logging.getLogger("lens.index.search").info("index swapped")
         assert [r.getMessage() for r in records] == ["client left", "index swapped"]
     finally:
         for n, (level, propagate, handlers) in saved.items():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import requests
-
 from conftest import free_port, wait_for
 from test_index import clustered, write_part
 
@@ -40,11 +39,10 @@ def two_nodes(lens_cache):
 
 def test_shards_on_two_nodes_answer_as_one_index_and_swap_together(two_nodes, tmp_path):
     import ray
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
+    from lens.serve.run import deploy
     from ray import serve
-
-    from index.build import BuildConfig, build_index
-    from index.search import SearchService
-    from serve.run import deploy
 
     x = clustered(4200, 32, seed=3)
     x, held = x[:4000], x[4000:]
@@ -59,7 +57,7 @@ def test_shards_on_two_nodes_answer_as_one_index_and_swap_together(two_nodes, tm
             "search": {"index": str(tmp_path / "idx"), "shard_deployments": True, "shard_resources": {"index_node": 1},
                        "shard_num_cpus": 0.25, "num_cpus": 0.25, "refresh_s": 0.5}}
     doc = {"http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "sharded", "route_prefix": "/sharded", "import_path": "serve.app:build_app",
+           "applications": [{"name": "sharded", "route_prefix": "/sharded", "import_path": "lens.serve.app:build_app",
                              "args": args, "deployments": [{"name": "Tagger"}]}]}
     deploy(doc, where="test sharded app", timeout_s=300)
     url = f"{two_nodes}/sharded"
@@ -71,8 +69,7 @@ def test_shards_on_two_nodes_answer_as_one_index_and_swap_together(two_nodes, tm
     # the same answers as ONE unsharded index over the same data: the shards' trained quantizer, every vector in
     # it, searched with the same nprobe (sharding must change nothing but where the lists live)
     import faiss
-
-    from index.store import load_version, write_version
+    from lens.index.store import load_version, write_version
 
     sharded = load_version(tmp_path / "idx")
     shard0 = load_version(sharded.path / sharded.manifest["shards"][0], mmap=False)  # in memory: cloneable
@@ -137,7 +134,7 @@ def test_shards_on_two_nodes_answer_as_one_index_and_swap_together(two_nodes, tm
         assert whole.setdefault(b["index_version"], got) == got, "an answer mixed two versions"
     assert not any(i.startswith("new-") for i, _ in whole[m1["version"]])
     new_ids = [i for i, _ in whole[m2["version"]] if i.startswith("new-")]
-    from index.shards import shard_of
+    from lens.index.shards import shard_of
 
     assert new_ids[0] == "new-5" and set(shard_of(new_ids, 2).tolist()) == {0, 1}, new_ids  # both shards' new rows
     info = searcher.info.remote().result()

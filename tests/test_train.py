@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import encode, own_instance, random_rgb, ray_jobs
 from test_events import env  # noqa: F401 - the event path's bucket and queue fixture
 
@@ -24,7 +23,7 @@ ACCURACY_FLOOR = 0.85
 
 
 def cfg(**kw):
-    from train.config import TrainConfig
+    from lens.train.config import TrainConfig
 
     return TrainConfig(**kw)
 
@@ -38,7 +37,7 @@ def write_images(root: Path, per_class: dict[str, int], rng, size=(48, 40)) -> N
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    from lens.samples import scene_dataset
+    from lens.runtime.samples import scene_dataset
 
     root = tmp_path_factory.mktemp("scenes")
     scene_dataset(root, train_per_class=20, val_per_class=6, seed=0)
@@ -47,7 +46,7 @@ def scenes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def head_pkg(local_ray, scenes, tmp_path_factory):
-    from train.job import run_train
+    from lens.train.job import run_train
 
     out = tmp_path_factory.mktemp("pkgs") / "scenes"
     logs: list[str] = []
@@ -59,7 +58,7 @@ def head_pkg(local_ray, scenes, tmp_path_factory):
 
 
 def test_class_names_that_collide_after_case_or_unicode_folding_are_refused(tmp_path, rng):
-    from train.dataset import DatasetError, discover
+    from lens.train.dataset import DatasetError, discover
 
     write_images(tmp_path, {"Cat": 5, "cat": 5, "dog": 5}, rng)
     with pytest.raises(DatasetError, match="'Cat' and 'cat' differ only in case"):
@@ -71,7 +70,7 @@ def test_class_names_that_collide_after_case_or_unicode_folding_are_refused(tmp_
 
 
 def test_class_names_are_kept_exactly(tmp_path, rng):
-    from train.dataset import discover
+    from lens.train.dataset import discover
 
     write_images(tmp_path, {"Golden Retriever": 5, "défaut_soudure": 5}, rng)
     ds = discover(cfg(data=str(tmp_path), output=str(tmp_path / "o")))
@@ -79,7 +78,7 @@ def test_class_names_are_kept_exactly(tmp_path, rng):
 
 
 def test_too_few_images_or_classes_and_loose_files_are_refused(tmp_path, rng):
-    from train.dataset import DatasetError, discover
+    from lens.train.dataset import DatasetError, discover
 
     write_images(tmp_path, {"a": 6, "b": 4}, rng)
     with pytest.raises(DatasetError, match=r"at least 5 images; too few in 'b': 4"):
@@ -96,7 +95,7 @@ def test_too_few_images_or_classes_and_loose_files_are_refused(tmp_path, rng):
 
 
 def test_small_and_imbalanced_sets_are_warned_with_the_guidance(tmp_path, rng):
-    from train.dataset import discover
+    from lens.train.dataset import discover
 
     write_images(tmp_path, {"common": 30, "rare": 5}, rng, size=(16, 16))
     (tmp_path / "common" / "notes.txt").write_text("not an image")
@@ -108,7 +107,7 @@ def test_small_and_imbalanced_sets_are_warned_with_the_guidance(tmp_path, rng):
 
 
 def test_the_split_is_stratified_seeded_and_never_empties_a_class(tmp_path, rng):
-    from train.dataset import discover
+    from lens.train.dataset import discover
 
     write_images(tmp_path, {"a": 20, "b": 5, "c": 11}, rng, size=(16, 16))
     one = discover(cfg(data=str(tmp_path), output="o", seed=3))
@@ -122,7 +121,7 @@ def test_the_split_is_stratified_seeded_and_never_empties_a_class(tmp_path, rng)
 
 
 def test_a_given_validation_folder_is_split_into_validation_and_test_unless_a_test_folder_is_given(tmp_path, rng):
-    from train.dataset import discover
+    from lens.train.dataset import discover
 
     write_images(tmp_path / "train", {"a": 6, "b": 6}, rng, size=(16, 16))
     write_images(tmp_path / "val", {"a": 4, "b": 1}, rng, size=(16, 16))
@@ -136,7 +135,7 @@ def test_a_given_validation_folder_is_split_into_validation_and_test_unless_a_te
 
 
 def test_a_given_validation_folder_must_cover_the_classes(tmp_path, rng):
-    from train.dataset import DatasetError, discover
+    from lens.train.dataset import DatasetError, discover
 
     write_images(tmp_path / "train", {"a": 6, "b": 6}, rng, size=(16, 16))
     write_images(tmp_path / "val", {"a": 2, "b": 2}, rng, size=(16, 16))
@@ -154,9 +153,10 @@ def test_a_given_validation_folder_must_cover_the_classes(tmp_path, rng):
     ("finetune_epochs", 0, "1..50"), ("backbone_lr_mult", 2.0, "0.001..1"),
 ])
 def test_settings_outside_the_card_range_are_refused_naming_the_range(setting, value, range_):
-    from lens.config import validate
+    from lens.train.config import TrainConfig
+
     from lens.errors import ConfigError
-    from train.config import TrainConfig
+    from lens.runtime.config import validate
 
     with pytest.raises(ConfigError) as e:
         validate(TrainConfig, {"data": "d", "output": "o", setting: value})
@@ -164,8 +164,7 @@ def test_settings_outside_the_card_range_are_refused_naming_the_range(setting, v
 
 
 def test_recommended_follows_the_guidance_by_dataset_size_and_explicit_settings_win():
-    from train.config import recommended
-    from train.config import effective_settings
+    from lens.train.config import effective_settings, recommended
 
     assert recommended(700) == {"epochs": 30, "lr": 5e-4, "dropout": 0.35}
     assert recommended(5000)["epochs"] == 15 and recommended(50_000) == {"epochs": 8, "lr": 2e-3, "dropout": 0.12}
@@ -174,7 +173,7 @@ def test_recommended_follows_the_guidance_by_dataset_size_and_explicit_settings_
 
 
 def test_cli_refuses_out_of_range_in_one_line_before_any_compute(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "train", "--data", str(tmp_path), "--output",
+    r = subprocess.run([sys.executable, "-m", "lens.cli.main", "train", "--data", str(tmp_path), "--output",
                         str(tmp_path / "o"), "--epochs", "60"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "epochs must be in 5..50" in r.stderr, r.stderr
@@ -205,7 +204,7 @@ def test_head_mode_on_real_photos_beats_the_floor_and_writes_a_verified_package(
     # not compared: fp32 backends agree)
     from lens.identity import ModelIdentity
 
-    assert ModelIdentity.from_dict(m["identity"]).mismatch(lite0_onnx.identity()) == []
+    assert ModelIdentity.from_dict(m["model_identity"]).mismatch(lite0_onnx.identity()) == []
     assert len(m["thresholds"]) == 8 and all(0 < t <= 1 for t in m["thresholds"])
     assert set(m["files"]) == {"head.safetensors", "metrics.json", "confusion.png", "split.json"}
     metrics = json.loads(pkg.file("metrics.json").read_text())
@@ -221,7 +220,7 @@ def test_head_mode_on_real_photos_beats_the_floor_and_writes_a_verified_package(
 
 @pytest.mark.slow
 def test_a_second_run_reuses_embeddings_by_content_hash(head_pkg, scenes, tmp_path):
-    from train.job import run_train
+    from lens.train.job import run_train
 
     _, first, _ = head_pkg
     again = run_train(cfg(data=str(scenes), output=str(tmp_path / "again"), seed=1), log=lambda m: None)
@@ -235,7 +234,7 @@ def test_the_embedding_cache_is_keyed_by_the_full_model_identity(tmp_path, tiny)
     import dataclasses
     import hashlib
 
-    from train.features import EmbeddingCache
+    from lens.train.features import EmbeddingCache
 
     ident = tiny.identity()
     assert ident.backend == "onnx" and ident.backend_version
@@ -252,10 +251,10 @@ def test_the_embedding_cache_is_keyed_by_the_full_model_identity(tmp_path, tiny)
 
 @pytest.mark.slow
 def test_custom_tags_from_the_predictor_match_the_validation_class(head_pkg, scenes, lite0_onnx):
-    from lens.heads import load_head
-    from lens.predictor import Predictor
+    from lens.train.dataset import discover
 
-    from train.dataset import discover
+    from lens.runtime.heads import load_head
+    from lens.runtime.predictor import Predictor
 
     out, summary, _ = head_pkg
     head = load_head(str(out))
@@ -281,7 +280,7 @@ def test_custom_tags_from_the_predictor_match_the_validation_class(head_pkg, sce
 def test_lens_tag_with_head_prints_custom_tags(head_pkg, scenes):
     out, _, _ = head_pkg
     img = sorted((scenes / "val" / "coffee").glob("*.jpg"))[0]
-    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "tag", "--head", str(out), str(img)],
+    r = subprocess.run([sys.executable, "-m", "lens.cli.main", "tag", "--head", str(out), str(img)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     line = json.loads(r.stdout)
@@ -291,9 +290,10 @@ def test_lens_tag_with_head_prints_custom_tags(head_pkg, scenes):
 
 @pytest.mark.slow
 def test_lens_embed_with_head_writes_custom_tags(head_pkg, scenes, tmp_path, local_ray):
-    from batch.config import EmbedConfig
-    from batch.job import run_embed
-    from lens.config import ModelConfig
+    from lens.batch.config import EmbedConfig
+    from lens.batch.job import run_embed
+
+    from lens.runtime.config import ModelConfig
 
     out, _, _ = head_pkg
     src = tmp_path / "in"
@@ -318,9 +318,10 @@ def test_lens_embed_with_head_writes_custom_tags(head_pkg, scenes, tmp_path, loc
 @pytest.mark.slow
 def test_event_sidecars_carry_custom_tags(head_pkg, scenes, lite0_onnx, env):  # noqa: F811 - the fixture
     """The real event consumer (S3 + SQS on moto) tags uploads with the head: the sidecars it writes carry them."""
-    from lens.heads import load_head
-    from lens.predictor import Predictor
     from test_events import drain, sidecar
+
+    from lens.runtime.heads import load_head
+    from lens.runtime.predictor import Predictor
 
     cfg_e, s3, sqs = env
     out, _, _ = head_pkg
@@ -341,8 +342,8 @@ def test_event_sidecars_carry_custom_tags(head_pkg, scenes, lite0_onnx, env):  #
 
 @pytest.mark.slow
 def test_a_tampered_or_unfinished_package_is_refused_naming_the_file(head_pkg, tmp_path):
-    from lens.heads import load_head
     from lens.package import MANIFEST, PackageError
+    from lens.runtime.heads import load_head
 
     out, _, _ = head_pkg
     bad = tmp_path / "bad"
@@ -360,8 +361,8 @@ def test_a_tampered_or_unfinished_package_is_refused_naming_the_file(head_pkg, t
 @pytest.mark.slow
 def test_a_head_on_another_backbone_is_refused(head_pkg, tiny):
     from lens.errors import ConfigError
-    from lens.heads import load_head
-    from lens.predictor import Predictor
+    from lens.runtime.heads import load_head
+    from lens.runtime.predictor import Predictor
 
     out, _, _ = head_pkg
     with pytest.raises(ConfigError, match="was trained on tf_efficientnet_lite0"):
@@ -370,8 +371,8 @@ def test_a_head_on_another_backbone_is_refused(head_pkg, tiny):
 
 @pytest.mark.slow
 def test_an_existing_package_is_not_overwritten_unless_asked(head_pkg, scenes):
-    from train.dataset import DatasetError
-    from train.job import run_train
+    from lens.train.dataset import DatasetError
+    from lens.train.job import run_train
 
     out, _, _ = head_pkg
     with pytest.raises(DatasetError, match="already holds a package"):
@@ -383,8 +384,9 @@ def test_an_existing_package_is_not_overwritten_unless_asked(head_pkg, scenes):
 
 @pytest.mark.slow
 def test_corrupt_and_oversized_images_become_counted_error_rows(local_ray, tmp_path, rng):
-    from lens.config import DecodeConfig, ModelConfig
-    from train.job import run_train
+    from lens.train.job import run_train
+
+    from lens.runtime.config import DecodeConfig, ModelConfig
 
     data = tmp_path / "data"
     write_images(data, {"a": 7, "b": 7}, rng, size=(40, 40))
@@ -405,9 +407,10 @@ def test_corrupt_and_oversized_images_become_counted_error_rows(local_ray, tmp_p
 def test_the_embedding_job_runs_the_backend_auto_chose_for_the_training_job(local_ray, tmp_path, rng, monkeypatch):
     """`auto` is chosen once per job: lens train's embedding step runs the backend its own load picked, even where
     a measurement at the embedding actors' thread count would pick the other runtime (a near tie did so in CI)."""
-    import lens.runtime as runtime
-    from lens.config import ModelConfig
-    from train.job import run_train
+    from lens.train.job import run_train
+
+    import lens.runtime.loading as runtime
+    from lens.runtime.config import ModelConfig
 
     def by_threads(cfg, onnx_path, meta):  # a machine where the two runtimes rank differently by thread count
         picked = "openvino" if not cfg.num_threads else "onnx"
@@ -419,13 +422,14 @@ def test_the_embedding_job_runs_the_backend_auto_chose_for_the_training_job(loca
                             model=ModelConfig(**(TINY | {"backend": "auto"}))), log=lambda m: None)
     assert summary["errors"] == 0
     manifest = json.loads((tmp_path / "pkg" / "lens-package.json").read_text())
-    assert manifest["identity"]["backend"] == "openvino"
+    assert manifest["model_identity"]["backend"] == "openvino"
 
 
 @pytest.mark.slow
 def test_near_duplicates_across_the_split_are_reported_and_removed_with_dedup(local_ray, tmp_path, rng):
-    from lens.config import ModelConfig
-    from train.job import run_train
+    from lens.train.job import run_train
+
+    from lens.runtime.config import ModelConfig
 
     data = tmp_path / "data"
     write_images(data / "train", {"a": 6, "b": 6}, rng)
@@ -443,8 +447,9 @@ def test_near_duplicates_across_the_split_are_reported_and_removed_with_dedup(lo
 
 @pytest.mark.slow
 def test_parquet_input_with_id_image_and_label_columns(local_ray, tmp_path, rng):
-    from lens.config import ModelConfig
-    from train.job import run_train
+    from lens.train.job import run_train
+
+    from lens.runtime.config import ModelConfig
 
     blobs = [encode(random_rgb(rng, 32, 32), "PNG") for _ in range(12)]
     (tmp_path / "pq").mkdir()
@@ -458,7 +463,7 @@ def test_parquet_input_with_id_image_and_label_columns(local_ray, tmp_path, rng)
 
 
 def test_auto_packages_the_better_on_validation_and_finetune_mode_the_finetune():
-    from train.job import Trained, _choose
+    from lens.train.job import Trained, _choose
 
     def cand(kind, val, test):
         return Trained(kind, {}, None, None, {"top1": val}, {"top1": test}, {}, {})
@@ -477,10 +482,11 @@ def test_auto_packages_the_better_on_validation_and_finetune_mode_the_finetune()
 def test_head_mode_repeats_bit_for_bit_with_a_seed(local_ray, tmp_path):
     """Two runs, each embedding anew (own caches) through OpenVINO's per-caller infer requests: the same split,
     metrics and head weights, bit for bit; the seed is in the package."""
-    from lens.config import ModelConfig
+    from lens.train.job import run_train
+
     from lens.package import open_package
-    from lens.samples import scene_dataset
-    from train.job import run_train
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.samples import scene_dataset
 
     scene_dataset(tmp_path / "data", train_per_class=10, val_per_class=4, seed=3,
                   scenes={"chelsea.png": "cat", "coffee.png": "coffee", "rocket.jpg": "rocket"})
@@ -503,9 +509,9 @@ def test_head_mode_repeats_bit_for_bit_with_a_seed(local_ray, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_package(tmp_path, foreign_ray):
-    from lens.config import ModelConfig
     from lens.package import open_package
-    from lens.samples import scene_dataset
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.samples import scene_dataset
 
     scenes = {"chelsea.png": "cat", "coffee.png": "coffee", "rocket.jpg": "rocket"}
     scene_dataset(tmp_path / "data", train_per_class=8, val_per_class=3, seed=1, scenes=scenes)
@@ -513,7 +519,7 @@ def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_packa
     # cluster is up on the host: it runs on its own Ray. Rank 0 dies after its 4th checkpoint in one process: after
     # epoch 3 (epoch 0 validates the probe's classifier and checkpoints too); the restarted group resumes from the
     # last checkpoint it has and runs fewer than 4 epochs, so it is not killed again
-    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "train", "--mode", "finetune", "--data", "data",
+    r = subprocess.run([sys.executable, "-m", "lens.cli.main", "train", "--mode", "finetune", "--data", "data",
                         "--output", "pkg", "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx",
                         "--workers", "2", "--finetune-epochs", "5", "--lr", "5e-3", "--patience", "0",
                         "--train-batch-size", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -542,25 +548,25 @@ def test_finetune_two_workers_resumes_after_a_killed_worker_and_serves_its_packa
     assert pkg.kind == "finetune" and pkg.manifest["labels"] == ["cat", "coffee", "rocket"]
     # the package is a model: lens tag --weights PKG answers with its classes, and its thresholded custom tags
     img = sorted((tmp_path / "data" / "val" / "coffee").glob("*.jpg"))[0]
-    r = subprocess.run([sys.executable, "-m", "lens.app.cli", "tag", "--model", "test_efficientnet", "--weights",
+    r = subprocess.run([sys.executable, "-m", "lens.cli.main", "tag", "--model", "test_efficientnet", "--weights",
                         str(tmp_path / "pkg"), str(img)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     line = json.loads(r.stdout)
     assert {t["label"] for t in line["tags"]} <= {"cat", "coffee", "rocket"} and "pkg" in line["custom_tags"]
-    from lens.runtime import load_model
+    from lens.runtime.loading import load_model
 
     loaded = load_model(ModelConfig(name="test_efficientnet", weights=str(tmp_path / "pkg"), backend="onnx"))
-    assert loaded.identity().weights_sha256 == pkg.manifest["identity"]["weights_sha256"]
+    assert loaded.identity().weights_sha256 == pkg.manifest["model_identity"]["weights_sha256"]
 
 
 @pytest.mark.slow
 def test_s3_data_and_package_through_moto(local_ray, tmp_path, rng, moto_endpoint, tiny):
     import boto3
+    from lens.train.job import run_train
 
-    from lens.config import ModelConfig
-    from lens.heads import load_head
     from lens.package import PackageError
-    from train.job import run_train
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.heads import load_head
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="lens-train")
@@ -583,9 +589,9 @@ def test_s3_data_and_package_through_moto(local_ray, tmp_path, rng, moto_endpoin
 def test_custom_top_k_gives_each_heads_best_classes_marked_passed_or_not(tiny, tiny_head, photos):
     """Thresholded custom tags can be empty (blue's threshold is 1.01, never reached); custom_top_k asks for a
     classifier's best guesses instead, best first, each marked whether it passed its threshold."""
-    from lens.config import ModelConfig
-    from lens.heads import load_head
-    from lens.predictor import Predictor
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.heads import load_head
+    from lens.runtime.predictor import Predictor
 
     head = load_head(tiny_head)
     cfg = ModelConfig(name="test_efficientnet", weights="random", backend="onnx", heads=(tiny_head,))

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
 from test_serve import cluster, deploy, expect  # noqa: F401 - the module's Ray + Serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -28,8 +27,7 @@ def _index_with_locations(tmp_path: Path, tiny, photos: dict[str, bytes]) -> tup
     shards` writes and `lens embed` keeps); one more item whose location lies outside the allowed root."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from index.build import BuildConfig, build_index
+    from lens.index.build import BuildConfig, build_index
 
     root = tmp_path / "photos"
     root.mkdir()
@@ -67,8 +65,9 @@ def ui_app(cluster, tiny, photos, tmp_path_factory):  # noqa: F811 - the importe
 
 
 def test_thumbnails_come_from_where_the_index_says_and_only_from_allowed_roots(ui_app):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     url, paths = ui_app
     name = next(iter(paths))

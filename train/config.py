@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from lens.config import DecodeConfig, ModelConfig, StrictModel
+from lens.runtime.config import DecodeConfig, ModelConfig, StrictModel
 
 __all__ = ["TrainConfig", "RANGES", "recommended", "effective_settings", "GUIDANCE", "MIN_PER_CLASS", "SMALL_DATASET"]
 

@@ -258,10 +258,11 @@ def _feedback_examples(uri: str, classes: set, index: str | None) -> tuple[list[
     whose id the index at ``index`` holds. A feedback id is a client's string: it is only ever looked up among the
     index's ids, and the image is read from where the index says it lives (its ``uri``, or the id when the event
     path made it an ``s3://`` location), never opened as a path of the client's choosing."""
-    from index.search import location_from
-    from index.store import load_version
+    from lens.index.search import location_from
+    from lens.index.store import load_version
+
     from lens.errors import LensError
-    from lens.feedback import read_feedback
+    from lens.quality.feedback import read_feedback
 
     if index is None:
         raise DatasetError("--feedback needs --feedback-index INDEX: feedback ids are looked up among the ids of the "

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from lens.batch.config import EmbedConfig
+from lens.batch.job import run_embed
 
-from batch.config import EmbedConfig
-from batch.job import run_embed
 from lens.cluster import init_ray
-from lens.config import DecodeConfig, ModelConfig
 from lens.identity import ModelIdentity
+from lens.runtime.config import DecodeConfig, ModelConfig
 from lens.storage import atomic_write_bytes
 
 from .dataset import Dataset

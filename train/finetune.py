@@ -2,7 +2,7 @@
 
 1. **Linear probe.** The backbone's pooled features of the training and validation images (serving's
    preprocessing, no augmentation) are computed once in the driver; a classifier is trained on them with the head
-   recipe (:func:`train.head.train_head`) and becomes the network's classifier. Fine-tuning starts from a
+   recipe (:func:`lens.train.head.train_head`) and becomes the network's classifier. Fine-tuning starts from a
    classifier that already works, so its first steps do not tear down the backbone's features (Kumar et al.,
    "Fine-Tuning can Distort Pretrained Features", 2022).
 2. **Fine-tune.** One ``TorchTrainer.fit()``: the classifier learns at ``lr``, the unfrozen backbone (its top
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from lens.cluster import init_ray, quiet_ray
-from lens.decode import DecodeLimits
 from lens.faults import crash_point
+from lens.runtime.decode import DecodeLimits
 
 from .config import TrainConfig, effective_settings
 from .dataset import Dataset
@@ -46,8 +46,8 @@ _TOP_MODULES = ("conv_head", "bn2", "classifier")
 def _decode_batch(batch: dict, *, preprocess: dict, limits: DecodeLimits, training: bool, seed: int) -> dict:
     """Ray Data task: encoded images -> (N, 3, H, W) float32 tensors. Training rows get timm's augmentation
     (seeded per batch); validation rows Lens's own preprocessing (what serving does)."""
-    from lens.decode import decode_image
-    from lens.preprocess import PreprocessConfig, Preprocessor
+    from lens.runtime.decode import decode_image
+    from lens.runtime.preprocess import PreprocessConfig, Preprocessor
 
     pp = PreprocessConfig.from_dict(preprocess)
     if training:
@@ -261,19 +261,19 @@ def _forward(model, ds: Dataset, rows: list, preprocessor, *, features: bool = F
 
 
 def run_finetune(cfg: TrainConfig, prep, *, log):
-    """LP-FT on ``prep`` (a :class:`train.job.Prepared`): the candidate a ``finetune`` package is written from
-    (a :class:`train.job.Trained`)."""
+    """LP-FT on ``prep`` (a :class:`lens.train.candidate.Prepared`): the candidate a ``finetune`` package is written from
+    (a :class:`lens.train.candidate.Trained`)."""
     import timm
     import torch
     from safetensors.torch import save
 
     from lens.identity import ModelIdentity, labels_digest
-    from lens.preprocess import Preprocessor
-    from lens.runtime import build_torch
-    from lens.weights import resolve_weights
+    from lens.runtime.loading import build_torch
+    from lens.runtime.preprocess import Preprocessor
+    from lens.runtime.weights import resolve_weights
 
+    from .candidate import Trained
     from .head import train_head
-    from .job import Trained
 
     init_ray(cfg.address, log=log, what="lens train", log_to_driver=False)  # Lens prints each epoch itself
     quiet_ray()

@@ -2,7 +2,7 @@
 
 Every mode trains the head (a classifier on the frozen backbone's embeddings: seconds). ``finetune`` (and
 ``auto`` on a large enough set) also fine-tunes the network from a classifier trained on its frozen features
-(:mod:`train.finetune`). Validation chooses (epochs, thresholds, and in ``auto`` which one is packaged); the test
+(:mod:`lens.train.finetune`). Validation chooses (epochs, thresholds, and in ``auto`` which one is packaged); the test
 split only reports, both candidates side by side.
 """
 
@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 
 from lens import __version__
 from lens.cluster import absolute, quiet_ray
-from lens.identity import ModelIdentity
 from lens.package import check_output, is_package, write_package
 
+from .candidate import Prepared, Trained
 from .config import TrainConfig, effective_settings
 from .dataset import Dataset, DatasetError, check_counts, discover
 from .dedup import near_duplicates
@@ -72,38 +71,6 @@ def run_train(cfg: TrainConfig, *, log=print) -> dict:
     return _write(cfg, prep, chosen, candidates, why, started=t0, log=log)
 
 
-@dataclass
-class Prepared:
-    """The training set after embedding (cached), error rows and the leakage check."""
-
-    ds: Dataset  # usable examples only; with --dedup, the leaked training images are gone
-    emb: np.ndarray  # (N, D): the backbone's embeddings of ds.examples
-    y: np.ndarray  # class ids
-    tr: np.ndarray  # row positions of training examples
-    va: np.ndarray  # row positions of validation examples
-    te: np.ndarray  # row positions of test examples
-    identity: ModelIdentity  # the backbone's
-    unusable: list  # examples with an error
-    removed: list  # training examples removed as near-duplicates
-    dedup: dict
-    emb_report: dict
-    emb_seconds: float
-
-
-@dataclass
-class Trained:
-    """One candidate: what would be packaged, and how it measured."""
-
-    kind: str  # "head" | "finetune"
-    files: dict  # package files besides metrics, confusion and split
-    identity: ModelIdentity  # what the package's model identity is
-    thresholds: np.ndarray
-    val: dict  # validation metrics (the thresholds were tuned on them)
-    test: dict  # test metrics of those thresholds
-    training: dict  # settings, history, seconds
-    extra: dict  # manifest and summary fields of this kind
-
-
 def _usable(ds: Dataset, emb: np.ndarray) -> tuple[Dataset, np.ndarray]:
     keep = [i for i, e in enumerate(ds.examples) if not e.error]
     good = ds.take(keep)
@@ -117,7 +84,7 @@ def _rows(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _prepare(cfg: TrainConfig, ds: Dataset, log) -> Prepared:
-    from lens.runtime import load_model
+    from lens.runtime.loading import load_model
 
     from .features import embed_dataset
 
@@ -224,7 +191,7 @@ def _write(cfg: TrainConfig, prep: Prepared, chosen: Trained, candidates: dict, 
     manifest = {"kind": chosen.kind, "name": cfg.package_name, "created": datetime.now(timezone.utc).isoformat(),
                 "lens_version": __version__, "labels": ds.classes,
                 "thresholds": [float(t) for t in chosen.thresholds], "target_precision": cfg.target_precision,
-                "identity": chosen.identity.to_dict(), "training": chosen.training | {"requested_mode": cfg.mode,
+                "model_identity": chosen.identity.to_dict(), "training": chosen.training | {"requested_mode": cfg.mode,
                                                                                      "chosen_because": why},
                 "dataset": dataset, "metrics": summary(chosen.test), "validation": summary(chosen.val),
                 "compare": compare} | chosen.extra.get("manifest", {})

@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-from lens.heads import softmax
+from lens.runtime.heads import softmax
 
 __all__ = ["assess", "measure", "evaluate", "tune_thresholds", "at_thresholds", "summary", "confusion_png"]
 

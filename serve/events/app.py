@@ -1,6 +1,6 @@
 """The event consumer on Ray Serve, and a plain-process runner for it.
 
-``build_events_app`` is a Serve application builder (``import_path: serve.events.app:build_events_app``):
+``build_events_app`` is a Serve application builder (``import_path: lens.serve.events.app:build_events_app``):
 one ``EventConsumer`` deployment that polls the queue and tags through a handle to the model pool of
 the tagging application, so events and online requests share the same replicas and batches.
 """
@@ -13,10 +13,10 @@ import signal
 
 from pydantic import Field
 
-from lens.config import DecodeConfig, ModelConfig, StrictModel, validate
+from lens.runtime.config import DecodeConfig, ModelConfig, StrictModel, validate
 
-from .consumer import EventProcessor, LocalTagger, Poller
 from .config import EventsConfig
+from .consumer import EventProcessor, LocalTagger, Poller
 
 __all__ = ["EventsAppArgs", "build_events_app", "run_in_process"]
 
@@ -38,7 +38,7 @@ def _make_consumer_class():
         def __init__(self, args: dict) -> None:
             from collections import Counter
 
-            from ..logs import to_replica_log
+            from lens.serve.logs import to_replica_log
 
             to_replica_log()
 
@@ -52,7 +52,7 @@ def _make_consumer_class():
             self._handle = serve.get_deployment_handle(self.args.tagger_deployment, self.args.tagger_app)
             self._tag_batch.set_max_batch_size(self.args.events.concurrency * self.args.events.max_pollers)
             self.processor = EventProcessor(self.args.events, s3, self._tag, {})
-            from ..metrics import EventMetrics
+            from lens.serve.metrics import EventMetrics
 
             self.poller = Poller(self.args.events, self.processor, sqs, EventMetrics())
             self._task = asyncio.get_event_loop().create_task(self._start())
@@ -109,7 +109,7 @@ def build_events_app(args: dict | None = None):
 
 
 async def _run(cfg: EventsConfig, model_cfg: ModelConfig, stop: asyncio.Event) -> dict:
-    from lens.predictor import Predictor
+    from lens.runtime.predictor import Predictor
 
     from .setup import clients
 
@@ -137,7 +137,7 @@ def run_in_process(cfg: EventsConfig, model_cfg: ModelConfig) -> dict:
     return asyncio.run(main())
 
 
-if __name__ == "__main__":  # python -m serve.events.app EVENTS_JSON MODEL_JSON (used by the fault tests)
+if __name__ == "__main__":  # python -m lens.serve.events.app EVENTS_JSON MODEL_JSON (used by the fault tests)
     import json
     import sys
 

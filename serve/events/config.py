@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from lens.config import StrictModel
+from lens.runtime.config import StrictModel
 
 __all__ = ["EventsConfig"]
 

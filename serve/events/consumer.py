@@ -243,7 +243,7 @@ class Poller:
         self.cfg = cfg
         self.processor = processor
         self.sqs = sqs
-        self.metrics = metrics  # serve.metrics.EventMetrics inside Serve; None in-process
+        self.metrics = metrics  # lens.serve.metrics.EventMetrics inside Serve; None in-process
         self.url = queue_url(sqs, cfg.queue)
         self.dlq_url: str | None = None
         self.totals: dict = {}

@@ -2,11 +2,11 @@
 
 It accepts an S3 event or an SQS batch of S3 events, tags each new object by calling the Lens HTTP
 API (``LENS_API_URL``, optional ``LENS_API_KEY``), writes the same sidecars and embedding parts as the
-Ray consumer (same :class:`~serve.events.consumer.EventProcessor`), and answers SQS batches in the
+Ray consumer (same :class:`~lens.serve.events.consumer.EventProcessor`), and answers SQS batches in the
 partial-batch-response format, naming exactly the records to retry.
 
 Environment: ``LENS_API_URL`` (required), ``LENS_API_KEY``, ``LENS_EVENTS_CONFIG`` (JSON of
-:class:`~serve.events.config.EventsConfig` fields: ``bucket``/``extra_buckets`` name the source buckets, whose events
+:class:`~lens.serve.events.config.EventsConfig` fields: ``bucket``/``extra_buckets`` name the source buckets, whose events
 alone are processed; prefixes), ``LENS_API_TIMEOUT_S`` (30).
 """
 
@@ -20,8 +20,8 @@ import os
 from lens.client import LensAPIError, LensClient
 from lens.errors import RequestFailed
 
-from .consumer import EventProcessor
 from .config import EventsConfig
+from .consumer import EventProcessor
 
 __all__ = ["handler", "HttpTagger"]
 
