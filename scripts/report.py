@@ -490,8 +490,10 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="only check that both files are up to date")
     args = ap.parse_args()
     readme_path, report_path, docs_path = ROOT / "README.md", BENCH / "REPORT.md", ROOT / "docs" / "performance.md"
+    start_path = ROOT / "docs" / "get-started.md"  # the install sizes again, for readers of the manual
     new_readme, new_report, new_docs = readme(readme_path.read_text()), report(), docs_page()
-    files = ((readme_path, new_readme), (report_path, new_report), (docs_path, new_docs))
+    new_start = _replace_block(start_path.read_text(), "install", install_line())
+    files = ((readme_path, new_readme), (report_path, new_report), (docs_path, new_docs), (start_path, new_start))
     if args.check:
         stale = [str(p) for p, new in files if not p.is_file() or p.read_text() != new]
         if stale:
