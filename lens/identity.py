@@ -65,10 +65,11 @@ class ModelIdentity:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIdentity":
-        """From :meth:`to_dict`, from an artefact holding it under ``model_identity``, or from what earlier
-        versions wrote (see the module docstring)."""
-        if isinstance(d.get("model_identity"), dict):
-            d = d["model_identity"]
+        """From :meth:`to_dict`, from an artefact holding it under ``model_identity`` (or the earlier
+        ``identity``: :func:`identity_of`), or from what earlier versions wrote (see the module docstring)."""
+        wrapped = identity_of(d)
+        if wrapped is not None:
+            d = wrapped
         elif isinstance(d.get("model"), dict):  # index manifest before model_identity: {"model": {...}, "dim": N}
             d = d["model"] | {"embed_dim": d.get("dim")}
         dim = d.get("embed_dim", d.get("dim"))
