@@ -10,7 +10,8 @@ interval and the current step so far, and asks :func:`judge`:
   version's (and ``min_p95_delta_ms`` more), or its shadow agreement with stable (top-1) falls below
   ``min_top1_agreement``;
 * **advance** to the plan's next weight once the step has baked ``bake_s`` with ``min_requests`` canary requests
-  and no breach; after the last step (100 %), **promote**: ``stable`` := the canary's version;
+  (and, when the rollout mirrors a shadow share, ``min_shadow_pairs`` compared answers: agreement is judged
+  before any step passes, never skipped) and no breach; after the last step (100 %), **promote**: ``stable`` := the canary's version;
 * otherwise **hold**.
 
 A report that shows new canary errors or a refused load wakes the controller before its interval, so a failing
@@ -118,13 +119,16 @@ def judge(state: dict, last: Window, step: Window, failures: dict[str, str], cfg
             return Decision("rollback", why, nums)
     steps = state.get("steps") or []
     baked = now - state.get("step_started", now) >= state.get("bake_s", 0)
-    enough = nums["step_window"]["canary"]["requests"] >= cfg.min_requests
-    if steps and baked and enough:
+    sw = nums["step_window"]["canary"]
+    enough_requests = sw["requests"] >= cfg.min_requests
+    enough_pairs = not state.get("shadow") or sw["pairs"] >= cfg.min_shadow_pairs
+    if steps and baked and enough_requests and enough_pairs:
         if state["step"] + 1 < len(steps):
             return Decision("advance", f"step {state['step']} healthy for {state['bake_s']:g}s", nums)
         if steps[-1] >= 100:
             return Decision("promote", f"healthy at {steps[-1]:g}% for {state['bake_s']:g}s", nums)
-    wait = "baking" if not baked else f"waiting for {cfg.min_requests} canary requests" if not enough else "manual"
+    wait = ("baking" if not baked else f"waiting for {cfg.min_requests} canary requests" if not enough_requests
+            else f"waiting for {cfg.min_shadow_pairs} shadow pairs" if not enough_pairs else "manual")
     return Decision("hold", wait, nums)
 
 

@@ -212,6 +212,13 @@ def test_judge_waits_advances_promotes_and_rolls_back_a_failed_load():
     assert d.action == "rollback" and "failed to load" in d.reason
     few_errors = _window(v1=(300, 0, 50, 0, 0), v2=(10, 5, 50, 0, 0))  # below min_requests: not yet a rate
     assert judge(STATE, few_errors, few_errors, {}, cfg, now=1001.0).action == "hold"
+    # a rollout that mirrors a shadow share passes no step before the agreement has min_shadow_pairs pairs
+    shadowed = dict(STATE, shadow=0.5)
+    few_pairs = _window(v1=(300, 0, 50, 0, 0), v2=(100, 0, 50, cfg.min_shadow_pairs - 1, 1.0))
+    d = judge(shadowed, few_pairs, few_pairs, {}, cfg, now=1011.0)
+    assert d.action == "hold" and d.reason == f"waiting for {cfg.min_shadow_pairs} shadow pairs", d.reason
+    assert judge(dict(shadowed, step=1, weight=100.0), few_pairs, few_pairs, {}, cfg, now=1011.0).action == "hold"
+    assert judge(shadowed, healthy, healthy, {}, cfg, now=1011.0).action == "advance"
 
 
 # -- the watcher ---------------------------------------------------------------------------------------
