@@ -446,12 +446,18 @@ def foreign_ray(tmp_path_factory):
         assert ray_jobs(address) == []
         yield address
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # ``ray start`` alone gets SIGTERM: it drains its node through its GCS, then stops the rest. Signalled
+        # together, the GCS went first and the drain waited 30 s for it.
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of that cluster still alive
+        except ProcessLookupError:
+            pass
         log.close()
         if saved is not None:
             address_file.write_text(saved)
