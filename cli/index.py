@@ -1,4 +1,5 @@
-"""``lens index build``, ``search``, and the versions: ``list``, ``show``, ``use``, ``prune``."""
+"""``lens index build``, ``search``, ``delete``, ``verify``, and the versions: ``list``, ``show``, ``use``,
+``prune``."""
 
 from __future__ import annotations
 
@@ -89,6 +90,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Erase ids from an index: a tombstone part under INDEX/tombstones/ (lens.tombstones) that every searcher of the
+    index reads within its refresh_s and every later build of it drops."""
+    from pathlib import Path
+
+    from lens.index.store import current_version
+    from lens.tombstones import TOMBSTONES_DIR, write_tombstones
+
+    ids = list(args.ids)
+    if args.ids_file:
+        try:
+            text = sys.stdin.read() if args.ids_file == "-" else Path(args.ids_file).read_text()
+        except OSError as e:
+            raise LensError(f"cannot read --ids-file {args.ids_file}: {e.strerror or e}", code="usage") from e
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
+    ids = list(dict.fromkeys(i for i in ids if i.strip()))
+    if not ids:
+        raise LensError("no ids given: name them, or --ids-file FILE (one per line, - for stdin)", code="usage")
+    if current_version(args.index) is None:
+        raise LensError(f"{args.index} is not an index root (no CURRENT): lens index delete erases ids from the "
+                        "index lens index build wrote there", code="usage")
+    uri = write_tombstones(f"{args.index.rstrip('/')}/{TOMBSTONES_DIR}", ids, source="lens index delete",
+                           reason=args.reason)
+    print(json.dumps({"deleted": len(ids), "tombstones": uri}))
+    print(f"lens index delete: {len(ids)} id(s) erased; searchers of {args.index} stop returning them within their "
+          "refresh_s, and every later build drops them", file=sys.stderr)
+    return 0
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
     from lens.index.store import list_versions, load_version, prune_versions, use_version
 
@@ -172,6 +202,18 @@ def add_parsers(sub) -> None:
     pr.add_argument("--index", required=True, help="index root")
     pr.add_argument("--keep", type=int, default=3, help="versions kept (default 3)")
     pr.set_defaults(func=cmd_versions)
+    de = isub.add_parser(
+        "delete", help="erase ids from an index: searchers stop returning them, later builds drop them",
+        description="Writes a tombstone for each id under INDEX/tombstones/. Every searcher of the index stops "
+        "returning them (results, lookups, thumbnails) within its refresh_s, and every later lens index build "
+        "into INDEX drops their rows and counts them (manifest: deleted_dropped). An erasure holds: a row of a "
+        "deleted id never comes back, whatever is embedded later. Example: lens index delete --index /data/index "
+        "s3://photos/2024/a.jpg; lens index delete --index /data/index --ids-file erasures.txt")
+    de.add_argument("--index", required=True, help="index root")
+    de.add_argument("ids", nargs="*", metavar="ID", help="ids to erase")
+    de.add_argument("--ids-file", default=None, metavar="FILE", help="one id per line (- for stdin)")
+    de.add_argument("--reason", default=None, help="recorded with the tombstones (a ticket, a request id)")
+    de.set_defaults(func=cmd_delete)
     ve = isub.add_parser(
         "verify", help="re-embed a sample of stored rows from their source images; exit 1 if any disagree",
         description="Re-embeds --sample seeded random rows of an index (or of an embeddings folder) from their "

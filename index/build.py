@@ -25,7 +25,9 @@ from lens.cluster import absolute
 from lens.errors import ConfigError
 from lens.runtime.config import StrictModel
 
-from .source import kept_chunks, open_sources
+from lens.tombstones import Tombstones
+
+from .source import deletions_in, kept_chunks, open_sources
 from .store import search_params, write_version
 
 __all__ = ["BuildConfig", "IndexPlan", "choose_index", "build_index", "parse_bytes", "bytes_per_vector",
@@ -214,23 +216,31 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     sources, ident = open_sources(list(cfg.embeddings))
     dim = ident.embed_dim
 
-    # pass 1: ids only -> which global positions are kept (the last occurrence of each id)
-    last: dict[str, int] = {}
+    # pass 1: ids (and the event rows' sequencers) only -> which global positions are kept: per id the row of the
+    # newest event (the last occurrence among equals, so event embeddings newer than the bulk run replace them),
+    # unless a tombstone hides it (lens.tombstones)
+    tombstones = Tombstones()
+    tombstones.add(deletions_in(list(cfg.embeddings), cfg.output))
+    last: dict[str, tuple[int, float | int]] = {}
     pos = invalid = 0
     for src in sources:
-        for ids in src.ids():
-            for i in ids:
+        for ids, seqs in src.keys():
+            for i, q in zip(ids, seqs):
                 if i is None:  # a null or empty id: never indexed (its position stays unkept)
                     invalid += 1
-                else:
-                    last[i] = pos
+                elif i not in last or q >= last[i][1]:
+                    last[i] = (pos, q)
                 pos += 1
     total = pos
+    deleted = [i for i, (_, q) in last.items() if tombstones.hides(i, q)]
+    for i in deleted:
+        del last[i]
     keep = np.zeros(total, dtype=bool)
-    keep[np.fromiter(last.values(), dtype=np.int64, count=len(last))] = True
+    keep[np.fromiter((p for p, _ in last.values()), dtype=np.int64, count=len(last))] = True
     n = int(keep.sum())
     if n == 0:
-        raise ConfigError("the embeddings hold no rows")
+        raise ConfigError("the embeddings hold no rows" + (f" that are not deleted ({len(deleted)} deleted)"
+                                                           if deleted else ""))
     del last
     plan = choose_index(n, dim, cfg)
     sharded = cfg.shards > 1
@@ -243,7 +253,9 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         plan = plan.model_copy(update={"reason": f"{cfg.shards} shards need one IVF quantizer; {plan.reason}"})
     if invalid:
         log(f"lens index: {invalid} rows with a null or empty id dropped")
-    log(f"lens index: {n} vectors of dim {dim} ({total - n - invalid} duplicate ids dropped); {plan.type}: {plan.factory} "
+    if deleted:
+        log(f"lens index: {len(deleted)} deleted ids dropped ({len(tombstones)} tombstones)")
+    log(f"lens index: {n} vectors of dim {dim} ({total - n - invalid - len(deleted)} superseded rows dropped); {plan.type}: {plan.factory} "
         f"({plan.reason})")
 
     # pass 2: seeded training sample and held-out tuning queries, by rank among kept rows
@@ -341,8 +353,10 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         "reason": plan.reason,
         "model_identity": ident.to_dict(),
         "sources": [{"uri": s.uri, "kind": s.kind, "files": len(s.files)} for s in sources],
-        "duplicates_dropped": total - n - invalid,
+        "duplicates_dropped": total - n - invalid - len(deleted),
         "invalid_ids_dropped": invalid,
+        "deleted_dropped": len(deleted),
+        "tombstones": len(tombstones),
         "timings_s": {"train": round(train_s, 2), "add": round(add_s, 2),
                       "total": round(time.perf_counter() - t_start, 2)},
     }

@@ -12,17 +12,21 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
 from lens.errors import InvalidRequestError, ModelMismatchError, NotFoundError
 from lens.identity import ModelIdentity
 from lens.runtime.predictor import l2_normalize
+from lens.tombstones import Tombstones, is_dead
+
+from .source import deletions_in, row_seq
 
 from .store import IndexVersion, ShardedIndex, current_version, load_version, reconstruct, search_params
 
-__all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "LocalIndex", "SearchService", "stored_vector"]
+__all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "Hidden", "HiddenRows", "LocalIndex", "SearchService",
+           "stored_vector"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,49 @@ class DeltaSnapshot(NamedTuple):
     metadata: list[str]
     vectors: np.ndarray
     row_of: dict[str, int]
+    seqs: list = []  # each row's order value (lens.tombstones.seq_value of its event's sequencer)
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """What the main index must not answer, at one moment: ids the delta holds a fresher row of, and tombstones
+    (id -> order value). ``token`` changes whenever either does, so what is derived from it can be cached."""
+
+    token: tuple
+    fresher: frozenset
+    tombstones: Mapping[str, float | int]
+
+    def __bool__(self) -> bool:
+        return bool(self.fresher or self.tombstones)
+
+    def hides(self, id_: str, metadata) -> bool:
+        """Is the stored row of ``id_`` (with this metadata, JSON or dict) hidden?"""
+        if id_ in self.fresher:
+            return True
+        t = self.tombstones.get(id_)
+        return t is not None and is_dead(row_seq(metadata), t)
+
+    def rows(self, v) -> np.ndarray:
+        """The rows of index version ``v`` (an :class:`IndexVersion`) that are hidden, sorted."""
+        out = [r for i in self.fresher if (r := v.row_of.get(i)) is not None]
+        out += [r for i, t in self.tombstones.items()
+                if (r := v.row_of.get(i)) is not None and is_dead(row_seq(v.metadata[r]), t)]
+        return np.unique(np.asarray(out, np.int64))
+
+
+class HiddenRows:
+    """:meth:`Hidden.rows` of one version, cached by the version and the token (one entry: the latest)."""
+
+    def __init__(self) -> None:
+        self._cache: tuple = (None, None)
+
+    def __call__(self, v, hidden: Hidden) -> np.ndarray:
+        key, rows = self._cache
+        if key != (v.name, hidden.token):
+            rows = hidden.rows(v)
+            self._cache = ((v.name, hidden.token), rows)
+        return rows
 
 
 class DeltaIndex:
@@ -56,7 +103,7 @@ class DeltaIndex:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._lock = threading.Lock()  # serialises writers; readers never wait
-        self._snap = DeltaSnapshot([], [], np.zeros((0, dim), np.float32), {})
+        self._snap = DeltaSnapshot([], [], np.zeros((0, dim), np.float32), {}, [], 0)
 
     def __len__(self) -> int:
         return len(self._snap.ids)
@@ -64,45 +111,56 @@ class DeltaIndex:
     def snapshot(self) -> DeltaSnapshot:
         return self._snap
 
-    def add(self, ids_in: list[str], vectors: np.ndarray, metadata: list[str] | None = None) -> int:
-        """Insert or replace (same id) rows; returns how many ids are new."""
+    def add(self, ids_in: list[str], vectors: np.ndarray, metadata: list[str] | None = None, *,
+            hides=None) -> int:
+        """Insert rows, or replace the row of the same id with a row of a newer or equal event (an older one is
+        ignored: events arrive out of order); ``hides(id, order)`` -> a tombstone hides it (never inserted).
+        Returns how many ids are new."""
         vectors = l2_normalize(np.asarray(vectors, np.float32).reshape(-1, self.dim))
         metadata = metadata or ["{}"] * len(ids_in)
         with self._lock:
             old = self._snap
             vecs = old.vectors.copy()  # O(delta) copy: the delta is small by design, and readers keep theirs
-            ids, meta, row_of = list(old.ids), list(old.metadata), dict(old.row_of)
+            ids, meta, row_of, seqs = list(old.ids), list(old.metadata), dict(old.row_of), list(old.seqs)
             extra: list[np.ndarray] = []
             added = 0
             for i, v, m in zip(ids_in, vectors, metadata):
+                q = row_seq(m)
+                if hides is not None and hides(i, q):
+                    continue
                 r = row_of.get(i)
                 if r is None:
                     row_of[i] = len(ids)
                     ids.append(i)
                     meta.append(m)
+                    seqs.append(q)
                     extra.append(v)
                     added += 1
                     continue
-                meta[r] = m  # a newer embedding of the same object replaces the old one
+                if q < seqs[r]:
+                    continue  # a late copy of an older event
+                meta[r], seqs[r] = m, q  # a newer embedding of the same object replaces the old one
                 if r < len(vecs):
                     vecs[r] = v
                 else:
                     extra[r - len(vecs)] = v
             if extra:
                 vecs = np.concatenate([vecs, np.stack(extra)])
-            self._snap = DeltaSnapshot(ids, meta, vecs, row_of)  # publish: one reference assignment
+            # publish: one reference assignment
+            self._snap = DeltaSnapshot(ids, meta, vecs, row_of, seqs, old.generation + 1)
         return added
 
     def prune(self, keep) -> int:
-        """Drop rows whose id ``keep`` rejects (those now in the main index); returns how many."""
+        """Drop rows that ``keep(id, order)`` rejects (now in the main index, or deleted); returns how many."""
         with self._lock:
             old = self._snap
-            rows = [r for r, i in enumerate(old.ids) if keep(i)]
+            rows = [r for r, i in enumerate(old.ids) if keep(i, old.seqs[r])]
             dropped = len(old.ids) - len(rows)
             if dropped:
                 ids = [old.ids[r] for r in rows]
                 self._snap = DeltaSnapshot(ids, [old.metadata[r] for r in rows], old.vectors[rows],
-                                           {i: r for r, i in enumerate(ids)})
+                                           {i: r for r, i in enumerate(ids)}, [old.seqs[r] for r in rows],
+                                           old.generation + 1)
         return dropped
 
 
@@ -112,6 +170,7 @@ class LocalIndex:
     def __init__(self, root: str, *, mmap: bool | None = None) -> None:
         self.root, self.mmap = root, mmap
         self.version: IndexVersion = load_version(root, mmap=mmap)
+        self._hidden_rows = HiddenRows()
 
     def take(self, name: str) -> bool:
         """Load version ``name`` aside, then make it the one searched (one reference assignment)."""
@@ -121,12 +180,19 @@ class LocalIndex:
         self.version = new
         return True
 
-    def holds(self, v: IndexVersion, ids: list[str]) -> set[str]:
-        return {i for i in ids if i in v.row_of}
+    def holds(self, v: IndexVersion, ids: list[str]) -> dict[str, float | int]:
+        """The ids of ``ids`` that ``v`` holds -> their rows' order values."""
+        return {i: row_seq(v.metadata[v.row_of[i]]) for i in ids if i in v.row_of}
 
-    def top_k(self, v: IndexVersion, q: np.ndarray, k: int, value) -> list[dict[str, Hit]]:
-        """Each query's best ``k`` of version ``v``: id -> :class:`Hit`."""
-        scores, rows = v.index.search(q, min(k, v.index.ntotal), params=search_params(v.manifest["type"], value))
+    def top_k(self, v: IndexVersion, q: np.ndarray, k: int, value, hidden: Hidden | None = None) -> list[dict]:
+        """Each query's best ``k`` of version ``v`` (id -> :class:`Hit`), ``hidden`` rows excluded inside FAISS's
+        search (an ID selector), so a query still gets ``k`` answers however many rows are hidden."""
+        exclude = self._hidden_rows(v, hidden) if hidden else None
+        kind, kk = v.manifest["type"], min(k, v.index.ntotal)
+        if isinstance(v.index, ShardedIndex):
+            scores, rows = v.index.search(q, kk, kind=kind, value=value, exclude=exclude)
+        else:
+            scores, rows = v.index.search(q, kk, params=search_params(kind, value, exclude=exclude))
         return [{v.ids[r]: Hit(v.ids[r], float(s), json.loads(v.metadata[r])) for s, r in zip(sc, rs) if r >= 0}
                 for sc, rs in zip(scores, rows)]
 
@@ -153,6 +219,8 @@ class SearchService:
         self.main = main if main is not None else LocalIndex(root, mmap=mmap)
         self._swap_lock = threading.Lock()
         self.delta = DeltaIndex(self.version.manifest["dim"])
+        self.tombstones = Tombstones()
+        self.delete(deletions_in([], root))  # the index's manual erasures (lens index delete)
 
     # -- versions ------------------------------------------------------------------------------
     @property
@@ -178,18 +246,38 @@ class SearchService:
                 return False  # not ready everywhere yet: the next refresh tries again
             new = self.version
             ids = list(self.delta.snapshot().ids)
-            inside = self.main.holds(new, ids) if ids else set()
-            pruned = self.delta.prune(lambda i: i not in inside)
+            inside = self.main.holds(new, ids) if ids else {}
+            # a delta row leaves when the new version holds its id from the same or a newer event
+            pruned = self.delta.prune(lambda i, q: i not in inside or q > inside[i])
             logger.info("swapped index %s -> %s (%d vectors); %d delta rows now in the main index",
                         old.name, new.name, new.manifest["count"], pruned)
             return True
+
+    # -- the live delta and deletions --------------------------------------------------------------
+    def add_rows(self, ids: list[str], vectors: np.ndarray, metadata: list[str] | None = None) -> int:
+        """Fresh rows of the event path (a newer event's row replaces an id's older one; deleted rows stay out)."""
+        return self.delta.add(ids, vectors, metadata, hides=self.tombstones.hides)
+
+    def delete(self, entries) -> int:
+        """Record deletions ((id, order value) pairs; :mod:`lens.tombstones`): from now on no answer, lookup or
+        thumbnail returns a row they hide. Returns how many ids got a new or newer tombstone."""
+        changed = self.tombstones.add(entries)
+        if changed:
+            self.delta.prune(lambda i, q: not self.tombstones.hides(i, q))
+        return len(changed)
+
+    def hidden(self) -> Hidden:
+        """What the main index must not answer now: ids the delta holds fresher rows of, and the tombstones."""
+        d = self.delta.snapshot()
+        return Hidden((d.generation, self.tombstones.generation), frozenset(d.ids), self.tombstones.snapshot())
 
     def info(self) -> dict:
         v = self.version
         m = v.manifest
         return {"index_version": v.name, "type": m["type"], "factory": m["factory"], "count": m["count"],
                 "dim": m["dim"], "search": m["search"], "recall": {k: m["recall"][k] for k in ("k", "value")},
-                "model_identity": self.identity.to_dict(), "delta": len(self.delta)} | self.main.info()
+                "model_identity": self.identity.to_dict(), "delta": len(self.delta),
+                "tombstones": len(self.tombstones)} | self.main.info()
 
     # -- queries -------------------------------------------------------------------------------
     def check_model(self, info: dict) -> None:
@@ -216,8 +304,9 @@ class SearchService:
         q = l2_normalize(np.asarray(vectors, np.float32).reshape(-1, v.manifest["dim"]))
         value = param if param is not None else v.manifest["search"]["value"]
         extra = 1 if exclude else 0
-        best = self.main.top_k(v, q, k + extra, value)
-        d_ids, d_meta, d_vecs, _ = self.delta.snapshot()
+        hidden = self.hidden()
+        best = self.main.top_k(v, q, k + extra, value, hidden)
+        d_ids, d_meta, d_vecs = self.delta.snapshot()[:3]
         d_scores = q @ d_vecs.T if len(d_ids) else None
         return v.name, [with_delta(best[qi], None if d_scores is None else d_scores[qi], d_ids, d_meta, k, extra,
                                    exclude[qi] if exclude else None) for qi in range(len(q))]
@@ -229,7 +318,7 @@ class SearchService:
             return delta.vectors[r], json.loads(delta.metadata[r])
         v = self.version
         found = self.main.lookup(v, id_, vector=vector)
-        if found is None:
+        if found is None or self.tombstones.hides(id_, row_seq(found[1])):
             raise NotFoundError(f"no id {id_!r} in index {v.name}")
         return found
 
@@ -255,13 +344,11 @@ class SearchService:
 
 
 def with_delta(best: dict, d_scores, d_ids: list, d_meta: list, k: int, extra: int, excluded) -> list:
-    """One query's answer: the main index's ``best`` (id -> Hit) joined with the delta's top ``k + extra`` (an id in
-    both: the fresher vector answers, once), ``excluded`` dropped, best ``k`` first."""
+    """One query's answer: the main index's ``best`` (id -> Hit; it excludes the ids the delta holds, whose rows
+    there are fresher) joined with the delta's top ``k + extra``, ``excluded`` dropped, best ``k`` first."""
     if d_scores is not None:
         for r in np.argsort(-d_scores)[: k + extra]:
-            i, s = d_ids[r], float(d_scores[r])
-            if i not in best or best[i].score < s:
-                best[i] = Hit(i, s, json.loads(d_meta[r]))
+            best[d_ids[r]] = Hit(d_ids[r], float(d_scores[r]), json.loads(d_meta[r]))
     if excluded is not None:
         best.pop(excluded, None)
     return sorted(best.values(), key=lambda h: -h.score)[:k]

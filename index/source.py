@@ -24,10 +24,14 @@ import pyarrow.parquet as pq
 from lens.errors import ConfigError
 from lens.identity import LEGACY_PARQUET_KEY, PARQUET_KEY, ModelIdentity
 from lens.storage import Location
+from lens.tombstones import is_tombstone_file, read_tombstones, seq_value
 
-__all__ = ["EmbeddingSource", "Chunk", "open_sources", "kept_chunks", "as_id"]
+__all__ = ["EmbeddingSource", "Chunk", "open_sources", "kept_chunks", "as_id", "row_seq",
+           "deletions_in"]
 
-METADATA_COLUMNS = ("tags", "top1", "uri")  # kept (compactly) in the index's metadata sidecar when present
+#: the event path's column of each row's S3 sequencer (orders the events of one key; see lens.tombstones)
+SEQUENCER = "sequencer"
+METADATA_COLUMNS = ("tags", "top1", "uri", SEQUENCER)  # kept (compactly) in the index's metadata sidecar when present
 #: The longest image location kept (``s3://`` + a 63-character bucket + a 1,024-byte key fits).
 MAX_LOCATION_CHARS = 1100
 #: The longest value of a carried column kept in the index metadata (a caption, a URL), in characters.
@@ -53,6 +57,7 @@ class EmbeddingSource:
         self.manifest = manifest
         if manifest is not None:
             self.kind = "lens-embed"
+            self.tombstone_files = []
             self.files = [self.loc.path(f) for f in manifest["files"]]
             self.identity = ModelIdentity.from_dict(manifest)
             # `lens embed --carry url,caption`: kept in the index metadata, so search results return them
@@ -61,8 +66,9 @@ class EmbeddingSource:
         else:
             self.kind = "parts"
             self.carry = []
-            self.files = self.loc.list_files(pattern=None)
-            self.files = [f for f in self.files if f.endswith(".parquet")]
+            found = [f for f in self.loc.list_files(pattern=None) if f.endswith(".parquet")]
+            self.tombstone_files = [f for f in found if is_tombstone_file(f)]  # deletions beside the additions
+            self.files = [f for f in found if not is_tombstone_file(f)]
             self.identity = self._identity_from_parts() if self.files else None
 
     def _parquet(self, path: str, fh) -> pq.ParquetFile:
@@ -90,6 +96,25 @@ class EmbeddingSource:
                     raise ConfigError(f"{self.loc.uri_of(f)} has no id and embedding columns: not an embedding part")
                 yield [as_id(x) for x in pf.read(columns=["id"]).column("id").to_pylist()]
 
+    def keys(self) -> Iterator[tuple[list[str | None], list]]:
+        """Each file's (ids, order values): the rows' sequencers as :func:`lens.tombstones.seq_value` (``-1`` where
+        the file has none, as ``lens embed`` outputs)."""
+        for f in self.files:
+            with self.loc.fs.open_input_file(f) as fh:
+                pf = self._parquet(f, fh)
+                if "id" not in pf.schema_arrow.names or "embedding" not in pf.schema_arrow.names:
+                    raise ConfigError(f"{self.loc.uri_of(f)} has no id and embedding columns: not an embedding part")
+                cols = ["id"] + ([SEQUENCER] if SEQUENCER in pf.schema_arrow.names else [])
+                t = pf.read(columns=cols)
+                ids = [as_id(x) for x in t.column("id").to_pylist()]
+                seqs = [seq_value(x) for x in t.column(SEQUENCER).to_pylist()] if SEQUENCER in cols else \
+                    [-1] * len(ids)
+                yield ids, seqs
+
+    def tombstones(self) -> list[tuple[str, float | int]]:
+        """(id, order value) of every deletion recorded beside this source's parts."""
+        return [e for f in self.tombstone_files for e in read_tombstones(self.loc, f)]
+
     def chunks(self, rows: int) -> Iterator[Chunk]:
         """The rows in file order, ``rows`` at a time at most (one file at a time in memory)."""
         for f in self.files:
@@ -110,6 +135,7 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = ()) -> Chunk:
     top1 = rb.column(names.index("top1")).to_pylist() if "top1" in names else None
     carried = {c: rb.column(names.index(c)).to_pylist() for c in carry if c in names}
     uris = rb.column(names.index("uri")).to_pylist() if "uri" in names else None
+    seqs = rb.column(names.index(SEQUENCER)).to_pylist() if SEQUENCER in names else None
     for i in range(rb.num_rows):
         m = {}
         if tags is not None and tags[i]:
@@ -118,12 +144,23 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = ()) -> Chunk:
             m["tags"] = [top1[i]]
         if uris is not None and uris[i] and len(str(uris[i])) <= MAX_LOCATION_CHARS:  # where the image lives
             m["uri"] = str(uris[i])
+        if seqs is not None and seqs[i]:  # the event that wrote the row: orders it against deletions
+            m[SEQUENCER] = str(seqs[i])
         for c, values in carried.items():
             if values[i] is not None:
                 m[c] = str(values[i])[:MAX_CARRIED_CHARS]
         meta.append(json.dumps(m))
     ids = [as_id(x) for x in rb.column(names.index("id")).to_pylist()]
     return Chunk(ids, vectors, meta)
+
+
+def row_seq(metadata: dict | str) -> float | int:
+    """A stored row's order value, from its metadata (JSON or dict): its event's sequencer, else ``-1``."""
+    if isinstance(metadata, str):
+        if SEQUENCER not in metadata:  # most rows: no JSON parse
+            return -1
+        metadata = json.loads(metadata)
+    return seq_value(metadata.get(SEQUENCER))
 
 
 def as_id(value) -> str | None:
@@ -147,6 +184,21 @@ def open_sources(uris: list[str]) -> tuple[list[EmbeddingSource], ModelIdentity]
             raise ConfigError(f"{s.uri} was embedded with a different {', '.join(diff)} than {known[0].uri}; "
                               "an index needs one model")
     return [s for s in sources if s.files], ident
+
+
+def deletions_in(uris: list[str], index_root: str | None = None) -> list[tuple[str, float | int]]:
+    """(id, order value) of every tombstone beside the embedding parts under ``uris`` and, with ``index_root``, of
+    the index's manual erasures (``INDEX_ROOT/tombstones/``)."""
+    from lens.tombstones import TOMBSTONES_DIR
+
+    out: list[tuple[str, float | int]] = []
+    places = [u for u in uris if not u.endswith(".parquet")]
+    if index_root is not None:
+        places.append(f"{index_root.rstrip('/')}/{TOMBSTONES_DIR}")
+    for u in places:
+        loc = Location.parse(u)
+        out += [e for f in loc.list_files(pattern=None) if is_tombstone_file(f) for e in read_tombstones(loc, f)]
+    return out
 
 
 def kept_chunks(sources, keep: np.ndarray, rows: int):

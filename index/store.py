@@ -62,12 +62,18 @@ class ShardedIndex:
         self.ntotal = int(self.offsets[-1])
         self.d = indexes[0].d
 
-    def search(self, q: np.ndarray, k: int, params=None):
+    def search(self, q: np.ndarray, k: int, params=None, *, kind: str | None = None, value=None,
+               exclude: np.ndarray | None = None):
+        """Top-``k`` over every shard. Either ``params`` for all of them, or ``kind``/``value`` and ``exclude`` (rows
+        numbered shard after shard) from which each shard gets its own parameters."""
         scores, rows = [], []
-        for off, ix in zip(self.offsets, self.shards):
+        for off, end, ix in zip(self.offsets, self.offsets[1:], self.shards):
             kk = min(k, ix.ntotal)
             if kk == 0:
                 continue
+            if kind is not None:
+                mine = None if exclude is None else exclude[(exclude >= off) & (exclude < end)] - off
+                params = search_params(kind, value, exclude=mine)
             s, r = ix.search(q, kk, params=params)
             scores.append(s)
             rows.append(np.where(r >= 0, r + off, -1))
@@ -313,15 +319,30 @@ def _load_sharded(vdir: Path, manifest: dict, *, mmap: bool | None, verify: bool
                         [m for s in shards for m in s.metadata], row_of)
 
 
-def search_params(kind: str, value: int | None):
-    """Per-query FAISS search parameters (never a mutation of the shared index)."""
+def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = None):
+    """Per-query FAISS search parameters (never a mutation of the shared index); ``exclude``: rows the search must
+    not return, skipped inside the search by an ID selector (FAISS's filtered search), so ``k`` answers still come
+    back. The returned object is to be passed as ``params=`` while it is referenced."""
     import faiss
 
-    if value is None or kind == "flat":
+    sel = inner = None
+    if exclude is not None and len(exclude):
+        rows = np.ascontiguousarray(exclude, dtype=np.int64)
+        inner = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))  # copies the ids
+        sel = faiss.IDSelectorNot(inner)
+    if sel is None and (value is None or kind == "flat"):
         return None
-    if kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=int(value))
-    return faiss.SearchParametersIVF(nprobe=int(value))
+    kw = {"sel": sel} if sel is not None else {}
+    if kind == "flat" or value is None:
+        params = faiss.SearchParameters(**kw)
+    elif kind == "hnsw":
+        params = faiss.SearchParametersHNSW(efSearch=int(value), **kw)
+    else:
+        params = faiss.SearchParametersIVF(nprobe=int(value), **kw)
+    if sel is None:
+        return params
+    params._lens_refs = (inner, sel)  # the selectors live as long as the parameters
+    return params
 
 
 _direct_map_lock = threading.Lock()

@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from lens.errors import InvalidRequestError, LensError
+from lens.tombstones import TOMBSTONES_DIR
 
 from .logs import to_replica_log
 
@@ -26,7 +27,8 @@ logger = logging.getLogger("lens.serve")
 
 
 class DeltaFeed:
-    """Reads embedding parts that appeared under the delta sources since the last look."""
+    """Reads the embedding parts and tombstone parts (:mod:`lens.tombstones`) that appeared under the delta sources
+    since the last look."""
 
     def __init__(self, uris: list[str]) -> None:
         from lens.storage import Location
@@ -34,10 +36,12 @@ class DeltaFeed:
         self.locs = [Location.parse(u) for u in uris]
         self.seen: set[str] = set()
 
-    def poll(self) -> list:
+    def poll(self) -> tuple[list, list]:
+        """(the new parts' (model identity, chunks), the new tombstones' (id, order value))."""
         from lens.index.source import EmbeddingSource
+        from lens.tombstones import is_tombstone_file, read_tombstones
 
-        chunks = []
+        chunks, deletions = [], []
         for loc in self.locs:
             try:
                 files = [f for f in loc.list_files() if f.endswith(".parquet") and f not in self.seen]
@@ -46,12 +50,15 @@ class DeltaFeed:
                 continue
             for f in files:
                 try:
-                    src = EmbeddingSource(loc.uri_of(f))
-                    chunks.append((src.identity, list(src.chunks(10_000))))
+                    if is_tombstone_file(f):
+                        deletions += read_tombstones(loc, f)
+                    else:
+                        src = EmbeddingSource(loc.uri_of(f))
+                        chunks.append((src.identity, list(src.chunks(10_000))))
                 except Exception as e:  # noqa: BLE001 - a bad part is skipped (and logged), not fatal
                     logger.warning("skipping delta part %s: %s", f, e)
                 self.seen.add(f)
-        return chunks
+        return chunks, deletions
 
 
 @serve.deployment(
@@ -73,7 +80,8 @@ class IndexSearcher:
         self.cfg = validate(SearchConfig, search, where="search config")
         main = ShardDeployments(self.cfg.index, shards) if shards else None
         self.service = SearchService(self.cfg.index, mmap=self.cfg.mmap, max_k=self.cfg.max_k, main=main)
-        self.feed = DeltaFeed(list(self.cfg.delta_sources))
+        # the event path's parts, and the index's manual erasures (lens index delete)
+        self.feed = DeltaFeed([*self.cfg.delta_sources, f"{self.cfg.index.rstrip('/')}/{TOMBSTONES_DIR}"])
         self.refresh_error: str | None = None  # why the last new version was refused, until one is taken
         self._refresh_once()
         self._task = asyncio.get_event_loop().create_task(self._refresher())
@@ -86,7 +94,11 @@ class IndexSearcher:
         except LensError as e:  # a broken new version: keep serving the current one
             logger.error("not swapping to the new index version: %s", e.message)
             self.refresh_error = e.message
-        for identity, chunks in self.feed.poll():
+        parts, deletions = self.feed.poll()
+        if deletions:
+            n = self.service.delete(deletions)
+            logger.info("%d deletions read (%d new); %d tombstones", len(deletions), n, len(self.service.tombstones))
+        for identity, chunks in parts:
             if identity is not None and identity.mismatch(self.service.identity):
                 logger.warning("delta part from another model (%s) ignored", identity.model)
                 continue
@@ -96,7 +108,7 @@ class IndexSearcher:
                     logger.warning("delta part: %d rows with a null or empty id skipped", len(c.ids) - len(keep))
                 if keep:
                     c = c.take(keep)
-                    self.service.delta.add(c.ids, c.vectors, c.metadata)
+                    self.service.add_rows(c.ids, c.vectors, c.metadata)
 
     async def _refresher(self) -> None:
         while True:
@@ -176,6 +188,9 @@ class IndexShard:
         self.cfg = validate(SearchConfig, search, where="search config")
         self.shard = shard
         self.loaded: dict = {}  # version name -> IndexVersion of this shard (newest last, at most 2)
+        from lens.index.search import HiddenRows
+
+        self._hidden_rows = HiddenRows()
         self._load_current()
         self._task = asyncio.get_event_loop().create_task(self._refresher())
 
@@ -227,16 +242,18 @@ class IndexShard:
                             status=503)
         return v
 
-    async def search(self, version: str, q: np.ndarray, k: int, value: int | None) -> tuple:
-        """This shard's top-``k`` of each query: (scores, ids, metadata JSON), -1 rows dropped."""
+    async def search(self, version: str, q: np.ndarray, k: int, value: int | None, hidden=None) -> tuple:
+        """This shard's top-``k`` of each query: (scores, ids, metadata JSON), -1 rows dropped; the rows
+        ``hidden`` (a :class:`lens.index.search.Hidden`) names are excluded inside the search."""
         from lens.index.store import search_params
 
         v = self._version(version)
         kk = min(k, len(v.ids))
         if kk == 0:
             return np.zeros((len(q), 0), np.float32), [[] for _ in q], [[] for _ in q]
+        exclude = self._hidden_rows(v, hidden) if hidden else None
         scores, rows = await asyncio.to_thread(v.index.search, q, kk,
-                                               params=search_params(v.manifest["type"], value))
+                                               params=search_params(v.manifest["type"], value, exclude=exclude))
         ids = [[v.ids[r] if r >= 0 else None for r in row] for row in rows]
         meta = [[v.metadata[r] if r >= 0 else "{}" for r in row] for row in rows]
         return scores, ids, meta
@@ -251,9 +268,12 @@ class IndexShard:
             return None
         return await asyncio.to_thread(stored_vector, v, row), json.loads(v.metadata[row])
 
-    async def holds(self, version: str, ids: list[str]) -> list[bool]:
+    async def holds(self, version: str, ids: list[str]) -> dict:
+        """The ids of ``ids`` this shard holds -> their rows' order values (:mod:`lens.tombstones`)."""
+        from lens.index.source import row_seq
+
         v = self._version(version)
-        return [i in v.row_of for i in ids]
+        return {i: row_seq(v.metadata[v.row_of[i]]) for i in ids if i in v.row_of}
 
 
 class ShardDeployments:
@@ -284,14 +304,14 @@ class ShardDeployments:
         logger.info("searching sharded index %s (%d shards)", name, len(self.shards))
         return True
 
-    def holds(self, v, ids: list[str]) -> set[str]:
+    def holds(self, v, ids: list[str]) -> dict:
         held = [h.holds.remote(v.name, ids) for h in self.shards]
-        return {i for r in held for i, yes in zip(ids, r.result()) if yes}
+        return {i: q for r in held for i, q in r.result().items()}
 
-    def top_k(self, v, q: np.ndarray, k: int, value) -> list[dict]:
+    def top_k(self, v, q: np.ndarray, k: int, value, hidden=None) -> list[dict]:
         from lens.index.search import Hit
 
-        answers = [r.result() for r in [h.search.remote(v.name, q, k, value) for h in self.shards]]
+        answers = [r.result() for r in [h.search.remote(v.name, q, k, value, hidden or None) for h in self.shards]]
         out = []
         for qi in range(len(q)):
             best: dict = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from lens.runtime.config import StrictModel
@@ -10,7 +12,7 @@ __all__ = ["EventsConfig"]
 
 
 class EventsConfig(StrictModel):
-    bucket: str = Field("lens-images", description="bucket whose ObjectCreated events are consumed")
+    bucket: str = Field("lens-images", description="bucket whose ObjectCreated/ObjectRemoved events are consumed")
     extra_buckets: tuple[str, ...] = Field(
         (), description="more source buckets; events naming any bucket not configured are skipped unread")
     max_records_per_message: PositiveInt = Field(
@@ -36,6 +38,9 @@ class EventsConfig(StrictModel):
     messages_per_poller: PositiveInt = Field(50, description="backlog per extra poller")
     scale_interval_s: PositiveFloat = Field(5.0, description="how often queue depth is checked")
     region: str | None = Field(None, description="AWS region; None = the usual AWS environment")
+    route: Literal["s3", "eventbridge"] = Field(
+        "s3", description="how `lens events setup` routes the buckets' events to the queue: S3 notifications, or "
+        "S3 -> EventBridge -> SQS (a rule on the default bus); the consumer reads both formats either way")
 
     @property
     def source_buckets(self) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The event consumer: SQS messages of S3 ObjectCreated events in, one result per object version out.
+"""The event consumer: SQS messages of S3 object events in, one result per object version out; deletions too.
 
 Delivery is at least once and out of order; the consumer makes it exactly once in effect:
 
@@ -8,7 +8,12 @@ Delivery is at least once and out of order; the consumer makes it exactly once i
 * a message that keeps failing is left alone and the queue's redrive policy moves it to the DLQ
   after ``maxReceiveCount`` deliveries; malformed messages take that path too;
 * objects deleted before processing, non-images and oversized objects get a ``skipped`` sidecar with
-  the reason, and their message is deleted: retrying cannot help.
+  the reason, and their message is deleted: retrying cannot help;
+* an ``ObjectRemoved`` event (a deletion, or a versioned bucket's delete marker) whose object is really gone
+  writes a tombstone part beside the embedding parts (:mod:`lens.tombstones`: every searcher stops returning
+  the image, every later index build drops it) and marks the sidecar ``deleted`` by the same conditional
+  writes; one whose key holds an object again (re-uploaded since, or only an older version removed) is
+  ``superseded``: the current object's own event decides.
 
 The same :class:`EventProcessor` runs in the Ray Serve consumer deployment, in ``lens events`` and in
 the Lambda-style handler; only the tagger (a Serve handle, a local predictor, or the HTTP API) differs.
@@ -30,7 +35,7 @@ from lens.errors import lens_error_of
 from lens.faults import crash_point
 
 from .config import EventsConfig
-from .results import Record, ResultStore
+from .results import GONE, Record, ResultStore
 from .s3events import ObjectEvent, PoisonMessage, parse_message
 
 __all__ = ["EventProcessor", "Outcome", "LocalTagger", "Poller", "queue_url", "queue_depth"]
@@ -139,8 +144,18 @@ class EventProcessor:
                 out.count("failed")
             elif res is not None:
                 done.append((mid, res))
-        # Embeddings first, sidecars second: a crash in between re-tags on redelivery (a duplicate row that
-        # readers drop on (bucket, key, etag)), never a sidecar whose embedding was lost.
+        # Embeddings and tombstones first, sidecars second: a crash in between re-tags on redelivery (a duplicate
+        # row that readers drop on (bucket, key, etag)), never a sidecar whose embedding or deletion was lost.
+        gone: dict[str, list[tuple[str, Record]]] = {}
+        for mid, r in done:
+            if r.status == "deleted" and mid not in failed_msgs:
+                gone.setdefault(self.cfg.results_bucket or r.event.bucket, []).append((mid, r))
+        for bucket, group in gone.items():
+            try:
+                await self._io_call(self.store.write_tombstones, [r for _, r in group], bucket)
+            except Exception as e:  # noqa: BLE001 - S3 trouble: retry the whole set later
+                logger.warning("tombstone part not written, its messages will be retried: %s", e)
+                failed_msgs.update(mid for mid, _ in group)
         tagged = [(mid, r) for mid, r in done if r.status == "tagged" and mid not in failed_msgs]
         # one part per output bucket and model version: a part's rows share one embedding space (a rollout's
         # canary may answer some of them)
@@ -182,6 +197,8 @@ class EventProcessor:
         if self.store.is_output(ev.key):
             out.count("own_output")
             return None
+        if ev.removed:
+            return await self._removed(ev, out)
         # No read of the sidecar first: duplicates are rare, and the conditional write in
         # ResultStore.write settles them (a duplicate costs a model call, a new object one fewer S3 call).
         kw = {"VersionId": ev.version_id} if ev.version_id else ({"IfMatch": ev.etag} if ev.etag else {})
@@ -190,7 +207,7 @@ class EventProcessor:
         except ClientError as e:
             code = e.response["Error"]["Code"]
             if code in ("NoSuchKey", "404", "NoSuchVersion"):
-                return self._skip(ev, "deleted before processing")
+                return self._skip(ev, GONE)
             if code in ("PreconditionFailed", "412"):
                 # Overwritten since this event; the newer object's own event will tag it.
                 out.count("superseded")
@@ -207,6 +224,21 @@ class EventProcessor:
             return self._skip(ev, f"{e.code}: {e.message}")
         return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"],
                       custom_tags=result.get("custom_tags"), model_identity=result.get("model_identity"))
+
+    async def _removed(self, ev: ObjectEvent, out: Outcome) -> Record | None:
+        """A deletion: the record to write when the key holds no object now, else ``None`` (``superseded``: a newer
+        upload, or a versioned bucket's older version removed, left an object whose own event decides)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            await self._io_call(self.s3.head_object, Bucket=ev.bucket, Key=ev.key)
+        except ClientError as e:
+            code = e.response["Error"]["Code"]
+            if code in ("NoSuchKey", "404", "NotFound", "405", "MethodNotAllowed"):  # 405: a delete marker
+                return Record(ev, "deleted", reason=ev.event_name)
+            raise RetryLater(f"head_object: {code}") from e
+        out.count("superseded")
+        return None
 
     def _fetch(self, bucket: str, key: str, kw: dict) -> tuple[int, bytes | None]:
         """(size, bytes) of an object in one thread hop; bytes ``None`` (body unread) when over the size limit."""

@@ -29,7 +29,7 @@ class Record:
     """What the sidecar holds about one object version."""
 
     event: ObjectEvent
-    status: str  # "tagged" | "skipped"
+    status: str  # "tagged" | "skipped" | "deleted"
     reason: str | None = None
     tags: list | None = None
     embedding: np.ndarray | None = None
@@ -137,19 +137,29 @@ class ResultStore:
                 raise
             current = self.s3.get_object(Bucket=bucket, Key=key)
             prev = json.loads(current["Body"].read())
-            ev = rec.event
-            if (ev.version_id and prev.get("version_id") == ev.version_id) or (
-                    not ev.version_id and ev.etag and prev.get("etag") == ev.etag):
-                return "duplicate"
-            # Without versions, the object was fetched with If-Match on this event's ETag, so this event
-            # describes the current object and the recorded one is older. With versions, order by sequencer.
-            if ev.version_id and not sequencer_newer(ev.sequencer, prev.get("sequencer")):
-                return "stale"
+            verdict = _against(rec, prev)
+            if verdict is not None:
+                return verdict
             self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json",
                                IfMatch=current["ETag"])  # fails (and is retried) if someone wrote in between
         if self.object_tags and rec.status == "tagged":
             self._tag_object(rec, model)
         return "written"
+
+    def write_tombstones(self, records: list[Record], bucket: str) -> str | None:
+        """A tombstone part (:mod:`lens.tombstones`) beside the embedding parts for the deleted records; named from
+        the deletions it holds, so re-processing the same set overwrites it."""
+        from lens.tombstones import part_name, table_bytes, tombstone_table
+
+        rows = [r for r in records if r.status == "deleted"]
+        if not rows:
+            return None
+        ids = [f"s3://{r.event.bucket}/{r.event.key}" for r in rows]
+        seqs = [r.event.sequencer for r in rows]
+        table = tombstone_table(ids, seqs, source="s3-event", reason=None)
+        key = f"{self.embeddings_prefix}{part_name(ids, seqs)}"
+        self.s3.put_object(Bucket=self.results_bucket or bucket, Key=key, Body=table_bytes(table))
+        return key
 
     def _tag_object(self, rec: Record, model: dict) -> None:
         ev = rec.event
@@ -179,12 +189,38 @@ class ResultStore:
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(np.concatenate([np.asarray(r.embedding, np.float32) for r in rows])), dim),
             "top1": [r.tags[0]["label"] if r.tags else None for r in rows],
+            "sequencer": pa.array([r.event.sequencer for r in rows], pa.string()),  # orders a row against deletions
         }, metadata={PARQUET_KEY: json.dumps(_identity(model).to_dict()).encode()})
         buf = io.BytesIO()
         pq.write_table(table, buf)
         key = f"{self.embeddings_prefix}part-{name}.parquet"
         self.s3.put_object(Bucket=self.results_bucket or bucket, Key=key, Body=buf.getvalue())
         return key
+
+
+def _against(rec: Record, prev: dict) -> str | None:
+    """What a record does to the sidecar already there (``prev``): ``"duplicate"`` or ``"stale"`` (nothing
+    written), or ``None`` (replace it, by compare-and-swap)."""
+    ev = rec.event
+    if rec.status == "deleted" or prev.get("status") == "deleted":
+        if rec.status == "deleted" and prev.get("status") == "deleted" and prev.get("sequencer") == ev.sequencer:
+            return "duplicate"
+        if rec.status == "skipped" and rec.reason == GONE:  # the object is gone: its deletion stays on record
+            return "stale"
+        # S3 orders one key's events by sequencer: an upload after the deletion replaces it, an older one never
+        return "stale" if sequencer_newer(prev.get("sequencer"), ev.sequencer) else None
+    if (ev.version_id and prev.get("version_id") == ev.version_id) or (
+            not ev.version_id and ev.etag and prev.get("etag") == ev.etag):
+        return "duplicate"
+    # Without versions, the object was fetched with If-Match on this event's ETag, so this event
+    # describes the current object and the recorded one is older. With versions, order by sequencer.
+    if ev.version_id and not sequencer_newer(ev.sequencer, prev.get("sequencer")):
+        return "stale"
+    return None
+
+
+#: the reason of a record whose object was gone when its event was processed
+GONE = "deleted before processing"
 
 
 # -- audit: with versioning on the results bucket, every PUT is kept, so "one result per object" can be checked --

@@ -1,4 +1,6 @@
-"""Parsing S3 event notifications as they arrive through SQS (directly, or wrapped by SNS)."""
+"""Parsing S3 event notifications as they arrive through SQS: S3's own notifications (directly, or wrapped by SNS)
+and EventBridge's (``"source": "aws.s3"``, ``detail-type`` ``Object Created`` / ``Object Deleted``), the route AWS
+recommends now. Both give the same :class:`ObjectEvent`: creations to tag, removals to delete."""
 
 from __future__ import annotations
 
@@ -24,13 +26,46 @@ class ObjectEvent:
     event_name: str
 
     @property
+    def removed(self) -> bool:
+        """An ``ObjectRemoved`` event: a deletion, or a delete marker in a versioned bucket."""
+        return self.event_name.startswith("ObjectRemoved:")
+
+    @property
     def identity(self) -> tuple:
         """Same bucket, key and ETag/version = the same object version: tag it once."""
         return (self.bucket, self.key, self.version_id or self.etag)
 
 
+#: EventBridge's detail-type -> the S3 notification event family it stands for
+_BRIDGE_TYPES = {"Object Created": "ObjectCreated", "Object Deleted": "ObjectRemoved"}
+
+
+def _bridge_event(doc: dict) -> list[ObjectEvent]:
+    """The object event of one EventBridge message (an S3 event rule's target is the queue); other S3 detail types
+    (tags, ACLs, restores) are nothing to do."""
+    family = _BRIDGE_TYPES.get(doc.get("detail-type"))
+    if family is None:
+        return []
+    try:
+        detail = doc["detail"]
+        obj = detail["object"]
+        bucket, key = detail["bucket"]["name"], obj["key"]
+        if not isinstance(bucket, str) or not isinstance(key, str) or not key:
+            raise PoisonMessage("EventBridge event: bucket name and key must be non-empty strings")
+        reason = detail.get("reason") or ("PutObject" if family == "ObjectCreated" else "DeleteObject")
+        if family == "ObjectRemoved" and detail.get("deletion-type") == "Delete Marker Created":
+            reason = "DeleteMarkerCreated"
+        return [ObjectEvent(bucket=bucket, key=key,  # EventBridge keys are not URL-encoded
+                            etag=(obj.get("etag") or obj.get("eTag") or "").strip('"') or None,
+                            version_id=obj.get("version-id") or None, size=obj.get("size"),
+                            sequencer=obj.get("sequencer"), event_name=f"{family}:{reason}")]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise PoisonMessage(f"EventBridge S3 event without {e}") from e
+
+
 def parse_message(body: str, max_records: int = 100) -> list[ObjectEvent] | None:
-    """ObjectCreated records of one SQS message body; ``None`` for an ``s3:TestEvent``.
+    """ObjectCreated and ObjectRemoved records of one SQS message body (an S3 notification, through SNS or not, or
+    an EventBridge S3 event); ``None`` for an ``s3:TestEvent``.
 
     Raises :class:`PoisonMessage` if the body is not an S3 notification at all, or holds more than
     ``max_records`` records (S3 sends one per message; a bigger one is hand-made).
@@ -47,6 +82,8 @@ def parse_message(body: str, max_records: int = 100) -> list[ObjectEvent] | None
         raise PoisonMessage("message body is not a JSON object")
     if doc.get("Event") == "s3:TestEvent":
         return None
+    if doc.get("source") == "aws.s3" and "detail-type" in doc:  # S3 -> EventBridge -> SQS
+        return _bridge_event(doc)
     records = doc.get("Records")
     if not isinstance(records, list):
         raise PoisonMessage("message has no Records list (not an S3 event notification)")
@@ -57,7 +94,7 @@ def parse_message(body: str, max_records: int = 100) -> list[ObjectEvent] | None
     for i, rec in enumerate(records):
         try:
             name = rec["eventName"]
-            if not name.startswith("ObjectCreated:"):
+            if not name.startswith(("ObjectCreated:", "ObjectRemoved:")):
                 continue
             s3 = rec["s3"]
             obj = s3["object"]
