@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["run_demo", "prepare_workdir", "MARKER"]
 
 DATA_BUCKET = "lens-demo-data"  # seed images, shards and bulk embeddings (no notifications)
@@ -71,11 +73,11 @@ def _wait(what: str, check, timeout_s: float, interval: float = 0.5):
 
 
 def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-demo", port: int = 8000,
-             keep: bool = False, dashboard: bool = True, address: str | None = None) -> dict:
+             keep: bool = False, dashboard: bool = True, address: str | None = None, deletes: int = 6) -> dict:
     from lens.client import LensAPIError, LensClient
     from lens.runtime.samples import augmented_jpegs, sample_path
 
-    total = 10
+    total = 11
     summary: dict = {"steps_s": {}}
     work = prepare_workdir(workdir)
     t_all = time.perf_counter()
@@ -235,7 +237,14 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     summary["steps_s"]["events"] = round(time.perf_counter() - t, 1)
 
     # 9 -------------------------------------------------------------------------------------
-    t = _step(9, total, "example requests over HTTP")
+    deletes = min(deletes, new_images)
+    t = _step(9, total, f"deleting {deletes} of them from the bucket (S3 ObjectRemoved -> SQS -> tombstones)")
+    summary["deletes"] = measure_deletes(s3, lens, cfg.bucket, [f"incoming/{name}" for name, _, _ in new[:deletes]],
+                                         [data for _, data, _ in new[:deletes]], results_bucket, cfg.result_prefix)
+    summary["steps_s"]["deletes"] = round(time.perf_counter() - t, 1)
+
+    # 10 ------------------------------------------------------------------------------------
+    t = _step(10, total, "example requests over HTTP")
     coffee = sample_path("coffee.png").read_bytes()
     tag = lens.tag(coffee, top_k=3, custom_top_k=3)  # the head's best guesses, each marked passed or not
     from PIL import Image
@@ -259,8 +268,8 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     summary["steps_s"]["examples"] = round(time.perf_counter() - t, 1)
     summary["total_s"] = round(time.perf_counter() - t_all, 1)
 
-    # 10 ------------------------------------------------------------------------------------
-    _step(10, total, "summary")
+    # 11 ------------------------------------------------------------------------------------
+    _step(11, total, "summary")
     _print_summary(summary, url, endpoint, cfg)
     if keep:
         print(f"\nLens is up at {url} (S3/SQS at {endpoint}); Ctrl-C to stop.", file=sys.stderr)
@@ -269,6 +278,40 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
     return summary
+
+
+def measure_deletes(s3, lens, bucket: str, keys: list[str], images: list[bytes], results_bucket: str,
+                    result_prefix: str, timeout_s: float = 120) -> dict:
+    """Delete ``keys`` from the bucket and time each one until the service stops returning it (its id lookup is a
+    404); then check no image search returns them and their sidecars say ``deleted``. Delete -> gone seconds."""
+    from lens.client import LensAPIError
+
+    ids = {f"s3://{bucket}/{k}": k for k in keys}
+    started: dict[str, float] = {}
+    for id_, key in ids.items():
+        started[id_] = time.perf_counter()
+        s3.delete_object(Bucket=bucket, Key=key)
+    gone: dict[str, float] = {}
+    deadline = time.perf_counter() + timeout_s
+    while len(gone) < len(ids) and time.perf_counter() < deadline:
+        for id_ in [i for i in ids if i not in gone]:
+            try:
+                lens.search(id=id_, k=1)
+            except LensAPIError as e:
+                if e.http_status == 404:
+                    gone[id_] = time.perf_counter() - started[id_]
+        time.sleep(0.05)
+    if len(gone) < len(ids):
+        raise RuntimeError(f"{len(ids) - len(gone)} deleted images still searchable after {timeout_s:.0f} s")
+    found = {h["id"] for data in images for h in lens.search(data, k=10)["results"]}
+    if found & set(ids):
+        raise RuntimeError(f"deleted images still returned by an image search: {sorted(found & set(ids))}")
+    statuses = {json.loads(s3.get_object(Bucket=results_bucket, Key=f"{result_prefix}{k}.json")["Body"].read())
+                ["status"] for k in keys}
+    s = sorted(gone.values())
+    return {"deleted": len(ids), "gone_p50_s": round(float(np.percentile(s, 50)), 2),
+            "gone_p95_s": round(float(np.percentile(s, 95)), 2), "gone_max_s": round(s[-1], 2),
+            "sidecar_status": sorted(statuses), "returned_by_image_search": 0}
 
 
 def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
@@ -287,6 +330,9 @@ def _print_summary(s: dict, url: str, endpoint: str, cfg) -> None:
     ev = s["events"]
     p(f"  event path     {ev['uploaded']} uploads tagged in {ev['tagged_in_s']} s, searchable in "
       f"{ev['searchable_in_s']} s; e.g. {ev['example_sidecar']}: {', '.join(ev['example_tags'])}")
+    d = s["deletes"]
+    p(f"  deletes        {d['deleted']} images deleted from the bucket: gone from search in p50 {d['gone_p50_s']} s, "
+      f"p95 {d['gone_p95_s']} s; sidecars {', '.join(d['sidecar_status'])}")
     for k, v in s["examples"].items():
         p(f"  {k}: {v}")
     p(f"  timings (s)    {s['steps_s']}")
@@ -308,7 +354,8 @@ def main(args) -> int:
     prepare_workdir(args.workdir)  # refuses a directory the demo does not own before anything starts
     try:
         summary = run_demo(images=args.images, new_images=args.new_images, workdir=args.workdir, port=args.port,
-                           keep=args.keep, dashboard=not args.no_dashboard, address=args.address)
+                           keep=args.keep, dashboard=not args.no_dashboard, address=args.address,
+                           deletes=args.deletes)
     finally:
         print("shutting down ...", file=sys.stderr)
         try:

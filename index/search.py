@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
@@ -21,6 +23,7 @@ from lens.identity import ModelIdentity
 from lens.runtime.predictor import l2_normalize
 from lens.tombstones import Tombstones, is_dead
 
+from .filters import MetadataColumns, parse_filter
 from .source import deletions_in, row_seq
 
 from .store import IndexVersion, ShardedIndex, current_version, load_version, reconstruct, search_params
@@ -164,6 +167,79 @@ class DeltaIndex:
         return dropped
 
 
+def filtered_plan(kind: str, value, frac: float, nlist: int | None) -> tuple[str, int | None]:
+    """How to search when a filter lets ``frac`` of the rows through: (``"index"`` with this search parameter, or
+    ``"exact"``: every selected row compared). IVF probes ``value / frac`` lists (about as many selected candidates
+    as an unfiltered search sees; every list, an exact search of the selected rows, once that reaches ``nlist``);
+    HNSW widens ``efSearch`` the same way down to 10 % and below that compares the selected rows exactly (a graph
+    walk through mostly filtered-out nodes loses recall)."""
+    if kind == "flat" or value is None:
+        return "index", value
+    if kind in ("ivf-flat", "ivf-pq"):
+        return "index", int(min(nlist or value, math.ceil(value / max(frac, 1e-12))))
+    if frac >= 0.1:
+        return "index", int(min(4096, math.ceil(value / frac)))
+    return "exact", None
+
+
+def filtered_top_k(v, q: np.ndarray, k: int, value, allowed: np.ndarray) -> list[dict]:
+    """Each query's best ``k`` among the rows ``allowed`` (a boolean mask over ``v``'s rows), selected inside the
+    search (an ID-selector bitmap) with :func:`filtered_plan`'s parameter."""
+    import faiss
+
+    n_sel = int(allowed.sum())
+    if n_sel == 0:
+        return [{} for _ in q]
+    kind = v.manifest["type"]
+    mode, val = filtered_plan(kind, value, n_sel / len(allowed), v.manifest.get("nlist"))
+    kk = min(k, n_sel)
+    if isinstance(v.index, ShardedIndex):
+        scores, rows = v.index.search(q, kk, kind=kind, value=val, allowed=allowed)
+    elif mode == "exact":  # HNSW,Flat keeps the full vectors in its storage: compare the selected ones
+        scores, rows = faiss.downcast_index(v.index.storage).search(q, kk, params=search_params("flat", None,
+                                                                                                allowed=allowed))
+    else:
+        scores, rows = v.index.search(q, kk, params=search_params(kind, val, allowed=allowed))
+    return [{v.ids[r]: Hit(v.ids[r], float(s), json.loads(v.metadata[r])) for s, r in zip(sc, rs) if r >= 0}
+            for sc, rs in zip(scores, rows)]
+
+
+class FilterMasks:
+    """Per index version: its metadata as columns (:class:`MetadataColumns`, parsed once) and the masks of recent
+    filters (LRU), each with the hidden rows removed; keyed by the filter, the version and the hidden token."""
+
+    def __init__(self, size: int = 32) -> None:
+        self._columns: tuple = (None, None)
+        self._masks: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.size = size
+
+    def columns(self, name: str, ids: list[str], metadata: list[str]) -> MetadataColumns:
+        key, cols = self._columns
+        if key != name:
+            cols = MetadataColumns(ids, metadata)
+            self._columns = (name, cols)
+        return cols
+
+    def allowed(self, v, hidden: Hidden | None, node: dict, known: set[str] | None, hidden_rows) -> np.ndarray:
+        key = (v.name, json.dumps(node, sort_keys=True), hidden.token if hidden else None)
+        with self._lock:
+            if key in self._masks:
+                self._masks.move_to_end(key)
+                return self._masks[key]
+        mask = self.columns(v.name, v.ids, v.metadata).mask(node, known=known)
+        if hidden:
+            rows = hidden_rows(v, hidden)
+            if len(rows):
+                mask = mask.copy()
+                mask[rows] = False
+        with self._lock:
+            self._masks[key] = mask
+            while len(self._masks) > self.size:
+                self._masks.popitem(last=False)
+        return mask
+
+
 class LocalIndex:
     """The main index of a :class:`SearchService` held in this process: one :class:`IndexVersion`."""
 
@@ -171,6 +247,11 @@ class LocalIndex:
         self.root, self.mmap = root, mmap
         self.version: IndexVersion = load_version(root, mmap=mmap)
         self._hidden_rows = HiddenRows()
+        self._filters = FilterMasks()
+
+    def fields(self, v: IndexVersion) -> set[str]:
+        """The filterable fields of version ``v``'s rows."""
+        return self._filters.columns(v.name, v.ids, v.metadata).fields()
 
     def take(self, name: str) -> bool:
         """Load version ``name`` aside, then make it the one searched (one reference assignment)."""
@@ -184,9 +265,13 @@ class LocalIndex:
         """The ids of ``ids`` that ``v`` holds -> their rows' order values."""
         return {i: row_seq(v.metadata[v.row_of[i]]) for i in ids if i in v.row_of}
 
-    def top_k(self, v: IndexVersion, q: np.ndarray, k: int, value, hidden: Hidden | None = None) -> list[dict]:
-        """Each query's best ``k`` of version ``v`` (id -> :class:`Hit`), ``hidden`` rows excluded inside FAISS's
-        search (an ID selector), so a query still gets ``k`` answers however many rows are hidden."""
+    def top_k(self, v: IndexVersion, q: np.ndarray, k: int, value, hidden: Hidden | None = None,
+              flt: dict | None = None, known: set[str] | None = None) -> list[dict]:
+        """Each query's best ``k`` of version ``v`` (id -> :class:`Hit`), ``hidden`` rows excluded and only rows
+        the filter ``flt`` matches selected inside FAISS's search (an ID selector), so a query still gets ``k``
+        answers however many rows are hidden or filtered out."""
+        if flt is not None:
+            return filtered_top_k(v, q, k, value, self._filters.allowed(v, hidden, flt, known, self._hidden_rows))
         exclude = self._hidden_rows(v, hidden) if hidden else None
         kind, kk = v.manifest["type"], min(k, v.index.ntotal)
         if isinstance(v.index, ShardedIndex):
@@ -220,6 +305,7 @@ class SearchService:
         self._swap_lock = threading.Lock()
         self.delta = DeltaIndex(self.version.manifest["dim"])
         self.tombstones = Tombstones()
+        self._delta_filters = FilterMasks()
         self.delete(deletions_in([], root))  # the index's manual erasures (lens index delete)
 
     # -- versions ------------------------------------------------------------------------------
@@ -296,17 +382,28 @@ class SearchService:
         return int(k)
 
     def search(self, vectors: np.ndarray, k: int = 10, *, param: int | None = None,
-               exclude: list[str | None] | None = None) -> tuple[str, list[list[Hit]]]:
+               exclude: list[str | None] | None = None, filter=None) -> tuple[str, list[list[Hit]]]:
         """Top-``k`` per query vector over main + delta: (index version, hits best first). ``param`` overrides
-        the tuned nprobe/efSearch for this call only; ``exclude[i]`` drops that id from query i's results."""
+        the tuned nprobe/efSearch for this call only; ``exclude[i]`` drops that id from query i's results;
+        ``filter`` (:mod:`lens.index.filters`: a dict or its JSON) keeps only the items it matches, selected
+        inside the search."""
         k = self._k(k)
+        node = parse_filter(filter)
         v = self.version  # one reference for the whole query: a concurrent swap cannot mix versions
         q = l2_normalize(np.asarray(vectors, np.float32).reshape(-1, v.manifest["dim"]))
         value = param if param is not None else v.manifest["search"]["value"]
         extra = 1 if exclude else 0
         hidden = self.hidden()
-        best = self.main.top_k(v, q, k + extra, value, hidden)
-        d_ids, d_meta, d_vecs = self.delta.snapshot()[:3]
+        d = self.delta.snapshot()
+        d_ids, d_meta, d_vecs = d.ids, d.metadata, d.vectors
+        if node is None:
+            best = self.main.top_k(v, q, k + extra, value, hidden)
+        else:
+            d_cols = self._delta_filters.columns(f"delta-{d.generation}", d.ids, d.metadata)
+            known = self.main.fields(v) | d_cols.fields()
+            best = self.main.top_k(v, q, k + extra, value, hidden, node, known)
+            keep = np.flatnonzero(d_cols.mask(node, known=known)) if len(d.ids) else []
+            d_ids, d_meta, d_vecs = [d.ids[r] for r in keep], [d.metadata[r] for r in keep], d.vectors[keep]
         d_scores = q @ d_vecs.T if len(d_ids) else None
         return v.name, [with_delta(best[qi], None if d_scores is None else d_scores[qi], d_ids, d_meta, k, extra,
                                    exclude[qi] if exclude else None) for qi in range(len(q))]
@@ -337,9 +434,9 @@ class SearchService:
         with no location."""
         return location_from(id_, self.metadata_of(id_), self.version.name)
 
-    def search_id(self, id_: str, k: int = 10, *, param: int | None = None) -> tuple[str, list[Hit]]:
-        """Neighbours of a stored item, itself excluded."""
-        name, hits = self.search(self.vector_of(id_)[None], k, param=param, exclude=[id_])
+    def search_id(self, id_: str, k: int = 10, *, param: int | None = None, filter=None) -> tuple[str, list[Hit]]:
+        """Neighbours of a stored item, itself excluded (``filter``: as :meth:`search`)."""
+        name, hits = self.search(self.vector_of(id_)[None], k, param=param, exclude=[id_], filter=filter)
         return name, hits[0]
 
 

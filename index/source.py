@@ -31,7 +31,10 @@ __all__ = ["EmbeddingSource", "Chunk", "open_sources", "kept_chunks", "as_id", "
 
 #: the event path's column of each row's S3 sequencer (orders the events of one key; see lens.tombstones)
 SEQUENCER = "sequencer"
-METADATA_COLUMNS = ("tags", "top1", "uri", SEQUENCER)  # kept (compactly) in the index's metadata sidecar when present
+#: when a row was embedded (Unix seconds): the event path writes it per row; a lens embed output's rows take its
+#: manifest's created_at
+INDEXED_AT = "indexed_at"
+METADATA_COLUMNS = ("tags", "top1", "uri", SEQUENCER, INDEXED_AT)  # kept (compactly) in the index's metadata sidecar when present
 #: The longest image location kept (``s3://`` + a 63-character bucket + a 1,024-byte key fits).
 MAX_LOCATION_CHARS = 1100
 #: The longest value of a carried column kept in the index metadata (a caption, a URL), in characters.
@@ -122,10 +125,22 @@ class EmbeddingSource:
                 pf = self._parquet(f, fh)
                 cols = [c for c in ("id", "embedding", *METADATA_COLUMNS, *self.carry) if c in pf.schema_arrow.names]
                 for rb in pf.iter_batches(batch_size=rows, columns=cols):
-                    yield _chunk(rb, self.identity.embed_dim, self.carry)
+                    yield _chunk(rb, self.identity.embed_dim, self.carry, self.created_at)
+
+    @property
+    def created_at(self) -> float | None:
+        """A lens embed output's time (its manifest's created_at), the indexed_at of rows without their own."""
+        from datetime import datetime, timezone
+
+        stamp = (self.manifest or {}).get("created_at")
+        try:
+            return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp() \
+                if stamp else None
+        except ValueError:
+            return None
 
 
-def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = ()) -> Chunk:
+def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = (), created_at: float | None = None) -> Chunk:
     emb = rb.column(rb.schema.get_field_index("embedding"))
     flat = emb.values if isinstance(emb, pa.FixedSizeListArray) else pa.concat_arrays([emb.flatten()])
     vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
@@ -136,6 +151,7 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = ()) -> Chunk:
     carried = {c: rb.column(names.index(c)).to_pylist() for c in carry if c in names}
     uris = rb.column(names.index("uri")).to_pylist() if "uri" in names else None
     seqs = rb.column(names.index(SEQUENCER)).to_pylist() if SEQUENCER in names else None
+    times = rb.column(names.index(INDEXED_AT)).to_pylist() if INDEXED_AT in names else None
     for i in range(rb.num_rows):
         m = {}
         if tags is not None and tags[i]:
@@ -146,6 +162,9 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = ()) -> Chunk:
             m["uri"] = str(uris[i])
         if seqs is not None and seqs[i]:  # the event that wrote the row: orders it against deletions
             m[SEQUENCER] = str(seqs[i])
+        when = times[i] if times is not None and times[i] is not None else created_at
+        if when is not None:
+            m[INDEXED_AT] = float(when)
         for c, values in carried.items():
             if values[i] is not None:
                 m[c] = str(values[i])[:MAX_CARRIED_CHARS]

@@ -63,9 +63,9 @@ class ShardedIndex:
         self.d = indexes[0].d
 
     def search(self, q: np.ndarray, k: int, params=None, *, kind: str | None = None, value=None,
-               exclude: np.ndarray | None = None):
-        """Top-``k`` over every shard. Either ``params`` for all of them, or ``kind``/``value`` and ``exclude`` (rows
-        numbered shard after shard) from which each shard gets its own parameters."""
+               exclude: np.ndarray | None = None, allowed: np.ndarray | None = None):
+        """Top-``k`` over every shard. Either ``params`` for all of them, or ``kind``/``value`` and ``exclude`` /
+        ``allowed`` (rows numbered shard after shard) from which each shard gets its own parameters."""
         scores, rows = [], []
         for off, end, ix in zip(self.offsets, self.offsets[1:], self.shards):
             kk = min(k, ix.ntotal)
@@ -73,7 +73,7 @@ class ShardedIndex:
                 continue
             if kind is not None:
                 mine = None if exclude is None else exclude[(exclude >= off) & (exclude < end)] - off
-                params = search_params(kind, value, exclude=mine)
+                params = search_params(kind, value, exclude=mine, allowed=None if allowed is None else allowed[off:end])
             s, r = ix.search(q, kk, params=params)
             scores.append(s)
             rows.append(np.where(r >= 0, r + off, -1))
@@ -319,14 +319,19 @@ def _load_sharded(vdir: Path, manifest: dict, *, mmap: bool | None, verify: bool
                         [m for s in shards for m in s.metadata], row_of)
 
 
-def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = None):
-    """Per-query FAISS search parameters (never a mutation of the shared index); ``exclude``: rows the search must
-    not return, skipped inside the search by an ID selector (FAISS's filtered search), so ``k`` answers still come
-    back. The returned object is to be passed as ``params=`` while it is referenced."""
+def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = None,
+                  allowed: np.ndarray | None = None):
+    """Per-query FAISS search parameters (never a mutation of the shared index). ``exclude``: rows the search must
+    not return; ``allowed``: a boolean mask of the only rows it may return (a filter). Either is applied inside the
+    search by an ID selector (FAISS's filtered search), so ``k`` answers still come back. The returned object is to
+    be passed as ``params=`` while it is referenced."""
     import faiss
 
     sel = inner = None
-    if exclude is not None and len(exclude):
+    if allowed is not None:
+        inner = np.packbits(np.asarray(allowed, bool), bitorder="little")  # bit r of byte r // 8 = row r
+        sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(inner))  # points at ``inner``: kept below
+    elif exclude is not None and len(exclude):
         rows = np.ascontiguousarray(exclude, dtype=np.int64)
         inner = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))  # copies the ids
         sel = faiss.IDSelectorNot(inner)

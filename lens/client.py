@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -114,7 +115,10 @@ class _Base:
             image, item_id, vector, vectors = (kw.get(x) for x in ("image", "id", "vector", "vectors"))
             if sum(x is not None for x in (image, item_id, vector, vectors)) != 1:
                 raise ValueError("search by exactly one of image=, id=, vector= or vectors=")
-            params = self._params(k=kw.get("k"), param=kw.get("param"))
+            flt = kw.get("filter")
+            params = self._params(k=kw.get("k"), param=kw.get("param"),
+                                  filter=None if flt is None or vector is not None or vectors is not None
+                                  else (flt if isinstance(flt, str) else json.dumps(flt)))
             if image is not None:
                 return "POST", "/v1/search", {"data": _bytes(image), "params": params,
                                               "headers": {"Content-Type": "application/octet-stream"}}
@@ -124,6 +128,8 @@ class _Base:
                 return "GET", f"/v1/search/{quote(str(item_id), safe='/:@')}", {"params": params}
             body = {"vector": [float(x) for x in vector]} if vector is not None else {
                 "vectors": [[float(x) for x in v] for v in vectors]}
+            if flt is not None:
+                body["filter"] = json.loads(flt) if isinstance(flt, str) else flt
             return "POST", "/v1/search:vector", {"json": body, "params": params}
         if op == "feedback":
             (items,) = args
@@ -191,8 +197,11 @@ class LensClient(_Base):
         return self._call("embed", image)
 
     def search(self, image: Image | None = None, *, id: str | None = None, vector=None, vectors=None,
-               k: int | None = None, param: int | None = None) -> dict:
-        return self._call("search", image=image, id=id, vector=vector, vectors=vectors, k=k, param=param)
+               k: int | None = None, param: int | None = None, filter: dict | str | None = None) -> dict:
+        """Nearest neighbours of an image, a stored id or vector(s); ``filter`` keeps only the items it matches
+        (a dict or its JSON: ``{"tags": "tabby"}``, ``{"id": {"prefix": "s3://b/2026/"}}``, ...)."""
+        return self._call("search", image=image, id=id, vector=vector, vectors=vectors, k=k, param=param,
+                          filter=filter)
 
     def feedback(self, items: Sequence[dict]) -> dict:
         return self._call("feedback", items)
@@ -278,8 +287,9 @@ class AsyncLensClient(_Base):
         return await self._call("embed", image)
 
     async def search(self, image: Image | None = None, *, id: str | None = None, vector=None, vectors=None,
-                     k: int | None = None, param: int | None = None) -> dict:
-        return await self._call("search", image=image, id=id, vector=vector, vectors=vectors, k=k, param=param)
+                     k: int | None = None, param: int | None = None, filter: dict | str | None = None) -> dict:
+        return await self._call("search", image=image, id=id, vector=vector, vectors=vectors, k=k, param=param,
+                                filter=filter)
 
     async def feedback(self, items: Sequence[dict]) -> dict:
         return await self._call("feedback", items)

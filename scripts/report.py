@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "tag", "serve", "failover", "events", "batch", "index", "shards", "train", "rollout", "drift"]
+ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "batch", "index", "shards", "train", "rollout",
+         "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -393,7 +394,18 @@ def drift_md(d: dict) -> list[str]:
         + targets_md(d)
 
 
-RENDER = {"model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
+def deletes_md(d: dict) -> list[str]:
+    x = d["deletes"]
+    return [f"Deletions (`{SCRIPT['deletes']}`, `benchmarks/deletes.json`), on the demo's setup ({d['setup']}): "
+            f"{x['deleted']} of {d['uploads']} uploaded images deleted from the bucket, each timed from its "
+            "DeleteObject until its id lookup answers 404.", "",
+            f"* delete → gone: p50 **{x['gone_p50_s']} s**, p95 **{x['gone_p95_s']} s**, max {x['gone_max_s']} s "
+            f"(an addition in the same run: searchable {d['add_searchable_in_s']} s after its upload);",
+            f"* afterwards, deleted images returned by an image search of each: {x['returned_by_image_search']}; "
+            f"their sidecars: {', '.join(x['sidecar_status'])}."]
+
+
+RENDER = {"deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 

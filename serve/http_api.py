@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lens.errors import LensError, error_body, lens_error_of
+from lens.index.filters import parse_filter
 from lens.runtime.config import validate
 from lens.runtime.predictor import check_top_k
 
@@ -109,6 +110,12 @@ def internal_error(route: str) -> JSONResponse:
 
 #: The largest vector dimension /v1/search:vector accepts before it asks the index (EfficientNet-B7: 2560).
 MAX_VECTOR_DIM = 8192
+
+
+#: the ``filter`` query parameter, as the API docs show it
+FILTER_DOC = ('a JSON filter over the items\' metadata, e.g. {"tags": "tabby"}, {"category": {"in": ["a", "b"]}}, '
+              '{"indexed_at": {"gte": 1764547200}}, {"id": {"prefix": "s3://photos/2026/"}}, combined with and/or/not '
+              '(docs/how-to/search.md#filtered-search); a bad filter is a 400 naming the problem')
 
 
 def parse_vectors(body: dict, max_items: int) -> tuple[np.ndarray, bool]:
@@ -319,35 +326,40 @@ class HttpApi:
         return await self._handle(request, "/v1/tag:batch", work)
 
     async def http_search_image(self, request: Request, k: Optional[int] = Query(None),
-                                param: Optional[int] = Query(None)) -> JSONResponse:
+                                param: Optional[int] = Query(None),
+                                filter: Optional[str] = Query(None, description=FILTER_DOC)) -> JSONResponse:
         async def work(pool):
             kk, p = self._search_args(k, param)
+            flt = parse_filter(filter)  # checked before the image is embedded
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             # embed with the version the index was built with (a pool keeps it loaded until the next index)
             index_identity = await self._index_identity()
             result = await self._dispatch("tag", (data, 1, True, index_identity), pool)
             out = await self.search.search_vectors.remote([list(map(float, result["embedding"]))], kk, p,
-                                                          result["model_identity"])
+                                                          result["model_identity"], flt)
             return {"results": out["results"][0], "index_version": out["index_version"],
                     "model": result["model"], "version": result.get("version")}
 
         return await self._handle(request, "/v1/search", work)
 
     async def http_search_id(self, request: Request, item_id: str, k: Optional[int] = Query(None),
-                             param: Optional[int] = Query(None)) -> JSONResponse:
+                             param: Optional[int] = Query(None),
+                             filter: Optional[str] = Query(None, description=FILTER_DOC)) -> JSONResponse:
         async def work(pool):
             kk, p = self._search_args(k, param)
-            return await self.search.search_id.remote(item_id, kk, p)
+            return await self.search.search_id.remote(item_id, kk, p, parse_filter(filter))
 
         return await self._handle(request, "/v1/search/{id}", work)
 
     async def http_search_vector(self, request: Request, k: Optional[int] = Query(None),
-                                 param: Optional[int] = Query(None)) -> JSONResponse:
+                                 param: Optional[int] = Query(None),
+                                 filter: Optional[str] = Query(None, description=FILTER_DOC)) -> JSONResponse:
         async def work(pool):
             kk, p = self._search_args(k, param)
             body = await read_json(request, self.api_cfg.max_batch_body_bytes)
             vectors, single = parse_vectors(body, self.api_cfg.max_batch_items)  # checked before any handle
-            out = await self.search.search_vectors.remote(vectors, kk, p)
+            flt = parse_filter(body.get("filter") if isinstance(body, dict) and "filter" in body else filter)
+            out = await self.search.search_vectors.remote(vectors, kk, p, None, flt)
             return {"results": out["results"][0] if single else out["results"],
                          "index_version": out["index_version"]}
 

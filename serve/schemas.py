@@ -112,6 +112,8 @@ class IndexAnswer(BaseModel):
 class VectorQuery(BaseModel):
     vector: Optional[list[float]] = Field(None, description="one query vector (the index's dimension)")
     vectors: Optional[list[list[float]]] = Field(None, description="several query vectors")
+    filter: Optional[dict] = Field(None, description="keep only items this JSON filter matches (see the filter "
+                                   "query parameter of /v1/search)")
 
 
 class FeedbackItem(BaseModel):

@@ -131,7 +131,7 @@ class IndexSearcher:
             raise RuntimeError("the index refresher stopped")
 
     async def search_vectors(self, vectors: list, k: int, param: int | None = None,
-                             model_info: dict | None = None) -> dict:
+                             model_info: dict | None = None, flt: dict | None = None) -> dict:
         """Top-k for one or more vectors. With ``model_info`` (the model that embedded them), refuse a mismatch.
         Raises :class:`LensError` subclasses (a mismatch, a bad vector, a bad ``k``) to the caller."""
         if model_info is not None:
@@ -141,15 +141,15 @@ class IndexSearcher:
             raise InvalidRequestError(f"vectors must be finite and of dimension "
                                       f"{self.service.version.manifest['dim']}, got shape {list(q.shape)}",
                                       code="invalid_vector")
-        name, hits = await asyncio.to_thread(self.service.search, q, k, param=param)
+        name, hits = await asyncio.to_thread(self.service.search, q, k, param=param, filter=flt)
         return {"index_version": name, "results": [[h.to_dict() for h in hs] for hs in hits]}
 
     async def locate(self, item_id: str) -> str:
         """Where ``item_id``'s image lives (``s3://...`` or a local path); :class:`NotFoundError` if unknown."""
         return await asyncio.to_thread(self.service.location_of, item_id)
 
-    async def search_id(self, item_id: str, k: int, param: int | None = None) -> dict:
-        name, hits = await asyncio.to_thread(self.service.search_id, item_id, k, param=param)
+    async def search_id(self, item_id: str, k: int, param: int | None = None, flt: dict | None = None) -> dict:
+        name, hits = await asyncio.to_thread(self.service.search_id, item_id, k, param=param, filter=flt)
         return {"index_version": name, "results": [h.to_dict() for h in hits]}
 
 
@@ -188,9 +188,10 @@ class IndexShard:
         self.cfg = validate(SearchConfig, search, where="search config")
         self.shard = shard
         self.loaded: dict = {}  # version name -> IndexVersion of this shard (newest last, at most 2)
-        from lens.index.search import HiddenRows
+        from lens.index.search import FilterMasks, HiddenRows
 
         self._hidden_rows = HiddenRows()
+        self._filters = FilterMasks()
         self._load_current()
         self._task = asyncio.get_event_loop().create_task(self._refresher())
 
@@ -229,6 +230,11 @@ class IndexShard:
     def versions(self) -> list[str]:
         return list(self.loaded)
 
+    async def fields(self, version: str) -> set[str]:
+        """The filterable fields of this shard's rows."""
+        v = self._version(version)
+        return await asyncio.to_thread(lambda: self._filters.columns(v.name, v.ids, v.metadata).fields())
+
     def node_id(self) -> str:
         """The Ray node this shard replica runs on (placement checks, operators)."""
         import ray
@@ -242,15 +248,23 @@ class IndexShard:
                             status=503)
         return v
 
-    async def search(self, version: str, q: np.ndarray, k: int, value: int | None, hidden=None) -> tuple:
+    async def search(self, version: str, q: np.ndarray, k: int, value: int | None, hidden=None, flt=None,
+                     known=None) -> tuple:
         """This shard's top-``k`` of each query: (scores, ids, metadata JSON), -1 rows dropped; the rows
-        ``hidden`` (a :class:`lens.index.search.Hidden`) names are excluded inside the search."""
+        ``hidden`` (a :class:`lens.index.search.Hidden`) names are excluded, and with a filter only the rows it
+        matches are selected, inside the search."""
+        from lens.index.search import filtered_top_k
         from lens.index.store import search_params
 
         v = self._version(version)
         kk = min(k, len(v.ids))
         if kk == 0:
             return np.zeros((len(q), 0), np.float32), [[] for _ in q], [[] for _ in q]
+        if flt is not None:
+            allowed = self._filters.allowed(v, hidden, flt, known, self._hidden_rows)
+            hits = await asyncio.to_thread(filtered_top_k, v, q, kk, value, allowed)
+            return ([[h.score for h in best.values()] for best in hits], [list(best) for best in hits],
+                    [[json.dumps(h.metadata) for h in best.values()] for best in hits])
         exclude = self._hidden_rows(v, hidden) if hidden else None
         scores, rows = await asyncio.to_thread(v.index.search, q, kk,
                                                params=search_params(v.manifest["type"], value, exclude=exclude))
@@ -285,6 +299,7 @@ class ShardDeployments:
         from lens.index.store import current_version
 
         self.root, self.shards = root, shards
+        self._fields: tuple = (None, set())
         self._set(current_version(root))  # what every shard loads at start (handles are not called here)
 
     def _set(self, name: str) -> None:
@@ -308,10 +323,17 @@ class ShardDeployments:
         held = [h.holds.remote(v.name, ids) for h in self.shards]
         return {i: q for r in held for i, q in r.result().items()}
 
-    def top_k(self, v, q: np.ndarray, k: int, value, hidden=None) -> list[dict]:
+    def fields(self, v) -> set[str]:
+        """Every shard's filterable fields (asked once per version)."""
+        if self._fields[0] != v.name:
+            self._fields = (v.name, set().union(*(r.result() for r in [h.fields.remote(v.name) for h in self.shards])))
+        return self._fields[1]
+
+    def top_k(self, v, q: np.ndarray, k: int, value, hidden=None, flt=None, known=None) -> list[dict]:
         from lens.index.search import Hit
 
-        answers = [r.result() for r in [h.search.remote(v.name, q, k, value, hidden or None) for h in self.shards]]
+        answers = [r.result() for r in [h.search.remote(v.name, q, k, value, hidden or None, flt, known)
+                                        for h in self.shards]]
         out = []
         for qi in range(len(q)):
             best: dict = {}

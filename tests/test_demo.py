@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path, foreign_ray):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the demo starts its own moto
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    p = subprocess.run([sys.executable, "-m", "lens.cli.main", "demo", "--images", "40", "--new-images", "3",
+    p = subprocess.run([sys.executable, "-m", "lens.cli.main", "demo", "--images", "40", "--new-images", "3", "--deletes", "2",
                         "--workdir", str(tmp_path / "demo"), "--port", "0"],
                        capture_output=True, text=True, env=env, timeout=540, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -24,6 +24,9 @@ def test_lens_demo_runs_every_step_and_prints_its_summary(tmp_path, foreign_ray)
     assert s["seeded_images"] == 47 and s["embed"]["embedded"] == 47 and s["embed"]["errors"] == 0
     assert s["index"]["count"] == 47
     assert s["events"]["tagged"] == 3 and s["events"]["example_search_top1"]["id"].startswith("s3://lens-images/")
+    # deleted from the bucket: gone from search (id lookups 404, no image search returns them), sidecars say so
+    d = s["deletes"]
+    assert d["deleted"] == 2 and d["returned_by_image_search"] == 0 and d["sidecar_status"] == ["deleted"], d
     assert s["examples"]["tag coffee.png"][0][0] == "espresso"
     assert s["custom_tags"]["classes"] == 8 and s["custom_tags"]["test_top1"] >= 0.75  # the test split chose nothing
     assert s["examples"]["custom tags of coffee.png"][0][0] == "coffee"  # the pool serves the trained head

@@ -190,6 +190,7 @@ class ResultStore:
                 pa.array(np.concatenate([np.asarray(r.embedding, np.float32) for r in rows])), dim),
             "top1": [r.tags[0]["label"] if r.tags else None for r in rows],
             "sequencer": pa.array([r.event.sequencer for r in rows], pa.string()),  # orders a row against deletions
+            "indexed_at": pa.array([time.time()] * len(rows), pa.float64()),  # a filterable field of search
         }, metadata={PARQUET_KEY: json.dumps(_identity(model).to_dict()).encode()})
         buf = io.BytesIO()
         pq.write_table(table, buf)
