@@ -330,13 +330,13 @@ class HttpApi:
                                 filter: Optional[str] = Query(None, description=FILTER_DOC)) -> JSONResponse:
         async def work(pool):
             kk, p = self._search_args(k, param)
-            flt = parse_filter(filter)  # checked before the image is embedded
+            parse_filter(filter)  # checked before the image is embedded; the searcher reads it again
             (data,) = await read_images(request, self.api_cfg.max_body_bytes)
             # embed with the version the index was built with (a pool keeps it loaded until the next index)
             index_identity = await self._index_identity()
             result = await self._dispatch("tag", (data, 1, True, index_identity), pool)
             out = await self.search.search_vectors.remote([list(map(float, result["embedding"]))], kk, p,
-                                                          result["model_identity"], flt)
+                                                          result["model_identity"], filter)
             return {"results": out["results"][0], "index_version": out["index_version"],
                     "model": result["model"], "version": result.get("version")}
 
@@ -347,7 +347,8 @@ class HttpApi:
                              filter: Optional[str] = Query(None, description=FILTER_DOC)) -> JSONResponse:
         async def work(pool):
             kk, p = self._search_args(k, param)
-            return await self.search.search_id.remote(item_id, kk, p, parse_filter(filter))
+            parse_filter(filter)  # a bad filter is the ingress's 400, before a handle
+            return await self.search.search_id.remote(item_id, kk, p, filter)
 
         return await self._handle(request, "/v1/search/{id}", work)
 
@@ -358,7 +359,8 @@ class HttpApi:
             kk, p = self._search_args(k, param)
             body = await read_json(request, self.api_cfg.max_batch_body_bytes)
             vectors, single = parse_vectors(body, self.api_cfg.max_batch_items)  # checked before any handle
-            flt = parse_filter(body.get("filter") if isinstance(body, dict) and "filter" in body else filter)
+            flt = body.get("filter") if isinstance(body, dict) and "filter" in body else filter
+            parse_filter(flt)
             out = await self.search.search_vectors.remote(vectors, kk, p, None, flt)
             return {"results": out["results"][0] if single else out["results"],
                          "index_version": out["index_version"]}

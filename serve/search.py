@@ -131,9 +131,10 @@ class IndexSearcher:
             raise RuntimeError("the index refresher stopped")
 
     async def search_vectors(self, vectors: list, k: int, param: int | None = None,
-                             model_info: dict | None = None, flt: dict | None = None) -> dict:
-        """Top-k for one or more vectors. With ``model_info`` (the model that embedded them), refuse a mismatch.
-        Raises :class:`LensError` subclasses (a mismatch, a bad vector, a bad ``k``) to the caller."""
+                             model_info: dict | None = None, flt=None) -> dict:
+        """Top-k for one or more vectors (``flt``: a filter, :mod:`lens.index.filters`, as the client sent it).
+        With ``model_info`` (the model that embedded them), refuse a mismatch. Raises :class:`LensError`
+        subclasses (a mismatch, a bad vector, a bad ``k`` or filter) to the caller."""
         if model_info is not None:
             self.service.check_model(model_info)
         q = np.asarray(vectors, dtype=np.float32)
@@ -148,7 +149,7 @@ class IndexSearcher:
         """Where ``item_id``'s image lives (``s3://...`` or a local path); :class:`NotFoundError` if unknown."""
         return await asyncio.to_thread(self.service.location_of, item_id)
 
-    async def search_id(self, item_id: str, k: int, param: int | None = None, flt: dict | None = None) -> dict:
+    async def search_id(self, item_id: str, k: int, param: int | None = None, flt=None) -> dict:
         name, hits = await asyncio.to_thread(self.service.search_id, item_id, k, param=param, filter=flt)
         return {"index_version": name, "results": [h.to_dict() for h in hits]}
 

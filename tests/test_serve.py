@@ -648,6 +648,36 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
     assert len(every) == 100 and 1 <= len(few) < 100 and few[0]["id"] == every[0]["id"] == "img-0"
     expect(requests.post(f"{app}/v1/search:vector?param=0", json=q, timeout=30), 400, "bad_request", "param")
 
+    # filters: by id prefix on each route (JSON in the query string, or in the vector body), through the client too
+    from lens.client import LensClient
+
+    lens = LensClient(app)
+    only_rnd = {"id": {"prefix": "rnd-"}}
+    r = requests.get(f"{app}/v1/search/img-3", params={"k": 5, "filter": _json.dumps(only_rnd)}, timeout=30)
+    assert r.status_code == 200 and [h["id"][:4] for h in r.json()["results"]] == ["rnd-"] * 5, r.text
+    hits = lens.search(bodies[3], k=4, filter=only_rnd)["results"]
+    assert len(hits) == 4 and all(h["id"].startswith("rnd-") for h in hits)
+    hits = lens.search(vector=emb[7].tolist(), k=3, filter={"not": only_rnd})["results"]
+    assert hits[0]["id"] == "img-7" and not any(h["id"].startswith("rnd-") for h in hits)
+    r = requests.post(f"{app}/v1/search:vector", json={"vector": emb[7].tolist(), "filter": {"colour": "red"}},
+                      timeout=30)
+    expect(r, 400, "invalid_filter", "no item has the field 'colour'")
+    expect(requests.get(f"{app}/v1/search/img-3", params={"filter": "{nope"}, timeout=30), 400, "invalid_filter",
+           "not JSON")
+
+    # lens index delete: the searcher stops returning the ids within its refresh_s (a failure bound below)
+    from lens.cli.main import main as lens_main
+
+    assert lens_main(["index", "delete", "--index", root, "img-7", "s3://b/new.jpg"]) == 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and requests.get(f"{app}/v1/search/img-7", timeout=30).status_code != 404:
+        time.sleep(0.2)
+    expect(requests.get(f"{app}/v1/search/img-7", timeout=30), 404, "not_found")
+    got = [h["id"] for h in requests.post(f"{app}/v1/search:vector?k=10", json={"vector": emb[7].tolist()},
+                                          timeout=30).json()["results"]]
+    assert len(got) == 10 and "img-7" not in got and "s3://b/new.jpg" not in got
+    assert requests.get(f"{app}/v1/thumbnail/img-7", timeout=30).status_code == 404
+
     # a broken new version is refused: the searcher keeps serving the one it has and says why
     import shutil
 

@@ -92,6 +92,13 @@ def test_shards_on_two_nodes_answer_as_one_index_and_swap_together(two_nodes, tm
     r = requests.get(f"{url}/v1/search/img-7?k=5", timeout=60)  # the vector comes from the shard holding img-7
     assert r.status_code == 200 and "img-7" not in [h["id"] for h in r.json()["results"]], r.text
     assert requests.get(f"{url}/v1/search/nope?k=5", timeout=60).status_code == 404
+    # a filter is evaluated by each shard on its own rows: the same answers as the one index's
+    flt = {"id": {"prefix": "img-1"}}
+    r = requests.post(f"{url}/v1/search:vector?k=10", json={"vectors": held[:5].tolist(), "filter": flt}, timeout=60)
+    assert r.status_code == 200, r.text
+    _, expected = local.search(held[:5], 10, filter=flt)
+    assert [[h["id"] for h in got] for got in r.json()["results"]] == [[h.id for h in w] for w in expected]
+    assert all(h["id"].startswith("img-1") for got in r.json()["results"] for h in got)
 
     # a new version: every shard loads it, then the searcher switches at once; a client queries all along, and
     # every answer is one version's whole answer (never shard 0 of one and shard 1 of the other)
