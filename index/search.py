@@ -182,12 +182,27 @@ def filtered_plan(kind: str, value, frac: float, nlist: int | None) -> tuple[str
     return "exact", None
 
 
-def filtered_top_k(v, q: np.ndarray, k: int, value, allowed: np.ndarray) -> list[dict]:
-    """Each query's best ``k`` among the rows ``allowed`` (a boolean mask over ``v``'s rows), selected inside the
-    search (an ID-selector bitmap) with :func:`filtered_plan`'s parameter."""
+class Selection:
+    """The rows a filter lets through: a boolean mask, its count and its FAISS bitmap, computed once and cached."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+        self.count = int(mask.sum())
+        self.bitmap = np.packbits(mask, bitorder="little")  # bit r of byte r // 8 = row r
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.mask if dtype is None else self.mask.astype(dtype)
+
+
+def filtered_top_k(v, q: np.ndarray, k: int, value, allowed: Selection) -> list[dict]:
+    """Each query's best ``k`` among the rows ``allowed`` selects, selected inside the search (an ID-selector
+    bitmap) with :func:`filtered_plan`'s parameter."""
     import faiss
 
-    n_sel = int(allowed.sum())
+    n_sel = allowed.count
     if n_sel == 0:
         return [{} for _ in q]
     kind = v.manifest["type"]
@@ -221,7 +236,7 @@ class FilterMasks:
             self._columns = (name, cols)
         return cols
 
-    def allowed(self, v, hidden: Hidden | None, node: dict, known: set[str] | None, hidden_rows) -> np.ndarray:
+    def allowed(self, v, hidden: Hidden | None, node: dict, known: set[str] | None, hidden_rows) -> Selection:
         key = (v.name, json.dumps(node, sort_keys=True), hidden.token if hidden else None)
         with self._lock:
             if key in self._masks:
@@ -233,6 +248,7 @@ class FilterMasks:
             if len(rows):
                 mask = mask.copy()
                 mask[rows] = False
+        mask = Selection(mask)
         with self._lock:
             self._masks[key] = mask
             while len(self._masks) > self.size:

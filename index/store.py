@@ -73,7 +73,8 @@ class ShardedIndex:
                 continue
             if kind is not None:
                 mine = None if exclude is None else exclude[(exclude >= off) & (exclude < end)] - off
-                params = search_params(kind, value, exclude=mine, allowed=None if allowed is None else allowed[off:end])
+                params = search_params(kind, value, exclude=mine,
+                                       allowed=None if allowed is None else np.asarray(allowed)[off:end])
             s, r = ix.search(q, kk, params=params)
             scores.append(s)
             rows.append(np.where(r >= 0, r + off, -1))
@@ -329,7 +330,9 @@ def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = 
 
     sel = inner = None
     if allowed is not None:
-        inner = np.packbits(np.asarray(allowed, bool), bitorder="little")  # bit r of byte r // 8 = row r
+        # bit r of byte r // 8 = row r (a Selection brings its bitmap packed once)
+        inner = allowed.bitmap if hasattr(allowed, "bitmap") else np.packbits(np.asarray(allowed, bool),
+                                                                               bitorder="little")
         sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(inner))  # points at ``inner``: kept below
     elif exclude is not None and len(exclude):
         rows = np.ascontiguousarray(exclude, dtype=np.int64)

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "batch", "index", "shards", "train", "rollout",
+ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "batch", "index", "filters", "shards", "train",
+         "rollout",
          "drift"]
 
 

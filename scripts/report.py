@@ -20,8 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "batch", "index", "shards", "train", "rollout",
-         "drift"]
+ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "batch", "index", "filters", "shards", "train",
+         "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -405,7 +405,25 @@ def deletes_md(d: dict) -> list[str]:
             f"their sidecars: {', '.join(x['sidecar_status'])}."]
 
 
-RENDER = {"deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
+def filters_md(f: dict) -> list[str]:
+    ix = f["index"]
+    rows = [f"| {r['selectivity'] * 100:g} % | {n(r['rows_selected'])} | **{r['recall_at_10']}** | "
+            f"{n(r['qps_batch'])} ({r['vs_unfiltered_batch']}×) | {n(r['qps_one_at_a_time'])} "
+            f"({r['vs_unfiltered_one_at_a_time']}×) | {r['first_query_s']} | "
+            f"{r['post_filter_top10']['mean_results']} / {r['post_filter_top10']['recall_at_10']} | "
+            f"{r['post_filter_top100']['mean_results']} / {r['post_filter_top100']['recall_at_10']} |"
+            for r in f["filtered"]]
+    return [f"Filtered search (`{SCRIPT['filters']}`, `benchmarks/filters.json`): {n(f['n'])} vectors of dim "
+            f"{f['dim']}, `lens index build`'s choice {ix['factory']} tuned to nprobe {ix['tuned']['value']} (held-out "
+            f"recall@10 {ix['recall_unfiltered']} unfiltered); filters on a random group column keep 50 % to 0.1 % "
+            f"of the rows; {f['queries']} held-out queries. Unfiltered: {n(f['unfiltered']['qps_batch'])} q/s as one "
+            f"batch, {n(f['unfiltered']['qps_one_at_a_time'])} q/s one at a time.", "",
+            "| kept | rows | recall@10 vs exact on the subset | q/s batch (vs unfiltered) | q/s one at a time "
+            "(vs unfiltered) | a new filter's first query (s) | post-filter top-10: results / recall | "
+            "post-filter top-100: results / recall |", "|---|---|---|---|---|---|---|---|", *rows, ""] + targets_md(f)
+
+
+RENDER = {"filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 
