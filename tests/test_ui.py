@@ -184,6 +184,23 @@ def test_search_page_in_headless_chromium(ui_app, tmp_path):
         page.wait_for_function("document.getElementById('status').className === '' && document.getElementById("
                                f"'status').textContent.includes('result(s) for photos/{cat}')")
 
+        # a filter narrows the search (inside the index: still k answers if enough match); a bad one is the API's
+        # 400 message on the page
+        keep = sorted(i for i in ids if i != f"photos/{cat}")[0]
+        page.fill("#filter", json.dumps({"id": {"in": [keep]}}))
+        page.click("#id-search")
+        page.wait_for_function("document.querySelectorAll('.hit').length === 1 && document.querySelector('.hit')"
+                               f".getAttribute('data-id') === {json.dumps(keep)}")
+        page.fill("#filter", '{"colour": "red"}')
+        page.click("#id-search")
+        page.wait_for_function("document.getElementById('status').className === 'error'")
+        assert "no item has the field 'colour'" in page.text_content("#status"), page.text_content("#status")
+        bad = [p for p in problems if p.startswith("HTTP 400")]
+        assert len(bad) == 1, problems
+        problems.remove(bad[0])
+        problems[:] = [p for p in problems if not (p.startswith("console error") and "400" in p)]
+        page.fill("#filter", "")
+
         # under its own CSP (no bypass), the page loads and works without a violation (a violation is a console
         # error); an id from the address bar is one path segment: it cannot make the page call another route with
         # the user's key
