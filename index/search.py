@@ -182,13 +182,32 @@ def filtered_plan(kind: str, value, frac: float, nlist: int | None) -> tuple[str
     return "exact", None
 
 
+#: a selection of at most this many floats (rows x dim) is searched as a small matrix of its own rows, gathered once
+#: from the index (per cached filter): exact, and faster than any index walk that skips the other rows
+GATHER_FLOATS = 4 * 2**20
+
+
 class Selection:
-    """The rows a filter lets through: a boolean mask, its count and its FAISS bitmap, computed once and cached."""
+    """The rows a filter lets through: a boolean mask, its count and its FAISS bitmap, computed once and cached; for a
+    small selection, also its rows' stored vectors (gathered on first use)."""
 
     def __init__(self, mask: np.ndarray) -> None:
         self.mask = mask
         self.count = int(mask.sum())
         self.bitmap = np.packbits(mask, bitorder="little")  # bit r of byte r // 8 = row r
+        self._gathered = None
+        self._lock = threading.Lock()
+
+    def gathered(self, v) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, their stored vectors) of the selection in version ``v`` (exact for Flat, IVF-Flat and HNSW;
+        IVF-PQ's codes decoded, the values its own search scores)."""
+        if self._gathered is None:
+            with self._lock:
+                if self._gathered is None:
+                    rows = np.flatnonzero(self.mask)
+                    self._gathered = (rows, np.stack([stored_vector(v, int(r)) for r in rows])
+                                      if len(rows) else np.zeros((0, v.manifest["dim"]), np.float32))
+        return self._gathered
 
     def __len__(self) -> int:
         return len(self.mask)
@@ -208,6 +227,12 @@ def filtered_top_k(v, q: np.ndarray, k: int, value, allowed: Selection) -> list[
     kind = v.manifest["type"]
     mode, val = filtered_plan(kind, value, n_sel / len(allowed), v.manifest.get("nlist"))
     kk = min(k, n_sel)
+    if n_sel * v.manifest["dim"] <= GATHER_FLOATS:  # few rows: score them all, exactly
+        rows, vecs = allowed.gathered(v)
+        s = q @ vecs.T
+        top = np.argsort(-s, axis=1, kind="stable")[:, :kk]
+        return [{v.ids[rows[j]]: Hit(v.ids[rows[j]], float(s[qi, j]), json.loads(v.metadata[rows[j]])) for j in t}
+                for qi, t in enumerate(top)]
     if isinstance(v.index, ShardedIndex):
         scores, rows = v.index.search(q, kk, kind=kind, value=val, allowed=allowed)
     elif mode == "exact":  # HNSW,Flat keeps the full vectors in its storage: compare the selected ones

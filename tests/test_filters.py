@@ -125,10 +125,17 @@ def corpus(tmp_path_factory):
     return tmp, ids, meta, x, held
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["inside-the-index", "gathered-rows"])
 @pytest.mark.parametrize("kind", ["flat", "ivf-flat", "hnsw", "ivf-pq"])
-def test_filtered_search_returns_k_matching_items_at_every_selectivity_with_recall(tmp_path, corpus, kind):
+def test_filtered_search_returns_k_matching_items_at_every_selectivity_with_recall(tmp_path, corpus, kind, gather,
+                                                                                   monkeypatch):
+    """Both ways a filtered search runs: inside the index (an ID-selector bitmap, IVF's nprobe widened, HNSW's exact
+    storage below 10 %) and, for selections small enough, over their rows gathered once."""
+    import lens.index.search as search
     from lens.index.build import BuildConfig, build_index
     from lens.index.search import SearchService
+
+    monkeypatch.setattr(search, "GATHER_FLOATS", 10**9 if gather else 0)
 
     tmp, ids, meta, x, held = corpus
     (tmp_path / "emb").symlink_to(tmp / "emb")
