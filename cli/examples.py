@@ -36,6 +36,8 @@ COMMAND_EXAMPLES: dict[str, list[str]] = {
     "index show": ["lens index show --index index/", "lens index show --index index/ v-20261122T101500-ab12cd"],
     "index use": ["lens index use --index index/ v-20261122T101500-ab12cd"],
     "index prune": ["lens index prune --index index/ --keep 3"],
+    "index delete": ["lens index delete --index index/ s3://photos/2024/a.jpg",
+                     "lens index delete --index index/ --ids-file erasures.txt --reason 'request 1234'"],
     "index verify": ["lens index verify --index index/ --sample 200",
                      "lens index verify --embeddings s3://bucket/emb --sample 100 --seed 7"],
     "train": ["lens train --data my-classes/ --output heads/scenes",

@@ -211,8 +211,10 @@ def add_parsers(sub) -> None:
         "s3://photos/2024/a.jpg; lens index delete --index /data/index --ids-file erasures.txt")
     de.add_argument("--index", required=True, help="index root")
     de.add_argument("ids", nargs="*", metavar="ID", help="ids to erase")
-    de.add_argument("--ids-file", default=None, metavar="FILE", help="one id per line (- for stdin)")
-    de.add_argument("--reason", default=None, help="recorded with the tombstones (a ticket, a request id)")
+    de.add_argument("--ids-file", default=None, metavar="FILE", help="one id per line, - for stdin (default: only "
+                    "the ids named)")
+    de.add_argument("--reason", default=None, help="recorded with the tombstones, e.g. a ticket or request id "
+                    "(default: none)")
     de.set_defaults(func=cmd_delete)
     ve = isub.add_parser(
         "verify", help="re-embed a sample of stored rows from their source images; exit 1 if any disagree",
