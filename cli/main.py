@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on embedded defaults (local Ray + moto S3/SQS)")
     p.add_argument("--images", type=int, default=300, help="augmented copies seeded besides the 7 photos")
     p.add_argument("--new-images", type=int, default=12, help="images uploaded through the event path")
-    p.add_argument("--deletes", type=int, default=6, help="of those, deleted again from the bucket (timed until "
-                   "search stops returning them)")
+    p.add_argument("--deletes", type=int, default=6, help="of those, deleted again from the bucket and timed until "
+                   "search stops returning them (default 6)")
     p.add_argument("--workdir", default="lens-demo", help="local outputs (the index); a new or empty directory, or one an earlier "
                    "demo run made (it holds .lens-demo-workdir and is emptied); anything else is refused")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (a free one if taken)")
