@@ -198,15 +198,20 @@ class Selection:
         self._gathered = None
         self._lock = threading.Lock()
 
-    def gathered(self, v) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, their stored vectors) of the selection in version ``v`` (exact for Flat, IVF-Flat and HNSW;
-        IVF-PQ's codes decoded, the values its own search scores)."""
+    def gathered(self, v):
+        """(rows, an exact FAISS index of their stored vectors) of the selection in version ``v`` (the vectors are
+        exact for Flat, IVF-Flat and HNSW; IVF-PQ's codes decoded, the values its own search scores). FAISS, not
+        numpy, scores them: one thread pool for every search of the process."""
+        import faiss
+
         if self._gathered is None:
             with self._lock:
                 if self._gathered is None:
                     rows = np.flatnonzero(self.mask)
-                    self._gathered = (rows, np.stack([stored_vector(v, int(r)) for r in rows])
-                                      if len(rows) else np.zeros((0, v.manifest["dim"]), np.float32))
+                    flat = faiss.IndexFlatIP(v.manifest["dim"])
+                    if len(rows):
+                        flat.add(np.stack([stored_vector(v, int(r)) for r in rows]).astype(np.float32))
+                    self._gathered = (rows, flat)
         return self._gathered
 
     def __len__(self) -> int:
@@ -228,11 +233,10 @@ def filtered_top_k(v, q: np.ndarray, k: int, value, allowed: Selection) -> list[
     mode, val = filtered_plan(kind, value, n_sel / len(allowed), v.manifest.get("nlist"))
     kk = min(k, n_sel)
     if n_sel * v.manifest["dim"] <= GATHER_FLOATS:  # few rows: score them all, exactly
-        rows, vecs = allowed.gathered(v)
-        s = q @ vecs.T
-        top = np.argsort(-s, axis=1, kind="stable")[:, :kk]
-        return [{v.ids[rows[j]]: Hit(v.ids[rows[j]], float(s[qi, j]), json.loads(v.metadata[rows[j]])) for j in t}
-                for qi, t in enumerate(top)]
+        rows, flat = allowed.gathered(v)
+        scores, found = flat.search(q, kk)
+        return [{v.ids[rows[j]]: Hit(v.ids[rows[j]], float(sc), json.loads(v.metadata[rows[j]]))
+                 for sc, j in zip(ss, js) if j >= 0} for ss, js in zip(scores, found)]
     if isinstance(v.index, ShardedIndex):
         scores, rows = v.index.search(q, kk, kind=kind, value=val, allowed=allowed)
     elif mode == "exact":  # HNSW,Flat keeps the full vectors in its storage: compare the selected ones

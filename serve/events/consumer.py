@@ -144,6 +144,20 @@ class EventProcessor:
                 out.count("failed")
             elif res is not None:
                 done.append((mid, res))
+        await self.write_records(done, failed_msgs, out)
+        for m in messages:
+            mid = m["MessageId"]
+            if mid not in jobs:
+                continue
+            if mid in failed_msgs:
+                out.failed.append(mid)
+            else:
+                out.deleted.append(m["ReceiptHandle"])
+        return out
+
+    async def write_records(self, done: list[tuple[str, Record]], failed_msgs: set[str], out: Outcome) -> None:
+        """Write the records of one batch, each under its group (an SQS message; a group in ``failed_msgs`` is
+        retried whole, and a group that fails here is added to it): tombstones and embedding parts, then sidecars."""
         # Embeddings and tombstones first, sidecars second: a crash in between re-tags on redelivery (a duplicate
         # row that readers drop on (bucket, key, etag)), never a sidecar whose embedding or deletion was lost.
         gone: dict[str, list[tuple[str, Record]]] = {}
@@ -180,18 +194,21 @@ class EventProcessor:
                 failed_msgs.add(mid)
             else:
                 out.count(r.status if w == "written" else w)
-        for m in messages:
-            mid = m["MessageId"]
-            if mid not in jobs:
-                continue
-            if mid in failed_msgs:
-                out.failed.append(mid)
-            else:
-                out.deleted.append(m["ReceiptHandle"])
-        return out
 
     async def process_object(self, ev: ObjectEvent, out: Outcome) -> Record | None:
         """Tag one object version; the record to write, or ``None`` when there is nothing to write."""
+        got = await self.fetch(ev, out)
+        if not isinstance(got, bytes):
+            return got
+        try:
+            result = await self.tagger(got, self.cfg.top_k, True)
+        except Exception as exc:  # noqa: BLE001 - sorted in record_of: the image's fault, or retry later
+            return self.record_of(ev, exc)
+        return self.record_of(ev, result)
+
+    async def fetch(self, ev: ObjectEvent, out: Outcome) -> bytes | Record | None:
+        """The object's bytes to tag, or what to do instead: a record to write (a deletion, a skip) or ``None``
+        (nothing: Lens's own output, an object changed since its event)."""
         from botocore.exceptions import ClientError
 
         if self.store.is_output(ev.key):
@@ -215,12 +232,15 @@ class EventProcessor:
             raise RetryLater(f"get_object: {code}") from e
         if data is None:
             return self._skip(ev, f"object is {size} bytes; the limit is {self.cfg.max_object_bytes}")
-        try:
-            result = await self.tagger(data, self.cfg.top_k, True)
-        except Exception as exc:  # noqa: BLE001 - sorted below: the image's fault, or retry later
-            e = lens_error_of(exc)
+        return data
+
+    def record_of(self, ev: ObjectEvent, result) -> Record:
+        """The record of a tagged object: its tags and embedding, a ``skipped`` record when the image is at fault
+        (undecodable, too large), or :class:`RetryLater` raised for anything that may pass (a model error)."""
+        if isinstance(result, BaseException):
+            e = lens_error_of(result)
             if e is None or e.http_status >= 500:
-                raise RetryLater(f"tagger: {e.message if e else exc}") from exc
+                raise RetryLater(f"tagger: {e.message if e else result}") from result
             return self._skip(ev, f"{e.code}: {e.message}")
         return Record(ev, "tagged", tags=result["tags"], embedding=result["embedding"],
                       custom_tags=result.get("custom_tags"), model_identity=result.get("model_identity"))
