@@ -1,4 +1,5 @@
-"""``lens events``: run the event consumer (locally on moto by default), inspect the queues, redrive the DLQ."""
+"""``lens events``: run the event consumer (locally on moto by default), backfill what is already in the bucket,
+inspect the queues, redrive the DLQ."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from lens.serve.events.setup import clients, ensure_resources
 from lens.serve.run import BUILDER, load_serve_config
 
 from lens.errors import ConfigError
-from lens.runtime.config import validate
+from lens.runtime.config import ModelConfig, validate
 
 __all__ = ["DEFAULT_EVENTS_CONFIG", "events_args", "run_events", "status", "dlq_list", "dlq_redrive",
            "start_local_aws"]
@@ -121,6 +122,24 @@ def dlq_redrive(cfg, limit: int | None = None) -> int:
     return moved
 
 
+def pool_model(doc: dict) -> ModelConfig:
+    """The model of the config's tagging pool (the first pool of the Lens app): what the event path tags with."""
+    for app in doc.get("applications", []):
+        if app.get("import_path") == BUILDER:
+            pools = (app.get("args") or {}).get("pools") or [{}]
+            return validate(ModelConfig, pools[0].get("model") or {}, where=f"application {app.get('name')!r} pool")
+    return ModelConfig()
+
+
+def backfill(doc: dict, args) -> dict:
+    from lens.serve.events.backfill import BackfillConfig, run_backfill
+
+    cfg = validate(BackfillConfig, {"uri": args.uri, "batch_size": args.batch_size, "workers": args.workers,
+                                    "address": args.address, "redo": args.redo}, where="command line")
+    return run_backfill(cfg, events_args(doc).events, pool_model(doc),
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
 def main(args) -> int:
     doc = load_serve_config(args.config) if args.config else DEFAULT_EVENTS_CONFIG
     cfg = events_args(doc).events
@@ -134,6 +153,8 @@ def main(args) -> int:
                    metrics_host=getattr(args, "metrics_host", "127.0.0.1"),
                    check_fit=not getattr(args, "skip_resource_check", False),
                    grace_s=getattr(args, "grace_period_s", 30.0))
+    elif args.events_command == "backfill":
+        print(json.dumps(backfill(doc, args)))
     elif args.events_command == "status":
         print(json.dumps(status(cfg), indent=2))
     elif args.events_command == "dlq" and args.dlq_command == "list":

@@ -21,6 +21,8 @@ COMMAND_EXAMPLES: dict[str, list[str]] = {
     "events run": ["lens events run", "lens events --config infra/events.yaml run --aws"],
     "events status": ["lens events status", "lens events --endpoint-url http://127.0.0.1:4566 status"],
     "events dlq": ["lens events dlq list --limit 20", "lens events dlq redrive"],
+    "events backfill": ["lens events backfill s3://lens-images/", "lens events --config infra/events.yaml backfill "
+                        "s3://my-images/2025/ --workers 8"],
     "embed": ["lens embed --input shards/ --output emb/",
               "lens embed --input s3://bucket/shards --output s3://bucket/emb --carry caption",
               "lens embed --input photos/ --output emb/ --gpus-per-worker 1 --address auto"],

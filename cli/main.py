@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("events", help="S3 ObjectCreated events through SQS: run the consumer, status, DLQ")
+    p = sub.add_parser("events", help="S3 object events through SQS: run the consumer, backfill, status, DLQ")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="Serve config with the tagging and events applications (see infra/events.yaml)")
     p.add_argument("--endpoint-url", default=None, help="S3/SQS endpoint (default: AWS_ENDPOINT_URL or AWS)")
@@ -189,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray Serve's HAProxy mode (default) or its Python proxy")
     _add_serving_args(r)
     esub.add_parser("status", help="queue depth, in flight, DLQ depth, consumer counters")
+    b = esub.add_parser(
+        "backfill", help="tag the objects already in the bucket, as if their events had arrived (Ray Data)",
+        description="Lists s3://BUCKET/PREFIX (a configured source bucket) and tags every object whose sidecar is "
+        "missing or older than the object, on Ray Data, through the event path's own steps: the same sidecars, "
+        "embedding parts and conditional writes, so it runs beside the live consumer without doubles and a rerun "
+        "finishes what a killed run left. The model is the tagging pool's of --config. Example: lens events "
+        "--config infra/events.yaml backfill s3://my-images/2025/")
+    b.add_argument("uri", metavar="s3://BUCKET/PREFIX", help="what to tag (the whole bucket: s3://BUCKET/)")
+    b.add_argument("--batch-size", type=int, default=32, help="objects per model call (default 32)")
+    b.add_argument("--workers", type=int, default=None, help="worker actors (default: one per CPU)")
+    b.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    b.add_argument("--redo", action="store_true", help="also run objects whose sidecar is newer (each becomes a "
+                   "duplicate, never a second result; default: skip them)")
     d = esub.add_parser("dlq", help="inspect or redrive the dead-letter queue")
     d.add_argument("dlq_command", choices=["list", "redrive"])
     d.add_argument("--limit", type=int, default=None, help="at most this many messages")

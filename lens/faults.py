@@ -22,6 +22,7 @@ POINTS = {
     "events.before_delete": "a poll's messages are processed (parts and sidecars written), not yet deleted",
     "events.before_sidecars": "a batch's embedding parts are written, its sidecars not yet",
     "embed.after_commit": "an input shard's embeddings are committed in the ledger",
+    "backfill.after_batch": "the backfill driver has received a batch's outcome (its sidecars are written)",
     "train.after_checkpoint": "a fine-tuning epoch is reported with its checkpoint (rank 0 worker)",
 }
 
