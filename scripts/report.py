@@ -20,8 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "batch", "index", "filters", "shards", "train",
-         "rollout", "drift"]
+ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "backfill", "batch", "index", "filters", "shards",
+         "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -423,7 +423,20 @@ def filters_md(f: dict) -> list[str]:
             "post-filter top-100: results / recall |", "|---|---|---|---|---|---|---|---|", *rows, ""] + targets_md(f)
 
 
-RENDER = {"filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
+def backfill_md(b: dict) -> list[str]:
+    m = b["median"]
+    rows = [f"| {i + 1} | {r['embed_images_per_s']} ({r['embed_whole_s']} s) | {r['backfill_images_per_s']} "
+            f"({r['backfill_whole_s']} s) | {r['backfill_backend']} |" for i, r in enumerate(b["rounds"])]
+    return [f"Backfill (`{SCRIPT['backfill']}`, `benchmarks/backfill.json`): `lens events backfill` against `lens embed` "
+            f"on the same {n(b['images'])} camera-size JPEGs in moto's S3, alternating, {len(b['rounds'])} rounds; "
+            f"the backfill also writes a sidecar per image (a conditional PUT). Median: backfill "
+            f"**{m['backfill_images_per_s']}** vs embed **{m['embed_images_per_s']}** images/s over each job's run: "
+            f"**{b['ratio_backfill_vs_embed']}×**; whole commands {m['backfill_whole_s']} vs {m['embed_whole_s']} s.",
+            "", "| round | lens embed images/s (whole command) | backfill images/s (whole command) | backend |",
+            "|---|---|---|---|", *rows, ""] + targets_md(b)
+
+
+RENDER = {"backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 
