@@ -351,6 +351,7 @@ class SearchService:
         self.delta = DeltaIndex(self.version.manifest["dim"])
         self.tombstones = Tombstones()
         self._delta_filters = FilterMasks()
+        self._delta_ids: tuple = (-1, frozenset())
         self.delete(deletions_in([], root))  # the index's manual erasures (lens index delete)
 
     # -- versions ------------------------------------------------------------------------------
@@ -400,7 +401,11 @@ class SearchService:
     def hidden(self) -> Hidden:
         """What the main index must not answer now: ids the delta holds fresher rows of, and the tombstones."""
         d = self.delta.snapshot()
-        return Hidden((d.generation, self.tombstones.generation), frozenset(d.ids), self.tombstones.snapshot())
+        gen, ids = self._delta_ids
+        if gen != d.generation:  # one set per delta state, not per query
+            gen, ids = d.generation, frozenset(d.ids)
+            self._delta_ids = (gen, ids)
+        return Hidden((gen, self.tombstones.generation), ids, self.tombstones.snapshot())
 
     def info(self) -> dict:
         v = self.version
