@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Provision the event path on AWS with boto3, idempotently: the SQS queue and its DLQ (redrive policy),
-the queue policy that lets S3 send, and the bucket's ObjectCreated notification. Prints what it changed
+the queue policy that lets S3 send, and the bucket's ObjectCreated/ObjectRemoved notification (or, with ``route:
+eventbridge`` in the events config, the S3 -> EventBridge -> SQS route: that needs events:PutRule, PutTargets,
+DescribeRule and ListTargetsByRule on the rule). Prints what it changed
 (nothing on a second run).
 
     python infra/provision_events.py --config infra/events.yaml [--region eu-west-1] [--create-bucket]

@@ -23,6 +23,6 @@ def test_provisioning_is_idempotent(tmp_path, moto_endpoint):
     first = run("--create-bucket")
     assert first.returncode == 0, first.stderr
     assert "created bucket prov-bucket" in first.stdout and "created queue prov-dlq" in first.stdout
-    assert "added ObjectCreated notification" in first.stdout
+    assert "added ObjectCreated and ObjectRemoved notifications s3://prov-bucket" in first.stdout
     second = run()
     assert second.returncode == 0 and second.stdout.strip() == "nothing to change"
