@@ -333,7 +333,7 @@ def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = 
         # bit r of byte r // 8 = row r (a Selection brings its bitmap packed once)
         inner = allowed.bitmap if hasattr(allowed, "bitmap") else np.packbits(np.asarray(allowed, bool),
                                                                                bitorder="little")
-        sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(inner))  # points at ``inner``: kept below
+        sel = faiss.IDSelectorBitmap(len(inner), faiss.swig_ptr(inner))  # n: the bitmap's bytes; kept below
     elif exclude is not None and len(exclude):
         rows = np.ascontiguousarray(exclude, dtype=np.int64)
         inner = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))  # copies the ids
