@@ -70,13 +70,6 @@ class Hidden:
     def __bool__(self) -> bool:
         return bool(self.fresher or self.tombstones)
 
-    def hides(self, id_: str, metadata) -> bool:
-        """Is the stored row of ``id_`` (with this metadata, JSON or dict) hidden?"""
-        if id_ in self.fresher:
-            return True
-        t = self.tombstones.get(id_)
-        return t is not None and is_dead(row_seq(metadata), t)
-
     def rows(self, v) -> np.ndarray:
         """The rows of index version ``v`` (an :class:`IndexVersion`) that are hidden, sorted."""
         out = [r for i in self.fresher if (r := v.row_of.get(i)) is not None]

@@ -60,7 +60,6 @@ class EmbeddingSource:
         self.manifest = manifest
         if manifest is not None:
             self.kind = "lens-embed"
-            self.tombstone_files = []
             self.files = [self.loc.path(f) for f in manifest["files"]]
             self.identity = ModelIdentity.from_dict(manifest)
             # `lens embed --carry url,caption`: kept in the index metadata, so search results return them
@@ -70,8 +69,7 @@ class EmbeddingSource:
             self.kind = "parts"
             self.carry = []
             found = [f for f in self.loc.list_files(pattern=None) if f.endswith(".parquet")]
-            self.tombstone_files = [f for f in found if is_tombstone_file(f)]  # deletions beside the additions
-            self.files = [f for f in found if not is_tombstone_file(f)]
+            self.files = [f for f in found if not is_tombstone_file(f)]  # deletions beside them: deletions_in
             self.identity = self._identity_from_parts() if self.files else None
 
     def _parquet(self, path: str, fh) -> pq.ParquetFile:
@@ -113,10 +111,6 @@ class EmbeddingSource:
                 seqs = [seq_value(x) for x in t.column(SEQUENCER).to_pylist()] if SEQUENCER in cols else \
                     [-1] * len(ids)
                 yield ids, seqs
-
-    def tombstones(self) -> list[tuple[str, float | int]]:
-        """(id, order value) of every deletion recorded beside this source's parts."""
-        return [e for f in self.tombstone_files for e in read_tombstones(self.loc, f)]
 
     def chunks(self, rows: int) -> Iterator[Chunk]:
         """The rows in file order, ``rows`` at a time at most (one file at a time in memory)."""
