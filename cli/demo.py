@@ -184,7 +184,9 @@ def run_demo(*, images: int = 300, new_images: int = 12, workdir: str = "lens-de
     emb_prefix = f"s3://{cfg.results_bucket}/{cfg.embeddings_prefix}"
     doc["applications"][0]["args"] = {"search": {"index": str(index_dir), "refresh_s": 1.0,
                                                  "delta_sources": [emb_prefix]},
-                                      "pools": [{"name": "Tagger", "model": {"heads": [head["package"]]}}]}
+                                      "pools": [{"name": "Tagger", "nice": 0, "model": {"heads": [head["package"]]}}]}
+    events_app = doc["applications"][1]["args"]  # its own pool tags uploads with the same model and head
+    events_app["pool"] = dict(events_app["pool"], model={"heads": [head["package"]]})
     for change in ensure_resources(cfg):
         print(f"    {change}", file=sys.stderr)
     deploy(doc, where="demo config")

@@ -10,7 +10,7 @@ import sys
 from lens.serve.events.app import EventsAppArgs
 from lens.serve.events.consumer import queue_depth, queue_url
 from lens.serve.events.setup import clients, ensure_resources
-from lens.serve.run import BUILDER, load_serve_config
+from lens.serve.run import BUILDER, EVENTS_BUILDER, load_serve_config
 
 from lens.errors import ConfigError
 from lens.runtime.config import ModelConfig, validate
@@ -18,15 +18,16 @@ from lens.runtime.config import ModelConfig, validate
 __all__ = ["DEFAULT_EVENTS_CONFIG", "events_args", "run_events", "status", "dlq_list", "dlq_redrive",
            "start_local_aws"]
 
-EVENTS_BUILDER = "lens.serve.events.app:build_events_app"
-
 DEFAULT_EVENTS_CONFIG = {
     "proxy_location": "HeadOnly",
     "http_options": {"host": "127.0.0.1", "port": 8000},
     "applications": [
-        {"name": "lens", "route_prefix": "/", "import_path": BUILDER, "args": {}},
+        # the HTTP pool at niceness 0 and the events' own pool at 19 (its default): interactive requests get the
+        # cores first during an event burst (scripts/bench_priority.py); 1 + 0.5 CPUs leave 0.5 for a searcher
+        {"name": "lens", "route_prefix": "/", "import_path": BUILDER,
+         "args": {"pools": [{"name": "Tagger", "nice": 0}]}},
         {"name": "lens-events", "route_prefix": None, "import_path": EVENTS_BUILDER,
-         "args": {"events": {"results_bucket": "lens-results"}, "tagger_app": "lens", "tagger_deployment": "Tagger"}},
+         "args": {"events": {"results_bucket": "lens-results"}, "pool": {"name": "TaggerBulk", "num_cpus": 0.5}}},
     ],
 }
 
@@ -123,11 +124,16 @@ def dlq_redrive(cfg, limit: int | None = None) -> int:
 
 
 def pool_model(doc: dict) -> ModelConfig:
-    """The model of the config's tagging pool (the first pool of the Lens app): what the event path tags with."""
+    """The model the event path tags with: the events application's own pool's, else that of the pool it names
+    (``tagger_deployment`` of ``tagger_app``)."""
+    args = events_args(doc)
+    if args.pool is not None:
+        return args.pool.model
     for app in doc.get("applications", []):
-        if app.get("import_path") == BUILDER:
+        if app.get("import_path") == BUILDER and app.get("name") == args.tagger_app:
             pools = (app.get("args") or {}).get("pools") or [{}]
-            return validate(ModelConfig, pools[0].get("model") or {}, where=f"application {app.get('name')!r} pool")
+            pool = next((p for p in pools if p.get("name", "Tagger") == args.tagger_deployment), pools[0])
+            return validate(ModelConfig, pool.get("model") or {}, where=f"application {app.get('name')!r} pool")
     return ModelConfig()
 
 
@@ -135,7 +141,8 @@ def backfill(doc: dict, args) -> dict:
     from lens.serve.events.backfill import BackfillConfig, run_backfill
 
     cfg = validate(BackfillConfig, {"uri": args.uri, "batch_size": args.batch_size, "workers": args.workers,
-                                    "address": args.address, "redo": args.redo}, where="command line")
+                                    "address": args.address, "redo": args.redo, "nice": args.nice},
+                   where="command line")
     return run_backfill(cfg, events_args(doc).events, pool_model(doc),
                         log=lambda m: print(m, file=sys.stderr, flush=True))
 

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lists s3://BUCKET/PREFIX (a configured source bucket) and tags every object whose sidecar is "
         "missing or older than the object, on Ray Data, through the event path's own steps: the same sidecars, "
         "embedding parts and conditional writes, so it runs beside the live consumer without doubles and a rerun "
-        "finishes what a killed run left. The model is the tagging pool's of --config. Example: lens events "
+        "finishes what a killed run left. The model is the event path's pool's of --config. Example: lens events "
         "--config infra/events.yaml backfill s3://my-images/2025/")
     b.add_argument("uri", metavar="s3://BUCKET/PREFIX", help="what to tag (the whole bucket: s3://BUCKET/)")
     b.add_argument("--batch-size", type=int, default=32, help="objects per model call (default 32)")
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
     b.add_argument("--redo", action="store_true", help="also run objects whose sidecar is newer (each becomes a "
                    "duplicate, never a second result; default: skip them)")
+    b.add_argument("--nice", type=int, default=19, choices=range(20), metavar="0-19",
+                   help="CPU niceness of the worker actors (default 19: interactive pools on the same nodes first)")
     d = esub.add_parser("dlq", help="inspect or redrive the dead-letter queue")
     d.add_argument("dlq_command", choices=["list", "redrive"])
     d.add_argument("--limit", type=int, default=None, help="at most this many messages")

@@ -18,7 +18,8 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["init_ray", "describe_ray", "requested_address", "absolute", "quiet_ray", "METRICS_HOSTS"]
+__all__ = ["init_ray", "describe_ray", "requested_address", "absolute", "quiet_ray", "METRICS_HOSTS", "niceness",
+           "worker_niceness_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +119,21 @@ def absolute(path: str | os.PathLike | None) -> str | None:
     if "://" in s:
         return s
     return str(Path(s).expanduser().absolute())
+
+
+def niceness() -> int:
+    """The CPU niceness of the calling thread (on Linux niceness is per thread: Ray's own threads in a worker
+    keep 0 while the threads that run its tasks, and those they start, have the worker's niceness)."""
+    import threading
+
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except OSError:  # a platform without per-thread priorities
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def worker_niceness_env(nice: int | None) -> dict:
+    """The ``runtime_env`` that starts a Ray actor's process at CPU niceness ``nice`` (0-19; lower runs first).
+    Ray starts every worker at 15 (``RAY_worker_niceness``), which a process cannot lower by itself; set in the
+    actor's environment, the worker applies it as it starts (Ray's own job supervisor does the same). None: Ray's."""
+    return {} if nice is None else {"env_vars": {"RAY_worker_niceness": str(int(nice))}}

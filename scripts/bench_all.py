@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "backfill", "batch", "index", "filters", "shards",
-         "train", "rollout", "drift"]
+ORDER = ["model", "tag", "serve", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
+         "filters", "shards", "train", "rollout", "drift"]
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from lens.serve.config import (  # noqa: E402
     RolloutConfig,
     SearchConfig,
 )
+from lens.serve.events.app import EventsAppArgs  # noqa: E402
 from lens.serve.events.config import EventsConfig  # noqa: E402
 from lens.serve.frontdoor import FrontDoorConfig  # noqa: E402
 from lens.serve.versions import VersionsConfig  # noqa: E402
@@ -53,6 +54,7 @@ HEADER = """\
 #   serve:            `args:` of a Serve application (infra/serve-cpu.yaml, serve-gpu.yaml); a pool's `batching:`
 #                     is its deployment's `user_config:` (live: change it and `serve deploy` again). Replica
 #                     counts, autoscaling and max_ongoing_requests are Ray Serve's own `deployments:` fields.
+#   events_app:       `args:` of the event application (infra/events.yaml): its own model pool, or the one it uses
 #   events:           `args.events:` of the event application (infra/events.yaml) and `lens events run`
 #   frontdoor:        lens serve's HAProxy front door (--header-timeout-s and friends)
 #
@@ -106,7 +108,8 @@ def render(cls: type[BaseModel], indent: int, *, skip: tuple[str, ...] = (), ref
         if choices and "|" not in comment:
             comment = (comment + "; " if comment else "") + "one of: " + " | ".join(str(c) for c in choices)
         if refer and name in refer:
-            lines.append(_line(indent, f"{name}: {{}}", refer[name]))
+            default = "null" if field.default is None else "{}"
+            lines.append(_line(indent, f"{name}: {default}", refer[name]))
             continue
         nested = _nested_model(field.annotation)
         if nested is not None and field.default is not None:
@@ -145,6 +148,9 @@ def generate() -> str:
             _line(2, "rollout:", (RolloutConfig.__doc__ or "").strip().split("\n")[0]), *render(RolloutConfig, 4),
             _line(2, "feedback:", "null = no /v1/feedback; " + (FeedbackConfig.__doc__ or "").strip().split("\n")[0]),
             *render(FeedbackConfig, 4)]
+    out += ["events_app:", *render(EventsAppArgs, 2, skip=("events",),
+                                   refer={"pool": "null (events tag through tagger_deployment), or a pool with the keys "
+                                          "of serve.pools above, at nice 19 unless it says otherwise"})]
     out += ["events:", *render(EventsConfig, 2)]
     out += ["frontdoor:", *render(FrontDoorConfig, 2)]
     return "\n".join(out) + "\n"

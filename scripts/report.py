@@ -20,8 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "tag", "serve", "failover", "events", "deletes", "backfill", "batch", "index", "filters", "shards",
-         "train", "rollout", "drift"]
+ORDER = ["model", "tag", "serve", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
+         "filters", "shards", "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
 
@@ -436,7 +436,30 @@ def backfill_md(b: dict) -> list[str]:
             "|---|---|---|---|", *rows, ""] + targets_md(b)
 
 
-RENDER = {"backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
+def priority_md(p: dict) -> list[str]:
+    w = p["workload"]
+    what = {"shared": "one pool: events share the HTTP pool's replicas and batches (before)",
+            "separate": "the events' own pool, both at Ray's niceness 15",
+            "separate_bulk19": "the events' own pool at niceness 19, HTTP pool at 15",
+            "separate_http0_bulk19": "the events' own pool at 19, HTTP pool at 0 (**shipped**)"}
+    rows = []
+    for mode, r in p["modes"].items():
+        a, d, ra = r["interactive_alone"], r["interactive_during_burst"], r["ratios"]
+        rows.append(f"| {what.get(mode, mode)} | {a['p50_ms']} / {a['p99_ms']} | {d['p50_ms']} / {d['p99_ms']} "
+                    f"({d['requests']} requests) | **{ra['interactive_p99_during_vs_alone']}×** | "
+                    f"{r['burst_alone']['images_per_s']} | {r['burst_with_interactive']['images_per_s']} | "
+                    f"**{ra['burst_speed_with_vs_alone']}×** | {r['sidecars']} / {r['sidecar_writes']} |")
+    return [f"Interactive requests during an event burst (`scripts/bench_priority.py`, `benchmarks/priority.json`): "
+            f"{w['interactive_connections']} HTTP connections, each posting a photo and waiting {w['think_s']} s, "
+            f"alone for {w['interactive_alone_s']:g} s and during a burst of {n(w['burst_images'])} uploads; the "
+            f"burst's speed alone and beside them (first put to last result, from the consumer's counters); "
+            f"{w['backend']}, {w['threads_per_pool']} threads per pool; {w['s3_sqs']}, at niceness 15.", "",
+            "| pools | interactive alone p50 / p99 (ms) | during the burst p50 / p99 (ms) | p99 during / alone | "
+            "burst alone (images/s) | burst beside interactive (images/s) | burst speed ratio | sidecars / writes |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""] + targets_md(p)
+
+
+RENDER = {"priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
+from lens.cluster import worker_niceness_env
 from lens.runtime.config import validate
 
 from .config import AppArgs, PoolConfig
@@ -11,13 +12,18 @@ from .deployments import LensIngress, Tagger, TaggerIngress
 from .rollout import RolloutController
 from .search import IndexSearcher
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "pool_options"]
 
 
-def _options(pool: PoolConfig) -> dict:
-    actor = {"num_cpus": pool.num_cpus}
+def pool_options(pool: PoolConfig, nice: int | None = None) -> dict:
+    """A pool's deployment options: its name, resources, batching knobs and, with ``pool.nice`` (else ``nice``),
+    the runtime environment that starts its replicas at that CPU niceness."""
+    actor: dict = {"num_cpus": pool.num_cpus}
     if pool.num_gpus:
         actor["num_gpus"] = pool.num_gpus
+    env = worker_niceness_env(pool.nice if pool.nice is not None else nice)
+    if env:
+        actor["runtime_env"] = env
     return {"name": pool.name, "ray_actor_options": actor, "user_config": pool.batching.model_dump()}
 
 
@@ -52,7 +58,7 @@ def build_app(args: dict | None = None) -> Application:
         controller = RolloutController.bind(models, cfg.rollout.model_dump(mode="json"))
     if len(cfg.pools) == 1 and not cfg.separate_ingress:
         (pool,) = cfg.pools
-        return TaggerIngress.options(**_options(pool)).bind(pool.model_dump(mode="json"), api, search, controller,
+        return TaggerIngress.options(**pool_options(pool)).bind(pool.model_dump(mode="json"), api, search, controller,
                                                             feedback)
-    pools = {p.name: Tagger.options(**_options(p)).bind(p.model_dump(mode="json"), controller) for p in cfg.pools}
+    pools = {p.name: Tagger.options(**pool_options(p)).bind(p.model_dump(mode="json"), controller) for p in cfg.pools}
     return LensIngress.bind(api, pools, search, feedback)

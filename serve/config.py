@@ -74,6 +74,12 @@ class PoolConfig(StrictModel):
     warmup_batch_sizes: tuple[PositiveInt, ...] = Field((1,), description="dummy batches run before taking traffic")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (ONNX Runtime threads follow it)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
+    nice: int | None = Field(None, ge=0, le=19, description="CPU scheduling niceness of the pool's replica "
+                             "processes, every thread included (lower runs first). None: Ray's worker niceness "
+                             "(15 unless RAY_worker_niceness says otherwise). The event consumer's bulk pool runs at "
+                             "19 by default, so interactive pools on the same node get the cores first and bulk work "
+                             "takes them back when they are idle. It orders CPU time within a node (one pod), not "
+                             "GPU time")
     versions: VersionsConfig | None = Field(None, description="serve a registry model by alias (stable, plus a "
                                             "running rollout's canary) instead of model.weights")
     drift: DriftConfig | None = Field(None, description="online drift detection against a reference profile "

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
+from lens.cluster import niceness
 from lens.errors import ConfigError, ModelError, OverloadedError, RequestFailed
 from lens.identity import ModelIdentity, identity_of
 from lens.package import PackageError
@@ -104,6 +105,7 @@ class TaggerCore:
             self._routing_changed(self.watcher.routing)
         self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or cpus, thread_name_prefix="lens-decode")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="lens-model")
+        self.nice = self._model_thread.submit(niceness).result()  # the CPU niceness the model runs at
         self._in_flight = 0
         self._decoding = 0
         self._batches = self._images = self._max_batch_seen = 0
@@ -325,6 +327,7 @@ class TaggerCore:
         return self.predictor.info() | versions | drift | {
             "version": r.stable.label,
             "pool": self.cfg.name,
+            "nice": self.nice,
             "replica": self._replica,
             "cold_start_s": round(self.cold_start_s, 3),
             "ready_at": self.ready_at,

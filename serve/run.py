@@ -28,6 +28,7 @@ __all__ = ["load_serve_config", "check_serve_config", "check_resources", "resour
 logger = logging.getLogger("lens.serve")
 
 BUILDER = "lens.serve.app:build_app"
+EVENTS_BUILDER = "lens.serve.events.app:build_events_app"
 
 DEFAULT_CONFIG = {
     "proxy_location": "HeadOnly",
@@ -76,14 +77,19 @@ def check_serve_config(doc: dict, where: str = "Serve config"):
                 raise ConfigError(f"{where}: deployments override {name!r} matches no deployment "
                                   f"(pools: {', '.join(sorted(pool_names))})")
         for pool in args.pools:
-            o = overrides.get(pool.name, {})
-            batching = validate(BatchingConfig, o.get("user_config") or pool.batching.model_dump(),
-                                where=f"{where}, {pool.name}.user_config")
-            ongoing = o.get("max_ongoing_requests", MODEL_MAX_ONGOING_REQUESTS)
-            if batching.max_batch_size > ongoing:
-                raise ConfigError(f"{where}: {pool.name} has max_batch_size {batching.max_batch_size} > "
-                                  f"max_ongoing_requests {ongoing}; batches could never fill")
+            _check_batching(pool, overrides.get(pool.name, {}), where)
+    for pool, override in _events_pools(doc, where):
+        _check_batching(pool, override, where)
     return schema
+
+
+def _check_batching(pool, override: dict, where: str) -> None:
+    batching = validate(BatchingConfig, override.get("user_config") or pool.batching.model_dump(),
+                        where=f"{where}, {pool.name}.user_config")
+    ongoing = override.get("max_ongoing_requests", MODEL_MAX_ONGOING_REQUESTS)
+    if batching.max_batch_size > ongoing:
+        raise ConfigError(f"{where}: {pool.name} has max_batch_size {batching.max_batch_size} > "
+                          f"max_ongoing_requests {ongoing}; batches could never fill")
 
 
 def _replicas(override: dict) -> int:
@@ -117,7 +123,24 @@ def resource_demand(doc: dict, where: str = "Serve config") -> list[Demand]:
                               float(actor.get("num_gpus", pool.num_gpus))))
         if args.search is not None:
             out.append(Demand("IndexSearcher", 1, float(args.search.num_cpus), 0.0))
+    for pool, o in _events_pools(doc, where):
+        actor = o.get("ray_actor_options") or {}
+        out.append(Demand(pool.name, _replicas(o), float(actor.get("num_cpus", pool.num_cpus)),
+                          float(actor.get("num_gpus", pool.num_gpus))))
     return out
+
+
+def _events_pools(doc: dict, where: str):
+    """(pool, its ``deployments:`` override) of each event application with a model pool of its own."""
+    from .events.app import EventsAppArgs
+
+    for app in doc.get("applications", []):
+        if app.get("import_path") != EVENTS_BUILDER:
+            continue
+        args = validate(EventsAppArgs, app.get("args") or {}, where=f"{where}, application {app.get('name')!r} args")
+        if args.pool is not None:
+            overrides = {d.get("name"): d for d in app.get("deployments") or []}
+            yield args.pool, overrides.get(args.pool.name, {})
 
 
 def check_resources(doc: dict, cluster: dict) -> None:

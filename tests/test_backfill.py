@@ -118,6 +118,7 @@ def test_backfill_tags_what_is_there_once_beside_the_live_path_and_a_rerun_finis
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["listing"]["done_before"] >= 9 + 4, summary  # the live path's 9, and the killed run's batch
+    assert summary["worker_niceness"] == [19], summary  # interactive pools on the same node first
     writes = _sidecar_writes(s3, cfg)
     assert writes == {f"{cfg.result_prefix}{k}.json": 1 for k in [*keys, "old/notes.txt"]}, writes
     for k in keys[8:]:
@@ -143,8 +144,9 @@ def test_backfill_tags_what_is_there_once_beside_the_live_path_and_a_rerun_finis
     # once more: nothing left to do; --redo runs them all and every one is a duplicate, never a second result
     again = json.loads(_run(cfg, f"s3://{cfg.bucket}/old/", tmp_path).stdout.strip().splitlines()[-1])
     assert again["listing"]["pending"] == 0 and again["outcomes"] == {}
-    redo = json.loads(_run(cfg, f"s3://{cfg.bucket}/old/", tmp_path, "--redo").stdout.strip().splitlines()[-1])
-    assert redo["outcomes"] == {"duplicate": len(keys) + 1}, redo
+    redo = json.loads(_run(cfg, f"s3://{cfg.bucket}/old/", tmp_path, "--redo", "--nice", "7"
+                           ).stdout.strip().splitlines()[-1])
+    assert redo["outcomes"] == {"duplicate": len(keys) + 1} and redo["worker_niceness"] == [7], redo
     assert _sidecar_writes(s3, cfg) == writes
     # the 16 events delivered late, after the backfill: duplicates too
     url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]

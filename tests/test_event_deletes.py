@@ -43,7 +43,7 @@ def searchable(s3, cfg, id_: str) -> bool:
     return id_ in rows and not (id_ in tombs and is_dead(rows[id_], tombs[id_]))
 
 
-def test_a_deleted_object_gets_a_tombstone_and_a_deleted_sidecar(env, tiny):
+def test_a_deleted_object_gets_a_tombstone_and_a_deleted_sidecar(env, tiny):  # noqa: F811 - the env fixture
     from lens.serve.search import DeltaFeed
 
     cfg, s3, sqs = env
@@ -62,7 +62,7 @@ def test_a_deleted_object_gets_a_tombstone_and_a_deleted_sidecar(env, tiny):
     assert [i for i, _ in deletions] == [f"s3://{cfg.bucket}/gone/a.jpg"]
 
 
-def test_every_order_of_upload_and_delete_deliveries_ends_right(env, tiny):
+def test_every_order_of_upload_and_delete_deliveries_ends_right(env, tiny):  # noqa: F811 - the env fixture
     """Delete processed before its upload's event; the upload redelivered after the delete; a re-upload after the
     delete (a newer sequencer) - each ends as S3's own order of the key's events says."""
     cfg, s3, sqs = env
@@ -99,7 +99,7 @@ def test_every_order_of_upload_and_delete_deliveries_ends_right(env, tiny):
     assert not searchable(s3, cfg, id_)
 
 
-def test_a_versioned_buckets_delete_marker_deletes_and_removing_an_old_version_does_not(env, tiny):
+def test_a_versioned_buckets_delete_marker_deletes_and_removing_an_old_version_does_not(env, tiny):  # noqa: F811 - the env fixture
     cfg, s3, sqs = env
     b = cfg.bucket
     s3.put_bucket_versioning(Bucket=b, VersioningConfiguration={"Status": "Enabled"})
@@ -139,7 +139,7 @@ def test_eventbridge_messages_of_each_shape_parse():
         parse_message(json.dumps({"source": "aws.s3", "detail-type": "Object Created", "detail": {"bucket": {}}}))
 
 
-def test_setup_routes_s3_through_eventbridge_to_the_queue_and_the_consumer_tags_and_deletes(env, tiny):
+def test_setup_routes_s3_through_eventbridge_to_the_queue_and_the_consumer_tags_and_deletes(env, tiny):  # noqa: F811 - the env fixture
     from lens.serve.events.setup import clients, ensure_resources
 
     cfg, s3, sqs = env

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,8 +29,9 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
 
     moto_port, http_port, metrics_port = free_port(), free_port(), free_port()
     doc = yaml.safe_load((Path(__file__).parents[1] / "infra" / "events.yaml").read_text())
-    doc["applications"][0]["args"]["pools"][0].update(
-        model={"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"})  # shipped size
+    tiny = {"name": "test_efficientnet", "weights": "random", "backend": "onnx", "device": "cpu"}
+    doc["applications"][0]["args"]["pools"][0].update(model=tiny)  # the shipped sizes and niceness
+    doc["applications"][1]["args"]["pool"].update(model=tiny)
     doc["applications"][1]["args"]["events"].update(wait_time_s=1, visibility_timeout_s=2, max_receive_count=2,
                                                     scale_interval_s=1)
     cfg = tmp_path / "events.yaml"
@@ -111,7 +113,21 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
 
         wanted = sorted(f"ray_{m}" for m in used_metrics() if m.startswith("lens_events_"))
         assert len(wanted) >= 5
-        scrape_metrics(metrics_port, wanted)
+        text = scrape_metrics(metrics_port, wanted)
+        # the uploads went through the events' own pool, never the HTTP pool's batches; and each pool's
+        # replica runs at the niceness the config gives it (the HTTP pool first to the cores)
+        images_by_pool = {}
+        for line in text.splitlines():
+            if line.startswith("ray_lens_batch_size_sum{"):
+                pool = re.search(r'deployment="([^"]+)"', line).group(1)
+                images_by_pool[pool] = images_by_pool.get(pool, 0) + float(line.rsplit(" ", 1)[1])
+        assert images_by_pool.get("TaggerBulk", 0) >= len(keys) + 1 and images_by_pool.get("Tagger", 0) == 0, \
+            images_by_pool
+        replicas = subprocess.run(["ps", "-eo", "sid=,ni=,args="], capture_output=True, text=True).stdout
+        nice = {args.split(":")[-1].split(".")[0]: int(ni) for sid, ni, args in
+                (line.split(None, 2) for line in replicas.splitlines() if line.split(None, 2)[2:])
+                if int(sid) == proc.pid and args.startswith("ray::ServeReplica:lens")}
+        assert nice.get("Tagger") == 0 and nice.get("TaggerBulk") == 19, nice
         assert ray_jobs(foreign_ray) == []  # someone else's `ray start` cluster on the host: never joined
     finally:
         out = interrupt(proc)

@@ -135,3 +135,46 @@ def test_lens_log_lines_go_through_serves_replica_handlers_once_and_only_inside_
             lg.setLevel(level)
             lg.propagate = propagate
             lg.handlers = handlers
+
+
+def test_the_events_pool_is_a_deployment_of_its_own_at_the_bulk_niceness_and_counted_and_checked():
+    """`lens events run`'s default and infra/events.yaml: events tag through a pool of the events application's
+    own (never queued in front of HTTP requests), started at CPU niceness 19 unless it says otherwise, while the
+    HTTP pool asks for 0; the pool's CPUs count in the fit check, its batching is checked, and `lens events backfill`
+    embeds with its model."""
+    import copy
+
+    from lens.cli.events import DEFAULT_EVENTS_CONFIG, events_args, pool_model
+    from lens.serve.app import pool_options
+    from lens.serve.config import PoolConfig
+    from lens.serve.events.app import BULK_NICE
+    from lens.serve.run import resource_demand
+
+    for doc in (DEFAULT_EVENTS_CONFIG, load_serve_config(str(INFRA / "events.yaml"))):
+        args = events_args(doc)
+        assert args.pool is not None and args.pool.name == "TaggerBulk" and args.pool.nice is None
+        assert pool_options(args.pool, nice=BULK_NICE)["ray_actor_options"]["runtime_env"] == {
+            "env_vars": {"RAY_worker_niceness": "19"}}
+        (http_pool,) = doc["applications"][0]["args"]["pools"]
+        assert http_pool["nice"] == 0
+        assert pool_options(PoolConfig.model_validate(http_pool))["ray_actor_options"]["runtime_env"] == {
+            "env_vars": {"RAY_worker_niceness": "0"}}
+        assert [d.name for d in resource_demand(doc)] == ["Tagger", "TaggerBulk"]
+        assert pool_model(doc) == args.pool.model
+    # a pool without nice keeps Ray's worker niceness (no runtime_env of Lens's)
+    assert "runtime_env" not in pool_options(PoolConfig())["ray_actor_options"]
+    with pytest.raises(ValueError, match="less than or equal to 19"):
+        PoolConfig(nice=20)
+    # without a pool of its own, the event path embeds with the pool it names
+    doc = copy.deepcopy(DEFAULT_EVENTS_CONFIG)
+    doc["applications"][0]["args"]["pools"] = [{"name": "Gpu", "model": {"name": "efficientnet_b0"}},
+                                               {"name": "Cpu", "model": {"name": "tf_efficientnet_lite0"}}]
+    del doc["applications"][1]["args"]["pool"]
+    doc["applications"][1]["args"]["tagger_deployment"] = "Cpu"
+    assert pool_model(doc).name == "tf_efficientnet_lite0"
+    assert [d.name for d in resource_demand(doc)] == ["Gpu", "Cpu"]
+    # the events pool's batching is checked against its own deployments: override
+    doc = copy.deepcopy(DEFAULT_EVENTS_CONFIG)
+    doc["applications"][1]["deployments"] = [{"name": "TaggerBulk", "max_ongoing_requests": 4}]
+    with pytest.raises(ConfigError, match="TaggerBulk has max_batch_size 16 > max_ongoing_requests 4"):
+        check_serve_config(doc)

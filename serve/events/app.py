@@ -15,18 +15,31 @@ from pydantic import Field
 
 from lens.runtime.config import DecodeConfig, ModelConfig, StrictModel, validate
 
+from lens.serve.config import PoolConfig
+
 from .config import EventsConfig
 from .consumer import EventProcessor, LocalTagger, Poller
 
-__all__ = ["EventsAppArgs", "build_events_app", "run_in_process"]
+__all__ = ["BULK_NICE", "EventsAppArgs", "build_events_app", "run_in_process"]
 
 logger = logging.getLogger("lens.events")
 
 
+#: The niceness of the events application's own pool unless its ``nice`` says otherwise: the most yielding, so
+#: interactive pools on the same node (Ray's workers run at 15) get the cores first (scripts/bench_priority.py).
+BULK_NICE = 19
+
+
 class EventsAppArgs(StrictModel):
     events: EventsConfig = EventsConfig()
-    tagger_app: str = Field("lens", description="Serve application holding the model pool")
-    tagger_deployment: str = Field("Tagger", description="the model pool deployment in that application")
+    pool: PoolConfig | None = Field(
+        None, description="a model pool of the events application's own (a deployment named pool.name in it): "
+        f"event images never queue in front of interactive requests, and it runs at CPU niceness {BULK_NICE} "
+        "unless pool.nice says otherwise, so interactive pools on the same node get the cores first. None: tag "
+        "through tagger_deployment of tagger_app, sharing its replicas and batches with HTTP requests")
+    tagger_app: str = Field("lens", description="Serve application holding the model pool (without pool:)")
+    tagger_deployment: str = Field("Tagger", description="the model pool deployment in that application (without "
+                                   "pool:)")
 
 
 def _make_consumer_class():
@@ -35,7 +48,7 @@ def _make_consumer_class():
     @serve.deployment(name="EventConsumer", num_replicas=1, ray_actor_options={"num_cpus": 0},
                       health_check_period_s=10, logging_config={"enable_access_log": False})
     class EventConsumer:
-        def __init__(self, args: dict) -> None:
+        def __init__(self, args: dict, pool=None) -> None:
             from collections import Counter
 
             from lens.serve.logs import to_replica_log
@@ -49,7 +62,8 @@ def _make_consumer_class():
             self.aws_calls: Counter = Counter()  # every S3/SQS request this consumer makes, by operation
             count_calls(s3, self.aws_calls)
             count_calls(sqs, self.aws_calls)
-            self._handle = serve.get_deployment_handle(self.args.tagger_deployment, self.args.tagger_app)
+            self._handle = pool if pool is not None else serve.get_deployment_handle(self.args.tagger_deployment,
+                                                                                       self.args.tagger_app)
             self._tag_batch.set_max_batch_size(self.args.events.concurrency * self.args.events.max_pollers)
             self.processor = EventProcessor(self.args.events, s3, self._tag, {})
             from lens.serve.metrics import EventMetrics
@@ -85,6 +99,10 @@ def _make_consumer_class():
             self.processor.model_info = await self._handle.info.remote()  # model + weights checksum for sidecars
             await self.poller.run()
 
+        async def pool_info(self) -> dict:
+            """What the model pool this consumer tags through says of itself (its ``info``)."""
+            return await self._handle.info.remote()
+
         def check_health(self) -> None:
             if self._task.done() and self._task.exception() is not None:
                 raise RuntimeError(f"poller stopped: {self._task.exception()}")
@@ -105,7 +123,13 @@ def _make_consumer_class():
 
 def build_events_app(args: dict | None = None):
     cfg = validate(EventsAppArgs, args or {}, where="events application args")
-    return _make_consumer_class().bind(cfg.model_dump(mode="json"))
+    pool = None
+    if cfg.pool is not None:
+        from lens.serve.app import pool_options
+        from lens.serve.deployments import Tagger
+
+        pool = Tagger.options(**pool_options(cfg.pool, nice=BULK_NICE)).bind(cfg.pool.model_dump(mode="json"), None)
+    return _make_consumer_class().bind(cfg.model_dump(mode="json"), pool)
 
 
 async def _run(cfg: EventsConfig, model_cfg: ModelConfig, stop: asyncio.Event) -> dict:

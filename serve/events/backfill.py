@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from pydantic import Field, PositiveInt
 
+from lens.cluster import niceness, worker_niceness_env
 from lens.errors import ConfigError
 from lens.runtime.config import ModelConfig, StrictModel
 
@@ -44,6 +45,8 @@ class BackfillConfig(StrictModel):
     address: str | None = Field(None, description="Ray cluster (default: RAY_ADDRESS or a local Ray)")
     redo: bool = Field(False, description="also run objects whose sidecar is newer than the object (the conditional "
                        "writes still make each a duplicate, never a second result)")
+    nice: int = Field(19, ge=0, le=19, description="CPU niceness of the worker actors: 19 (the most yielding) lets "
+                      "interactive pools on the same nodes keep their latency while a backfill runs beside them")
 
     def split(self) -> tuple[str, str]:
         if not self.uri.startswith("s3://"):
@@ -111,7 +114,8 @@ class BackfillWorker:
         out = Outcome()
         t0 = time.perf_counter()
         asyncio.run(self._run(events, out))
-        return {"counts": np.array([json.dumps(out.counts)]), "seconds": np.array([time.perf_counter() - t0])}
+        return {"counts": np.array([json.dumps(out.counts)]), "seconds": np.array([time.perf_counter() - t0]),
+                "nice": np.array([niceness()])}
 
     async def _run(self, events: list[ObjectEvent], out: Outcome) -> None:
         p = self.processor
@@ -172,15 +176,18 @@ def run_backfill(cfg: BackfillConfig, events: EventsConfig, model: ModelConfig, 
     ds = ray.data.from_items(pending, override_num_blocks=max(1, math.ceil(len(pending) / cfg.batch_size)))
     ds = ds.map_batches(BackfillWorker, fn_constructor_kwargs={"events": events.model_dump(), "model": one.model_dump()},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
+                        runtime_env=worker_niceness_env(cfg.nice),
                         compute=ray.data.ActorPoolStrategy(size=min(workers, math.ceil(len(pending) / cfg.batch_size))))
     t_run = time.perf_counter()
     outcomes: dict[str, int] = {}
+    nice: set[int] = set()
     seen = said = 0
     said_at = time.perf_counter()
     for row in ds.iter_rows():
         for k, v in json.loads(row["counts"]).items():
             outcomes[k] = outcomes.get(k, 0) + v
         seen += sum(json.loads(row["counts"]).values())
+        nice.add(int(row["nice"]))
         crash_point("backfill.after_batch")
         if time.perf_counter() - said_at > 5:
             said_at = time.perf_counter()
@@ -188,7 +195,8 @@ def run_backfill(cfg: BackfillConfig, events: EventsConfig, model: ModelConfig, 
             said = seen
             log(f"lens events backfill: {seen}/{len(pending)} ({100 * seen / len(pending):.0f} %), {rate:.0f}/s")
     run_s = time.perf_counter() - t_run
-    summary |= {"outcomes": outcomes, "workers": workers, "backend": one.backend, "run_seconds": round(run_s, 2),
+    summary |= {"outcomes": outcomes, "workers": workers, "worker_niceness": sorted(nice), "backend": one.backend,
+                "run_seconds": round(run_s, 2),
                 "seconds": round(time.perf_counter() - t0, 2),
                 "images_per_s": round(len(pending) / run_s, 1) if run_s > 0 else 0.0}
     log(f"lens events backfill: done: {outcomes} in {run_s:.1f} s ({summary['images_per_s']} images/s)")
