@@ -5,11 +5,11 @@ For each way of sharing the machine between the two kinds of work (``--modes``),
 consumer and moto's S3/SQS (in a process of its own, keeping connections open as AWS does):
 
 1. **interactive alone**: 8 connections, each posting an image and then waiting ``--think`` seconds (people, not
-   a load generator: about a tenth of the pool's capacity), for ``--alone-s`` seconds;
-2. **burst alone**: ``--images`` real photos put into the bucket as fast as 8 threads can, counted until the
-   consumer has tagged them all (its own counters);
-3. **both**: the same interactive load while another burst of the same size runs; the interactive latencies
-   counted are those of requests sent between the burst's first put and its last result.
+   a load generator: a fifth of the pool's capacity or less), for ``--alone-s`` seconds;
+2. **burst alone**: a backlog of ``--images`` real photos (put while the pool the consumer tags through holds its
+   batches, then let go), counted until the consumer has tagged them all (its own counters);
+3. **both**: the same interactive load while another backlog of the same size drains; the interactive latencies
+   counted are those of requests sent between the release and the last result.
 
 Modes (``NICE``): ``shared`` (one pool: events and HTTP share its replicas and batches, Lens's behaviour before
 issue 32); ``separate`` (the events application's own pool, both pools at Ray's worker niceness, 15);
@@ -99,18 +99,27 @@ def latency(records: list, start: float, end: float) -> dict:
 
 
 # -- the burst ---------------------------------------------------------------------------------------------------
-def burst(s3, bucket: str, prefix: str, n: int, bodies: list, consumer) -> dict:
-    """Put ``n`` images under ``prefix`` as fast as 8 threads can; wait on the consumer's counters until every one
-    is tagged. Returns its speed from the first put to the last result."""
+def burst(s3, bucket: str, prefix: str, n: int, bodies: list, consumer, pool, before_release=None) -> dict:
+    """A backlog of ``n`` uploads under ``prefix``, drained: the pool the consumer tags through holds its batches
+    while 8 threads put the images (moto's S3 takes ~40 puts/s here, slower than the model: put live, the burst
+    would be the put rate), then lets them go; counted on the consumer's own counters until every one is tagged.
+    Its speed is from the release to the last result."""
     before = consumer.status.remote().result()["processed"].get("tagged", 0)
 
     def put(i: int) -> None:
         s3.put_object(Bucket=bucket, Key=f"{prefix}{i:06d}.jpg", Body=bodies[i % len(bodies)])
 
-    t0 = time.time()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(put, range(n)))
-    put_s = time.time() - t0
+    pool.hold_batches.remote(True).result()
+    t_put = time.time()
+    try:
+        with ThreadPoolExecutor(8) as threads:
+            list(threads.map(put, range(n)))
+        put_s = time.time() - t_put
+        if before_release is not None:
+            before_release()
+    finally:
+        t0 = time.time()
+        pool.hold_batches.remote(False).result()
     deadline = t0 + 1800
     while True:
         done = consumer.status.remote().result()["processed"].get("tagged", 0) - before
@@ -166,6 +175,8 @@ def run_mode(mode: str, args, s3, cfg, bodies: list, port: int) -> dict:
     deploy(doc, where=f"bench priority ({mode})")
     url = f"http://127.0.0.1:{port}/v1/tag"
     consumer = serve.get_deployment_handle("EventConsumer", "lens-events")
+    pool = (serve.get_deployment_handle("Tagger", "lens") if NICE[mode][1] is None
+            else serve.get_deployment_handle("TaggerBulk", "lens-events"))
     try:
         load = Interactive(url, args.connections, 0.0)  # warm-up: every connection, then the model, busy
         time.sleep(3)
@@ -174,11 +185,16 @@ def run_mode(mode: str, args, s3, cfg, bodies: list, port: int) -> dict:
         t0 = time.time()
         time.sleep(args.alone_s)
         alone = latency(load.finish(), t0 + args.think, time.time())
-        burst_alone = burst(s3, cfg.bucket, f"prio/{mode}/alone/", args.images, bodies, consumer)
-        load = Interactive(url, args.connections, args.think)
-        time.sleep(args.think)  # every connection under way before the burst starts
-        burst_both = burst(s3, cfg.bucket, f"prio/{mode}/both/", args.images, bodies, consumer)
-        during = latency(load.finish(), burst_both["started"], burst_both["ended"])
+        burst_alone = burst(s3, cfg.bucket, f"prio/{mode}/alone/", args.images, bodies, consumer, pool)
+        running = []
+
+        def start_interactive() -> None:  # every connection under way before the backlog is let go
+            running.append(Interactive(url, args.connections, args.think))
+            time.sleep(2 * args.think)
+
+        burst_both = burst(s3, cfg.bucket, f"prio/{mode}/both/", args.images, bodies, consumer, pool,
+                           before_release=start_interactive)
+        during = latency(running[0].finish(), burst_both["started"], burst_both["ended"])
         infos = {app: {k: info[k] for k in ("pool", "backend", "nice", "batching") if k in info}
                  for app, info in (("lens", serve.get_deployment_handle("Tagger", "lens").info.remote().result()),
                                    ("lens-events", consumer.pool_info.remote().result()))}
@@ -208,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000, help="images per burst")
     ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--think", type=float, default=2.0, help="seconds each connection waits between requests")
+    ap.add_argument("--think", type=float, default=1.0, help="seconds each connection waits between requests")
     ap.add_argument("--alone-s", type=float, default=60.0, help="seconds of interactive load alone")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="model and decode threads of every pool")
     ap.add_argument("--modes", default=",".join(NICE))

