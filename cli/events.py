@@ -106,20 +106,71 @@ def dlq_list(cfg, limit: int = 10) -> list[dict]:
     return out
 
 
-def dlq_redrive(cfg, limit: int | None = None) -> int:
-    """Move DLQ messages back to the main queue (send, then delete: at least once, like SQS itself)."""
+#: Error codes of an SQS endpoint without message move tasks (moto's server answers a bare 500 after botocore's
+#: retries; other emulators name it): the copy path runs. On AWS a 500 is transient, and copying still redrives.
+NO_MOVE_TASKS = {"UnsupportedOperation", "AWS.SimpleQueueService.UnsupportedOperation", "InvalidAction",
+                 "NotImplemented", "InternalFailure", "InternalError", "UnknownOperationException", "500", "501"}
+
+
+def dlq_redrive(cfg, limit: int | None = None, *, method: str = "auto", poll_s: float = 1.0) -> dict:
+    """Move DLQ messages back to the main queue: ``{"redriven": N, "method": ...}``.
+
+    ``move-task`` (and ``auto`` without ``limit``): SQS's own ``StartMessageMoveTask`` moves every message with its
+    attributes, server side, and this waits until the task ends. ``copy`` (and ``auto`` with ``limit``, or where the
+    endpoint has no move tasks): receive, send with the body *and* the message attributes, then delete — at least
+    once, like SQS itself."""
+    from botocore.exceptions import ClientError
+
     _, sqs = clients(cfg.region)
     src, dst = queue_url(sqs, cfg.dlq), queue_url(sqs, cfg.queue)
+    if method == "move-task" or (method == "auto" and limit is None):
+        try:
+            return {"redriven": _move_task(sqs, src, dst, poll_s), "method": "move-task"}
+        except ClientError as e:
+            if method == "move-task" or e.response.get("Error", {}).get("Code") not in NO_MOVE_TASKS:
+                raise
+    return {"redriven": _copy(sqs, src, dst, limit), "method": "copy"}
+
+
+def _arn(sqs, url: str) -> str:
+    return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+
+def _move_task(sqs, src: str, dst: str, poll_s: float) -> int:
+    import time
+
+    source = _arn(sqs, src)
+    handle = sqs.start_message_move_task(SourceArn=source, DestinationArn=_arn(sqs, dst))["TaskHandle"]
+    while True:
+        task = next((t for t in sqs.list_message_move_tasks(SourceArn=source, MaxResults=10)["Results"]
+                     if t.get("TaskHandle") == handle), None)
+        if task is not None and task["Status"] != "RUNNING":
+            if task["Status"] != "COMPLETED":
+                raise ConfigError(f"the DLQ move task ended {task['Status']}: {task.get('FailureReason', '')}")
+            return int(task.get("ApproximateNumberOfMessagesMoved", 0))
+        time.sleep(poll_s)
+
+
+def _copy(sqs, src: str, dst: str, limit: int | None) -> int:
     moved = 0
     while limit is None or moved < limit:
-        msgs = sqs.receive_message(QueueUrl=src, MaxNumberOfMessages=10, WaitTimeSeconds=1,
-                                   VisibilityTimeout=30).get("Messages", [])
+        want = 10 if limit is None else min(10, limit - moved)
+        msgs = sqs.receive_message(QueueUrl=src, MaxNumberOfMessages=want, WaitTimeSeconds=1, VisibilityTimeout=30,
+                                   MessageAttributeNames=["All"]).get("Messages", [])
         if not msgs:
             break
-        for m in msgs:
-            sqs.send_message(QueueUrl=dst, MessageBody=m["Body"])
-            sqs.delete_message(QueueUrl=src, ReceiptHandle=m["ReceiptHandle"])
-            moved += 1
+        entries = [{"Id": str(i), "MessageBody": m["Body"],
+                    **({"MessageAttributes": m["MessageAttributes"]} if m.get("MessageAttributes") else {})}
+                   for i, m in enumerate(msgs)]
+        sent = sqs.send_message_batch(QueueUrl=dst, Entries=entries)
+        ok = {e["Id"] for e in sent.get("Successful", [])}
+        done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]
+        if done:
+            sqs.delete_message_batch(QueueUrl=src, Entries=done)
+        moved += len(done)
+        if sent.get("Failed"):  # left in the DLQ (visible again after 30 s): say so rather than spin on them
+            raise ConfigError(f"the main queue refused {len(sent['Failed'])} message(s): "
+                              f"{sent['Failed'][0].get('Message', sent['Failed'][0].get('Code'))}")
     return moved
 
 
@@ -168,5 +219,5 @@ def main(args) -> int:
         for m in dlq_list(cfg, args.limit):
             print(json.dumps(m))
     elif args.events_command == "dlq" and args.dlq_command == "redrive":
-        print(json.dumps({"redriven": dlq_redrive(cfg, args.limit)}))
+        print(json.dumps(dlq_redrive(cfg, args.limit, method=args.method)))
     return 0

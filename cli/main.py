@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = esub.add_parser("dlq", help="inspect or redrive the dead-letter queue")
     d.add_argument("dlq_command", choices=["list", "redrive"])
     d.add_argument("--limit", type=int, default=None, help="at most this many messages")
+    d.add_argument("--method", choices=["auto", "move-task", "copy"], default="auto",
+                   help="redrive: move-task = SQS's StartMessageMoveTask (every message, attributes kept, server "
+                   "side); copy = receive, send (body and attributes), delete; auto (default) = move-task unless "
+                   "--limit is given or the endpoint has no move tasks")
 
     from lens.cli.batch import add_parsers as add_batch_parsers
 

@@ -43,6 +43,8 @@ __all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "
            "search_params", "reconstruct"]
 
 INDEX_FILE = "index.faiss"
+#: autofaiss's description of an index, beside it (clip-retrieval and autofaiss users read it)
+INFOS_FILE = "index_infos.json"
 IDS_FILE = "ids.parquet"
 MANIFEST = "manifest.json"
 FORMAT = "lens-index/1"
@@ -114,6 +116,28 @@ def new_version_name() -> str:
     return f"v-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex[:6]}"
 
 
+def index_infos(manifest: dict, size_bytes: int, count: int, index_path) -> dict:
+    """``index_infos.json`` in autofaiss's shape (its key names, spaces included), from a version's manifest: the
+    factory string, the tuned search parameter, the file and its size, vectors and dimension, the compression
+    against float32 vectors, the metric, recall@k against exact search on held-out queries and the one-query
+    search latency measured at build time (those two only where the build measured them: not per shard)."""
+    search = manifest.get("search") or {}
+    dim = int(manifest.get("dim", 0))
+    out = {"index_key": manifest.get("factory"),
+           "index_param": f"{search['param']}={search['value']}" if search.get("param") else "",
+           "index_path": index_path, "size in bytes": int(size_bytes), "nb vectors": int(count),
+           "vectors dimension": dim,
+           "compression ratio": round(4 * dim * count / size_bytes, 3) if size_bytes else None,
+           "metric_type": "ip", "lens_metric": manifest.get("metric")}
+    speed = manifest.get("search_speed_ms")
+    if speed:
+        out |= {"avg_search_speed_ms": speed["avg"], "99p_search_speed_ms": speed["p99"]}
+    recall = manifest.get("recall")
+    if recall:
+        out[f"{recall['k']}-recall@{recall['k']}"] = recall["value"]
+    return out
+
+
 def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list[str], manifest: dict,
                   *, make_current: bool = True, extra_files: dict[str, bytes] | None = None,
                   name: str | None = None) -> Path:
@@ -135,10 +159,13 @@ def write_version(root: str | os.PathLike, index, ids: list[str], metadata: list
         part = tmp / f".{IDS_FILE}.tmp"
         pq.write_table(table, part)
         os.replace(part, tmp / IDS_FILE)
-        for fname, data in (extra_files or {}).items():
+        extra_files = dict(extra_files or {})
+        extra_files[INFOS_FILE] = (json.dumps(index_infos(manifest, (tmp / INDEX_FILE).stat().st_size, len(ids),
+                                                          INDEX_FILE), indent=2) + "\n").encode()
+        for fname, data in extra_files.items():
             atomic_write_bytes(tmp / fname, data)
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
-                 for f in (INDEX_FILE, IDS_FILE, *(extra_files or {}))}
+                 for f in (INDEX_FILE, IDS_FILE, *extra_files)}
         manifest = {"format": FORMAT, "version": name, **manifest, "count": len(ids), "files": files}
         atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_dir(tmp)
@@ -156,11 +183,16 @@ def write_sharded_version(root: str | os.PathLike, tmp: Path, shard_dirs: list[P
     """Finish a sharded version built in ``tmp`` (its shards already written there as complete versions): write
     ``extra_files`` and its manifest (checksums of every shard's manifest and of the extra files), move it into
     place, make it CURRENT."""
-    for fname, data in (extra_files or {}).items():
-        atomic_write_bytes(tmp / fname, data)
-    listed = [f"{d.name}/{MANIFEST}" for d in shard_dirs] + list(extra_files or {})
-    files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in listed}
     shard_manifests = [json.loads((d / MANIFEST).read_text()) for d in shard_dirs]
+    extra_files = dict(extra_files or {})
+    extra_files[INFOS_FILE] = (json.dumps(index_infos(
+        manifest, sum(m["files"][INDEX_FILE]["bytes"] for m in shard_manifests),
+        sum(m["count"] for m in shard_manifests), [f"{d.name}/{INDEX_FILE}" for d in shard_dirs]),
+        indent=2) + "\n").encode()
+    for fname, data in extra_files.items():
+        atomic_write_bytes(tmp / fname, data)
+    listed = [f"{d.name}/{MANIFEST}" for d in shard_dirs] + list(extra_files)
+    files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in listed}
     name = tmp.name[1:-len(".tmp")]
     manifest = {"format": SHARDED_FORMAT, "version": name, **manifest,
                 "count": sum(m["count"] for m in shard_manifests), "shards": [d.name for d in shard_dirs],

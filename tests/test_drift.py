@@ -13,13 +13,14 @@ from lens.quality.drift import DriftMonitor, Profile, chi2_homogeneity, chi2_sf,
 
 
 def test_statistics_match_reference_values():
-    # scipy.stats values for the same inputs (scipy is not a dependency of Lens's core)
+    # reference values of the distributions (from scipy.stats, which Lens now calls: a guard on the call, the
+    # method chosen and the pooling around it)
     for x, df, want in [(3.0, 1, 0.08326451666355042), (30.0, 20, 0.06985366069940986),
                         (100.0, 80, 0.064570368921133), (0.5, 3, 0.9188914116546758)]:
         assert chi2_sf(x, df) == pytest.approx(want, rel=1e-9)
     rng = np.random.default_rng(0)
     d, p = ks_2samp(rng.normal(size=2000), rng.normal(0.1, size=500))
-    assert d == pytest.approx(0.043) and p == pytest.approx(0.438, abs=0.01)  # scipy asymp: 0.4381
+    assert d == pytest.approx(0.043) and p == pytest.approx(0.438, abs=0.01)  # the asymptotic law: 0.4381
     stat, p, df = chi2_homogeneity({"a": 100, "b": 50, "c": 3}, {"a": 40, "b": 60, "d": 2})
     assert df == 2 and stat == pytest.approx(17.316, abs=1e-3) and p < 1e-3  # c and d pooled into one class
 

@@ -442,3 +442,49 @@ def test_poll_loops_scale_up_with_the_backlog_and_back_down_when_it_drains(env, 
     up, down, totals = asyncio.run(main())
     assert (up, down) == (3, 1) and totals["tagged"] == 20
     assert queue_depth(sqs, sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]) == {"visible": 0, "in_flight": 0}
+
+
+def test_dlq_redrive_keeps_attributes_honours_the_limit_and_uses_sqs_move_tasks_where_there_are_any(env):
+    """moto's server has no StartMessageMoveTask: there `auto` copies (body and message attributes, batches of 10,
+    at most --limit). The move-task path is SQS's own; its calls are checked against botocore's stubbed client
+    (the request shapes botocore validates), as no local endpoint implements them."""
+    from botocore.stub import Stubber
+    from lens.cli.events import _move_task, dlq_redrive
+    from lens.serve.events.consumer import queue_depth
+
+    cfg, s3, sqs = env
+    url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
+    dlq = sqs.get_queue_url(QueueName=cfg.dlq)["QueueUrl"]
+    for i in range(13):
+        sqs.send_message(QueueUrl=dlq, MessageBody=f"dead {i}", MessageAttributes={
+            "origin": {"DataType": "String", "StringValue": f"test-{i}"}})
+    assert dlq_redrive(cfg, limit=5) == {"redriven": 5, "method": "copy"}
+    assert queue_depth(sqs, dlq)["visible"] == 8
+    assert dlq_redrive(cfg) == {"redriven": 8, "method": "copy"}  # auto: no move tasks here
+    got = []
+    while len(got) < 13:
+        msgs = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                   MessageAttributeNames=["All"]).get("Messages", [])
+        assert msgs, got
+        got += msgs
+    assert sorted(m["Body"] for m in got) == sorted(f"dead {i}" for i in range(13))
+    assert all(m["MessageAttributes"]["origin"]["StringValue"] == "test-" + m["Body"].split()[1] for m in got)
+    with pytest.raises(Exception, match="500"):  # asked for explicitly, where there is none: the endpoint's error
+        dlq_redrive(cfg, method="move-task")
+
+    import boto3
+
+    stub_sqs = boto3.client("sqs", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    src, dst = "https://sqs/123/dlq", "https://sqs/123/q"
+    with Stubber(stub_sqs) as st:
+        for u, arn in ((src, "arn:aws:sqs:us-east-1:123:dlq"), (dst, "arn:aws:sqs:us-east-1:123:q")):
+            st.add_response("get_queue_attributes", {"Attributes": {"QueueArn": arn}},
+                            {"QueueUrl": u, "AttributeNames": ["QueueArn"]})
+        st.add_response("start_message_move_task", {"TaskHandle": "h1"},
+                        {"SourceArn": "arn:aws:sqs:us-east-1:123:dlq", "DestinationArn": "arn:aws:sqs:us-east-1:123:q"})
+        st.add_response("list_message_move_tasks", {"Results": [{"TaskHandle": "h1", "Status": "RUNNING"}]},
+                        {"SourceArn": "arn:aws:sqs:us-east-1:123:dlq", "MaxResults": 10})
+        st.add_response("list_message_move_tasks", {"Results": [
+            {"TaskHandle": "h1", "Status": "COMPLETED", "ApproximateNumberOfMessagesMoved": 42}]},
+            {"SourceArn": "arn:aws:sqs:us-east-1:123:dlq", "MaxResults": 10})
+        assert _move_task(stub_sqs, src, dst, poll_s=0.0) == 42

@@ -79,6 +79,34 @@ def test_approximate_matches_exact_within_stated_recall(tmp_path, data, kind, ta
         assert svc.version.manifest["search"]["value"] == m["search"]["value"]
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-pq"])
+def test_index_infos_json_opens_with_plain_faiss_and_gives_lens_answers(tmp_path, data, kind):
+    """Beside every version, autofaiss's index_infos.json: what clip-retrieval/autofaiss users read. With it and
+    plain FAISS (no Lens), the index file answers as Lens does: the same ids' rows, at the tuned parameter."""
+    import faiss
+    from lens.index.search import SearchService
+
+    src, ids, x, held = data
+    m = build(tmp_path, [src], index=kind, queries=200)
+    vdir = Path(m["path"])
+    infos = json.loads((vdir / "index_infos.json").read_text())
+    assert infos["index_key"] == m["factory"] and infos["nb vectors"] == 6000 and infos["vectors dimension"] == 32
+    assert infos["size in bytes"] == (vdir / infos["index_path"]).stat().st_size
+    assert infos["compression ratio"] == round(4 * 32 * 6000 / infos["size in bytes"], 3)
+    assert infos["10-recall@10"] == m["recall"]["value"] and infos["metric_type"] == "ip"
+    assert 0 < infos["avg_search_speed_ms"] <= infos["99p_search_speed_ms"]
+    assert "index_infos.json" in json.loads((vdir / "manifest.json").read_text())["files"]  # checksummed too
+    index = faiss.read_index(str(vdir / infos["index_path"]))
+    if infos["index_param"]:
+        faiss.ParameterSpace().set_index_parameters(index, infos["index_param"])
+    else:
+        assert kind == "flat"
+    _, rows = index.search(held[:20], 10)
+    row_ids = pq.read_table(vdir / "ids.parquet").column("id").to_pylist()
+    _, hits = SearchService(str(tmp_path / "idx")).search(held[:20], 10)
+    assert [[row_ids[r] for r in rr] for rr in rows] == [[h.id for h in hs] for hs in hits]
+
+
 def test_an_unreachable_recall_target_is_recorded_as_not_reached(tmp_path, data):
     src, ids, x, held = data
     m = build(tmp_path, [src], index="ivf-pq", target_recall=0.99, queries=200)
@@ -403,6 +431,11 @@ def test_sharded_index_answers_exactly_as_one_index_over_the_same_data(local_ray
     _, near = svc.search_id("img-42", 5)
     assert "img-42" not in [h.id for h in near] and len(near) == 5
     assert list_versions(tmp_path / "idx")[-1]["shards"] == 3
+    infos = json.loads((v.path / "index_infos.json").read_text())  # autofaiss's description, over all shards
+    assert infos["nb vectors"] == 6000 and infos["index_path"] == [f"{n}/index.faiss" for n in v.manifest["shards"]]
+    assert infos["size in bytes"] == sum((v.path / p).stat().st_size for p in infos["index_path"])
+    assert json.loads((v.path / v.manifest["shards"][0] / "index_infos.json").read_text())["nb vectors"] == \
+        v.manifest["shard_counts"][0]
 
     # a damaged shard refuses the whole version, naming the file
     f = v.path / v.manifest["shards"][1] / "index.faiss"

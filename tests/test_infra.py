@@ -172,3 +172,76 @@ def test_train_rayjob_is_well_formed_and_its_command_parses():
     assert args.command == "train" and cfg.mode == "finetune" and cfg.use_gpu and cfg.workers == 2
     assert cfg.data.startswith("s3://") and cfg.output.startswith("s3://")
     assert cfg.checkpoint_storage.startswith("s3://")  # shared: workers on other nodes resume from it
+
+
+def _grants(policy: dict, action: str, arn: str, prefix: str | None = None) -> bool:
+    """Whether an Allow statement gives ``action`` on ``arn`` (wildcards as IAM reads them), with a ListBucket
+    ``s3:prefix`` condition, if any, admitting ``prefix``."""
+    import fnmatch
+
+    for st in policy["Statement"]:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if st["Effect"] != "Allow" or action not in actions or not any(fnmatch.fnmatchcase(arn, r) for r in resources):
+            continue
+        allowed = st.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+        if allowed is None or prefix is None or any(fnmatch.fnmatchcase(prefix, a) for a in allowed):
+            return True
+    return False
+
+
+def test_the_iam_policy_covers_every_bucket_and_prefix_the_cluster_files_use():
+    """The KubeRay manifests' commands and Serve config, read with Lens's own parsers, against the policy: every
+    S3 prefix read can be listed and read, every prefix written can be written (and a checkpoint store pruned)."""
+    import shlex
+
+    from lens.cli.main import build_parser
+
+    parser = build_parser()
+    policy = json.loads((INFRA / "iam-policy.json").read_text())
+    needs: list[tuple[str, str]] = []  # (uri, "read" | "write" | "checkpoints")
+    for name in ("rayjob-embed.yaml", "rayjob-train.yaml"):
+        doc = yaml.safe_load((INFRA / "kuberay" / name).read_text())
+        for command in doc["spec"]["entrypoint"].split("&&"):
+            a = parser.parse_args(shlex.split(command.strip())[1:])
+            reads = [getattr(a, f, None) for f in ("input", "data")] + list(getattr(a, "embeddings", None) or [])
+            needs += [(u, "read") for u in reads if u]
+            needs += [(a.output, "write")]
+            if getattr(a, "checkpoint_storage", None):
+                needs += [(a.checkpoint_storage, "checkpoints")]
+    service = yaml.safe_load((INFRA / "kuberay" / "rayservice.yaml").read_text())
+    for app in yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]:
+        needs += [(u, "read") for u in ((app.get("args") or {}).get("search") or {}).get("delta_sources", [])]
+    events = yaml.safe_load((INFRA / "events.yaml").read_text())["applications"][1]["args"]["events"]
+    needs += [(f"s3://{events['bucket']}/", "read"),
+              (f"s3://{events['results_bucket']}/{events['result_prefix']}", "write"),
+              (f"s3://{events['results_bucket']}/{events['embeddings_prefix']}", "write")]
+    s3 = [(u, how) for u, how in needs if u.startswith("s3://")]
+    assert {u.split("/")[2] for u, _ in s3} >= {"lens-data", "lens-models", "lens-results", "lens-images"}
+    want = {"read": ["s3:GetObject"], "write": ["s3:GetObject", "s3:PutObject"],
+            "checkpoints": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]}
+    missing = []
+    for uri, how in s3:
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not _grants(policy, "s3:ListBucket", f"arn:aws:s3:::{bucket}", prefix):
+            missing.append(f"s3:ListBucket {bucket} prefix {prefix!r}")
+        for action in want[how]:
+            if not _grants(policy, action, f"arn:aws:s3:::{bucket}/{prefix}some/object"):
+                missing.append(f"{action} {uri}")
+    assert not missing, missing
+    # and the check is not vacuous: the policy before training's statements lacked these
+    trimmed = dict(policy, Statement=[s for s in policy["Statement"] if "Model" not in s["Sid"]])
+    assert not _grants(trimmed, "s3:PutObject", "arn:aws:s3:::lens-models/checkpoints/x")
+
+
+def test_cluster_files_keep_the_image_s_baked_model_cache_and_no_deprecated_fields():
+    """The image bakes the embedded model's ONNX export into LENS_CACHE_DIR (Dockerfile); a manifest setting it to a
+    shared volume made every first replica export cold, under a lock on that volume. An operator may still set it
+    on purpose; the shipped files do not."""
+    assert "ENV LENS_CACHE_DIR=" in (ROOT / "Dockerfile").read_text()
+    for path in sorted((INFRA / "kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            text = json.dumps(doc)
+            assert "LENS_CACHE_DIR" not in text, path.name
+            # KubeRay's deprecated (no-op since 1.1) RayService health thresholds
+            assert "UnhealthySecondThreshold" not in text, path.name
