@@ -93,6 +93,28 @@ PANELS = [
 ]
 
 
+#: every series selector of a panel is narrowed to the chosen Ray cluster and namespace (KubeRay's PodMonitor
+#: relabels the pod label ray.io/cluster to ``ray_io_cluster``; Prometheus adds ``namespace``). "All" matches series
+#: without those labels too (one machine, no Kubernetes). Recording rules (``lens:...``) are left as written.
+SCOPE = 'namespace=~"$namespace",ray_io_cluster=~"$cluster"'
+
+
+def scoped(expr: str) -> str:
+    import re
+
+    def add(m: re.Match) -> str:
+        inner = m.group(3)
+        return f"{m.group(1)}{{{SCOPE}{',' + inner if inner else ''}}}"
+
+    return re.sub(r"\b(ray_[a-z0-9_]+)(\{([^}]*)\})?", add, expr)
+
+
+def _variable(name: str, label: str, query: str) -> dict:
+    return {"name": name, "label": label, "type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "query": {"query": query, "refId": name}, "definition": query, "refresh": 2, "includeAll": True,
+            "allValue": ".*", "multi": True, "current": {"text": "All", "value": "$__all"}, "hide": 0, "sort": 1}
+
+
 def dashboard() -> dict:
     panels = []
     for i, (title, unit, targets) in enumerate(PANELS):
@@ -101,13 +123,17 @@ def dashboard() -> dict:
             "gridPos": {"x": 12 * (i % 2), "y": 8 * (i // 2), "w": 12, "h": 8},
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"refId": chr(65 + j), "expr": e, "legendFormat": leg} for j, (e, leg) in enumerate(targets)],
+            "targets": [{"refId": chr(65 + j), "expr": scoped(e), "legendFormat": leg}
+                        for j, (e, leg) in enumerate(targets)],
         })
     return {
         "uid": "lens-overview", "title": "Lens", "schemaVersion": 39, "version": 1, "editable": True,
         "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "tags": ["lens", "ray"],
-        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus",
-                                 "current": {}, "hide": 0}]},
+        "templating": {"list": [
+            {"name": "datasource", "type": "datasource", "query": "prometheus", "current": {}, "hide": 0},
+            _variable("cluster", "Ray cluster", "label_values(ray_lens_replica_cold_start_seconds, ray_io_cluster)"),
+            _variable("namespace", "Namespace", 'label_values(ray_lens_replica_cold_start_seconds'
+                      '{ray_io_cluster=~"$cluster"}, namespace)')]},
         "panels": panels,
     }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "tag", "serve", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
+ORDER = ["model", "formats", "tag", "serve", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
          "filters", "shards", "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
@@ -436,6 +436,18 @@ def backfill_md(b: dict) -> list[str]:
             "|---|---|---|---|", *rows, ""] + targets_md(b)
 
 
+def formats_md(f: dict) -> list[str]:
+    lines = [f"Decode + preprocess by format (`{SCRIPT['formats']}`, `benchmarks/formats.json`): {f['photo']}, "
+             f"written by each format's own encoder, one image at a time on {f['threads']} thread; median of "
+             f"{f['repeats']} rounds.", "",
+             "| size | format | bytes | bits/px | decode + preprocess (ms) | vs JPEG | top-1 |", "|---|---|---|---|---|---|---|"]
+    for size, s in f["sizes"].items():
+        for fmt, r in s["formats"].items():
+            lines.append(f"| {size} | {fmt} | {n(r['bytes'])} | {r['bits_per_pixel']} | {r['decode_preprocess_ms']} | "
+                         f"{r['vs_jpeg']}× | {r['top1']} |")
+    return lines + [""] + targets_md(f)
+
+
 def priority_md(p: dict) -> list[str]:
     w = p["workload"]
     what = {"shared": "one pool: events share the HTTP pool's replicas and batches (before)",
@@ -459,7 +471,7 @@ def priority_md(p: dict) -> list[str]:
             "|---|---|---|---|---|---|---|---|", *rows, ""] + targets_md(p)
 
 
-RENDER = {"priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
+RENDER = {"formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 

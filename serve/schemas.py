@@ -145,8 +145,8 @@ class ModelsAnswer(BaseModel):
     pools: list[dict] = Field(..., description="each pool's model, version, backend, batching, drift ...")
 
 
-_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff",
-                "application/octet-stream")
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff", "image/heic",
+                "image/heif", "image/avif", "application/octet-stream")
 
 
 def _image_body(many: bool = False) -> dict:

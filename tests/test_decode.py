@@ -15,13 +15,52 @@ from lens.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageT
 from lens.runtime.decode import DecodeLimits, decode_image, sniff_format
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"])
 def test_every_allowed_format_decodes_to_rgb(rng, fmt):
     img = random_rgb(rng, 40, 30)
     data = encode(img, fmt)
     assert sniff_format(data) == fmt
     out = decode_image(data)
     assert out.mode == "RGB" and out.size == (40, 30)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_phone_formats_decode_close_to_the_original_and_keep_every_limit(fmt):
+    """iPhones' HEIC and Android's AVIF, written by their real encoders (pillow-heif's libheif/x265, Pillow's
+    libavif): decoded close to the photo they were made from; the byte, pixel and format limits apply as to any
+    image, the pixel count before the pixels are decoded; a truncated file is a 400."""
+    from lens.runtime.samples import sample_path
+
+    photo = Image.open(sample_path("coffee.png")).convert("RGB")
+    data = encode(photo, fmt, quality=90)
+    assert sniff_format(data) == fmt
+    out = decode_image(data)
+    assert out.size == photo.size
+    assert np.abs(np.asarray(out, np.int16) - np.asarray(photo, np.int16)).mean() < 6
+    w, h = photo.size
+    with pytest.raises(ImageTooLargeError, match=f"{w}x{h}"):
+        decode_image(data, DecodeLimits(max_pixels=w * h - 1))
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, DecodeLimits(max_bytes=len(data) - 1))
+    with pytest.raises(UnsupportedImageTypeError, match=f"{fmt} images are not accepted"):
+        decode_image(data, DecodeLimits(formats=("JPEG",)))
+    with pytest.raises(InvalidImageError) as e:
+        decode_image(data[: len(data) // 2])
+    assert e.value.http_status == 400
+
+
+def test_iso_media_files_are_told_apart_by_their_brands():
+    def ftyp(major: bytes, *compatible: bytes) -> bytes:
+        body = major + b"\x00\x00\x00\x00" + b"".join(compatible)
+        return (8 + len(body)).to_bytes(4, "big") + b"ftyp" + body + b"\x00" * 16
+
+    assert sniff_format(ftyp(b"heic", b"mif1", b"heic")) == "HEIF"
+    assert sniff_format(ftyp(b"mif1", b"mif1", b"heic")) == "HEIF"
+    assert sniff_format(ftyp(b"mif1", b"mif1", b"avif")) == "AVIF"  # an AVIF may lead with the generic brand
+    assert sniff_format(ftyp(b"avif", b"mif1")) == "AVIF"
+    assert sniff_format(ftyp(b"isom", b"mp41")) is None  # an MP4 video is not an image: 415
+    with pytest.raises(UnsupportedImageTypeError):
+        decode_image(ftyp(b"isom", b"mp41"))
 
 
 def test_lossless_formats_keep_pixels(rng):

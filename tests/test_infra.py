@@ -158,6 +158,11 @@ def test_dashboard_panels_use_exported_metrics():
     assert used <= known, used - known
     # every metric Lens exports is on the dashboard
     assert known - used == set(), known - used
+    # cluster and namespace variables, and every series selector scoped by them
+    assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "cluster", "namespace"]
+    selectors = [m for e in exprs for m in re.findall(r"ray_[a-z0-9_]+(?:\{[^}]*\})?", e)]
+    assert selectors and all('namespace=~"$namespace",ray_io_cluster=~"$cluster"' in m for m in selectors), \
+        [m for m in selectors if "$cluster" not in m][:3]
 
 
 def test_train_rayjob_is_well_formed_and_its_command_parses():
@@ -245,3 +250,22 @@ def test_cluster_files_keep_the_image_s_baked_model_cache_and_no_deprecated_fiel
             assert "LENS_CACHE_DIR" not in text, path.name
             # KubeRay's deprecated (no-op since 1.1) RayService health thresholds
             assert "UnhealthySecondThreshold" not in text, path.name
+
+
+def test_the_network_policy_keeps_the_dashboard_and_metrics_inside():
+    doc = yaml.safe_load((INFRA / "kuberay" / "networkpolicy.yaml").read_text())
+    assert doc["kind"] == "NetworkPolicy" and doc["spec"]["policyTypes"] == ["Ingress"]
+    assert doc["spec"]["podSelector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    reachable_from_outside: set = set()
+    for rule in doc["spec"]["ingress"]:
+        sources = rule.get("from")
+        inside = sources is not None and all(set(s) == {"podSelector"} for s in sources)
+        if inside:
+            continue
+        ports = {p["port"] for p in rule.get("ports", [])}
+        assert ports, f"a rule open to other namespaces on every port: {rule}"
+        reachable_from_outside |= ports
+    assert reachable_from_outside == {8000, 8080}
+    # the scrape port is open only to the monitoring namespace
+    (metrics,) = [r for r in doc["spec"]["ingress"] if any(p["port"] == 8080 for p in r.get("ports", []))]
+    assert [set(s) for s in metrics["from"]] == [{"namespaceSelector"}]

@@ -119,6 +119,17 @@ def test_routes_and_errors(main_app, photos, tiny_head):
     assert set(body["tags"][0]) == {"label", "class_id", "score"}
     r = requests.post(f"{main_app}/v1/tag", files={"image": ("x.jpg", jpeg, "image/jpeg")}, timeout=60)
     assert r.status_code == 200 and len(r.json()["tags"]) == 5
+    # phone uploads: HEIC (iPhones) and AVIF (Android), as raw bodies with their media types
+    import io
+
+    from PIL import Image
+
+    for fmt, mime in (("HEIF", "image/heic"), ("AVIF", "image/avif")):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpeg)).save(buf, fmt, quality=90)
+        r = requests.post(f"{main_app}/v1/tag?top_k=3", data=buf.getvalue(), headers={"Content-Type": mime},
+                          timeout=60)
+        assert r.status_code == 200 and len(r.json()["tags"]) == 3, (fmt, r.text)
     r = post(f"{main_app}/v1/embed", jpeg)
     assert r.status_code == 200 and r.json()["dim"] == 256 and len(r.json()["embedding"]) == 256
     r = requests.post(f"{main_app}/v1/tag:batch", timeout=60, files=[

@@ -22,8 +22,27 @@ __all__ = ["DecodeLimits", "ALL_FORMATS", "sniff_format", "decode_image", "to_rg
 
 logger = logging.getLogger(__name__)
 
-#: Formats Lens accepts, by the name Pillow gives them.
-ALL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: Formats Lens accepts, by the name Pillow gives them. HEIF (iPhones' HEIC) through pillow-heif's opener, AVIF
+#: (Android's, increasingly) through Pillow's own plugin.
+ALL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
+
+#: ISO base media file brands (the ``ftyp`` box): AVIF's, and HEIF's (HEVC-coded stills and sequences, and the
+#: generic image brands an AVIF file names among its compatible brands too)
+_AVIF_BRANDS = (b"avif", b"avis")
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def _register_heif() -> bool:
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # pragma: no cover - a core dependency; without it HEIF is a clear 415
+        logger.warning("pillow-heif is not installed: HEIF/HEIC images are refused")
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF_SUPPORTED = _register_heif()
 
 # Pillow's own bomb guard: warn above MAX_IMAGE_PIXELS, raise above twice that.
 PILLOW_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -59,8 +78,16 @@ class DecodeLimits:
 
 
 def sniff_format(data: bytes) -> str | None:
-    """Detect the image format from magic bytes; ``None`` if it is none we know."""
+    """Detect the image format from magic bytes (the first 64 are enough); ``None`` if it is none we know."""
     head = data[:16]
+    if data[4:8] == b"ftyp":  # ISO BMFF: the major brand, then the compatible brands of the ftyp box
+        size = int.from_bytes(data[:4], "big")
+        brands = [data[8:12]] + [data[i:i + 4] for i in range(16, min(size, len(data)) - 3, 4)]
+        if any(b in _AVIF_BRANDS for b in brands):
+            return "AVIF"
+        if any(b in _HEIF_BRANDS for b in brands):
+            return "HEIF"
+        return None
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -98,7 +125,7 @@ def decode_image(
         raise InvalidImageError("empty body: no image bytes", code="empty_image")
     if n > limits.max_bytes:
         raise ImageTooLargeError(f"image is {n} bytes; the limit is {limits.max_bytes} bytes")
-    fmt = sniff_format(bytes(data[:16]))
+    fmt = sniff_format(bytes(data[:64]))
     if fmt is None:
         raise UnsupportedImageTypeError(
             f"not a supported image format (magic bytes {bytes(data[:8]).hex()}); "
@@ -106,6 +133,8 @@ def decode_image(
         )
     if fmt not in limits._fmt_set:
         raise UnsupportedImageTypeError(f"{fmt} images are not accepted here; accepted: {', '.join(limits.formats)}")
+    if fmt == "HEIF" and not HEIF_SUPPORTED:
+        raise UnsupportedImageTypeError("HEIF images need pillow-heif, which is not installed here")
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False, "LOAD_TRUNCATED_IMAGES must never be enabled"
     try:
