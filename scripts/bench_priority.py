@@ -160,18 +160,24 @@ def config(mode: str, port: int, threads: int) -> dict:
     else:
         doc["applications"][0]["args"] = {"pools": [dict(pool, name="Tagger", num_cpus=threads / 2, **nice)]}
         events["pool"] = dict(pool, name="TaggerBulk", num_cpus=threads / 2, nice=bulk_nice)
-    events["events"] = {
-        "results_bucket": "lens-results", "wait_time_s": 1, "visibility_timeout_s": 120, "concurrency": 32,
+    events["events"] = {  # a results bucket per mode: listing its versions (the exactly-once check) stays short
+        "results_bucket": f"lens-results-{mode.replace('_', '-')}", "wait_time_s": 1, "visibility_timeout_s": 120, "concurrency": 32,
         "max_pollers": 8, "messages_per_poller": 10, "scale_interval_s": 1.0}
     return doc
 
 
-def run_mode(mode: str, args, s3, cfg, bodies: list, port: int) -> dict:
+def run_mode(mode: str, args, s3, bodies: list, port: int) -> dict:
     from lens.serve.events.results import count_writes
     from lens.serve.run import deploy
     from ray import serve
 
+    from lens.cli.events import events_args
+    from lens.serve.events.setup import clients, ensure_resources
+
     doc = config(mode, port, args.threads)
+    cfg = events_args(doc).events
+    ensure_resources(cfg, s3, clients(concurrency=16)[1])
+    s3.put_bucket_versioning(Bucket=cfg.results_bucket, VersioningConfiguration={"Status": "Enabled"})
     deploy(doc, where=f"bench priority ({mode})")
     url = f"http://127.0.0.1:{port}/v1/tag"
     consumer = serve.get_deployment_handle("EventConsumer", "lens-events")
@@ -258,14 +264,13 @@ def main() -> None:
             break
         except Exception:  # noqa: BLE001 - not listening yet
             time.sleep(0.1)
-    s3.put_bucket_versioning(Bucket=cfg.results_bucket, VersioningConfiguration={"Status": "Enabled"})
     bodies = jpeg_bodies()
     results = {}
     port = _port()  # one for every mode: Serve keeps the HTTP options of its first start
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         for mode in modes:
-            results[mode] = run_mode(mode, args, s3, cfg, bodies, port)
+            results[mode] = run_mode(mode, args, s3, bodies, port)
             print(mode, json.dumps(results[mode]["ratios"]), flush=True)
     finally:
         serve.shutdown()

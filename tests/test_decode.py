@@ -49,6 +49,16 @@ def test_phone_formats_decode_close_to_the_original_and_keep_every_limit(fmt):
     assert e.value.http_status == 400
 
 
+def test_the_decode_config_accepts_every_format_decode_does_and_defaults_to_all():
+    from lens.runtime.config import DecodeConfig
+    from lens.runtime.decode import ALL_FORMATS
+
+    assert DecodeConfig().limits().formats == ALL_FORMATS and "HEIF" in ALL_FORMATS and "AVIF" in ALL_FORMATS
+    assert DecodeConfig(formats=("HEIF", "AVIF")).limits().formats == ("HEIF", "AVIF")
+    with pytest.raises(Exception, match="JPEG"):
+        DecodeConfig(formats=("JPG",))
+
+
 def test_iso_media_files_are_told_apart_by_their_brands():
     def ftyp(major: bytes, *compatible: bytes) -> bytes:
         body = major + b"\x00\x00\x00\x00" + b"".join(compatible)

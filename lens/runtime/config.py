@@ -148,7 +148,7 @@ class DecodeConfig(StrictModel):
     max_pixels: PositiveInt = Field(
         PILLOW_MAX_PIXELS, le=PILLOW_MAX_PIXELS, description="largest accepted width*height (decompression-bomb guard)"
     )
-    formats: tuple[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], ...] = Field(
+    formats: tuple[Literal[ALL_FORMATS], ...] = Field(  # the names decode accepts, one list for both
         ALL_FORMATS, description="accepted formats, sniffed from magic bytes; others are refused (415)")
     background: tuple[int, int, int] = Field((255, 255, 255), description="colour behind transparent pixels")
     draft: bool = Field(True, description="decode large JPEGs at reduced DCT scale before resizing")
