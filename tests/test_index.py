@@ -137,7 +137,7 @@ def test_ids_and_metadata_survive_save_and_load(tmp_path, data):
     assert json.loads(v.metadata[123]) == {"tags": ["label-img-123"]}
     assert v.manifest["model_identity"]["weights_sha256"] == MODEL["weights_sha256"] and v.manifest["dim"] == 32
     assert v.identity.embed_dim == 32 and v.identity.model == MODEL["model"]
-    assert set(v.manifest["files"]) == {"index.faiss", "ids.parquet", "drift-profile.npz"}
+    assert set(v.manifest["files"]) == {"index.faiss", "ids.parquet", "drift-profile.npz", "index_infos.json"}
     np.testing.assert_allclose(v.index.reconstruct(5), x[5], rtol=1e-6)
     from lens.quality.drift import Profile
 
