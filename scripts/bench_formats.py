@@ -16,31 +16,17 @@ import argparse
 import io
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bench_model import timed  # noqa: E402 - median seconds per call over rounds
 from machine import describe  # noqa: E402
 
 FORMATS = {"JPEG": {"quality": 90}, "HEIF": {"quality": 90}, "AVIF": {"quality": 90}, "WEBP": {"quality": 90},
            "PNG": {}}
 SIZES = {"12mp_phone": (4032, 3024), "1mp": (1000, 1000)}
-
-
-def median_s(fn, repeats: int, min_time: float) -> float:
-    fn()  # warm
-    rounds = []
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            if time.perf_counter() - t0 >= min_time:
-                break
-        rounds.append((time.perf_counter() - t0) / n)
-    return statistics.median(rounds)
 
 
 def main() -> None:
@@ -70,7 +56,7 @@ def main() -> None:
             data = buf.getvalue()
             prepared = predictor.prepare_many([data])[0]
             top1 = predictor.predict([data])[0].tags[0].label
-            ms = 1000 * median_s(lambda d=data: predictor.prepare_many([d]), args.repeats, args.min_time)
+            ms = 1000 * timed(lambda d=data: predictor.prepare_many([d]), min_time=args.min_time, repeats=args.repeats)
             rows[fmt] = {"bytes": len(data), "bits_per_pixel": round(8 * len(data) / (size[0] * size[1]), 3),
                          "decode_preprocess_ms": round(ms, 2), "encode_s": round(encode_s, 3), "top1": top1,
                          "shape": list(prepared.shape)}
