@@ -75,7 +75,8 @@ class PoolConfig(StrictModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (ONNX Runtime threads follow it)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
     nice: int | None = Field(None, ge=0, le=19, description="CPU scheduling niceness of the pool's replica "
-                             "processes, every thread included (lower runs first). None: Ray's worker niceness "
+                             "processes: the threads that run its code and its model (lower runs first; Ray's own gRPC threads in the "
+                             "process keep their own). None: Ray's worker niceness "
                              "(15 unless RAY_worker_niceness says otherwise). The event consumer's bulk pool runs at "
                              "19 by default, so interactive pools on the same node get the cores first and bulk work "
                              "takes them back when they are idle. It orders CPU time within a node (one pod), not "
