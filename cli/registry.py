@@ -60,6 +60,14 @@ def add_parsers(models: argparse.ArgumentParser) -> None:
     p.add_argument("package", help="package directory or s3:// prefix (lens train / lens models package)")
     p.add_argument("--name", default=None, help="model name in the registry (default: the package's name)")
     p.add_argument("--version", default=None, help="version name (default: v1, v2, ...)")
+    p.add_argument("--mlflow-model", default=None, metavar="NAME", help="also (or, without a Lens registry, only) "
+                   "register the package as a new version of this MLflow model (served as models:/NAME@ALIAS; e.g. tagger)")
+    p.add_argument("--mlflow-alias", default=None, metavar="ALIAS", help="point this MLflow alias at the new "
+                   "version (e.g. champion; default: none moves)")
+    p.add_argument("--mlflow", default=None, metavar="TRACKING_URI", help="MLflow server (default "
+                   "MLFLOW_TRACKING_URI)")
+    p.add_argument("--mlflow-experiment", default="lens-models", help="experiment of the run that holds the "
+                   "package's files (default lens-models)")
 
     p = sub.add_parser("list", parents=[common], help="models, their versions and aliases")
     p.add_argument("name", nargs="?", default=None, help="one model only")
@@ -104,6 +112,24 @@ def add_parsers(models: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=50, help="most recent entries shown (default 50)")
 
 
+def _push(args) -> int:
+    """Into the Lens registry (``--registry``/``LENS_REGISTRY``), into MLflow's (``--mlflow-model``), or both."""
+    if args.mlflow_alias and not args.mlflow_model:
+        raise ConfigError("--mlflow-alias needs --mlflow-model NAME")
+    if not args.mlflow_model or args.registry or default_registry():
+        v = _registry(args).push(args.package, name=args.name, version=args.version, by=args.by, why=args.why)
+        _print(args, {"name": v.name, "version": v.version, "uri": v.uri, "sha256": v.sha256},
+               f"pushed {v.label} ({v.uri}, manifest sha256 {v.sha256[:12]}...)")
+    if args.mlflow_model:
+        from lens.registry.mlflow import register_package
+
+        out = register_package(args.package, args.mlflow_model, alias=args.mlflow_alias,
+                               experiment=args.mlflow_experiment, tracking_uri=args.mlflow, description=args.why)
+        _print(args, {"mlflow": out}, f"registered in MLflow as {args.mlflow_model} version {out['version']} "
+               f"({out['uri']}; run {out['run_id']}, manifest sha256 {out['sha256'][:12]}...)")
+    return 0
+
+
 def run(args) -> int:
     cmd = args.models_command
     if cmd == "package":
@@ -113,13 +139,11 @@ def run(args) -> int:
         where = package_model(model_cfg, args.output, name=args.name, overwrite=args.overwrite)
         _print(args, {"package": where}, f"model package written to {where}")
         return 0
+    if cmd == "push":
+        return _push(args)
     reg = _registry(args)
     who = {"by": args.by, "why": args.why}
-    if cmd == "push":
-        v = reg.push(args.package, name=args.name, version=args.version, **who)
-        _print(args, {"name": v.name, "version": v.version, "uri": v.uri, "sha256": v.sha256},
-               f"pushed {v.label} ({v.uri}, manifest sha256 {v.sha256[:12]}...)")
-    elif cmd == "list":
+    if cmd == "list":
         names = [args.name] if args.name else reg.names()
         out = {n: {"versions": reg.versions(n), "aliases": {a: p["version"] for a, p in reg.aliases(n).items()}}
                for n in names}

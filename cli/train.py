@@ -17,7 +17,8 @@ _FLAGS = {"data": "data", "output": "output", "name": "name", "mode": "mode", "v
           "id_column": "id_column", "feedback": "feedback", "image_column": "image_column", "label_column": "label_column",
           "workers": "workers", "use_gpu": "use_gpu", "unfreeze": "unfreeze", "test_data": "test_data",
           "test_fraction": "test_fraction", "feedback_index": "feedback_index", "finetune_epochs": "finetune_epochs", "backbone_lr_mult": "backbone_lr_mult",
-          "cpus_per_worker": "cpus_per_worker", "checkpoint_storage": "checkpoint_storage", "address": "address"}
+          "cpus_per_worker": "cpus_per_worker", "checkpoint_storage": "checkpoint_storage", "address": "address",
+          "max_failures": "max_failures"}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -37,6 +38,11 @@ def config_from_args(args: argparse.Namespace):
         v = getattr(args, attr, None)
         if v is not None and v is not False:
             train[key] = v
+    mlflow = {k: v for k, v in {"tracking_uri": getattr(args, "mlflow", None) or None,
+                                "experiment": getattr(args, "mlflow_experiment", None),
+                                "run_name": getattr(args, "mlflow_run_name", None)}.items() if v is not None}
+    if getattr(args, "mlflow", None) is not None or mlflow:
+        train["mlflow"] = dict(train.get("mlflow") or {}) | mlflow
     for required in ("data", "output"):
         if not train.get(required):
             raise LensError(f"--{required} is required (or `train.{required}` in --config)", code="usage")
@@ -108,10 +114,19 @@ def add_parsers(sub, add_model_args) -> None:
                    "or the whole backbone")
     g.add_argument("--checkpoint-storage", default=None, metavar="PATH|s3://",
                    help="Ray Train checkpoints (shared storage on a multi-node cluster; default: a local temp dir)")
+    g.add_argument("--max-failures", type=int, default=None, help="worker failures survived by resuming from the "
+                   "last checkpoint (default 2); a failed job run again with the same --checkpoint-storage resumes "
+                   "too")
     g.add_argument("--finetune-epochs", type=int, default=None, help="epochs of the whole network after its "
                    "classifier is trained on frozen features (default 5; 1-50)")
     g.add_argument("--backbone-lr-mult", type=float, default=None, help="the backbone learns at --lr x this "
                    "(default 0.1)")
+    g = p.add_argument_group("MLflow")
+    g.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
+                   help="log the run to MLflow: settings, each epoch, metrics, the confusion matrix and the package "
+                   "(default: MLFLOW_TRACKING_URI; e.g. --mlflow http://mlflow:5000)")
+    g.add_argument("--mlflow-experiment", default=None, help="experiment (default lens-train)")
+    g.add_argument("--mlflow-run-name", default=None, help="run name (default: the package's name and mode)")
     p.add_argument("--address", default=None, help="Ray cluster to run the embedding job and Ray Train on: auto, "
                    "ray://HOST:10001 or HOST:6379 (default: RAY_ADDRESS, else Lens's own local Ray)")
     add_model_args(p)

@@ -29,7 +29,7 @@ from .errors import LensError
 from .storage import Location, default_cache_dir, sha256_file
 
 __all__ = ["MANIFEST", "FORMAT", "PackageError", "Package", "write_package", "open_package", "is_package",
-           "check_file_names", "check_output", "DEFAULT_MAX_PACKAGE_BYTES"]
+           "check_file_names", "check_output", "uri_is_mlflow", "DEFAULT_MAX_PACKAGE_BYTES"]
 
 MANIFEST = "lens-package.json"
 FORMAT = "lens-package/1"
@@ -53,6 +53,8 @@ class Package:
     root: Path
     manifest: dict
     uri: str
+    #: where an ``models:/`` reference resolved to (MLflow's name, version, alias, run and source); None otherwise
+    mlflow: dict | None = None
 
     @property
     def kind(self) -> str:
@@ -100,6 +102,11 @@ def check_output(dest: str, *, keep: tuple = ()) -> Location:
                                "wrote (--overwrite) and never another folder: choose a new --output",
                                code="usage", status=400)
     return loc
+
+
+def uri_is_mlflow(uri) -> bool:
+    """``models:/...``: a model version of MLflow's registry (:mod:`lens.registry.mlflow`)."""
+    return isinstance(uri, str) and uri.startswith("models:/")
 
 
 def is_package(uri: str) -> bool:
@@ -172,7 +179,15 @@ def open_package(uri: str, *, cache_dir: str | os.PathLike | None = None,
     into ``cache_dir`` first (keyed by its manifest digest, so a changed package is fetched again): only the files
     its manifest names, by their keys under the package's own prefix (names checked before any byte is fetched),
     at most ``max_bytes`` in all and within ``deadline_s``, each verified before the whole is renamed into the
-    cache."""
+    cache. ``models:/NAME@ALIAS`` (or ``/VERSION``) is resolved through MLflow's registry and downloaded once
+    into ``cache_dir``, then verified the same way."""
+    if uri_is_mlflow(uri):  # models:/NAME@ALIAS or models:/NAME/VERSION: through MLflow's registry, then verified
+        from .mlflow_registry import resolve_mlflow
+
+        root, resolved = resolve_mlflow(uri, cache_dir=cache_dir or default_cache_dir(), max_bytes=max_bytes,
+                                        manifest=MANIFEST)
+        pkg = open_package(str(root))
+        return Package(root=pkg.root, manifest=pkg.manifest, uri=str(uri), mlflow=resolved)
     try:
         loc = Location.parse(uri)
     except ValueError as e:

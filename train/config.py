@@ -8,6 +8,8 @@ from pydantic import Field, field_validator
 
 from lens.runtime.config import DecodeConfig, ModelConfig, StrictModel
 
+from .tracking import MlflowConfig
+
 __all__ = ["TrainConfig", "RANGES", "recommended", "effective_settings", "GUIDANCE", "MIN_PER_CLASS", "SMALL_DATASET"]
 
 #: setting -> (low, high): the card's ranges; a value outside is refused naming its range
@@ -105,6 +107,8 @@ class TrainConfig(StrictModel):
                                            "temporary directory (one machine)")
     max_failures: int = Field(2, ge=0, description="finetune: worker failures survived by resuming from the last "
                               "checkpoint")
+    mlflow: MlflowConfig | None = Field(None, description="log the run to MLflow: settings, each epoch, the "
+                                          "metrics, the confusion matrix and the package (lens train --mlflow)")
     address: str | None = Field(None, description="Ray cluster to join (auto, ray://HOST:10001, HOST:6379); None = "
                                 "RAY_ADDRESS, else Lens's own local Ray instance")
     model: ModelConfig = Field(default_factory=ModelConfig)

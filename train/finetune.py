@@ -177,6 +177,10 @@ def train_loop(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(row | {"stop": stop}, checkpoint=checkpoint)
         if rank == 0:
+            if config.get("mlflow"):
+                from .tracking import log_epoch_metrics
+
+                log_epoch_metrics(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], row["phase"], row)
             crash_point("train.after_checkpoint")
         if stop:
             break
@@ -208,13 +212,30 @@ def _datasets(ds: Dataset, class_id: dict, preprocess: dict, limits: DecodeLimit
     return out
 
 
-def _fit(state: dict, cfg: TrainConfig, datasets, common: dict, storage: str, log) -> tuple[dict, list]:
+def run_name(cfg: TrainConfig, fingerprint: str, parent_sha256: str, common: dict) -> str:
+    """Ray Train's run name for this job: a digest of everything that decides what the run computes (the data's
+    fingerprint, the parent weights, the settings, the package it is for). A restarted driver (a RayJob's retry)
+    gets the same name and, with the same ``checkpoint_storage``, Ray Train resumes that run from its last
+    checkpoint instead of starting over; another job never shares a run by accident."""
+    what = {"data": fingerprint, "parent": parent_sha256, "model": cfg.model.name, "output": cfg.output,
+            "unfreeze": cfg.unfreeze, "workers": cfg.workers, "use_gpu": cfg.use_gpu,
+            "settings": {k: v for k, v in common.items() if k != "mlflow"}}
+    return "lens-train-finetune-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()
+                                                   ).hexdigest()[:20]
+
+
+def _fit(state: dict, cfg: TrainConfig, datasets, common: dict, storage: str, name: str,
+         log) -> tuple[dict, list]:
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     env = {k: os.environ[k] for k in ("LENS_CRASH_AT", "LENS_CACHE_DIR") if k in os.environ}
+    if common.get("mlflow"):
+        from .tracking import worker_env
+
+        env |= worker_env()
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     cpus = cfg.cpus_per_worker or (1.0 if cfg.use_gpu else max(0.25, min(4.0, (cluster_cpus - 1) / cfg.workers)))
     common = common | {"threads": max(1, cluster_cpus // cfg.workers) if not cfg.cpus_per_worker
@@ -224,7 +245,7 @@ def _fit(state: dict, cfg: TrainConfig, datasets, common: dict, storage: str, lo
         train_loop_config=common | {"state": state, "unfreeze": cfg.unfreeze},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=RunConfig(name=f"lens-train-finetune-{os.getpid()}-{int(time.time())}", storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              worker_runtime_env={"env_vars": env} if env else None),
@@ -244,6 +265,16 @@ def _fit(state: dict, cfg: TrainConfig, datasets, common: dict, storage: str, lo
     return saved["best_model"] or saved["model"], saved["history"]
 
 
+def _run_exists(storage: str, name: str) -> bool:
+    from lens.storage import Location
+
+    try:
+        loc = Location.parse(storage)
+        return loc.exists(loc.path(name))
+    except (ValueError, OSError):
+        return False
+
+
 def _forward(model, ds: Dataset, rows: list, preprocessor, *, features: bool = False, batch: int = 32) -> np.ndarray:
     """The network's logits (or, with ``features``, its pooled features before the classifier) for ``rows``'
     images: serving's preprocessing, eval mode, in this process."""
@@ -260,7 +291,7 @@ def _forward(model, ds: Dataset, rows: list, preprocessor, *, features: bool = F
     return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
 
-def run_finetune(cfg: TrainConfig, prep, *, log):
+def run_finetune(cfg: TrainConfig, prep, *, log, tracking=None):
     """LP-FT on ``prep`` (a :class:`lens.train.candidate.Prepared`): the candidate a ``finetune`` package is written from
     (a :class:`lens.train.candidate.Trained`)."""
     import timm
@@ -315,9 +346,15 @@ def run_finetune(cfg: TrainConfig, prep, *, log):
               "n_train": len(tr), "epochs": cfg.finetune_epochs, "lr": settings["lr"],
               "backbone_lr_mult": cfg.backbone_lr_mult, "warmup_epochs": cfg.warmup_epochs, "freeze_bn": freeze_bn}
     storage = cfg.checkpoint_storage or tempfile.mkdtemp(prefix="lens-train-ray-")
+    name = run_name(cfg, ds.fingerprint(), parent_ref.sha256, common)
+    if cfg.checkpoint_storage and _run_exists(storage, name):
+        log(f"lens train: finetune: resuming Ray Train run {name} from its checkpoints in {storage} (the same job "
+            "ran there before: a restarted driver continues; a finished run is not trained again)")
     t_fit = time.perf_counter()
+    if tracking is not None:  # rank 0 logs each epoch to the run as it ends
+        common["mlflow"] = tracking.worker_config()
     state, history = _fit({k: v.clone() for k, v in model.state_dict().items()}, cfg, datasets, common, storage,
-                          log)
+                          name, log)
     fit_seconds = time.perf_counter() - t_fit
     model.load_state_dict(state)
     weights = save({k: v.contiguous() for k, v in model.state_dict().items()})

@@ -40,6 +40,20 @@ def run_train(cfg: TrainConfig, *, log=print) -> dict:
         raise DatasetError(f"{cfg.output} already holds a package; choose a new --output or pass --overwrite",
                            code="usage")
     check_output(cfg.output, keep=(cfg.data, cfg.val_data, cfg.test_data, cfg.feedback))  # before any compute too
+    tracking = None
+    if cfg.mlflow is not None:
+        from .tracking import MlflowRun
+
+        tracking = MlflowRun.start(cfg, log=log)
+    try:
+        return _run(cfg, t0, tracking, log)
+    except BaseException as e:
+        if tracking is not None:
+            tracking.fail(e)
+        raise
+
+
+def _run(cfg: TrainConfig, t0: float, tracking, log) -> dict:
     ds = discover(cfg)
     for w in ds.warnings:
         log(f"lens train: warning: {w}")
@@ -47,6 +61,8 @@ def run_train(cfg: TrainConfig, *, log=print) -> dict:
         f"{len(ds.split('train'))} train / {len(ds.split('val'))} val / {len(ds.split('test'))} test")
     prep = _prepare(cfg, ds, log)
     head = _train_head(cfg, prep, log)
+    if tracking is not None:
+        tracking.log_epochs("head", head.training["history"])
     candidates = {"head": head}
     per_class = len(prep.tr) / len(prep.ds.classes)
     if cfg.mode == "head":
@@ -57,7 +73,7 @@ def run_train(cfg: TrainConfig, *, log=print) -> dict:
     else:
         from .finetune import run_finetune
 
-        candidates["finetune"] = run_finetune(cfg, prep, log=log)
+        candidates["finetune"] = run_finetune(cfg, prep, log=log, tracking=tracking)
         why = "--mode finetune" if cfg.mode == "finetune" else (
             f"--mode auto: {per_class:.0f} training images per class (>= {cfg.finetune_min_per_class}): both trained")
     chosen = _choose(cfg, candidates)
@@ -68,7 +84,14 @@ def run_train(cfg: TrainConfig, *, log=print) -> dict:
         log(f"lens train: {t.kind}: validation top-1 {t.val['top1']}, test top-1 {t.test.get('top1')}, test "
             f"precision/recall at the tuned thresholds {t.test['at_thresholds']['macro_precision']}/"
             f"{t.test['at_thresholds']['macro_recall']}")
-    return _write(cfg, prep, chosen, candidates, why, started=t0, log=log)
+    out = _write(cfg, prep, chosen, candidates, why, started=t0, tracking=tracking, log=log)
+    if tracking is not None:
+        from lens.package import open_package
+
+        pkg = open_package(out["package"], cache_dir=cfg.model.cache_dir)
+        out["mlflow"] = {"run_id": tracking.run_id, "experiment_id": tracking.experiment_id}
+        tracking.finish(out | {"package_sha256": pkg.sha256}, pkg.root, chosen.test, prep.ds.classes, log)
+    return out
 
 
 def _usable(ds: Dataset, emb: np.ndarray) -> tuple[Dataset, np.ndarray]:
@@ -171,7 +194,7 @@ def _cmp(candidates: dict) -> str:
 
 
 def _write(cfg: TrainConfig, prep: Prepared, chosen: Trained, candidates: dict, why: str, *, started: float,
-           log) -> dict:
+           tracking=None, log) -> dict:
     ds = prep.ds
     ids = {s: [ds.examples[i].id for i in rows] for s, rows in (("train", prep.tr), ("val", prep.va),
                                                                 ("test", prep.te))}
@@ -192,7 +215,9 @@ def _write(cfg: TrainConfig, prep: Prepared, chosen: Trained, candidates: dict, 
                 "lens_version": __version__, "labels": ds.classes,
                 "thresholds": [float(t) for t in chosen.thresholds], "target_precision": cfg.target_precision,
                 "model_identity": chosen.identity.to_dict(), "training": chosen.training | {"requested_mode": cfg.mode,
-                                                                                     "chosen_because": why},
+                                                                                     "chosen_because": why} | (
+                    {"mlflow": {"run_id": tracking.run_id, "experiment_id": tracking.experiment_id}}
+                    if tracking is not None else {}),
                 "dataset": dataset, "metrics": summary(chosen.test), "validation": summary(chosen.val),
                 "compare": compare} | chosen.extra.get("manifest", {})
     where = write_package(cfg.output, files, manifest, overwrite=cfg.overwrite,

@@ -44,7 +44,8 @@ class ModelConfig(StrictModel):
     weights: str | None = Field(
         None,
         description="checkpoint: local .pth/.pt/.bin/.safetensors path, a lens train finetune package "
-        "(directory), or an s3:// URI of either; "
+        "(directory), an s3:// URI of either, or a package registered in MLflow (models:/NAME@ALIAS, "
+        "models:/NAME/VERSION; MLFLOW_TRACKING_URI names the server); "
         "None uses the embedded weights (tf_efficientnet_lite0); 'random' gives a seeded random init (tests)",
     )
     num_classes: PositiveInt | None = Field(None, description="classifier size; None infers it from the checkpoint")
@@ -78,7 +79,8 @@ class ModelConfig(StrictModel):
         None, description="timm pretrained_cfg_overlay: preprocessing that differs from the name's pretrained config "
         "(keys input_size, crop_pct, crop_mode, interpolation, mean, std), e.g. for a checkpoint trained at "
         "another resolution; recorded in the model identity through the preprocessing")
-    heads: tuple[str, ...] = Field((), description="lens train head packages (directories or s3:// prefixes) "
+    heads: tuple[str, ...] = Field((), description="lens train head packages (directories, s3:// prefixes or "
+                                   "MLflow models:/NAME@ALIAS) "
                                    "served on this model's embeddings: each adds its custom tags to every answer")
     custom_top_k: PositiveInt | None = Field(
         None, le=100, description="custom tags: None = each head's classes at or above their tuned thresholds (may be "
@@ -130,6 +132,15 @@ class ModelConfig(StrictModel):
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("models:/"):
+            from lens.errors import LensError
+            from lens.mlflow_registry import parse_mlflow_ref
+
+            try:
+                parse_mlflow_ref(v)
+            except LensError as e:
+                raise ValueError(e.message) from None
+            return v
         if v is None or v == "random" or v.startswith("s3://"):
             if v and v.startswith("s3://") and not re.match(r"^s3://[^/]+/.+", v):
                 raise ValueError(f"s3 weights must look like s3://bucket/key, got {v!r}")
@@ -137,7 +148,7 @@ class ModelConfig(StrictModel):
         suffix = Path(v).suffix.lower()
         if suffix and suffix not in (".pth", ".pt", ".bin", ".safetensors"):
             raise ValueError(f"weights must be a .pth, .pt, .bin or .safetensors file, a lens train package "
-                             f"directory or an s3:// URI, got {v!r}")
+                             f"directory, an s3:// URI or an MLflow model (models:/NAME@ALIAS), got {v!r}")
         return v
 
 

@@ -218,7 +218,9 @@ def _from_package(cfg: ModelConfig) -> tuple[ModelConfig, dict | None]:
     reg = pkg.manifest.get("registry") or {}
     return cfg, {"name": pkg.name, "uri": str(w), "sha256": pkg.sha256, "kind": pkg.kind,
                  "thresholds": pkg.manifest.get("thresholds")} | (
-        {"version": f"{reg['name']}@{reg['version']}"} if reg.get("version") else {})
+        {"version": f"{reg['name']}@{reg['version']}"} if reg.get("version") else {}) | (
+        {"mlflow": pkg.mlflow, "version": f"models:/{pkg.mlflow['name']}/{pkg.mlflow['version']}"} if pkg.mlflow
+        else {})
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
