@@ -557,17 +557,16 @@ def test_finetune_job_rerun_after_a_failure_resumes_from_its_checkpoints_and_ser
     t = pkg.manifest["training"]
     assert t["backbone_lr_mult"] == 0.1 and t["bn_statistics_frozen"] and t["seed"] == 0 and t["probe"]["epochs_run"]
     assert pkg.kind == "finetune" and pkg.manifest["labels"] == ["cat", "coffee", "rocket"]
-    # the package is a model: lens tag --weights PKG answers with its classes, and its thresholded custom tags
-    img = sorted((tmp_path / "data" / "val" / "coffee").glob("*.jpg"))[0]
-    out = subprocess.run([sys.executable, "-m", "lens.cli.main", "tag", "--model", "test_efficientnet", "--weights",
-                          str(tmp_path / "pkg"), str(img)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    line = json.loads(out.stdout)
-    assert {t["label"] for t in line["tags"]} <= {"cat", "coffee", "rocket"} and "pkg" in line["custom_tags"]
-    from lens.runtime.loading import load_model
+    # the package is a model (what lens tag --weights PKG runs): it answers with its classes, and its thresholded
+    # custom tags
+    from lens.runtime.predictor import Predictor
 
-    loaded = load_model(ModelConfig(name="test_efficientnet", weights=str(tmp_path / "pkg"), backend="onnx"))
-    assert loaded.identity().weights_sha256 == pkg.manifest["model_identity"]["weights_sha256"]
+    img = sorted((tmp_path / "data" / "val" / "coffee").glob("*.jpg"))[0]
+    served = Predictor.from_config(ModelConfig(name="test_efficientnet", weights=str(tmp_path / "pkg"),
+                                               backend="onnx"))
+    line = served.predict([img.read_bytes()])[0].to_dict()
+    assert {t["label"] for t in line["tags"]} <= {"cat", "coffee", "rocket"} and "pkg" in line["custom_tags"]
+    assert served.model.identity().weights_sha256 == pkg.manifest["model_identity"]["weights_sha256"]
     # MLflow: each attempt is a run; rank 0 logged each epoch as it ended, the failed attempt is marked FAILED
     client = MlflowClient(mlflow_server)
     run = client.get_run(t["mlflow"]["run_id"])
