@@ -1,9 +1,11 @@
-"""A Python client of the Lens HTTP API: :class:`LensClient` (blocking, ``requests``) and
-:class:`AsyncLensClient` (``aiohttp``), with the same methods.
+"""A Python client of the Lens HTTP API: :class:`LensClient` (blocking) and :class:`AsyncLensClient` (asyncio),
+with the same methods, one request plan and one retry policy: ``httpx``'s clients under both, ``tenacity`` retrying
+for both.
 
 * ``tag``, ``tag_batch``, ``embed``, ``search`` (by image, id or vector), ``feedback``, ``models``, ``health``;
   images as bytes, a path, or a file object;
-* a 503 (the service shedding load, or starting) and connection errors are retried ``retries`` times, waiting
+* 502, 503 and 504 (the service shedding load, starting, or a replica lost behind the front door) and connection
+  errors are retried ``retries`` times (feedback, not idempotent, only on 503: nothing was stored), waiting
   what ``Retry-After`` says (else an exponential backoff from ``backoff_s``), with jitter so clients that were
   refused together do not return together; every other error raises :class:`LensAPIError` with the API's code,
   message and status at once (a 400 is not going to succeed on retry);
@@ -20,11 +22,9 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
-import time
 from pathlib import Path
 from typing import IO, Sequence, Union
 
@@ -69,6 +69,19 @@ def _error(status: int, body) -> LensAPIError:
     return LensAPIError(f"HTTP {status}: {str(body)[:300]}", code="http_error", status=status)
 
 
+class _Answer(Exception):
+    """A call's answer other than 200 (``status`` None: no answer, the service was not reached)."""
+
+    def __init__(self, status: int | None, body, retry_after: str | None) -> None:
+        super().__init__(status)
+        self.status, self.body, self.retry_after = status, body, retry_after
+
+    def error(self) -> LensAPIError:
+        if self.status is None:
+            return LensAPIError(str(self.body), code="unreachable", status=503)
+        return _error(self.status, self.body)
+
+
 class _Base:
     def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 3,
                  backoff_s: float = 0.5, max_backoff_s: float = 30.0) -> None:
@@ -87,6 +100,32 @@ class _Base:
             base = self.backoff_s * 2 ** attempt
         return min(self.max_backoff_s, base) * random.uniform(1.0, 1.5)
 
+    def _policy(self, op: str) -> dict:
+        """The one retry policy (tenacity) of both clients: which answers are retried, how long to wait, when to
+        stop; the last answer is raised as it came."""
+        import tenacity
+
+        return {"stop": tenacity.stop_after_attempt(self.retries + 1), "reraise": True,
+                "retry": tenacity.retry_if_exception(lambda e: isinstance(e, _Answer) and _retry(op, e.status)),
+                "wait": lambda state: self._wait(state.attempt_number - 1,
+                                                 getattr(state.outcome.exception(), "retry_after", None))}
+
+    def _answer(self, r) -> dict | bytes:
+        """An ``httpx.Response`` as the body of a 200, else :class:`_Answer` (retried or raised by the policy)."""
+        if r.headers.get("Content-Type", "").startswith("image/"):
+            body = r.content
+        else:
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+        if r.status_code == 200:
+            return body
+        raise _Answer(r.status_code, body, r.headers.get("Retry-After"))
+
+    def _unreachable(self, e: Exception) -> "_Answer":
+        return _Answer(None, f"cannot reach {self.url}: {type(e).__name__}: {e}", None)
+
     @staticmethod
     def _params(**kw) -> dict:
         return {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in kw.items() if v is not None}
@@ -97,13 +136,13 @@ class _Base:
         kw.pop("head", None)
         if op == "tag":
             (image,) = args
-            return "POST", "/v1/tag", {"data": _bytes(image), "headers": {"Content-Type": "application/octet-stream"}
+            return "POST", "/v1/tag", {"content": _bytes(image), "headers": {"Content-Type": "application/octet-stream"}
                                        | head, "params": self._params(top_k=kw.get("top_k"),
                                                                       embedding=kw.get("embedding") or None,
                                                                       custom_top_k=kw.get("custom_top_k"))}
         if op == "embed":
             (image,) = args
-            return "POST", "/v1/embed", {"data": _bytes(image),
+            return "POST", "/v1/embed", {"content": _bytes(image),
                                          "headers": {"Content-Type": "application/octet-stream"}}
         if op == "tag_batch":
             (images,) = args
@@ -120,7 +159,7 @@ class _Base:
                                   filter=None if flt is None or vector is not None or vectors is not None
                                   else (flt if isinstance(flt, str) else json.dumps(flt)))
             if image is not None:
-                return "POST", "/v1/search", {"data": _bytes(image), "params": params,
+                return "POST", "/v1/search", {"content": _bytes(image), "params": params,
                                               "headers": {"Content-Type": "application/octet-stream"}}
             if item_id is not None:
                 from urllib.parse import quote
@@ -149,40 +188,41 @@ class _Base:
 
 
 class LensClient(_Base):
-    """Blocking client (one ``requests.Session``, safe to share between threads for independent calls)."""
+    """Blocking client (one ``httpx.Client``, safe to share between threads)."""
 
     def __init__(self, url: str, **kw) -> None:
-        import requests
+        import httpx
 
         super().__init__(url, **kw)
-        self.session = requests.Session()
-        self.session.headers.update(self.headers)
+        self.http = httpx.Client(headers=self.headers, timeout=self.timeout_s)
 
-    def _call(self, op: str, *args, **kw) -> dict:
-        import requests
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "LensClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, req: dict):
+        import httpx
+
+        try:
+            return self._answer(self.http.request(method, self.url + path, **req))
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from e
+
+    def _call(self, op: str, *args, **kw):
+        import tenacity
 
         method, path, req = self._plan(op, *args, **kw)
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.session.request(method, self.url + path, timeout=self.timeout_s, **req)
-            except requests.ConnectionError as e:
-                if attempt == self.retries or not _retry(op, None):
-                    raise LensAPIError(f"cannot reach {self.url}: {e}", code="unreachable", status=503) from e
-                time.sleep(self._wait(attempt, None))
-                continue
-            if r.headers.get("Content-Type", "").startswith("image/"):
-                body = r.content
-            else:
-                try:
-                    body = r.json()
-                except ValueError:
-                    body = r.text
-            if r.status_code == 200:
-                return body
-            if _retry(op, r.status_code) and attempt < self.retries:
-                time.sleep(self._wait(attempt, r.headers.get("Retry-After")))
-                continue
-            raise _error(r.status_code, body)
+        try:
+            for attempt in tenacity.Retrying(**self._policy(op)):
+                with attempt:
+                    return self._send(method, path, req)
+        except _Answer as e:
+            raise e.error() from None
         raise AssertionError("unreachable")
 
     def tag(self, image: Image, *, top_k: int | None = None, embedding: bool = False, head: str | None = None,
@@ -222,11 +262,13 @@ class LensClient(_Base):
 
 
 class AsyncLensClient(_Base):
-    """The same API for asyncio (``aiohttp``); use ``async with AsyncLensClient(url) as lens:``."""
+    """The same API for asyncio (one ``httpx.AsyncClient``); use ``async with AsyncLensClient(url) as lens:``."""
 
     def __init__(self, url: str, **kw) -> None:
+        import httpx
+
         super().__init__(url, **kw)
-        self._session = None
+        self.http = httpx.AsyncClient(headers=self.headers, timeout=self.timeout_s)
 
     async def __aenter__(self) -> "AsyncLensClient":
         return self
@@ -235,44 +277,26 @@ class AsyncLensClient(_Base):
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.http.aclose()
 
-    async def _call(self, op: str, *args, **kw) -> dict:
-        import aiohttp
+    async def _send(self, method: str, path: str, req: dict):
+        import httpx
 
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self.headers,
-                                                  timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        try:
+            return self._answer(await self.http.request(method, self.url + path, **req))
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from e
+
+    async def _call(self, op: str, *args, **kw):
+        import tenacity
+
         method, path, req = self._plan(op, *args, **kw)
-        if "files" in req:  # multipart, as requests builds it
-            form = aiohttp.FormData()
-            for field, (name, data, ctype) in req.pop("files"):
-                form.add_field(field, data, filename=name, content_type=ctype)
-            req["data"] = form
-        for attempt in range(self.retries + 1):
-            try:
-                async with self._session.request(method, self.url + path, **req) as r:
-                    if r.headers.get("Content-Type", "").startswith("image/"):
-                        body = await r.read()
-                    else:
-                        try:
-                            body = await r.json(content_type=None)
-                        except ValueError:
-                            body = await r.text()
-                    status, retry_after = r.status, r.headers.get("Retry-After")
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                if attempt == self.retries or not _retry(op, None):
-                    raise LensAPIError(f"cannot reach {self.url}: {e}", code="unreachable", status=503) from e
-                await asyncio.sleep(self._wait(attempt, None))
-                continue
-            if status == 200:
-                return body
-            if _retry(op, status) and attempt < self.retries:
-                await asyncio.sleep(self._wait(attempt, retry_after))
-                continue
-            raise _error(status, body)
+        try:
+            async for attempt in tenacity.AsyncRetrying(**self._policy(op)):
+                with attempt:
+                    return await self._send(method, path, req)
+        except _Answer as e:
+            raise e.error() from None
         raise AssertionError("unreachable")
 
     async def tag(self, image: Image, *, top_k: int | None = None, embedding: bool = False,

@@ -105,7 +105,7 @@ def check_output(dest: str, *, keep: tuple = ()) -> Location:
 
 
 def uri_is_mlflow(uri) -> bool:
-    """``models:/...``: a model version of MLflow's registry (:mod:`lens.registry.mlflow`)."""
+    """``models:/...``: a model version of MLflow's registry (:mod:`lens.mlflow_registry`)."""
     return isinstance(uri, str) and uri.startswith("models:/")
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["model", "formats", "tag", "serve", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
+ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
          "filters", "shards", "train", "rollout", "drift"]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "formats", "tag", "serve", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
+ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
          "filters", "shards", "train", "rollout", "drift"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
 
@@ -471,7 +471,18 @@ def priority_md(p: dict) -> list[str]:
             "|---|---|---|---|---|---|---|---|", *rows, ""] + targets_md(p)
 
 
-RENDER = {"formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
+def client_md(c: dict) -> list[str]:
+    what = {"sync_1_thread": "blocking, one thread", "sync_8_threads_one_client": "blocking, 8 threads, one client",
+            "async_32_tasks_one_client": "asyncio, 32 tasks, one client"}
+    rows = [f"| {what.get(m, m)} | {r['old_calls_per_s']} | {r['new_calls_per_s']} | **{r['new_vs_old']}×** |"
+            for m, r in c["modes"].items()]
+    return [f"The Python client's own cost (`{SCRIPT['client']}`, `benchmarks/client.json`): {c['new']} against "
+            f"{c['old']}, on a loopback server that answers a fixed tag answer; {n(c['body_bytes'])}-byte bodies, "
+            f"{c['calls_per_round']} calls per round, median of {c['rounds']} alternating rounds.", "",
+            "| mode | old (calls/s) | new (calls/s) | new vs old |", "|---|---|---|---|", *rows, ""] + targets_md(c)
+
+
+RENDER = {"client": client_md, "formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md}
 

@@ -1,5 +1,6 @@
 """lens.client against a scripted loopback server: retries on 503 honouring Retry-After, no retry on 4xx,
-connection errors, and the request shapes (the real API is exercised in tests/test_serve.py)."""
+connection errors, the request shapes, one client shared by threads (the real API is exercised in
+tests/test_serve.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def server():
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else b""
             script.seen.append((self.command, self.path, dict(self.headers), body, time.monotonic()))
-            status, payload, headers = script.answers.pop(0)
+            if script.answers:
+                status, payload, headers = script.answers.pop(0)
+            else:  # nothing scripted: echo what arrived (the threads test compares answers with their requests)
+                status, payload, headers = 200, {"path": self.path, "body": body.decode("latin-1")}, {}
             data = json.dumps(payload).encode()
             self.send_response(status)
             for k, v in headers.items():
@@ -135,3 +139,25 @@ def test_failover_answers_are_retried_and_feedback_only_when_nothing_was_stored(
             return await alens.tag(b"a")
 
     assert asyncio.run(go())["model"] == "m"
+
+
+def test_one_client_shared_by_threads_gives_each_call_its_own_answer(server):
+    """LensClient is one httpx connection pool: 8 threads calling through it at once get exactly the answers the
+    same calls get one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = server
+    calls = [(f"image-{i}".encode(), i % 5 + 1) for i in range(64)]
+    with LensClient(url) as lens:
+        sequential = [lens.tag(body, top_k=k) for body, k in calls]
+        with ThreadPoolExecutor(8) as pool:
+            threaded = list(pool.map(lambda c: lens.tag(c[0], top_k=c[1]), calls))
+    assert threaded == sequential
+    assert [a["body"] for a in threaded] == [f"image-{i}" for i in range(64)]
+    assert [a["path"] for a in threaded] == [f"/v1/tag?top_k={i % 5 + 1}" for i in range(64)]
+
+    async def go():
+        async with AsyncLensClient(url) as alens:
+            return await asyncio.gather(*(alens.tag(body, top_k=k) for body, k in calls))
+
+    assert asyncio.run(go()) == sequential

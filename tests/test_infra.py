@@ -266,6 +266,36 @@ def test_the_network_policy_keeps_the_dashboard_and_metrics_inside():
         assert ports, f"a rule open to other namespaces on every port: {rule}"
         reachable_from_outside |= ports
     assert reachable_from_outside == {8000, 8080}
-    # the scrape port is open only to the monitoring namespace
-    (metrics,) = [r for r in doc["spec"]["ingress"] if any(p["port"] == 8080 for p in r.get("ports", []))]
-    assert [set(s) for s in metrics["from"]] == [{"namespaceSelector"}]
+    # the scrape port is open only to the monitoring namespace, the API only to the ingress controller's
+    for port, namespace in ((8080, "monitoring"), (8000, "ingress-nginx")):
+        (rule,) = [r for r in doc["spec"]["ingress"] if any(p["port"] == port for p in r.get("ports", []))]
+        assert [s["namespaceSelector"]["matchLabels"] for s in rule["from"]] == [
+            {"kubernetes.io/metadata.name": namespace}], rule
+
+
+def test_the_rayservice_front_door_applies_lens_s_limits():
+    """On Kubernetes the front door's limits live in the Ingress every request crosses (KubeRay deploys Serve
+    through Ray's dashboard, where `lens serve`'s HAProxy edit cannot hook in) and in Ray's own HAProxy settings:
+    the same values as FrontDoorConfig's and the API's defaults, pointing at KubeRay's Serve service."""
+    from lens.serve.config import ApiConfig
+    from lens.serve.frontdoor import FrontDoorConfig
+
+    fd, api = FrontDoorConfig(), ApiConfig()
+    ing = yaml.safe_load((INFRA / "kuberay" / "ingress.yaml").read_text())
+    service = yaml.safe_load((INFRA / "kuberay" / "rayservice.yaml").read_text())
+    a = ing["metadata"]["annotations"]
+    mib = int(a["nginx.ingress.kubernetes.io/proxy-body-size"].rstrip("m")) * 1024 * 1024
+    assert mib == max(api.max_body_bytes, api.max_batch_body_bytes)
+    assert a["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    assert int(a["nginx.ingress.kubernetes.io/limit-connections"]) == fd.max_conn_per_client
+    serve_timeout = yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["request_timeout_s"]
+    assert int(a["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > serve_timeout  # Lens's own 504 first
+    assert a["nginx.ingress.kubernetes.io/proxy-next-upstream"] == "off"  # feedback is never replayed
+    (path,) = ing["spec"]["rules"][0]["http"]["paths"]
+    assert path["backend"]["service"] == {"name": f"{service['metadata']['name']}-serve-svc", "port": {"number": 8000}}
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for group in pods:
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_HAPROXY_MAXCONN"] == str(fd.max_connections)
+        assert env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == str(fd.idle_timeout_s)

@@ -77,6 +77,7 @@ def test_lens_train_logs_its_settings_epochs_metrics_confusion_matrix_and_packag
     assert logged == {f"lens-package/{n}" for n in [*pkg.manifest["files"], "lens-package.json"]}
     assert pkg.manifest["training"]["mlflow"] == {"run_id": run_id, "experiment_id": run.info.experiment_id}
     assert run.data.tags["lens.package.sha256"] == pkg.sha256
+    assert run.data.tags["lens.dataset.fingerprint"] == pkg.manifest["dataset"]["fingerprint"]
     assert any(f"MLflow run {run_id}" in line for line in logs)
 
 
@@ -170,3 +171,27 @@ def test_models_uris_are_checked_before_anything_loads():
     for bad in ("models:/", "models:/tagger", "models:/tagger@", "models:/a/b/c", "models:/tagger@x y"):
         with pytest.raises(ConfigError):
             validate(ModelConfig, {"weights": bad})
+
+
+def test_a_fine_tune_run_is_named_by_its_job_and_workers_get_only_mlflows_variables(monkeypatch):
+    """The Ray Train run name is what makes a rerun resume (tests/test_train.py runs one): equal for the same job,
+    different when anything that decides the result differs; workers get MLflow's variables and nothing else."""
+    from lens.train.config import TrainConfig
+    from lens.train.finetune import run_name
+    from lens.train.tracking import _absolute, worker_env
+
+    cfg = TrainConfig(data="d", output="/out/pkg", mode="finetune", model=TINY)
+    common = {"epochs": 5, "lr": 1e-3, "seed": 0}
+    name = run_name(cfg, "fp", "parent", common)
+    assert name == run_name(cfg, "fp", "parent", dict(common)) and name.startswith("lens-train-finetune-")
+    assert run_name(cfg, "fp", "parent", common | {"mlflow": {"run_id": "x"}}) == name  # logging is not the job
+    others = {run_name(cfg, "fp2", "parent", common), run_name(cfg, "fp", "parent2", common),
+              run_name(cfg, "fp", "parent", common | {"seed": 1}),
+              run_name(cfg.model_copy(update={"output": "/out/other"}), "fp", "parent", common),
+              run_name(cfg.model_copy(update={"workers": 2}), "fp", "parent", common)}
+    assert name not in others and len(others) == 5
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    assert worker_env()["MLFLOW_TRACKING_TOKEN"] == "t" and not any(k.startswith("AWS_") for k in worker_env())
+    assert _absolute("sqlite:///mlflow.db") == f"sqlite:///{os.getcwd()}/mlflow.db"
+    assert _absolute("http://mlflow:5000") == "http://mlflow:5000" and _absolute("databricks") == "databricks"

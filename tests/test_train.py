@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, own_instance, random_rgb, ray_jobs
+from conftest import encode, own_instance, random_rgb, ray_jobs, wait_for
 from test_events import env  # noqa: F401 - the event path's bucket and queue fixture
 
 TINY = {"name": "test_efficientnet", "weights": "random", "backend": "onnx"}
@@ -508,11 +508,14 @@ def test_head_mode_repeats_bit_for_bit_with_a_seed(local_ray, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_job_rerun_after_a_failure_resumes_from_its_checkpoints_and_serves_its_package(
+def test_finetune_job_rerun_after_its_driver_is_killed_resumes_from_its_checkpoint_and_serves_its_package(
         tmp_path, foreign_ray, mlflow_server):
-    """A RayJob's retry: `lens train --mode finetune` failed mid-run (rank 0 killed after its 3rd checkpoint, no
-    retries left), then the same command again resumes the same Ray Train run from the checkpoints it left in
-    --checkpoint-storage (the run's name is a digest of the job, not a pid and a time) instead of starting over."""
+    """A RayJob's retry: the driver of `lens train --mode finetune` is killed (SIGKILL to its process group, its own
+    Ray included) once Ray Train has recorded a checkpoint; the same command again resumes the same Ray Train run
+    from --checkpoint-storage (the run's name is a digest of the job, not a pid and a time) instead of starting
+    over."""
+    import signal
+
     from mlflow import MlflowClient
 
     from lens.package import open_package
@@ -526,14 +529,22 @@ def test_finetune_job_rerun_after_a_failure_resumes_from_its_checkpoints_and_ser
     argv = [sys.executable, "-m", "lens.cli.main", "train", "--mode", "finetune", "--data", "data", "--output", "pkg",
             "--model", "test_efficientnet", "--weights", "random", "--backend", "onnx", "--workers", "2",
             "--finetune-epochs", "3", "--lr", "5e-3", "--patience", "0", "--train-batch-size", "8",
-            "--checkpoint-storage", "ckpt", "--max-failures", "0", "--mlflow", mlflow_server]
+            "--checkpoint-storage", "ckpt", "--mlflow", mlflow_server]
     # (Ray Train's controller polls its workers every 2 s by default: 0.5 s here, the suite's time is short)
     run_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "PYTHONPATH": str(Path(__file__).parents[1]), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    # rank 0 dies after its 2nd checkpoint (epoch 0 validates the probe's classifier and checkpoints too)
-    first = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                           env=run_env | {"LENS_CRASH_AT": "train.after_checkpoint:2"})
-    assert first.returncode != 0 and "Training failed due to worker errors" in first.stderr, first.stderr[-3000:]
+    log = open(tmp_path / "first.log", "w+")
+    first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log, env=run_env,
+                             start_new_session=True)
+    try:
+        # the controller's snapshot names the checkpoints it has registered: the driver dies after the first
+        wait_for(lambda: any((tmp_path / "ckpt").glob("lens-train-finetune-*/checkpoint_manager_snapshot.json"))
+                 or first.poll() is not None, "a checkpoint recorded by the first driver", timeout_s=300, poll_s=0.1)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        log.close()
     assert not (tmp_path / "pkg").exists()
     r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=run_env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -541,8 +552,7 @@ def test_finetune_job_rerun_after_a_failure_resumes_from_its_checkpoints_and_ser
     assert ray_jobs(foreign_ray) == []
     assert "resuming Ray Train run lens-train-finetune-" in r.stderr, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    # resumed from the last checkpoint Ray Train had registered when rank 0 died (on a busy machine the controller
-    # may not have taken the last report yet: epoch 0 or 1)
+    # resumed from the checkpoint Ray Train had registered when the driver died
     assert summary["restarts"] == 1, (summary, r.stderr[-6000:])
     assert "PlacementGroupCleaner" not in r.stderr and "Checkpoint successfully created" not in r.stderr  # no noise
     rows = summary["epochs"]
@@ -567,7 +577,7 @@ def test_finetune_job_rerun_after_a_failure_resumes_from_its_checkpoints_and_ser
     line = served.predict([img.read_bytes()])[0].to_dict()
     assert {t["label"] for t in line["tags"]} <= {"cat", "coffee", "rocket"} and "pkg" in line["custom_tags"]
     assert served.model.identity().weights_sha256 == pkg.manifest["model_identity"]["weights_sha256"]
-    # MLflow: each attempt is a run; rank 0 logged each epoch as it ended, the failed attempt is marked FAILED
+    # MLflow: each attempt is a run; rank 0 logged each epoch as it ended; the killed attempt could not end its run
     client = MlflowClient(mlflow_server)
     run = client.get_run(t["mlflow"]["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["mode"] == "finetune"
@@ -577,8 +587,7 @@ def test_finetune_job_rerun_after_a_failure_resumes_from_its_checkpoints_and_ser
     assert run.data.metrics["test.top1"] == pytest.approx(summary["metrics"]["top1"])
     assert "lens-package" in {f.path for f in client.list_artifacts(run.info.run_id)}
     failed = [x for x in client.search_runs([run.info.experiment_id]) if x.info.run_id != run.info.run_id]
-    assert [x.info.status for x in failed] == ["FAILED"]
-    assert {m.step for m in client.get_metric_history(failed[0].info.run_id, "probe/val_top1")} == {0}
+    assert [x.info.status for x in failed] == ["RUNNING"]
 
 
 @pytest.mark.slow

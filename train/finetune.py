@@ -349,7 +349,7 @@ def run_finetune(cfg: TrainConfig, prep, *, log, tracking=None):
     name = run_name(cfg, ds.fingerprint(), parent_ref.sha256, common)
     if cfg.checkpoint_storage and _run_exists(storage, name):
         log(f"lens train: finetune: resuming Ray Train run {name} from its checkpoints in {storage} (the same job "
-            "ran there before: a restarted driver continues; a finished run is not trained again)")
+            "ran there before: a restarted driver continues from the last checkpoint)")
     t_fit = time.perf_counter()
     if tracking is not None:  # rank 0 logs each epoch to the run as it ends
         common["mlflow"] = tracking.worker_config()

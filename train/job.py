@@ -90,7 +90,9 @@ def _run(cfg: TrainConfig, t0: float, tracking, log) -> dict:
 
         pkg = open_package(out["package"], cache_dir=cfg.model.cache_dir)
         out["mlflow"] = {"run_id": tracking.run_id, "experiment_id": tracking.experiment_id}
-        tracking.finish(out | {"package_sha256": pkg.sha256}, pkg.root, chosen.test, prep.ds.classes, log)
+        tracking.finish(out | {"package_sha256": pkg.sha256,
+                               "dataset_fingerprint": pkg.manifest["dataset"]["fingerprint"]},
+                        pkg.root, chosen.test, prep.ds.classes, log)
     return out
 
 

@@ -1,18 +1,21 @@
 """``lens train --mlflow``: the run in MLflow, logged the way Ray Train's MLflow integration logs one.
 
-The driver opens the run and logs the settings and the dataset's size and fingerprint; the head's epochs are logged
+The driver opens the run and logs the settings; the head's epochs are logged
 when it has trained (seconds, in the driver); the fine-tune's epochs are logged by rank 0 as each one ends (on
 every node, through the same tracking server); and at the end the driver logs the validation and test metrics,
 the confusion matrix (``confusion.json`` and ``confusion.png``), and the package itself as the run's artifacts
-(``lens-package/``, the folder ``lens models push --mlflow-model`` registers). The package's manifest records the
-run's id, and the run is tagged with the package's identity. A failed ``lens train`` marks its run FAILED.
+(``lens-package/``, the folder ``lens models push --mlflow-model`` registers), with the split sizes. The package's
+manifest records the run's id, and the run is tagged with the package's digest and the data's fingerprint. A failed ``lens train`` marks its run FAILED.
 
 The tracking server is ``train.mlflow.tracking_uri``, else MLflow's own resolution (``MLFLOW_TRACKING_URI``, with
-MLflow's credential variables, which fine-tune workers receive too).
+MLflow's credential variables; fine-tune workers receive the driver's ``MLFLOW_*`` variables in their runtime
+environment, so a token set there is visible wherever Ray shows runtime environments: prefer giving worker pods the
+same variables the driver has).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,8 +26,9 @@ from lens.runtime.config import StrictModel
 
 __all__ = ["MlflowConfig", "MlflowRun", "worker_env", "log_epoch_metrics"]
 
-#: MLflow's own environment variables a fine-tune worker needs to reach the same server (URIs, credentials, TLS)
-_FORWARD_PREFIXES = ("MLFLOW_", "AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS")
+#: MLflow's own environment variables a fine-tune worker needs to reach the same server (URI, token, TLS): workers
+#: log metrics only (the driver logs every artifact), so no artifact-store credentials are passed on
+_FORWARD_PREFIXES = ("MLFLOW_",)
 _MAX_PARAM = 6000  # MLflow's limit on a parameter's value
 
 
@@ -77,8 +81,13 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, phase: str, row: dict) -> 
     step = int(row["epoch"])
     metrics = [Metric(f"{phase}/{k}", float(v), now, step) for k, v in row.items()
                if k not in ("epoch", "phase") and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if metrics:
+    if not metrics:
+        return
+    try:
         MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics)
+    except Exception as e:  # noqa: BLE001 - a tracking server that is down never stops the training it records
+        logging.getLogger(__name__).warning("MLflow: epoch %s of run %s not logged: %s: %s", step, run_id,
+                                            type(e).__name__, e)
 
 
 class MlflowRun:
@@ -151,6 +160,7 @@ class MlflowRun:
         self.client.log_artifacts(self.run_id, str(package_root), ARTIFACT_PATH)
         for k, v in {"lens.package": summary["package"], "lens.package.mode": summary["mode"],
                      "lens.package.sha256": summary.get("package_sha256", ""),
+                     "lens.dataset.fingerprint": summary.get("dataset_fingerprint", ""),
                      "lens.chosen_because": summary.get("chosen_because", "")}.items():
             if v:
                 self.client.set_tag(self.run_id, k, str(v)[:5000])
