@@ -479,7 +479,10 @@ def client_md(c: dict) -> list[str]:
     return [f"The Python client's own cost (`{SCRIPT['client']}`, `benchmarks/client.json`): {c['new']} against "
             f"{c['old']}, on a loopback server that answers a fixed tag answer; {n(c['body_bytes'])}-byte bodies, "
             f"{c['calls_per_round']} calls per round, median of {c['rounds']} alternating rounds.", "",
-            "| mode | old (calls/s) | new (calls/s) | new vs old |", "|---|---|---|---|", *rows, ""] + targets_md(c)
+            "| mode | old (calls/s) | new (calls/s) | new vs old |", "|---|---|---|---|", *rows, "",
+            "The asyncio transports alone, the same calls at 32 concurrent tasks: " + ", ".join(
+                f"{k} {v} calls/s" for k, v in c.get("async_transports_32_tasks_calls_per_s", {}).items())
+            + " (why `AsyncLensClient` stays on aiohttp).", ""] + targets_md(c)
 
 
 RENDER = {"client": client_md, "formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
