@@ -82,7 +82,7 @@ def _mlflow_error(e: Exception, uri: str):
     code = getattr(e, "error_code", "") or ""
     if "RESOURCE_DOES_NOT_EXIST" in code or "NOT_FOUND" in code or "INVALID_PARAMETER_VALUE" in code:
         return MlflowModelError(f"{uri}: no such registered model version ({getattr(e, 'message', e)})",
-                            code="unknown_version", status=404)
+                                code="unknown_version", status=404)
     return MlflowModelError(f"{uri}: MLflow answered {type(e).__name__}: {getattr(e, 'message', e)}", status=502)
 
 
@@ -115,14 +115,14 @@ def resolve_mlflow(uri: str, *, cache_dir: str | os.PathLike, max_bytes: int, ma
         sizes = _artifact_sizes(client, mv)
         if sizes is not None and sum(sizes) > max_bytes:
             raise MlflowModelError(f"{uri} holds {sum(sizes):,} bytes; the limit is {max_bytes:,}",
-                               code="package_too_large", status=413)
+                                   code="package_too_large", status=413)
         stage = Path(tempfile.mkdtemp(prefix=".dl-", dir=root.parent))
         try:
             got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(stage),
                                                            tracking_uri=tracking_uri))
             if not (got / manifest).is_file():
                 raise MlflowModelError(f"{uri} (source {mv.source}) is not a Lens model package (no {manifest})",
-                                   code="not_a_package", status=400)
+                                       code="not_a_package", status=400)
             try:
                 got.rename(root)
             except OSError:  # another process downloaded it meanwhile

@@ -105,6 +105,7 @@ def test_push_registers_the_package_and_models_uri_serves_it_verified(trained, t
     from lens.runtime.heads import load_head
 
     pkg_dir, summary, _ = trained
+    (pkg_dir / "notes.txt").write_text("someone's notes beside the package: not part of it")
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     r = _lens("models", "push", str(pkg_dir), "--mlflow-model", "colours", "--mlflow-alias", "champion", "--json",
               env=env)
@@ -115,6 +116,8 @@ def test_push_registers_the_package_and_models_uri_serves_it_verified(trained, t
     mv = client.get_model_version_by_alias("colours", "champion")
     assert mv.version == "1" and mv.tags["lens.package.sha256"] == out["sha256"]
     assert client.get_run(mv.run_id).data.tags["lens.training_run_id"] == summary["mlflow"]["run_id"]
+    logged = {f.path for f in client.list_artifacts(mv.run_id, "lens-package")}
+    assert "lens-package/notes.txt" not in logged and "lens-package/lens-package.json" in logged  # its files only
 
     # served by alias, as a head on its backbone: the same package, every file verified
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server

@@ -92,7 +92,7 @@ def _run(cfg: TrainConfig, t0: float, tracking, log) -> dict:
         out["mlflow"] = {"run_id": tracking.run_id, "experiment_id": tracking.experiment_id}
         tracking.finish(out | {"package_sha256": pkg.sha256,
                                "dataset_fingerprint": pkg.manifest["dataset"]["fingerprint"]},
-                        pkg.root, chosen.test, prep.ds.classes, log)
+                        pkg, chosen.test, prep.ds.classes, log)
     return out
 
 

@@ -137,7 +137,7 @@ class MlflowRun:
             if "epoch" in row:
                 log_epoch_metrics(self.tracking_uri, self.run_id, phase, row)
 
-    def finish(self, summary: dict, package_root: Path, test: dict, classes: list[str], log) -> None:
+    def finish(self, summary: dict, pkg, test: dict, classes: list[str], log) -> None:
         """The outcome: metrics, the confusion matrix, the package as artifacts, its identity as tags."""
         from mlflow.entities import Metric
 
@@ -152,12 +152,12 @@ class MlflowRun:
             self.client.log_dict(self.run_id, {"labels": classes, "matrix": test["confusion"],
                                                "rows": "true class", "columns": "predicted class"},
                                  "confusion.json")
-        png = package_root / "confusion.png"
-        if png.is_file():
-            self.client.log_artifact(self.run_id, str(png))
+        if "confusion.png" in pkg.manifest["files"]:
+            self.client.log_artifact(self.run_id, str(pkg.file("confusion.png")))
         from lens.mlflow_registry import ARTIFACT_PATH, end_run
+        from lens.registry.mlflow import log_package
 
-        self.client.log_artifacts(self.run_id, str(package_root), ARTIFACT_PATH)
+        log_package(self.client, self.run_id, pkg)
         for k, v in {"lens.package": summary["package"], "lens.package.mode": summary["mode"],
                      "lens.package.sha256": summary.get("package_sha256", ""),
                      "lens.dataset.fingerprint": summary.get("dataset_fingerprint", ""),

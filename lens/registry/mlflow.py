@@ -8,9 +8,19 @@ import re
 
 from lens.mlflow_registry import ARTIFACT_PATH, MODELS_SCHEME, end_run, mlflow_client, parse_mlflow_ref
 
-__all__ = ["register_package"]
+__all__ = ["register_package", "log_package"]
 
 _ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+
+
+def log_package(client, run_id: str, pkg) -> None:
+    """A verified package's files (those its manifest names, and the manifest) as ``lens-package/`` artifacts of
+    ``run_id``: nothing else that may lie in its folder."""
+    from lens.package import MANIFEST
+
+    for name in [*sorted(pkg.manifest["files"]), MANIFEST]:
+        sub = name.rpartition("/")[0]
+        client.log_artifact(run_id, str(pkg.root / name), f"{ARTIFACT_PATH}/{sub}" if sub else ARTIFACT_PATH)
 
 
 def register_package(package: str, name: str, *, alias: str | None = None, experiment: str = "lens-models",
@@ -39,7 +49,7 @@ def register_package(package: str, name: str, *, alias: str | None = None, exper
                     {"lens.training_run_id": trained_by} if trained_by else {})
         run = client.create_run(exp_id, tags=tags)
         try:
-            client.log_artifacts(run.info.run_id, str(pkg.root), ARTIFACT_PATH)
+            log_package(client, run.info.run_id, pkg)
         except Exception:
             end_run(client, run.info.run_id, "FAILED")
             raise
