@@ -136,7 +136,9 @@ def burst(s3, bucket: str, prefix: str, n: int, bodies: list, consumer, pool, be
 # -- deployments -------------------------------------------------------------------------------------------------
 #: mode -> (the HTTP pool's niceness, the events pool's niceness); None: no pool of the events' own
 NICE = {"shared": (None, None), "separate": (None, 15), "separate_bulk19": (None, 19),
-        "separate_http0_bulk19": (0, 19)}
+        "separate_http0_bulk19": (0, 19), "separate_http0_bulk19_core_free": (0, 19)}
+#: modes whose events pool keeps one core free of its threads (model and decode threads = cores - 1)
+CORE_FREE = {"separate_http0_bulk19_core_free"}
 
 
 SHIPPED = "separate_http0_bulk19"  # lens events run's default (DEFAULT_EVENTS_CONFIG) and infra/events.yaml
@@ -159,7 +161,11 @@ def config(mode: str, port: int, threads: int) -> dict:
         events.update(tagger_app="lens", tagger_deployment="Tagger")
     else:
         doc["applications"][0]["args"] = {"pools": [dict(pool, name="Tagger", num_cpus=threads / 2, **nice)]}
-        events["pool"] = dict(pool, name="TaggerBulk", num_cpus=threads / 2, nice=bulk_nice)
+        bulk = pool
+        if mode in CORE_FREE:
+            t = max(1, threads - 1)
+            bulk = {"model": dict(pool["model"], num_threads=t), "decode_threads": t}
+        events["pool"] = dict(bulk, name="TaggerBulk", num_cpus=threads / 2, nice=bulk_nice)
     events["events"] = {  # a results bucket per mode: listing its versions (the exactly-once check) stays short
         "results_bucket": f"lens-results-{mode.replace('_', '-')}", "wait_time_s": 1, "visibility_timeout_s": 120, "concurrency": 32,
         "max_pollers": 8, "messages_per_poller": 10, "scale_interval_s": 1.0}
@@ -233,7 +239,7 @@ def main() -> None:
     ap.add_argument("--think", type=float, default=1.0, help="seconds each connection waits between requests")
     ap.add_argument("--alone-s", type=float, default=60.0, help="seconds of interactive load alone")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="model and decode threads of every pool")
-    ap.add_argument("--modes", default=",".join(NICE))
+    ap.add_argument("--modes", default=",".join(m for m in NICE if m not in CORE_FREE))
     ap.add_argument("--quick", action="store_true", help="300 images, 20 s alone (a check, not a figure)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "priority.json"))
     args = ap.parse_args()

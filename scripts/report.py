@@ -453,7 +453,9 @@ def priority_md(p: dict) -> list[str]:
     what = {"shared": "one pool: events share the HTTP pool's replicas and batches (before)",
             "separate": "the events' own pool, both at Ray's niceness 15",
             "separate_bulk19": "the events' own pool at niceness 19, HTTP pool at 15",
-            "separate_http0_bulk19": "the events' own pool at 19, HTTP pool at 0 (**shipped**)"}
+            "separate_http0_bulk19": "the events' own pool at 19, HTTP pool at 0 (**shipped**)",
+            "separate_http0_bulk19_core_free": "the events' own pool at 19 with one core free of its threads, HTTP "
+                                               "pool at 0"}
     rows = []
     for mode, r in p["modes"].items():
         a, d, ra = r["interactive_alone"], r["interactive_during_burst"], r["ratios"]
