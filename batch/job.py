@@ -306,6 +306,7 @@ def run_embed(cfg: EmbedConfig, *, log=print) -> EmbedSummary:
         raise RuntimeError(f"row accounting failed: {embedded} + {errors} != {input_rows}")
     elapsed = time.perf_counter() - t0
     breakdown = _breakdown(t0, t_discovered, t_ray, t_model, t_run, first_out, run_s, stage, actors, rows_run)
+    breakdown["finish_s"] = round(elapsed - (t_run - t0) - run_s, 2)  # the manifest and the drift profile
     log("lens embed: where the time went: " + ", ".join(f"{k} {v}" for k, v in breakdown.items()
                                                         if not isinstance(v, list)))
     return EmbedSummary(output=out.uri, input_rows=input_rows, embedded=embedded, errors=errors,
@@ -325,10 +326,14 @@ def _breakdown(t0: float, t_discovered: float, t_ray: float, t_model: float, t_r
     every task or actor, so it can exceed the run's length when stages overlap)."""
     now_unix, now = time.time(), time.perf_counter()
     starts = []
+    run_start_unix = now_unix - (now - t_run)
     for a in sorted(actors):
-        _pid, init_s, ready_at = a.split(":")
-        starts.append({"init_s": float(init_s),
-                       "ready_after_run_start_s": round(float(ready_at) - (now_unix - (now - t_run)), 2)})
+        _pid, init_s, ready_at, *more = a.split(":")
+        start = {"init_s": float(init_s), "ready_after_run_start_s": round(float(ready_at) - run_start_unix, 2)}
+        if len(more) == 2 and float(more[0]) > 0:  # the worker process's start, and its start-up + imports
+            start["process_after_run_start_s"] = round(float(more[0]) - run_start_unix, 2)
+            start["process_to_init_s"] = round(float(more[1]) - float(more[0]), 2)
+        starts.append(start)
     return {
         "discover_s": round(t_discovered - t0, 2),
         "ray_start_s": round(t_ray - t_discovered, 2),

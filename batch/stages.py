@@ -42,7 +42,9 @@ PIXELS = "_pixels"
 #: Where the time goes, carried per row from stage to stage and summed per part by the writer (seconds of each
 #: stage's wall time spent on the row's batch, split evenly over its rows; the model actor's start-up once)
 TIMING = ("_read_s", "_decode_s", "_model_s")
-ACTOR = "_actor"  # "pid:init seconds:ready unix time" of the model actor that embedded the row
+#: "pid:init seconds:ready unix time:process start unix time:init start unix time" of the model actor that embedded
+#: the row (process start to init start is the worker's start-up and imports)
+ACTOR = "_actor"
 
 #: lens train heads' tags per row: JSON ``{head name: [{label, class_id, score}]}`` (present when heads are served)
 CUSTOM_TAGS = "custom_tags"
@@ -82,7 +84,7 @@ class Decoder:
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         for text in units.column("unit").to_pylist():
             unit = ReadUnit.from_row(json.loads(text))
-            batches = self._read(unit)
+            batches = _first_small(self._read(unit), FIRST_BATCH_ROWS)
             while True:
                 t0 = time.perf_counter()
                 try:
@@ -154,16 +156,46 @@ class Decoder:
         return out.append_column(PIXELS, _tensor_column(pixels))
 
 
+#: Rows in each read unit's first decode batch: the unit's first part is written after a few images rather than a
+#: whole batch (on 2 cores, with 4 units decoding at once, a first batch of 16 camera photos took ~1.5 s after the
+#: actor was ready and one of 4 ~0.5 s; scripts/bench_batch.py). Only the first: small batches cost model speed.
+FIRST_BATCH_ROWS = 4
+
+
+def _first_small(batches: Iterator[tuple[pa.Table, dict[int, ItemError]]],
+                 rows: int) -> Iterator[tuple[pa.Table, dict[int, ItemError]]]:
+    """``batches`` with the first one split after ``rows`` rows (its read errors, keyed by row, split alike), so
+    the same unit always yields the same batches (a retried unit rewrites the same part files)."""
+    first = True
+    for table, errors in batches:
+        if first and table.num_rows > rows:
+            yield table.slice(0, rows), {i: e for i, e in errors.items() if i < rows}
+            table, errors = table.slice(rows), {i - rows: e for i, e in errors.items() if i >= rows}
+        first = False
+        yield table, errors
+
+
+def _process_start() -> float:
+    """This process's start (unix time), from the kernel's process table (0.0 where it cannot be read)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a figure for the breakdown only
+        return 0.0
+
+
 class Embedder:
     """Holds one model (ONNX Runtime on CPU, torch on GPU) and embeds decoded crops; error rows pass through."""
 
     def __init__(self, model: ModelConfig, decode: DecodeConfig, top_k: int) -> None:
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         self.predictor = Predictor.from_config(model, decode, default_top_k=top_k)
         self.predictor.warmup(min(8, self.predictor.max_batch_size))
         self.top_k = top_k
         self.dim = self.predictor.embed_dim
-        self.actor = f"{os.getpid()}:{time.perf_counter() - t0:.3f}:{time.time():.3f}"
+        self.actor = (f"{os.getpid()}:{time.perf_counter() - t0:.3f}:{time.time():.3f}:{_process_start():.3f}:"
+                      f"{started:.3f}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()

@@ -97,7 +97,9 @@ def baseline(shards: Path, batch_size: int, backend: str = "onnx") -> dict:
 
 
 class TreeMemory:
-    """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
+    """Peak of the summed RSS of this process and all its descendants, sampled in a thread; and the CPU seconds each
+    of them used while sampled (the last sample of each process, by its name: where the cores went besides the
+    model actors)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         import psutil
@@ -105,6 +107,7 @@ class TreeMemory:
         self.proc = psutil.Process()
         self.interval = interval
         self.peak = 0
+        self._cpu: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -120,10 +123,22 @@ class TreeMemory:
             for p in procs:
                 try:
                     total += p.memory_info().rss
+                    t = p.cpu_times()
+                    name = _process_name(p)  # a worker's title says its actor once it has one
+                    if p.pid in self._cpu and name in ("ray::IDLE", "default_worker.py", "?"):
+                        name = self._cpu[p.pid][0]
+                    self._cpu[p.pid] = (name, t.user + t.system)
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
+
+    def cpu_by_name(self) -> dict[str, float]:
+        """CPU seconds per process name, largest first."""
+        out: dict[str, float] = {}
+        for name, cpu in self._cpu.values():
+            out[name] = out.get(name, 0.0) + cpu
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def __enter__(self):
         self._t.start()
@@ -132,6 +147,27 @@ class TreeMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+def _process_name(p) -> str:
+    """A Ray process by its role (``ray::MapWorker(...)``, ``raylet``, ``gcs_server``, ...), the driver as
+    ``driver``."""
+    import psutil
+
+    try:
+        cmd = p.cmdline()
+    except psutil.Error:
+        return "?"
+    if p.pid == os.getpid():
+        return "driver"
+    name = cmd[0] if cmd else p.name()
+    if name.startswith("ray::"):
+        return name.split(" ")[0]
+    for part in cmd[:3]:
+        base = os.path.basename(part)
+        if base.endswith(".py") or base in ("raylet", "gcs_server"):
+            return base
+    return os.path.basename(name)
 
 
 def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float | None,
@@ -147,8 +183,49 @@ def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_
         summary = run_embed(cfg, log=lambda *a: None)
     config = {k: getattr(cfg, k) for k in ("batch_size", "workers", "actor_cpus", "fused", "actor_threads", "read_rows",
                                            "decode_batch_size", "decode_cpus", "block_mb")}
-    print("RESULT " + json.dumps(summary.to_dict() | {"peak_rss_mb": round(mem.peak / 2**20), "config": config}),
-          flush=True)
+    print("RESULT " + json.dumps(summary.to_dict() | {"peak_rss_mb": round(mem.peak / 2**20), "config": config,
+                                                      "cpu_s_by_process": mem.cpu_by_name()}), flush=True)
+
+
+class _Noop:
+    """An actor that does nothing: the floor of a Ray Data actor pipeline's start-up."""
+
+    def __call__(self, batch):
+        return batch
+
+
+def child_floor(workers: int) -> None:
+    """Ray's own fixed cost on this machine, as `lens embed` meets it: a new local Ray (started as Lens starts it),
+    then a Ray Data dataset of one row per actor through a pool of ``workers`` actors that import and load nothing;
+    seconds to Ray up, and from the dataset's start to its first output row."""
+    import ray
+    import ray.data
+    from lens.cluster import init_ray
+
+    t0 = time.perf_counter()
+    init_ray(None, what="floor")
+    t_ray = time.perf_counter()
+    ray.data.DataContext.get_current().target_max_block_size = 1
+    ds = ray.data.from_items([{"x": i} for i in range(workers)], override_num_blocks=workers)
+    ds = ds.map_batches(_Noop, batch_size=None, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+    t_run = time.perf_counter()
+    first = None
+    for _ in ds.iter_rows():
+        first = first or time.perf_counter()
+    ray.shutdown()
+    print("RESULT " + json.dumps({"ray_start_s": round(t_ray - t0, 2), "actors": workers,
+                                  "first_output_after_run_start_s": round(first - t_run, 2),
+                                  "run_s": round(time.perf_counter() - t_run, 2)}), flush=True)
+
+
+def ray_floor(workers: int) -> dict:
+    """:func:`child_floor` in its own process (a fresh Ray, as each job gets)."""
+    p = subprocess.run([sys.executable, __file__, "--child-floor", str(workers)], capture_output=True, text=True,
+                       env=dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1"))
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"floor run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
 
 
 def child_scaling(shards: str, out: str, nodes: int, batch_size: int, knobs: dict | None = None,
@@ -243,7 +320,10 @@ def main() -> None:
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1-node vs 2-node runs")
     ap.add_argument("--no-compare", action="store_true",
                     help="skip the run with decode tasks feeding the model actors (decode_in_actors: false)")
+    ap.add_argument("--child-floor", type=int, metavar="WORKERS", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_floor:
+        return child_floor(args.child_floor)
     if args.child_scaling:
         return child_scaling(*args.child_scaling[:2], int(args.child_scaling[2]), args.batch_size,
                              json.loads(args.knobs) if args.knobs else None, args.backend)
@@ -271,7 +351,8 @@ def main() -> None:
             chosen = job["served"]["backend"]
             if chosen not in bases:  # a backend no loop ran (torch on CPU by request): measure it too
                 bases[chosen] = baseline(tmp / "x1", args.batch_size, chosen)
-            rounds.append({"bases": bases, "job": job, "chosen": chosen,
+            floor = ray_floor(job["breakdown"]["model_actors"])
+            rounds.append({"bases": bases, "job": job, "chosen": chosen, "floor": floor,
                            "best": max(bases, key=lambda b: bases[b]["images_per_s"])})
 
         def ratios(job: dict, loop_ips: float) -> dict:
@@ -308,7 +389,7 @@ def main() -> None:
                       "job_steady_images_per_s": r["job"]["steady_images_per_s"],
                       "job_whole_images_per_s": round(r["job"]["rows_run"] / r["job"]["seconds"], 1),
                       "vs_chosen": r["vs_chosen"], "vs_best": r["vs_best"],
-                      "first_output_s": r["job"]["first_output_s"]} for r in rounds],
+                      "first_output_s": r["job"]["first_output_s"], "ray_floor": r["floor"]} for r in rounds],
             "baseline_pipelined": base,
             "job": job,
             "vs_chosen_backend_loop": rep["vs_chosen"],
@@ -317,10 +398,26 @@ def main() -> None:
             "phases": {"ray_start_s": b["ray_start_s"],
                        "driver_model_load_s": b["driver_model_load_s"],
                        "first_actor_ready_after_run_start_s": b["first_actor_ready_s"],
+                       # each model actor: its worker process's start (before or after the run's), process start
+                       # to the actor's own start (Python, Ray, Ray Data and Lens imports; waiting for the task)
+                       "actors": b["actors"],
                        "actor_model_load_max_s": b["actor_init_s_max"],
                        "first_output_after_run_start_s": b["to_first_output_s"],
+                       "finish_s": b.get("finish_s"),
                        "not_embedding_s": round(job["seconds"] - b["run_s"] + b["to_first_output_s"], 2),
                        "whole_job_s": job["seconds"]},
+            # Ray's own floor in the same round: a fresh Ray as Lens starts it, then an actor pool of the job's size
+            # whose actors load nothing, to its first output row
+            "ray_floor": rep["floor"],
+        }
+        floor = rep["floor"]
+        fixed_floor = floor["ray_start_s"] + floor["first_output_after_run_start_s"]
+        loop_s = rows / base["images_per_s"]
+        summary["whole_job_bound"] = {
+            "note": "the whole job's ratio if everything after Ray's floor ran at the loop's speed: rows at the "
+                    "loop's images/s, plus Ray's start and an empty actor pool's first output (measured above)",
+            "ray_floor_s": round(fixed_floor, 2),
+            "ratio": round(loop_s / (loop_s + fixed_floor), 3),
         }
         if not args.no_compare:
             # the other pipeline shape on the same data: decode tasks feeding the model actors (what GPU actors use)
@@ -343,6 +440,7 @@ def main() -> None:
             summary["peak_memory_ratio_4x"] = round(job4["peak_rss_mb"] / summary["peak_rss_mb_1x_min"], 3)
             summary["target_memory_ratio"] = 1.5
         summary["first_output_after_ray_up_s"] = round(b["driver_model_load_s"] + b["to_first_output_s"], 2)
+        summary["ray_floor_first_output_after_ray_up_s"] = floor["first_output_after_run_start_s"]
         if not args.no_scaling:
             summary["scaling"] = scaling(tmp / "x1", tmp, args)
         vs = summary["vs_chosen_backend_loop"]

@@ -252,6 +252,35 @@ def test_decoder_records_unreadable_files_and_names_an_unreadable_parquet_file(t
             pa.table({"unit": [json.dumps(gone.to_row())]})))
 
 
+def test_a_units_first_batch_is_small_and_its_read_errors_stay_with_their_rows(tmp_path, rng):
+    """The first part of each unit comes after FIRST_BATCH_ROWS images, not a whole decode batch; the split keeps
+    each unreadable file's error on its own row, and the same unit always splits the same way (a retry rewrites
+    the same parts)."""
+    from lens.batch.shards import ReadUnit
+    from lens.batch.stages import FIRST_BATCH_ROWS, Decoder
+
+    from lens.runtime.config import DecodeConfig
+    from lens.runtime.preprocess import PreprocessConfig
+
+    names = [f"{i}.jpg" for i in range(9)]
+    (tmp_path / "imgs").mkdir()
+    for name in names:
+        if name != "5.jpg":  # listed, then gone before the job read it
+            (tmp_path / "imgs" / name).write_bytes(encode(random_rgb(rng), "JPEG"))
+    root = str(tmp_path / "imgs")
+    prep = PreprocessConfig((3, 32, 32), "bilinear", (0.5,) * 3, (0.5,) * 3, 1.0).to_dict()
+    unit = ReadUnit("files-0", f"{root}/0.jpg", files=tuple(f"{root}/{n}" for n in names))
+    units = pa.table({"unit": [json.dumps(unit.to_row())]})
+    batches = list(Decoder(root, prep, DecodeConfig(), "id", "image", (), batch_size=6)(units))
+    assert FIRST_BATCH_ROWS == 4
+    assert [b.num_rows for b in batches] == [4, 2, 3]
+    out = pa.concat_tables(batches)
+    assert out.column("id").to_pylist() == names
+    assert [i for i, e in enumerate(out.column("error").to_pylist()) if e] == [5]
+    again = list(Decoder(root, prep, DecodeConfig(), "id", "image", (), batch_size=6)(units))
+    assert [b.column("id").to_pylist() for b in again] == [b.column("id").to_pylist() for b in batches]
+
+
 def test_null_or_empty_ids_become_error_rows_never_ids(tmp_path, rng):
     from lens.batch.shards import ReadUnit
     from lens.batch.stages import Decoder
