@@ -210,7 +210,32 @@ def batch_md(b: dict) -> list[str]:
                f"{p['first_actor_ready_after_run_start_s']} s after the run started (its model load + warm-up "
                f"{p['actor_model_load_max_s']} s), first output at {p['first_output_after_run_start_s']} s: "
                f"{b['first_output_after_ray_up_s']} s after Ray was up; {p['not_embedding_s']} s of the "
-               f"{p['whole_job_s']} s command were not embedding.")
+               f"{p['whole_job_s']} s command were not embedding"
+               + (f" (the manifest and drift profile at the end: {p['finish_s']} s)" if p.get("finish_s") is not None
+                  else "") + ".")
+    starts = [a for a in p.get("actors") or [] if "process_to_init_s" in a]
+    if starts:
+        out.append("* the model actors' worker processes (reported round): "
+                   + "; ".join((f"started {a['process_after_run_start_s']} s after the run started, "
+                                if a["process_after_run_start_s"] >= 0 else
+                                f"started {-a['process_after_run_start_s']} s before the run (with Ray or while the "
+                                f"driver loaded the model), ")
+                               + 
+                               f"{a['process_to_init_s']} s from process start to the actor's own start (Python, Ray, "
+                               f"Ray Data and Lens imports, waiting for its task), model load {a['init_s']} s, ready "
+                               f"at {a['ready_after_run_start_s']} s" for a in starts) + ".")
+    if b.get("ray_floor"):
+        f, wb = b["ray_floor"], b["whole_job_bound"]
+        out.append(f"* Ray's own floor in the same round (a fresh Ray started as Lens starts it, then a Ray Data pool "
+                   f"of {f['actors']} actors that load nothing): Ray start {f['ray_start_s']} s, first output "
+                   f"{f['first_output_after_run_start_s']} s after the dataset started. Lens's first output came "
+                   f"{round(b['first_output_after_ray_up_s'] - f['first_output_after_run_start_s'], 2)} s after that "
+                   f"floor's. With only that floor and the loop's speed, the whole command would be "
+                   f"**{wb['ratio']}×** the loop ({wb['ray_floor_s']} s of floor on {n(b['rows'])} rows).")
+    cpu = job.get("cpu_s_by_process")
+    if cpu:
+        out.append("* CPU seconds by process during the reported job: "
+                   + ", ".join(f"{k} {v}" for k, v in list(cpu.items())[:8]) + ".")
     k = job["breakdown"]
     out.append(f"* per image (wall time in their tasks): decode {k['decode_ms_per_image']} ms, model "
                f"{k['model_ms_per_image']} ms; parts written in {k['write_s_total']} s and committed in "
