@@ -166,6 +166,9 @@ def config(mode: str, port: int, threads: int) -> dict:
             t = max(1, threads - 1)
             bulk = {"model": dict(pool["model"], num_threads=t), "decode_threads": t}
         events["pool"] = dict(bulk, name="TaggerBulk", num_cpus=threads / 2, nice=bulk_nice)
+    # the consumer's own process: at the bulk pool's niceness (what Lens ships), or Ray's 15 where the mode keeps
+    # the events at Ray's niceness (the behaviour before)
+    events["nice"] = None if bulk_nice in (None, 15) else bulk_nice
     events["events"] = {  # a results bucket per mode: listing its versions (the exactly-once check) stays short
         "results_bucket": f"lens-results-{mode.replace('_', '-')}", "wait_time_s": 1, "visibility_timeout_s": 120, "concurrency": 32,
         "max_pollers": 8, "messages_per_poller": 10, "scale_interval_s": 1.0}

@@ -120,7 +120,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
         scrape_metrics(metrics_port, wanted)
         # the uploads went through the events' own pool, never the HTTP pool's batches (Ray exports every few
         # seconds: scraped until the 6 images and the redelivered ones are counted); and each pool's replica
-        # runs at the niceness the config gives it (the HTTP pool first to the cores)
+        # runs at the niceness the config gives it (the HTTP pool first to the cores), the consumer at the bulk one
         deadline = time.monotonic() + 90
         while True:
             images_by_pool = {}
@@ -137,7 +137,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
         nice = {args.split(":")[-1].split(".")[0]: int(ni) for sid, ni, args in
                 (line.split(None, 2) for line in replicas.splitlines() if line.split(None, 2)[2:])
                 if int(sid) == proc.pid and args.startswith("ray::ServeReplica:lens")}
-        assert nice.get("Tagger") == 0 and nice.get("TaggerBulk") == 19, nice
+        assert nice.get("Tagger") == 0 and nice.get("TaggerBulk") == 19 and nice.get("EventConsumer") == 19, nice
         assert ray_jobs(foreign_ray) == []  # someone else's `ray start` cluster on the host: never joined
     finally:
         out = interrupt(proc)

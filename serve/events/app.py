@@ -37,6 +37,9 @@ class EventsAppArgs(StrictModel):
         f"event images never queue in front of interactive requests, and it runs at CPU niceness {BULK_NICE} "
         "unless pool.nice says otherwise, so interactive pools on the same node get the cores first. None: tag "
         "through tagger_deployment of tagger_app, sharing its replicas and batches with HTTP requests")
+    nice: int | None = Field(BULK_NICE, ge=0, le=19, description="CPU niceness of the consumer's own process (it "
+                             "polls, reads objects and writes sidecars: bulk work, like its pool). None: Ray's "
+                             "worker niceness (15)")
     tagger_app: str = Field("lens", description="Serve application holding the model pool (without pool:)")
     tagger_deployment: str = Field("Tagger", description="the model pool deployment in that application (without "
                                    "pool:)")
@@ -129,7 +132,13 @@ def build_events_app(args: dict | None = None):
         from lens.serve.deployments import Tagger
 
         pool = Tagger.options(**pool_options(cfg.pool, nice=BULK_NICE)).bind(cfg.pool.model_dump(mode="json"), None)
-    return _make_consumer_class().bind(cfg.model_dump(mode="json"), pool)
+    from lens.cluster import worker_niceness_env
+
+    consumer = _make_consumer_class()
+    env = worker_niceness_env(cfg.nice)
+    if env:
+        consumer = consumer.options(ray_actor_options={"num_cpus": 0, "runtime_env": env})
+    return consumer.bind(cfg.model_dump(mode="json"), pool)
 
 
 async def _run(cfg: EventsConfig, model_cfg: ModelConfig, stop: asyncio.Event) -> dict:
