@@ -35,6 +35,9 @@ def test_openvino_fp32_matches_onnx_runtime_on_real_photos(lens_cache, lite0_onn
 
     ov = Predictor.from_config(ModelConfig(backend="openvino", cache_dir=lens_cache))
     assert ov.info()["backend"] == "openvino" and ov.identity().precision == "fp32"
+    # never pinned: OpenVINO pins every process's threads to the same first cores, so two model processes on one
+    # node (two embed actors, two replicas) would share one core (scripts/bench_batch.py, batch-openvino.json)
+    assert ov.model.backend._compiled.get_property("ENABLE_CPU_PINNING") is False
     a, b = lite0_onnx.model.backend.run(held), ov.model.backend.run(held)
     assert np.allclose(a[0], b[0], atol=1e-3) and np.allclose(a[1], b[1], atol=1e-3)
     res = ov.predict(list(photos.values()))

@@ -78,7 +78,11 @@ class OpenVinoBackend:
         # beside Lens's variants: a warm start loads the compiled blob instead of compiling (0.27 -> 0.07 s, Lite0)
         core.set_property({"CACHE_DIR": str(self.path.parent.parent / "compiled")})
         # fp32 means fp32: on CPUs with AMX/AVX512-BF16 OpenVINO would otherwise run "fp32" models in bf16
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        # No CPU pinning: OpenVINO pins its inference threads to the first cores by default, and every process
+        # pins to the same ones: two 1-thread processes (lens embed's two actors, two Serve replicas) ran 89
+        # images/s together on 2 cores pinned and 178-182 unpinned; one process on all cores ran the same either
+        # way (174-185). Lens runs several model processes per node, so the OS places the threads.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
         if num_threads:
             config["INFERENCE_NUM_THREADS"] = int(num_threads)
         self.precision = precision
