@@ -232,6 +232,19 @@ def batch_md(b: dict) -> list[str]:
                    f"{round(b['first_output_after_ray_up_s'] - f['first_output_after_run_start_s'], 2)} s after that "
                    f"floor's. With only that floor and the loop's speed, the whole command would be "
                    f"**{wb['ratio']}×** the loop ({wb['ray_floor_s']} s of floor on {n(b['rows'])} rows).")
+    for name, what in (("batch-openvino", "OpenVINO by request (`--backend openvino`), CPU pinning off (what Lens "
+                                          "runs)"),
+                       ("batch-openvino-pinned", "OpenVINO before its CPU pinning was turned off")):
+        ov = load(name)
+        if ov:
+            vo = ov["vs_chosen_backend_loop"]
+            out.append(f"* {what} (`benchmarks/{name}.json`, {ov['repeats']} rounds, same data, commit "
+                       f"{ov['machine']['commit'][:7]}): steady state **{vo['steady']}×**, whole command "
+                       f"**{vo['whole_job']}×** the OpenVINO loop; every round (steady / whole): "
+                       + "; ".join(f"{r['vs_chosen']['steady']} / {r['vs_chosen']['whole_job']}" for r in ov["runs"])
+                       + f"; first output {ov['first_output_after_ray_up_s']} s after Ray was up (Ray's floor "
+                       f"{ov['ray_floor_first_output_after_ray_up_s']} s); model {ov['job']['breakdown']['model_ms_per_image']} "
+                       f"ms per image in the actors.")
     cpu = job.get("cpu_s_by_process")
     if cpu:
         out.append("* CPU seconds by process during the reported job: "
