@@ -127,6 +127,14 @@ def serve_md(s: dict) -> list[str]:
                + ", ".join(f"{b} {n(v['images_per_s'])}" for b, v in s["loops_by_backend"].items())
                + f" images/s): Lens ({s['served_backend']}) at 32 connections **{r['lens_32_vs_best_backend_loop']}×**."]
               if "loops_by_backend" in s else []),
+            *([f"* The CPU bound: {s['cpu_bound']['rounds'][0]['cores']} cores / (decode + model) per image, each "
+               f"in CPU seconds measured one thread at a time in each round (decode + preprocess "
+               + ", ".join(f"{b['decode_ms']}" for b in s["cpu_bound"]["rounds"]) + " ms; the model and its top-k at "
+               f"batch {s['cpu_bound']['rounds'][0]['batch']}, one thread, "
+               + ", ".join(f"{b['model_ms']}" for b in s["cpu_bound"]["rounds"]) + " ms): "
+               f"{n(s['cpu_bound']['images_per_s'])} images/s. Lens at 32 connections: "
+               f"**{r['lens_32_vs_cpu_bound']}×** it (rounds {r['lens_32_vs_cpu_bound_rounds']})."]
+              if "cpu_bound" in s else []),
             f"* Floor: a Serve deployment of the same ONNX Runtime model without batching, one image per call: "
             f"Lens at 32 connections is **{r['lens_32_vs_naive_32']}×** it.",
             f"* 1 connection: p50 {lens[1]['p50_ms']} ms against {c['single_image_latency_ms_p50']} ms in-process "
