@@ -242,7 +242,7 @@ def batch_md(b: dict) -> list[str]:
                    f"**{wb['ratio']}×** the loop ({wb['ray_floor_s']} s of floor on {n(b['rows'])} rows).")
     for name, what in (("batch-openvino", "OpenVINO by request (`--backend openvino`), CPU pinning off (what Lens "
                                           "runs)"),
-                       ("batch-openvino-pinned", "OpenVINO before its CPU pinning was turned off")):
+                       ("history/batch-openvino-pinned", "OpenVINO before its CPU pinning was turned off")):
         ov = load(name)
         if ov:
             vo = ov["vs_chosen_backend_loop"]
@@ -548,8 +548,11 @@ def performance() -> str:
 
 
 def unmet() -> list[str]:
+    """Every unmet target of every committed run (``benchmarks/*.json``: the report's sections first, then the
+    other runs, such as a second backend's; ``benchmarks/history/`` keeps runs of code since changed)."""
     out = []
-    for name in ORDER:
+    others = sorted(p.stem for p in BENCH.glob("*.json") if p.stem not in ORDER)
+    for name in [*ORDER, *others]:
         d = load(name) or {}
         out += [f"`{k}` ({name}.json)" for k, v in d.get("targets", {}).items() if not v]
     return out
