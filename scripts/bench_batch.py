@@ -218,14 +218,20 @@ def child_floor(workers: int) -> None:
                                   "run_s": round(time.perf_counter() - t_run, 2)}), flush=True)
 
 
-def ray_floor(workers: int) -> dict:
-    """:func:`child_floor` in its own process (a fresh Ray, as each job gets)."""
-    p = subprocess.run([sys.executable, __file__, "--child-floor", str(workers)], capture_output=True, text=True,
+def run_child(args: list[str], what: str) -> dict:
+    """This script run with ``args`` in its own process (a fresh Ray, as each job gets): the JSON of its RESULT
+    line, or an error with the end of its output."""
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                        env=dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1"))
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        raise RuntimeError(f"floor run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def ray_floor(workers: int) -> dict:
+    """:func:`child_floor` in its own process."""
+    return run_child(["--child-floor", str(workers)], "floor run")
 
 
 def child_scaling(shards: str, out: str, nodes: int, batch_size: int, knobs: dict | None = None,
@@ -265,15 +271,9 @@ def scaling(shards: Path, tmp: Path, args, rounds: int = 2) -> dict:
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for r in range(rounds):
         for nodes in (1, 2):
-            cmd = [sys.executable, __file__, "--child-scaling", str(shards), str(tmp / f"scale-{nodes}-{r}"),
-                   str(nodes), "--batch-size", str(args.batch_size), "--backend", args.backend] \
-                + (["--knobs", args.knobs] if args.knobs else [])
-            p = subprocess.run(cmd, capture_output=True, text=True,
-                               env=dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1"))
-            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise RuntimeError(f"scaling run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-            runs[nodes].append(json.loads(line[len("RESULT "):]))
+            runs[nodes].append(run_child(["--child-scaling", str(shards), str(tmp / f"scale-{nodes}-{r}"), str(nodes),
+                                          "--batch-size", str(args.batch_size), "--backend", args.backend]
+                                         + (["--knobs", args.knobs] if args.knobs else []), "scaling run"))
     med = {n: statistics.median(j["images_per_s"] for j in js) for n, js in runs.items()}
     return {"setup": "ray.cluster_utils local cluster on loopback; each node pinned to its own core (2 logical "
                      "CPUs); the same shards; images/s over the dataset execution",
@@ -284,20 +284,14 @@ def scaling(shards: Path, tmp: Path, args, rounds: int = 2) -> dict:
 
 
 def run_job(shards: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--child-job", str(shards), str(out), "--batch-size", str(args.batch_size),
-           "--backend", args.backend]
+    cmd = ["--child-job", str(shards), str(out), "--batch-size", str(args.batch_size), "--backend", args.backend]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     if args.cpus_per_worker:
         cmd += ["--cpus-per-worker", str(args.cpus_per_worker)]
     if args.knobs:
         cmd += ["--knobs", args.knobs]
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"job failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return run_child(cmd, "job")
 
 
 def main() -> None:

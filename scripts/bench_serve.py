@@ -79,16 +79,22 @@ def bench_ceiling(bodies: list[bytes], duration: float, backend: str = "onnx") -
             "single_image_latency_ms_p50": round(percentile(single, 50), 2), "_predictor": predictor}
 
 
-def cpu_bound(bodies: list[bytes], backend: str, batch: int, repeat: int = 3) -> dict:
-    """What the cores could serve if a served image cost only its decode and its model: ``cores / (decode +
-    model)``, each in CPU seconds per image measured one thread at a time in this (otherwise idle) process —
-    decode + preprocess of each body, then the model and its top-k on batches of ``batch`` (the loop's best) with
-    one inference thread."""
+def one_thread_predictor(backend: str, batch: int):
+    """The model on ``backend`` with one inference thread, warmed up at ``batch``, for :func:`cpu_bound`."""
     from lens.runtime.config import ModelConfig
     from lens.runtime.predictor import Predictor
 
     pred = Predictor.from_config(ModelConfig(backend=backend, device="cpu", num_threads=1, max_batch_size=batch))
     pred.warmup(batch)
+    return pred
+
+
+def cpu_bound(pred, bodies: list[bytes], repeat: int = 3) -> dict:
+    """What the cores could serve if a served image cost only its decode and its model: ``cores / (decode +
+    model)``, each in CPU seconds per image measured one thread at a time in this (otherwise idle) process —
+    decode + preprocess of each body, then the model and its top-k on batches of ``pred.max_batch_size`` (the
+    loop's best) with one inference thread (:func:`one_thread_predictor`)."""
+    batch, backend = pred.max_batch_size, pred.info()["backend"]
     decode, model = [], []
     for _ in range(repeat):
         t0 = time.process_time()
@@ -314,8 +320,9 @@ def main() -> None:
         url = deploy_lens(port)
         asyncio.run(closed_loop(url, bodies, 8, 2))  # warm
         rounds, ceilings, others, bounds = [], [], {b: [] for b in loops if b != chosen}, []
+        one_thread = one_thread_predictor(chosen, ceiling["best_batch"])
         for r in range(args.rounds):  # each round: every backend's loop (Lens idle), then every Lens point
-            bounds.append(cpu_bound(bodies, chosen, ceiling["best_batch"]))
+            bounds.append(cpu_bound(one_thread, bodies))
             ceilings.append(ceiling_again(ceiling, bodies, duration))
             for b in others:
                 others[b].append(ceiling_again(loops[b], bodies, duration))

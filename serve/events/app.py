@@ -137,7 +137,7 @@ def build_events_app(args: dict | None = None):
     consumer = _make_consumer_class()
     env = worker_niceness_env(cfg.nice)
     if env:
-        consumer = consumer.options(ray_actor_options={"num_cpus": 0, "runtime_env": env})
+        consumer = consumer.options(ray_actor_options={**consumer.ray_actor_options, "runtime_env": env})
     return consumer.bind(cfg.model_dump(mode="json"), pool)
 
 
