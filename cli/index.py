@@ -19,7 +19,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     data = {"embeddings": args.embeddings, "output": args.output, "index": args.index,
             "target_recall": args.target_recall, "k": args.k, "seed": args.seed, "opq": args.opq,
-            "prefer": args.prefer, "shards": args.shards, "address": args.address}
+            "refine": args.refine, "refine_k_factor": args.refine_k_factor, "prefer": args.prefer, "shards": args.shards,
+            "address": args.address}
     if args.memory_budget is not None:
         data["memory_budget"] = args.memory_budget
     if args.queries is not None:
@@ -170,6 +171,11 @@ def add_parsers(sub) -> None:
     b.add_argument("-k", type=int, default=10, help="k of the recall target (default 10)")
     b.add_argument("--queries", type=int, default=None, help="held-out tuning queries (default 500)")
     b.add_argument("--opq", action="store_true", help="ivf-pq: learn an OPQ rotation (slow to train)")
+    b.add_argument("--refine", choices=["auto", "none", "fp16", "sq8", "sq6", "sq4"], default="auto",
+                   help="ivf-pq: re-rank PQ's candidates with finer codes held in memory beside them (default auto: the "
+                   "finest that fits --memory-budget; none: PQ only)")
+    b.add_argument("--refine-k-factor", type=int, default=16,
+                   help="ivf-pq with re-ranking: candidates re-ranked per result (default 16)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample and held-out queries (default 0)")
     b.add_argument("--shards", type=int, default=1, help="IVF shards sharing one coarse quantizer, filled in "
                    "parallel Ray tasks, searched as one (default 1)")

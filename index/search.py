@@ -26,7 +26,8 @@ from lens.tombstones import Tombstones, is_dead
 from .filters import MetadataColumns, parse_filter
 from .source import deletions_in, row_seq
 
-from .store import IndexVersion, ShardedIndex, current_version, load_version, reconstruct, search_params
+from .store import (IndexVersion, ShardedIndex, current_version, k_factor_of, load_version, reconstruct,
+                    search_params)
 
 __all__ = ["Hit", "DeltaIndex", "DeltaSnapshot", "Hidden", "HiddenRows", "LocalIndex", "SearchService",
            "stored_vector"]
@@ -231,12 +232,13 @@ def filtered_top_k(v, q: np.ndarray, k: int, value, allowed: Selection) -> list[
         return [{v.ids[rows[j]]: Hit(v.ids[rows[j]], float(sc), json.loads(v.metadata[rows[j]]))
                  for sc, j in zip(ss, js) if j >= 0} for ss, js in zip(scores, found)]
     if isinstance(v.index, ShardedIndex):
-        scores, rows = v.index.search(q, kk, kind=kind, value=val, allowed=allowed)
+        scores, rows = v.index.search(q, kk, kind=kind, value=val, allowed=allowed, k_factor=k_factor_of(v.manifest))
     elif mode == "exact":  # HNSW,Flat keeps the full vectors in its storage: compare the selected ones
         scores, rows = faiss.downcast_index(v.index.storage).search(q, kk, params=search_params("flat", None,
                                                                                                 allowed=allowed))
     else:
-        scores, rows = v.index.search(q, kk, params=search_params(kind, val, allowed=allowed))
+        scores, rows = v.index.search(q, kk, params=search_params(kind, val, allowed=allowed,
+                                                                  k_factor=k_factor_of(v.manifest)))
     return [{v.ids[r]: Hit(v.ids[r], float(s), json.loads(v.metadata[r])) for s, r in zip(sc, rs) if r >= 0}
             for sc, rs in zip(scores, rows)]
 
@@ -313,9 +315,11 @@ class LocalIndex:
         exclude = self._hidden_rows(v, hidden) if hidden else None
         kind, kk = v.manifest["type"], min(k, v.index.ntotal)
         if isinstance(v.index, ShardedIndex):
-            scores, rows = v.index.search(q, kk, kind=kind, value=value, exclude=exclude)
+            scores, rows = v.index.search(q, kk, kind=kind, value=value, exclude=exclude,
+                                          k_factor=k_factor_of(v.manifest))
         else:
-            scores, rows = v.index.search(q, kk, params=search_params(kind, value, exclude=exclude))
+            scores, rows = v.index.search(q, kk, params=search_params(kind, value, exclude=exclude,
+                                                                      k_factor=k_factor_of(v.manifest)))
         return [{v.ids[r]: Hit(v.ids[r], float(s), json.loads(v.metadata[r])) for s, r in zip(sc, rs) if r >= 0}
                 for sc, rs in zip(scores, rows)]
 

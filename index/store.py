@@ -40,7 +40,7 @@ from lens.identity import ModelIdentity
 from lens.storage import atomic_write_bytes, sha256_file
 
 __all__ = ["IndexVersion", "write_version", "load_version", "resolve_version", "current_version",
-           "search_params", "reconstruct"]
+           "search_params", "k_factor_of", "reconstruct"]
 
 INDEX_FILE = "index.faiss"
 #: autofaiss's description of an index, beside it (clip-retrieval and autofaiss users read it)
@@ -65,9 +65,9 @@ class ShardedIndex:
         self.d = indexes[0].d
 
     def search(self, q: np.ndarray, k: int, params=None, *, kind: str | None = None, value=None,
-               exclude: np.ndarray | None = None, allowed: np.ndarray | None = None):
-        """Top-``k`` over every shard. Either ``params`` for all of them, or ``kind``/``value`` and ``exclude`` /
-        ``allowed`` (rows numbered shard after shard) from which each shard gets its own parameters."""
+               exclude: np.ndarray | None = None, allowed: np.ndarray | None = None, k_factor: int | None = None):
+        """Top-``k`` over every shard. Either ``params`` for all of them, or ``kind``/``value``/``k_factor`` and
+        ``exclude`` / ``allowed`` (rows numbered shard after shard) from which each shard gets its own parameters."""
         scores, rows = [], []
         for off, end, ix in zip(self.offsets, self.offsets[1:], self.shards):
             kk = min(k, ix.ntotal)
@@ -75,7 +75,7 @@ class ShardedIndex:
                 continue
             if kind is not None:
                 mine = None if exclude is None else exclude[(exclude >= off) & (exclude < end)] - off
-                params = search_params(kind, value, exclude=mine,
+                params = search_params(kind, value, exclude=mine, k_factor=k_factor,
                                        allowed=None if allowed is None else np.asarray(allowed)[off:end])
             s, r = ix.search(q, kk, params=params)
             scores.append(s)
@@ -124,7 +124,9 @@ def index_infos(manifest: dict, size_bytes: int, count: int, index_path) -> dict
     search = manifest.get("search") or {}
     dim = int(manifest.get("dim", 0))
     out = {"index_key": manifest.get("factory"),
-           "index_param": f"{search['param']}={search['value']}" if search.get("param") else "",
+           # FAISS's ParameterSpace string: an IndexRefine's re-ranking factor is its k_factor_rf
+           "index_param": ",".join([f"{search['param']}={search['value']}"] + (
+               [f"k_factor_rf={search['k_factor']}"] if search.get("k_factor") else [])) if search.get("param") else "",
            "index_path": index_path, "size in bytes": int(size_bytes), "nb vectors": int(count),
            "vectors dimension": dim,
            "compression ratio": round(4 * dim * count / size_bytes, 3) if size_bytes else None,
@@ -352,12 +354,19 @@ def _load_sharded(vdir: Path, manifest: dict, *, mmap: bool | None, verify: bool
                         [m for s in shards for m in s.metadata], row_of)
 
 
+def k_factor_of(manifest: dict) -> int | None:
+    """The re-ranking factor of a version whose IVF-PQ index re-ranks with finer codes (None: no re-ranking)."""
+    return (manifest.get("search") or {}).get("k_factor")
+
+
 def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = None,
-                  allowed: np.ndarray | None = None):
+                  allowed: np.ndarray | None = None, k_factor: int | None = None):
     """Per-query FAISS search parameters (never a mutation of the shared index). ``exclude``: rows the search must
     not return; ``allowed``: a boolean mask of the only rows it may return (a filter). Either is applied inside the
-    search by an ID selector (FAISS's filtered search), so ``k`` answers still come back. The returned object is to
-    be passed as ``params=`` while it is referenced."""
+    search by an ID selector (FAISS's filtered search), so ``k`` answers still come back. ``k_factor``: the index is
+    an ``IndexRefine`` (IVF-PQ re-ranked with finer codes): the IVF parameters and selector go to its PQ stage, which
+    finds ``k x k_factor`` candidates; the re-ranking scores only those. The returned object is to be passed as
+    ``params=`` while it is referenced."""
     import faiss
 
     sel = inner = None
@@ -370,7 +379,7 @@ def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = 
         rows = np.ascontiguousarray(exclude, dtype=np.int64)
         inner = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))  # copies the ids
         sel = faiss.IDSelectorNot(inner)
-    if sel is None and (value is None or kind == "flat"):
+    if sel is None and (value is None or kind == "flat") and not k_factor:
         return None
     kw = {"sel": sel} if sel is not None else {}
     if kind == "flat" or value is None:
@@ -379,6 +388,10 @@ def search_params(kind: str, value: int | None, *, exclude: np.ndarray | None = 
         params = faiss.SearchParametersHNSW(efSearch=int(value), **kw)
     else:
         params = faiss.SearchParametersIVF(nprobe=int(value), **kw)
+    if k_factor:
+        base = params
+        params = faiss.IndexRefineSearchParameters(k_factor=float(k_factor), base_index_params=base)
+        params._lens_base = base  # FAISS keeps a raw pointer: the base parameters live as long as these
     if sel is None:
         return params
     params._lens_refs = (inner, sel)  # the selectors live as long as the parameters

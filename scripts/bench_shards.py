@@ -81,10 +81,11 @@ def main() -> None:
 
 def recall_ranked(svc, q: np.ndarray, truth: np.ndarray, rank: np.ndarray) -> float:
     from lens.index.build import recall_at_k
-    from lens.index.store import search_params
+    from lens.index.store import k_factor_of, search_params
 
     m = svc.version.manifest
-    rows = svc.version.index.search(q, 10, params=search_params(m["type"], m["search"]["value"]))[1]
+    rows = svc.version.index.search(q, 10, params=search_params(m["type"], m["search"]["value"],
+                                                                k_factor=k_factor_of(m)))[1]
     return recall_at_k(np.where(rows >= 0, rank[rows], -1), truth)
 
 

@@ -255,7 +255,7 @@ class IndexShard:
         ``hidden`` (a :class:`lens.index.search.Hidden`) names are excluded, and with a filter only the rows it
         matches are selected, inside the search."""
         from lens.index.search import filtered_top_k
-        from lens.index.store import search_params
+        from lens.index.store import k_factor_of, search_params
 
         v = self._version(version)
         kk = min(k, len(v.ids))
@@ -268,7 +268,8 @@ class IndexShard:
                     [[json.dumps(h.metadata) for h in best.values()] for best in hits])
         exclude = self._hidden_rows(v, hidden) if hidden else None
         scores, rows = await asyncio.to_thread(v.index.search, q, kk,
-                                               params=search_params(v.manifest["type"], value, exclude=exclude))
+                                               params=search_params(v.manifest["type"], value, exclude=exclude,
+                                                                    k_factor=k_factor_of(v.manifest)))
         ids = [[v.ids[r] if r >= 0 else None for r in row] for row in rows]
         meta = [[v.metadata[r] if r >= 0 else "{}" for r in row] for row in rows]
         return scores, ids, meta

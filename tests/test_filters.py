@@ -126,7 +126,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("gather", [False, True], ids=["inside-the-index", "gathered-rows"])
-@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "hnsw", "ivf-pq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "hnsw", "ivf-pq", "ivf-pq-refine"])
 def test_filtered_search_returns_k_matching_items_at_every_selectivity_with_recall(tmp_path, corpus, kind, gather,
                                                                                    monkeypatch):
     """Both ways a filtered search runs: inside the index (an ID-selector bitmap, IVF's nprobe widened, HNSW's exact
@@ -139,10 +139,15 @@ def test_filtered_search_returns_k_matching_items_at_every_selectivity_with_reca
 
     tmp, ids, meta, x, held = corpus
     (tmp_path / "emb").symlink_to(tmp / "emb")
-    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index=kind,
-                            queries=100, target_recall=0.8 if kind == "ivf-pq" else 0.95), log=lambda *a: None)
+    # ivf-pq: PQ's own scores; ivf-pq-refine: its candidates re-ranked with SQ8 codes (the selector goes to PQ)
+    index, refine = ("ivf-pq", "sq8" if kind == "ivf-pq-refine" else "none") if kind.startswith("ivf-pq") else (kind,
+                                                                                                              "auto")
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index=index,
+                            refine=refine, queries=100, target_recall=0.8 if kind == "ivf-pq" else 0.95),
+                log=lambda *a: None)
     svc = SearchService(str(tmp_path / "idx"))
-    assert svc.version.manifest["type"] == kind
+    assert svc.version.manifest["type"] == index and svc.version.manifest["refine"] == (
+        "sq8" if kind == "ivf-pq-refine" else None)
     for f in ({"tags": "cat"}, {"category": {"in": CATEGORIES[:10]}}, {"category": "c3"},
               {"indexed_at": {"lt": 1006}}):
         match = np.array([reference(m, i, f) for i, m in zip(ids, meta)])
