@@ -45,7 +45,7 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q   # the manual (docs/): no broken link, anchor or snippet
-	LENS_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12  # the slowest tests, for the suite-time budget
+	LENS_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=25  # the slowest tests, for the suite-time budget
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_all.py

@@ -288,8 +288,17 @@ def _index_table(part: dict) -> list[str]:
     sp, mb = part["speedup_at_recall_0.95_vs_flat_batch1"], part["memory_bound_choice"]
     out += ["", f"* fastest index at held-out recall@10 ≥ 0.95: {sp['type']}, "
                 f"**{sp['ratio'] if sp['ratio'] is not None else '–'}×** exact Flat's queries/s at batch 1.",
-            f"* memory-bound choice (ivf-pq, 1/8 of Flat's budget): {mb['bytes_ratio_vs_flat']} of Flat's bytes "
-            f"per vector at held-out recall@10 {mb['recall_at_10']}."]
+            f"* IVF-PQ alone{' (no re-ranking)' if mb.get('refine') == 'none' else ''}, 1/8 of Flat's budget: "
+            f"{mb['bytes_ratio_vs_flat']} of Flat's bytes per vector at held-out recall@10 {mb['recall_at_10']}."]
+    qb = part.get("quarter_budget_choice")
+    if qb:
+        how = ("`--index auto` at 1/4 of Flat's budget" if qb["index"] == "auto" else
+               "IVF-PQ with SQ6 re-ranking asked for by name (at this N the centroids and codebooks alone take a third "
+               "of a 1/4 budget)")
+        out.append(f"* {how}: `{qb['factory']}`, {qb['bytes_ratio_vs_flat']} of Flat's bytes per vector at held-out "
+                   f"recall@10 **{qb['recall_at_10']}**; {n(qb['qps_batch1'])} q/s at batch 1 "
+                   f"({qb['qps_batch1_vs_ivf_flat']}× IVF-Flat's), {n(qb['qps_batch64'])} at batch 64 "
+                   f"({qb['qps_batch64_vs_ivf_flat']}×).")
     if "auto_where_both_fit" in part:
         a = part["auto_where_both_fit"]
         q = a["qps_batch1_at_recall_0.95"]
