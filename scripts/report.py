@@ -172,6 +172,11 @@ def events_md(e: dict) -> list[str]:
                  f"every request with `Connection: close`), {ka['get_object_ms']} + {ka['put_object_ms']} = "
                  f"**{ka['sum_ms']} ms**." if (ka := e['boto3_floor_ms_per_image'].get('keep_alive')) else ".")]
              if "sum_ms" in e.get("boto3_floor_ms_per_image", {}) else []),
+           *([f"* the same two requests through obstore (the consumer's per-object client in this run: "
+              f"`{e.get('s3_client', '?')}`): {o['get_object_ms']} + {o['put_object_ms']} = **{o['sum_ms']} ms**"
+              + (f"; keep-alive server {ko['sum_ms']} ms" if (ko := e['boto3_floor_ms_per_image'].get('keep_alive', {})
+                                                                 .get('obstore')) else "") + "."]
+             if (o := e.get("boto3_floor_ms_per_image", {}).get("obstore")) else []),
            f"* {e['events_per_s']} events/s end to end against {e['online_rps_32_connections']} images/s online "
            f"in the same run ({e['ratios']['events_vs_online']}×; informational: moto's server shares the cores).",
            f"* put → result p50 {n(e['put_to_result_ms']['p50'])} ms, p95 {n(e['put_to_result_ms']['p95'])} ms "

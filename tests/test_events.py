@@ -293,9 +293,8 @@ def test_events_naming_an_unconfigured_bucket_are_skipped_without_a_read(env, ti
     s3.put_object(Bucket=cfg.bucket, Key="mine.jpg", Body=images(1, seed=1)[0])
     p = processor(cfg, s3, tiny)
     reads = []
-    real_get = s3.get_object
-    p.s3 = type("Spy", (), {"__getattr__": lambda self, n: getattr(s3, n),
-                            "get_object": lambda self, **kw: reads.append(kw["Bucket"]) or real_get(**kw)})()
+    real_get = p.objects.get  # the image GET (obstore or boto3: lens.serve.events.objects)
+    p.objects.get = lambda bucket, key, **kw: reads.append(bucket) or real_get(bucket, key, **kw)
     out = asyncio.run(p.process_messages([_message([_record(other, "secret.jpg"), _record(cfg.bucket, "mine.jpg")])]))
     assert out.counts == {"foreign_bucket": 1, "tagged": 1} and out.deleted == ["rh-m-1"]
     assert reads == [cfg.bucket]  # the other bucket's object was never fetched
@@ -346,10 +345,12 @@ def test_a_message_with_too_many_records_is_poison(env, tiny):
     assert len(parse_message(json.dumps({"Records": [_record(cfg.bucket, "x.jpg")] * 100}), 100)) == 100
 
 
-def test_a_newer_version_replaces_the_sidecar_by_compare_and_swap_and_an_older_one_never_does(env, tiny):
+@pytest.mark.parametrize("client", ["obstore", "boto3"])
+def test_a_newer_version_replaces_the_sidecar_by_compare_and_swap_and_an_older_one_never_does(env, tiny, client):
     from lens.serve.events.results import count_writes
 
     cfg, s3, sqs = env
+    cfg = cfg.model_copy(update={"s3_client": client})  # the image GETs and sidecar PUTs: either client
     results = f"res-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=results)
     s3.put_bucket_versioning(Bucket=results, VersioningConfiguration={"Status": "Enabled"})
@@ -378,10 +379,12 @@ def test_a_newer_version_replaces_the_sidecar_by_compare_and_swap_and_an_older_o
     assert tagset["lens:tag1"] == read()["tags"][0]["label"].replace(",", " ")
 
 
-def test_an_event_for_an_object_changed_since_writes_nothing(env, tiny):
+@pytest.mark.parametrize("client", ["obstore", "boto3"])
+def test_an_event_for_an_object_changed_since_writes_nothing(env, tiny, client):
     from lens.serve.events.results import count_writes
 
     cfg, s3, sqs = env
+    cfg = cfg.model_copy(update={"s3_client": client})
     results = f"res-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=results)
     s3.put_bucket_versioning(Bucket=results, VersioningConfiguration={"Status": "Enabled"})
@@ -390,6 +393,7 @@ def test_an_event_for_an_object_changed_since_writes_nothing(env, tiny):
     etag_old = s3.put_object(Bucket=cfg.bucket, Key="c.jpg", Body=old)["ETag"].strip('"')
     etag_new = s3.put_object(Bucket=cfg.bucket, Key="c.jpg", Body=new)["ETag"].strip('"')
     p = processor(cfg, s3, tiny)
+    assert p.objects.name == client
     out = asyncio.run(p.process_messages([_message([_record(cfg.bucket, "c.jpg", etag_old)], "old")]))
     assert out.counts == {"superseded": 1} and out.deleted == ["rh-old"]  # the new object's own event tags it
     assert count_writes(s3, results, cfg.result_prefix) == {}

@@ -68,7 +68,7 @@ def _make_consumer_class():
             self._handle = pool if pool is not None else serve.get_deployment_handle(self.args.tagger_deployment,
                                                                                        self.args.tagger_app)
             self._tag_batch.set_max_batch_size(self.args.events.concurrency * self.args.events.max_pollers)
-            self.processor = EventProcessor(self.args.events, s3, self._tag, {})
+            self.processor = EventProcessor(self.args.events, s3, self._tag, {}, calls=self.aws_calls)
             from lens.serve.metrics import EventMetrics
 
             self.poller = Poller(self.args.events, self.processor, sqs, EventMetrics())
@@ -116,7 +116,8 @@ def _make_consumer_class():
             import time
 
             return {"pollers": self.poller.pollers, "processed": dict(self.poller.totals),
-                    "aws_calls": dict(self.aws_calls), "cpu_s": time.process_time()}
+                    "aws_calls": dict(self.aws_calls), "cpu_s": time.process_time(),
+                    "s3_client": self.processor.objects.name}
 
         def __del__(self) -> None:
             self.poller.stop()

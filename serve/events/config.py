@@ -38,6 +38,10 @@ class EventsConfig(StrictModel):
     messages_per_poller: PositiveInt = Field(50, description="backlog per extra poller")
     scale_interval_s: PositiveFloat = Field(5.0, description="how often queue depth is checked")
     region: str | None = Field(None, description="AWS region; None = the usual AWS environment")
+    s3_client: Literal["auto", "obstore", "boto3"] = Field(
+        "auto", description="client of the two S3 requests every event costs (the image's GET, the sidecar's "
+        "conditional PUT): obstore (Rust's object_store, about 1/7 of boto3's CPU per request, same conditional "
+        "writes and credential chain) where installed; boto3 for everything else either way")
     route: Literal["s3", "eventbridge"] = Field(
         "s3", description="how `lens events setup` routes the buckets' events to the queue: S3 notifications, or "
         "S3 -> EventBridge -> SQS (a rule on the default bus); the consumer reads both formats either way")

@@ -35,6 +35,7 @@ from lens.errors import lens_error_of
 from lens.faults import crash_point
 
 from .config import EventsConfig
+from .objects import Changed, Missing, object_io
 from .results import GONE, Record, ResultStore
 from .s3events import ObjectEvent, PoisonMessage, parse_message
 
@@ -81,14 +82,16 @@ class LocalTagger:
 
 
 class EventProcessor:
-    def __init__(self, cfg: EventsConfig, s3, tagger: Tagger, model_info: dict) -> None:
+    def __init__(self, cfg: EventsConfig, s3, tagger: Tagger, model_info: dict, *, calls=None) -> None:
         self.cfg = cfg
         self.s3 = s3
         self.tagger = tagger
         self.model_info = model_info
+        # the image's GET and the sidecar's conditional PUTs (obstore where installed); ``calls`` counts them
+        self.objects = object_io(s3, cfg.s3_client, region=cfg.region, calls=calls)
         self.store = ResultStore(s3, cfg.result_prefix, cfg.embeddings_prefix, results_bucket=cfg.results_bucket,
                                  object_tags=cfg.object_tags, key_by_bucket=len(cfg.source_buckets) > 1,
-                                 sidecar_embedding=cfg.sidecar_embedding)
+                                 sidecar_embedding=cfg.sidecar_embedding, objects=self.objects)
         self.sources = frozenset(cfg.source_buckets)
         self._sem = asyncio.Semaphore(cfg.concurrency)
         # boto3 is blocking: its calls get their own threads (asyncio's default pool has cpu+4 of them)
@@ -209,8 +212,6 @@ class EventProcessor:
     async def fetch(self, ev: ObjectEvent, out: Outcome) -> bytes | Record | None:
         """The object's bytes to tag, or what to do instead: a record to write (a deletion, a skip) or ``None``
         (nothing: Lens's own output, an object changed since its event)."""
-        from botocore.exceptions import ClientError
-
         if self.store.is_output(ev.key):
             out.count("own_output")
             return None
@@ -218,18 +219,18 @@ class EventProcessor:
             return await self._removed(ev, out)
         # No read of the sidecar first: duplicates are rare, and the conditional write in
         # ResultStore.write settles them (a duplicate costs a model call, a new object one fewer S3 call).
-        kw = {"VersionId": ev.version_id} if ev.version_id else ({"IfMatch": ev.etag} if ev.etag else {})
         try:
-            size, data = await self._io_call(self._fetch, ev.bucket, ev.key, kw)
-        except ClientError as e:
-            code = e.response["Error"]["Code"]
-            if code in ("NoSuchKey", "404", "NoSuchVersion"):
-                return self._skip(ev, GONE)
-            if code in ("PreconditionFailed", "412"):
-                # Overwritten since this event; the newer object's own event will tag it.
-                out.count("superseded")
-                return None
-            raise RetryLater(f"get_object: {code}") from e
+            size, data = await self._io_call(self.objects.get, ev.bucket, ev.key, version_id=ev.version_id,
+                                             if_match=None if ev.version_id else ev.etag,
+                                             max_bytes=self.cfg.max_object_bytes)
+        except Missing:
+            return self._skip(ev, GONE)
+        except Changed:
+            # Overwritten since this event; the newer object's own event will tag it.
+            out.count("superseded")
+            return None
+        except Exception as e:  # noqa: BLE001 - S3 trouble (throttling, a timeout): the message comes back
+            raise RetryLater(f"get_object: {e}") from e
         if data is None:
             return self._skip(ev, f"object is {size} bytes; the limit is {self.cfg.max_object_bytes}")
         return data
@@ -259,15 +260,6 @@ class EventProcessor:
             raise RetryLater(f"head_object: {code}") from e
         out.count("superseded")
         return None
-
-    def _fetch(self, bucket: str, key: str, kw: dict) -> tuple[int, bytes | None]:
-        """(size, bytes) of an object in one thread hop; bytes ``None`` (body unread) when over the size limit."""
-        obj = self.s3.get_object(Bucket=bucket, Key=key, **kw)
-        size = obj.get("ContentLength") or 0
-        if size > self.cfg.max_object_bytes:
-            obj["Body"].close()
-            return size, None
-        return size, obj["Body"].read()
 
     @staticmethod
     def _skip(ev: ObjectEvent, reason: str) -> Record:

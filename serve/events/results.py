@@ -95,8 +95,12 @@ class ResultStore:
     """
 
     def __init__(self, s3, result_prefix: str, embeddings_prefix: str, *, results_bucket: str | None = None,
-                 object_tags: bool = False, key_by_bucket: bool = False, sidecar_embedding: bool = False) -> None:
+                 object_tags: bool = False, key_by_bucket: bool = False, sidecar_embedding: bool = False,
+                 objects=None) -> None:
+        from .objects import Boto3Objects
+
         self.s3 = s3
+        self.objects = objects or Boto3Objects(s3)  # the sidecars' conditional writes (lens.serve.events.objects)
         self.result_prefix = result_prefix
         self.embeddings_prefix = embeddings_prefix
         self.results_bucket = results_bucket
@@ -126,22 +130,15 @@ class ResultStore:
         replaced with a compare-and-swap (``If-Match`` on the sidecar's ETag); a newer one, by S3
         sequencer, makes this event ``"stale"``. Each PUT is durable and atomic.
         """
-        from botocore.exceptions import ClientError
-
         bucket, key = self._where(rec.event)
         body = json.dumps(rec.to_json(model, self.sidecar_embedding)).encode()
-        try:
-            self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", IfNoneMatch="*")
-        except ClientError as e:
-            if e.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
-                raise
-            current = self.s3.get_object(Bucket=bucket, Key=key)
-            prev = json.loads(current["Body"].read())
-            verdict = _against(rec, prev)
+        if not self.objects.create(bucket, key, body, "application/json"):
+            prev_body, etag = self.objects.read(bucket, key)
+            verdict = _against(rec, json.loads(prev_body))
             if verdict is not None:
                 return verdict
-            self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json",
-                               IfMatch=current["ETag"])  # fails (and is retried) if someone wrote in between
+            # raises Changed (and the object is retried) if someone wrote in between
+            self.objects.replace(bucket, key, body, etag, "application/json")
         if self.object_tags and rec.status == "tagged":
             self._tag_object(rec, model)
         return "written"
