@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of online load")
     ap.add_argument("--quick", action="store_true", help="100 images, 4 s online")
+    ap.add_argument("--s3-client", choices=["auto", "obstore", "boto3"], default="auto",
+                    help="the consumer's per-object client (events.s3_client; default auto: obstore where installed)")
+    ap.add_argument("--out", default="events.json", help="file under benchmarks/ (default events.json)")
     args = ap.parse_args()
     n, duration = (100, 4.0) if args.quick else (args.images, args.duration)
 
@@ -146,7 +149,7 @@ def main() -> None:
     doc["applications"][1]["args"].update(tagger_app="lens", tagger_deployment="Tagger")
     doc["applications"][1]["args"]["events"] = {"results_bucket": "lens-results", "wait_time_s": 1, "visibility_timeout_s": 60, "concurrency": 32,
                                                 "max_pollers": 8, "messages_per_poller": 10,
-                                                "scale_interval_s": 1.0}
+                                                "scale_interval_s": 1.0, "s3_client": args.s3_client}
     cfg = events_args(doc).events
     s3, sqs = clients()
     ensure_resources(cfg, s3, sqs)
@@ -246,7 +249,7 @@ def main() -> None:
     summary["embedding_rows_written"] = sum(rows.values())
     out = ROOT / "benchmarks"
     out.mkdir(exist_ok=True)
-    (out / "events.json").write_text(json.dumps(summary, indent=2))
+    (out / args.out).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
 
