@@ -177,6 +177,10 @@ def events_md(e: dict) -> list[str]:
               + (f"; keep-alive server {ko['sum_ms']} ms" if (ko := e['boto3_floor_ms_per_image'].get('keep_alive', {})
                                                                  .get('obstore')) else "") + "."]
              if (o := e.get("boto3_floor_ms_per_image", {}).get("obstore")) else []),
+           *([f"* the same benchmark with the consumer's per-object requests on boto3 (`--s3-client boto3`, "
+              f"`benchmarks/events-boto3.json`, same machine): **{b3['consumer_cpu_ms_per_event']} ms per event** "
+              f"({b3['consumer_cpu_ms_per_event_less_idle']} ms less idle polling), {b3['s3_calls_per_image']} S3 "
+              f"requests per image."] if (b3 := load("events-boto3")) and e.get("s3_client") == "obstore" else []),
            f"* {e['events_per_s']} events/s end to end against {e['online_rps_32_connections']} images/s online "
            f"in the same run ({e['ratios']['events_vs_online']}×; informational: moto's server shares the cores).",
            f"* put → result p50 {n(e['put_to_result_ms']['p50'])} ms, p95 {n(e['put_to_result_ms']['p95'])} ms "
