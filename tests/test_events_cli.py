@@ -71,7 +71,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
             dlq_depth = queue_depth(sqs, sqs.get_queue_url(QueueName="lens-events-dlq")["QueueUrl"])["visible"]
             if len(done) == len(keys) + 1 and dlq_depth == 1:
                 break
-            time.sleep(1)
+            time.sleep(0.25)
         assert done == sorted(f"lens-tags/{k}.json" for k in [*keys, "uploads/broken.jpg"])
         rec = json.loads(s3.get_object(Bucket="lens-results", Key="lens-tags/uploads/0.jpg.json")["Body"].read())
         assert rec["status"] == "tagged" and rec["model"] == "test_efficientnet" and len(rec["tags"]) == 5
@@ -102,7 +102,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
             if writes.get("lens-tags/uploads/1.jpg.json") == 2 and queue_depth(sqs, url) == {"visible": 0,
                                                                                             "in_flight": 0}:
                 break
-            time.sleep(1)
+            time.sleep(0.25)
         redriven = 1  # the redriven poison message went round again: back in the DLQ, nothing written for it
         assert writes == {f"lens-tags/{k}.json": 2 if k == "uploads/1.jpg" else 1
                           for k in [*keys, "uploads/broken.jpg"]}, writes
@@ -111,7 +111,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
         deadline = time.monotonic() + 60
         while queue_depth(sqs, sqs.get_queue_url(QueueName="lens-events-dlq")["QueueUrl"])["visible"] != redriven:
             assert time.monotonic() < deadline, "the redriven poison message did not return to the DLQ"
-            time.sleep(1)
+            time.sleep(0.25)
         # every event-path metric the dashboard and alerts query is exported at run time
         from test_infra import used_metrics
 
@@ -130,7 +130,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
                     images_by_pool[pool] = images_by_pool.get(pool, 0) + float(line.rsplit(" ", 1)[1])
             if images_by_pool.get("TaggerBulk", 0) >= len(keys) or time.monotonic() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(1)
         assert images_by_pool.get("TaggerBulk", 0) >= len(keys) and images_by_pool.get("Tagger", 0) == 0, \
             images_by_pool
         replicas = subprocess.run(["ps", "-eo", "sid=,ni=,args="], capture_output=True, text=True).stdout
