@@ -34,7 +34,9 @@ SEQUENCER = "sequencer"
 #: when a row was embedded (Unix seconds): the event path writes it per row; a lens embed output's rows take its
 #: manifest's created_at
 INDEXED_AT = "indexed_at"
-METADATA_COLUMNS = ("tags", "top1", "uri", SEQUENCER, INDEXED_AT)  # kept (compactly) in the index's metadata sidecar when present
+#: custom classifiers' tags, as `lens embed` and the event path write them: per row a JSON object, head name -> its tags
+CUSTOM_TAGS = "custom_tags"
+METADATA_COLUMNS = ("tags", "top1", "uri", SEQUENCER, INDEXED_AT, CUSTOM_TAGS)  # kept (compactly) in the index's metadata sidecar when present
 #: The longest image location kept (``s3://`` + a 63-character bucket + a 1,024-byte key fits).
 MAX_LOCATION_CHARS = 1100
 #: The longest value of a carried column kept in the index metadata (a caption, a URL), in characters.
@@ -146,6 +148,7 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = (), created_at: floa
     uris = rb.column(names.index("uri")).to_pylist() if "uri" in names else None
     seqs = rb.column(names.index(SEQUENCER)).to_pylist() if SEQUENCER in names else None
     times = rb.column(names.index(INDEXED_AT)).to_pylist() if INDEXED_AT in names else None
+    customs = rb.column(names.index(CUSTOM_TAGS)).to_pylist() if CUSTOM_TAGS in names else None
     for i in range(rb.num_rows):
         m = {}
         if tags is not None and tags[i]:
@@ -156,6 +159,8 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = (), created_at: floa
             m["uri"] = str(uris[i])
         if seqs is not None and seqs[i]:  # the event that wrote the row: orders it against deletions
             m[SEQUENCER] = str(seqs[i])
+        if customs is not None and customs[i] and (labels := custom_labels(customs[i])):
+            m[CUSTOM_TAGS] = labels  # filterable: {"custom_tags": "coffee"}
         when = times[i] if times is not None and times[i] is not None else created_at
         if when is not None:
             m[INDEXED_AT] = float(when)
@@ -165,6 +170,16 @@ def _chunk(rb: pa.RecordBatch, dim: int, carry: list[str] = (), created_at: floa
         meta.append(json.dumps(m))
     ids = [as_id(x) for x in rb.column(names.index("id")).to_pylist()]
     return Chunk(ids, vectors, meta)
+
+
+def custom_labels(value: str | dict) -> list[str]:
+    """The labels a row's custom classifiers gave it (every head's, those that passed their threshold), sorted:
+    what the index keeps to filter on. ``value``: head name -> tags, or its JSON; anything else gives none."""
+    try:
+        heads = json.loads(value) if isinstance(value, str) else value
+        return sorted({str(t["label"]) for tags in heads.values() for t in tags or () if t.get("passed", True)})
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return []
 
 
 def row_seq(metadata: dict | str) -> float | int:

@@ -184,3 +184,55 @@ def test_the_filter_applies_to_the_delta_and_by_id_and_with_deletions(tmp_path, 
     assert len(again) == min(5, len(c3) - 1 - len(near))
     with pytest.raises(InvalidRequestError, match="no item has the field"):
         svc.search(held[:1], 5, filter={"colour": "red"})
+
+
+def test_custom_tags_from_lens_embed_and_the_event_path_are_filterable(tmp_path):
+    """Custom classifiers' tags reach the index as ``custom_tags`` (every head's labels that passed their thresholds)
+    from both writers: a lens embed part (a JSON column per row) and an event-path part written by ResultStore."""
+    import io
+
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
+    from lens.index.source import _chunk
+    from lens.serve.events.results import Record, ResultStore
+    from lens.serve.events.s3events import ObjectEvent
+
+    x = clustered(120, DIM, seed=5)
+    ids = [f"img-{i}" for i in range(120)]
+
+    def heads(i: int) -> str | None:
+        if i % 3 == 0:
+            return json.dumps({"scenes": [{"label": "coffee", "score": 0.9}], "mood": [{"label": "calm", "score": 0.7}]})
+        if i % 3 == 1:  # with custom_top_k: the best tag listed, below its threshold: not the row's tag
+            return json.dumps({"scenes": [{"label": "coffee", "score": 0.2, "passed": False}]})
+        return None
+
+    path = tmp_path / "emb" / "part-0.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM),
+                             "custom_tags": pa.array([heads(i) for i in range(120)], pa.string())},
+                            metadata={b"lens_model_identity": json.dumps(MODEL).encode()}), path)
+    (path.parent / "manifest.json").write_text(json.dumps({"files": ["part-0.parquet"], "model_identity": MODEL}))
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index="flat",
+                            queries=20), log=lambda *a: None)
+    svc = SearchService(str(tmp_path / "idx"))
+    _, hits = svc.search(x[:5], 60, filter={"custom_tags": "coffee"})
+    assert all(len(hs) == 40 and {int(h.id[4:]) % 3 for h in hs} == {0} for hs in hits)
+    _, hits = svc.search(x[:1], 60, filter={"and": [{"custom_tags": "calm"}, {"id": {"prefix": "img-3"}}]})
+    assert sorted(h.id for h in hits[0]) == sorted(i for i in ids if i.startswith("img-3") and int(i[4:]) % 3 == 0)
+    assert hits[0][0].metadata["custom_tags"] == ["calm", "coffee"]
+
+    # the event path's part: the same column, the same metadata
+    class Capture:
+        body = None
+
+        def put_object(self, **kw):
+            Capture.body = kw["Body"]
+
+    ev = ObjectEvent(bucket="b", key="k.jpg", etag="e", version_id=None, size=1, sequencer="01",
+                     event_name="ObjectCreated:Put")
+    store = ResultStore(Capture(), "lens-tags/", "lens-embeddings/")
+    store.write_embeddings([Record(ev, "tagged", tags=[{"label": "espresso", "score": 0.9}], embedding=x[0],
+                                   custom_tags={"scenes": [{"label": "coffee", "score": 0.9}]})], MODEL, "b")
+    rb = pq.read_table(io.BytesIO(Capture.body)).to_batches()[0]
+    assert json.loads(_chunk(rb, DIM).metadata[0])["custom_tags"] == ["coffee"]

@@ -188,6 +188,9 @@ class ResultStore:
             "top1": [r.tags[0]["label"] if r.tags else None for r in rows],
             "sequencer": pa.array([r.event.sequencer for r in rows], pa.string()),  # orders a row against deletions
             "indexed_at": pa.array([time.time()] * len(rows), pa.float64()),  # a filterable field of search
+            # custom classifiers' tags (pools serving lens train heads), as lens embed writes them: filterable too
+            **({"custom_tags": pa.array([json.dumps(r.custom_tags) if r.custom_tags is not None else None
+                                         for r in rows], pa.string())} if any(r.custom_tags for r in rows) else {}),
         }, metadata={PARQUET_KEY: json.dumps(_identity(model).to_dict()).encode()})
         buf = io.BytesIO()
         pq.write_table(table, buf)
