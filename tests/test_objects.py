@@ -100,3 +100,10 @@ def test_obstore_counts_its_requests_and_auto_picks_it_where_installed(bucket):
     io.get(b, "a.jpg")
     io.create(b, "a.json", b"{}", "application/json")
     assert calls == {"s3.GetObject": 1, "s3.PutObject": 1}
+    # the store for a bucket is built once, in the bucket's own region (asked of S3 once: boto3 follows S3's
+    # redirects to it, obstore would not)
+    eu = f"eu-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=eu, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    s3.put_object(Bucket=eu, Key="e.jpg", Body=b"eu")
+    assert io.get(eu, "e.jpg") == (2, b"eu") and io.store(eu) is io.store(eu)
+    assert io._region_of(eu, io._session[0]) == "eu-west-1" and io._region_of(b, io._session[0]) == "us-east-1"

@@ -117,10 +117,11 @@ class ObstoreObjects(ObjectIO):
 
     name = "obstore"
 
-    def __init__(self, region: str | None = None, calls: Counter | None = None, *, max_retries: int = 3,
+    def __init__(self, region: str | None = None, calls: Counter | None = None, *, s3=None, max_retries: int = 3,
                  retry_timeout_s: float = 20.0) -> None:
         super().__init__(calls)
         self.region = region
+        self.s3 = s3  # a boto3 client for the one HeadBucket per bucket that finds its region
         # the consumer retries a failed object itself (its message comes back): obstore's own retries stay short
         self.retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=retry_timeout_s)}
         self._stores: dict = {}
@@ -145,7 +146,7 @@ class ObstoreObjects(ObjectIO):
             session = boto3.session.Session(region_name=self.region)
             self._session = (session, Boto3CredentialProvider(session))
         session, credentials = self._session
-        kw: dict = {"region": session.region_name or "us-east-1", "credential_provider": credentials,
+        kw: dict = {"region": self._region_of(bucket, session), "credential_provider": credentials,
                     "retry_config": self.retry}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:  # moto, MinIO, a VPC endpoint: path-style, as boto3 addresses a custom endpoint
@@ -153,6 +154,17 @@ class ObstoreObjects(ObjectIO):
             if endpoint.startswith("http://"):
                 kw["client_options"] = {"allow_http": True}
         return S3Store(bucket, **kw)
+
+    def _region_of(self, bucket: str, session) -> str:
+        """The bucket's own region: boto3 follows S3's redirects to it, obstore does not. Asked once per bucket
+        (HeadBucket's ``x-amz-bucket-region``) unless the configuration names one."""
+        if self.region:
+            return self.region
+        try:
+            head = (self.s3 or session.client("s3")).head_bucket(Bucket=bucket)
+            return head["ResponseMetadata"]["HTTPHeaders"]["x-amz-bucket-region"]
+        except Exception:  # noqa: BLE001 - no permission or no header: the session's region, as boto3 starts from
+            return session.region_name or "us-east-1"
 
     @staticmethod
     def _error(e: Exception) -> Exception:
@@ -222,5 +234,5 @@ def object_io(s3, client: str = "auto", *, region: str | None = None, calls: Cou
             if client == "obstore":
                 raise
         else:
-            return ObstoreObjects(region, calls)
+            return ObstoreObjects(region, calls, s3=s3)
     return Boto3Objects(s3)
