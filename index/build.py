@@ -139,8 +139,8 @@ def _pq_and_refine(dim: int, per: float, refine: str, *, compact: bool) -> tuple
     """(PQ code bytes, re-ranking code) within ``per`` bytes per vector. With re-ranking, PQ only has to bring the
     true neighbours into the ``k x k_factor`` candidates: its code is capped at dim / 10 bytes (a smaller code scans
     faster; measured: PQ128 + SQ6 re-ranking reached SQ6's recall at 4x PQ256's q/s) and ``auto`` takes the finest
-    re-ranking code of :data:`AUTO_REFINE` that leaves room for PQ codes of at least dim / 20 bytes; none fits: PQ alone, as large as
-    fits. ``compact`` (``--index ivf-pq`` asked by name, whatever the budget): ``auto`` stays within 1/4 of the full
+    re-ranking code of :data:`AUTO_REFINE` that leaves room for PQ codes of at least dim / 20 bytes; none fits: PQ
+    alone, as large as fits. ``compact`` (``--index ivf-pq`` asked by name, whatever the budget): ``auto`` stays within 1/4 of the full
     vectors."""
     if refine == "none":
         return _pq_m(dim, per), None
@@ -232,8 +232,6 @@ def _tune(index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, k: int
     def search(params=None) -> np.ndarray:
         return _without_self(index.search(queries, k + 1, params=params)[1], own, k)
 
-    kf = plan.k_factor
-
     if plan.type == "flat":
         found = search()
         return {"param": None, "value": None, "recall": round(recall_at_k(found, truth), 4), "curve": []}
@@ -246,7 +244,7 @@ def _tune(index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, k: int
     curve, best = [], None
     for v in grid:
         t0 = time.perf_counter()
-        found = search(search_params(plan.type, v, k_factor=kf))
+        found = search(search_params(plan.type, v, k_factor=plan.k_factor))
         dt = time.perf_counter() - t0
         r = recall_at_k(found, truth)
         curve.append({"value": v, "recall": round(r, 4), "ms_per_query": round(1000 * dt / len(queries), 3)})
@@ -419,7 +417,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         "pq_m": plan.pq_m,
         "refine": plan.refine,
         "search": {"param": tuned["param"], "value": tuned["value"]} | (
-            {"refine": plan.refine, "k_factor": plan.k_factor} if plan.refine else {}),
+            {"k_factor": plan.k_factor} if plan.k_factor else {}),
         "recall": {"k": k, "value": tuned["recall"], "target": cfg.target_recall,
                    "target_reached": tuned.get("target_reached", True), "queries": q_n, "curve": tuned["curve"]},
         "search_speed_ms": speed,

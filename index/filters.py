@@ -13,8 +13,8 @@ hold::
 Fields: ``id``, and every key of the rows' metadata: ``tags`` (the top ImageNet labels), ``custom_tags`` (the
 labels custom classifiers gave the row — every head's, those at or above their thresholds — where ``lens embed`` or
 the event path ran with heads), ``uri``, ``indexed_at`` (Unix seconds, when the row was embedded), the event path's
-``sequencer``, and any column carried through ``lens embed --carry``. A row without the field never matches a condition on it (``ne`` included); ``not``
-matches every row its filter does not. A field no row has, an unknown operator, a value of the wrong type, more than
+``sequencer``, and any column carried through ``lens embed --carry``. A row without the field never matches a
+condition on it (``ne`` included); ``not`` matches every row its filter does not. A field no row has, an unknown operator, a value of the wrong type, more than
 :data:`MAX_CLAUSES` conditions or deeper than :data:`MAX_DEPTH` is a :class:`~lens.errors.InvalidRequestError`
 (HTTP 400) naming the problem.
 

@@ -36,7 +36,8 @@ SEQUENCER = "sequencer"
 INDEXED_AT = "indexed_at"
 #: custom classifiers' tags, as `lens embed` and the event path write them: per row a JSON object, head name -> its tags
 CUSTOM_TAGS = "custom_tags"
-METADATA_COLUMNS = ("tags", "top1", "uri", SEQUENCER, INDEXED_AT, CUSTOM_TAGS)  # kept (compactly) in the index's metadata sidecar when present
+#: kept (compactly) in the index's metadata sidecar when present
+METADATA_COLUMNS = ("tags", "top1", "uri", SEQUENCER, INDEXED_AT, CUSTOM_TAGS)
 #: The longest image location kept (``s3://`` + a 63-character bucket + a 1,024-byte key fits).
 MAX_LOCATION_CHARS = 1100
 #: The longest value of a carried column kept in the index metadata (a caption, a URL), in characters.

@@ -74,10 +74,16 @@ def _pafs():
 GLOB_CHARS = set("*?[")
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint boto3 takes from the environment (``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``: moto,
+    MinIO, a VPC endpoint), for the S3 clients that are not boto3's; None: AWS's own."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """pyarrow's S3 filesystem, honouring boto3's endpoint and region variables."""
     kw: dict = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     if endpoint:
         u = urlparse(endpoint)
         kw["endpoint_override"] = u.netloc or u.path

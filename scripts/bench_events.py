@@ -10,7 +10,8 @@ The targets are the consumer's own cost, which this machine can measure honestly
 EventConsumer process's CPU time over the run, less its idle rate measured just before; the model runs in the
 pool's replicas and S3/SQS in moto's server, so neither is counted) and the S3/SQS requests it makes per image,
 by operation (counted on its boto3 clients and its per-object client, obstore where installed). The floor: the CPU
-of the two S3 requests every image needs, through boto3 and through obstore, in a fresh process. events/s against online tagging is printed but is not a target:
+of the two S3 requests every image needs, through boto3 and through obstore, in a fresh process. events/s against
+online tagging is printed but is not a target:
 on 2 cores moto's server takes CPU from the model. Writes benchmarks/events.json.
 """
 
@@ -52,14 +53,15 @@ uvicorn.run(WSGIMiddleware(DomainDispatcherApplication(create_backend_app), work
 
 def boto3_floor(bucket: str, key: str, sidecar_bucket: str, n: int = 300) -> dict:
     """CPU ms of the two S3 requests every image needs, GetObject of the image and the sidecar's conditional
-    PutObject, made as the consumer makes them (its client settings) in this fresh process: the floor of the
-    consumer's CPU per event with boto3, measured against the same S3 server, and against a moto server that keeps
+    PutObject, made as the consumer makes them (its client settings) in this fresh process, through boto3 and
+    through obstore: the floor of the consumer's CPU per event with either, measured against the same S3 server, and against a moto server that keeps
     connections open (as AWS does), in a process of its own."""
+    from lens.serve.events.objects import Boto3Objects, ObstoreObjects
     from lens.serve.events.setup import clients
 
     s3, _ = clients(concurrency=16)
-    out = _floor(s3, bucket, key, sidecar_bucket, n)
-    out["obstore"] = _floor(None, bucket, key, sidecar_bucket, n)
+    out = _floor(Boto3Objects(s3), bucket, key, sidecar_bucket, n)
+    out["obstore"] = _floor(ObstoreObjects(), bucket, key, sidecar_bucket, n)
     image = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     port = _port()
     server = subprocess.Popen([sys.executable, "-c", KEEPALIVE_SERVER, str(port)])
@@ -74,15 +76,15 @@ def boto3_floor(bucket: str, key: str, sidecar_bucket: str, n: int = 300) -> dic
                 time.sleep(0.1)
         s3k.create_bucket(Bucket=bucket)
         s3k.put_object(Bucket=bucket, Key=key, Body=image)
-        out["keep_alive"] = _floor(s3k, bucket, key, sidecar_bucket, n)
-        out["keep_alive"]["obstore"] = _floor(None, bucket, key, sidecar_bucket, n)
+        out["keep_alive"] = _floor(Boto3Objects(s3k), bucket, key, sidecar_bucket, n)
+        out["keep_alive"]["obstore"] = _floor(ObstoreObjects(), bucket, key, sidecar_bucket, n)
     finally:
         server.terminate()
         server.wait()
     return out
 
 
-def _floor(s3, bucket: str, key: str, sidecar_bucket: str, n: int) -> dict:
+def _floor(io, bucket: str, key: str, sidecar_bucket: str, n: int) -> dict:
     import itertools
 
     body = json.dumps({"bucket": bucket, "key": key, "status": "tagged", "tags": [
@@ -97,16 +99,9 @@ def _floor(s3, bucket: str, key: str, sidecar_bucket: str, n: int) -> dict:
             fn()
         return round(1000 * (time.process_time() - t) / n, 3)
 
-    if s3 is None:  # obstore, as the consumer makes these two requests (lens.serve.events.objects)
-        from lens.serve.events.objects import ObstoreObjects
-
-        io = ObstoreObjects()
-        get = cpu(lambda: io.get(bucket, key))
-        put = cpu(lambda: io.create(sidecar_bucket, next(names), body, "application/json"))
-    else:
-        get = cpu(lambda: s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        put = cpu(lambda: s3.put_object(Bucket=sidecar_bucket, Key=next(names), Body=body,
-                                        ContentType="application/json", IfNoneMatch="*"))
+    # as the consumer makes the two requests (lens.serve.events.objects), through either client
+    get = cpu(lambda: io.get(bucket, key))
+    put = cpu(lambda: io.create(sidecar_bucket, next(names), body, "application/json"))
     return {"get_object_ms": get, "put_object_ms": put, "sum_ms": round(get + put, 3), "requests": n}
 
 

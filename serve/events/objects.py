@@ -14,7 +14,6 @@ through its ``Boto3CredentialProvider``; credentials refresh when they expire.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter
 from datetime import timedelta
@@ -70,7 +69,7 @@ class Boto3Objects(ObjectIO):
 
     name = "boto3"
 
-    def __init__(self, s3, calls: Counter | None = None) -> None:
+    def __init__(self, s3) -> None:
         super().__init__(None)  # a boto3 client counts its own requests (lens.serve.events.setup.count_calls)
         self.s3 = s3
 
@@ -142,13 +141,15 @@ class ObstoreObjects(ObjectIO):
         from obstore.auth.boto3 import Boto3CredentialProvider
         from obstore.store import S3Store
 
+        from lens.storage import s3_endpoint
+
         if self._session is None:  # one boto3 session (one credential chain) for every bucket
             session = boto3.session.Session(region_name=self.region)
             self._session = (session, Boto3CredentialProvider(session))
         session, credentials = self._session
         kw: dict = {"region": self._region_of(bucket, session), "credential_provider": credentials,
                     "retry_config": self.retry}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         if endpoint:  # moto, MinIO, a VPC endpoint: path-style, as boto3 addresses a custom endpoint
             kw.update(endpoint=endpoint, virtual_hosted_style_request=False)
             if endpoint.startswith("http://"):
