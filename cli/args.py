@@ -24,6 +24,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=_choices("precision"), default=None,
                    help="auto (default: fp32 on CPU, fp16 on GPU); int8: OpenVINO post-training quantization, served "
                    "only if it passes the accuracy gate (else fp32, said loudly); fp16/bf16: torch on GPU")
+    g.add_argument("--calibration", default=None, metavar="DIR", help="int8: calibration images (a folder of image "
+                   "files or Parquet with an image column; default: the bundled set)")
+    g.add_argument("--int8-holdout", default=None, metavar="DIR", help="int8: the accuracy gate's held-out images, "
+                   "never calibrated on (default: crops of photos that never chose the int8 recipe)")
     g.add_argument("--custom-top-k", type=int, default=None, metavar="K",
                    help="custom tags: each head's K best classes with scores, each marked whether it passed its "
                    "threshold (default: only the classes at or above their thresholds)")
@@ -35,7 +39,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 _MODEL_FLAGS = {"name": "model", "weights": "weights", "num_classes": "num_classes", "labels": "labels",
                 "backend": "backend", "precision": "precision", "device": "device", "num_threads": "threads",
-                "max_batch_size": "batch_size", "heads": "head", "custom_top_k": "custom_top_k"}
+                "max_batch_size": "batch_size", "heads": "head", "custom_top_k": "custom_top_k",
+                "calibration": "calibration", "int8_holdout": "int8_holdout"}
 
 
 def _choices(field: str) -> list[str]:

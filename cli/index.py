@@ -20,7 +20,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     data = {"embeddings": args.embeddings, "output": args.output, "index": args.index,
             "target_recall": args.target_recall, "k": args.k, "seed": args.seed, "opq": args.opq,
             "refine": args.refine, "refine_k_factor": args.refine_k_factor, "prefer": args.prefer, "shards": args.shards,
-            "address": args.address}
+            "address": args.address, "int8_compat": args.int8_compat, "weights": args.weights,
+            "calibration": args.calibration, "int8_holdout": args.int8_holdout}
     if args.memory_budget is not None:
         data["memory_budget"] = args.memory_budget
     if args.queries is not None:
@@ -180,6 +181,14 @@ def add_parsers(sub) -> None:
     b.add_argument("--shards", type=int, default=1, help="IVF shards sharing one coarse quantizer, filled in "
                    "parallel Ray tasks, searched as one (default 1)")
     b.add_argument("--address", default=None, help="Ray cluster for --shards (default: RAY_ADDRESS or a local Ray)")
+    b.add_argument("--int8-compat", action="store_true", help="fp32 embeddings: also measure whether int8 queries "
+                   "(an int8 replica's) may search this index, by the int8 model's accuracy gate, and record it; "
+                   "without it the index refuses them with 409")
+    b.add_argument("--weights", default=None, help="--int8-compat: the rows' model weights when not the embedded ones")
+    b.add_argument("--calibration", default=None, help="--int8-compat: the int8 model's calibration images "
+                   "(as model.calibration)")
+    b.add_argument("--int8-holdout", default=None, help="--int8-compat: the gate's held-out images "
+                   "(as model.int8_holdout)")
     b.set_defaults(func=cmd_build)
     s = isub.add_parser("search", help="query an index locally, by image or by id")
     s.add_argument("--index", required=True, help="index root (CURRENT) or a version directory")

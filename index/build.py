@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from lens import __version__
 from lens.cluster import absolute
 from lens.errors import ConfigError
+from lens.identity import COMPAT_KEY, ModelIdentity, precision_compat
 from lens.runtime.config import StrictModel
 
 from lens.tombstones import Tombstones
@@ -92,6 +93,17 @@ class BuildConfig(StrictModel):
     shards: int = Field(1, ge=1, le=1024, description="IVF shards sharing one coarse quantizer, filled in parallel "
                         "Ray tasks and searched as one (scatter-gather); 1 = one index")
     address: str | None = Field(None, description="Ray cluster for --shards > 1 (default: RAY_ADDRESS or a local Ray)")
+    int8_compat: bool = Field(False, description="an index of fp32 embeddings: also measure whether int8 queries and "
+                              "int8 delta rows may meet it (the int8 model's accuracy gate: recall@10 of its "
+                              "queries against fp32 vectors on held-out images), recorded in the manifest; without "
+                              "it such an index refuses them (409). An int8 index always records its own gate's "
+                              "figure for fp32 queries")
+    weights: str | None = Field(None, description="int8_compat: the rows' model weights when not the embedded ones")
+    calibration: str | None = Field(None, description="int8_compat: the int8 model's calibration images (as "
+                                    "model.calibration; default the bundled set)")
+    int8_holdout: str | None = Field(None, description="int8_compat: the gate's held-out images (as "
+                                     "model.int8_holdout)")
+    cache_dir: str | None = Field(None, description="int8_compat: model cache (default $LENS_CACHE_DIR)")
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -269,6 +281,30 @@ def _one_query_ms(index, plan: IndexPlan, queries: np.ndarray, k: int, value, n:
             "queries": len(times)}
 
 
+def _int8_model_of(rows: ModelIdentity, cfg: BuildConfig, log) -> ModelIdentity:
+    """The int8 model of the rows' own model (quantized and judged once per cache, like serving's), whose gate
+    measured its queries against fp32 vectors."""
+    from lens.runtime.loading import config_for_identity, load_model
+
+    if rows.space() == "int8":
+        raise ConfigError("int8_compat measures int8 queries against an fp32 index; these rows are int8 already "
+                          "(their own gate's figure is recorded)")
+    overrides = {k: v for k, v in (("weights", cfg.weights), ("calibration", cfg.calibration),
+                                   ("int8_holdout", cfg.int8_holdout), ("cache_dir", cfg.cache_dir)) if v}
+    log("lens index: measuring int8 queries against these fp32 rows (the int8 model's accuracy gate) ...")
+    model = load_model(config_for_identity(rows, **overrides).model_copy(
+        update={"backend": "openvino", "device": "cpu", "precision": "int8"}))
+    got = model.identity()
+    if got.mismatch(rows):
+        raise ConfigError(f"the model loaded for int8_compat differs from the rows' in {', '.join(got.mismatch(rows))}"
+                          "; give the rows' weights (--weights)")
+    if got.space() != "int8":
+        q = model.quantization or {}
+        raise ConfigError(f"the int8 model of {rows.model} was refused by its accuracy gate ({', '.join(q.get('failed', []))}"
+                          "); int8 queries cannot meet this index")
+    return got
+
+
 def build_index(cfg: BuildConfig, log=logger.info) -> dict:
     """Build, tune and persist a new index version; returns its manifest."""
     import faiss
@@ -281,6 +317,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
                                  "output": absolute(cfg.output)})
     sources, ident = open_sources(list(cfg.embeddings))
     dim = ident.embed_dim
+    compat = precision_compat(ident, _int8_model_of(ident, cfg, log) if cfg.int8_compat else None)
 
     # pass 1: ids (and the event rows' sequencers) only -> which global positions are kept: per id the row of the
     # newest event (the last occurrence among equals, so event embeddings newer than the bulk run replace them),
@@ -424,6 +461,7 @@ def build_index(cfg: BuildConfig, log=logger.info) -> dict:
         "bytes_per_vector_estimate": plan.bytes_per_vector,
         "reason": plan.reason,
         "model_identity": ident.to_dict(),
+        COMPAT_KEY: compat,
         "sources": [{"uri": s.uri, "kind": s.kind, "files": len(s.files)} for s in sources],
         "duplicates_dropped": total - n - invalid - len(deleted),
         "invalid_ids_dropped": invalid,

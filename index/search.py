@@ -19,7 +19,7 @@ from typing import Mapping, NamedTuple
 import numpy as np
 
 from lens.errors import InvalidRequestError, ModelMismatchError, NotFoundError
-from lens.identity import ModelIdentity
+from lens.identity import COMPAT_KEY, ModelIdentity, space_refusal
 from lens.runtime.predictor import l2_normalize
 from lens.tombstones import Tombstones, is_dead
 
@@ -414,14 +414,25 @@ class SearchService:
 
     # -- queries -------------------------------------------------------------------------------
     def check_model(self, info: dict) -> None:
-        """Refuse a query embedded by another model, weights or preprocessing than the index's."""
+        """Refuse a query embedded by another model, weights or preprocessing than the index's, or in another
+        precision space (int8/float) unless the index records their measured agreement."""
         other = ModelIdentity.from_dict(info)
-        diff = self.identity.mismatch(other)
+        v = self.version  # one version for both checks
+        diff = v.identity.mismatch(other)
         if diff:
             raise ModelMismatchError(
-                f"the index {self.version.name} was built with {self.identity.model} "
-                f"(weights {self.identity.weights_sha256[:12]}); this query's embedding differs in "
+                f"the index {v.name} was built with {v.identity.model} "
+                f"(weights {v.identity.weights_sha256[:12]}); this query's embedding differs in "
                 f"{', '.join(diff)}: rebuild the index with the serving model or serve the index's model")
+        why = space_refusal(v.identity, v.manifest.get(COMPAT_KEY), other)
+        if why:
+            raise ModelMismatchError(f"the index {v.name} refuses this query: {why}")
+
+    def space_refusal(self, other: ModelIdentity) -> str | None:
+        """Why vectors of ``other`` (a query's, delta rows') may not meet the current version's, by its precision
+        compatibility record (:func:`lens.identity.space_refusal`); None when they may."""
+        v = self.version
+        return space_refusal(v.identity, v.manifest.get(COMPAT_KEY), other)
 
     def _k(self, k: int) -> int:
         if not 1 <= int(k) <= self.max_k:

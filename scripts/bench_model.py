@@ -84,7 +84,7 @@ def agreement_on_photos(onnx, *others) -> dict:
 
     prep = Preprocessor(onnx.preprocess)
     x = np.concatenate([np.stack([prep(p.read_bytes()) for p in sample_paths()]),
-                        int8_gate.preprocess_all(int8_gate.held_out_images(), prep, what="held-out")])
+                        int8_gate.preprocess_all(int8_gate.holdout_images(None), prep, what="held-out")])
     out = {}
     for m in others:
         r = int8_gate.judge(onnx.backend.run, m.backend.run, x, onnx.labels, int8_gate.GateThresholds())

@@ -29,7 +29,7 @@ def main() -> None:
     m = load_model(ModelConfig(backend="onnx"))
     prep = Preprocessor(m.preprocess)
     cal = int8_gate.preprocess_all(int8_gate.calibration_images(None, 64), prep, what="calibration")
-    held = int8_gate.preprocess_all(int8_gate.held_out_images(), prep, what="held-out")
+    held = int8_gate.preprocess_all(int8_gate.holdout_images(None), prep, what="held-out")
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -102,6 +102,10 @@ class IndexSearcher:
             if identity is not None and identity.mismatch(self.service.identity):
                 logger.warning("delta part from another model (%s) ignored", identity.model)
                 continue
+            why = self.service.space_refusal(identity) if identity is not None else None
+            if why:
+                logger.warning("delta part ignored: %s", why)
+                continue
             for c in chunks:
                 keep = [i for i, x in enumerate(c.ids) if x is not None]  # null/empty ids are never searchable
                 if len(keep) < len(c.ids):

@@ -86,12 +86,13 @@ class Routing:
         return [s for s in (self.stable, self.canary, self.previous) if s is not None]
 
     def for_identity(self, identity: dict) -> Slot | None:
-        """The loaded version whose embeddings are comparable with ``identity`` (stable first)."""
+        """The loaded version whose embeddings are comparable with ``identity`` (stable first), one in the same
+        precision space (the same int8 model) before one in the other."""
         want = ModelIdentity.from_dict(identity)
-        for slot in self.slots():
-            if not want.mismatch(slot.identity):
-                return slot
-        return None
+        same = [s for s in self.slots() if not want.mismatch(s.identity)]
+        space = (want.space(), want.quantized_by())
+        return next((s for s in same if (s.identity.space(), s.identity.quantized_by()) == space),
+                    same[0] if same else None)
 
 
 def _bucket(data: bytes) -> int:

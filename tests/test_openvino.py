@@ -17,7 +17,7 @@ def held(lite0_onnx):
     from lens.runtime import int8_gate
     from lens.runtime.preprocess import Preprocessor
 
-    return int8_gate.preprocess_all(int8_gate.held_out_images(32), Preprocessor(lite0_onnx.model.preprocess),
+    return int8_gate.preprocess_all(int8_gate.holdout_images(None, 32), Preprocessor(lite0_onnx.model.preprocess),
                                     what="held-out")
 
 
@@ -46,13 +46,20 @@ def test_openvino_fp32_matches_onnx_runtime_on_real_photos(lens_cache, lite0_onn
 
 
 def test_int8_passes_the_gate_and_serves_int8(lite0_int8, lite0_onnx, photos):
+    from lens.runtime import int8_gate
+
     q = lite0_int8.model.quantization
     assert q["served"] == "int8" and q["passed"] and q["failed"] == []
     assert q["top1_agreement"] >= 0.85 and q["mean_cosine"] >= 0.98 and q["recall_at_10_vs_fp32_index"] >= 0.93
+    assert q["recall_at_10_vs_int8_index"] >= 0.93
     assert q["images"] == 96 and q["calibration"].startswith("bundled") and "cpu_flags" in q
+    assert q["holdout"] == int8_gate.DEFAULT_HOLDOUT and len(q["holdout_sha256"]) == 64
     ident = lite0_int8.identity()
-    assert ident.precision == "int8" and ident.backend == "openvino"
-    assert ident.mismatch(lite0_onnx.identity()) == []  # gated on recall: int8 queries may search fp32 indexes
+    assert ident.precision == "int8" and ident.backend == "openvino" and ident.space() == "int8"
+    assert ident.mismatch(lite0_onnx.identity()) == []  # the same model: the precision space is checked apart
+    assert ident.quantization["calibration_sha256"] == q["calibration_sha256"]
+    assert ident.quantization["recall_at_10_vs_fp32_index"] == q["recall_at_10_vs_fp32_index"]
+    assert ident.outputs_key() != lite0_onnx.identity().outputs_key()
     res = lite0_int8.predict([photos["coffee.png"], photos["chelsea.png"]])
     assert res[0].tags[0].label == "espresso" and res[1].tags[0].class_id in (281, 282)
     info = lite0_int8.info()
@@ -60,14 +67,16 @@ def test_int8_passes_the_gate_and_serves_int8(lite0_int8, lite0_onnx, photos):
 
 
 def test_int8_agreement_holds_on_images_that_never_chose_the_recipe(lite0_int8, lite0_onnx):
-    """The gate's 96 crops chose the int8 recipe; its verdict is re-measured on 96 new crops (a new seed, photos
-    calibration never saw), against the same thresholds: the recipe is not fitted to the gate's sample."""
+    """The gate judges on crops of photos that never chose anything (scikit-learn's, matplotlib's); its verdict
+    holds on 96 more crops of the bundled photos calibration never saw (a new seed), against the same
+    thresholds."""
     from lens.runtime import int8_gate
     from lens.runtime.preprocess import Preprocessor
-    from lens.runtime.samples import augmented_jpegs
+    from lens.runtime.samples import PHOTOS, augmented_jpegs, unseen_photo_paths
 
+    assert unseen_photo_paths() and not {p.name for p in unseen_photo_paths()} & set(PHOTOS)
     fresh = [b for _, b, _ in augmented_jpegs(96, seed=20261203, paths=int8_gate._photos(1))]
-    assert not set(fresh) & (set(int8_gate.held_out_images(96)) | set(int8_gate.calibration_images(None)))
+    assert not set(fresh) & (set(int8_gate.holdout_images(None)) | set(int8_gate.calibration_images(None)))
     x = int8_gate.preprocess_all(fresh, Preprocessor(lite0_onnx.model.preprocess), what="fresh")
     verdict = int8_gate.judge(lite0_onnx.model.backend.run, lite0_int8.model.backend.run, x,
                               lite0_onnx.model.labels, int8_gate.GateThresholds())
@@ -205,3 +214,105 @@ def test_an_image_search_embeds_in_the_index_model_space(lite0_int8, lite0_onnx,
     # the fp32 embedding of the same photo is close but not the stored vector: the test tells the two apart
     (fp32,) = lite0_onnx.predict([photos["chelsea.png"]])
     assert float(fp32.embedding @ vectors[names.index("chelsea.png")]) < 0.9999
+
+
+def test_the_gate_judges_on_the_held_out_set_the_user_names(lite0_int8, lens_cache, tmp_path, photos):
+    """model.int8_holdout: the gate re-judges the cached int8 model on the user's images (no new quantization),
+    its report named by and stored for that set; the default set's report stays as it was."""
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
+
+    mine = tmp_path / "holdout"
+    mine.mkdir()
+    for name, data in photos.items():
+        (mine / name).write_bytes(data)
+    p = Predictor.from_config(ModelConfig(backend="openvino", precision="int8", int8_holdout=str(mine),
+                                          cache_dir=lens_cache))
+    q, default = p.model.quantization, lite0_int8.model.quantization
+    assert q["holdout"] == str(mine) and q["images"] == len(photos) and q["holdout_sha256"] != default["holdout_sha256"]
+    assert q["calibration_sha256"] == default["calibration_sha256"]  # the same int8 model, judged again
+    variant = [d for d in (Path(lens_cache) / "openvino").glob("*int8*cal" + default["calibration_sha256"][:16])]
+    assert len(variant) == 1 and len(list(variant[0].glob("gate-*.json"))) >= 2
+    assert p.identity().quantized_by() == lite0_int8.identity().quantized_by()  # same outputs: same cache key
+    assert p.identity().outputs_key() == lite0_int8.identity().outputs_key()
+
+
+def test_precision_spaces_meet_only_where_the_index_records_their_measured_agreement(
+        local_ray, lite0_int8, lite0_onnx, lens_cache, tmp_path, photos):
+    """lens embed runs int8 where the gate passes; an int8 index records its gate's figure and answers fp32
+    queries; an fp32 index refuses int8 queries (409) until built with --int8-compat, and then only those of
+    the int8 model it measured."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lens.batch.config import EmbedConfig
+    from lens.batch.job import run_embed
+    from lens.errors import ModelMismatchError
+    from lens.identity import COMPAT_KEY, ModelIdentity
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
+    from lens.runtime.samples import augmented_jpegs
+
+    rows = [(f"p{i:03d}", b) for i, (_, b, _) in enumerate(augmented_jpegs(40, seed=11))]
+    rows += sorted(photos.items())
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "image": pa.array([r[1] for r in rows], pa.binary())}),
+                   tmp_path / "in" / "a.parquet")
+    runs = {}
+    for precision in ("int8", "fp32"):
+        cfg = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / f"emb-{precision}"),
+                          model={"backend": "openvino", "precision": precision, "cache_dir": str(lens_cache)})
+        runs[precision] = run_embed(cfg, log=lambda *a: None)
+        assert runs[precision].embedded == len(rows)
+    m8 = json.loads((tmp_path / "emb-int8" / "manifest.json").read_text())
+    ident8 = ModelIdentity.from_dict(m8)
+    assert ident8.precision == "int8" and ident8.quantized_by() == lite0_int8.identity().quantized_by()
+    assert m8["served"]["int8_gate"]["served"] == "int8"
+    # the rows are the int8 model's: as the online int8 predictor embeds them, and not the fp32 rows
+    t8 = pa.concat_tables([pq.read_table(tmp_path / "emb-int8" / f) for f in m8["files"]])
+    got = dict(zip(t8.column("id").to_pylist(), np.asarray(t8.column("embedding").to_pylist(), np.float32)))
+    online8 = lite0_int8.predict([photos["coffee.png"]])[0].embedding
+    online32 = lite0_onnx.predict([photos["coffee.png"]])[0].embedding
+    assert float(got["coffee.png"] @ online8) >= 0.9999 and float(got["coffee.png"] @ online32) < 0.9999
+
+    quiet = {"queries": 10}
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb-int8")], output=str(tmp_path / "idx8"), **quiet),
+                log=lambda *a: None)
+    svc8 = SearchService(str(tmp_path / "idx8"))
+    compat8 = svc8.version.manifest[COMPAT_KEY]["float"]
+    assert compat8["recall_at_10"] == lite0_int8.model.quantization["recall_at_10_vs_int8_index"]
+    assert compat8["allowed"] and compat8["min_recall_at_10"] == 0.93
+    svc8.check_model(lite0_int8.info())  # its own space
+    svc8.check_model(lite0_onnx.info())  # fp32 queries: measured, allowed
+
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb-fp32")], output=str(tmp_path / "idx32"), **quiet),
+                log=lambda *a: None)
+    svc32 = SearchService(str(tmp_path / "idx32"))
+    assert svc32.version.manifest[COMPAT_KEY] == {}
+    svc32.check_model(lite0_onnx.info())
+    with pytest.raises(ModelMismatchError, match="never measured") as e:
+        svc32.check_model(lite0_int8.info())
+    assert e.value.http_status == 409
+
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb-fp32")], output=str(tmp_path / "idx32"),
+                            int8_compat=True, cache_dir=str(lens_cache), **quiet), log=lambda *a: None)
+    svc32 = SearchService(str(tmp_path / "idx32"))
+    rec = svc32.version.manifest[COMPAT_KEY]["int8"]
+    assert rec["recall_at_10"] == lite0_int8.model.quantization["recall_at_10_vs_fp32_index"] and rec["allowed"]
+    assert rec["int8_model"] == lite0_int8.identity().quantized_by()
+    svc32.check_model(lite0_int8.info())  # measured, allowed
+    other = lite0_int8.identity().to_dict()
+    other["quantization"] = dict(other["quantization"], calibration_sha256="0" * 64)
+    with pytest.raises(ModelMismatchError, match="another int8 model"):
+        svc32.check_model(other)
+    # a recorded agreement below the least allowed refuses, naming the numbers
+    from lens.identity import space_refusal
+
+    low = {"int8": dict(rec, recall_at_10=0.5, allowed=False)}
+    assert "recall@10 0.5" in space_refusal(svc32.identity, low, lite0_int8.identity())
+    # one index holds one precision's rows
+    from lens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one precision"):
+        build_index(BuildConfig(embeddings=[str(tmp_path / "emb-fp32"), str(tmp_path / "emb-int8")],
+                                output=str(tmp_path / "mixed"), **quiet), log=lambda *a: None)

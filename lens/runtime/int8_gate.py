@@ -2,8 +2,14 @@
 
 The gate runs the int8 and the fp32 model on a held-out sample never used for calibration and compares them:
 top-1 agreement, top-5 tag-set overlap (Jaccard), embedding cosine (mean and 5th percentile), recall@10 of int8
-queries against an index of fp32 embeddings (so int8 queries can search fp32-built indexes within a stated loss),
-and the classes that disagree most. Below any threshold the int8 model is refused with the numbers.
+queries against an index of fp32 embeddings and of fp32 queries against an index of int8 embeddings (each
+relative to queries of the index's own precision: what mixing the two spaces costs; index manifests record it,
+:mod:`lens.identity`), and the classes that disagree most. Below any threshold the int8 model is refused with the
+numbers.
+
+The held-out sample is the user's (``model.int8_holdout``) or, by default, seeded crops of photographs that never
+chose anything in Lens (:func:`lens.runtime.samples.unseen_photo_paths`): the bundled photos chose the int8
+recipe, and the gate measured on them read higher (recall@10 0.97 against 0.93-0.96 on the unseen ones).
 """
 
 from __future__ import annotations
@@ -16,7 +22,11 @@ import numpy as np
 
 from lens.errors import ConfigError
 
-__all__ = ["GateThresholds", "judge", "rejudge", "calibration_images", "held_out_images", "digest_of"]
+__all__ = ["GateThresholds", "judge", "rejudge", "calibration_images", "holdout_images", "digest_of",
+           "DEFAULT_HOLDOUT"]
+
+#: What the default held-out set is, as reports name it (its digest is the images').
+DEFAULT_HOLDOUT = "96 seeded crops (a quarter of the area or more) of photos that never chose the recipe"
 
 
 @dataclass(frozen=True)
@@ -49,14 +59,30 @@ def _photos(half: int):
 
 def calibration_images(source: str | None, n: int = 64) -> list[bytes]:
     """Calibration images: the user's (``DIR`` of image files or Parquet with an ``image`` column), or seeded
-    augmented copies of half of the bundled photos (the gate uses the other half)."""
+    augmented copies of half of the bundled photos."""
     if source is None:
         from .samples import augmented_jpegs
 
         return [b for _, b, _ in augmented_jpegs(n, seed=7001, paths=_photos(0))]
+    return read_images(source, n, what="calibration")
+
+
+def holdout_images(source: str | None, n: int = 96) -> list[bytes]:
+    """The gate's held-out images: the user's (as :func:`calibration_images` reads them, every one of them), or
+    seeded crops of photos that never chose anything in Lens (:data:`DEFAULT_HOLDOUT`)."""
+    if source is None:
+        from .samples import augmented_jpegs, unseen_photo_paths
+
+        return [b for _, b, _ in augmented_jpegs(n, seed=9001, paths=unseen_photo_paths(), min_area=0.25)]
+    return read_images(source, 0, what="int8 held-out")
+
+
+def read_images(source: str, n: int, *, what: str) -> list[bytes]:
+    """Every image of ``source`` (``DIR`` of image files, a Parquet file, or a folder of Parquet with an ``image``
+    column), the first ``n`` when ``n``."""
     p = Path(source).expanduser()
     if not p.exists():
-        raise ConfigError(f"calibration set {source} does not exist")
+        raise ConfigError(f"{what} set {source} does not exist")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
     out: list[bytes] = []
     for f in files:
@@ -66,20 +92,13 @@ def calibration_images(source: str | None, n: int = 64) -> list[bytes]:
             try:
                 t = pq.read_table(f, columns=["image"])
             except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
-                raise ConfigError(f"calibration file {f} is not Parquet with an image column: {e}") from None
+                raise ConfigError(f"{what} file {f} is not Parquet with an image column: {e}") from None
             out += [b for b in t.column("image").to_pylist() if b]
         elif f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"):
             out.append(f.read_bytes())
     if not out:
-        raise ConfigError(f"calibration set {source} holds no images (image files or Parquet with an image column)")
+        raise ConfigError(f"{what} set {source} holds no images (image files or Parquet with an image column)")
     return out[:n] if n else out
-
-
-def held_out_images(n: int = 96) -> list[bytes]:
-    """The gate's sample: seeded augmented copies of the bundled photos calibration never sees."""
-    from .samples import augmented_jpegs
-
-    return [b for _, b, _ in augmented_jpegs(n, seed=9001, paths=_photos(1))]
 
 
 def preprocess_all(images: list[bytes], preprocessor, *, what: str) -> np.ndarray:
@@ -109,18 +128,23 @@ def judge(fp32_run, int8_run, x: np.ndarray, labels: list[str], thresholds: Gate
     top5f, top5i = np.argsort(-lf, 1)[:, :5], np.argsort(-li, 1)[:, :5]
     overlap = np.array([len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(top5f, top5i)])
     k = min(10, len(x) - 1)
-    sims_f, sims_i = ef @ ef.T, ei @ ef.T  # queries against the fp32 "index", self excluded
-    np.fill_diagonal(sims_f, -np.inf)
-    np.fill_diagonal(sims_i, -np.inf)
-    nn_f, nn_i = np.argsort(-sims_f, 1)[:, :k], np.argsort(-sims_i, 1)[:, :k]
-    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nn_f, nn_i)]))
+
+    def recall(queries, index):  # against the same index searched with its own precision's queries, self excluded
+        own, mixed = index @ index.T, queries @ index.T
+        np.fill_diagonal(own, -np.inf)
+        np.fill_diagonal(mixed, -np.inf)
+        truth, got = np.argsort(-own, 1)[:, :k], np.argsort(-mixed, 1)[:, :k]
+        return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got)]))
+
     disagree: dict[str, int] = {}
     for a, b in zip(t1f, t1i):
         if a != b:
             disagree[labels[a]] = disagree.get(labels[a], 0) + 1
     numbers = {"images": int(len(x)), "top1_agreement": round(float((t1f == t1i).mean()), 4),
                "top5_overlap": round(float(overlap.mean()), 4), "mean_cosine": round(float(cos.mean()), 5),
-               "p5_cosine": round(float(np.percentile(cos, 5)), 5), "recall_at_10_vs_fp32_index": round(recall, 4)}
+               "p5_cosine": round(float(np.percentile(cos, 5)), 5),
+               "recall_at_10_vs_fp32_index": round(recall(ei, ef), 4),  # int8 queries, fp32 index
+               "recall_at_10_vs_int8_index": round(recall(ef, ei), 4)}  # fp32 queries, int8 index
     numbers["most_disagreeing_classes"] = sorted(disagree.items(), key=lambda kv: -kv[1])[:5]
     return rejudge(numbers, thresholds)
 
@@ -131,6 +155,7 @@ def rejudge(report: dict, thresholds: GateThresholds) -> dict:
     failed = [name for name, need in (("top1_agreement", thresholds.min_top1_agreement),
                                       ("mean_cosine", thresholds.min_mean_cosine),
                                       ("top5_overlap", thresholds.min_top5_overlap),
-                                      ("recall_at_10_vs_fp32_index", thresholds.min_recall_at_10))
-              if report[name] < need]
+                                      ("recall_at_10_vs_fp32_index", thresholds.min_recall_at_10),
+                                      ("recall_at_10_vs_int8_index", thresholds.min_recall_at_10))
+              if report.get(name, -1) < need]
     return report | {"passed": not failed, "failed": failed, "thresholds": thresholds.to_dict()}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lens.errors import ConfigError, WeightsError
-from lens.identity import ModelIdentity, identity_of, labels_digest
+from lens.identity import QUANTIZATION_FIELDS, ModelIdentity, identity_of, labels_digest
 from lens.storage import atomic_write_bytes
 
 from .backends import ONNX_OPSET, Backend, OnnxBackend, TorchBackend, export_onnx, heads_module
@@ -98,8 +98,8 @@ class LoadedModel:
         if self.quantization:
             q = self.quantization
             out["int8_gate"] = {"passed": q.get("passed"), "failed": q.get("failed", []), "served": q.get("served")} | {
-                k: q[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine", "recall_at_10_vs_fp32_index")
-                if k in q}
+                k: q[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine", "recall_at_10_vs_fp32_index",
+                                  "recall_at_10_vs_int8_index", "holdout") if k in q}
         return out
 
     def identity(self) -> ModelIdentity:
@@ -108,7 +108,17 @@ class LoadedModel:
                              labels_sha256=self.labels_sha256,
                              precision=getattr(self.backend, "precision", "fp32"), backend=self.backend.name,
                              version=(self.package or {}).get("version"),
-                             backend_version=getattr(self.backend, "version", None))
+                             backend_version=getattr(self.backend, "version", None),
+                             quantization=self._quantized())
+
+    def _quantized(self) -> dict | None:
+        """An int8 model's part of its identity: which quantized model, and what its gate measured."""
+        q = self.quantization
+        if not q or getattr(self.backend, "precision", "fp32") != "int8":
+            return None
+        thresholds = q.get("thresholds") or {}
+        return {k: q.get(k) for k in QUANTIZATION_FIELDS if k != "min_recall_at_10"} | {
+            "min_recall_at_10": thresholds.get("min_recall_at_10")}
 
 
 def served_line(served: dict) -> str:
@@ -402,22 +412,34 @@ def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: lis
         images = user_images if user_images is not None else int8_gate.calibration_images(None)
         return int8_gate.preprocess_all(images, Preprocessor(pp), what="calibration")
 
+    if cfg.int8_holdout is None:  # fixed too: named by its recipe and the photos it crops, made only to judge
+        from .samples import unseen_photo_paths
+
+        recipe = f"unseen-v1:{[p.name for p in unseen_photo_paths()]}:{json.dumps(meta['preprocess'], sort_keys=True)}"
+        holdout, holdout_digest = None, hashlib.sha256(recipe.encode()).hexdigest()
+    else:
+        holdout = int8_gate.holdout_images(cfg.int8_holdout)
+        holdout_digest = hashlib.sha256((int8_gate.digest_of(holdout)
+                                         + json.dumps(meta["preprocess"], sort_keys=True)).encode()).hexdigest()
+
     def gate(int8_xml):
-        held = int8_gate.preprocess_all(int8_gate.held_out_images(), Preprocessor(pp), what="held-out")
+        images = holdout if holdout is not None else int8_gate.holdout_images(None)
+        held = int8_gate.preprocess_all(images, Preprocessor(pp), what="held-out")
         fp, q = OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads), OpenVinoBackend(int8_xml, "int8", cfg.num_threads)
         return int8_gate.judge(fp.run, q.run, held, labels, thresholds) | {
             "model": cfg.name, "weights_sha256": meta["weights_sha256"],
-            "calibration": cfg.calibration or "bundled photos (even half, seed 7001)", "cpu_flags": cpu_flags(),
-            "openvino": openvino_version()}
+            "calibration": cfg.calibration or "bundled photos (even half, seed 7001)", "calibration_sha256": digest,
+            "holdout": cfg.int8_holdout or int8_gate.DEFAULT_HOLDOUT, "cpu_flags": cpu_flags(),
+            "openvino": openvino_version(), "nncf": package_version("nncf")}
 
-    xml, report = ensure_int8(onnx_path, calibration, digest, gate)
+    xml, report = ensure_int8(onnx_path, calibration, digest, gate, holdout_digest)
     report = int8_gate.rejudge(report, thresholds)  # thresholds may have changed since the model was cached
     if report["passed"]:
         return OpenVinoBackend(xml, "int8", cfg.num_threads), report | {"served": "int8"}
     logger.warning("int8 model of %s REFUSED by the accuracy gate (%s): serving fp32 instead; numbers: %s",
                    cfg.name, ", ".join(report["failed"]),
                    {k: report[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine",
-                                           "recall_at_10_vs_fp32_index")})
+                                           "recall_at_10_vs_fp32_index", "recall_at_10_vs_int8_index")})
     return OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads), report | {"served": "fp32"}
 
 

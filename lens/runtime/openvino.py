@@ -152,11 +152,14 @@ def ensure_fp32(onnx_path: Path) -> Path:
     return _build(_variant_dir(onnx_path, "fp32"), make)
 
 
-def ensure_int8(onnx_path: Path, calibration, calibration_digest: str, gate) -> tuple[Path, dict]:
-    """The NNCF int8 IR for this calibration set (cached) and its gate report, built and judged once:
-    ``calibration() -> (N, 3, H, W)`` is called only when building, and ``gate(int8_xml) -> report`` runs then
-    too, its report stored as ``gate.json`` beside the model. A warm start (the model cached) never imports NNCF:
-    its version, part of the cache key, comes from package metadata."""
+def ensure_int8(onnx_path: Path, calibration, calibration_digest: str, gate, holdout_digest: str) -> tuple[Path, dict]:
+    """The NNCF int8 IR for this calibration set (cached, built once: ``calibration() -> (N, 3, H, W)`` is called
+    only then) and its gate report on the held-out set whose digest is ``holdout_digest`` (``gate(int8_xml) ->
+    report`` runs once per held-out set, its report stored beside the model as ``gate-<digest>.json``). A warm
+    start (model and report cached) never imports NNCF: its version, part of the cache key, comes from package
+    metadata."""
+    from filelock import FileLock
+
     target = _variant_dir(onnx_path, f"int8-nncf{package_version('nncf')}-cal{calibration_digest[:16]}")
 
     def make(stage: Path) -> None:
@@ -185,17 +188,23 @@ def ensure_int8(onnx_path: Path, calibration, calibration_digest: str, gate) -> 
                           ignored_scope=nncf.IgnoredScope(types=["MatMul"], names=convs[:1] + convs[-1:],
                                                           validate=False))
         ov.save_model(q, str(stage / "model.xml"), compress_to_fp16=False)
-        report = gate(stage / "model.xml")
-        (stage / "gate.json").write_text(json.dumps(report, indent=1) + "\n")
 
     xml = _build(target, make)
-    return xml, json.loads((target / "gate.json").read_text())
+    report_path = target / f"gate-{holdout_digest[:16]}.json"
+    if not report_path.is_file():
+        with FileLock(str(report_path) + ".lock", timeout=1800):
+            if not report_path.is_file():  # another process judged it meanwhile
+                report = gate(xml) | {"holdout_sha256": holdout_digest}
+                tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(report, indent=1) + "\n")
+                os.replace(tmp, report_path)
+    return xml, json.loads(report_path.read_text())
 
 
 def gate_reports(cache_dir: str | os.PathLike) -> list[dict]:
     """Every stored int8 gate report under ``cache_dir`` (for ``lens models``)."""
     out = []
-    for p in sorted((Path(cache_dir) / "openvino").glob("*/gate.json")):
+    for p in sorted((Path(cache_dir) / "openvino").glob("*/gate-*.json")):
         try:
             out.append(json.loads(p.read_text()) | {"variant": p.parent.name})
         except (OSError, json.JSONDecodeError):

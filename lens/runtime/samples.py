@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["SAMPLES", "PHOTOS", "sample_dir", "sample_path", "sample_paths", "photo_paths", "augment",
-           "augmented_jpegs"]
+__all__ = ["SAMPLES", "PHOTOS", "sample_dir", "sample_path", "sample_paths", "photo_paths", "unseen_photo_paths",
+           "augment", "augmented_jpegs"]
 
 #: file name -> what the photo shows (the ImageNet class expected where there is an obvious one)
 SAMPLES: dict[str, str] = {
@@ -56,6 +56,25 @@ def photo_paths() -> list[Path]:
     """The photos of :data:`PHOTOS` present in this scikit-image install."""
     base = sample_dir()
     return [base / n for n in PHOTOS if (base / n).is_file()]
+
+
+def unseen_photo_paths() -> list[Path]:
+    """Photographs that never chose anything in Lens (not the int8 recipe, not a threshold): the two that ship with
+    scikit-learn (a temple, a flower; installed with the int8 extra, NNCF needs scikit-learn) and matplotlib's
+    portrait when matplotlib is installed. The int8 gate's default held-out set."""
+    out = []
+    for package, rel in (("sklearn", ("datasets", "images", "china.jpg")), ("sklearn", ("datasets", "images", "flower.jpg")),
+                         ("matplotlib", ("mpl-data", "sample_data", "grace_hopper.jpg"))):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))).joinpath(*rel)
+        if path.is_file():
+            out.append(path)
+    if not out:
+        raise FileNotFoundError("the int8 gate's default held-out photos come from scikit-learn, which is not "
+                                "installed: pip install 'lens-vision[int8]' (or set model.int8_holdout to your images)")
+    return out
 
 
 def augment(img, rng, *, min_area: float = 0.5, long_side: tuple[int, int] = (256, 800)):
