@@ -37,6 +37,15 @@ QUANTIZATION_FIELDS = ("calibration_sha256", "nncf", "holdout", "holdout_sha256"
 OUTPUTS_KEY_FORMAT = 2
 
 
+def quantization_of(report: dict | None, precision: str) -> dict | None:
+    """An int8 identity's ``quantization`` from an accuracy-gate report (or an identity's own, or a model's
+    ``info()``): :data:`QUANTIZATION_FIELDS` only; None for vectors that are not int8."""
+    if precision != "int8" or not isinstance(report, dict):
+        return None
+    least = report.get("min_recall_at_10", (report.get("thresholds") or {}).get("min_recall_at_10"))
+    return {k: report.get(k) for k in QUANTIZATION_FIELDS} | {"min_recall_at_10": least}
+
+
 def identity_of(doc: dict) -> dict | None:
     """The identity dict an artefact (a manifest, a profile header) holds, under :data:`IDENTITY_KEY` or the
     earlier ``identity``; None when it holds none."""
@@ -89,7 +98,8 @@ class ModelIdentity:
         return cls(model=str(d["model"]), weights_sha256=str(d["weights_sha256"]), preprocess=dict(d["preprocess"]),
                    embed_dim=int(dim), num_classes=d.get("num_classes"), labels_sha256=d.get("labels_sha256"),
                    precision=d.get("precision") or "fp32", backend=d.get("backend"), version=d.get("version"),
-                   backend_version=d.get("backend_version"), quantization=d.get("quantization"))
+                   backend_version=d.get("backend_version"),
+                   quantization=quantization_of(d.get("quantization"), d.get("precision") or "fp32"))
 
     def comparable(self) -> dict:
         """The fields that decide whether embeddings can be compared."""

@@ -171,14 +171,14 @@ def _process_name(p) -> str:
 
 
 def child_job(shards: str, out: str, batch_size: int, workers: int | None, cpus_per_worker: float | None,
-              extra: dict | None = None, backend: str = "auto") -> None:
+              extra: dict | None = None, backend: str = "auto", precision: str = "auto") -> None:
     import ray  # noqa: F401 - Ray's vendored psutil needs ray imported first
     from lens.batch.config import EmbedConfig
     from lens.batch.job import run_embed
 
     knobs = ({"cpus_per_worker": cpus_per_worker} if cpus_per_worker else {}) | (extra or {})
     cfg = EmbedConfig(input=shards, output=out, batch_size=batch_size, workers=workers,
-                      model={"backend": backend, "device": "cpu"}, **knobs)
+                      model={"backend": backend, "device": "cpu", "precision": precision}, **knobs)
     with TreeMemory() as mem:
         summary = run_embed(cfg, log=lambda *a: None)
     config = {k: getattr(cfg, k) for k in ("batch_size", "workers", "actor_cpus", "fused", "actor_threads", "read_rows",
@@ -284,7 +284,8 @@ def scaling(shards: Path, tmp: Path, args, rounds: int = 2) -> dict:
 
 
 def run_job(shards: Path, out: Path, args) -> dict:
-    cmd = ["--child-job", str(shards), str(out), "--batch-size", str(args.batch_size), "--backend", args.backend]
+    cmd = ["--child-job", str(shards), str(out), "--batch-size", str(args.batch_size), "--backend", args.backend,
+           "--precision", getattr(args, "precision", "auto")]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     if args.cpus_per_worker:
@@ -302,6 +303,8 @@ def main() -> None:
                     "(3,000-4,000 px) JPEGs")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--backend", default="auto", help="the job's backend (default auto, as `lens embed` runs)")
+    ap.add_argument("--precision", default="auto", help="the job's precision (default auto: fp32 on CPU; int8: "
+                    "scripts/bench_embed_int8.py compares the two)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--cpus-per-worker", type=float, default=None, help="default: lens embed's")
     ap.add_argument("--repeat", type=int, default=3, help="baseline/job pairs at --rows (median reported)")
@@ -323,7 +326,7 @@ def main() -> None:
                              json.loads(args.knobs) if args.knobs else None, args.backend)
     if args.child_job:
         return child_job(*args.child_job, args.batch_size, args.workers, args.cpus_per_worker,
-                         json.loads(args.knobs) if args.knobs else None, args.backend)
+                         json.loads(args.knobs) if args.knobs else None, args.backend, args.precision)
     rows = 500 if args.quick else args.rows
     if args.quick:
         args.repeat = 1

@@ -492,3 +492,31 @@ def test_dlq_redrive_keeps_attributes_honours_the_limit_and_uses_sqs_move_tasks_
             {"TaskHandle": "h1", "Status": "COMPLETED", "ApproximateNumberOfMessagesMoved": 42}]},
             {"SourceArn": "arn:aws:sqs:us-east-1:123:dlq", "MaxResults": 10})
         assert _move_task(stub_sqs, src, dst, poll_s=0.0) == 42
+
+
+def test_the_event_path_tags_with_the_int8_model_where_its_gate_passes(env, lens_cache):
+    """precision int8 on the event path: the same gate and cache as serving; the embedding parts carry the int8
+    identity (which quantized model, its gate's figures), so an index built from them knows its precision."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from lens.identity import PARQUET_KEY, ModelIdentity
+    from lens.runtime.config import ModelConfig
+    from lens.runtime.predictor import Predictor
+    from lens.runtime.samples import sample_path
+
+    cfg, s3, sqs = env
+    int8 = Predictor.from_config(ModelConfig(backend="openvino", precision="int8", cache_dir=lens_cache))
+    assert int8.model.quantization["served"] == "int8"
+    coffee = sample_path("coffee.png").read_bytes()
+    s3.put_object(Bucket=cfg.bucket, Key="cups/coffee.png", Body=coffee)
+    drain(cfg, s3, sqs, int8)
+    rec = sidecar(s3, cfg, "cups/coffee.png")
+    assert rec["status"] == "tagged" and rec["tags"][0]["label"] == "espresso"
+    (part,) = s3.list_objects_v2(Bucket=cfg.bucket, Prefix=cfg.embeddings_prefix)["Contents"]
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=cfg.bucket, Key=part["Key"])["Body"].read()))
+    ident = ModelIdentity.from_dict(json.loads(table.schema.metadata[PARQUET_KEY]))
+    assert ident == int8.identity() and ident.space() == "int8" and ident.quantization["recall_at_10_vs_int8_index"]
+    online = int8.predict([coffee])[0].embedding
+    assert float(np.dot(table.column("embedding").to_pylist()[0], online)) >= 0.9999

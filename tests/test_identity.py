@@ -103,3 +103,34 @@ def test_one_identity_key_written_and_the_earlier_identity_key_still_read(tmp_pa
     buf = io.BytesIO()
     np.savez_compressed(buf, **z)
     assert Profile.from_bytes(buf.getvalue()).identity == NOW.to_dict()
+
+
+def test_int8_vectors_are_another_space_and_meet_float_ones_only_as_measured():
+    from lens.identity import precision_compat, quantization_of, space_refusal
+
+    gate = {"calibration_sha256": "c1" * 32, "nncf": "3.4.0", "holdout": "h", "holdout_sha256": "h1" * 32,
+            "recall_at_10_vs_fp32_index": 0.95, "recall_at_10_vs_int8_index": 0.91, "served": "int8",
+            "thresholds": {"min_recall_at_10": 0.93}}
+    int8 = ModelIdentity.from_dict(NOW.to_dict() | {"precision": "int8", "backend": "openvino", "quantization": gate})
+    assert int8.quantization == quantization_of(gate, "int8") and int8.quantization["min_recall_at_10"] == 0.93
+    assert ModelIdentity.from_dict(NOW.to_dict() | {"quantization": gate}).quantization is None  # fp32 served
+    other_cal = ModelIdentity.from_dict(int8.to_dict() | {"quantization": gate | {"calibration_sha256": "c2" * 32}})
+    # one model, three spaces of outputs: every cache of model outputs keeps them apart
+    keys = {NOW.outputs_key(), int8.outputs_key(), other_cal.outputs_key()}
+    assert len(keys) == 3 and int8.mismatch(NOW) == [] and int8.space() == "int8" and NOW.space() == "float"
+    assert ModelIdentity.from_dict(int8.to_dict()).outputs_key() == int8.outputs_key()
+
+    # an int8 index records its own gate's figure for fp32 queries: 0.91 < 0.93, refused with the numbers
+    c8 = precision_compat(int8)
+    assert c8["float"]["recall_at_10"] == 0.91 and not c8["float"]["allowed"]
+    assert "recall@10 0.91" in space_refusal(int8, c8, NOW)
+    assert space_refusal(int8, c8, int8) is None
+    assert "another int8 model" in space_refusal(int8, c8, other_cal)
+    # an fp32 index: nothing measured -> refused; measured with this int8 model -> allowed for it alone
+    assert precision_compat(NOW) == {} and "never measured" in space_refusal(NOW, {}, int8)
+    c32 = precision_compat(NOW, int8)
+    assert c32["int8"]["allowed"] and c32["int8"]["int8_model"] == int8.quantized_by()
+    assert space_refusal(NOW, c32, int8) is None and space_refusal(NOW, c32, NOW) is None
+    assert "another int8 model" in space_refusal(NOW, c32, other_cal)
+    with pytest.raises(ValueError, match="same model|own model"):
+        precision_compat(NOW, ModelIdentity.from_dict(int8.to_dict() | {"weights_sha256": "00" * 32}))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lens.errors import ConfigError, WeightsError
-from lens.identity import QUANTIZATION_FIELDS, ModelIdentity, identity_of, labels_digest
+from lens.identity import ModelIdentity, identity_of, labels_digest, quantization_of
 from lens.storage import atomic_write_bytes
 
 from .backends import ONNX_OPSET, Backend, OnnxBackend, TorchBackend, export_onnx, heads_module
@@ -109,16 +109,8 @@ class LoadedModel:
                              precision=getattr(self.backend, "precision", "fp32"), backend=self.backend.name,
                              version=(self.package or {}).get("version"),
                              backend_version=getattr(self.backend, "version", None),
-                             quantization=self._quantized())
-
-    def _quantized(self) -> dict | None:
-        """An int8 model's part of its identity: which quantized model, and what its gate measured."""
-        q = self.quantization
-        if not q or getattr(self.backend, "precision", "fp32") != "int8":
-            return None
-        thresholds = q.get("thresholds") or {}
-        return {k: q.get(k) for k in QUANTIZATION_FIELDS if k != "min_recall_at_10"} | {
-            "min_recall_at_10": thresholds.get("min_recall_at_10")}
+                             quantization=quantization_of(self.quantization,
+                                                          getattr(self.backend, "precision", "fp32")))
 
 
 def served_line(served: dict) -> str:
