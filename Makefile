@@ -12,7 +12,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lens-installed
 
-.PHONY: setup demo test bench image clean
+.PHONY: gpu-check setup demo test bench image clean
 
 DEMO_STAMP := $(VENV)/.lens-demo-installed
 
@@ -49,6 +49,10 @@ test: $(STAMP) $(CHROMIUM)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_all.py
+
+# on a machine with one NVIDIA GPU: install, then every GPU path checked and measured within 8 minutes, one JSON
+gpu-check:
+	scripts/gpu_check.sh
 
 REGISTRY ?= ghcr.io/your-org
 VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)

@@ -182,13 +182,14 @@ def add_parsers(sub) -> None:
                    "parallel Ray tasks, searched as one (default 1)")
     b.add_argument("--address", default=None, help="Ray cluster for --shards (default: RAY_ADDRESS or a local Ray)")
     b.add_argument("--int8-compat", action="store_true", help="fp32 embeddings: also measure whether int8 queries "
-                   "(an int8 replica's) may search this index, by the int8 model's accuracy gate, and record it; "
-                   "without it the index refuses them with 409")
-    b.add_argument("--weights", default=None, help="--int8-compat: the rows' model weights when not the embedded ones")
-    b.add_argument("--calibration", default=None, help="--int8-compat: the int8 model's calibration images "
-                   "(as model.calibration)")
-    b.add_argument("--int8-holdout", default=None, help="--int8-compat: the gate's held-out images "
-                   "(as model.int8_holdout)")
+                   "(an int8 replica's) may search this index, by the int8 model's accuracy gate, and record it "
+                   "(default: not measured; the index refuses them with 409)")
+    b.add_argument("--weights", default=None, help="--int8-compat: the rows' model weights (default: the "
+                   "embedded ones)")
+    b.add_argument("--calibration", default=None, help="--int8-compat: the int8 model's calibration images, as "
+                   "model.calibration (default: the bundled set)")
+    b.add_argument("--int8-holdout", default=None, help="--int8-compat: the gate's held-out images, as "
+                   "model.int8_holdout (default: crops of photos that never chose the int8 recipe)")
     b.set_defaults(func=cmd_build)
     s = isub.add_parser("search", help="query an index locally, by image or by id")
     s.add_argument("--index", required=True, help="index root (CURRENT) or a version directory")

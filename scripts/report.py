@@ -20,9 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "priority", "deletes", "backfill", "batch", "index",
-         "filters", "shards", "train", "rollout", "drift"]
-SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER}
+ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "priority", "deletes", "backfill", "batch",
+         "embed-int8", "index", "filters", "shards", "train", "rollout", "drift", "gpu-check"]
+SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER} | {"embed-int8": "scripts/bench_embed_int8.py",
+                                                        "gpu-check": "scripts/gpu_check.sh"}
 
 
 def load(name: str) -> dict | None:
@@ -500,6 +501,61 @@ def backfill_md(b: dict) -> list[str]:
             "|---|---|---|---|", *rows, ""] + targets_md(b)
 
 
+def embed_int8_md(e: dict) -> list[str]:
+    lines = []
+    for d in (e, load("embed-int8-small")):
+        if d is None:
+            continue
+        c, m = d["per_image_one_core"], d["machine"]
+        rows = [f"| {i + 1} | {' then '.join(r['order'])} | {r['fp32']['dataset']} / {r['fp32']['steady']} / "
+                f"{r['fp32']['whole_command']} | {r['int8']['dataset']} / {r['int8']['steady']} / "
+                f"{r['int8']['whole_command']} | {r['int8_vs_fp32']['dataset']}× / {r['int8_vs_fp32']['steady']}× / "
+                f"{r['int8_vs_fp32']['whole_command']}× |" for i, r in enumerate(d["rounds"])]
+        name = "embed-int8" if d is e else "embed-int8-small"
+        lines += [f"`lens embed --precision int8` against `lens embed` fp32 (`{SCRIPT['embed-int8']}`"
+                  f"{' --small-photos' if d['photos'] == 'small' else ''}, `benchmarks/{name}.json`; "
+                  f"{n(d['rows'])} {d['photos']} photos, CPU: {', '.join(m.get('cpu_flags') or [])}): fp32 ran "
+                  f"{d['served']['fp32']['backend']} (auto's pick), int8 {d['served']['int8']['backend']} behind the "
+                  f"gate. Median round: int8 **{d['int8_vs_fp32']['dataset']}×** fp32 (dataset images/s; steady "
+                  f"{d['int8_vs_fp32']['steady']}×, whole command {d['int8_vs_fp32']['whole_command']}×). One core "
+                  f"per image: decode + resize {c['decode_resize_ms']} ms, fp32 model {c['fp32_model_ms']} ms, int8 "
+                  f"model {c['int8_model_ms']} ms ({c['model_only_int8_vs_fp32']}× alone): decode bounds the jobs' "
+                  f"ratio at **{c['bound_int8_vs_fp32']}×**. int8 rows against fp32 rows of the same images: mean "
+                  f"cosine {d['rows_int8_vs_fp32']['mean_cosine']} (5th percentile "
+                  f"{d['rows_int8_vs_fp32']['p5_cosine']}).", "",
+                  "| round | order | fp32 images/s (dataset / steady / whole) | int8 | int8 ÷ fp32 |",
+                  "|---|---|---|---|---|", *rows, ""] + targets_md(d) + [""]
+    g = e.get("int8_gate") or {}
+    if g:
+        lines.append(f"* the gate the int8 jobs ran under ({g.get('holdout')}): top-1 agreement "
+                     f"{g.get('top1_agreement')}, top-5 overlap {g.get('top5_overlap')}, mean cosine "
+                     f"{g.get('mean_cosine')}, recall@10 {g.get('recall_at_10_vs_fp32_index')} (int8 queries, fp32 "
+                     f"index) and {g.get('recall_at_10_vs_int8_index')} (fp32 queries, int8 index).")
+    return lines
+
+
+def gpu_check_md(g: dict) -> list[str]:
+    s = g["stages"]
+    env = s.get("environment", {})
+    lines = [f"GPU check (`{SCRIPT['gpu-check']}`, `benchmarks/gpu-check.json`) on {env.get('gpu', g['device'])}: "
+             f"{'every stage passed' if g['ok'] else 'FAILED: ' + ', '.join(k for k, v in s.items() if not v['ok'])} "
+             f"in {g['seconds']} s."]
+    if s.get("serve", {}).get("ok"):
+        pts = ", ".join(f"{p['connections']} connections {p['throughput_rps']} images/s (p50 {p['p50_ms']} ms, p99 "
+                        f"{p['p99_ms']} ms)" for p in s["serve"]["by_connections"])
+        lines.append(f"* Serve GPU pool: {pts}; batch sizes seen up to {s['serve']['max_batch_seen']}.")
+    if s.get("embed", {}).get("ok"):
+        lines.append(f"* `lens embed` on the GPU: {s['embed']['job']['images_per_s']} images/s, "
+                     f"{s['embed']['job_vs_loop']}× the pipelined loop on the same GPU.")
+    if s.get("decode", {}).get("ok"):
+        d = s["decode"]
+        lines.append(f"* decode on the device {d['device_images_per_s']} images/s against "
+                     f"{d['cpu_all_cores_bound_images_per_s']} on all CPU cores ({d['device_vs_cpu_all_cores']}×).")
+    if s.get("finetune", {}).get("ok"):
+        lines.append(f"* fine-tuning with AMP: one short epoch in {s['finetune']['seconds']} s.")
+    return lines
+
+
 def formats_md(f: dict) -> list[str]:
     lines = [f"Decode + preprocess by format (`{SCRIPT['formats']}`, `benchmarks/formats.json`): {f['photo']}, "
              f"written by each format's own encoder, one image at a time on {f['threads']} thread; median of "
@@ -553,7 +609,8 @@ def client_md(c: dict) -> list[str]:
 
 RENDER = {"client": client_md, "formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
-          "train": train_md, "rollout": rollout_md, "drift": drift_md}
+          "train": train_md, "rollout": rollout_md, "drift": drift_md, "embed-int8": embed_int8_md,
+          "gpu-check": gpu_check_md}
 
 
 def performance() -> str:
