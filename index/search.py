@@ -424,14 +424,14 @@ class SearchService:
                 f"the index {v.name} was built with {v.identity.model} "
                 f"(weights {v.identity.weights_sha256[:12]}); this query's embedding differs in "
                 f"{', '.join(diff)}: rebuild the index with the serving model or serve the index's model")
-        why = space_refusal(v.identity, v.manifest.get(COMPAT_KEY), other)
+        why = self.space_refusal(other, v)
         if why:
             raise ModelMismatchError(f"the index {v.name} refuses this query: {why}")
 
-    def space_refusal(self, other: ModelIdentity) -> str | None:
-        """Why vectors of ``other`` (a query's, delta rows') may not meet the current version's, by its precision
-        compatibility record (:func:`lens.identity.space_refusal`); None when they may."""
-        v = self.version
+    def space_refusal(self, other: ModelIdentity, v: IndexVersion | None = None) -> str | None:
+        """Why vectors of ``other`` (a query's, delta rows') may not meet version ``v``'s (default the current
+        one), by its precision compatibility record (:func:`lens.identity.space_refusal`); None when they may."""
+        v = v or self.version
         return space_refusal(v.identity, v.manifest.get(COMPAT_KEY), other)
 
     def _k(self, k: int) -> int:

@@ -161,7 +161,7 @@ def embed(device: str, quick: bool, tmp: Path) -> dict:
     from lens.runtime.config import ModelConfig
     from lens.runtime.predictor import Predictor
 
-    rows = 32 if quick else 3000
+    rows = 16 if quick else 3000
     make_shards(tmp / "shards", rows, max(32, rows // 6), seed=0, camera=True)
     gpu = device.startswith("cuda")
     cfg = EmbedConfig(input=str(tmp / "shards"), output=str(tmp / "embed-out"), batch_size=64 if gpu else 16,
@@ -228,7 +228,7 @@ def serve_load(device: str, quick: bool, tmp: Path) -> dict:
     deploy(doc, where="gpu_check")
     url = f"http://127.0.0.1:{port}/v1/tag"
     bodies = jpeg_bodies()
-    points = [asyncio.run(closed_loop(url, bodies, c, 3.0 if quick else 10.0)) for c in ((8,) if quick else (8, 32, 64))]
+    points = [asyncio.run(closed_loop(url, bodies, c, 1.5 if quick else 10.0)) for c in ((8,) if quick else (8, 32, 64))]
     handle = serve.get_deployment_handle(pool["name"], app_name=app["name"])
     stats = handle.stats.remote().result()  # the app goes with this process's Ray (no 30 s graceful stop)
     if not all(p["statuses"].get("200") for p in points):

@@ -160,6 +160,8 @@ def ensure_int8(onnx_path: Path, calibration, calibration_digest: str, gate, hol
     metadata."""
     from filelock import FileLock
 
+    from lens.storage import atomic_write_bytes
+
     target = _variant_dir(onnx_path, f"int8-nncf{package_version('nncf')}-cal{calibration_digest[:16]}")
 
     def make(stage: Path) -> None:
@@ -195,9 +197,7 @@ def ensure_int8(onnx_path: Path, calibration, calibration_digest: str, gate, hol
         with FileLock(str(report_path) + ".lock", timeout=1800):
             if not report_path.is_file():  # another process judged it meanwhile
                 report = gate(xml) | {"holdout_sha256": holdout_digest}
-                tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(report, indent=1) + "\n")
-                os.replace(tmp, report_path)
+                atomic_write_bytes(report_path, (json.dumps(report, indent=1) + "\n").encode())
     return xml, json.loads(report_path.read_text())
 
 
