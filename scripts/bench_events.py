@@ -187,6 +187,7 @@ def main() -> None:
         writes = count_writes(s3, cfg.results_bucket, cfg.result_prefix + "bench/")
         rows = embedding_rows(s3, cfg.results_bucket, cfg.embeddings_prefix, every_version=True)
         consumer = consumer_handle.status.remote().result()
+        t_status = time.time()  # the run's end for the idle correction (not the floor run or the shutdown below)
         # the same requests from a separate process with nothing else in it (moto runs in this one)
         p = subprocess.run([sys.executable, __file__, "--floor", cfg.bucket, "bench/000000.jpg", cfg.results_bucket],
                            capture_output=True, text=True, env=os.environ.copy())
@@ -199,7 +200,7 @@ def main() -> None:
     lat = [(r["processed_at"] - put_at[r["key"]]) * 1000 for r in results if r["key"] in put_at]
     last = max(r["processed_at"] for r in results)
     events_per_s = len(results) / (last - t0)
-    run_s = time.time() - t0  # put start to the consumer's last status
+    run_s = t_status - t0  # put start to the consumer's last status
     idle_cpu_per_s = (idle1["cpu_s"] - idle0["cpu_s"]) / idle_s
     cpu_s = consumer["cpu_s"] - idle1["cpu_s"]
     cpu_ms_per_event = 1000 * cpu_s / n
