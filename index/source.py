@@ -212,7 +212,7 @@ def open_sources(uris: list[str]) -> tuple[list[EmbeddingSource], ModelIdentity]
         if diff:
             raise ConfigError(f"{s.uri} was embedded with a different {', '.join(diff)} than {known[0].uri}; "
                               "an index needs one model")
-        if (s.identity.space(), s.identity.quantized_by()) != (ident.space(), ident.quantized_by()):
+        if not s.identity.same_space(ident):
             raise ConfigError(f"{s.uri} holds {s.identity.precision} embeddings and {known[0].uri} "
                               f"{ident.precision} ones (or int8 from another calibration); an index holds one precision's "
                               "embeddings (re-embed one of them)")

@@ -131,6 +131,11 @@ class ModelIdentity:
             return None
         return {k: (self.quantization or {}).get(k) for k in ("calibration_sha256", "nncf")}
 
+    def same_space(self, other: "ModelIdentity") -> bool:
+        """Whether ``other``'s vectors live in this identity's precision space: both float, or both from the same
+        int8 model (:meth:`quantized_by` is None exactly for float vectors)."""
+        return self.quantized_by() == other.quantized_by()
+
     def space(self) -> str:
         """The embedding space its vectors live in: ``int8`` or ``float`` (fp32, fp16 and bf16 on any backend agree
         to within rounding; an int8 model's vectors differ by what its gate measured)."""
@@ -145,19 +150,20 @@ def precision_compat(rows: ModelIdentity, int8: ModelIdentity | None = None) -> 
     Each entry: the measured recall@10 (relative to queries of the index's own precision, on the gate's held-out
     images), the least allowed, whether it passes, and which int8 model (calibration, NNCF release) it holds for."""
     if rows.space() == "int8":
-        q, other, key = rows.quantization, "float", "recall_at_10_vs_int8_index"
+        int8, other, key = rows, "float", "recall_at_10_vs_int8_index"
     elif int8 is not None:
         if int8.space() != "int8" or int8.mismatch(rows):
             raise ValueError("int8 compatibility is measured by an int8 model of the index's own model")
-        q, other, key = int8.quantization, "int8", "recall_at_10_vs_fp32_index"
+        other, key = "int8", "recall_at_10_vs_fp32_index"
     else:
         return {}
+    q = int8.quantization
     if not q or q.get(key) is None:
         return {}
     least = q.get("min_recall_at_10")
     return {other: {"recall_at_10": q[key], "min_recall_at_10": least,
                     "allowed": least is not None and q[key] >= least,
-                    "int8_model": {k: q.get(k) for k in ("calibration_sha256", "nncf")},  # = quantized_by()
+                    "int8_model": int8.quantized_by(),
                     "holdout": q.get("holdout"), "holdout_sha256": q.get("holdout_sha256")}}
 
 
@@ -166,7 +172,7 @@ def space_refusal(index: ModelIdentity, compat: dict | None, other: ModelIdentit
     manifest records ``compat`` (:func:`precision_compat`); None when they may: the same precision space, or
     the other space's measured recall@10 is at or above its least for exactly this int8 model."""
     if index.space() == other.space():
-        if index.quantized_by() != other.quantized_by():
+        if not index.same_space(other):
             return ("int8 vectors of another int8 model (another calibration set or NNCF release) than the "
                     "index's; rebuild the index with the serving model")
         return None

@@ -90,9 +90,7 @@ class Routing:
         precision space (the same int8 model) before one in the other."""
         want = ModelIdentity.from_dict(identity)
         same = [s for s in self.slots() if not want.mismatch(s.identity)]
-        space = (want.space(), want.quantized_by())
-        return next((s for s in same if (s.identity.space(), s.identity.quantized_by()) == space),
-                    same[0] if same else None)
+        return next((s for s in same if want.same_space(s.identity)), same[0] if same else None)
 
 
 def _bucket(data: bytes) -> int:

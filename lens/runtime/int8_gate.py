@@ -22,11 +22,14 @@ import numpy as np
 
 from lens.errors import ConfigError
 
-__all__ = ["GateThresholds", "judge", "rejudge", "calibration_images", "holdout_images", "digest_of",
-           "DEFAULT_HOLDOUT"]
+__all__ = ["GateThresholds", "judge", "rejudge", "calibration_images", "holdout_images", "default_holdout_recipe",
+           "digest_of", "DEFAULT_HOLDOUT"]
 
-#: What the default held-out set is, as reports name it (its digest is the images').
-DEFAULT_HOLDOUT = "96 seeded crops (a quarter of the area or more) of photos that never chose the recipe"
+#: The default held-out set: this many seeded crops, each this share of its photo's area or more
+HOLDOUT_N, HOLDOUT_SEED, HOLDOUT_MIN_AREA = 96, 9001, 0.25
+#: What the default held-out set is, as reports name it.
+DEFAULT_HOLDOUT = (f"{HOLDOUT_N} seeded crops (a quarter of the area or more) of photos that never chose the "
+                   "recipe")
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,22 @@ def calibration_images(source: str | None, n: int = 64) -> list[bytes]:
     return read_images(source, n, what="calibration")
 
 
-def holdout_images(source: str | None, n: int = 96) -> list[bytes]:
+def holdout_images(source: str | None, n: int = HOLDOUT_N) -> list[bytes]:
     """The gate's held-out images: the user's (as :func:`calibration_images` reads them, every one of them), or
     seeded crops of photos that never chose anything in Lens (:data:`DEFAULT_HOLDOUT`)."""
     if source is None:
         from .samples import augmented_jpegs, unseen_photo_paths
 
-        return [b for _, b, _ in augmented_jpegs(n, seed=9001, paths=unseen_photo_paths(), min_area=0.25)]
+        return [b for _, b, _ in augmented_jpegs(n, seed=HOLDOUT_SEED, paths=unseen_photo_paths(),
+                                                 min_area=HOLDOUT_MIN_AREA)]
     return read_images(source, 0, what="int8 held-out")
+
+
+def default_holdout_recipe() -> str:
+    """Everything that makes the default held-out set (without making it): stored gate reports are keyed by it."""
+    from .samples import unseen_photo_paths
+
+    return f"unseen:{HOLDOUT_N}:{HOLDOUT_SEED}:{HOLDOUT_MIN_AREA}:{[p.name for p in unseen_photo_paths()]}:"
 
 
 def read_images(source: str, n: int, *, what: str) -> list[bytes]:

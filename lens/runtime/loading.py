@@ -392,27 +392,21 @@ def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: lis
                                           min_top5_overlap=cfg.int8_min_top5_overlap,
                                           min_recall_at_10=cfg.int8_min_recall_at_10)
     pp = PreprocessConfig.from_dict(meta["preprocess"])
-    if cfg.calibration is None:  # the bundled set is fixed: its recipe names it, no need to make it to know
-        user_images = None
-        digest = hashlib.sha256(f"bundled-v1:{json.dumps(meta['preprocess'], sort_keys=True)}".encode()).hexdigest()
-    else:  # the user's set is keyed by its content: read once, for the key and (if building) the calibration
-        user_images = int8_gate.calibration_images(cfg.calibration)
-        digest = hashlib.sha256((int8_gate.digest_of(user_images)
-                                 + json.dumps(meta["preprocess"], sort_keys=True)).encode()).hexdigest()
+    preprocess_json = json.dumps(meta["preprocess"], sort_keys=True)
+
+    def keyed(name: str) -> str:  # a set of images under this preprocessing: what its cached outputs are keyed by
+        return hashlib.sha256((name + preprocess_json).encode()).hexdigest()
+
+    # The default sets are fixed: their recipes name them, no need to make them to know. The user's are keyed by
+    # their content: read once, for the key and (if building or judging) their use.
+    user_images = None if cfg.calibration is None else int8_gate.calibration_images(cfg.calibration)
+    digest = keyed("bundled-v1:" if user_images is None else int8_gate.digest_of(user_images))
+    holdout = None if cfg.int8_holdout is None else int8_gate.holdout_images(cfg.int8_holdout)
+    holdout_digest = keyed(int8_gate.default_holdout_recipe() if holdout is None else int8_gate.digest_of(holdout))
 
     def calibration():
         images = user_images if user_images is not None else int8_gate.calibration_images(None)
         return int8_gate.preprocess_all(images, Preprocessor(pp), what="calibration")
-
-    if cfg.int8_holdout is None:  # fixed too: named by its recipe and the photos it crops, made only to judge
-        from .samples import unseen_photo_paths
-
-        recipe = f"unseen-v1:{[p.name for p in unseen_photo_paths()]}:{json.dumps(meta['preprocess'], sort_keys=True)}"
-        holdout, holdout_digest = None, hashlib.sha256(recipe.encode()).hexdigest()
-    else:
-        holdout = int8_gate.holdout_images(cfg.int8_holdout)
-        holdout_digest = hashlib.sha256((int8_gate.digest_of(holdout)
-                                         + json.dumps(meta["preprocess"], sort_keys=True)).encode()).hexdigest()
 
     def gate(int8_xml):
         images = holdout if holdout is not None else int8_gate.holdout_images(None)
