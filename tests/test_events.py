@@ -160,6 +160,46 @@ def test_deleted_non_image_and_oversized_objects_are_skipped_with_reasons(env, t
     assert p.totals.get("skipped") == 3
 
 
+def test_a_polls_images_reach_the_tagger_in_one_call_and_each_answer_is_its_own(env, tiny):
+    """One tagger call per poll (a Serve handle call costs the consumer about as much CPU for one image as for ten),
+    and each image's answer stays its own: an undecodable one is skipped, one the model failed on leaves only its
+    message for redelivery."""
+    from lens.serve.events.consumer import LocalTagger, Poller, queue_depth
+
+    cfg, s3, sqs = env
+    cfg = cfg.model_copy(update={"messages_per_poll": 10, "visibility_timeout_s": 60})
+    bodies = images(4, seed=61)
+    for i, body in enumerate(bodies):
+        s3.put_object(Bucket=cfg.bucket, Key=f"one-call/{i}.jpg", Body=body)
+    s3.put_object(Bucket=cfg.bucket, Key="one-call/notes.txt", Body=b"not an image")
+    url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]
+    deadline = time.monotonic() + 30
+    while queue_depth(sqs, url)["visible"] < 5:  # the five object events (and S3's test event) are all there
+        assert time.monotonic() < deadline, queue_depth(sqs, url)
+        time.sleep(0.1)
+    local, calls = LocalTagger(tiny), []
+
+    async def tagger(items, top_k, embedding):
+        calls.append(len(items))
+        answers = await local(items, top_k, embedding)
+        return [RuntimeError("the replica died") if data == bodies[2] else a for data, a in zip(items, answers)]
+
+    p = Poller(cfg, processor(cfg, s3, tiny), sqs)
+    p.processor.tagger = tagger
+    out = asyncio.run(p.poll_once())
+    assert calls == [5], calls
+    assert out.counts.get("tagged") == 3 and out.counts.get("skipped") == 1 and out.counts.get("failed") == 1
+    assert sidecar(s3, cfg, "one-call/notes.txt")["reason"].startswith("unsupported_media_type")
+    for i, body in enumerate(bodies):
+        if i == 2:
+            assert "one-call/2.jpg.json" not in " ".join(sidecars(s3, cfg))
+        else:
+            rec = sidecar(s3, cfg, f"one-call/{i}.jpg")
+            assert rec["status"] == "tagged" and rec["tags"] == tiny.predict([body])[0].to_dict()["tags"]
+    # only the failed image's message is kept (the visible ones are the events of the sidecars and part just written)
+    assert queue_depth(sqs, url)["in_flight"] == 1
+
+
 def test_poison_message_goes_to_the_dlq_and_the_queue_drains(env, tiny):
     cfg, s3, sqs = env
     url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]

@@ -67,36 +67,16 @@ def _make_consumer_class():
             count_calls(sqs, self.aws_calls)
             self._handle = pool if pool is not None else serve.get_deployment_handle(self.args.tagger_deployment,
                                                                                        self.args.tagger_app)
-            self._tag_batch.set_max_batch_size(self.args.events.concurrency * self.args.events.max_pollers)
-            self.processor = EventProcessor(self.args.events, s3, self._tag, {}, calls=self.aws_calls)
+            self.processor = EventProcessor(self.args.events, s3, self._tag_many, {}, calls=self.aws_calls)
             from lens.serve.metrics import EventMetrics
 
             self.poller = Poller(self.args.events, self.processor, sqs, EventMetrics())
             self._task = asyncio.get_event_loop().create_task(self._start())
 
-        async def _tag(self, data: bytes, top_k: int, embedding: bool) -> dict:
-            """The processor's per-image tagger; the images of a poll reach the model pool in one handle call."""
-            result = await self._tag_batch((data, top_k, embedding))
-            if isinstance(result, BaseException):
-                raise result
-            return result
-
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-        async def _tag_batch(self, items: list[tuple[bytes, int, bool]]) -> list:
-            # One Serve handle call per batch of images (the per-image calls cost ~1 ms of this process's CPU each;
-            # scripts/bench_events.py). A poll's images are fetched at once, so they arrive within a few ms.
-            groups: dict[tuple[int, bool], list[int]] = {}
-            for i, (_, top_k, embedding) in enumerate(items):
-                groups.setdefault((top_k, embedding), []).append(i)
-            out: list = [None] * len(items)
-            for (top_k, embedding), idx in groups.items():
-                try:
-                    results = await self._handle.tag_many.remote([items[i][0] for i in idx], top_k, embedding)
-                except Exception as e:  # noqa: BLE001 - the pool's trouble (no replica, died): each image fails
-                    results = [e] * len(idx)
-                for i, r in zip(idx, results):
-                    out[i] = r
-            return out
+        async def _tag_many(self, items: list[bytes], top_k: int, embedding: bool) -> list:
+            """The processor's tagger: a poll's images reach the model pool in one handle call (``tag_many``), where
+            they join the replica's batches one by one."""
+            return await self._handle.tag_many.remote(items, top_k, embedding)
 
         async def _start(self) -> None:
             self.processor.model_info = await self._handle.info.remote()  # model + weights checksum for sidecars

@@ -27,7 +27,7 @@ from lens.errors import ConfigError
 from lens.runtime.config import ModelConfig, StrictModel
 
 from .config import EventsConfig
-from .consumer import EventProcessor, Outcome
+from .consumer import EventProcessor, LocalTagger, Outcome
 from .s3events import ObjectEvent
 
 __all__ = ["BackfillConfig", "list_pending", "run_backfill", "BackfillWorker"]
@@ -103,9 +103,9 @@ class BackfillWorker:
         self.cfg = validate(EventsConfig, events, where="events config")
         self.predictor = Predictor.from_config(validate(ModelConfig, model, where="model config"))
         s3, _ = clients(self.cfg.region, concurrency=fetch_threads)
-        self.processor = EventProcessor(self.cfg.model_copy(update={"concurrency": fetch_threads}), s3, None,
+        tagger = LocalTagger(self.predictor, ThreadPoolExecutor(2, thread_name_prefix="lens-decode"))
+        self.processor = EventProcessor(self.cfg.model_copy(update={"concurrency": fetch_threads}), s3, tagger,
                                         self.predictor.info())
-        self.decode = ThreadPoolExecutor(2, thread_name_prefix="lens-decode")
 
     def __call__(self, batch: dict) -> dict:
         events = [ObjectEvent(bucket=str(b), key=str(k), etag=str(e), version_id=None, size=int(s), sequencer=None,
@@ -119,27 +119,15 @@ class BackfillWorker:
 
     async def _run(self, events: list[ObjectEvent], out: Outcome) -> None:
         p = self.processor
-        fetched = await asyncio.gather(*(p.fetch(ev, out) for ev in events), return_exceptions=True)
-        done, failed, to_tag = [], set(), []
-        for ev, got in zip(events, fetched):
-            if isinstance(got, BaseException):  # S3 trouble: not written; a rerun picks the object up
-                logger.warning("backfill: s3://%s/%s not fetched: %s", ev.bucket, ev.key, got)
+        got = await asyncio.gather(*(p.fetch(ev, out) for ev in events), return_exceptions=True)
+        await p.tag_fetched(events, got)  # the batch's images in one model call
+        done, failed = [], set()
+        for ev, g in zip(events, got):
+            if isinstance(g, BaseException):  # S3 trouble, or the model failed: not written; a rerun picks it up
+                logger.warning("backfill: s3://%s/%s not done: %s", ev.bucket, ev.key, g)
                 out.count("failed")
-            elif isinstance(got, bytes):
-                to_tag.append((ev, got))
-            elif got is not None:
-                done.append((ev.key, got))
-        if to_tag:
-            results = await asyncio.to_thread(self.predictor.predict, [data for _, data in to_tag], self.cfg.top_k,
-                                              self.decode)
-            for (ev, _), r in zip(to_tag, results):
-                try:
-                    rec = p.record_of(ev, r.to_dict() | {"embedding": r.embedding} if r.ok else r.to_error())
-                except Exception as e:  # noqa: BLE001 - RetryLater: the model failed; a rerun picks it up
-                    logger.warning("backfill: s3://%s/%s not tagged: %s", ev.bucket, ev.key, e)
-                    out.count("failed")
-                    continue
-                done.append((ev.key, rec))
+            elif g is not None:
+                done.append((ev.key, g))
         await p.write_records(done, failed, out)
         if failed:
             out.count("failed", len(failed))

@@ -32,7 +32,8 @@ class EventsConfig(StrictModel):
     wait_time_s: int = Field(20, ge=0, le=20, description="SQS long-poll wait")
     visibility_timeout_s: PositiveInt = Field(60, description="a message being processed is hidden this long")
     messages_per_poll: int = Field(10, ge=1, le=10, description="messages per ReceiveMessage (SQS allows 10)")
-    concurrency: PositiveInt = Field(16, description="objects processed at once per poller")
+    concurrency: PositiveInt = Field(16, description="objects fetched from S3 at once (a poll's images then go to "
+                                      "the model pool in one call)")
     min_pollers: int = Field(1, ge=0, description="pollers kept when the queue is idle (the warm minimum)")
     max_pollers: PositiveInt = Field(4, description="pollers when the backlog is large")
     messages_per_poller: PositiveInt = Field(50, description="backlog per extra poller")

@@ -43,8 +43,10 @@ __all__ = ["EventProcessor", "Outcome", "LocalTagger", "Poller", "queue_url", "q
 
 logger = logging.getLogger("lens.events")
 
-# (image bytes, top_k, with embedding) -> {"tags", "embedding"}; failures raise LensError subclasses
-Tagger = Callable[[bytes, int, bool], Awaitable[dict]]
+# (a poll's image bytes, top_k, with embedding) -> one answer per image, in order: {"tags", "embedding", ...}, or
+# the image's failure as an exception object (a LensError subclass where it is the image's fault); raising fails
+# every image of the call
+Tagger = Callable[[list[bytes], int, bool], Awaitable[list]]
 
 
 class RetryLater(Exception):
@@ -64,18 +66,18 @@ class Outcome:
 
 
 class LocalTagger:
-    """The predictor core in this process, with the Serve model's ``tag`` contract."""
+    """The predictor core in this process, with the Serve model's ``tag_many`` contract."""
 
-    def __init__(self, predictor) -> None:
+    def __init__(self, predictor, decode=None) -> None:
         self.predictor = predictor
+        self.decode = decode  # an executor that decodes a call's images in parallel; None: one by one
         self._lock = asyncio.Lock()
 
-    async def __call__(self, data: bytes, top_k: int, embedding: bool) -> dict:
-        async with self._lock:  # one model call at a time; batches come from the caller
-            (r,) = await asyncio.to_thread(self.predictor.predict, [data], top_k)
-        if not r.ok:
-            raise r.to_error()
-        return r.to_dict() | ({"embedding": r.embedding} if embedding else {})
+    async def __call__(self, items: list[bytes], top_k: int, embedding: bool) -> list:
+        async with self._lock:  # one model call at a time: a poll's images are its batch
+            results = await asyncio.to_thread(self.predictor.predict, items, top_k, self.decode)
+        return [r.to_dict() | ({"embedding": r.embedding} if embedding else {}) if r.ok else r.to_error()
+                for r in results]
 
     def info(self) -> dict:
         return self.predictor.info()
@@ -87,15 +89,16 @@ class EventProcessor:
         self.s3 = s3
         self.tagger = tagger
         self.model_info = model_info
-        # the image's GET and the sidecar's conditional PUTs (obstore where installed); ``calls`` counts them
-        self.objects = object_io(s3, cfg.s3_client, region=cfg.region, calls=calls)
+        # boto3 is blocking: its calls get their own threads (asyncio's default pool has cpu+4 of them)
+        self._io = ThreadPoolExecutor(cfg.concurrency + 4, thread_name_prefix="lens-s3")
+        # the image's GET and the sidecar's conditional PUTs (obstore's own runtime where installed, else boto3 on
+        # those threads); ``calls`` counts them
+        self.objects = object_io(s3, cfg.s3_client, region=cfg.region, calls=calls, executor=self._io)
         self.store = ResultStore(s3, cfg.result_prefix, cfg.embeddings_prefix, results_bucket=cfg.results_bucket,
                                  object_tags=cfg.object_tags, key_by_bucket=len(cfg.source_buckets) > 1,
                                  sidecar_embedding=cfg.sidecar_embedding, objects=self.objects)
         self.sources = frozenset(cfg.source_buckets)
         self._sem = asyncio.Semaphore(cfg.concurrency)
-        # boto3 is blocking: its calls get their own threads (asyncio's default pool has cpu+4 of them)
-        self._io = ThreadPoolExecutor(cfg.concurrency + 4, thread_name_prefix="lens-s3")
 
     async def _io_call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args, **kwargs))
@@ -125,9 +128,9 @@ class EventProcessor:
                                    ev.bucket, ev.key, m.get("MessageId"), ev.bucket, ", ".join(sorted(self.sources)))
                     out.count("foreign_bucket")
 
-        async def one(ev: ObjectEvent) -> Record | None:
+        async def one(ev: ObjectEvent) -> bytes | Record | None:
             async with self._sem:
-                return await self.process_object(ev, out)
+                return await self.fetch(ev, out)
 
         flat, seen = [], set()
         for mid, evs in jobs.items():
@@ -138,6 +141,7 @@ class EventProcessor:
                 seen.add(ev.identity)
                 flat.append((mid, ev))
         results = await asyncio.gather(*(one(ev) for _, ev in flat), return_exceptions=True)
+        await self.tag_fetched([ev for _, ev in flat], results)
         failed_msgs: set[str] = set()
         done: list[tuple[str, Record]] = []
         for (mid, ev), res in zip(flat, results):
@@ -189,8 +193,8 @@ class EventProcessor:
                 failed_msgs.update(mid for mid, _ in group)
         crash_point("events.before_sidecars")
         pending = [(mid, r) for mid, r in done if mid not in failed_msgs]
-        writes = await asyncio.gather(*(self._io_call(self.store.write, r, self.model_info)
-                                        for _, r in pending), return_exceptions=True)
+        writes = await asyncio.gather(*(self.store.write(r, self.model_info) for _, r in pending),
+                                      return_exceptions=True)
         for (mid, r), w in zip(pending, writes):
             if isinstance(w, BaseException):
                 logger.warning("sidecar for s3://%s/%s not written: %s", r.event.bucket, r.event.key, w)
@@ -198,16 +202,22 @@ class EventProcessor:
             else:
                 out.count(r.status if w == "written" else w)
 
-    async def process_object(self, ev: ObjectEvent, out: Outcome) -> Record | None:
-        """Tag one object version; the record to write, or ``None`` when there is nothing to write."""
-        got = await self.fetch(ev, out)
-        if not isinstance(got, bytes):
-            return got
+    async def tag_fetched(self, events: list[ObjectEvent], got: list) -> None:
+        """Replace each fetched image in ``got`` (bytes, beside records, ``None`` and exceptions) by its record, or
+        by :class:`RetryLater`: the images of a poll go to the tagger in one call (a Serve handle call costs the
+        consumer about as much CPU whether it carries one image or ten; ``scripts/bench_events.py``)."""
+        idx = [i for i, g in enumerate(got) if isinstance(g, bytes)]
+        if not idx:
+            return
         try:
-            result = await self.tagger(got, self.cfg.top_k, True)
-        except Exception as exc:  # noqa: BLE001 - sorted in record_of: the image's fault, or retry later
-            return self.record_of(ev, exc)
-        return self.record_of(ev, result)
+            answers = await self.tagger([got[i] for i in idx], self.cfg.top_k, True)
+        except Exception as exc:  # noqa: BLE001 - the tagger's trouble (no replica, died): each image fails
+            answers = [exc] * len(idx)
+        for i, answer in zip(idx, answers):
+            try:
+                got[i] = self.record_of(events[i], answer)
+            except RetryLater as e:
+                got[i] = e
 
     async def fetch(self, ev: ObjectEvent, out: Outcome) -> bytes | Record | None:
         """The object's bytes to tag, or what to do instead: a record to write (a deletion, a skip) or ``None``
@@ -220,9 +230,9 @@ class EventProcessor:
         # No read of the sidecar first: duplicates are rare, and the conditional write in
         # ResultStore.write settles them (a duplicate costs a model call, a new object one fewer S3 call).
         try:
-            size, data = await self._io_call(self.objects.get, ev.bucket, ev.key, version_id=ev.version_id,
-                                             if_match=None if ev.version_id else ev.etag,
-                                             max_bytes=self.cfg.max_object_bytes)
+            size, data = await self.objects.get(ev.bucket, ev.key, version_id=ev.version_id,
+                                                if_match=None if ev.version_id else ev.etag,
+                                                max_bytes=self.cfg.max_object_bytes)
         except Missing:
             return self._skip(ev, GONE)
         except Changed:
@@ -236,8 +246,9 @@ class EventProcessor:
         return data
 
     def record_of(self, ev: ObjectEvent, result) -> Record:
-        """The record of a tagged object: its tags and embedding, a ``skipped`` record when the image is at fault
-        (undecodable, too large), or :class:`RetryLater` raised for anything that may pass (a model error)."""
+        """The record of a tagged object from its tagger answer: its tags and embedding, a ``skipped`` record when
+        the image is at fault (undecodable, too large), or :class:`RetryLater` raised for anything that may pass (a
+        model error)."""
         if isinstance(result, BaseException):
             e = lens_error_of(result)
             if e is None or e.http_status >= 500:

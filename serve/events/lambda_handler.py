@@ -30,7 +30,7 @@ logger = logging.getLogger("lens.events")
 
 class HttpTagger:
     """The Lens HTTP API (through :class:`lens.client.LensClient`: retries on 503 honouring Retry-After) with the
-    model deployment's ``tag`` contract."""
+    model deployment's ``tag_many`` contract."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2) -> None:
         self.client = LensClient(base_url, api_key=api_key, timeout_s=timeout_s, retries=retries)
@@ -46,7 +46,10 @@ class HttpTagger:
             self._info = pools[0] if pools else {}
         return self._info
 
-    async def __call__(self, data: bytes, top_k: int, embedding: bool) -> dict:
+    async def __call__(self, items: list[bytes], top_k: int, embedding: bool) -> list:
+        return list(await asyncio.gather(*(self._tag(d, top_k) for d in items), return_exceptions=True))
+
+    async def _tag(self, data: bytes, top_k: int) -> dict:
         try:
             body = await asyncio.to_thread(self.client.tag, data, top_k=top_k, embedding=True)
         except LensAPIError as e:

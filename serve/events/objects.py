@@ -14,8 +14,11 @@ through its ``Boto3CredentialProvider``; credentials refresh when they expire.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 from collections import Counter
+from concurrent.futures import Executor
 from datetime import timedelta
 
 __all__ = ["Missing", "Changed", "ObjectIO", "Boto3Objects", "ObstoreObjects", "object_io"]
@@ -30,32 +33,37 @@ class Changed(Exception):
 
 
 class ObjectIO:
-    """What the event path asks of S3 per object. Every method is thread-safe."""
+    """What the event path asks of S3 per object, for an event loop (the consumer's). Safe to share between tasks
+    and between threads, each with its own loop."""
 
     name = "?"
 
-    def __init__(self, calls: Counter | None = None) -> None:
+    def __init__(self, calls: Counter | None = None, executor: Executor | None = None) -> None:
         self.calls = calls  # requests by operation (``s3.GetObject``), beside boto3's own counts
+        self.executor = executor  # threads for blocking calls (None: asyncio's default executor)
 
     def _count(self, op: str) -> None:
         if self.calls is not None:
             self.calls[f"s3.{op}"] += 1
 
-    def get(self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None,
-            max_bytes: int | None = None) -> tuple[int, bytes | None]:
+    async def _in_thread(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def get(self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None,
+                  max_bytes: int | None = None) -> tuple[int, bytes | None]:
         """(size, bytes) of an object; bytes ``None`` (body unread) when it is over ``max_bytes``. Raises
         :class:`Missing`, or :class:`Changed` when ``if_match`` is not its ETag."""
         raise NotImplementedError
 
-    def read(self, bucket: str, key: str) -> tuple[bytes, str]:
+    async def read(self, bucket: str, key: str) -> tuple[bytes, str]:
         """(bytes, ETag) of an object; :class:`Missing` if there is none."""
         raise NotImplementedError
 
-    def create(self, bucket: str, key: str, body: bytes, content_type: str) -> bool:
+    async def create(self, bucket: str, key: str, body: bytes, content_type: str) -> bool:
         """Write ``key`` only if no object is there; ``False`` when one is."""
         raise NotImplementedError
 
-    def replace(self, bucket: str, key: str, body: bytes, etag: str, content_type: str) -> None:
+    async def replace(self, bucket: str, key: str, body: bytes, etag: str, content_type: str) -> None:
         """Overwrite ``key`` only if its ETag is still ``etag``; :class:`Changed` otherwise."""
         raise NotImplementedError
 
@@ -65,12 +73,13 @@ _PRECONDITION = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409
 
 
 class Boto3Objects(ObjectIO):
-    """The same requests through a boto3 S3 client (thread-safe by botocore's design)."""
+    """The same requests through a boto3 S3 client (thread-safe by botocore's design), each on ``executor``."""
 
     name = "boto3"
 
-    def __init__(self, s3) -> None:
-        super().__init__(None)  # a boto3 client counts its own requests (lens.serve.events.setup.count_calls)
+    def __init__(self, s3, executor: Executor | None = None) -> None:
+        # a boto3 client counts its own requests (lens.serve.events.setup.count_calls)
+        super().__init__(None, executor)
         self.s3 = s3
 
     def _call(self, fn, **kw):
@@ -86,7 +95,7 @@ class Boto3Objects(ObjectIO):
                 raise Changed(code) from e
             raise
 
-    def get(self, bucket, key, *, version_id=None, if_match=None, max_bytes=None):
+    def _get(self, bucket, key, version_id, if_match, max_bytes):
         kw = {"VersionId": version_id} if version_id else ({"IfMatch": if_match} if if_match else {})
         obj = self._call(self.s3.get_object, Bucket=bucket, Key=key, **kw)
         size = obj.get("ContentLength") or 0
@@ -95,30 +104,38 @@ class Boto3Objects(ObjectIO):
             return size, None
         return size, obj["Body"].read()
 
-    def read(self, bucket, key):
+    async def get(self, bucket, key, *, version_id=None, if_match=None, max_bytes=None):
+        return await self._in_thread(self._get, bucket, key, version_id, if_match, max_bytes)
+
+    def _read(self, bucket, key):
         obj = self._call(self.s3.get_object, Bucket=bucket, Key=key)
         return obj["Body"].read(), obj["ETag"]
 
-    def create(self, bucket, key, body, content_type):
+    async def read(self, bucket, key):
+        return await self._in_thread(self._read, bucket, key)
+
+    async def create(self, bucket, key, body, content_type):
         try:
-            self._call(self.s3.put_object, Bucket=bucket, Key=key, Body=body, ContentType=content_type,
-                       IfNoneMatch="*")
+            await self._in_thread(self._call, self.s3.put_object, Bucket=bucket, Key=key, Body=body,
+                                  ContentType=content_type, IfNoneMatch="*")
         except Changed:
             return False
         return True
 
-    def replace(self, bucket, key, body, etag, content_type):
-        self._call(self.s3.put_object, Bucket=bucket, Key=key, Body=body, ContentType=content_type, IfMatch=etag)
+    async def replace(self, bucket, key, body, etag, content_type):
+        await self._in_thread(self._call, self.s3.put_object, Bucket=bucket, Key=key, Body=body,
+                              ContentType=content_type, IfMatch=etag)
 
 
 class ObstoreObjects(ObjectIO):
-    """The same requests through obstore: one ``S3Store`` per bucket (built on first use, shared by threads)."""
+    """The same requests through obstore's async calls, on its own runtime (no thread of ours waits on them): one
+    ``S3Store`` per bucket, built on first use and shared."""
 
     name = "obstore"
 
     def __init__(self, region: str | None = None, calls: Counter | None = None, *, s3=None, max_retries: int = 3,
-                 retry_timeout_s: float = 20.0) -> None:
-        super().__init__(calls)
+                 retry_timeout_s: float = 20.0, executor: Executor | None = None) -> None:
+        super().__init__(calls, executor)  # the executor runs only the one HeadBucket per bucket
         self.region = region
         self.s3 = s3  # a boto3 client for the one HeadBucket per bucket that finds its region
         # the consumer retries a failed object itself (its message comes back): obstore's own retries stay short
@@ -135,6 +152,10 @@ class ObstoreObjects(ObjectIO):
                 if s is None:
                     s = self._stores[bucket] = self._new_store(bucket)
         return s
+
+    async def _store(self, bucket: str):
+        s = self._stores.get(bucket)
+        return s if s is not None else await self._in_thread(self.store, bucket)  # may ask S3 for the region
 
     def _new_store(self, bucket: str):
         import boto3
@@ -177,57 +198,58 @@ class ObstoreObjects(ObjectIO):
             return Changed(str(e).splitlines()[0])
         return e
 
-    def get(self, bucket, key, *, version_id=None, if_match=None, max_bytes=None):
+    async def get(self, bucket, key, *, version_id=None, if_match=None, max_bytes=None):
         import obstore
 
+        store = await self._store(bucket)
         opts = {"version": version_id} if version_id else ({"if_match": if_match} if if_match else {})
         self._count("GetObject")
         try:
-            r = obstore.get(self.store(bucket), key, options=opts or None)
+            r = await obstore.get_async(store, key, options=opts or None)
             size = int(r.meta["size"])
             if max_bytes is not None and size > max_bytes:
                 return size, None  # the body stream is dropped unread
-            return size, bytes(r.bytes())
+            return size, bytes(await r.bytes_async())
         except Exception as e:  # noqa: BLE001 - mapped to Missing/Changed, anything else re-raised as it is
             raise self._error(e) from e
 
-    def read(self, bucket, key):
+    async def read(self, bucket, key):
         import obstore
 
+        store = await self._store(bucket)
         self._count("GetObject")
         try:
-            r = obstore.get(self.store(bucket), key)
-            return bytes(r.bytes()), r.meta["e_tag"]
+            r = await obstore.get_async(store, key)
+            return bytes(await r.bytes_async()), r.meta["e_tag"]
         except Exception as e:  # noqa: BLE001
             raise self._error(e) from e
 
-    def create(self, bucket, key, body, content_type):
+    async def _put(self, bucket, key, body, mode, content_type) -> None:
         import obstore
 
+        store = await self._store(bucket)
         self._count("PutObject")
         try:
-            obstore.put(self.store(bucket), key, body, mode="create", attributes={"Content-Type": content_type},
-                        use_multipart=False)
+            await obstore.put_async(store, key, body, mode=mode, attributes={"Content-Type": content_type},
+                                    use_multipart=False)
         except Exception as e:  # noqa: BLE001
-            err = self._error(e)
-            if isinstance(err, Changed):
-                return False
-            raise err from e
+            raise self._error(e) from e
+
+    async def create(self, bucket, key, body, content_type):
+        try:
+            await self._put(bucket, key, body, "create", content_type)
+        except Changed:
+            return False
         return True
 
-    def replace(self, bucket, key, body, etag, content_type):
-        import obstore
-
-        self._count("PutObject")
-        try:
-            obstore.put(self.store(bucket), key, body, mode={"e_tag": etag},
-                        attributes={"Content-Type": content_type}, use_multipart=False)
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e) from e
+    async def replace(self, bucket, key, body, etag, content_type):
+        await self._put(bucket, key, body, {"e_tag": etag}, content_type)
 
 
-def object_io(s3, client: str = "auto", *, region: str | None = None, calls: Counter | None = None) -> ObjectIO:
-    """The event path's per-object client: ``obstore`` (``auto``: where it is installed) or ``boto3`` (``s3``)."""
+def object_io(s3, client: str = "auto", *, region: str | None = None, calls: Counter | None = None,
+              executor: Executor | None = None) -> ObjectIO:
+    """The event path's per-object client: ``obstore`` (``auto``: where it is installed; its requests run on its own
+    runtime) or ``boto3`` (``s3``; its requests on ``executor``'s threads)."""
     if client in ("auto", "obstore"):
         try:
             import obstore  # noqa: F401
@@ -235,5 +257,5 @@ def object_io(s3, client: str = "auto", *, region: str | None = None, calls: Cou
             if client == "obstore":
                 raise
         else:
-            return ObstoreObjects(region, calls, s3=s3)
-    return Boto3Objects(s3)
+            return ObstoreObjects(region, calls, s3=s3, executor=executor)
+    return Boto3Objects(s3, executor)

@@ -3,6 +3,7 @@ and Parquet parts of embeddings for the search index."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -122,7 +123,7 @@ class ResultStore:
     def _where(self, ev: ObjectEvent) -> tuple[str, str]:
         return self.results_bucket or ev.bucket, self.sidecar_key(ev.bucket, ev.key)
 
-    def write(self, rec: Record, model: dict) -> str:
+    async def write(self, rec: Record, model: dict) -> str:
         """Write the sidecar unless this object version already has one; returns what happened.
 
         A conditional PUT (``If-None-Match: *``) makes the first writer win without a prior read. If a
@@ -132,15 +133,15 @@ class ResultStore:
         """
         bucket, key = self._where(rec.event)
         body = json.dumps(rec.to_json(model, self.sidecar_embedding)).encode()
-        if not self.objects.create(bucket, key, body, "application/json"):
-            prev_body, etag = self.objects.read(bucket, key)
+        if not await self.objects.create(bucket, key, body, "application/json"):
+            prev_body, etag = await self.objects.read(bucket, key)
             verdict = _against(rec, json.loads(prev_body))
             if verdict is not None:
                 return verdict
             # raises Changed (and the object is retried) if someone wrote in between
-            self.objects.replace(bucket, key, body, etag, "application/json")
+            await self.objects.replace(bucket, key, body, etag, "application/json")
         if self.object_tags and rec.status == "tagged":
-            self._tag_object(rec, model)
+            await asyncio.to_thread(self._tag_object, rec, model)  # boto3: S3's tagging calls
         return "written"
 
     def write_tombstones(self, records: list[Record], bucket: str) -> str | None:
