@@ -244,6 +244,10 @@ def main() -> None:
                           "S3 requests per image <= 2.114 (the boto3 run's)": s3_per_image <= 2.114,
                           "every image has exactly one result": len(results) == n and set(writes.values()) == {1}
                           and len(writes) == n and len(rows) == n and all(v >= 1 for v in rows.values())}
+    calls = consumer.get("tagger_calls", 0) - idle1.get("tagger_calls", 0)
+    summary["tagger_calls"] = calls  # handle calls to the model pool during the run
+    summary["images_per_tagger_call"] = round((consumer.get("tagger_images", 0) - idle1.get("tagger_images", 0))
+                                              / max(1, calls), 2)
     summary["sidecar_writes"] = sum(writes.values())
     summary["embedding_rows_written"] = sum(rows.values())
     out = ROOT / "benchmarks"

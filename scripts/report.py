@@ -159,7 +159,9 @@ def events_md(e: dict) -> list[str]:
            f"{e.get('sidecar_writes', '–')}; embedding rows written: {e.get('embedding_rows_written', '–')}.",
            f"* the consumer's own CPU: **{e['consumer_cpu_ms_per_event']} ms per event** "
            f"({e['consumer_cpu_ms_per_event_less_idle']} ms less its idle polling, {e['consumer_idle_cpu_per_s']} "
-           "CPU-s/s); the model runs in the pool's replicas and S3/SQS in moto's server, neither counted."
+           "CPU-s/s); the model runs in the pool's replicas and S3/SQS in moto's server, neither counted"
+           + (f"; {e['tagger_calls']} calls to the model pool, {e['images_per_tagger_call']} images each (a poll's "
+              "images in one call)." if "tagger_calls" in e else ".")
            if "consumer_cpu_ms_per_event" in e else "* consumer CPU per event: not measured in this run.",
            f"* S3/SQS requests per image: **{e['aws_calls_per_image_total']}** "
            f"({', '.join(f'{k} {v}' for k, v in e['aws_calls_per_image'].items())}); idle: "

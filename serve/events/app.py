@@ -67,6 +67,7 @@ def _make_consumer_class():
             count_calls(sqs, self.aws_calls)
             self._handle = pool if pool is not None else serve.get_deployment_handle(self.args.tagger_deployment,
                                                                                        self.args.tagger_app)
+            self.tagger_calls = self.tagger_images = 0  # handle calls to the model pool, and the images they carried
             self.processor = EventProcessor(self.args.events, s3, self._tag_many, {}, calls=self.aws_calls)
             from lens.serve.metrics import EventMetrics
 
@@ -76,6 +77,8 @@ def _make_consumer_class():
         async def _tag_many(self, items: list[bytes], top_k: int, embedding: bool) -> list:
             """The processor's tagger: a poll's images reach the model pool in one handle call (``tag_many``), where
             they join the replica's batches one by one."""
+            self.tagger_calls += 1
+            self.tagger_images += len(items)
             return await self._handle.tag_many.remote(items, top_k, embedding)
 
         async def _start(self) -> None:
@@ -91,13 +94,15 @@ def _make_consumer_class():
                 raise RuntimeError(f"poller stopped: {self._task.exception()}")
 
         def status(self) -> dict:
-            """Pollers, outcome counts, S3/SQS requests made by operation, and this process's CPU seconds (the
-            consumer's own work: the model runs in the pool's replicas, S3/SQS in their servers)."""
+            """Pollers, outcome counts, S3/SQS requests made by operation, calls to the model pool and the images they
+            carried, and this process's CPU seconds (the consumer's own work: the model runs in the pool's replicas,
+            S3/SQS in their servers)."""
             import time
 
             return {"pollers": self.poller.pollers, "processed": dict(self.poller.totals),
                     "aws_calls": dict(self.aws_calls), "cpu_s": time.process_time(),
-                    "s3_client": self.processor.objects.name}
+                    "s3_client": self.processor.objects.name,
+                    "tagger_calls": self.tagger_calls, "tagger_images": self.tagger_images}
 
         def __del__(self) -> None:
             self.poller.stop()
