@@ -20,9 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "priority", "deletes", "backfill", "batch",
+ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "s3-clients", "priority", "deletes", "backfill", "batch",
          "embed-int8", "index", "filters", "shards", "train", "rollout", "drift", "gpu-check"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER} | {"embed-int8": "scripts/bench_embed_int8.py",
+                                                        "s3-clients": "scripts/bench_s3_clients.py",
                                                         "gpu-check": "scripts/gpu_check.sh"}
 
 
@@ -189,6 +190,19 @@ def events_md(e: dict) -> list[str]:
            f"* put → result p50 {n(e['put_to_result_ms']['p50'])} ms, p95 {n(e['put_to_result_ms']['p95'])} ms "
            "(the whole burst queues)."]
     return out + targets_md(e)
+
+
+def s3_clients_md(c: dict) -> list[str]:
+    w = c["workload"]
+    rows = [f"| {k} | {v['cpu_ms_per_object']} ({', '.join(map(str, v['rounds_cpu_ms_per_object']))}) | "
+            f"{v['objects_per_s']} | {'yes' if v['create_only_refused_where_an_object_exists'] else '**no**'} | "
+            f"{c['ratios'].get(f'{k}_cpu_vs_obstore', 1.0)}× |" if "cpu_ms_per_object" in v else
+            f"| {k} | not run: {v.get('not_run', '?')} | | | |" for k, v in c["clients"].items()]
+    return [f"The event path's per-object S3 clients (`{SCRIPT['s3-clients']}`, `benchmarks/s3-clients.json`): "
+            f"{w['objects']} objects, {w['concurrency']} at once from one event loop, each a {w['requests_per_object']}; "
+            f"{w['server']}; each client in a fresh process, {w['rounds']} rounds in turn (median).", "",
+            "| client | CPU ms per object (rounds) | objects/s | create-only PUT refused where an object exists | "
+            "CPU ÷ obstore's |", "|---|---|---|---|---|", *rows, ""] + targets_md(c)
 
 
 def batch_md(b: dict) -> list[str]:
@@ -609,7 +623,7 @@ def client_md(c: dict) -> list[str]:
             + " (why `AsyncLensClient` stays on aiohttp).", ""] + targets_md(c)
 
 
-RENDER = {"client": client_md, "formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "batch": batch_md, "index": index_md,
+RENDER = {"client": client_md, "formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "s3-clients": s3_clients_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md, "embed-int8": embed_int8_md,
           "gpu-check": gpu_check_md}

@@ -1,8 +1,8 @@
 """The event path's per-object S3 requests: the image's GET and the sidecar's conditional PUTs.
 
 These are the two requests every event costs, so their client's own CPU is the consumer's floor. ``obstore`` (the
-Python binding of Rust's ``object_store``) makes them for about a seventh of boto3's CPU (measured against moto:
-GET 0.21 vs 1.43 ms, create-only PUT 0.15 vs 1.22 ms; ``scripts/bench_events.py`` records both in every run),
+Python binding of Rust's ``object_store``) makes them for under a third of the CPU of boto3 or aiobotocore
+(``scripts/bench_s3_clients.py``; ``scripts/bench_events.py`` records obstore's and boto3's in every run),
 with the same conditional semantics: create-only (``If-None-Match: *``), update-if-ETag (``If-Match``), GET of a
 version or if the ETag matches. boto3 stays for everything else (SQS, tombstones, embedding parts, object tags,
 setup), and is the fallback (``s3_client: boto3``).
