@@ -200,6 +200,24 @@ def test_a_polls_images_reach_the_tagger_in_one_call_and_each_answer_is_its_own(
     assert queue_depth(sqs, url)["in_flight"] == 1
 
 
+def test_a_tagger_answer_of_the_wrong_length_fails_the_calls_images_and_never_mismatches_them(env, tiny):
+    from lens.serve.events.consumer import RetryLater
+    from lens.serve.events.s3events import ObjectEvent
+
+    cfg, s3, _ = env
+    p = processor(cfg, s3, tiny)
+
+    async def short(items, top_k, embedding):
+        return [{"tags": [], "embedding": None}] * (len(items) - 1)  # one answer missing: which one is unknown
+
+    p.tagger = short
+    evs = [ObjectEvent(bucket=cfg.bucket, key=f"{i}.jpg", etag="e", version_id=None, size=1, sequencer=None,
+                       event_name="ObjectCreated:Put") for i in range(3)]
+    got = [b"a", None, b"c"]
+    asyncio.run(p.tag_fetched(evs, got))
+    assert got[1] is None and all(isinstance(g, RetryLater) and "answered 1 of 2" in str(g) for g in (got[0], got[2]))
+
+
 def test_poison_message_goes_to_the_dlq_and_the_queue_drains(env, tiny):
     cfg, s3, sqs = env
     url = sqs.get_queue_url(QueueName=cfg.queue)["QueueUrl"]

@@ -211,6 +211,8 @@ class EventProcessor:
             return
         try:
             answers = await self.tagger([got[i] for i in idx], self.cfg.top_k, True)
+            if len(answers) != len(idx):
+                raise RuntimeError(f"the tagger answered {len(answers)} of {len(idx)} images")
         except Exception as exc:  # noqa: BLE001 - the tagger's trouble (no replica, died): each image fails
             answers = [exc] * len(idx)
         for i, answer in zip(idx, answers):
