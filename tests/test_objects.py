@@ -4,6 +4,7 @@ same conditional-write rules against S3 (moto's server), from one task, many tas
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -122,3 +123,53 @@ def test_obstore_counts_its_requests_and_auto_picks_it_where_installed(bucket):
     s3.put_object(Bucket=eu, Key="e.jpg", Body=b"eu")
     assert run(io.get(eu, "e.jpg")) == (2, b"eu") and io.store(eu) is io.store(eu)
     assert io._region_of(eu, io._session[0]) == "eu-west-1" and io._region_of(b, io._session[0]) == "us-east-1"
+
+
+def test_obstore_sends_a_conditional_put_again_after_a_transport_failure_and_a_landed_first_one_reads_as_a_duplicate(
+        bucket, monkeypatch):
+    """A pooled connection the server had closed resets a PUT (seen against a keep-alive server under load); obstore
+    does not resend a conditional PUT, so the client does, once: safe because the PUT is conditional."""
+    import obstore
+    from obstore.exceptions import GenericError
+
+    from lens.serve.events.results import Record, ResultStore
+    from lens.serve.events.s3events import ObjectEvent
+
+    s3, b = bucket
+    calls: Counter = Counter()
+    io = io_for(s3, "obstore", calls=calls)
+    real, attempts = obstore.put_async, []
+
+    def flaky(landed_first: bool):
+        async def put(store, key, body, **kw):
+            attempts.append(key)
+            if len(attempts) == 1:
+                if landed_first:  # the request arrived and was written; its answer was lost
+                    await real(store, key, body, **kw)
+                raise GenericError("Generic S3 error: HTTP error: error sending request (connection reset by peer)")
+            return await real(store, key, body, **kw)
+        return put
+
+    monkeypatch.setattr(obstore, "put_async", flaky(False))
+    assert run(io.create(b, "side.json", b'{"v": 1}', "application/json")) is True
+    assert attempts == ["side.json"] * 2 and calls["s3.PutObject"] == 2
+    # the first attempt landed: the second is refused, and the sidecar write reads its own record as a duplicate
+    attempts.clear()
+    monkeypatch.setattr(obstore, "put_async", flaky(True))
+    ev = ObjectEvent(bucket=b, key="img.jpg", etag="e1", version_id=None, size=1, sequencer=None,
+                     event_name="ObjectCreated:Put")
+    store = ResultStore(s3, "tags/", "emb/", objects=io)
+    assert run(store.write(Record(ev, "skipped", reason="test"), {"model": "m"})) == "duplicate"
+    assert len(attempts) == 2 and json.loads(s3.get_object(Bucket=b, Key="tags/img.jpg.json")["Body"].read())[
+        "reason"] == "test"
+    # a failure that persists is raised after the second attempt
+
+    async def down(store, key, body, **kw):
+        attempts.append(key)
+        raise GenericError("connection refused")
+
+    attempts.clear()
+    monkeypatch.setattr(obstore, "put_async", down)
+    with pytest.raises(GenericError):
+        run(io.create(b, "never.json", b"{}", "application/json"))
+    assert attempts == ["never.json"] * 2

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 from collections import Counter
 from concurrent.futures import Executor
 from datetime import timedelta
 
 __all__ = ["Missing", "Changed", "ObjectIO", "Boto3Objects", "ObstoreObjects", "object_io"]
+
+logger = logging.getLogger("lens.events")
 
 
 class Missing(Exception):
@@ -225,15 +228,29 @@ class ObstoreObjects(ObjectIO):
             raise self._error(e) from e
 
     async def _put(self, bucket, key, body, mode, content_type) -> None:
+        """A conditional PUT, sent a second time if the first failed in transport (``GenericError``: a pooled
+        connection the server had closed resets, and obstore does not resend a conditional PUT itself). Sending it
+        again is safe because it is conditional: had the first landed, the second is refused (create-only: the
+        object exists, so the caller reads it and finds its own write; If-Match: the ETag moved, so the message is
+        retried and finds the same)."""
         import obstore
+        from obstore.exceptions import GenericError
 
         store = await self._store(bucket)
-        self._count("PutObject")
-        try:
-            await obstore.put_async(store, key, body, mode=mode, attributes={"Content-Type": content_type},
-                                    use_multipart=False)
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e) from e
+        for attempt in range(2):
+            self._count("PutObject")
+            try:
+                await obstore.put_async(store, key, body, mode=mode, attributes={"Content-Type": content_type},
+                                        use_multipart=False)
+                return
+            except GenericError as e:
+                if attempt == 0:
+                    logger.info("PUT s3://%s/%s failed in transport, sending it again: %s", bucket, key,
+                                str(e).splitlines()[0])
+                    continue
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise self._error(e) from e
 
     async def create(self, bucket, key, body, content_type):
         try:
