@@ -22,7 +22,6 @@ the Lambda-style handler; only the tagger (a Serve handle, a local predictor, or
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from lens.errors import lens_error_of
 from lens.faults import crash_point
 
 from .config import EventsConfig
-from .objects import Changed, Missing, object_io
+from .objects import Changed, Missing, in_thread, object_io
 from .results import GONE, Record, ResultStore
 from .s3events import ObjectEvent, PoisonMessage, parse_message
 
@@ -101,7 +100,7 @@ class EventProcessor:
         self._sem = asyncio.Semaphore(cfg.concurrency)
 
     async def _io_call(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args, **kwargs))
+        return await in_thread(self._io, fn, *args, **kwargs)
 
     async def process_messages(self, messages: list[dict]) -> Outcome:
         """Process SQS messages (``Body``, ``ReceiptHandle``, ``MessageId``); never raises for one message."""

@@ -22,9 +22,14 @@ from collections import Counter
 from concurrent.futures import Executor
 from datetime import timedelta
 
-__all__ = ["Missing", "Changed", "ObjectIO", "Boto3Objects", "ObstoreObjects", "object_io"]
+__all__ = ["Missing", "Changed", "ObjectIO", "Boto3Objects", "ObstoreObjects", "object_io", "in_thread"]
 
 logger = logging.getLogger("lens.events")
+
+
+async def in_thread(executor: Executor | None, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on ``executor``'s threads (None: asyncio's default executor), awaited."""
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 
 class Missing(Exception):
@@ -50,7 +55,7 @@ class ObjectIO:
             self.calls[f"s3.{op}"] += 1
 
     async def _in_thread(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        return await in_thread(self.executor, fn, *args, **kwargs)
 
     async def get(self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None,
                   max_bytes: int | None = None) -> tuple[int, bytes | None]:
