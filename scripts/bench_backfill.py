@@ -37,10 +37,11 @@ def main() -> None:
 
     import boto3
 
+    from bench_serve import free_port
     from lens.cli.events import start_local_aws
     from lens.runtime.samples import augmented_jpegs
 
-    endpoint = start_local_aws(_free_port())
+    endpoint = start_local_aws(free_port())
     s3 = boto3.client("s3")
     work = Path(tempfile.mkdtemp(prefix="lens-bench-backfill-"))
     env = os.environ | {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "AWS_ENDPOINT_URL": endpoint}
@@ -91,14 +92,6 @@ def main() -> None:
            "targets": {"backfill >= 0.8x lens embed on the same objects": ratio >= 0.8}}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

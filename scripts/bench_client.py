@@ -18,7 +18,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench_serve import free_port  # noqa: E402
 from machine import describe  # noqa: E402
 
 ANSWER = {"model": "tf_efficientnet_lite0", "version": None, "sha256": "0" * 64, "predicted_at": 1.0,
@@ -50,12 +50,6 @@ async def tag(request):
 uvicorn.run(Starlette(routes=[Route("/v1/tag", tag, methods=["POST"])]), host="127.0.0.1", port=int(sys.argv[1]),
             log_level="warning", access_log=False)
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _old_client(rev: str):
@@ -106,7 +100,7 @@ def main() -> None:
     import lens.client as new
 
     old = _old_client(args.old_rev)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
     url = f"http://127.0.0.1:{port}"
     body = os.urandom(args.body_kb * 1024)

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,15 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bench_serve import free_port  # noqa: E402 - scripts/bench_serve.py
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
 sys.path.insert(0, str(ROOT / "scripts"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 #: moto's S3/SQS app behind uvicorn, which keeps connections open as AWS does (moto's own server, werkzeug's,
@@ -63,7 +57,7 @@ def boto3_floor(bucket: str, key: str, sidecar_bucket: str, n: int = 300) -> dic
     out = _floor(Boto3Objects(s3), bucket, key, sidecar_bucket, n)
     out["obstore"] = _floor(ObstoreObjects(), bucket, key, sidecar_bucket, n)
     image = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    port = _port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", KEEPALIVE_SERVER, str(port)])
     try:
         os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
@@ -127,7 +121,7 @@ def main() -> None:
     from lens.serve.events.results import count_writes, embedding_rows
     from lens.serve.events.setup import clients, ensure_resources
 
-    endpoint = start_local_aws(_port())
+    endpoint = start_local_aws(free_port())
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     import copy
 
@@ -135,7 +129,7 @@ def main() -> None:
     from lens.serve.run import deploy
     from ray import serve
 
-    port = _port()
+    port = free_port()
     doc = copy.deepcopy(DEFAULT_EVENTS_CONFIG)
     doc["http_options"].update(port=port)
     doc["applications"][0]["args"] = {"pools": [{"name": "Tagger", "num_cpus": 2,

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,15 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bench_serve import free_port  # noqa: E402 - scripts/bench_serve.py
 from machine import describe  # noqa: E402 - the benchmarks' machine record (scripts/machine.py)
 
 REPLICA = "ServeReplica:lens:Tagger"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_pids() -> list[int]:

@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_events import KEEPALIVE_SERVER, _port  # noqa: E402
-from bench_serve import jpeg_bodies, percentile  # noqa: E402
+from bench_events import KEEPALIVE_SERVER  # noqa: E402
+from bench_serve import free_port, jpeg_bodies, percentile  # noqa: E402
 from machine import describe  # noqa: E402
 
 
@@ -254,7 +254,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown modes {sorted(unknown)}; choose from {list(NICE)}")
 
-    moto_port = _port()
+    moto_port = free_port()
     # moto stands in for S3 and SQS, which are not on these cores in production, yet here it takes more CPU than
     # any Lens process (~60% of a core while a backlog drains): at --moto-nice 19 (the default) it shares the
     # cores with the bulk pool and the consumer and never outranks HAProxy (15) or the HTTP pool; at 15 it did
@@ -279,7 +279,7 @@ def main() -> None:
             time.sleep(0.1)
     bodies = jpeg_bodies()
     results = {}
-    port = _port()  # one for every mode: Serve keeps the HTTP options of its first start
+    port = free_port()  # one for every mode: Serve keeps the HTTP options of its first start
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         for mode in modes:

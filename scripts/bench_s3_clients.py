@@ -116,10 +116,11 @@ def main() -> None:
         print("RESULT " + json.dumps(r), flush=True)
         return
 
-    from bench_events import KEEPALIVE_SERVER, _port
+    from bench_events import KEEPALIVE_SERVER
+    from bench_serve import free_port, jpeg_bodies
     from machine import describe
 
-    port = _port()
+    port = free_port()
     env = os.environ | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     server = subprocess.Popen([sys.executable, "-c", KEEPALIVE_SERVER, str(port)], env=env)
@@ -135,8 +136,6 @@ def main() -> None:
             except Exception:  # noqa: BLE001 - the server is not up yet
                 time.sleep(0.1)
         s3.create_bucket(Bucket="results")
-        from bench_serve import jpeg_bodies
-
         bodies = jpeg_bodies()
         for i in range(50):
             s3.put_object(Bucket="images", Key=f"img/{i}.jpg", Body=bodies[i % len(bodies)])

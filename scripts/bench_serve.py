@@ -36,6 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 from machine import describe  # noqa: E402 - after the path: the benchmarks' machine record
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (the benchmarks' servers each take one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def jpeg_bodies() -> list[bytes]:
     """The bundled real photographs, each as a quality-90 JPEG (300x451 up to 1000x872)."""
     from PIL import Image
@@ -207,9 +214,7 @@ def start_serve():
     from ray import serve
 
     frontdoor, runtime_env = prepare(None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port, frontdoor

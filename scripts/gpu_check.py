@@ -206,11 +206,11 @@ def serve_load(device: str, quick: bool, tmp: Path) -> dict:
     import yaml
     from ray import serve
 
-    from bench_serve import closed_loop, jpeg_bodies
+    from bench_serve import closed_loop, free_port, jpeg_bodies
     from lens.serve.run import deploy
 
     doc = yaml.safe_load((ROOT / "infra" / "serve-gpu.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     doc["http_options"].update(host="127.0.0.1", port=port)
     app = doc["applications"][0]
     pool = app["args"]["pools"][0]  # the GPU pool alone, one replica
@@ -236,14 +236,6 @@ def serve_load(device: str, quick: bool, tmp: Path) -> dict:
     return {"pool": pool["name"], "model": pool["model"], "by_connections": points,
             "batches": stats["batches"], "images": stats["images"], "max_batch_seen": stats["max_batch_seen"],
             "recent_batch_sizes": sorted(set(stats["recent_batch_sizes"]))}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 RUN = {"environment": environment, "correctness": correctness, "decode": decode, "embed": embed,
