@@ -3,7 +3,6 @@ and Parquet parts of embeddings for the search index."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
@@ -16,6 +15,7 @@ import numpy as np
 
 from lens.identity import PARQUET_KEY, ModelIdentity
 
+from .objects import Boto3Objects, in_thread
 from .s3events import ObjectEvent, sequencer_newer
 
 __all__ = ["ResultStore", "Record", "s3_tags", "count_writes", "embedding_rows"]
@@ -98,8 +98,6 @@ class ResultStore:
     def __init__(self, s3, result_prefix: str, embeddings_prefix: str, *, results_bucket: str | None = None,
                  object_tags: bool = False, key_by_bucket: bool = False, sidecar_embedding: bool = False,
                  objects=None) -> None:
-        from .objects import Boto3Objects
-
         self.s3 = s3
         self.objects = objects or Boto3Objects(s3)  # the sidecars' conditional writes (lens.serve.events.objects)
         self.result_prefix = result_prefix
@@ -141,7 +139,8 @@ class ResultStore:
             # raises Changed (and the object is retried) if someone wrote in between
             await self.objects.replace(bucket, key, body, etag, "application/json")
         if self.object_tags and rec.status == "tagged":
-            await asyncio.to_thread(self._tag_object, rec, model)  # boto3: S3's tagging calls
+            # boto3's tagging calls, on the threads of the object client's other blocking requests
+            await in_thread(self.objects.executor, self._tag_object, rec, model)
         return "written"
 
     def write_tombstones(self, records: list[Record], bucket: str) -> str | None:
