@@ -1,16 +1,19 @@
 #!/usr/bin/env python
 """Benchmark the online tagging service over HTTP on loopback; prints one JSON summary.
 
-In one run, on the same machine:
-* ceiling: the in-process pipelined loop (scripts/baselines.py: decode threads feeding model batches, all cores,
-  no server) at its best batch size and thread count, on the backend the shipped profile serves (its ratio) and on
-  every other installed fp32 backend (the ratio against the best loop); and the single-image latency in-process;
+In one run, on the same machine, for the model the shipped CPU profile serves (infra/serve-cpu.yaml: OpenVINO int8
+where its gate passes) and the same backend in fp32:
+* ceiling: the in-process pipelined loop (scripts/baselines.py: decode threads feeding model batches, no server)
+  at its best batch size, decode threads and model lanes (one batch on every thread, or two at once on half the
+  threads each), on the served model (its ratio), on fp32 and on every other installed fp32 backend (the ratio
+  against the best loop); and the single-image latency in-process;
 * the CPU bound, each round: cores / (decode + model), each in CPU seconds per image measured one thread at a
   time (decode + preprocess; the model and its top-k at the loop's best batch, one inference thread);
-* floor: a naive Serve deployment of the same ONNX Runtime model: no batching, one image per call;
-* Lens: the Serve app (one pool, HAProxy in front), closed-loop clients at
-  1, 8, 32 and 64 connections with real JPEG bodies, then an open-loop overload at
-  4x the measured throughput to show load shedding (503) with bounded latency.
+* floor: a naive Serve deployment of the served model: no batching, one image per call;
+* Lens: the Serve app as shipped (one pool, HAProxy in front), closed-loop clients at 1, 8, 32 and 64
+  connections with real JPEG bodies, then an open-loop overload at 4x the measured throughput to show load
+  shedding (503) with bounded latency; beside it in each round, the same app in fp32 and the same app running
+  one batch at a time (``concurrent_batches: 1``) at 32 connections.
 
 Writes benchmarks/serve.json and benchmarks/serve.png.
 """
@@ -65,33 +68,53 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 # -- in-process ceiling ------------------------------------------------------------------------
-def bench_ceiling(bodies: list[bytes], duration: float, backend: str = "onnx") -> dict:
-    from baselines import best_pipelined, for_seconds
+def shipped_model() -> dict:
+    """The model settings of the shipped CPU profile's pool (infra/serve-cpu.yaml): what Lens serves here."""
+    import yaml
 
+    doc = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())
+    return dict(doc["applications"][0]["args"]["pools"][0]["model"])
+
+
+def predictor_for(model: dict, *, lanes: int = 1, threads: int | None = None, batch: int = 64):
+    """``model`` (a pool's model settings) on CPU, built for ``lanes`` batches at once, each on ``threads``
+    threads (default: its share of the cores; one lane on the runtimes' default threads)."""
     from lens.runtime.config import ModelConfig
     from lens.runtime.predictor import Predictor
 
-    predictor = Predictor.from_config(ModelConfig(backend=backend, device="cpu", max_batch_size=64))
-    predictor.warmup()
+    if threads is None and lanes > 1:
+        threads = max(1, (os.cpu_count() or 1) // lanes)
+    return Predictor.from_config(ModelConfig(**(model | {"device": "cpu"}), num_threads=threads, streams=lanes,
+                                             max_batch_size=batch))
+
+
+def bench_ceiling(bodies: list[bytes], duration: float, model: dict) -> dict:
+    """The in-process pipelined loop on ``model`` at its best batch size, decode threads and model lanes (one
+    batch on every thread, or two batches at once on half the threads each: what a replica can run)."""
+    from baselines import best_pipelined, for_seconds
+
+    by_lanes = {k: predictor_for(model, lanes=k) for k in (1, 2)}
+    for pred in by_lanes.values():
+        pred.warmup()
+    predictor = by_lanes[1]
     single = []
     for _ in range(3):
         for b in bodies:
             t0 = time.perf_counter()
             predictor.predict([b])
             single.append((time.perf_counter() - t0) * 1000)
-    best = best_pipelined(predictor, lambda: for_seconds(bodies, duration))
-    return {"loop": f"pipelined: decode threads feed {backend} batches (scripts/baselines.py)", "backend": backend,
+    best = best_pipelined(predictor, lambda: for_seconds(bodies, duration), batch_sizes=(8, 16), lanes=by_lanes)
+    served = predictor.info().get("quantization", {}).get("served")
+    return {"loop": "pipelined: decode threads feed model batches (scripts/baselines.py)",
+            "model": f"{predictor.info()['backend']} {served or model.get('precision') or 'fp32'}",
             "images_per_s": best["images_per_s"], "best_batch": best["batch_size"],
-            "best_decode_threads": best["decode_threads"], "points": best["points"],
-            "single_image_latency_ms_p50": round(percentile(single, 50), 2), "_predictor": predictor}
+            "best_decode_threads": best["decode_threads"], "best_lanes": best["lanes"], "points": best["points"],
+            "single_image_latency_ms_p50": round(percentile(single, 50), 2), "_predictor": by_lanes[best["lanes"]]}
 
 
-def one_thread_predictor(backend: str, batch: int):
-    """The model on ``backend`` with one inference thread, warmed up at ``batch``, for :func:`cpu_bound`."""
-    from lens.runtime.config import ModelConfig
-    from lens.runtime.predictor import Predictor
-
-    pred = Predictor.from_config(ModelConfig(backend=backend, device="cpu", num_threads=1, max_batch_size=batch))
+def one_thread_predictor(model: dict, batch: int):
+    """``model`` with one inference thread, warmed up at ``batch``, for :func:`cpu_bound`."""
+    pred = predictor_for(model, threads=1, batch=batch)
     pred.warmup(batch)
     return pred
 
@@ -123,7 +146,7 @@ def ceiling_again(ceiling: dict, bodies: list[bytes], duration: float) -> float:
     from baselines import for_seconds, pipelined
 
     return pipelined(ceiling["_predictor"], for_seconds(bodies, duration), batch_size=ceiling["best_batch"],
-                     decode_threads=ceiling["best_decode_threads"])["images_per_s"]
+                     decode_threads=ceiling["best_decode_threads"], lanes=ceiling["best_lanes"])["images_per_s"]
 
 
 def aggregate(rounds: list[list[dict]]) -> list[dict]:
@@ -206,8 +229,9 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float,
 
 # -- deployments -------------------------------------------------------------------------------
 def start_serve():
-    """Ray on every core and Serve as `lens serve` runs it (HAProxy mode, its front-door limits), on a free
-    loopback port; returns the port and the front door's config."""
+    """Ray and Serve as `lens serve` runs them (HAProxy mode, its front-door limits), on a free loopback port;
+    returns the port and the front door's config. Ray is given 4x the cores as logical CPUs, so the apps compared
+    stay deployed side by side (each measured alone, the others idle) instead of being redeployed per round."""
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     import ray
     from lens.serve.frontdoor import prepare
@@ -215,21 +239,22 @@ def start_serve():
 
     frontdoor, runtime_env = prepare(None)
     port = free_port()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
+    ray.init(address="local", num_cpus=4 * (os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
+             runtime_env=runtime_env)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port, frontdoor
 
 
-
-def deploy_naive(port: int):
-    """Floor: the same ONNX Runtime model, one image per call, no batching, Serve's defaults otherwise."""
+def naive_app(model: dict):
+    """Floor: the served model, one image per call, no batching, Serve's defaults otherwise."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from ray import serve
 
     api = FastAPI()
+    cores = os.cpu_count()
 
-    @serve.deployment(name="Naive", ray_actor_options={"num_cpus": os.cpu_count()},
+    @serve.deployment(name="Naive", ray_actor_options={"num_cpus": cores},
                       logging_config={"enable_access_log": False})
     @serve.ingress(api)
     class Naive:
@@ -237,7 +262,7 @@ def deploy_naive(port: int):
             from lens.runtime.config import ModelConfig
             from lens.runtime.predictor import Predictor
 
-            self.p = Predictor.from_config(ModelConfig(backend="onnx", device="cpu", num_threads=os.cpu_count()))
+            self.p = Predictor.from_config(ModelConfig(**(model | {"device": "cpu"}), num_threads=cores))
 
         @api.post("/v1/tag")
         async def tag(self, request: Request):
@@ -245,25 +270,34 @@ def deploy_naive(port: int):
             return JSONResponse({"tags": [t.to_dict() for t in r.tags]} if r.ok else r.to_dict(),
                                 status_code=200 if r.ok else r.status)
 
-    serve.run(Naive.bind(), name="naive", route_prefix="/naive")
-    return f"http://127.0.0.1:{port}/naive/v1/tag"
+    return Naive.bind()
 
 
-def deploy_lens(port: int, model: dict | None = None) -> str:
-    """The shipped CPU profile (infra/serve-cpu.yaml), with one fixed replica: this machine holds one;
-    ``model`` changes the pool's model settings (the int8 run)."""
+def deploy_lens(port: int, variants: dict[str, dict]) -> dict[str, str]:
+    """The shipped CPU profile (infra/serve-cpu.yaml), one fixed replica each, as one application per variant
+    (``{name: {"model": {...}, "pool": {...}}}`` changes the pool's model settings or the pool's own), all in one
+    Serve config; returns each variant's tag URL."""
+    import copy
+
     import yaml
     from lens.serve.run import deploy
 
-    doc = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())
-    doc["http_options"].update(host="127.0.0.1", port=port)
-    if model:
-        doc["applications"][0]["args"]["pools"][0]["model"].update(model)
-    (dep,) = doc["applications"][0]["deployments"]
-    dep.pop("autoscaling_config")
-    dep["num_replicas"] = 1
-    deploy(doc, where="bench")
-    return f"http://127.0.0.1:{port}/v1/tag"
+    base = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())
+    base["http_options"].update(host="127.0.0.1", port=port)
+    apps, urls = [], {}
+    for name, change in variants.items():
+        app = copy.deepcopy(base["applications"][0])
+        pool = app["args"]["pools"][0]
+        pool["model"].update(change.get("model", {}))
+        pool.update(change.get("pool", {}))
+        (dep,) = app["deployments"]
+        dep.pop("autoscaling_config")
+        dep["num_replicas"] = 1
+        app.update(name=name, route_prefix=f"/{name}")
+        apps.append(app)
+        urls[name] = f"http://127.0.0.1:{port}/{name}/v1/tag"
+    deploy(base | {"applications": apps}, where="bench")
+    return urls
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -297,118 +331,132 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks"), help="where serve.json and serve.png go")
     args = ap.parse_args()
     duration = 4.0 if args.quick else args.duration
+    grid = duration / 2  # each point of the loops' grid search; their best is measured again in every round
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     bodies = jpeg_bodies()
-    import yaml
-
-    chosen = yaml.safe_load((ROOT / "infra" / "serve-cpu.yaml").read_text())[
-        "applications"][0]["args"]["pools"][0]["model"]["backend"]  # the backend the shipped profile serves
     from baselines import installed_fp32_backends
 
-    loops = {b: bench_ceiling(bodies, duration, b) for b in installed_fp32_backends()}
-    ceiling = loops[chosen]
+    served = shipped_model()  # what the shipped profile serves (OpenVINO int8 where the gate passes)
+    fp32 = served | {"precision": "fp32"}  # the same backend in fp32: the int8 ratio's baseline
+    models = {"served": served, "fp32": fp32} | {
+        f"{b} fp32": {"name": served["name"], "backend": b, "precision": "fp32"}
+        for b in installed_fp32_backends() if b != fp32["backend"]}
+    loops = {k: bench_ceiling(bodies, grid, m) for k, m in models.items()}
+    ceiling = loops["served"]
+    gate = ceiling["_predictor"].info().get("quantization") or {}
 
     import ray
     from ray import serve
 
     port, frontdoor = start_serve()
     conns = (1, 8, 32, 64)
+    # the shipped profile as it is; the same pool in fp32; the same pool running one batch at a time
+    variants = {"lens": {}, "fp32": {"model": {"precision": "fp32"}}, "one-batch": {"pool": {"concurrent_batches": 1}}}
+    at_32 = {"fp32": (8, 32), "one-batch": (32,)}
     try:
-        url = deploy_naive(port)
+        serve.run(naive_app(served), name="naive", route_prefix="/naive")
+        url = f"http://127.0.0.1:{port}/naive/v1/tag"
         asyncio.run(closed_loop(url, bodies, 4, 2))  # warm
         naive = aggregate([[asyncio.run(closed_loop(url, bodies, c, duration)) for c in conns]
                            for _ in range(args.rounds)])
         print("naive:", naive, file=sys.stderr)
         serve.delete("naive")
-        url = deploy_lens(port)
-        asyncio.run(closed_loop(url, bodies, 8, 2))  # warm
-        rounds, ceilings, others, bounds = [], [], {b: [] for b in loops if b != chosen}, []
-        one_thread = one_thread_predictor(chosen, ceiling["best_batch"])
-        for r in range(args.rounds):  # each round: every backend's loop (Lens idle), then every Lens point
-            bounds.append(cpu_bound(one_thread, bodies))
-            ceilings.append(ceiling_again(ceiling, bodies, duration))
-            for b in others:
-                others[b].append(ceiling_again(loops[b], bodies, duration))
-            rounds.append([asyncio.run(closed_loop(url, bodies, c, duration)) for c in conns])
-            print(f"round {r + 1}: ceiling {ceilings[-1]}, lens {[p['throughput_rps'] for p in rounds[-1]]}",
+        urls = deploy_lens(port, variants)
+        for u in urls.values():
+            asyncio.run(closed_loop(u, bodies, 8, 2))  # warm
+        rounds, others = [], {k: [] for k in at_32}
+        again: dict = {k: [] for k in loops}
+        one_thread = {k: one_thread_predictor(models[k], loops[k]["best_batch"]) for k in ("served", "fp32")}
+        bounds: dict = {k: [] for k in one_thread}
+        for r in range(args.rounds):  # each round: the bounds and every loop (Lens idle), then every Lens point
+            for k, pred in one_thread.items():
+                bounds[k].append(cpu_bound(pred, bodies))
+            for k, loop in loops.items():
+                again[k].append(ceiling_again(loop, bodies, duration))
+            rounds.append([asyncio.run(closed_loop(urls["lens"], bodies, c, duration)) for c in conns])
+            for k, cs in at_32.items():
+                others[k].append([asyncio.run(closed_loop(urls[k], bodies, c, duration)) for c in cs])
+            print(f"round {r + 1}: ceiling {again['served'][-1]}, lens {[p['throughput_rps'] for p in rounds[-1]]}, "
+                  + ", ".join(f"{k} {[p['throughput_rps'] for p in v[-1]]}" for k, v in others.items()),
                   file=sys.stderr)
         lens = aggregate(rounds)
-        per_round_32 = [rnd[conns.index(32)]["throughput_rps"] / c for rnd, c in zip(rounds, ceilings)]
-        per_round_bound = [rnd[conns.index(32)]["throughput_rps"] / b["images_per_s"] for rnd, b in zip(rounds, bounds)]
         best = max(p["throughput_rps"] for p in lens)
         # one load generator is one client address: keep its connections under the front door's per-client cap
         # (more are refused at accept by design), so the overload measures shedding, not the cap
         cap = frontdoor.max_conn_per_client or 2000
-        overload = asyncio.run(open_loop(url, bodies, 4 * best, duration, max_in_flight=max(1, cap - 16)))
-        probe = asyncio.run(closed_loop(url, bodies, 1, 2))
+        overload = asyncio.run(open_loop(urls["lens"], bodies, 4 * best, duration, max_in_flight=max(1, cap - 16)))
+        probe = asyncio.run(closed_loop(urls["lens"], bodies, 1, 2))
         healthy_after = set(probe["statuses"]) == {"200"}
-        # the same service with OpenVINO int8 (built and gated here first, so the replica starts warm)
-        from lens.runtime.config import ModelConfig
-        from lens.runtime.loading import load_model
-
-        int8 = {"backend": "openvino", "precision": "int8"}
-        gate = load_model(ModelConfig(**int8)).quantization
-        url = deploy_lens(port, int8)
-        asyncio.run(closed_loop(url, bodies, 8, 2))  # warm
-        lens_int8 = aggregate([[asyncio.run(closed_loop(url, bodies, c, duration)) for c in (8, 32)]
-                               for _ in range(args.rounds)])
-        print("lens int8:", lens_int8, file=sys.stderr)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    for b, loop in loops.items():
+    for k, loop in loops.items():
         loop.pop("_predictor")
         loop["images_per_s_first"] = loop["images_per_s"]  # the grid search's best point
-        loop["images_per_s_rounds"] = ceilings if b == chosen else others[b]
-        loop["images_per_s"] = round(statistics.median(loop["images_per_s_rounds"]), 2)
-    best_backend = max(loops, key=lambda b: loops[b]["images_per_s"])
-    per_round_best = [rnd[conns.index(32)]["throughput_rps"] / max(
-        loops[b]["images_per_s_rounds"][i] for b in loops) for i, rnd in enumerate(rounds)]
+        loop["images_per_s_rounds"] = again[k]
+        loop["images_per_s"] = round(statistics.median(again[k]), 2)
+    i32 = conns.index(32)
+
+    def paired(served_rounds: list, base: list) -> list[float]:
+        return [round(x / b, 3) for x, b in zip(served_rounds, base)]
+
+    lens_32 = [rnd[i32]["throughput_rps"] for rnd in rounds]
+    fp32_32 = [rnd[1]["throughput_rps"] for rnd in others["fp32"]]
+    one_32 = [rnd[0]["throughput_rps"] for rnd in others["one-batch"]]
+    per_round = {
+        "lens_32_vs_ceiling": paired(lens_32, again["served"]),
+        "lens_32_vs_best_loop": paired(lens_32, [max(again[k][i] for k in loops) for i in range(len(rounds))]),
+        "lens_32_vs_cpu_bound": paired(lens_32, [b["images_per_s"] for b in bounds["served"]]),
+        "fp32_32_vs_cpu_bound": paired(fp32_32, [b["images_per_s"] for b in bounds["fp32"]]),
+        "fp32_32_vs_ceiling": paired(fp32_32, again["fp32"]),
+        "int8_32_vs_fp32_32": paired(lens_32, fp32_32),
+        "two_batches_vs_one_32": paired(lens_32, one_32),
+    }
     at = {p["connections"]: p for p in lens}
     naive_at = {p["connections"]: p for p in naive}
     summary = {
         "benchmark": "serve",
         "machine": describe(),
-        "model": "tf_efficientnet_lite0",
+        "model": served["name"],
+        "served_model": {k: served[k] for k in ("backend", "precision") if k in served} | {
+            "served": gate.get("served", served.get("precision", "fp32"))},
         "bodies": {"count": len(bodies), "mean_bytes": int(statistics.mean(map(len, bodies)))},
         "seconds_per_point": duration,
         "rounds": args.rounds,
         "frontdoor": frontdoor.model_dump(),
         "ceiling": ceiling,
-        "served_backend": chosen,
-        "loops_by_backend": {b: {k: v for k, v in loop.items() if k != "points"} for b, loop in loops.items()},
-        "best_backend_loop": best_backend,
+        "loops": {k: {kk: v for kk, v in loop.items() if kk != "points"} | {"points": loop["points"]}
+                  for k, loop in loops.items()},
         "lens": {"by_connections": lens, "overload_4x": overload, "healthy_after_overload": healthy_after},
-        "naive": {"by_connections": naive},
+        "lens_fp32": {"by_connections": aggregate(others["fp32"])},
+        "lens_one_batch_at_a_time": {"by_connections": aggregate(others["one-batch"])},
+        "naive": {"by_connections": naive, "model": "the served model, one image per call"},
         # cores / (decode + model) per image, in CPU seconds, measured in each round beside the loops
-        "cpu_bound": {"rounds": bounds, "images_per_s": round(statistics.median(b["images_per_s"] for b in bounds), 1)},
-        "lens_openvino_int8": {"by_connections": lens_int8, "served": gate["served"],
-                               "gate": {k: gate[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine",
-                                                             "recall_at_10_vs_fp32_index", "passed")}},
-        "ratios": {
-            "int8_32_vs_fp32_32": round(lens_int8[1]["throughput_rps"] / at[32]["throughput_rps"], 2),
-            "lens_32_vs_ceiling": round(statistics.median(per_round_32), 2),
-            "lens_32_vs_ceiling_rounds": [round(x, 3) for x in per_round_32],
-            "lens_32_vs_best_backend_loop": round(statistics.median(per_round_best), 2),
-            "lens_32_vs_naive_32": round(at[32]["throughput_rps"] / naive_at[32]["throughput_rps"], 2),
-            "lens_32_vs_cpu_bound": round(statistics.median(per_round_bound), 3),
-            "lens_32_vs_cpu_bound_rounds": [round(x, 3) for x in per_round_bound],
-            "lens_p50_at_1_minus_inprocess_ms": round(at[1]["p50_ms"] - ceiling["single_image_latency_ms_p50"], 2),
-        },
+        "cpu_bound": {"rounds": bounds["served"],
+                      "images_per_s": round(statistics.median(b["images_per_s"] for b in bounds["served"]), 1)},
+        "cpu_bound_fp32": {"rounds": bounds["fp32"],
+                           "images_per_s": round(statistics.median(b["images_per_s"] for b in bounds["fp32"]), 1)},
+        "gate": {k: gate[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine", "recall_at_10_vs_fp32_index",
+                                      "passed") if k in gate},
+        "ratios": {k: round(statistics.median(v), 3) for k, v in per_round.items()}
+        | {f"{k}_rounds": v for k, v in per_round.items()}
+        | {"lens_32_vs_naive_32": round(at[32]["throughput_rps"] / naive_at[32]["throughput_rps"], 2),
+           "lens_p50_at_1_minus_inprocess_ms": round(at[1]["p50_ms"] - ceiling["single_image_latency_ms_p50"], 2)},
     }
+    r = summary["ratios"]
     summary["targets"] = {
-        "lens_32 >= 0.7x ceiling": summary["ratios"]["lens_32_vs_ceiling"] >= 0.7,
-        # (replaces "lens_32 >= 3x naive", set against an eager-torch floor: against the same ONNX model served
+        "lens_32 >= 0.7x ceiling": r["lens_32_vs_ceiling"] >= 0.7,
+        # (replaces "lens_32 >= 3x naive", set against an eager-torch floor: against the same model served
         # unbatched, batching on 2 cores is worth ~1.1-1.3x, and that figure stays in the ratios)
-        "lens_32 >= 0.9x cores / (decode + model)": summary["ratios"]["lens_32_vs_cpu_bound"] >= 0.9,
-        "p50 at 1 conn <= in-process + 15 ms": summary["ratios"]["lens_p50_at_1_minus_inprocess_ms"] <= 15,
+        "lens_32 >= 0.9x cores / (decode + model)": r["lens_32_vs_cpu_bound"] >= 0.9,
+        "p50 at 1 conn <= in-process + 15 ms": r["lens_p50_at_1_minus_inprocess_ms"] <= 15,
         "overload sheds with 503 and nothing else fails": overload["shed_503"] > 0 and overload["other"] == 0,
         "healthy after overload": healthy_after,
-        "served int8 >= 1.3x served fp32 (32 connections)": gate["served"] == "int8"
-        and summary["ratios"]["int8_32_vs_fp32_32"] >= 1.3,
+        "served int8 >= 1.3x served fp32 (32 connections)": summary["served_model"]["served"] == "int8"
+        and r["int8_32_vs_fp32_32"] >= 1.3,
     }
     (out / "serve.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "serve.png")

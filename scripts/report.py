@@ -106,50 +106,56 @@ def serve_md(s: dict) -> list[str]:
     c = s["ceiling"]
     lens = {p["connections"]: p for p in s["lens"]["by_connections"]}
     naive = {p["connections"]: p for p in s["naive"]["by_connections"]}
+    fp32 = {p["connections"]: p for p in s["lens_fp32"]["by_connections"]}
+    one = {p["connections"]: p for p in s["lens_one_batch_at_a_time"]["by_connections"]}
+    m = s["served_model"]
     rounds = s.get("rounds", 1)
-    out = [f"Online service (`{SCRIPT['serve']}`, `benchmarks/serve.json|png`): {s['seconds_per_point']:g} s per "
+    out = [f"Online service (`{SCRIPT['serve']}`, `benchmarks/serve.json|png`): the shipped CPU profile "
+           f"({m['backend']} {m.get('precision', 'fp32')}, served {m['served']}), {s['seconds_per_point']:g} s per "
            f"point, {rounds} round(s) of every point (medians; spread = (max - min) / median), the "
            f"{s['bodies']['count']} bundled photos as JPEG bodies (mean {n(s['bodies']['mean_bytes'])} "
            "bytes), closed-loop clients on loopback, HAProxy mode with the front-door limits `lens serve` applies.",
-           "", "| connections | Lens images/s | spread | Lens p50 / p99 ms | floor images/s |", "|---|---|---|---|---|"]
+           "", "| connections | Lens images/s | spread | Lens p50 / p99 ms | fp32 images/s | one batch at a time "
+           "images/s | floor images/s |", "|---|---|---|---|---|---|---|"]
     for k in sorted(lens):
-        p, f = lens[k], naive.get(k, {})
+        p = lens[k]
         out.append(f"| {k} | {n(p['throughput_rps'])} | {p.get('spread', '–')} | {n(p['p50_ms'])} / {n(p['p99_ms'])} | "
-                   f"{n(f.get('throughput_rps'))} |")
+                   f"{n(fp32.get(k, {}).get('throughput_rps'))} | {n(one.get(k, {}).get('throughput_rps'))} | "
+                   f"{n(naive.get(k, {}).get('throughput_rps'))} |")
     r = s["ratios"]
     o = s["lens"]["overload_4x"]
+    b, bf = s["cpu_bound"], s["cpu_bound_fp32"]
+
+    def bound(x: dict) -> str:
+        return (f"decode + preprocess {', '.join(str(q['decode_ms']) for q in x['rounds'])} ms, the model and its "
+                f"top-k at batch {x['rounds'][0]['batch']} on one thread {', '.join(str(q['model_ms']) for q in x['rounds'])}"
+                f" ms: {n(x['images_per_s'])} images/s")
+
     out += ["",
-            f"* Ceiling: {c.get('loop', 'in-process loop')}, best at batch {c.get('best_batch')} with "
-            f"{c.get('best_decode_threads', '?')} decode threads: {n(c['images_per_s'])} images/s. Lens at 32 "
-            f"connections: **{r['lens_32_vs_ceiling']}×** it"
-            + (f" (median of the rounds' paired ratios {r['lens_32_vs_ceiling_rounds']}; the ceiling measured "
-               f"again in each round: {c.get('images_per_s_rounds')})"
-               if "lens_32_vs_ceiling_rounds" in r else "") + ".",
-            *([f"* Against the best installed backend's loop ({s['best_backend_loop']}: "
-               + ", ".join(f"{b} {n(v['images_per_s'])}" for b, v in s["loops_by_backend"].items())
-               + f" images/s): Lens ({s['served_backend']}) at 32 connections **{r['lens_32_vs_best_backend_loop']}×**."]
-              if "loops_by_backend" in s else []),
-            *([f"* The CPU bound: {s['cpu_bound']['rounds'][0]['cores']} cores / (decode + model) per image, each "
-               f"in CPU seconds measured one thread at a time in each round (decode + preprocess "
-               + ", ".join(f"{b['decode_ms']}" for b in s["cpu_bound"]["rounds"]) + " ms; the model and its top-k at "
-               f"batch {s['cpu_bound']['rounds'][0]['batch']}, one thread, "
-               + ", ".join(f"{b['model_ms']}" for b in s["cpu_bound"]["rounds"]) + " ms): "
-               f"{n(s['cpu_bound']['images_per_s'])} images/s. Lens at 32 connections: "
-               f"**{r['lens_32_vs_cpu_bound']}×** it (rounds {r['lens_32_vs_cpu_bound_rounds']})."]
-              if "cpu_bound" in s else []),
-            f"* Floor: a Serve deployment of the same ONNX Runtime model without batching, one image per call: "
+            f"* Ceiling: {c['loop']} on the served model ({c['model']}), best at batch {c['best_batch']}, "
+            f"{c['best_decode_threads']} decode threads, {c['best_lanes']} batch(es) on the model at once: "
+            f"{n(c['images_per_s'])} images/s (measured again in each round: {c['images_per_s_rounds']}). Lens at 32 "
+            f"connections: **{r['lens_32_vs_ceiling']}×** it (rounds {r['lens_32_vs_ceiling_rounds']}); against the "
+            "best of every loop (" + ", ".join(f"{v['model']} {n(v['images_per_s'])}" for v in s["loops"].values())
+            + f" images/s): **{r['lens_32_vs_best_loop']}×**.",
+            f"* The CPU bound: {b['rounds'][0]['cores']} cores / (decode + model) per image, each in CPU seconds "
+            f"measured one thread at a time in each round ({bound(b)}). Lens at 32 connections: "
+            f"**{r['lens_32_vs_cpu_bound']}×** it (rounds {r['lens_32_vs_cpu_bound_rounds']}). The same app in fp32 "
+            f"against fp32's bound ({bound(bf)}): **{r['fp32_32_vs_cpu_bound']}×** "
+            f"(rounds {r['fp32_32_vs_cpu_bound_rounds']}).",
+            f"* Two batches on the model at once (the default `concurrent_batches` on 2+ CPUs, one thread each) "
+            f"against one batch at a time on both threads, same app, 32 connections: **{r['two_batches_vs_one_32']}×** "
+            f"(rounds {r['two_batches_vs_one_32_rounds']}).",
+            f"* int8 as shipped against the same app in fp32 (32 connections): **{r['int8_32_vs_fp32_32']}×** "
+            f"(rounds {r['int8_32_vs_fp32_32_rounds']}; gate: " + ", ".join(f"{k} {v}" for k, v in s["gate"].items())
+            + ").",
+            f"* Floor: a Serve deployment of the served model without batching, one image per call: "
             f"Lens at 32 connections is **{r['lens_32_vs_naive_32']}×** it.",
             f"* 1 connection: p50 {lens[1]['p50_ms']} ms against {c['single_image_latency_ms_p50']} ms in-process "
             f"for one image (+{r['lens_p50_at_1_minus_inprocess_ms']} ms).",
             f"* Open-loop overload at 4× the measured throughput ({n(o['offered_rps'])} requests/s offered): "
             f"{n(o['shed_503'])} shed with 503, {n(o['accepted'])} accepted (p99 {n(o['accepted_p99_ms'])} ms), "
             f"{o['other']} other; healthy afterwards: {s['lens']['healthy_after_overload']}."]
-    if "lens_openvino_int8" in s:
-        q = s["lens_openvino_int8"]
-        i8 = {p["connections"]: p for p in q["by_connections"]}
-        out.append(f"* The same service with `backend: openvino, precision: int8` (gate passed: {q['gate']['passed']}, "
-                   f"served {q['served']}): {n(i8[32]['throughput_rps'])} images/s at 32 connections (p50 "
-                   f"{n(i8[32]['p50_ms'])} ms), **{r['int8_32_vs_fp32_32']}×** the fp32 service in the same run.")
     return out + targets_md(s)
 
 

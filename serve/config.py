@@ -71,6 +71,11 @@ class PoolConfig(StrictModel):
     decode_threads: PositiveInt | None = Field(
         None, description="threads that decode+preprocess while the model runs; None = the replica's num_cpus"
     )
+    concurrent_batches: PositiveInt | None = Field(
+        None, le=8, description="batches a replica runs on the model at once, each on num_cpus / concurrent_batches "
+        "inference threads (OpenVINO: one stream each). None: 2 on a CPU replica of 2 or more CPUs (one batch per "
+        "thread keeps every core busy where one batch on two threads leaves them waiting on each other: docs: "
+        "performance), else 1 (a GPU runs one batch at a time)")
     warmup_batch_sizes: tuple[PositiveInt, ...] = Field((1,), description="dummy batches run before taking traffic")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (ONNX Runtime threads follow it)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")

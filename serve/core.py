@@ -2,8 +2,11 @@
 
 Each request's image is decoded and preprocessed on a thread pool as soon as it
 arrives, so decoding overlaps the model; prepared arrays are gathered by
-``@serve.batch`` and run on the model in one call on a dedicated thread, so the
-event loop keeps accepting and decoding while the model is busy. The constructor
+``serve.batch`` and each batch runs on the model in one call on a model thread, so
+the event loop keeps accepting and decoding while the model is busy. A CPU replica
+runs ``concurrent_batches`` batches at once (default 2 on 2+ CPUs), each on its
+share of the replica's CPUs: on two cores, two one-thread batches keep both busy
+where one two-thread batch leaves them waiting on each other. The constructor
 loads the model and warms it up, so a replica is healthy only once it is warm.
 """
 
@@ -45,7 +48,7 @@ from .versions import (
     route,
 )
 
-__all__ = ["TaggerCore"]
+__all__ = ["TaggerCore", "batch_limit", "model_for_replica"]
 
 logger = logging.getLogger("lens.serve")
 
@@ -58,6 +61,28 @@ def _assigned_cpus() -> int:
     except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no assignment
         cpus = 0
     return max(1, int(round(cpus))) if cpus else (os.cpu_count() or 1)
+
+
+def model_for_replica(cfg: PoolConfig, cpus: int):
+    """The pool's model config as a replica of ``cpus`` CPUs runs it: ``streams`` = the batches it runs at once
+    (``concurrent_batches``; by default 2 on a CPU replica of 2+ CPUs, else 1), each on ``num_threads`` = its share
+    of the CPUs unless the pool sets the threads itself."""
+    lanes = cfg.concurrent_batches or (2 if cpus >= 2 and cfg.num_gpus == 0 else 1)
+    update = {"streams": lanes}
+    if cfg.model.num_threads is None:
+        update["num_threads"] = max(1, cpus // lanes)
+    return cfg.model.model_copy(update=update)
+
+
+def batch_limit(max_batch_size: int, lanes: int, running: int, coming: int) -> int:
+    """The size at which the batch being formed closes: ``coming`` (the images in the replica that can still join
+    one: queued for a batch or decoding) spread over the model lanes free now, at most ``max_batch_size``. Serve's
+    batch queue closes a batch at this size or at its wait timeout: one that holds everything the replica has
+    goes to the model at once (eight closed-loop clients do not wait out the timeout for images that are not
+    coming), two free lanes take half each, and under load (more images than a batch holds) it is
+    ``max_batch_size``."""
+    free = max(1, lanes - running)
+    return max(1, min(max_batch_size, -(-coming // free)))
 
 
 def _replica_id() -> str:
@@ -79,9 +104,8 @@ class TaggerCore:
         t0 = time.perf_counter()
         cfg = validate(PoolConfig, pool, where="Tagger args")
         cpus = _assigned_cpus()
-        model_cfg = cfg.model
-        if model_cfg.num_threads is None:  # match ONNX Runtime / torch threads to this replica's num_cpus
-            model_cfg = model_cfg.model_copy(update={"num_threads": cpus})
+        model_cfg = model_for_replica(cfg, cpus)
+        self.lanes = lanes = model_cfg.streams
         self.cfg = cfg
         self._model_cfg = model_cfg
         self.metrics = TaggerMetrics()
@@ -104,10 +128,16 @@ class TaggerCore:
                                           on_change=self._routing_changed)
             self._routing_changed(self.watcher.routing)
         self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or cpus, thread_name_prefix="lens-decode")
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="lens-model")
-        self.nice = self._model_thread.submit(niceness).result()  # the CPU niceness the model runs at
+        self._model_threads = ThreadPoolExecutor(lanes, thread_name_prefix="lens-model")
+        # Serve's batch queue, made per replica: its bound on concurrent batches is set when it is made (sizes and
+        # wait are live: reconfigure() sets them)
+        self._run_batch = serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0,
+                                      max_concurrent_batches=lanes)(self._batch)
+        self._running = self._max_running = 0
+        self.nice = self._model_threads.submit(niceness).result()  # the CPU niceness the model runs at
         self._in_flight = 0
         self._decoding = 0
+        self._queued = 0  # decoded images waiting for a batch to start
         self._batches = self._images = self._max_batch_seen = 0
         self._overloaded = 0
         self._dispatched = {"at_once": 0, "held_open": 0}  # images sent to the model at once / with a wait for company
@@ -222,11 +252,12 @@ class TaggerCore:
             self.drift_metrics.refresh()
 
     def _housekeeping(self) -> None:
-        """Every second with versions or drift (else every 5 s): run due drift tests, refresh the gauges; with a
-        rollout controller, send it this replica's per-version counters and refused loads."""
+        """Every second: run due drift tests, refresh the gauges (in flight among them: a Ray metric record costs
+        tens of microseconds, too much for every request); with a rollout controller, send it this replica's
+        per-version counters and refused loads."""
         v = self.cfg.versions
         while True:
-            time.sleep(min(v.poll_s, 1.0) if v else 1.0 if self.cfg.drift else 5.0)
+            time.sleep(min(v.poll_s, 1.0) if v else 1.0)
             try:
                 if self.drift_metrics is not None:
                     self._drift_tests()
@@ -332,6 +363,8 @@ class TaggerCore:
             "cold_start_s": round(self.cold_start_s, 3),
             "ready_at": self.ready_at,
             "batching": self.batching.model_dump(),
+            "concurrent_batches": self.lanes,
+            "model_threads": self._model_cfg.num_threads,
         }
 
     def vocabulary(self) -> dict:
@@ -371,8 +404,7 @@ class TaggerCore:
             slot, mirror = route(data, routing)
         head_id = serve.get_multiplexed_model_id() if self._multiplexed() else ""
         head = await self._get_head(head_id) if head_id else None
-        self._in_flight += 1
-        self.metrics.in_flight.set(self._in_flight)
+        self._in_flight += 1  # its gauge is set by _housekeeping every second, off the request path
         t0 = time.perf_counter()
         failed = False
         try:
@@ -407,7 +439,6 @@ class TaggerCore:
             raise
         finally:
             self._in_flight -= 1
-            self.metrics.in_flight.set(self._in_flight)
             if slot.ref is not None:
                 ms = (time.perf_counter() - t0) * 1000
                 self.version_stats.request(slot.ref.version, ms, failed)
@@ -440,16 +471,24 @@ class TaggerCore:
             self.metrics.errors.inc(tags={"kind": prepared.code})
             raise prepared.to_error()
         # Adaptive wait: hold a batch open for up to batch_wait_timeout_s only while other images are
-        # still decoding and will join it; a lone request goes to the model at once.
+        # still decoding and will join it; a lone request goes to the model at once. And an adaptive size: the
+        # batch closes once it holds what the replica has (see batch_limit), not at the timeout.
         wait = self.batching.batch_wait_timeout_s if self._decoding else 0.0
         self._dispatched["held_open" if wait else "at_once"] += 1
+        self._queued += 1
         self._run_batch.set_batch_wait_timeout_s(wait)
+        self._run_batch.set_max_batch_size(batch_limit(self.batching.max_batch_size, self.lanes, self._running,
+                                                       self._queued + self._decoding))
+        started = [False]  # set when its batch starts (it leaves the count of queued images then)
         try:
-            result = await self._run_batch((prepared, time.perf_counter(), slot))
+            result = await self._run_batch((prepared, time.perf_counter(), slot, started))
         except Exception as e:  # noqa: BLE001 - a failed model call fails its batch, never the replica
             logger.exception("model batch failed")
             self.metrics.errors.inc(tags={"kind": "model_error"})
             raise ModelError(f"{type(e).__name__}: {e}") from None
+        finally:
+            if not started[0]:  # cancelled (its client went away) before any batch took it
+                self._queued -= 1
         if isinstance(result, ModelError):
             self.metrics.errors.inc(tags={"kind": "model_output_not_finite"})
             raise result
@@ -478,13 +517,24 @@ class TaggerCore:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both replaced by reconfigure() at start
-    async def _run_batch(self, items: list[tuple[np.ndarray, float, Slot]]) -> list:
-        """One model call per version present in the batch; per item (logits, embedding), or a
-        :class:`ModelError` for an item whose outputs are not finite (a diverged checkpoint)."""
+    async def _batch(self, items: list[tuple[np.ndarray, float, Slot, list]]) -> list:
+        """One batch formed by Serve's queue (``_run_batch``), at most ``concurrent_batches`` of them at once: one
+        model call per version present in the batch; per item (logits, embedding), or a :class:`ModelError` for an
+        item whose outputs are not finite (a diverged checkpoint)."""
+        for item in items:
+            item[3][0] = True
+        self._queued -= len(items)
         await self._model_gate.wait()
+        self._running += 1
+        self._max_running = max(self._max_running, self._running)
+        try:
+            return await self._on_model(items)
+        finally:
+            self._running -= 1
+
+    async def _on_model(self, items: list[tuple[np.ndarray, float, Slot, list]]) -> list:
         start = time.perf_counter()
-        for _, enqueued, _ in items:
+        for _, enqueued, _, _ in items:
             self.metrics.queue_wait.observe((start - enqueued) * 1000)
         self.metrics.batch_size.observe(len(items))
         self._batches += 1
@@ -494,12 +544,12 @@ class TaggerCore:
         loop = asyncio.get_running_loop()
         out: list = [None] * len(items)
         groups: dict[int, list[int]] = {}
-        for i, (_, _, slot) in enumerate(items):
+        for i, (_, _, slot, _) in enumerate(items):
             groups.setdefault(id(slot), []).append(i)
         for idx in groups.values():
             predictor = items[idx[0]][2].predictor
             batch = np.stack([items[i][0] for i in idx])
-            logits, emb = await loop.run_in_executor(self._model_thread, predictor.infer, batch)
+            logits, emb = await loop.run_in_executor(self._model_threads, predictor.infer, batch)
             ok = np.isfinite(logits).all(axis=1) & np.isfinite(emb).all(axis=1)
             for j, i in enumerate(idx):
                 out[i] = (logits[j], emb[j]) if ok[j] else ModelError(
@@ -513,4 +563,5 @@ class TaggerCore:
                 "max_batch_seen": self._max_batch_seen, "in_flight": self._in_flight, "decoding": self._decoding,
                 "overloaded": self._overloaded, "held": not self._model_gate.is_set(),
                 "recent_batch_sizes": list(self._recent_batches), "dispatch": dict(self._dispatched),
+                "concurrent_batches": self.lanes, "max_concurrent_seen": self._max_running,
                 "batching": self.batching.model_dump()}

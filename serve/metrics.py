@@ -40,7 +40,8 @@ class TaggerMetrics:
         self.cold_start = Gauge("lens_replica_cold_start_seconds",
                                 description="Construct + load + warm-up time of a replica.")
         self.in_flight = Gauge("lens_replica_in_flight",
-                               description="Requests inside this replica (decoding or waiting for a batch).")
+                               description="Requests inside this replica (decoding or waiting for a batch), sampled "
+                               "every second.")
         self.int8_fallback = Gauge("lens_int8_fallback",
                                    description="1 when the pool asked for int8 but the accuracy gate refused it and "
                                    "fp32 serves; else 0.")

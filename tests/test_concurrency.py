@@ -44,6 +44,9 @@ def _backend(kind: str, cache, tiny):
         return Predictor.from_config(ModelConfig(**TINY, backend="torch", device="cpu")).model.backend
     if kind == "openvino-fp32":
         return Predictor.from_config(ModelConfig(**TINY, backend="openvino", cache_dir=cache)).model.backend
+    if kind == "openvino-2streams":  # a Serve replica's two concurrent batches: two streams of one thread
+        return Predictor.from_config(ModelConfig(**TINY, backend="openvino", cache_dir=cache, num_threads=1,
+                                                 streams=2)).model.backend
     # int8: the quantized model itself (random weights fail the accuracy gate, so a Predictor would serve fp32)
     from pathlib import Path
 
@@ -56,7 +59,7 @@ def _backend(kind: str, cache, tiny):
     return OpenVinoBackend(xml, "int8")
 
 
-@pytest.mark.parametrize("kind", ["onnx", "torch", "openvino-fp32", "openvino-int8"])
+@pytest.mark.parametrize("kind", ["onnx", "torch", "openvino-fp32", "openvino-2streams", "openvino-int8"])
 def test_concurrent_runs_give_the_sequential_results(kind, images, cache, tiny):
     backend = _backend(kind, cache, tiny)
     sizes = (1, 3, 4, 8)  # batches of several sizes: concurrent callers never line up

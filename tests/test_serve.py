@@ -106,7 +106,8 @@ async def _concurrent(url: str, bodies: list[bytes], ctype="image/jpeg"):
 
 @pytest.fixture(scope="module")
 def main_app(cluster, tiny_head):
-    return deploy(cluster, "main", {"pool": {"model": TINY | {"heads": [tiny_head]}}}, max_ongoing_requests=64,
+    return deploy(cluster, "main", {"pool": {"model": TINY | {"heads": [tiny_head]}, "concurrent_batches": 2}},
+                  max_ongoing_requests=64,
                   user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05, "max_pending": 64})
 
 
@@ -217,6 +218,8 @@ def test_48_in_flight_each_response_is_its_own_and_batches_form(main_app, tiny):
     # may be partial; 48 images still take at most 6 model calls, where without batching they would take 48.
     sizes = after["recent_batch_sizes"][-(after["batches"] - before["batches"]):]
     assert sum(sizes) == 48 and max(sizes) <= 16 and len(sizes) <= 6, sizes
+    # two batches ran on the model at once (the pool's concurrent_batches), and no more, each answer its own
+    assert after["concurrent_batches"] == 2 and after["max_concurrent_seen"] == 2, after
 
 
 def test_every_error_has_the_lens_shape(main_app):
@@ -274,6 +277,11 @@ def test_a_lone_request_never_waits_for_a_batch_to_fill(cluster):
         assert r.status_code == 200, r.text
     st = h.stats.remote().result()
     assert st["batches"] == 3 and st["dispatch"] == {"at_once": 3, "held_open": 0}, st
+    # eight at once: each batch closes once it holds the images in the replica (batch_limit), not after 5 s
+    results = Burst(f"{app}/v1/tag", images(8, seed=6)).join()
+    assert [status for status, _, _ in results] == [200] * 8
+    after = h.stats.remote().result()
+    assert after["images"] - st["images"] == 8
 
 
 def test_live_reconfigure_changes_batching_without_restart(cluster):

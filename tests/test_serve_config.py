@@ -43,6 +43,38 @@ def test_gpu_profile_requests_gpus_and_runs_cpu_beside_it():
     assert cpu.model.device == "cpu" and cpu.model.backend == "onnx" and cpu.num_gpus == 0
 
 
+def test_a_replica_runs_concurrent_batches_each_on_its_share_of_the_cpus():
+    """A CPU replica of 2+ CPUs runs two batches at once by default, each on half its CPUs (OpenVINO: a stream
+    each); one CPU, a GPU or a pool's own setting decide otherwise; a pool's own num_threads is kept."""
+    from lens.serve.config import PoolConfig
+    from lens.serve.core import model_for_replica
+
+    def lanes(cpus, **pool):
+        m = model_for_replica(PoolConfig(**pool), cpus)
+        return m.streams, m.num_threads
+
+    assert lanes(2) == (2, 1) and lanes(8) == (2, 4) and lanes(1) == (1, 1)
+    assert lanes(8, concurrent_batches=4) == (4, 2) and lanes(2, concurrent_batches=1) == (1, 2)
+    assert lanes(2, model={"num_threads": 3}) == (2, 3)
+    assert lanes(4, num_gpus=0.5, model={"device": "cuda"}) == (1, 4)
+    with pytest.raises(ConfigError, match="concurrent_batches"):
+        check_serve_config(_doc({"pools": [{"concurrent_batches": 9}]}))
+
+
+def test_a_batch_closes_once_it_holds_what_the_replica_has_spread_over_the_free_lanes():
+    """Serve's batch queue closes a batch at its size limit or its wait timeout; the replica sets the limit from
+    the images that can still join (queued + decoding), so eight closed-loop clients never wait out the timeout
+    for images that are not coming, two free lanes take half each, and a loaded replica fills max_batch_size."""
+    from lens.serve.core import batch_limit
+
+    assert batch_limit(16, lanes=1, running=0, coming=1) == 1  # a lone request: at once
+    assert batch_limit(16, lanes=1, running=0, coming=8) == 8  # eight clients: the batch of eight, no timeout
+    assert batch_limit(16, lanes=2, running=0, coming=8) == 4  # two free lanes: four each, side by side
+    assert batch_limit(16, lanes=2, running=1, coming=8) == 8  # one lane busy: the free one takes all
+    assert batch_limit(16, lanes=2, running=2, coming=9) == 9  # both busy: it waits, holding what there is
+    assert batch_limit(16, lanes=2, running=0, coming=100) == 16  # under load: full batches
+
+
 def _doc(args=None, **deployment):
     return {"applications": [{"name": "lens", "route_prefix": "/", "import_path": "lens.serve.app:build_app",
                               "args": args or {}, "deployments": [{"name": "Tagger"} | deployment]}]}

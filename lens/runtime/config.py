@@ -77,6 +77,9 @@ class ModelConfig(StrictModel):
                                          "int8 index; also the least with which an index of one precision answers "
                                          "queries of the other (recorded in the index manifest)")
     num_threads: PositiveInt | None = Field(None, description="intra-op threads; None = all cores")
+    streams: PositiveInt = Field(1, le=64, description="OpenVINO: inference streams, batches the compiled model "
+                                 "runs at once, each on num_threads threads (a Serve pool sets it to its "
+                                 "concurrent_batches); ONNX Runtime and torch run concurrent calls as they come")
     max_batch_size: PositiveInt = Field(
         DEFAULT_MAX_BATCH_SIZE, description="largest batch sent to the model at once (lens tag, index search); "
         "a Serve pool's user_config.max_batch_size and lens embed's batch_size set it for their jobs")

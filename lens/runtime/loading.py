@@ -381,7 +381,7 @@ def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: lis
 
     fp32_xml = ensure_fp32(onnx_path)
     if cfg.precision != "int8":
-        return OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads), None
+        return OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads, cfg.streams), None
     try:
         package_version("nncf")  # part of the int8 model's cache key, and what builds it
     except ImportError:
@@ -421,12 +421,12 @@ def _openvino_backend(cfg: ModelConfig, onnx_path: Path, meta: dict, labels: lis
     xml, report = ensure_int8(onnx_path, calibration, digest, gate, holdout_digest)
     report = int8_gate.rejudge(report, thresholds)  # thresholds may have changed since the model was cached
     if report["passed"]:
-        return OpenVinoBackend(xml, "int8", cfg.num_threads), report | {"served": "int8"}
+        return OpenVinoBackend(xml, "int8", cfg.num_threads, cfg.streams), report | {"served": "int8"}
     logger.warning("int8 model of %s REFUSED by the accuracy gate (%s): serving fp32 instead; numbers: %s",
                    cfg.name, ", ".join(report["failed"]),
                    {k: report[k] for k in ("top1_agreement", "top5_overlap", "mean_cosine",
                                            "recall_at_10_vs_fp32_index", "recall_at_10_vs_int8_index")})
-    return OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads), report | {"served": "fp32"}
+    return OpenVinoBackend(fp32_xml, "fp32", cfg.num_threads, cfg.streams), report | {"served": "fp32"}
 
 
 def _read_meta(meta_path: Path, onnx_path: Path) -> dict | None:

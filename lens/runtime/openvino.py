@@ -69,7 +69,8 @@ class OpenVinoBackend:
     name = "openvino"
     device = "cpu"
 
-    def __init__(self, xml: str | os.PathLike, precision: str = "fp32", num_threads: int | None = None) -> None:
+    def __init__(self, xml: str | os.PathLike, precision: str = "fp32", num_threads: int | None = None,
+                 streams: int = 1) -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -83,8 +84,10 @@ class OpenVinoBackend:
         # images/s together on 2 cores pinned and 178-182 unpinned; one process on all cores ran the same either
         # way (174-185). Lens runs several model processes per node, so the OS places the threads.
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
+        if streams > 1:  # concurrent batches (a Serve pool's concurrent_batches), num_threads threads each
+            config["NUM_STREAMS"] = int(streams)
         if num_threads:
-            config["INFERENCE_NUM_THREADS"] = int(num_threads)
+            config["INFERENCE_NUM_THREADS"] = int(num_threads) * int(streams)
         self.precision = precision
         self.version = openvino_version()
         self._compiled = core.compile_model(str(self.path), "CPU", config)
