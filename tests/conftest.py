@@ -288,7 +288,7 @@ def scrape_metrics(port: int, wanted: list[str], timeout_s: float = 90) -> str:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         if all(w in text for w in wanted):
             return text
-        time.sleep(1)
+        time.sleep(0.25)
     missing = [w for w in wanted if w not in text]
     assert not missing, f"not exported: {missing}"
     return text
@@ -439,7 +439,7 @@ def foreign_ray(tmp_path_factory):
 
     try:
         wait_for(lambda: mine() or proc.poll() is not None, "the foreign cluster did not start", timeout_s=120,
-                 poll_s=0.5)
+                 poll_s=0.2)
         log.seek(0)
         assert proc.poll() is None, log.read()
         address = address_file.read_text().strip()
@@ -493,7 +493,7 @@ def mlflow_server(tmp_path_factory):
 
     try:
         wait_for(lambda: up() or proc.poll() is not None, "the MLflow server did not start", timeout_s=180,
-                 poll_s=0.5)
+                 poll_s=0.2)
         log.seek(0)
         assert proc.poll() is None, log.read()[-3000:]
         yield uri

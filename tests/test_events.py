@@ -232,7 +232,7 @@ def test_poison_message_goes_to_the_dlq_and_the_queue_drains(env, tiny):
         asyncio.run(p.poll_once())
         if queue_depth(sqs, url) == {"visible": 0, "in_flight": 0} and queue_depth(sqs, dlq)["visible"] == 1:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert queue_depth(sqs, url) == {"visible": 0, "in_flight": 0}
     (dead,) = sqs.receive_message(QueueUrl=dlq, WaitTimeSeconds=1)["Messages"]
     assert "ObjectCreated:Put" in dead["Body"]
@@ -289,7 +289,7 @@ def test_consumer_killed_mid_batch_then_restarted_gives_exactly_one_result_per_k
             if (len(sidecar_writes(s3, results, cfg.result_prefix)) == len(keys)
                     and queue_depth(sqs, url) == {"visible": 0, "in_flight": 0}):
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

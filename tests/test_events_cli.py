@@ -130,7 +130,7 @@ def test_lens_events_local_default(tmp_path, lens_cache, foreign_ray):
                     images_by_pool[pool] = images_by_pool.get(pool, 0) + float(line.rsplit(" ", 1)[1])
             if images_by_pool.get("TaggerBulk", 0) >= len(keys) or time.monotonic() > deadline:
                 break
-            time.sleep(1)
+            time.sleep(0.25)
         assert images_by_pool.get("TaggerBulk", 0) >= len(keys) and images_by_pool.get("Tagger", 0) == 0, \
             images_by_pool
         replicas = subprocess.run(["ps", "-eo", "sid=,ni=,args="], capture_output=True, text=True).stdout

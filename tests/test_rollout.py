@@ -63,6 +63,14 @@ def registry(tmp_path_factory, lens_cache):
     data[1000] ^= 0xFF
     f.write_bytes(bytes(data))
     reg.set_alias("tagger", "stable", "v1")
+    # Each version's ONNX export made here, before any load: under the tests' 32 clients on 2 cores, v3's export in
+    # a replica took 32 s of the suite's budget (8 s on an idle machine). The replicas still load, verify, warm
+    # up and swap every version under load; exporting is lens.runtime's job, tested on its own (test_runtime.py:
+    # replicas starting together export once under the lock).
+    from lens.runtime.loading import load_model
+
+    for version in ("v1", "v3", "v4"):
+        load_model(ModelConfig(**MODEL, weights=reg.resolve("tagger", version).uri, cache_dir=lens_cache))
     return reg
 
 

@@ -466,7 +466,7 @@ def _first_json_health(url: str, want=lambda body: True) -> dict:
         if r is not None and r.headers.get("content-type", "").startswith("application/json") and want(r.json()):
             assert r.status_code == 503, r.text
             return r.json()
-        time.sleep(1)
+        time.sleep(0.2)
     pytest.fail(f"{url} never answered")
 
 
@@ -502,7 +502,7 @@ def test_failing_health_check_replaces_the_replica(cluster):
                 break
         except Exception:  # noqa: BLE001 - the old replica may be going away
             pass
-        time.sleep(1)
+        time.sleep(0.2)
     else:
         pytest.fail("unhealthy replica was not replaced")
     assert requests.get(f"{app}/healthz", timeout=30).status_code == 200
@@ -634,7 +634,7 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
         top = post(f"{app}/v1/search?k=3", new).json()["results"][0]["id"]
         if top == "s3://b/new.jpg":
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert top == "s3://b/new.jpg"
     # ... and a new build (with the event parts merged) is swapped in, with the item once
     rnd = np.random.default_rng(5).normal(size=(100, emb.shape[1])).astype(np.float32)  # 131 vectors: nlist 4
@@ -650,7 +650,7 @@ def test_search_routes_by_image_id_and_vector_with_delta_and_hot_swap(cluster, t
         body = post(f"{app}/v1/search?k=5", new).json()
         if body["index_version"] != first_version:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert body["index_version"] != first_version
     got = [h["id"] for h in body["results"]]
     assert got[0] == "s3://b/new.jpg" and got.count("s3://b/new.jpg") == 1
