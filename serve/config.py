@@ -102,6 +102,20 @@ class PoolConfig(StrictModel):
     head_download_s: float = Field(30.0, gt=0, description="a per-request head's download stops after this long "
                                    "(the request has been answered 504 by then); nothing unverified is kept")
 
+    def lanes_for(self, cpus: int) -> int:
+        """Batches a replica of ``cpus`` CPUs runs on the model at once: ``concurrent_batches``, by default 2 on a
+        CPU replica of 2+ CPUs, else 1."""
+        return self.concurrent_batches or (2 if cpus >= 2 and self.num_gpus == 0 else 1)
+
+    def model_for(self, cpus: int) -> ModelConfig:
+        """The model config as a replica of ``cpus`` CPUs runs it: ``streams`` = :meth:`lanes_for`, each on
+        ``num_threads`` = its share of the CPUs unless the pool sets the threads itself."""
+        lanes = self.lanes_for(cpus)
+        update: dict = {"streams": lanes}
+        if self.model.num_threads is None:
+            update["num_threads"] = max(1, cpus // lanes)
+        return self.model.model_copy(update=update)
+
     @field_validator("heads_allowed")
     @classmethod
     def _head_names(cls, v: dict[str, str]) -> dict[str, str]:

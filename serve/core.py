@@ -48,7 +48,7 @@ from .versions import (
     route,
 )
 
-__all__ = ["TaggerCore", "batch_limit", "model_for_replica"]
+__all__ = ["TaggerCore", "batch_limit"]
 
 logger = logging.getLogger("lens.serve")
 
@@ -61,17 +61,6 @@ def _assigned_cpus() -> int:
     except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no assignment
         cpus = 0
     return max(1, int(round(cpus))) if cpus else (os.cpu_count() or 1)
-
-
-def model_for_replica(cfg: PoolConfig, cpus: int):
-    """The pool's model config as a replica of ``cpus`` CPUs runs it: ``streams`` = the batches it runs at once
-    (``concurrent_batches``; by default 2 on a CPU replica of 2+ CPUs, else 1), each on ``num_threads`` = its share
-    of the CPUs unless the pool sets the threads itself."""
-    lanes = cfg.concurrent_batches or (2 if cpus >= 2 and cfg.num_gpus == 0 else 1)
-    update = {"streams": lanes}
-    if cfg.model.num_threads is None:
-        update["num_threads"] = max(1, cpus // lanes)
-    return cfg.model.model_copy(update=update)
 
 
 def batch_limit(max_batch_size: int, lanes: int, running: int, coming: int) -> int:
@@ -104,7 +93,7 @@ class TaggerCore:
         t0 = time.perf_counter()
         cfg = validate(PoolConfig, pool, where="Tagger args")
         cpus = _assigned_cpus()
-        model_cfg = model_for_replica(cfg, cpus)
+        model_cfg = cfg.model_for(cpus)
         self.lanes = lanes = model_cfg.streams
         self.cfg = cfg
         self._model_cfg = model_cfg
@@ -315,6 +304,7 @@ class TaggerCore:
         # both bounds of max_batch_size are checked before deploying (BatchingConfig, lens.serve.run.check_serve_config)
         batching = validate(BatchingConfig, user_config or {}, where="user_config")
         self._run_batch.set_max_batch_size(batching.max_batch_size)
+        self._limit = batching.max_batch_size  # the size at which the next batch closes (see batch_limit)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         for slot in self.routing.slots():
             slot.predictor.max_batch_size = batching.max_batch_size
@@ -477,8 +467,10 @@ class TaggerCore:
         self._dispatched["held_open" if wait else "at_once"] += 1
         self._queued += 1
         self._run_batch.set_batch_wait_timeout_s(wait)
-        self._run_batch.set_max_batch_size(batch_limit(self.batching.max_batch_size, self.lanes, self._running,
-                                                       self._queued + self._decoding))
+        limit = batch_limit(self.batching.max_batch_size, self.lanes, self._running, self._queued + self._decoding)
+        if limit != self._limit:  # Serve checks its bounds (and may log) on every set
+            self._run_batch.set_max_batch_size(limit)
+            self._limit = limit
         started = [False]  # set when its batch starts (it leaves the count of queued images then)
         try:
             result = await self._run_batch((prepared, time.perf_counter(), slot, started))

@@ -90,6 +90,12 @@ def _check_batching(pool, override: dict, where: str) -> None:
     if batching.max_batch_size > ongoing:
         raise ConfigError(f"{where}: {pool.name} has max_batch_size {batching.max_batch_size} > "
                           f"max_ongoing_requests {ongoing}; batches could never fill")
+    cpus = max(1, round(pool.num_cpus)) if pool.num_cpus else (os.cpu_count() or 1)  # as a replica counts them
+    lanes = pool.lanes_for(cpus)
+    if batching.max_batch_size * lanes > ongoing:
+        raise ConfigError(f"{where}: {pool.name} runs {lanes} batches at once (concurrent_batches) of up to "
+                          f"max_batch_size {batching.max_batch_size}, more than max_ongoing_requests {ongoing} "
+                          "lets in; raise max_ongoing_requests or set concurrent_batches: 1")
 
 
 def _replicas(override: dict) -> int:

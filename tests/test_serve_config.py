@@ -47,10 +47,9 @@ def test_a_replica_runs_concurrent_batches_each_on_its_share_of_the_cpus():
     """A CPU replica of 2+ CPUs runs two batches at once by default, each on half its CPUs (OpenVINO: a stream
     each); one CPU, a GPU or a pool's own setting decide otherwise; a pool's own num_threads is kept."""
     from lens.serve.config import PoolConfig
-    from lens.serve.core import model_for_replica
 
     def lanes(cpus, **pool):
-        m = model_for_replica(PoolConfig(**pool), cpus)
+        m = PoolConfig(**pool).model_for(cpus)
         return m.streams, m.num_threads
 
     assert lanes(2) == (2, 1) and lanes(8) == (2, 4) and lanes(1) == (1, 1)
@@ -59,6 +58,12 @@ def test_a_replica_runs_concurrent_batches_each_on_its_share_of_the_cpus():
     assert lanes(4, num_gpus=0.5, model={"device": "cuda"}) == (1, 4)
     with pytest.raises(ConfigError, match="concurrent_batches"):
         check_serve_config(_doc({"pools": [{"concurrent_batches": 9}]}))
+    # two batches of 64 do not fit 64 requests in a replica (Serve's batch queue would warn on every batch)
+    big = {"max_batch_size": 64, "max_pending": 128}
+    with pytest.raises(ConfigError, match="runs 2 batches at once .* set concurrent_batches: 1"):
+        check_serve_config(_doc({"pools": [{"num_cpus": 2}]}, max_ongoing_requests=64, user_config=big))
+    check_serve_config(_doc({"pools": [{"num_cpus": 2, "concurrent_batches": 1}]}, max_ongoing_requests=64,
+                            user_config=big))
 
 
 def test_a_batch_closes_once_it_holds_what_the_replica_has_spread_over_the_free_lanes():
