@@ -516,10 +516,10 @@ class TaggerCore:
         for item in items:
             item[3][0] = True
         self._queued -= len(items)
-        await self._model_gate.wait()
-        self._running += 1
+        self._running += 1  # it holds one of Serve's concurrent-batch slots from here (a lane, in batch_limit)
         self._max_running = max(self._max_running, self._running)
         try:
+            await self._model_gate.wait()
             return await self._on_model(items)
         finally:
             self._running -= 1
