@@ -404,8 +404,8 @@ def main() -> None:
         return [round(x / b, 3) for x, b in zip(served_rounds, base)]
 
     lens_32 = [rnd[i32]["throughput_rps"] for rnd in rounds]
-    fp32_32 = [rnd[1]["throughput_rps"] for rnd in others["fp32"]]
-    one_32 = [rnd[0]["throughput_rps"] for rnd in others["one-batch"]]
+    fp32_32 = [rnd[at_32["fp32"].index(32)]["throughput_rps"] for rnd in others["fp32"]]
+    one_32 = [rnd[at_32["one-batch"].index(32)]["throughput_rps"] for rnd in others["one-batch"]]
     per_round = {
         "lens_32_vs_ceiling": paired(lens_32, again["served"]),
         "lens_32_vs_best_loop": paired(lens_32, [max(again[k][i] for k in loops) for i in range(len(rounds))]),
@@ -428,8 +428,7 @@ def main() -> None:
         "rounds": args.rounds,
         "frontdoor": frontdoor.model_dump(),
         "ceiling": ceiling,
-        "loops": {k: {kk: v for kk, v in loop.items() if kk != "points"} | {"points": loop["points"]}
-                  for k, loop in loops.items()},
+        "loops": loops,
         "lens": {"by_connections": lens, "overload_4x": overload, "healthy_after_overload": healthy_after},
         "lens_fp32": {"by_connections": aggregate(others["fp32"])},
         "lens_one_batch_at_a_time": {"by_connections": aggregate(others["one-batch"])},

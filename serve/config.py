@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -11,8 +12,8 @@ from lens.runtime.config import DecodeConfig, ModelConfig, StrictModel
 
 from .versions import VersionsConfig
 
-__all__ = ["BatchingConfig", "PoolConfig", "ApiConfig", "AppArgs", "RolloutConfig", "DriftConfig", "FeedbackConfig",
-           "UiConfig"]
+__all__ = ["BatchingConfig", "PoolConfig", "replica_cpus", "ApiConfig", "AppArgs", "RolloutConfig", "DriftConfig",
+           "FeedbackConfig", "UiConfig"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -59,6 +60,12 @@ class DriftConfig(StrictModel):
                          "PCA components and the class test)")
     min_ks: float = Field(0.1, ge=0, le=1, description="effect-size floor: largest per-component KS distance")
     min_psi: float = Field(0.1, ge=0, description="effect-size floor: PSI of the top-1 class distribution")
+
+
+def replica_cpus(num_cpus: float) -> int:
+    """The CPUs a replica given ``num_cpus`` of Ray's counts as its own (threads and lanes follow it): rounded, at
+    least 1; 0 (none assigned, or outside Ray) means every core of the machine."""
+    return max(1, int(round(num_cpus))) if num_cpus else (os.cpu_count() or 1)
 
 
 class PoolConfig(StrictModel):

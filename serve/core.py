@@ -34,7 +34,7 @@ from lens.runtime.decode import sniff_format
 from lens.runtime.heads import Head, load_head
 from lens.runtime.predictor import ItemError, Predictor, top_k_tags
 
-from .config import BatchingConfig, PoolConfig
+from .config import BatchingConfig, PoolConfig, replica_cpus
 from .logs import to_replica_log
 from .metrics import DriftMetrics, InputMetrics, TaggerMetrics, VersionMetrics
 from .versions import (
@@ -60,7 +60,7 @@ def _assigned_cpus() -> int:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
     except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no assignment
         cpus = 0
-    return max(1, int(round(cpus))) if cpus else (os.cpu_count() or 1)
+    return replica_cpus(cpus)
 
 
 def batch_limit(max_batch_size: int, lanes: int, running: int, coming: int) -> int:

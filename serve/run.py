@@ -21,7 +21,7 @@ from lens.errors import ConfigError, LensError
 from lens.runtime.config import read_yaml_mapping, validate
 from lens.runtime.loading import served_line
 
-from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig, PoolConfig
+from .config import MODEL_MAX_ONGOING_REQUESTS, AppArgs, BatchingConfig, PoolConfig, replica_cpus
 
 __all__ = ["load_serve_config", "check_serve_config", "check_resources", "resource_demand", "deploy", "drain", "run"]
 
@@ -90,8 +90,7 @@ def _check_batching(pool, override: dict, where: str) -> None:
     if batching.max_batch_size > ongoing:
         raise ConfigError(f"{where}: {pool.name} has max_batch_size {batching.max_batch_size} > "
                           f"max_ongoing_requests {ongoing}; batches could never fill")
-    cpus = max(1, round(pool.num_cpus)) if pool.num_cpus else (os.cpu_count() or 1)  # as a replica counts them
-    lanes = pool.lanes_for(cpus)
+    lanes = pool.lanes_for(replica_cpus(pool.num_cpus))
     if batching.max_batch_size * lanes > ongoing:
         raise ConfigError(f"{where}: {pool.name} runs {lanes} batches at once (concurrent_batches) of up to "
                           f"max_batch_size {batching.max_batch_size}, more than max_ongoing_requests {ongoing} "
