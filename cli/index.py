@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from lens.errors import LensError
+from lens.errors import LensError, ModelMismatchError
 
 __all__ = ["add_parsers"]
 
@@ -46,8 +46,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         # embed with the index's own model, backend and precision (not what auto would pick on this host); the
         # check below still refuses a mismatch (e.g. other weights given)
-        predictor = Predictor.from_config(config_for_identity(svc.identity, weights=args.weights))
-        svc.check_model(predictor.info())
+        int8 = {k: v for k, v in (("calibration", args.calibration), ("int8_holdout", args.int8_holdout)) if v}
+        predictor = Predictor.from_config(config_for_identity(svc.identity, weights=args.weights, **int8))
+        try:
+            svc.check_model(predictor.info())
+        except ModelMismatchError as e:
+            if svc.identity.precision == "int8" and not args.calibration:
+                raise ModelMismatchError(f"{e}; an index of int8 rows quantized with your own calibration set is "
+                                         "searched with --calibration DIR (the same images)") from e
+            raise
         query = predictor.identity()
         print(f"lens index search: query embedded with {query.model} on {served_line(predictor.model.served())}",
               file=sys.stderr)
@@ -199,6 +206,10 @@ def add_parsers(sub) -> None:
     s.add_argument("-k", type=int, default=10, help="neighbours returned (default 10)")
     s.add_argument("--param", type=int, default=None, help="nprobe / efSearch for this query")
     s.add_argument("--weights", default=None, help="weights of the index's model when not the embedded ones")
+    s.add_argument("--calibration", default=None, metavar="DIR", help="an int8 index: the calibration images its "
+                   "rows' model was quantized with, when not the bundled set (as model.calibration)")
+    s.add_argument("--int8-holdout", default=None, metavar="DIR", help="an int8 index: the accuracy gate's held-out "
+                   "images, as model.int8_holdout (default: crops of photos that never chose the int8 recipe)")
     s.set_defaults(func=cmd_search)
     lst = isub.add_parser("list", help="versions under an index root, * marks CURRENT",
                           description="Example: lens index list --index /data/index")

@@ -69,6 +69,7 @@ def pytest_unconfigure(config):
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run on any skip whose reason the README does not list: a missing dependency must not pass."""
+    _stop_mlflow_server()  # started at collection, even where no test that needed it ran
     allowed = _allowed_skips()
     bad = [(node, why) for node, why in _SKIPPED if not any(a in why for a in allowed)]
     if bad:
@@ -148,7 +149,10 @@ def _uses_shared_serve(item) -> bool:
 
 def pytest_collection_modifyitems(session, config, items):
     """The modules that use :data:`SHARED_SERVE` run one after another, where the first of them would run, each in
-    its own order: their Serve cluster starts once and stops before any other module starts its own Ray."""
+    its own order: their Serve cluster starts once and stops before any other module starts its own Ray. A
+    session whose tests need the MLflow server starts it now, in the background."""
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in items):
+        _start_mlflow_server()
     users = []
     for item in items:
         if SHARED_SERVE in getattr(item, "fixturenames", ()) and item.module.__name__ not in users:
@@ -465,24 +469,59 @@ def foreign_ray(tmp_path_factory):
             address_file.unlink()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A local MLflow tracking server as teams run one (``mlflow server``: SQLite backend, artifacts served through
-    the server from a folder), on loopback; its URI."""
-    import signal
+_MLFLOW: dict = {}
+
+
+def _start_mlflow_server() -> None:
+    """Start the session's MLflow server (``mlflow server``: SQLite backend, artifacts served through the server
+    from a folder, on loopback) without waiting for it: its start-up (imports, the SQLite schema's migrations, ~15
+    s of one core) runs beside the tests before the first one that needs it."""
     import subprocess
     import sys
-    import urllib.request
+    import tempfile
     from pathlib import Path
 
-    root = tmp_path_factory.mktemp("mlflow")
+    if _MLFLOW:
+        return
+    root = Path(tempfile.mkdtemp(prefix="lens-test-mlflow-"))
     port = free_port()
     log = open(root / "server.log", "w+")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1", "--backend-store-uri",
                              f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
-    uri = f"http://127.0.0.1:{port}"
+    _MLFLOW.update(root=root, proc=proc, log=log, uri=f"http://127.0.0.1:{port}")
+
+
+def _stop_mlflow_server() -> None:
+    import shutil
+    import signal
+    import subprocess
+
+    if not _MLFLOW:
+        return
+    proc, log = _MLFLOW["proc"], _MLFLOW["log"]
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log.close()
+    shutil.rmtree(_MLFLOW["root"], ignore_errors=True)
+    _MLFLOW.clear()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A local MLflow tracking server as teams run one, on loopback; its URI. Started at collection when a
+    collected test needs it (see :func:`pytest_collection_modifyitems`), else here; stopped at the session's end."""
+    import urllib.request
+
+    _start_mlflow_server()
+    uri, proc, log = _MLFLOW["uri"], _MLFLOW["proc"], _MLFLOW["log"]
 
     def up() -> bool:
         try:
@@ -498,12 +537,4 @@ def mlflow_server(tmp_path_factory):
         assert proc.poll() is None, log.read()[-3000:]
         yield uri
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+        _stop_mlflow_server()

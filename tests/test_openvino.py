@@ -216,6 +216,40 @@ def test_an_image_search_embeds_in_the_index_model_space(lite0_int8, lite0_onnx,
     assert float(fp32.embedding @ vectors[names.index("chelsea.png")]) < 0.9999
 
 
+def test_an_image_search_of_an_index_quantized_with_another_calibration_set_names_the_flag(
+        lite0_int8, photos, tmp_path, capsys, monkeypatch):
+    """An index of int8 rows from a model quantized with the user's own calibration set: `lens index search
+    --image` with the bundled calibration is refused (exit 2) naming --calibration; with --calibration and
+    --int8-holdout the query's model is configured with those sets (the index's model space)."""
+    from lens.cli import main as cli
+    from lens.index.build import BuildConfig, build_index
+    from lens.runtime.predictor import Predictor
+    from test_index import write_part
+
+    names = sorted(photos)
+    vectors = np.stack([r.embedding for r in lite0_int8.predict([photos[n] for n in names])])
+    ident = lite0_int8.identity().to_dict()
+    ident["quantization"] = dict(ident["quantization"], calibration_sha256="0" * 64)  # another calibration set
+    write_part(tmp_path / "emb" / "part-0.parquet", names, vectors, model=ident)
+    build_index(BuildConfig(embeddings=[str(tmp_path / "emb")], output=str(tmp_path / "idx"), index="flat"),
+                log=lambda *a: None)
+    query = tmp_path / "query.png"
+    query.write_bytes(photos["chelsea.png"])
+    argv = ["index", "search", "--index", str(tmp_path / "idx"), "--image", str(query)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another int8 model" in err and "--calibration DIR" in err, err
+
+    seen = []
+    monkeypatch.setattr(Predictor, "from_config", classmethod(lambda cls, cfg: seen.append(cfg) or lite0_int8))
+    assert cli.main(argv + ["--calibration", str(tmp_path / "mine"), "--int8-holdout", str(tmp_path / "held")]) == 2
+    (cfg,) = seen
+    assert (cfg.backend, cfg.precision) == ("openvino", "int8")
+    assert (cfg.calibration, cfg.int8_holdout) == (str(tmp_path / "mine"), str(tmp_path / "held"))
+    err = capsys.readouterr().err
+    assert "another int8 model" in err and "--calibration DIR" not in err, err  # this model is still not the index's
+
+
 def test_the_gate_judges_on_the_held_out_set_the_user_names(lite0_int8, lens_cache, tmp_path, photos):
     """model.int8_holdout: the gate re-judges the cached int8 model on the user's images (no new quantization),
     its report named by and stored for that set; the default set's report stays as it was."""
