@@ -20,10 +20,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "s3-clients", "priority", "deletes", "backfill", "batch",
+ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "s3-clients", "priority", "priority-shipped",
+         "deletes", "backfill", "batch",
          "embed-int8", "index", "filters", "shards", "train", "rollout", "drift", "gpu-check"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER} | {"embed-int8": "scripts/bench_embed_int8.py",
                                                         "s3-clients": "scripts/bench_s3_clients.py",
+                                                        "priority-shipped": "scripts/bench_priority.py",
                                                         "gpu-check": "scripts/gpu_check.sh"}
 
 
@@ -590,7 +592,7 @@ def formats_md(f: dict) -> list[str]:
     return lines + [""] + targets_md(f)
 
 
-def priority_md(p: dict) -> list[str]:
+def priority_md(p: dict, name: str = "priority") -> list[str]:
     w = p["workload"]
     what = {"shared": "one pool: events share the HTTP pool's replicas and batches (before)",
             "separate": "the events' own pool, both at Ray's niceness 15",
@@ -605,7 +607,8 @@ def priority_md(p: dict) -> list[str]:
                     f"({d['requests']} requests) | **{ra['interactive_p99_during_vs_alone']}×** | "
                     f"{r['burst_alone']['images_per_s']} | {r['burst_with_interactive']['images_per_s']} | "
                     f"**{ra['burst_speed_with_vs_alone']}×** | {r['sidecars']} / {r['sidecar_writes']} |")
-    return [f"Interactive requests during an event burst (`scripts/bench_priority.py`, `benchmarks/priority.json`): "
+    again = "" if name == "priority" else f"Again, a run of its own (`--modes {','.join(p['modes'])}`): "
+    return [f"{again}Interactive requests during an event burst (`scripts/bench_priority.py`, `benchmarks/{name}.json`): "
             f"{w['interactive_connections']} HTTP connections, each posting a photo and waiting {w['think_s']} s, "
             f"alone for {w['interactive_alone_s']:g} s and during a burst of {n(w['burst_images'])} uploads; the "
             f"burst's speed alone and beside them (first put to last result, from the consumer's counters); "
@@ -629,7 +632,8 @@ def client_md(c: dict) -> list[str]:
             + " (why `AsyncLensClient` stays on aiohttp).", ""] + targets_md(c)
 
 
-RENDER = {"client": client_md, "formats": formats_md, "priority": priority_md, "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "s3-clients": s3_clients_md, "batch": batch_md, "index": index_md,
+RENDER = {"client": client_md, "formats": formats_md, "priority": priority_md,
+          "priority-shipped": lambda d: priority_md(d, "priority-shipped"), "backfill": backfill_md, "filters": filters_md, "deletes": deletes_md, "model": model_md, "tag": tag_md, "serve": serve_md, "failover": failover_md, "events": events_md, "s3-clients": s3_clients_md, "batch": batch_md, "index": index_md,
           "shards": shards_md,
           "train": train_md, "rollout": rollout_md, "drift": drift_md, "embed-int8": embed_int8_md,
           "gpu-check": gpu_check_md}
