@@ -39,7 +39,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     svc = SearchService(args.index)
     if args.id is not None:
-        name, hits = svc.search_id(args.id, args.k, param=args.param)
+        name, hits = svc.search_id(args.id, args.k, param=args.param, filter=args.filter)
     else:
         from lens.runtime.loading import config_for_identity, served_line
         from lens.runtime.predictor import Predictor
@@ -71,7 +71,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         (result,) = predictor.predict([data])
         if not result.ok:
             raise LensError(f"{args.image}: {result.message}", code=result.code)
-        name, (hits,) = svc.search(result.embedding[None], args.k, param=args.param)
+        name, (hits,) = svc.search(result.embedding[None], args.k, param=args.param, filter=args.filter)
     print(json.dumps({"index_version": name, "results": [h.to_dict() for h in hits]}))
     return 0
 
@@ -206,6 +206,8 @@ def add_parsers(sub) -> None:
     s.add_argument("-k", type=int, default=10, help="neighbours returned (default 10)")
     s.add_argument("--param", type=int, default=None, help="nprobe / efSearch for this query")
     s.add_argument("--weights", default=None, help="weights of the index's model when not the embedded ones")
+    s.add_argument("--filter", default=None, metavar="JSON", help="only items the filter matches, selected inside "
+                   'the search (e.g. \'{"tags": "tabby"}\'; the language: the search how-to\'s Filtered search)')
     s.add_argument("--calibration", default=None, metavar="DIR", help="an int8 index: the calibration images its "
                    "rows' model was quantized with, when not the bundled set (as model.calibration)")
     s.add_argument("--int8-holdout", default=None, metavar="DIR", help="an int8 index: the accuracy gate's held-out "

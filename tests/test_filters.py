@@ -236,3 +236,25 @@ def test_custom_tags_from_lens_embed_and_the_event_path_are_filterable(tmp_path)
                                    custom_tags={"scenes": [{"label": "coffee", "score": 0.9}]})], MODEL, "b")
     rb = pq.read_table(io.BytesIO(Capture.body)).to_batches()[0]
     assert json.loads(_chunk(rb, DIM).metadata[0])["custom_tags"] == ["coffee"]
+
+
+def test_lens_index_search_takes_a_filter(tmp_path, corpus, capsys):
+    """`lens index search --filter`: the same answers as the searcher's filtered search; a bad filter exits 2
+    naming the problem."""
+    from lens.cli.main import main
+    from lens.index.build import BuildConfig, build_index
+    from lens.index.search import SearchService
+
+    tmp, ids, meta, x, held = corpus
+    build_index(BuildConfig(embeddings=[str(tmp / "emb")], output=str(tmp_path / "idx"), index="ivf-flat",
+                            queries=50), log=lambda *a: None)
+    c3 = [i for i, m in zip(ids, meta) if m.get("category") == "c3"]
+    argv = ["index", "search", "--index", str(tmp_path / "idx"), "--id", c3[0], "-k", "5"]
+    assert main(argv + ["--filter", '{"category": "c3"}']) == 0
+    got = [h["id"] for h in json.loads(capsys.readouterr().out)["results"]]
+    _, want = SearchService(str(tmp_path / "idx")).search_id(c3[0], 5, filter={"category": "c3"})
+    assert got == [h.id for h in want] and len(got) == 5 and set(got) <= set(c3)
+    assert main(argv + ["--filter", '{"colour": "red"}']) == 2
+    assert "colour" in capsys.readouterr().err
+    assert main(argv + ["--filter", "{oops"]) == 2
+    assert "JSON" in capsys.readouterr().err
