@@ -209,7 +209,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--filter", default=None, metavar="JSON", help="only items the filter matches, selected inside "
                    'the search (e.g. \'{"tags": "tabby"}\'; the language: the search how-to\'s Filtered search)')
     s.add_argument("--calibration", default=None, metavar="DIR", help="an int8 index: the calibration images its "
-                   "rows' model was quantized with, when not the bundled set (as model.calibration)")
+                   "rows' model was quantized with, as model.calibration (default: the bundled set)")
     s.add_argument("--int8-holdout", default=None, metavar="DIR", help="an int8 index: the accuracy gate's held-out "
                    "images, as model.int8_holdout (default: crops of photos that never chose the int8 recipe)")
     s.set_defaults(func=cmd_search)
