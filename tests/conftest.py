@@ -475,7 +475,9 @@ _MLFLOW: dict = {}
 def _start_mlflow_server() -> None:
     """Start the session's MLflow server (``mlflow server``: SQLite backend, artifacts served through the server
     from a folder, on loopback) without waiting for it: its start-up (imports, the SQLite schema's migrations, ~15
-    s of one core) runs beside the tests before the first one that needs it."""
+    s of one core) runs beside the tests before the first one that needs it. MLflow's server-side job runner (a
+    huey consumer per job type: seven more Python processes, ~20 s of CPU to start, polling while idle) is for
+    GenAI jobs Lens never submits: off."""
     import subprocess
     import sys
     import tempfile
@@ -489,7 +491,8 @@ def _start_mlflow_server() -> None:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1", "--backend-store-uri",
                              f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     _MLFLOW.update(root=root, proc=proc, log=log, uri=f"http://127.0.0.1:{port}")
 
 
