@@ -35,8 +35,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from lens.index.filters import parse_filter
     from lens.index.search import SearchService
 
+    parse_filter(args.filter)  # checked before a model loads (as the HTTP API does); the searcher reads it again
     svc = SearchService(args.index)
     if args.id is not None:
         name, hits = svc.search_id(args.id, args.k, param=args.param, filter=args.filter)

@@ -238,12 +238,13 @@ def test_custom_tags_from_lens_embed_and_the_event_path_are_filterable(tmp_path)
     assert json.loads(_chunk(rb, DIM).metadata[0])["custom_tags"] == ["coffee"]
 
 
-def test_lens_index_search_takes_a_filter(tmp_path, corpus, capsys):
+def test_lens_index_search_takes_a_filter(tmp_path, corpus, capsys, monkeypatch):
     """`lens index search --filter`: the same answers as the searcher's filtered search; a bad filter exits 2
     naming the problem."""
     from lens.cli.main import main
     from lens.index.build import BuildConfig, build_index
     from lens.index.search import SearchService
+    from lens.runtime.predictor import Predictor
 
     tmp, ids, meta, x, held = corpus
     build_index(BuildConfig(embeddings=[str(tmp / "emb")], output=str(tmp_path / "idx"), index="ivf-flat",
@@ -258,3 +259,8 @@ def test_lens_index_search_takes_a_filter(tmp_path, corpus, capsys):
     assert "colour" in capsys.readouterr().err
     assert main(argv + ["--filter", "{oops"]) == 2
     assert "JSON" in capsys.readouterr().err
+    # an image search: a filter of the wrong shape is refused before the index's model is loaded
+    monkeypatch.setattr(Predictor, "from_config", classmethod(lambda cls, cfg: pytest.fail("a model was loaded")))
+    image = ["index", "search", "--index", str(tmp_path / "idx"), "--image", str(tmp_path / "none.jpg")]
+    assert main(image + ["--filter", '{"category": {"near": "c3"}}']) == 2
+    assert "near" in capsys.readouterr().err
