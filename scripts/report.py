@@ -21,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 ORDER = ["model", "formats", "tag", "serve", "client", "failover", "events", "s3-clients", "priority", "priority-shipped",
-         "deletes", "backfill", "batch",
-         "embed-int8", "index", "filters", "shards", "train", "rollout", "drift", "gpu-check"]
+         "deletes", "backfill", "batch", "embed-int8", "index", "filters", "shards", "train", "rollout", "drift", "gpu-check"]
 SCRIPT = {n: f"scripts/bench_{n}.py" for n in ORDER} | {"embed-int8": "scripts/bench_embed_int8.py",
                                                         "s3-clients": "scripts/bench_s3_clients.py",
                                                         "priority-shipped": "scripts/bench_priority.py",
